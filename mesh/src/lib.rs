@@ -1,0 +1,20 @@
+//! Shared runtime pieces of the anchor and the node.
+//!
+//! - [`identity`]: device key pairs and [`DeviceId`]s.
+//! - [`pki`]: the anchor CA, server certificates, CSR signing, certificate facts.
+//! - [`tls`]: rustls verifiers and the quinn client/server configurations, live revocation.
+//! - [`transport`]: quinn transport settings for lossy links.
+//! - [`framed`]: typed length-prefixed frames over quinn streams.
+//! - [`pairing`]: the SPAKE2 pairing handshake's cryptography, bound to the TLS session.
+//!
+//! Everything here that involves time takes `now` as an argument.
+
+pub mod framed;
+pub mod identity;
+pub mod pairing;
+pub mod pki;
+pub mod tls;
+pub mod transport;
+
+pub use identity::{DeviceId, DeviceKey};
+pub use pki::{CertInfo, CertificateAuthority, Fingerprint};

@@ -1,0 +1,61 @@
+//! quinn transport settings for lossy links, as named constants.
+//!
+//! Nodes live behind NATs that forget idle UDP mappings after about ten seconds, on links that
+//! lose packets in bursts. Nodes therefore send a keep-alive well under that, and both sides
+//! allow a long idle timeout so a few seconds of total loss does not drop the connection; a
+//! half-open path is still detected within [`IDLE_TIMEOUT`].
+
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+/// Nodes send a keep-alive this often when nothing else is sent (NAT mappings time out ~10 s).
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// A connection with no packet from the peer for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(40);
+/// Bytes of received datagrams buffered before the oldest are dropped.
+pub const DATAGRAM_RECEIVE_BUFFER: usize = 64 * 1024;
+/// Bytes of outgoing datagrams buffered before the oldest are dropped.
+pub const DATAGRAM_SEND_BUFFER: usize = 64 * 1024;
+/// Bidirectional streams a node accepts at once from the anchor (invocations).
+pub const NODE_MAX_INCOMING_STREAMS: u32 = 128;
+/// Bidirectional streams the anchor accepts at once from a node (control, spare).
+pub const ANCHOR_MAX_INCOMING_STREAMS: u32 = 4;
+/// Per-stream receive window: invocation payloads are at most a few hundred KiB.
+pub const STREAM_RECEIVE_WINDOW: u32 = 512 * 1024;
+/// Connection-wide receive window.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// Transport settings for the anchor's side of every connection.
+pub fn anchor_transport() -> TransportConfig {
+    let mut t = common();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(ANCHOR_MAX_INCOMING_STREAMS));
+    // The anchor relies on the nodes' keep-alives; a thousand nodes need no pings from it.
+    t.keep_alive_interval(None);
+    t
+}
+
+/// Transport settings for a node's (client's) side.
+pub fn node_transport() -> TransportConfig {
+    let mut t = common();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(NODE_MAX_INCOMING_STREAMS));
+    t.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    t
+}
+
+fn common() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(idle_timeout()));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
+    t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
+    t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW));
+    t.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
+    t.send_window(u64::from(CONNECTION_RECEIVE_WINDOW));
+    t
+}
+
+fn idle_timeout() -> IdleTimeout {
+    // 40 s in milliseconds fits a VarInt by a wide margin.
+    IdleTimeout::from(VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32))
+}

@@ -1,0 +1,198 @@
+//! The node's control stream, on [`ALPN_NODE`](crate::ALPN_NODE).
+//!
+//! Right after the handshake the node opens one bidirectional stream and sends
+//! [`ControlUp::Register`]. The anchor answers [`ControlDown::Registered`] (with the heartbeat
+//! interval to use) or, for a certificate inside its expiry grace period,
+//! [`ControlDown::RenewalOnly`], after which only [`ControlUp::Renew`] is served. The stream then
+//! carries node events (stopping, capability availability) up and certificate renewal both ways
+//! for the life of the connection. Closing it closes the connection.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{LimitError, check_lengths, limits::*};
+
+/// A message from the node on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum ControlUp {
+    /// First message: who the node is and what it can do.
+    Register(Register),
+    /// Something changed on the node.
+    Event(NodeEvent),
+    /// Ask for a new certificate for a new CSR (same key or a new one).
+    Renew(RenewRequest),
+}
+
+/// A message from the anchor on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum ControlDown {
+    /// Registration accepted.
+    Registered(Registered),
+    /// The certificate is expired but inside the grace period: only renewal is served.
+    RenewalOnly(RenewalOnly),
+    /// A renewed certificate.
+    Renewed(Renewed),
+    /// Renewal refused; the reason is for logs.
+    RenewRefused(RenewRefused),
+    /// An operator asked for a rotation: send a [`ControlUp::Renew`] now.
+    RotateNow,
+}
+
+/// Registration of a node session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Register {
+    /// The node's protocol version.
+    pub version: u16,
+    /// Human name of the device.
+    pub name: String,
+    /// Platform, e.g. `linux-x86_64`.
+    pub platform: String,
+    /// The node agent's version.
+    pub agent_version: String,
+    /// Capabilities and their availability.
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::collection::vec(proptest::prelude::any::<CapabilityInfo>(), 0..4)"
+        )
+    )]
+    pub capabilities: Vec<CapabilityInfo>,
+}
+
+/// One capability a node offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct CapabilityInfo {
+    /// Name, e.g. `system.health`.
+    pub name: String,
+    /// Whether it can run now.
+    pub available: bool,
+    /// Why it is unavailable, if it is.
+    pub reason: Option<String>,
+    /// One line for operators.
+    pub description: String,
+}
+
+/// The anchor accepted the registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Registered {
+    /// The anchor's protocol version.
+    pub version: u16,
+    /// Send a heartbeat datagram this often, milliseconds.
+    pub heartbeat_interval_ms: u32,
+    /// The anchor's clock at registration, Unix milliseconds (for display of skew only).
+    pub anchor_time_ms: u64,
+    /// The device id the anchor read from the certificate (display form).
+    pub device_id: String,
+}
+
+/// The connection may only renew.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RenewalOnly {
+    /// The end of the grace period, Unix milliseconds.
+    pub grace_ends_ms: u64,
+}
+
+/// Events a node reports on its control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum NodeEvent {
+    /// The node is stopping cleanly; mark it offline at once.
+    Stopping {
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// A capability became available or unavailable.
+    CapabilityChanged(CapabilityInfo),
+}
+
+/// A certificate renewal request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RenewRequest {
+    /// PKCS#10 CSR, DER.
+    pub csr_der: Vec<u8>,
+}
+
+/// A renewed certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Renewed {
+    /// The new client certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The CA certificate, DER.
+    pub ca_der: Vec<u8>,
+}
+
+/// Renewal refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RenewRefused {
+    /// Why.
+    pub message: String,
+}
+
+impl CapabilityInfo {
+    fn limits(&self) -> [(&'static str, usize, usize); 3] {
+        [
+            ("capability.name", self.name.len(), MAX_NAME_LEN),
+            (
+                "capability.reason",
+                self.reason.as_ref().map_or(0, String::len),
+                MAX_TEXT_LEN,
+            ),
+            (
+                "capability.description",
+                self.description.len(),
+                MAX_TEXT_LEN,
+            ),
+        ]
+    }
+}
+
+impl ControlUp {
+    /// Checks every field against the protocol's limits.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        match self {
+            ControlUp::Register(r) => {
+                check_lengths(&[
+                    ("name", r.name.len(), MAX_NAME_LEN),
+                    ("platform", r.platform.len(), MAX_NAME_LEN),
+                    ("agent_version", r.agent_version.len(), MAX_NAME_LEN),
+                    ("capabilities", r.capabilities.len(), MAX_CAPABILITIES),
+                ])?;
+                r.capabilities
+                    .iter()
+                    .try_for_each(|c| check_lengths(&c.limits()))
+            }
+            ControlUp::Event(NodeEvent::Stopping { reason }) => {
+                check_lengths(&[("reason", reason.len(), MAX_TEXT_LEN)])
+            }
+            ControlUp::Event(NodeEvent::CapabilityChanged(c)) => check_lengths(&c.limits()),
+            ControlUp::Renew(r) => check_lengths(&[("csr_der", r.csr_der.len(), MAX_CERT_LEN)]),
+        }
+    }
+}
+
+impl ControlDown {
+    /// Checks every field against the protocol's limits.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        match self {
+            ControlDown::Registered(r) => {
+                check_lengths(&[("device_id", r.device_id.len(), MAX_NAME_LEN)])
+            }
+            ControlDown::RenewalOnly(_) | ControlDown::RotateNow => Ok(()),
+            ControlDown::Renewed(r) => check_lengths(&[
+                ("cert_der", r.cert_der.len(), MAX_CERT_LEN),
+                ("ca_der", r.ca_der.len(), MAX_CERT_LEN),
+            ]),
+            ControlDown::RenewRefused(r) => {
+                check_lengths(&[("message", r.message.len(), MAX_TEXT_LEN)])
+            }
+        }
+    }
+}
