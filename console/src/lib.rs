@@ -1,1 +1,22 @@
-//! TODO
+//! The operator console of Anchorage: HTTP API, access control, client library, `anchorctl`.
+//!
+//! - [`api`]: the JSON types of `/console/v1` (a contract with scripts: add, never rename).
+//! - [`backend`]: the [`Backend`](backend::Backend) trait the anchor implements.
+//! - [`error`]: [`ApiError`](error::ApiError), rendered as `{code, message}`.
+//! - [`routes`]: the axum router, bearer-token authentication and permission checks.
+//! - [`client`]: [`ControlPlaneClient`](client::ControlPlaneClient), used by `anchorctl` and tests.
+//! - [`cli`]: `anchorctl` itself (arguments, commands, output); the binary only calls it.
+//!
+//! The REST API and the CLI are documented for operators in `docs/console.md`.
+
+pub mod api;
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod routes;
+
+pub use backend::Backend;
+pub use client::{ClientError, ControlPlaneClient};
+pub use error::ApiError;
+pub use routes::{RouterOptions, router, router_with_options};

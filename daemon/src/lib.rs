@@ -1,1 +1,186 @@
-//! TODO
+//! The anchor daemon of Anchorage (`anchord`).
+//!
+//! - [`anchor`]: shared state, start-up from the data directory, the QUIC accept loop.
+//! - [`pairing`]: codes, the SPAKE2 bootstrap stream, approvals.
+//! - [`session`]: an enrolled node's connection (registration, renewal, rotation).
+//! - [`trust`]: tokens, audit, revoke / rotate / remove.
+//! - [`runtime`]: registrations, heartbeats, presence, invocations.
+//! - [`backend`]: the console backend.
+//! - [`store`], [`records`]: the fjall store and what it holds.
+//! - [`config`]: TOML and flags, validated.
+//!
+//! [`start`] binds the real sockets and returns a handle; [`run`] runs until a shutdown
+//! signal. Tests call the same functions in-process on port 0.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub mod anchor;
+pub mod backend;
+pub mod clock;
+pub mod config;
+pub mod metrics;
+pub mod pairing;
+pub mod records;
+pub mod runtime;
+pub mod session;
+pub mod store;
+pub mod trust;
+
+pub use anchor::{Anchor, StartError};
+pub use clock::Clock;
+pub use config::{AnchorConfig, FileConfig};
+
+/// A running anchor with real sockets.
+#[derive(Debug)]
+pub struct Running {
+    /// The anchor.
+    pub anchor: Anchor,
+    /// The bound QUIC address.
+    pub quic_addr: SocketAddr,
+    /// The bound console address.
+    pub console_addr: SocketAddr,
+    quic: JoinHandle<()>,
+    http: JoinHandle<()>,
+    http_stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Running {
+    /// The console base URL.
+    pub fn console_url(&self) -> String {
+        format!("http://{}", self.console_addr)
+    }
+
+    /// Stops cleanly: closes QUIC connections with `ShuttingDown`, stops the console,
+    /// persists the store.
+    pub async fn shutdown(self) {
+        self.anchor.shutdown();
+        let _ = self.quic.await;
+        let _ = self.http_stop.send(true);
+        let _ = self.http.await;
+    }
+}
+
+/// Opens the data directory and binds the QUIC and console sockets.
+pub async fn start(config: AnchorConfig) -> Result<Running, StartError> {
+    start_with_clock(config, Clock::System).await
+}
+
+/// Like [`start`], with a given clock.
+pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Running, StartError> {
+    let cfg = config.clone();
+    let anchor = tokio::task::spawn_blocking(move || Anchor::open(cfg, clock))
+        .await
+        .map_err(|e| StartError::Tls(format!("start-up task failed: {e}")))??;
+    let server_config = anchor.server_config()?;
+    let socket = bind_udp(config.listen)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let listener = tokio::net::TcpListener::bind(config.console)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.console,
+            source,
+        })?;
+    let console_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.console,
+        source,
+    })?;
+    anchor.set_bound(Some(quic_addr), Some(console_addr));
+    info!(
+        quic = %quic_addr,
+        console = %format!("http://{console_addr}"),
+        owner_token = %anchor.owner_token_path().display(),
+        ca_fingerprint = %anchor.shared.ca.fingerprint(),
+        "anchor ready"
+    );
+    let app = anchorage_console::router(anchor.backend());
+    let (http_stop, mut stop_rx) = tokio::sync::watch::channel(false);
+    let http = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            warn!(error = %e, "console server failed");
+        }
+    });
+    let a = anchor.clone();
+    let quic = tokio::spawn(async move { a.serve(endpoint).await });
+    Ok(Running {
+        anchor,
+        quic_addr,
+        console_addr,
+        quic,
+        http,
+        http_stop,
+    })
+}
+
+/// Runs the anchor until `shutdown` resolves, then stops cleanly.
+pub async fn run(
+    config: AnchorConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let running = start(config).await?;
+    shutdown.await;
+    info!("shutting down");
+    running.shutdown().await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Receive buffer asked of the kernel for the QUIC socket: a reconnect storm of a thousand
+/// nodes overflows the default.
+pub const UDP_RECV_BUFFER: usize = 8 * 1024 * 1024;
+
+fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        .map_err(err)?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_RECV_BUFFER / 4);
+    socket.bind(&addr.into()).map_err(err)?;
+    Ok(socket.into())
+}
+
+/// Prometheus text of the anchor's metrics.
+pub fn metrics_text(anchor: &Anchor) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP anchorage_handshake_failures_total Failed or refused handshakes by reason.");
+    let _ = writeln!(out, "# TYPE anchorage_handshake_failures_total counter");
+    for (reason, n) in anchor.shared.metrics.handshake_failures() {
+        let _ = writeln!(out, "anchorage_handshake_failures_total{{reason=\"{reason}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP anchorage_pairing_outcomes_total Pairing outcomes.");
+    let _ = writeln!(out, "# TYPE anchorage_pairing_outcomes_total counter");
+    for (outcome, n) in anchor.shared.metrics.pairing_outcomes() {
+        let _ = writeln!(out, "anchorage_pairing_outcomes_total{{outcome=\"{outcome}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP anchorage_store_bytes Bytes on disk of the store.");
+    let _ = writeln!(out, "# TYPE anchorage_store_bytes gauge");
+    let _ = writeln!(out, "anchorage_store_bytes {}", anchor.shared.store.disk_space());
+    out
+}

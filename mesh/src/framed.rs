@@ -147,6 +147,12 @@ impl<T: Message> FramedSend<T> {
         Ok(())
     }
 
+    /// Waits until the peer acknowledged everything written after [`finish`](Self::finish), or
+    /// stopped the stream. Use with a timeout.
+    pub async fn stopped(&mut self) {
+        let _ = self.inner.stopped().await;
+    }
+
     /// Abandons the stream with `code`.
     pub fn reset(&mut self, code: ErrorCode) {
         let _ = self.inner.reset(VarInt::from_u32(code.as_u32()));

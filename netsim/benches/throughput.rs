@@ -20,7 +20,7 @@ use bytes::Bytes;
 use common::{SERVER_NAME, SERVER_PORT, client_config, keepalive_transport, server_config};
 
 fn main() {
-    let mut connections = vec![100, 1000];
+    let mut connections = vec![100, 1000, 5000];
     let mut raw_seconds = 10;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

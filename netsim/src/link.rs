@@ -224,7 +224,6 @@ impl LinkConfig {
                 rate: Some(384_000),
                 queue_bytes: 64 * 1024,
                 mtu: 1400,
-                ..Self::default()
             },
             Preset::Satellite => Self {
                 loss: Loss::Independent(0.01),
@@ -279,10 +278,10 @@ impl LinkConfig {
         delay("latency", self.latency)?;
         delay("jitter", self.jitter)?;
         delay("reorder_delay", self.reorder_delay)?;
-        if let Some(rate) = self.rate {
-            if rate < MIN_RATE {
-                return Err(LinkConfigError::Rate(rate));
-            }
+        if let Some(rate) = self.rate
+            && rate < MIN_RATE
+        {
+            return Err(LinkConfigError::Rate(rate));
         }
         if self.queue_bytes > MAX_QUEUE_BYTES {
             return Err(LinkConfigError::Queue(self.queue_bytes));

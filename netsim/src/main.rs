@@ -127,9 +127,7 @@ fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {
         let upstream = config.upstream;
         let seed = config.seed;
         let link = config.link.clone();
-        let proxy = proxy::Proxy::bind(config)
-            .await
-            .with_context(|| format!("cannot start the proxy on {listen}"))?;
+        let proxy = proxy::Proxy::bind(config).await?;
         let local = proxy
             .local_addr()
             .with_context(|| format!("cannot read the address bound for {listen}"))?;

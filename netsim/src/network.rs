@@ -4,7 +4,7 @@
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 
@@ -27,6 +27,12 @@ pub const RECV_BUFFER_BYTES: usize = 2 * 1024 * 1024;
 pub const EPHEMERAL_PORTS_START: u16 = 49152;
 /// First address handed out to hosts (10.0.0.1, then 10.0.0.2, ...).
 pub const FIRST_HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// First address handed out when an IPv6 host rebinds (fd00::1:0:0:1, then ...:2, ...).
+pub const FIRST_HOST_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 1, 0, 0, 1);
+/// Payload bytes one link direction may have in flight (scheduled but not arrived); beyond
+/// that, datagrams are dropped as [`Drops::queue_full`](crate::Drops::queue_full). Only a
+/// sender that ignores congestion on a fast, long link gets near it.
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 
 /// A virtual UDP network on tokio's clock.
 ///
@@ -85,6 +91,7 @@ pub(crate) struct State {
     bound: HashMap<SocketAddr, SocketId>,
     next_socket: SocketId,
     next_ip: u32,
+    next_ip6: u128,
     links: HashMap<(HostId, HostId), Link>,
     partitions: Vec<(Vec<HostId>, Vec<HostId>)>,
     in_flight: BinaryHeap<InFlight>,
@@ -114,6 +121,7 @@ struct Link {
     config: Option<LinkConfig>,
     engine: LinkEngine,
     counters: Counters,
+    in_flight_bytes: usize,
 }
 
 struct Received {
@@ -146,6 +154,7 @@ impl Network {
             bound: HashMap::new(),
             next_socket: 0,
             next_ip: u32::from(FIRST_HOST_IP),
+            next_ip6: u128::from(FIRST_HOST_IPV6),
             links: HashMap::new(),
             partitions: Vec::new(),
             in_flight: BinaryHeap::new(),
@@ -171,7 +180,7 @@ impl Network {
     /// for logs and `Debug` output.
     pub fn add_host(&self, name: &str) -> Host {
         let mut state = self.inner.lock();
-        let ip = state.allocate_ip();
+        let ip = state.allocate_ip(false);
         let id = state.insert_host(ip);
         drop(state);
         self.host_handle(id, name)
@@ -439,7 +448,8 @@ impl Host {
     /// [`Drops::no_route`]: crate::Drops::no_route
     pub fn rebind(&self) -> IpAddr {
         let mut state = self.net.inner.lock();
-        let ip = state.allocate_ip();
+        let v6 = state.hosts[self.id.index()].ip.is_ipv6();
+        let ip = state.allocate_ip(v6);
         state.move_host(self.id, ip);
         ip
     }
@@ -488,7 +498,17 @@ impl Drop for Inner {
 }
 
 impl State {
-    fn allocate_ip(&mut self) -> IpAddr {
+    /// The next free address of the family asked for.
+    fn allocate_ip(&mut self, v6: bool) -> IpAddr {
+        if v6 {
+            loop {
+                let ip = IpAddr::V6(Ipv6Addr::from(self.next_ip6));
+                self.next_ip6 = self.next_ip6.wrapping_add(1);
+                if self.check_ip(ip).is_ok() {
+                    return ip;
+                }
+            }
+        }
         loop {
             let candidate = Ipv4Addr::from(self.next_ip);
             self.next_ip = self.next_ip.wrapping_add(1);
@@ -635,10 +655,14 @@ impl State {
         };
         let len = payload.len() as u64;
         let Some(&dst_host) = self.by_ip.get(&dest.ip()) else {
-            let unrouted = &mut self.hosts[src_host.index()].unrouted;
-            unrouted.sent += 1;
-            unrouted.sent_bytes += len;
-            unrouted.dropped.record(DropCause::NoRoute);
+            let host = &mut self.hosts[src_host.index()];
+            host.unrouted.sent += 1;
+            host.unrouted.sent_bytes += len;
+            host.unrouted.dropped.record(if host.up {
+                DropCause::NoRoute
+            } else {
+                DropCause::HostDown
+            });
             tracing::trace!(%src, %dest, "netsim: no host at destination");
             return false;
         };
@@ -677,6 +701,11 @@ impl State {
         } else {
             IPV6_UDP_HEADER
         };
+        let copies = 1 + usize::from(config.duplicate > 0.0);
+        if link.in_flight_bytes + copies * payload.len() > MAX_IN_FLIGHT_BYTES {
+            link.counters.dropped.record(DropCause::QueueFull);
+            return false;
+        }
         let (at, copy) = match link.engine.transmit(config, now, payload.len(), header) {
             Verdict::Drop(cause) => {
                 tracing::trace!(%src, %dest, ?cause, "netsim: dropped");
@@ -687,6 +716,7 @@ impl State {
         };
         let data = Bytes::copy_from_slice(payload);
         let mut schedule = |at: Instant, data: Bytes| {
+            link.in_flight_bytes += data.len();
             in_flight.push(InFlight {
                 at,
                 seq: *next_seq,
@@ -701,9 +731,9 @@ impl State {
             *next_seq += 1;
         };
         if let Some(copy_at) = copy {
-            link.counters.duplicated += 1;
             schedule(at, data.clone());
             schedule(copy_at, data);
+            link.counters.duplicated += 1;
         } else {
             schedule(at, data);
         }
@@ -728,6 +758,9 @@ impl State {
                 break;
             };
             let (_, dst_host) = packet.link;
+            if let Some(link) = self.links.get_mut(&packet.link) {
+                link.in_flight_bytes -= packet.data.len();
+            }
             let cause = if !self.hosts[dst_host.index()].up {
                 Some(DropCause::HostDown)
             } else if self.partitioned(packet.link.0, dst_host) {
@@ -819,6 +852,7 @@ impl Link {
             config: None,
             engine: LinkEngine::new(derive_seed(seed, key)),
             counters: Counters::default(),
+            in_flight_bytes: 0,
         }
     }
 

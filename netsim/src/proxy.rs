@@ -63,10 +63,10 @@ pub struct ProxyCounters {
 #[non_exhaustive]
 pub enum ProxyError {
     /// The link conditions cannot be simulated.
-    #[error("invalid link conditions: {0}")]
+    #[error("invalid link conditions")]
     Link(#[from] LinkConfigError),
     /// The listen socket could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address asked for.
         addr: SocketAddr,
@@ -125,10 +125,10 @@ impl Proxy {
                 () = &mut shutdown => break,
                 () = sleep_until(next) => relay.send_due(Instant::now()),
                 received = relay.listen.recv_from(&mut buf) => match received {
-                    Ok((len, client)) => relay.from_client(client, &buf[..len]).await,
+                    Ok((len, client)) => relay.relay_to_upstream(client, &buf[..len]).await,
                     Err(error) => tracing::debug!(%error, "proxy: receive on the listen socket failed"),
                 },
-                Some((client, data)) = relay.from_upstream.recv() => relay.from_upstream(client, data),
+                Some((client, data)) = relay.upstream_rx.recv() => relay.relay_to_client(client, data),
             }
         }
         relay.counters()
@@ -158,7 +158,7 @@ struct Relay {
     clients: HashMap<SocketAddr, Arc<UdpSocket>>,
     readers: JoinSet<()>,
     upstream_tx: mpsc::Sender<(SocketAddr, Bytes)>,
-    from_upstream: mpsc::Receiver<(SocketAddr, Bytes)>,
+    upstream_rx: mpsc::Receiver<(SocketAddr, Bytes)>,
     schedule: BinaryHeap<Scheduled>,
     scheduled_bytes: usize,
     next_seq: u64,
@@ -166,7 +166,7 @@ struct Relay {
 
 impl Relay {
     fn new(config: ProxyConfig, listen: Arc<UdpSocket>) -> Self {
-        let (upstream_tx, from_upstream) = mpsc::channel(UPSTREAM_CHANNEL_DATAGRAMS);
+        let (upstream_tx, upstream_rx) = mpsc::channel(UPSTREAM_CHANNEL_DATAGRAMS);
         Self {
             to_upstream: LinkEngine::new(derive_seed(config.seed, 0)),
             to_client: LinkEngine::new(derive_seed(config.seed, 1)),
@@ -176,14 +176,14 @@ impl Relay {
             clients: HashMap::new(),
             readers: JoinSet::new(),
             upstream_tx,
-            from_upstream,
+            upstream_rx,
             schedule: BinaryHeap::new(),
             scheduled_bytes: 0,
             next_seq: 0,
         }
     }
 
-    async fn from_client(&mut self, client: SocketAddr, data: &[u8]) {
+    async fn relay_to_upstream(&mut self, client: SocketAddr, data: &[u8]) {
         if !self.clients.contains_key(&client) {
             if self.clients.len() >= MAX_CLIENTS {
                 record_drop(
@@ -211,7 +211,7 @@ impl Relay {
         self.impair(Direction::ToUpstream, client, data);
     }
 
-    fn from_upstream(&mut self, client: SocketAddr, data: Bytes) {
+    fn relay_to_client(&mut self, client: SocketAddr, data: Bytes) {
         self.impair(Direction::ToClient, client, &data);
     }
 

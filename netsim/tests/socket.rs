@@ -61,7 +61,31 @@ async fn addresses_are_assigned_and_ports_are_exclusive() {
     let v6 = net
         .add_host_with_ip("v6", IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)))
         .expect("ipv6 host");
-    assert!(v6.bind(1).expect("bind v6").addr().is_ipv6());
+    let v6_socket = v6.bind(1).expect("bind v6");
+    assert!(v6_socket.addr().is_ipv6());
+    assert!(v6.rebind().is_ipv6(), "an IPv6 host stays IPv6");
+    assert_eq!(v6_socket.addr().ip(), v6.ip());
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_bytes_per_link_are_bounded() {
+    let (net, a, b) = two_sockets(
+        17,
+        LinkConfig {
+            latency: Duration::from_secs(10),
+            mtu: 100_000,
+            ..LinkConfig::default()
+        },
+    );
+    let chunk = vec![0u8; 60_000];
+    let n = 1200u64; // 72 MB, more than the 64 MiB a link holds in flight
+    for _ in 0..n {
+        a.send_to(&chunk, b.addr()).expect("send");
+    }
+    let c = net.link_counters(a.host(), b.host());
+    let fits = (anchorage_netsim::network::MAX_IN_FLIGHT_BYTES / chunk.len()) as u64;
+    assert_eq!(c.dropped.queue_full, n - fits, "{c:?}");
+    assert_eq!(net.in_flight() as u64, fits);
 }
 
 #[tokio::test(start_paused = true)]

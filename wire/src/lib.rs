@@ -14,8 +14,10 @@
 //! - [`invoke`]: one bidirectional stream per capability invocation, opened by the anchor.
 //! - [`datagram`]: heartbeats and their acks, sent as QUIC datagrams.
 //!
-//! Compatibility rules (see `docs/protocol.md`): enum variants and struct fields are only ever
-//! appended; a change that breaks an old peer bumps [`PROTOCOL_VERSION`] and the ALPN suffix.
+//! Compatibility rules (see `docs/protocol.md`): enum variants are only ever appended, never
+//! reordered; postcard is not self-describing, so a new field in an existing struct breaks old
+//! peers and needs a new variant or a new version; a change that breaks an old peer bumps
+//! [`PROTOCOL_VERSION`] and the ALPN suffix.
 //! Golden byte fixtures in the tests pin the encoding.
 
 pub mod bootstrap;

@@ -2,13 +2,14 @@
 //!
 //! - [`roundtrip`]: every top-level message survives `encode_frame` → `decode_frame`, the
 //!   incremental [`FrameDecoder`] fed in arbitrary chunks, and (datagrams) `Datagram::encode`.
-//! - [`golden`]: exact bytes of hand-built messages of every stream, so the format cannot drift.
+//! - [`golden`]: exact bytes of hand-built messages of every stream, and the index of every
+//!   variant of every wire enum, so the format cannot drift.
 //! - [`robustness`]: arbitrary and mutated bytes never panic any decoder, and every way a frame
 //!   can be wrong gives the documented error and close code.
 //! - [`limits`]: `validate` refuses every over-long field by name, and the largest valid
 //!   message of each kind still fits in a frame.
-//! - [`codes`]: the stable numbers and names of error codes, pairing failures, outcomes and
-//!   constants.
+//! - [`codes`]: the stable numbers and names of error codes and pairing failures, the
+//!   `FrameError` → close code mapping, and the protocol constants.
 //! - [`ids`]: `InvocationId` text form.
 
 mod codes;
@@ -49,7 +50,10 @@ fn unhex(s: &str) -> Vec<u8> {
         .flat_map(|line| line.split('#').next().unwrap_or("").bytes())
         .filter(|b| !b.is_ascii_whitespace())
         .collect();
-    assert!(digits.len().is_multiple_of(2), "odd number of hex digits in fixture");
+    assert!(
+        digits.len().is_multiple_of(2),
+        "odd number of hex digits in fixture"
+    );
     digits
         .chunks_exact(2)
         .map(|pair| {

@@ -12,10 +12,11 @@
 use std::fmt::Debug;
 
 use anchorage_wire::{
-    Decoded, FrameDecoder, FrameError, decode_frame, encode_frame,
+    Decoded, FrameDecoder, FrameError,
     bootstrap::{BootstrapRequest, BootstrapResponse},
     control::{ControlDown, ControlUp},
     datagram::Datagram,
+    decode_frame, encode_frame,
     frame::HEADER_LEN,
     invoke::{InvokeReply, InvokeRequest},
     limits::{MAX_DATAGRAM_LEN, MAX_FRAME_LEN},
@@ -47,7 +48,10 @@ where
         Ok(Decoded::Frame { msg, consumed }) => {
             assert!(consumed >= HEADER_LEN && consumed <= bytes.len());
             let again = encode_frame(&msg).expect("a decoded message re-encodes");
-            assert!(again.len() <= consumed, "canonical encoding is never longer");
+            assert!(
+                again.len() <= consumed,
+                "canonical encoding is never longer"
+            );
             match decode_frame::<T>(&again) {
                 Ok(Decoded::Frame { msg: back, .. }) => assert_eq!(back, msg),
                 other => panic!("re-encoded frame did not decode: {other:?}"),
@@ -101,11 +105,20 @@ where
     }
     if failed {
         assert_eq!(dec.buffered(), 0, "a failed decoder drops its buffer");
-        assert!(dec.push(b"x").is_err() && dec.next::<T>().is_err(), "failure is final");
-        assert!(walk_failed, "the decoder refused what the slice walk accepted");
+        assert!(
+            dec.push(b"x").is_err() && dec.next::<T>().is_err(),
+            "failure is final"
+        );
+        assert!(
+            walk_failed,
+            "the decoder refused what the slice walk accepted"
+        );
         assert!(walked.starts_with(&taken));
     } else {
-        assert!(!walk_failed, "the decoder accepted what the slice walk refused");
+        assert!(
+            !walk_failed,
+            "the decoder accepted what the slice walk refused"
+        );
         assert_eq!(taken, walked);
     }
 }
@@ -114,7 +127,10 @@ fn check_datagram(bytes: &[u8]) {
     match Datagram::decode(bytes) {
         Ok(dg) => {
             let again = dg.encode().expect("a decoded datagram re-encodes");
-            assert_eq!(Datagram::decode(&again).expect("re-encoded datagram decodes"), dg);
+            assert_eq!(
+                Datagram::decode(&again).expect("re-encoded datagram decodes"),
+                dg
+            );
         }
         Err(FrameError::TooLarge { .. }) => assert!(bytes.len() > MAX_DATAGRAM_LEN),
         Err(FrameError::Encode(e)) => panic!("decoding reported an encode error: {e}"),

@@ -151,7 +151,7 @@ fn mutate(mut bytes: Vec<u8>, edits: &[(usize, u8)], cut: Option<usize>) -> Vec<
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(512))]
 
     #[test]
     fn arbitrary_bytes_never_panic_decode_frame(buf in vec(any::<u8>(), 0..300)) {
@@ -192,7 +192,7 @@ proptest! {
 macro_rules! mutation_suite {
     ($($name:ident: $ty:ty),* $(,)?) => {$(
         proptest! {
-            #![proptest_config(config(128))]
+            #![proptest_config(config(256))]
 
             #[test]
             fn $name(

@@ -75,7 +75,7 @@ macro_rules! roundtrip_suite {
             use super::*;
 
             proptest! {
-                #![proptest_config(config(64))]
+                #![proptest_config(config(256))]
 
                 #[test]
                 fn frame(msg in any::<$ty>()) {

@@ -1,0 +1,661 @@
+//! JSON types of the console API (`/console/v1`), shared by the server, the client library and
+//! `anchorctl`. Field names are a contract: scripts depend on them. Add fields; never rename.
+//!
+//! Timestamps are RFC 3339 strings in UTC. Device ids are in their grouped display form.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Permissions a bearer token can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Permission {
+    /// Read inventory, devices, nodes, pairing requests, invocations, events, metrics.
+    #[serde(rename = "observability.read")]
+    ObservabilityRead,
+    /// Mint codes, approve/reject pairings, revoke/rotate/remove devices.
+    #[serde(rename = "trust.operate")]
+    TrustOperate,
+    /// Invoke capabilities on nodes.
+    #[serde(rename = "nodes.invoke")]
+    NodesInvoke,
+    /// Create, list and revoke tokens.
+    #[serde(rename = "tokens.manage")]
+    TokensManage,
+}
+
+impl Permission {
+    /// Every permission (an owner token has them all).
+    pub const ALL: [Permission; 4] = [
+        Permission::ObservabilityRead,
+        Permission::TrustOperate,
+        Permission::NodesInvoke,
+        Permission::TokensManage,
+    ];
+
+    /// The permission's name as written in tokens and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Permission::ObservabilityRead => "observability.read",
+            Permission::TrustOperate => "trust.operate",
+            Permission::NodesInvoke => "nodes.invoke",
+            Permission::TokensManage => "tokens.manage",
+        }
+    }
+}
+
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Permission {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Permission::ALL
+            .iter()
+            .copied()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown permission {s:?}; expected one of: {}",
+                    Permission::ALL.map(|p| p.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// Who is calling: the authenticated token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    /// Token id.
+    pub token_id: String,
+    /// Token name, for audit records.
+    pub name: String,
+    /// What it may do.
+    pub permissions: Vec<Permission>,
+}
+
+impl Principal {
+    /// Whether the token carries `p`.
+    pub fn can(&self, p: Permission) -> bool {
+        self.permissions.contains(&p)
+    }
+}
+
+/// The JSON body of every error response: `{code, message}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine code, e.g. `unauthorized`, `forbidden`, `not_found`.
+    pub code: String,
+    /// Human-readable message (never internals).
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pairing
+
+/// How a pairing code is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PairMethod {
+    /// A short code a person types: `K7QF-482913`.
+    #[default]
+    Pin,
+    /// An `anchorage://pair?...` URI, shown as a QR code.
+    Qr,
+}
+
+/// `POST /console/v1/pairing/codes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MintCodeRequest {
+    /// PIN or QR.
+    #[serde(default)]
+    pub method: PairMethod,
+    /// Time to live in seconds (default 600, allowed 30..=86400).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A freshly minted pairing code. The secret is only ever shown here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MintedCode {
+    /// Public code id.
+    pub code_id: String,
+    /// What a person types (PIN) or scans (the QR URI).
+    pub code: String,
+    /// PIN or QR.
+    pub method: PairMethod,
+    /// When the code stops working.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// The `anchorage://pair?...` URI for QR codes; `null` for PINs.
+    pub uri: Option<String>,
+    /// The QR code as terminal text (Unicode half blocks), for QR codes.
+    pub qr_text: Option<String>,
+}
+
+/// State of a pairing code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CodeState {
+    /// Can be used.
+    Active,
+    /// Used by a pairing.
+    Consumed,
+    /// TTL passed.
+    Expired,
+    /// Too many wrong secrets.
+    Burned,
+}
+
+/// A pairing code as listed (no secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingCodeInfo {
+    /// Public code id.
+    pub code_id: String,
+    /// PIN or QR.
+    pub method: PairMethod,
+    /// State.
+    pub state: CodeState,
+    /// Wrong secrets so far.
+    pub failed_attempts: u32,
+    /// Minted at.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Expires at.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// Who minted it.
+    pub created_by: String,
+}
+
+/// State of a pairing request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    /// Waiting for an operator.
+    PendingApproval,
+    /// Approved; the certificate is on its way to the node.
+    Approved,
+    /// The node has its certificate.
+    Completed,
+    /// An operator rejected it.
+    Rejected,
+    /// Nobody decided in time.
+    Expired,
+}
+
+impl RequestState {
+    /// The state's name as used in URLs and JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RequestState::PendingApproval => "pending_approval",
+            RequestState::Approved => "approved",
+            RequestState::Completed => "completed",
+            RequestState::Rejected => "rejected",
+            RequestState::Expired => "expired",
+        }
+    }
+}
+
+impl std::str::FromStr for RequestState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            RequestState::PendingApproval,
+            RequestState::Approved,
+            RequestState::Completed,
+            RequestState::Rejected,
+            RequestState::Expired,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+        .ok_or_else(|| format!("unknown request state {s:?}"))
+    }
+}
+
+/// A pairing request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingRequest {
+    /// Request id.
+    pub request_id: String,
+    /// The device id its CSR's key gives.
+    pub device_id: String,
+    /// The name the device asked for.
+    pub device_name: String,
+    /// Its platform.
+    pub platform: String,
+    /// State.
+    pub state: RequestState,
+    /// Short authentication string; compare with what the node shows.
+    pub sas: String,
+    /// The code it used.
+    pub code_id: String,
+    /// When the node asked.
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_at: OffsetDateTime,
+    /// When it expires if nobody decides.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// Who decided, if anyone has.
+    pub decided_by: Option<String>,
+    /// When.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub decided_at: Option<OffsetDateTime>,
+    /// Rejection reason.
+    pub reason: Option<String>,
+}
+
+/// `POST /console/v1/pairing/requests/{id}/reject`, `POST /console/v1/devices/{id}/revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReasonBody {
+    /// Why, for the audit log (and, for rejections, the node).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices
+
+/// Trust state of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trust {
+    /// Has a valid certificate.
+    Trusted,
+    /// A pairing request waits for approval.
+    Pending,
+    /// Revoked; must be removed before pairing again.
+    Revoked,
+    /// Removed by an operator.
+    Removed,
+    /// Not known.
+    Unknown,
+}
+
+/// A device as the trust registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Device id.
+    pub device_id: String,
+    /// Name.
+    pub name: String,
+    /// Trust state.
+    pub trust: Trust,
+    /// Platform reported at pairing.
+    pub platform: String,
+    /// Current certificate serial (hex).
+    pub cert_serial: Option<String>,
+    /// Current certificate's start.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub cert_not_before: Option<OffsetDateTime>,
+    /// Current certificate's expiry.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub cert_expires_at: Option<OffsetDateTime>,
+    /// First paired.
+    #[serde(with = "time::serde::rfc3339")]
+    pub paired_at: OffsetDateTime,
+    /// When it was revoked, if it was.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Why.
+    pub revoked_reason: Option<String>,
+    /// Whether an operator asked for a certificate rotation the node has not done yet.
+    pub rotation_pending: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+
+/// `POST /console/v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateTokenRequest {
+    /// A name for people.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Permissions (at least one).
+    pub permissions: Vec<Permission>,
+}
+
+/// A created token; the secret is shown only here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    /// Token id.
+    pub id: String,
+    /// The bearer secret.
+    pub token: String,
+    /// Its name.
+    pub name: String,
+    /// Its permissions.
+    pub permissions: Vec<Permission>,
+}
+
+/// A token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Token id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Permissions.
+    pub permissions: Vec<Permission>,
+    /// Created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// By whom.
+    pub created_by: String,
+    /// Revoked, if so.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Presence, nodes, inventory
+
+/// Presence of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presence {
+    /// Heartbeats arrive, everything available.
+    Online,
+    /// Fresh, but a capability is unavailable or heartbeat loss is high.
+    Degraded,
+    /// No heartbeat for the stale threshold.
+    Stale,
+    /// No heartbeat for the offline threshold, or stopped cleanly.
+    Offline,
+    /// Never registered.
+    Unknown,
+}
+
+/// A capability a node offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capability {
+    /// Name.
+    pub name: String,
+    /// Whether it can run now.
+    pub available: bool,
+    /// Why not, if not.
+    pub reason: Option<String>,
+    /// One line for operators.
+    pub description: String,
+}
+
+/// Counts of capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CapabilitySummary {
+    /// All.
+    pub total: u32,
+    /// Available.
+    pub available: u32,
+    /// Unavailable.
+    pub unavailable: u32,
+}
+
+/// A registered node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Device id.
+    pub device_id: String,
+    /// Name it registered with.
+    pub name: String,
+    /// Platform.
+    pub platform: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Presence now.
+    pub presence: Presence,
+    /// Whether a connection is open now.
+    pub connected: bool,
+    /// Since when the current connection is open.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub connected_since: Option<OffsetDateTime>,
+    /// Last heartbeat or registration.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen_at: Option<OffsetDateTime>,
+    /// Milliseconds since the last heartbeat.
+    pub heartbeat_age_ms: Option<u64>,
+    /// Heartbeat loss over the recent window, 0..1.
+    pub loss_rate: Option<f64>,
+    /// Round-trip time, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Remote address of the current connection.
+    pub remote_addr: Option<String>,
+    /// Capabilities.
+    pub capabilities: Vec<Capability>,
+}
+
+/// One device in the inventory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InventoryDevice {
+    /// Device id.
+    pub device_id: String,
+    /// Name.
+    pub name: String,
+    /// Trust state.
+    pub trust: Trust,
+    /// Presence.
+    pub presence: Presence,
+    /// Milliseconds since the last heartbeat.
+    pub heartbeat_age_ms: Option<u64>,
+    /// Heartbeat loss, 0..1.
+    pub loss_rate: Option<f64>,
+    /// Round-trip time, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Capability counts.
+    pub capabilities: CapabilitySummary,
+    /// Warnings: `stale`, `offline`, `not_registered`, `capabilities_unavailable`,
+    /// `certificate_near_expiry`, `high_loss`, `rotation_pending`.
+    pub warnings: Vec<String>,
+    /// What an operator can do now: `invoke`, `rotate`, `revoke`, `remove`, `approve`, `reject`.
+    pub actions: Vec<String>,
+    /// Whether a connection is open now.
+    pub connected: bool,
+    /// Since when.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub connected_since: Option<OffsetDateTime>,
+    /// Last heartbeat or registration.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen_at: Option<OffsetDateTime>,
+    /// Certificate expiry.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub cert_expires_at: Option<OffsetDateTime>,
+    /// The trust record, if the device paired.
+    pub device: Option<Device>,
+    /// The node registration, if it ever registered.
+    pub node: Option<Node>,
+    /// Pairing requests of this device still waiting.
+    pub pending_pairings: Vec<PairingRequest>,
+}
+
+/// The anchor itself, as an inventory instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// `anchor`.
+    pub kind: String,
+    /// Version.
+    pub version: String,
+    /// Started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Node connections open now.
+    pub connected_nodes: u64,
+    /// Bytes on disk of the store.
+    pub store_bytes: u64,
+    /// QUIC address.
+    pub listen: String,
+    /// Console address.
+    pub console: String,
+    /// CA fingerprint (SHA-256 hex).
+    pub ca_fingerprint: String,
+    /// CA expiry.
+    #[serde(with = "time::serde::rfc3339")]
+    pub ca_expires_at: OffsetDateTime,
+    /// Warnings, e.g. `ca_near_expiry`.
+    pub warnings: Vec<String>,
+}
+
+/// Summary counters of the inventory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct InventorySummary {
+    /// Devices known (not removed).
+    pub devices: u64,
+    /// Trusted devices.
+    pub trusted: u64,
+    /// Revoked devices.
+    pub revoked: u64,
+    /// Pairing requests waiting.
+    pub pending_pairings: u64,
+    /// Nodes online.
+    pub online: u64,
+    /// Nodes degraded.
+    pub degraded: u64,
+    /// Nodes stale.
+    pub stale: u64,
+    /// Nodes offline.
+    pub offline: u64,
+    /// Connections open.
+    pub connected: u64,
+    /// Devices with at least one warning.
+    pub with_warnings: u64,
+}
+
+/// `GET /console/v1/inventory`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Counters.
+    pub summary: InventorySummary,
+    /// Devices.
+    pub devices: Vec<InventoryDevice>,
+    /// Anchor instances.
+    pub instances: Vec<Instance>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invocations
+
+/// State of an invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvocationState {
+    /// Waiting for the node.
+    Queued,
+    /// Sent to the node.
+    Dispatched,
+    /// Ran and succeeded.
+    Succeeded,
+    /// Ran and failed.
+    Failed,
+    /// Deadline passed.
+    TimedOut,
+    /// Unknown or unavailable capability.
+    Rejected,
+}
+
+impl InvocationState {
+    /// Whether the invocation has ended.
+    pub fn is_final(self) -> bool {
+        !matches!(self, InvocationState::Queued | InvocationState::Dispatched)
+    }
+
+    /// Name as in JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            InvocationState::Queued => "queued",
+            InvocationState::Dispatched => "dispatched",
+            InvocationState::Succeeded => "succeeded",
+            InvocationState::Failed => "failed",
+            InvocationState::TimedOut => "timed_out",
+            InvocationState::Rejected => "rejected",
+        }
+    }
+}
+
+/// `POST /console/v1/nodes/{id}/invoke`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvokeRequest {
+    /// Capability name.
+    pub capability: String,
+    /// JSON input (default `null`).
+    #[serde(default)]
+    pub input: serde_json::Value,
+    /// Deadline from now, milliseconds (default 30000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Return at once instead of waiting for the result.
+    #[serde(default, rename = "async")]
+    pub async_: bool,
+}
+
+/// An invocation record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Invocation {
+    /// Id (32 hex digits).
+    pub invocation_id: String,
+    /// Target device.
+    pub device_id: String,
+    /// Capability.
+    pub capability: String,
+    /// State.
+    pub state: InvocationState,
+    /// Output (JSON if the node returned JSON, else a string), once finished.
+    pub output: Option<serde_json::Value>,
+    /// Whether the stored output was truncated.
+    pub truncated: bool,
+    /// Error detail when it did not succeed.
+    pub error: Option<String>,
+    /// Who asked.
+    pub requested_by: String,
+    /// Created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Deadline.
+    #[serde(with = "time::serde::rfc3339")]
+    pub deadline_at: OffsetDateTime,
+    /// Dispatched to the node.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub dispatched_at: Option<OffsetDateTime>,
+    /// Finished.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    /// Time the node spent, milliseconds.
+    pub duration_ms: Option<u64>,
+}
+
+/// Query of `GET /console/v1/invocations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct InvocationQuery {
+    /// Only this device's.
+    #[serde(default)]
+    pub device_id: Option<String>,
+    /// At most this many, newest first (default 100).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events
+
+/// A change published on `GET /console/v1/events` (server-sent events; the SSE `event:` field
+/// is `kind`, `data:` is this JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increasing sequence number.
+    pub seq: u64,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Kind: `presence`, `node.registered`, `pairing.requested`, `pairing.decided`,
+    /// `pairing.completed`, `device.revoked`, `device.removed`, `device.rotated`,
+    /// `invocation`, `token`.
+    pub kind: String,
+    /// The device concerned, if any.
+    pub device_id: Option<String>,
+    /// Details.
+    pub data: serde_json::Value,
+}

@@ -1,0 +1,121 @@
+//! What the console needs from the anchor. The daemon implements [`Backend`]; the console
+//! never depends on the daemon.
+//!
+//! Every method that changes state takes the calling [`Principal`] for the audit log. The
+//! router checks permissions before calling; backends need not check them again.
+
+use std::future::Future;
+
+use tokio::sync::broadcast;
+
+use crate::api::*;
+use crate::error::ApiError;
+
+/// Result of a backend call.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The anchor, as the console sees it.
+pub trait Backend: Send + Sync + 'static {
+    /// The principal a bearer secret belongs to, if it is a live token.
+    fn authenticate(&self, token: &str) -> impl Future<Output = Option<Principal>> + Send;
+
+    // Pairing
+    /// Mints a pairing code.
+    fn mint_code(
+        &self,
+        who: &Principal,
+        req: MintCodeRequest,
+    ) -> impl Future<Output = ApiResult<MintedCode>> + Send;
+    /// Lists pairing codes (no secrets), newest first.
+    fn list_codes(&self) -> impl Future<Output = ApiResult<Vec<PairingCodeInfo>>> + Send;
+    /// Lists pairing requests, optionally in one state, newest first.
+    fn list_requests(
+        &self,
+        state: Option<RequestState>,
+    ) -> impl Future<Output = ApiResult<Vec<PairingRequest>>> + Send;
+    /// One pairing request.
+    fn request(&self, id: &str) -> impl Future<Output = ApiResult<PairingRequest>> + Send;
+    /// Approves a pending request.
+    fn approve(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> impl Future<Output = ApiResult<PairingRequest>> + Send;
+    /// Rejects a pending request.
+    fn reject(
+        &self,
+        who: &Principal,
+        id: &str,
+        reason: Option<String>,
+    ) -> impl Future<Output = ApiResult<PairingRequest>> + Send;
+
+    // Devices
+    /// Lists devices (not removed).
+    fn list_devices(&self) -> impl Future<Output = ApiResult<Vec<Device>>> + Send;
+    /// One device.
+    fn device(&self, id: &str) -> impl Future<Output = ApiResult<Device>> + Send;
+    /// Revokes a device: closes its connection and refuses its next handshake.
+    fn revoke(
+        &self,
+        who: &Principal,
+        id: &str,
+        reason: Option<String>,
+    ) -> impl Future<Output = ApiResult<Device>> + Send;
+    /// Asks the node to rotate its certificate now.
+    fn rotate(&self, who: &Principal, id: &str) -> impl Future<Output = ApiResult<Device>> + Send;
+    /// Removes a device (a revoked device can then pair again).
+    fn remove(&self, who: &Principal, id: &str) -> impl Future<Output = ApiResult<()>> + Send;
+
+    // Tokens
+    /// Creates a token.
+    fn create_token(
+        &self,
+        who: &Principal,
+        req: CreateTokenRequest,
+    ) -> impl Future<Output = ApiResult<CreatedToken>> + Send;
+    /// Lists tokens.
+    fn list_tokens(&self) -> impl Future<Output = ApiResult<Vec<TokenInfo>>> + Send;
+    /// Revokes a token.
+    fn revoke_token(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> impl Future<Output = ApiResult<TokenInfo>> + Send;
+
+    // Runtime (inventory, nodes, invocations, events)
+    /// The whole inventory.
+    fn inventory(&self) -> impl Future<Output = ApiResult<Inventory>> + Send;
+    /// One device's inventory entry.
+    fn inventory_device(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = ApiResult<InventoryDevice>> + Send;
+    /// Registered nodes.
+    fn list_nodes(&self) -> impl Future<Output = ApiResult<Vec<Node>>> + Send;
+    /// One node.
+    fn node(&self, id: &str) -> impl Future<Output = ApiResult<Node>> + Send;
+    /// Creates an invocation; waits for its end unless `req.async_`, up to its deadline.
+    fn invoke(
+        &self,
+        who: &Principal,
+        device_id: &str,
+        req: InvokeRequest,
+    ) -> impl Future<Output = ApiResult<Invocation>> + Send;
+    /// Invocations, newest first.
+    fn list_invocations(
+        &self,
+        query: InvocationQuery,
+    ) -> impl Future<Output = ApiResult<Vec<Invocation>>> + Send;
+    /// One invocation.
+    fn invocation(&self, id: &str) -> impl Future<Output = ApiResult<Invocation>> + Send;
+    /// A receiver of every event published from now on.
+    fn subscribe(&self) -> broadcast::Receiver<Event>;
+
+    // Operations
+    /// Prometheus text exposition of the anchor's metrics.
+    fn metrics(&self) -> impl Future<Output = String> + Send;
+    /// Whether the anchor is ready to serve (store open, endpoint bound).
+    fn ready(&self) -> bool;
+    /// Renders `text` as a QR code SVG (for the web page's pairing view).
+    fn qr_svg(&self, text: &str) -> ApiResult<String>;
+}

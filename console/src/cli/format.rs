@@ -1,0 +1,262 @@
+//! Text for people: aligned tables, key/value blocks, times absolute and relative.
+
+use std::time::Duration;
+
+use time::{OffsetDateTime, UtcOffset};
+
+use super::duration::format_duration;
+
+/// A table of aligned columns: two spaces between columns, no trailing spaces.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    headers: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column headers.
+    pub fn new(headers: &[&str]) -> Self {
+        Table {
+            headers: headers.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Appends a row; missing cells are blank, extra cells are dropped.
+    pub fn row(&mut self, cells: Vec<String>) {
+        let mut cells = cells;
+        cells.resize(self.headers.len(), String::new());
+        self.rows.push(cells);
+    }
+
+    /// Whether the table has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The table as lines, each ending in `\n`.
+    pub fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| width(h)).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(width(cell));
+            }
+        }
+        let mut out = String::new();
+        for line in std::iter::once(&self.headers).chain(&self.rows) {
+            let mut text = String::new();
+            for (i, (cell, w)) in line.iter().zip(&widths).enumerate() {
+                if i > 0 {
+                    text.push_str("  ");
+                }
+                text.push_str(cell);
+                text.extend(std::iter::repeat_n(' ', w - width(cell)));
+            }
+            out.push_str(text.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Key/value lines with the values aligned.
+pub fn key_values(pairs: &[(&str, String)]) -> String {
+    let w = pairs.iter().map(|(k, _)| width(k)).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in pairs {
+        let line = format!("{k}:{}  {v}", " ".repeat(w - width(k)));
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Display width, counted in characters (good enough for ids, names and states).
+fn width(s: &str) -> usize {
+    s.chars().count()
+}
+
+/// `in 9m`, `3s ago`, `now`.
+pub fn relative(t: OffsetDateTime, now: OffsetDateTime) -> String {
+    let diff = t - now;
+    let secs = diff.whole_seconds();
+    if secs == 0 {
+        return "now".into();
+    }
+    let abs = Duration::from_secs(secs.unsigned_abs());
+    let text = coarse(abs);
+    if secs > 0 {
+        format!("in {text}")
+    } else {
+        format!("{text} ago")
+    }
+}
+
+/// The largest whole unit: `45s`, `9m`, `3h`, `12d`.
+fn coarse(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m", s / 60)
+    } else if s < 2 * 86_400 {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{}d", s / 86_400)
+    }
+}
+
+/// `2025-01-02 03:04:05Z`.
+pub fn absolute(t: OffsetDateTime) -> String {
+    let t = t.to_offset(UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// `03:04:05` (UTC).
+pub fn clock(t: OffsetDateTime) -> String {
+    let t = t.to_offset(UtcOffset::UTC);
+    format!("{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second())
+}
+
+/// Relative time or `-`.
+pub fn rel_opt(t: Option<OffsetDateTime>, now: OffsetDateTime) -> String {
+    t.map_or_else(|| "-".into(), |t| relative(t, now))
+}
+
+/// `2025-01-02 03:04:05Z (in 9m)` or `-`.
+pub fn both_opt(t: Option<OffsetDateTime>, now: OffsetDateTime) -> String {
+    t.map_or_else(
+        || "-".into(),
+        |t| format!("{} ({})", absolute(t), relative(t, now)),
+    )
+}
+
+/// Milliseconds as an age: `850ms`, `12s`, `5m`, or `-`.
+pub fn age_ms(ms: Option<u64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) if ms < 1000 => format!("{ms}ms"),
+        Some(ms) => coarse(Duration::from_millis(ms)),
+    }
+}
+
+/// A duration in milliseconds as `12ms`, `3s`, `2m5s`, or `-`.
+pub fn duration_ms(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "-".into(), |ms| format_duration(Duration::from_millis(ms)))
+}
+
+/// A rate 0..1 as a percentage, or `-`.
+pub fn percent(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0))
+}
+
+/// Milliseconds with one decimal, or `-`.
+pub fn millis(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms"))
+}
+
+/// The value or `-`.
+pub fn or_dash(s: Option<&str>) -> String {
+    match s {
+        Some(s) if !s.is_empty() => s.to_string(),
+        _ => "-".into(),
+    }
+}
+
+/// A comma-separated list, or `-`.
+pub fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(",")
+    }
+}
+
+/// At most `max` characters, with `…` when cut.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+/// The serde name of a unit enum value (`pending_approval`, `trusted`).
+pub fn name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns_without_trailing_spaces() {
+        let mut t = Table::new(&["ID", "NAME", "STATE"]);
+        t.row(vec!["a".into(), "kitchen-pi".into(), "online".into()]);
+        t.row(vec!["bbbbbb".into(), "x".into(), "-".into()]);
+        t.row(vec!["c".into()]);
+        assert_eq!(
+            t.render(),
+            "ID      NAME        STATE\n\
+             a       kitchen-pi  online\n\
+             bbbbbb  x           -\n\
+             c\n"
+        );
+    }
+
+    #[test]
+    fn table_counts_characters_not_bytes() {
+        let mut t = Table::new(&["A", "B"]);
+        t.row(vec!["é…".into(), "x".into()]);
+        assert_eq!(t.render(), "A   B\né…  x\n");
+    }
+
+    #[test]
+    fn key_values_align() {
+        assert_eq!(
+            key_values(&[("id", "1".into()), ("name", "n".into()), ("x", "".into())]),
+            "id:    1\nname:  n\nx:\n"
+        );
+    }
+
+    #[test]
+    fn relative_times_read_naturally() {
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::days(1000);
+        let r = |secs: i64| relative(now + time::Duration::seconds(secs), now);
+        assert_eq!(r(0), "now");
+        assert_eq!(r(-3), "3s ago");
+        assert_eq!(r(9 * 60 + 59), "in 9m");
+        assert_eq!(r(-2 * 3600), "2h ago");
+        assert_eq!(r(3 * 86_400), "in 3d");
+        assert_eq!(r(30 * 3600), "in 30h");
+    }
+
+    #[test]
+    fn small_formatters() {
+        let t = OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(3_723);
+        assert_eq!(absolute(t), "1970-01-01 01:02:03Z");
+        assert_eq!(clock(t), "01:02:03");
+        assert_eq!(age_ms(Some(850)), "850ms");
+        assert_eq!(age_ms(Some(125_000)), "2m");
+        assert_eq!(percent(Some(0.125)), "12.5%");
+        assert_eq!(millis(None), "-");
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abc", 4), "abc");
+        assert_eq!(name(&crate::api::RequestState::PendingApproval), "pending_approval");
+    }
+}

@@ -1,0 +1,1402 @@
+//! `anchorctl`, the operator CLI: argument types ([`Cli`]), [`parse_from`], and [`run`], which
+//! the binary calls and tests call in-process.
+//!
+//! Output contract: with `--json` every command prints exactly one JSON document to stdout
+//! (`events` prints one JSON object per line); without it, text for people. Errors go to
+//! stderr as `error: <code>: <message>`, and the process exits with one of [`exit`]'s codes.
+
+pub mod duration;
+pub mod format;
+
+use std::ffi::OsString;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use futures_util::StreamExt;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::api::*;
+use crate::client::{ClientError, ControlPlaneClient};
+use duration::{format_duration, parse_duration};
+use format::*;
+
+/// Console URL used when neither `--url` nor `ANCHORAGE_URL` is given.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7142";
+
+/// Token file used when no token is given and it exists (the anchor's default data dir).
+pub const DEFAULT_TOKEN_FILE: &str = "anchorage-data/owner.token";
+
+/// Shortest and longest pairing code lifetime.
+pub const TTL_RANGE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(86_400));
+
+/// Longest invocation timeout `anchorctl invoke` accepts.
+pub const MAX_INVOKE_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+/// Exit codes of `anchorctl` (the last three from BSD `sysexits.h`).
+pub mod exit {
+    /// It worked.
+    pub const SUCCESS: u8 = 0;
+    /// The operation failed: an API error, or an invocation that did not succeed.
+    pub const FAILURE: u8 = 1;
+    /// The command line is wrong (clap's own errors).
+    pub const USAGE: u8 = 2;
+    /// Input the user gave is bad: a duration, `--input` JSON, a file, the URL.
+    pub const BAD_INPUT: u8 = 64;
+    /// The anchor cannot be reached.
+    pub const UNAVAILABLE: u8 = 69;
+    /// No token, or the token is refused (401) or lacks the permission (403).
+    pub const AUTH: u8 = 77;
+}
+
+const GLOBAL: &str = "Global options";
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 success, 1 operation failed, 2 usage, 64 bad input, 69 anchor unreachable,
+77 authentication or permission refused.
+
+The token comes from --token, --token-file, ANCHORAGE_TOKEN, or ./anchorage-data/owner.token,
+in that order.";
+
+/// Operate an Anchorage anchor through its console API.
+#[derive(Debug, Parser)]
+#[command(name = "anchorctl", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Console URL of the anchor (http:// only).
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        env = "ANCHORAGE_URL",
+        default_value = DEFAULT_URL,
+        value_name = "URL"
+    )]
+    pub url: String,
+
+    /// Bearer token. Prefer ANCHORAGE_TOKEN or --token-file: other users can read command lines.
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        env = "ANCHORAGE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
+    /// File holding the bearer token (default: ./anchorage-data/owner.token if it exists).
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Print JSON for scripts instead of text for people.
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    pub json: bool,
+
+    /// Whether `token` came from `ANCHORAGE_TOKEN` rather than `--token` (set by
+    /// [`parse_from`]; an explicit `--token-file` beats the environment).
+    #[arg(skip)]
+    pub token_from_env: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pair devices: mint codes, list, approve and reject pairing requests.
+    #[command(subcommand)]
+    Pair(PairCommand),
+    /// Trusted devices: list, show, revoke, rotate, remove.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// API tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The inventory: every device with trust, presence, link quality and warnings.
+    Inventory(InventoryArgs),
+    /// Run a capability on a node and print its result.
+    Invoke(InvokeArgs),
+    /// Past and running invocations.
+    #[command(subcommand)]
+    Invocation(InvocationCommand),
+    /// Follow the anchor's event stream until Ctrl-C.
+    Events,
+    /// List registered nodes (same as `node list`).
+    Nodes,
+    /// Registered nodes: list, show.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Check whether the anchor is up and ready (exit 0 ready, 1 starting, 69 unreachable).
+    Health,
+    /// Print the anchor's Prometheus metrics.
+    Metrics,
+}
+
+/// How a pairing code is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    /// A short code a person types on the node.
+    Pin,
+    /// A URI shown as a QR code, which also pins the anchor's CA.
+    Qr,
+}
+
+/// `anchorctl pair ...`
+#[derive(Debug, Subcommand)]
+pub enum PairCommand {
+    /// Mint a pairing code for a new device.
+    Code {
+        /// PIN (typed) or QR (scanned).
+        #[arg(long, value_enum, default_value_t = MethodArg::Pin)]
+        method: MethodArg,
+        /// How long the code works: 30s to 24h, e.g. 90, 30s, 10m, 2h, 1d (default 10m).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// List pairing requests, newest first.
+    List {
+        /// Only requests in this state.
+        #[arg(long, value_parser = parse_request_state, value_name = "STATE")]
+        state: Option<RequestState>,
+    },
+    /// Show one pairing request.
+    Show {
+        /// Request id.
+        request_id: String,
+    },
+    /// List pairing codes (never their secrets).
+    Codes,
+    /// Approve a pending request: check that its SAS matches what the node shows first.
+    Approve {
+        /// Request id.
+        request_id: String,
+    },
+    /// Reject a pending request.
+    Reject {
+        /// Request id.
+        request_id: String,
+        /// Why (kept in the audit log and sent to the node).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// `anchorctl device ...`
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// List devices.
+    List,
+    /// Show one device's trust record.
+    Show {
+        /// Device id.
+        id: String,
+    },
+    /// Revoke a device: its connection closes now and its next handshake is refused.
+    Revoke {
+        /// Device id.
+        id: String,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Ask a device to rotate its certificate now.
+    Rotate {
+        /// Device id.
+        id: String,
+    },
+    /// Remove a device (a revoked device can then pair again).
+    Remove {
+        /// Device id.
+        id: String,
+    },
+}
+
+/// `anchorctl token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; its secret is printed once.
+    Create {
+        /// A permission: observability.read, trust.operate, nodes.invoke, tokens.manage.
+        /// Repeat for several.
+        #[arg(long = "perm", required = true, value_parser = parse_permission, value_name = "PERMISSION")]
+        perms: Vec<Permission>,
+        /// A name for people.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token.
+    Revoke {
+        /// Token id.
+        id: String,
+    },
+}
+
+/// `anchorctl inventory [show ID]`
+#[derive(Debug, Args)]
+pub struct InventoryArgs {
+    /// Show one device instead of the whole inventory.
+    #[command(subcommand)]
+    pub show: Option<InventoryCommand>,
+}
+
+/// `anchorctl inventory show ID`
+#[derive(Debug, Subcommand)]
+pub enum InventoryCommand {
+    /// One device's inventory entry in full.
+    Show {
+        /// Device id.
+        id: String,
+    },
+}
+
+/// `anchorctl invoke DEVICE_ID CAPABILITY ...`
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    /// Device id of the node.
+    pub device_id: String,
+    /// Capability name, e.g. echo, system.health.
+    pub capability: String,
+    /// Input as JSON (default null).
+    #[arg(long, value_name = "JSON", conflicts_with = "input_file")]
+    pub input: Option<String>,
+    /// Read the JSON input from a file, or from stdin with `-`.
+    #[arg(long, value_name = "PATH|-")]
+    pub input_file: Option<PathBuf>,
+    /// Deadline, e.g. 30s, 2m (default 30s). A node that is offline until then never runs it.
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Return at once with the queued invocation instead of waiting for its result.
+    #[arg(long = "async")]
+    pub async_: bool,
+}
+
+/// `anchorctl invocation ...`
+#[derive(Debug, Subcommand)]
+pub enum InvocationCommand {
+    /// Show one invocation with its output.
+    Show {
+        /// Invocation id.
+        id: String,
+    },
+    /// List invocations, newest first.
+    List {
+        /// Only this device's.
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+        /// At most this many (the anchor's default is 100).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+}
+
+/// `anchorctl node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List registered nodes.
+    List,
+    /// Show one node with its capabilities.
+    Show {
+        /// Device id.
+        id: String,
+    },
+}
+
+/// Why `anchorctl` failed: printed as `error: <code>: <message>`, exits with `exit`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct CliError {
+    /// Process exit code (see [`exit`]).
+    pub exit: u8,
+    /// Stable code: the API's code, or `unreachable`, `bad_input`, `no_token`, ...
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+impl CliError {
+    /// A new error.
+    pub fn new(exit: u8, code: impl Into<String>, message: impl Into<String>) -> Self {
+        CliError {
+            exit,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    fn bad_input(message: impl Into<String>) -> Self {
+        Self::new(exit::BAD_INPUT, "bad_input", message)
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        let exit = exit_code(&e);
+        match e {
+            ClientError::Api { code, message, .. } => CliError::new(exit, code, message),
+            ClientError::Http(_) => CliError::new(exit, "unreachable", e.to_string()),
+            ClientError::BadUrl(m) => CliError::new(exit, "bad_url", m),
+            ClientError::BadToken(m) => CliError::new(exit, "bad_token", m),
+            other => CliError::new(exit, "unexpected_answer", other.to_string()),
+        }
+    }
+}
+
+/// The exit code for a client error: 77 for 401/403, 69 when the anchor cannot be reached,
+/// 64 for a bad URL or token, 1 otherwise.
+pub fn exit_code(e: &ClientError) -> u8 {
+    match e {
+        ClientError::Api {
+            status: 401 | 403, ..
+        } => exit::AUTH,
+        ClientError::Api { .. } => exit::FAILURE,
+        ClientError::Http(_) => exit::UNAVAILABLE,
+        ClientError::BadUrl(_) | ClientError::BadToken(_) => exit::BAD_INPUT,
+        _ => exit::FAILURE,
+    }
+}
+
+/// Parses the command line (`args` includes the program name).
+///
+/// Beyond clap: records whether the token came from the environment, and refuses `--token`
+/// with `--token-file`.
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut command = Cli::command();
+    let matches = command.try_get_matches_from_mut(args)?;
+    let mut cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+    cli.token_from_env = matches.value_source("token") == Some(ValueSource::EnvVariable);
+    if cli.token.is_some() && !cli.token_from_env && cli.token_file.is_some() {
+        return Err(command.error(
+            ErrorKind::ArgumentConflict,
+            "--token and --token-file cannot be used together",
+        ));
+    }
+    Ok(cli)
+}
+
+/// Runs one command, printing to `out`. `shutdown` ends `events` (Ctrl-C in the binary).
+pub async fn run(
+    cli: Cli,
+    out: &mut (dyn Write + Send),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CliError> {
+    let token = match (&cli.command, resolve_token(&cli)) {
+        (_, Ok(token)) => token,
+        // /healthz needs no token; the client still wants one to hold.
+        (Command::Health, Err(_)) => "anonymous".to_string(),
+        (_, Err(e)) => return Err(e),
+    };
+    let client = ControlPlaneClient::new(&cli.url, token)?;
+    let mut ctx = Ctx {
+        client,
+        json: cli.json,
+        out,
+        now: OffsetDateTime::now_utc(),
+    };
+    ignore_broken_pipe(ctx.dispatch(cli.command, shutdown).await)
+}
+
+/// `anchorctl … | head` closes stdout early: that is not a failure.
+fn ignore_broken_pipe(result: Result<(), CliError>) -> Result<(), CliError> {
+    match result {
+        Err(e) if e.code == "broken_pipe" => Ok(()),
+        other => other,
+    }
+}
+
+/// The token: `--token`, else `--token-file`, else `ANCHORAGE_TOKEN`, else
+/// `./anchorage-data/owner.token` if it exists.
+fn resolve_token(cli: &Cli) -> Result<String, CliError> {
+    if let (Some(token), false) = (&cli.token, cli.token_from_env) {
+        return Ok(token.trim().to_string());
+    }
+    if let Some(path) = &cli.token_file {
+        return read_token_file(path);
+    }
+    if let Some(token) = &cli.token {
+        return Ok(token.trim().to_string());
+    }
+    let default = Path::new(DEFAULT_TOKEN_FILE);
+    if default.is_file() {
+        return read_token_file(default);
+    }
+    Err(CliError::new(
+        exit::AUTH,
+        "no_token",
+        format!(
+            "no token: pass --token-file FILE, set ANCHORAGE_TOKEN, or run where \
+             ./{DEFAULT_TOKEN_FILE} exists"
+        ),
+    ))
+}
+
+fn read_token_file(path: &Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::bad_input(format!("cannot read token file {}: {e}", path.display()))
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(CliError::bad_input(format!(
+            "token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(token.to_string())
+}
+
+fn parse_request_state(s: &str) -> Result<RequestState, String> {
+    s.parse::<RequestState>().map_err(|_| {
+        "expected one of: pending_approval, approved, completed, rejected, expired".to_string()
+    })
+}
+
+fn parse_permission(s: &str) -> Result<Permission, String> {
+    s.parse()
+}
+
+/// The pairing code lifetime in whole seconds, checked against [`TTL_RANGE`].
+pub fn parse_ttl(text: &str) -> Result<u64, String> {
+    let ttl = parse_duration(text).map_err(|e| format!("--ttl: {e}"))?;
+    let (min, max) = TTL_RANGE;
+    if ttl < min || ttl > max {
+        return Err(format!(
+            "--ttl {text} is out of range: a pairing code lives {} to {}",
+            format_duration(min),
+            format_duration(max)
+        ));
+    }
+    Ok(ttl.as_secs())
+}
+
+/// The invocation timeout in milliseconds (1 ms to [`MAX_INVOKE_TIMEOUT`]).
+pub fn parse_invoke_timeout(text: &str) -> Result<u64, String> {
+    let timeout = parse_duration(text).map_err(|e| format!("--timeout: {e}"))?;
+    if timeout.is_zero() || timeout > MAX_INVOKE_TIMEOUT {
+        return Err(format!(
+            "--timeout {text} is out of range: above 0 and at most {}",
+            format_duration(MAX_INVOKE_TIMEOUT)
+        ));
+    }
+    u64::try_from(timeout.as_millis()).map_err(|_| format!("--timeout {text} is too long"))
+}
+
+/// The `--input` / `--input-file` JSON (`null` when neither is given).
+fn invoke_input(args: &InvokeArgs) -> Result<serde_json::Value, CliError> {
+    let (text, source) = match (&args.input, &args.input_file) {
+        (Some(text), _) => (text.clone(), "--input".to_string()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| CliError::bad_input(format!("cannot read stdin: {e}")))?;
+            (text, "stdin".to_string())
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                CliError::bad_input(format!("cannot read input file {}: {e}", path.display()))
+            })?;
+            (text, path.display().to_string())
+        }
+        (None, None) => return Ok(serde_json::Value::Null),
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| CliError::bad_input(format!("invalid JSON in {source}: {e}")))
+}
+
+/// What a command needs while it runs.
+struct Ctx<'a> {
+    client: ControlPlaneClient,
+    json: bool,
+    out: &'a mut (dyn Write + Send),
+    now: OffsetDateTime,
+}
+
+impl Ctx<'_> {
+    async fn dispatch(
+        &mut self,
+        command: Command,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), CliError> {
+        match command {
+            Command::Pair(cmd) => self.pair(cmd).await,
+            Command::Device(cmd) => self.device(cmd).await,
+            Command::Token(cmd) => self.token(cmd).await,
+            Command::Inventory(InventoryArgs { show: None }) => {
+                let inventory = self.client.inventory().await?;
+                self.emit(&inventory, |now| human_inventory(&inventory, now))
+            }
+            Command::Inventory(InventoryArgs {
+                show: Some(InventoryCommand::Show { id }),
+            }) => {
+                let device = self.client.inventory_device(&id).await?;
+                self.emit(&device, |now| human_inventory_device(&device, now))
+            }
+            Command::Invoke(args) => self.invoke(args).await,
+            Command::Invocation(InvocationCommand::Show { id }) => {
+                let invocation = self.client.invocation(&id).await?;
+                self.emit(&invocation, |now| human_invocation(&invocation, now))
+            }
+            Command::Invocation(InvocationCommand::List { device, limit }) => {
+                let list = self
+                    .client
+                    .list_invocations(InvocationQuery {
+                        device_id: device,
+                        limit,
+                    })
+                    .await?;
+                self.emit(&list, |now| human_invocations(&list, now))
+            }
+            Command::Events => self.events(shutdown).await,
+            Command::Nodes | Command::Node(NodeCommand::List) => {
+                let nodes = self.client.list_nodes().await?;
+                self.emit(&nodes, |now| human_nodes(&nodes, now))
+            }
+            Command::Node(NodeCommand::Show { id }) => {
+                let node = self.client.node(&id).await?;
+                self.emit(&node, |now| human_node(&node, now))
+            }
+            Command::Health => {
+                let ready = self.client.healthz().await?;
+                let status = if ready { "ok" } else { "starting" };
+                self.emit(&serde_json::json!({ "status": status }), |_| {
+                    format!("{}\n", if ready { "ready" } else { "starting" })
+                })?;
+                if ready {
+                    Ok(())
+                } else {
+                    Err(CliError::new(
+                        exit::FAILURE,
+                        "starting",
+                        "the anchor is up but not ready yet",
+                    ))
+                }
+            }
+            Command::Metrics => {
+                let text = self.client.metrics().await?;
+                if self.json {
+                    self.write_json(&serde_json::json!({ "metrics": text }))
+                } else {
+                    self.write(&text)
+                }
+            }
+        }
+    }
+
+    async fn pair(&mut self, cmd: PairCommand) -> Result<(), CliError> {
+        match cmd {
+            PairCommand::Code { method, ttl } => {
+                let ttl_secs = ttl
+                    .as_deref()
+                    .map(parse_ttl)
+                    .transpose()
+                    .map_err(CliError::bad_input)?;
+                let method = match method {
+                    MethodArg::Pin => PairMethod::Pin,
+                    MethodArg::Qr => PairMethod::Qr,
+                };
+                let code = self
+                    .client
+                    .mint_code(MintCodeRequest { method, ttl_secs })
+                    .await?;
+                self.emit(&code, |now| human_code(&code, now))
+            }
+            PairCommand::List { state } => {
+                let list = self.client.list_requests(state).await?;
+                self.emit(&list, |now| human_requests(&list, now))
+            }
+            PairCommand::Show { request_id } => {
+                let req = self.client.request(&request_id).await?;
+                self.emit(&req, |now| human_request(&req, now))
+            }
+            PairCommand::Codes => {
+                let codes = self.client.list_codes().await?;
+                self.emit(&codes, |now| human_codes(&codes, now))
+            }
+            PairCommand::Approve { request_id } => {
+                let req = self.client.approve(&request_id).await?;
+                self.emit(&req, |_| {
+                    format!(
+                        "approved pairing request {} for {} ({}); state {}\n",
+                        req.request_id,
+                        req.device_name,
+                        req.device_id,
+                        name(&req.state)
+                    )
+                })
+            }
+            PairCommand::Reject { request_id, reason } => {
+                let req = self.client.reject(&request_id, reason).await?;
+                self.emit(&req, |_| {
+                    format!(
+                        "rejected pairing request {} for {} ({})\n",
+                        req.request_id, req.device_name, req.device_id
+                    )
+                })
+            }
+        }
+    }
+
+    async fn device(&mut self, cmd: DeviceCommand) -> Result<(), CliError> {
+        match cmd {
+            DeviceCommand::List => {
+                let list = self.client.list_devices().await?;
+                self.emit(&list, |now| human_devices(&list, now))
+            }
+            DeviceCommand::Show { id } => {
+                let device = self.client.device(&id).await?;
+                self.emit(&device, |now| human_device(&device, now))
+            }
+            DeviceCommand::Revoke { id, reason } => {
+                let device = self.client.revoke(&id, reason).await?;
+                self.emit(&device, |_| {
+                    format!("revoked device {} ({})\n", device.device_id, device.name)
+                })
+            }
+            DeviceCommand::Rotate { id } => {
+                let device = self.client.rotate(&id).await?;
+                self.emit(&device, |_| {
+                    format!(
+                        "asked device {} ({}) to rotate its certificate\n",
+                        device.device_id, device.name
+                    )
+                })
+            }
+            DeviceCommand::Remove { id } => {
+                self.client.remove(&id).await?;
+                self.emit(
+                    &serde_json::json!({ "device_id": id, "removed": true }),
+                    |_| format!("removed device {id}\n"),
+                )
+            }
+        }
+    }
+
+    async fn token(&mut self, cmd: TokenCommand) -> Result<(), CliError> {
+        match cmd {
+            TokenCommand::Create { perms, name } => {
+                let mut permissions = perms;
+                permissions.sort();
+                permissions.dedup();
+                let token = self
+                    .client
+                    .create_token(CreateTokenRequest { name, permissions })
+                    .await?;
+                self.emit(&token, |_| {
+                    format!(
+                        "created token {} ({}) with {}\n\n    {}\n\nThe secret is shown only \
+                         this once; store it now.\n",
+                        token.id,
+                        token.name,
+                        permissions_text(&token.permissions),
+                        token.token
+                    )
+                })
+            }
+            TokenCommand::List => {
+                let list = self.client.list_tokens().await?;
+                self.emit(&list, |now| human_tokens(&list, now))
+            }
+            TokenCommand::Revoke { id } => {
+                let token = self.client.revoke_token(&id).await?;
+                self.emit(&token, |_| {
+                    format!("revoked token {} ({})\n", token.id, token.name)
+                })
+            }
+        }
+    }
+
+    async fn invoke(&mut self, args: InvokeArgs) -> Result<(), CliError> {
+        let input = invoke_input(&args)?;
+        let timeout_ms = args
+            .timeout
+            .as_deref()
+            .map(parse_invoke_timeout)
+            .transpose()
+            .map_err(CliError::bad_input)?;
+        let invocation = self
+            .client
+            .invoke(
+                &args.device_id,
+                InvokeRequest {
+                    capability: args.capability,
+                    input,
+                    timeout_ms,
+                    async_: args.async_,
+                },
+            )
+            .await?;
+        self.emit(&invocation, |now| human_invocation(&invocation, now))?;
+        invocation_outcome(&invocation, args.async_)
+    }
+
+    async fn events(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {
+        let stream = self.client.events().await?;
+        let mut stream = std::pin::pin!(stream);
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let item = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                item = stream.next() => item,
+            };
+            match item {
+                Some(Ok(event)) => {
+                    let line = if self.json {
+                        serde_json::to_string(&event).map_err(encode_error)? + "\n"
+                    } else {
+                        human_event(&event)
+                    };
+                    self.write(&line)?;
+                }
+                Some(Err(ClientError::Decode(message))) => {
+                    eprintln!("warning: skipped an event: {message}");
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(CliError::new(
+                        exit::UNAVAILABLE,
+                        "unreachable",
+                        "the anchor closed the event stream",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Prints `value` as JSON with `--json`, else the text `human` makes.
+    fn emit<T: Serialize>(
+        &mut self,
+        value: &T,
+        human: impl FnOnce(OffsetDateTime) -> String,
+    ) -> Result<(), CliError> {
+        if self.json {
+            self.write_json(value)
+        } else {
+            let text = human(self.now);
+            self.write(&text)
+        }
+    }
+
+    fn write_json<T: Serialize>(&mut self, value: &T) -> Result<(), CliError> {
+        let text = serde_json::to_string_pretty(value).map_err(encode_error)?;
+        self.write(&(text + "\n"))
+    }
+
+    fn write(&mut self, text: &str) -> Result<(), CliError> {
+        self.out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush())
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    CliError::new(exit::SUCCESS, "broken_pipe", "stdout closed")
+                } else {
+                    CliError::new(exit::FAILURE, "output", format!("cannot write output: {e}"))
+                }
+            })
+    }
+}
+
+fn encode_error(e: serde_json::Error) -> CliError {
+    CliError::new(exit::FAILURE, "output", format!("cannot encode JSON: {e}"))
+}
+
+/// Success unless the invocation did not succeed (or, with `--async`, is not under way).
+pub fn invocation_outcome(invocation: &Invocation, async_: bool) -> Result<(), CliError> {
+    let state = invocation.state;
+    let id = &invocation.invocation_id;
+    match state {
+        InvocationState::Succeeded => Ok(()),
+        InvocationState::Queued | InvocationState::Dispatched if async_ => Ok(()),
+        InvocationState::Queued | InvocationState::Dispatched => Err(CliError::new(
+            exit::FAILURE,
+            "still_running",
+            format!(
+                "invocation {id} is still {} after the timeout; see `anchorctl invocation show {id}`",
+                state.as_str()
+            ),
+        )),
+        _ => Err(CliError::new(
+            exit::FAILURE,
+            state.as_str(),
+            format!(
+                "invocation {id} {}{}",
+                state.as_str().replace('_', " "),
+                invocation
+                    .error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text for people
+
+fn permissions_text(perms: &[Permission]) -> String {
+    perms
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn human_code(code: &MintedCode, now: OffsetDateTime) -> String {
+    let mut out = String::new();
+    match code.method {
+        PairMethod::Pin => {
+            out.push_str(&format!("\n    {}\n\n", code.code));
+            out.push_str(&format!(
+                "PIN pairing code {}; expires {} ({}).\n",
+                code.code_id,
+                relative(code.expires_at, now),
+                absolute(code.expires_at)
+            ));
+            out.push_str("Type it on the node when it asks; then approve its request.\n");
+        }
+        PairMethod::Qr => {
+            if let Some(qr) = &code.qr_text {
+                out.push_str(qr);
+                if !qr.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+            out.push_str(&format!(
+                "\nURI: {}\n",
+                code.uri.as_deref().unwrap_or(&code.code)
+            ));
+            out.push_str(&format!(
+                "QR pairing code {}; expires {} ({}).\n",
+                code.code_id,
+                relative(code.expires_at, now),
+                absolute(code.expires_at)
+            ));
+        }
+    }
+    out
+}
+
+fn human_codes(codes: &[PairingCodeInfo], now: OffsetDateTime) -> String {
+    if codes.is_empty() {
+        return "no pairing codes\n".into();
+    }
+    let mut t = Table::new(&[
+        "CODE", "METHOD", "STATE", "FAILED", "CREATED", "EXPIRES", "BY",
+    ]);
+    for c in codes {
+        t.row(vec![
+            c.code_id.clone(),
+            name(&c.method),
+            name(&c.state),
+            c.failed_attempts.to_string(),
+            relative(c.created_at, now),
+            relative(c.expires_at, now),
+            c.created_by.clone(),
+        ]);
+    }
+    t.render()
+}
+
+fn human_requests(list: &[PairingRequest], now: OffsetDateTime) -> String {
+    if list.is_empty() {
+        return "no pairing requests\n".into();
+    }
+    let mut t = Table::new(&[
+        "REQUEST",
+        "DEVICE",
+        "NAME",
+        "PLATFORM",
+        "STATE",
+        "SAS",
+        "REQUESTED",
+        "EXPIRES",
+    ]);
+    for r in list {
+        t.row(vec![
+            r.request_id.clone(),
+            r.device_id.clone(),
+            r.device_name.clone(),
+            r.platform.clone(),
+            name(&r.state),
+            r.sas.clone(),
+            relative(r.requested_at, now),
+            relative(r.expires_at, now),
+        ]);
+    }
+    t.render()
+}
+
+fn human_request(r: &PairingRequest, now: OffsetDateTime) -> String {
+    key_values(&[
+        ("request", r.request_id.clone()),
+        ("device", r.device_id.clone()),
+        ("name", r.device_name.clone()),
+        ("platform", r.platform.clone()),
+        ("state", name(&r.state)),
+        ("sas", r.sas.clone()),
+        ("code", r.code_id.clone()),
+        ("requested", both_opt(Some(r.requested_at), now)),
+        ("expires", both_opt(Some(r.expires_at), now)),
+        ("decided by", or_dash(r.decided_by.as_deref())),
+        ("decided", both_opt(r.decided_at, now)),
+        ("reason", or_dash(r.reason.as_deref())),
+    ])
+}
+
+fn human_devices(list: &[Device], now: OffsetDateTime) -> String {
+    if list.is_empty() {
+        return "no devices\n".into();
+    }
+    let mut t = Table::new(&[
+        "DEVICE",
+        "NAME",
+        "TRUST",
+        "PLATFORM",
+        "CERT EXPIRES",
+        "PAIRED",
+    ]);
+    for d in list {
+        t.row(vec![
+            d.device_id.clone(),
+            d.name.clone(),
+            name(&d.trust),
+            d.platform.clone(),
+            rel_opt(d.cert_expires_at, now),
+            relative(d.paired_at, now),
+        ]);
+    }
+    t.render()
+}
+
+fn human_device(d: &Device, now: OffsetDateTime) -> String {
+    key_values(&[
+        ("device", d.device_id.clone()),
+        ("name", d.name.clone()),
+        ("trust", name(&d.trust)),
+        ("platform", d.platform.clone()),
+        ("cert serial", or_dash(d.cert_serial.as_deref())),
+        ("cert valid from", both_opt(d.cert_not_before, now)),
+        ("cert expires", both_opt(d.cert_expires_at, now)),
+        (
+            "rotation pending",
+            if d.rotation_pending { "yes" } else { "no" }.into(),
+        ),
+        ("paired", both_opt(Some(d.paired_at), now)),
+        ("revoked", both_opt(d.revoked_at, now)),
+        ("revoked reason", or_dash(d.revoked_reason.as_deref())),
+    ])
+}
+
+fn human_tokens(list: &[TokenInfo], now: OffsetDateTime) -> String {
+    if list.is_empty() {
+        return "no tokens\n".into();
+    }
+    let mut t = Table::new(&["ID", "NAME", "PERMISSIONS", "CREATED", "BY", "REVOKED"]);
+    for tok in list {
+        t.row(vec![
+            tok.id.clone(),
+            tok.name.clone(),
+            permissions_text(&tok.permissions),
+            relative(tok.created_at, now),
+            tok.created_by.clone(),
+            rel_opt(tok.revoked_at, now),
+        ]);
+    }
+    t.render()
+}
+
+fn human_inventory(inv: &Inventory, now: OffsetDateTime) -> String {
+    let s = &inv.summary;
+    let mut out = format!(
+        "devices {} · trusted {} · revoked {} · pending pairings {} · online {} · degraded {} · \
+         stale {} · offline {} · connected {} · with warnings {}\n",
+        s.devices,
+        s.trusted,
+        s.revoked,
+        s.pending_pairings,
+        s.online,
+        s.degraded,
+        s.stale,
+        s.offline,
+        s.connected,
+        s.with_warnings
+    );
+    for i in &inv.instances {
+        out.push_str(&format!(
+            "{} {} · up {} · {} nodes connected · quic {} · console {} · CA expires {}{}\n",
+            i.kind,
+            i.version,
+            format_duration(Duration::from_secs(i.uptime_secs)),
+            i.connected_nodes,
+            i.listen,
+            i.console,
+            relative(i.ca_expires_at, now),
+            if i.warnings.is_empty() {
+                String::new()
+            } else {
+                format!(" · warnings: {}", i.warnings.join(","))
+            }
+        ));
+    }
+    out.push('\n');
+    if inv.devices.is_empty() {
+        out.push_str("no devices\n");
+        return out;
+    }
+    let mut t = Table::new(&[
+        "DEVICE",
+        "NAME",
+        "TRUST",
+        "PRESENCE",
+        "HEARTBEAT",
+        "LOSS",
+        "RTT",
+        "CAPS",
+        "WARNINGS",
+    ]);
+    for d in &inv.devices {
+        t.row(vec![
+            d.device_id.clone(),
+            d.name.clone(),
+            name(&d.trust),
+            name(&d.presence),
+            age_ms(d.heartbeat_age_ms),
+            percent(d.loss_rate),
+            millis(d.rtt_ms),
+            format!("{}/{}", d.capabilities.available, d.capabilities.total),
+            list(&d.warnings),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+fn human_inventory_device(d: &InventoryDevice, now: OffsetDateTime) -> String {
+    let mut out = key_values(&[
+        ("device", d.device_id.clone()),
+        ("name", d.name.clone()),
+        ("trust", name(&d.trust)),
+        ("presence", name(&d.presence)),
+        ("connected", if d.connected { "yes" } else { "no" }.into()),
+        ("connected since", both_opt(d.connected_since, now)),
+        ("last seen", both_opt(d.last_seen_at, now)),
+        ("heartbeat age", age_ms(d.heartbeat_age_ms)),
+        ("loss", percent(d.loss_rate)),
+        ("rtt", millis(d.rtt_ms)),
+        (
+            "capabilities",
+            format!(
+                "{} available, {} unavailable, {} total",
+                d.capabilities.available, d.capabilities.unavailable, d.capabilities.total
+            ),
+        ),
+        ("cert expires", both_opt(d.cert_expires_at, now)),
+        ("warnings", list(&d.warnings)),
+        ("actions", list(&d.actions)),
+    ]);
+    if let Some(node) = &d.node {
+        out.push('\n');
+        out.push_str(&capabilities_table(&node.capabilities));
+    }
+    if !d.pending_pairings.is_empty() {
+        out.push_str("\npending pairing requests:\n");
+        out.push_str(&human_requests(&d.pending_pairings, now));
+    }
+    out
+}
+
+fn capabilities_table(caps: &[Capability]) -> String {
+    if caps.is_empty() {
+        return "no capabilities\n".into();
+    }
+    let mut t = Table::new(&["CAPABILITY", "AVAILABLE", "DESCRIPTION"]);
+    for c in caps {
+        let available = if c.available {
+            "yes".to_string()
+        } else {
+            format!("no ({})", c.reason.as_deref().unwrap_or("unavailable"))
+        };
+        t.row(vec![c.name.clone(), available, c.description.clone()]);
+    }
+    t.render()
+}
+
+fn human_nodes(list: &[Node], now: OffsetDateTime) -> String {
+    if list.is_empty() {
+        return "no nodes\n".into();
+    }
+    let mut t = Table::new(&[
+        "DEVICE",
+        "NAME",
+        "PRESENCE",
+        "CONNECTED",
+        "LAST SEEN",
+        "LOSS",
+        "RTT",
+        "CAPS",
+        "PLATFORM",
+        "VERSION",
+    ]);
+    for n in list {
+        let available = n.capabilities.iter().filter(|c| c.available).count();
+        t.row(vec![
+            n.device_id.clone(),
+            n.name.clone(),
+            name(&n.presence),
+            if n.connected { "yes" } else { "no" }.into(),
+            rel_opt(n.last_seen_at, now),
+            percent(n.loss_rate),
+            millis(n.rtt_ms),
+            format!("{available}/{}", n.capabilities.len()),
+            n.platform.clone(),
+            n.agent_version.clone(),
+        ]);
+    }
+    t.render()
+}
+
+fn human_node(n: &Node, now: OffsetDateTime) -> String {
+    let mut out = key_values(&[
+        ("device", n.device_id.clone()),
+        ("name", n.name.clone()),
+        ("platform", n.platform.clone()),
+        ("agent version", n.agent_version.clone()),
+        ("presence", name(&n.presence)),
+        ("connected", if n.connected { "yes" } else { "no" }.into()),
+        ("connected since", both_opt(n.connected_since, now)),
+        ("remote address", or_dash(n.remote_addr.as_deref())),
+        ("last seen", both_opt(n.last_seen_at, now)),
+        ("heartbeat age", age_ms(n.heartbeat_age_ms)),
+        ("loss", percent(n.loss_rate)),
+        ("rtt", millis(n.rtt_ms)),
+    ]);
+    out.push('\n');
+    out.push_str(&capabilities_table(&n.capabilities));
+    out
+}
+
+fn human_invocation(i: &Invocation, now: OffsetDateTime) -> String {
+    let mut out = format!(
+        "{} · {} on {} · invocation {}",
+        i.state.as_str(),
+        i.capability,
+        i.device_id,
+        i.invocation_id
+    );
+    if let Some(ms) = i.duration_ms {
+        out.push_str(&format!(" · took {}", duration_ms(Some(ms))));
+    }
+    if !i.state.is_final() {
+        out.push_str(&format!(" · deadline {}", relative(i.deadline_at, now)));
+    }
+    out.push('\n');
+    if let Some(error) = &i.error {
+        out.push_str(&format!("error: {error}\n"));
+    }
+    match &i.output {
+        None => {}
+        Some(serde_json::Value::String(s)) => {
+            out.push_str(s);
+            if !s.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+        Some(value) => {
+            let pretty = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+            out.push_str(&pretty);
+            out.push('\n');
+        }
+    }
+    if i.truncated {
+        out.push_str("(output truncated)\n");
+    }
+    out
+}
+
+fn human_invocations(list: &[Invocation], now: OffsetDateTime) -> String {
+    if list.is_empty() {
+        return "no invocations\n".into();
+    }
+    let mut t = Table::new(&[
+        "INVOCATION",
+        "DEVICE",
+        "CAPABILITY",
+        "STATE",
+        "CREATED",
+        "DURATION",
+        "BY",
+    ]);
+    for i in list {
+        t.row(vec![
+            i.invocation_id.clone(),
+            i.device_id.clone(),
+            i.capability.clone(),
+            i.state.as_str().into(),
+            relative(i.created_at, now),
+            duration_ms(i.duration_ms),
+            i.requested_by.clone(),
+        ]);
+    }
+    t.render()
+}
+
+/// `HH:MM:SS kind device short-data`.
+fn human_event(e: &Event) -> String {
+    format!(
+        "{} {} {} {}\n",
+        clock(e.at),
+        e.kind,
+        e.device_id.as_deref().unwrap_or("-"),
+        truncate(&e.data.to_string(), 100)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_errors_map_to_documented_exit_codes() {
+        let api = |status: u16| ClientError::Api {
+            status,
+            code: "x".into(),
+            message: "m".into(),
+        };
+        assert_eq!(exit_code(&api(401)), exit::AUTH);
+        assert_eq!(exit_code(&api(403)), exit::AUTH);
+        assert_eq!(exit_code(&api(404)), exit::FAILURE);
+        assert_eq!(exit_code(&api(409)), exit::FAILURE);
+        assert_eq!(exit_code(&ClientError::BadUrl("u".into())), exit::BAD_INPUT);
+        assert_eq!(exit_code(&ClientError::Decode("d".into())), exit::FAILURE);
+        let e = CliError::from(api(404));
+        assert_eq!(e.to_string(), "x: m");
+    }
+
+    #[test]
+    fn ttl_is_checked_against_the_allowed_range() {
+        assert_eq!(parse_ttl("10m"), Ok(600));
+        assert_eq!(parse_ttl("30s"), Ok(30));
+        assert_eq!(parse_ttl("1d"), Ok(86_400));
+        assert!(parse_ttl("29s").unwrap_err().contains("30s to 1d"));
+        assert!(parse_ttl("25h").unwrap_err().contains("out of range"));
+        assert!(parse_ttl("soon").is_err());
+    }
+
+    #[test]
+    fn invoke_timeout_in_millis() {
+        assert_eq!(parse_invoke_timeout("30s"), Ok(30_000));
+        assert_eq!(parse_invoke_timeout("500ms"), Ok(500));
+        assert!(parse_invoke_timeout("0").is_err());
+        assert!(parse_invoke_timeout("2d").is_err());
+    }
+
+    fn invocation(state: InvocationState) -> Invocation {
+        Invocation {
+            invocation_id: "abc".into(),
+            device_id: "D".into(),
+            capability: "echo".into(),
+            state,
+            output: None,
+            truncated: false,
+            error: Some("boom".into()),
+            requested_by: "owner".into(),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            deadline_at: OffsetDateTime::UNIX_EPOCH,
+            dispatched_at: None,
+            finished_at: None,
+            duration_ms: None,
+        }
+    }
+
+    #[test]
+    fn invocation_exit_status_follows_its_state() {
+        use InvocationState::*;
+        assert!(invocation_outcome(&invocation(Succeeded), false).is_ok());
+        assert!(invocation_outcome(&invocation(Queued), true).is_ok());
+        assert!(invocation_outcome(&invocation(Dispatched), true).is_ok());
+        let still = invocation_outcome(&invocation(Dispatched), false).unwrap_err();
+        assert_eq!((still.exit, still.code.as_str()), (1, "still_running"));
+        let failed = invocation_outcome(&invocation(Failed), false).unwrap_err();
+        assert_eq!(failed.exit, exit::FAILURE);
+        assert_eq!(failed.to_string(), "failed: invocation abc failed: boom");
+        let timed_out = invocation_outcome(&invocation(TimedOut), true).unwrap_err();
+        assert_eq!(timed_out.code, "timed_out");
+        assert!(invocation_outcome(&invocation(Rejected), false).is_err());
+    }
+
+    #[test]
+    fn global_flags_work_anywhere_and_token_sources_are_told_apart() {
+        let cli = parse_from(["anchorctl", "device", "list", "--json", "--token", "t"]).unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.token.as_deref(), Some("t"));
+        assert!(!cli.token_from_env);
+        let err = parse_from(["anchorctl", "--token", "t", "--token-file", "f", "nodes"])
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+        assert_eq!(err.exit_code(), i32::from(exit::USAGE));
+    }
+
+    #[test]
+    fn bad_flag_values_are_usage_errors() {
+        for args in [
+            &["anchorctl", "pair", "list", "--state", "nope"][..],
+            &["anchorctl", "token", "create", "--perm", "root"],
+            &["anchorctl", "token", "create"],
+            &["anchorctl", "pair", "code", "--method", "sms"],
+            &["anchorctl", "invoke", "D", "echo", "--input", "1", "--input-file", "f"],
+        ] {
+            let err = parse_from(args.iter().copied()).unwrap_err();
+            assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn every_command_and_flag_has_help() {
+        fn check(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(arg.get_help().is_some(), "{path} --{id} has no help");
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                assert!(sub.get_about().is_some(), "{path} {} has no help", sub.get_name());
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        check(&cmd, "anchorctl");
+    }
+
+    #[test]
+    fn human_event_line() {
+        let e = Event {
+            seq: 1,
+            at: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(3_723),
+            kind: "presence".into(),
+            device_id: Some("DEV-1".into()),
+            data: serde_json::json!({"presence": "online"}),
+        };
+        assert_eq!(
+            human_event(&e),
+            "01:02:03 presence DEV-1 {\"presence\":\"online\"}\n"
+        );
+    }
+}

@@ -1,0 +1,778 @@
+//! [`ControlPlaneClient`]: a typed client of the console API, used by `anchorctl` and tests.
+//!
+//! One async method per route, with the [`api`](crate::api) types. Plain HTTP only: no TLS
+//! backend is compiled in, so an `https://` URL is refused up front (reach a remote anchor
+//! through an SSH tunnel or a TLS-terminating proxy on the same host).
+//!
+//! Cancel safety: every method may be dropped at any await point; that drops the HTTP request.
+//! A mutation the server already received may still take effect.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use serde::de::DeserializeOwned;
+
+use crate::api::*;
+
+/// How long to wait for a TCP connection to the console.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Overall limit of an ordinary request (not `invoke`, not `events`).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default deadline of an invocation, as the anchor applies it (`timeout_ms` absent).
+pub const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a waiting `invoke` allows beyond the invocation's own deadline before giving up.
+pub const INVOKE_MARGIN: Duration = Duration::from_secs(15);
+
+/// Longest line the event-stream parser buffers before it gives up on the stream.
+pub const MAX_SSE_LINE: usize = 8 * 1024 * 1024;
+
+/// Why a console call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The console answered with an error (`{code, message}`).
+    #[error("{code}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The API's stable error code, e.g. `not_found`, `forbidden`.
+        code: String,
+        /// The API's message.
+        message: String,
+    },
+    /// No answer: connection refused or reset, timeout. The message names the URL.
+    #[error("{}", describe_http(.0))]
+    Http(reqwest::Error),
+    /// An answer that is not what the API promises.
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+    /// The base URL cannot be used.
+    #[error("bad console URL: {0}")]
+    BadUrl(String),
+    /// The token cannot be sent in an HTTP header.
+    #[error("bad token: {0}")]
+    BadToken(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The API's error code, if the console answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one anchor's console.
+#[derive(Clone)]
+pub struct ControlPlaneClient {
+    base: Url,
+    auth: HeaderValue,
+    http: reqwest::Client,
+}
+
+impl fmt::Debug for ControlPlaneClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlPlaneClient")
+            .field("base", &self.base.as_str())
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+impl ControlPlaneClient {
+    /// A client of the console at `base_url` (`http://host:port`, optionally with a path
+    /// prefix; a trailing slash is fine) that sends `token` as its bearer token.
+    pub fn new(base_url: &str, token: impl Into<String>) -> Result<Self, ClientError> {
+        let base = parse_base_url(base_url)?;
+        let token = token.into();
+        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ClientError::BadToken(
+                "a token is non-empty and has no spaces or control characters".into(),
+            ));
+        }
+        let mut auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            ClientError::BadToken("a token is printable ASCII (check the token file)".into())
+        })?;
+        auth.set_sensitive(true);
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            // The API never redirects; following one could send the token elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("anchorage-console/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(ClientError::Http)?;
+        Ok(ControlPlaneClient { base, auth, http })
+    }
+
+    /// The console's base URL.
+    pub fn base_url(&self) -> &str {
+        self.base.as_str()
+    }
+
+    // Pairing
+
+    /// Mints a pairing code (`POST /pairing/codes`).
+    pub async fn mint_code(&self, req: MintCodeRequest) -> Result<MintedCode, ClientError> {
+        let rb = self.api(Method::POST, &["pairing", "codes"])?.json(&req);
+        self.json(rb).await
+    }
+
+    /// Lists pairing codes (`GET /pairing/codes`).
+    pub async fn list_codes(&self) -> Result<Vec<PairingCodeInfo>, ClientError> {
+        self.json(self.api(Method::GET, &["pairing", "codes"])?)
+            .await
+    }
+
+    /// Lists pairing requests, optionally only those in `state` (`GET /pairing/requests`).
+    pub async fn list_requests(
+        &self,
+        state: Option<RequestState>,
+    ) -> Result<Vec<PairingRequest>, ClientError> {
+        let mut rb = self.api(Method::GET, &["pairing", "requests"])?;
+        if let Some(state) = state {
+            rb = rb.query(&[("state", state.as_str())]);
+        }
+        self.json(rb).await
+    }
+
+    /// One pairing request (`GET /pairing/requests/{id}`).
+    pub async fn request(&self, id: &str) -> Result<PairingRequest, ClientError> {
+        self.json(self.api(Method::GET, &["pairing", "requests", id])?)
+            .await
+    }
+
+    /// Approves a pairing request (`POST /pairing/requests/{id}/approve`).
+    pub async fn approve(&self, id: &str) -> Result<PairingRequest, ClientError> {
+        self.json(self.api(Method::POST, &["pairing", "requests", id, "approve"])?)
+            .await
+    }
+
+    /// Rejects a pairing request (`POST /pairing/requests/{id}/reject`).
+    pub async fn reject(
+        &self,
+        id: &str,
+        reason: Option<String>,
+    ) -> Result<PairingRequest, ClientError> {
+        let rb = self
+            .api(Method::POST, &["pairing", "requests", id, "reject"])?
+            .json(&ReasonBody { reason });
+        self.json(rb).await
+    }
+
+    // Devices
+
+    /// Lists devices (`GET /devices`).
+    pub async fn list_devices(&self) -> Result<Vec<Device>, ClientError> {
+        self.json(self.api(Method::GET, &["devices"])?).await
+    }
+
+    /// One device (`GET /devices/{id}`).
+    pub async fn device(&self, id: &str) -> Result<Device, ClientError> {
+        self.json(self.api(Method::GET, &["devices", id])?).await
+    }
+
+    /// Revokes a device (`POST /devices/{id}/revoke`).
+    pub async fn revoke(&self, id: &str, reason: Option<String>) -> Result<Device, ClientError> {
+        let rb = self
+            .api(Method::POST, &["devices", id, "revoke"])?
+            .json(&ReasonBody { reason });
+        self.json(rb).await
+    }
+
+    /// Asks a device to rotate its certificate (`POST /devices/{id}/rotate`).
+    pub async fn rotate(&self, id: &str) -> Result<Device, ClientError> {
+        self.json(self.api(Method::POST, &["devices", id, "rotate"])?)
+            .await
+    }
+
+    /// Removes a device (`DELETE /devices/{id}`).
+    pub async fn remove(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.api(Method::DELETE, &["devices", id])?)
+            .await
+            .map(drop)
+    }
+
+    // Tokens
+
+    /// Creates a token (`POST /tokens`); the answer holds its secret, shown only once.
+    pub async fn create_token(&self, req: CreateTokenRequest) -> Result<CreatedToken, ClientError> {
+        let rb = self.api(Method::POST, &["tokens"])?.json(&req);
+        self.json(rb).await
+    }
+
+    /// Lists tokens (`GET /tokens`).
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        self.json(self.api(Method::GET, &["tokens"])?).await
+    }
+
+    /// Revokes a token (`DELETE /tokens/{id}`).
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo, ClientError> {
+        self.json(self.api(Method::DELETE, &["tokens", id])?).await
+    }
+
+    // Runtime
+
+    /// The inventory (`GET /inventory`).
+    pub async fn inventory(&self) -> Result<Inventory, ClientError> {
+        self.json(self.api(Method::GET, &["inventory"])?).await
+    }
+
+    /// One device's inventory entry (`GET /inventory/{id}`).
+    pub async fn inventory_device(&self, id: &str) -> Result<InventoryDevice, ClientError> {
+        self.json(self.api(Method::GET, &["inventory", id])?).await
+    }
+
+    /// Registered nodes (`GET /nodes`).
+    pub async fn list_nodes(&self) -> Result<Vec<Node>, ClientError> {
+        self.json(self.api(Method::GET, &["nodes"])?).await
+    }
+
+    /// One node (`GET /nodes/{id}`).
+    pub async fn node(&self, id: &str) -> Result<Node, ClientError> {
+        self.json(self.api(Method::GET, &["nodes", id])?).await
+    }
+
+    /// Invokes a capability (`POST /nodes/{id}/invoke`).
+    ///
+    /// Unless `req.async_`, waits for the result up to the invocation's deadline plus
+    /// [`INVOKE_MARGIN`]. The answer may still be `queued` or `dispatched` (the anchor answered
+    /// 202); check [`InvocationState::is_final`].
+    pub async fn invoke(
+        &self,
+        device_id: &str,
+        req: InvokeRequest,
+    ) -> Result<Invocation, ClientError> {
+        let timeout = if req.async_ {
+            REQUEST_TIMEOUT
+        } else {
+            req.timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_INVOKE_TIMEOUT)
+                .saturating_add(INVOKE_MARGIN)
+        };
+        let rb = self
+            .builder(Method::POST, &["nodes", device_id, "invoke"])?
+            .timeout(timeout)
+            .json(&req);
+        self.json(rb).await
+    }
+
+    /// Invocations, newest first (`GET /invocations`).
+    pub async fn list_invocations(
+        &self,
+        query: InvocationQuery,
+    ) -> Result<Vec<Invocation>, ClientError> {
+        let mut rb = self.api(Method::GET, &["invocations"])?;
+        if let Some(device_id) = &query.device_id {
+            rb = rb.query(&[("device_id", device_id)]);
+        }
+        if let Some(limit) = query.limit {
+            rb = rb.query(&[("limit", limit)]);
+        }
+        self.json(rb).await
+    }
+
+    /// One invocation (`GET /invocations/{id}`).
+    pub async fn invocation(&self, id: &str) -> Result<Invocation, ClientError> {
+        self.json(self.api(Method::GET, &["invocations", id])?)
+            .await
+    }
+
+    /// Follows the event stream (`GET /events`).
+    ///
+    /// Returns once the console accepted the subscription: every event published after that
+    /// arrives on the stream. `lagged` notices (events the anchor dropped for this slow
+    /// subscriber) are logged and skipped. The stream ends when the anchor closes it; an
+    /// undecodable event is an `Err` item and the stream goes on.
+    pub async fn events(
+        &self,
+    ) -> Result<impl Stream<Item = Result<Event, ClientError>> + Send + 'static, ClientError> {
+        let rb = self
+            .builder(Method::GET, &["events"])?
+            .header(ACCEPT, "text/event-stream");
+        let response = self.send(rb).await?;
+        Ok(decode_events(response.bytes_stream()))
+    }
+
+    // Operations
+
+    /// The Prometheus metrics text (`GET /metrics`).
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let url = self.url(&["metrics"])?;
+        let rb = self
+            .http
+            .get(url)
+            .header(AUTHORIZATION, self.auth.clone())
+            .timeout(REQUEST_TIMEOUT);
+        self.send(rb)
+            .await?
+            .text()
+            .await
+            .map_err(ClientError::Http)
+    }
+
+    /// Whether the anchor is ready (`GET /healthz`: 200 → `true`, 503 → `false`).
+    pub async fn healthz(&self) -> Result<bool, ClientError> {
+        let url = self.url(&["healthz"])?;
+        let response = self
+            .http
+            .get(url)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(ClientError::Http)?;
+        match response.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::SERVICE_UNAVAILABLE => Ok(false),
+            _ => Err(api_error(response).await),
+        }
+    }
+
+    // Plumbing
+
+    /// `base + segments`, each segment percent-encoded.
+    fn url(&self, segments: &[&str]) -> Result<Url, ClientError> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| ClientError::BadUrl(format!("{} cannot take a path", self.base)))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+
+    /// A request to `/console/v1/<segments>` with the token and no overall timeout.
+    fn builder(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder, ClientError> {
+        let mut full = vec!["console", "v1"];
+        full.extend_from_slice(segments);
+        let url = self.url(&full)?;
+        Ok(self
+            .http
+            .request(method, url)
+            .header(AUTHORIZATION, self.auth.clone()))
+    }
+
+    /// A request to `/console/v1/<segments>` with the token and [`REQUEST_TIMEOUT`].
+    fn api(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder, ClientError> {
+        Ok(self.builder(method, segments)?.timeout(REQUEST_TIMEOUT))
+    }
+
+    /// Sends; a non-2xx answer becomes [`ClientError::Api`].
+    async fn send(&self, rb: RequestBuilder) -> Result<Response, ClientError> {
+        let response = rb.send().await.map_err(ClientError::Http)?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(api_error(response).await)
+        }
+    }
+
+    /// Sends and decodes a JSON answer.
+    async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, ClientError> {
+        let response = self.send(rb).await?;
+        let url = response.url().clone();
+        let bytes = response.bytes().await.map_err(ClientError::Http)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ClientError::Decode(format!(
+                "{} answered with JSON of another shape: {e}",
+                url.path()
+            ))
+        })
+    }
+}
+
+/// Checks and normalises the console's base URL.
+fn parse_base_url(raw: &str) -> Result<Url, ClientError> {
+    let raw = raw.trim();
+    if !raw.contains("://") {
+        return Err(ClientError::BadUrl(format!(
+            "{raw:?} has no scheme; did you mean http://{raw}?"
+        )));
+    }
+    let url = Url::parse(raw).map_err(|e| ClientError::BadUrl(format!("{raw:?}: {e}")))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(ClientError::BadUrl(format!(
+                "{raw:?}: https is not supported (this build has no TLS); use http:// to a \
+                 local console or through an SSH tunnel"
+            )));
+        }
+        other => {
+            return Err(ClientError::BadUrl(format!(
+                "{raw:?}: unsupported scheme {other:?}; use http://"
+            )));
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ClientError::BadUrl(format!("{raw:?} has no host")));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ClientError::BadUrl(format!(
+            "{raw:?}: a base URL has no query or fragment"
+        )));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ClientError::BadUrl(format!(
+            "{raw:?}: credentials in the URL are not used; pass a token instead"
+        )));
+    }
+    Ok(url)
+}
+
+/// The error of a non-2xx answer: the API's `{code, message}`, or the status when the body is
+/// something else (a proxy's error page).
+async fn api_error(response: Response) -> ClientError {
+    let status = response.status();
+    let body = response.bytes().await.unwrap_or_default();
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(ErrorBody { code, message }) => ClientError::Api {
+            status: status.as_u16(),
+            code,
+            message,
+        },
+        Err(_) => {
+            let text = String::from_utf8_lossy(&body);
+            let text: String = text.trim().chars().take(200).collect();
+            let mut message = format!("HTTP {status}");
+            if !text.is_empty() {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            ClientError::Api {
+                status: status.as_u16(),
+                code: "http_error".into(),
+                message,
+            }
+        }
+    }
+}
+
+/// `cannot connect to http://…: Connection refused (os error 111)`.
+fn describe_http(e: &reqwest::Error) -> String {
+    let url = e
+        .url()
+        .map(|u| {
+            let mut u = u.clone();
+            u.set_query(None);
+            u.to_string()
+        })
+        .unwrap_or_else(|| "the console".into());
+    let mut root = std::error::Error::source(e);
+    while let Some(next) = root.and_then(std::error::Error::source) {
+        root = Some(next);
+    }
+    let what = if e.is_timeout() {
+        format!("timed out talking to {url}")
+    } else if e.is_connect() {
+        format!("cannot connect to {url}")
+    } else if e.is_builder() {
+        "cannot build the request".to_string()
+    } else {
+        format!("request to {url} failed")
+    };
+    match root {
+        Some(root) => format!("{what}: {root}"),
+        None => what,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server-sent events
+
+/// One server-sent event as it arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseMessage {
+    /// The `event:` field (`message` when absent).
+    pub event: String,
+    /// The last `id:` seen on the stream.
+    pub id: Option<String>,
+    /// The `data:` lines, joined with `\n`.
+    pub data: String,
+}
+
+/// An incremental `text/event-stream` parser (the WHATWG rules: `\n`, `\r\n` or `\r` end a
+/// line, a blank line ends an event, `:` starts a comment, one space after the colon is
+/// dropped, an event without data is not dispatched).
+#[derive(Debug, Default)]
+pub struct SseParser {
+    line: Vec<u8>,
+    after_cr: bool,
+    started: bool,
+    event: String,
+    data: String,
+    has_data: bool,
+    id: Option<String>,
+}
+
+impl SseParser {
+    /// A parser at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds a chunk; returns the events it completed. Errs when a line exceeds
+    /// [`MAX_SSE_LINE`].
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<SseMessage>, String> {
+        let mut out = Vec::new();
+        for &b in chunk {
+            if self.after_cr {
+                self.after_cr = false;
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            match b {
+                b'\r' => {
+                    self.after_cr = true;
+                    self.end_line(&mut out);
+                }
+                b'\n' => self.end_line(&mut out),
+                _ => {
+                    if self.line.len() >= MAX_SSE_LINE {
+                        return Err(format!(
+                            "event stream line longer than {MAX_SSE_LINE} bytes"
+                        ));
+                    }
+                    self.line.push(b);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn end_line(&mut self, out: &mut Vec<SseMessage>) {
+        let raw = std::mem::take(&mut self.line);
+        let mut line = String::from_utf8_lossy(&raw).into_owned();
+        if !self.started {
+            self.started = true;
+            if let Some(rest) = line.strip_prefix('\u{feff}') {
+                line = rest.to_owned();
+            }
+        }
+        if line.is_empty() {
+            if self.has_data {
+                let mut data = std::mem::take(&mut self.data);
+                if data.ends_with('\n') {
+                    data.pop();
+                }
+                let event = std::mem::take(&mut self.event);
+                out.push(SseMessage {
+                    event: if event.is_empty() {
+                        "message".into()
+                    } else {
+                        event
+                    },
+                    id: self.id.clone(),
+                    data,
+                });
+            }
+            self.event.clear();
+            self.data.clear();
+            self.has_data = false;
+            return;
+        }
+        if line.starts_with(':') {
+            return;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line.as_str(), ""),
+        };
+        match field {
+            "event" => self.event = value.to_owned(),
+            "data" => {
+                self.data.push_str(value);
+                self.data.push('\n');
+                self.has_data = true;
+            }
+            "id" if !value.contains('\0') => self.id = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+}
+
+/// Console events from a byte stream of SSE.
+fn decode_events<S, B, E>(bytes: S) -> impl Stream<Item = Result<Event, ClientError>> + Send
+where
+    S: Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+    E: Into<ClientError>,
+{
+    struct St<S> {
+        bytes: std::pin::Pin<Box<S>>,
+        parser: SseParser,
+        queue: VecDeque<Result<Event, ClientError>>,
+        done: bool,
+    }
+    let st = St {
+        bytes: Box::pin(bytes),
+        parser: SseParser::new(),
+        queue: VecDeque::new(),
+        done: false,
+    };
+    futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(item) = st.queue.pop_front() {
+                return Some((item, st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.bytes.next().await {
+                Some(Ok(chunk)) => match st.parser.push(chunk.as_ref()) {
+                    Ok(messages) => st.queue.extend(messages.into_iter().filter_map(to_event)),
+                    Err(e) => {
+                        st.queue.push_back(Err(ClientError::Decode(e)));
+                        st.done = true;
+                    }
+                },
+                Some(Err(e)) => {
+                    st.queue.push_back(Err(e.into()));
+                    st.done = true;
+                }
+                None => return None,
+            }
+        }
+    })
+}
+
+impl From<reqwest::Error> for ClientError {
+    fn from(e: reqwest::Error) -> Self {
+        ClientError::Http(e)
+    }
+}
+
+/// An SSE message as a console event; `None` for `lagged` notices.
+fn to_event(message: SseMessage) -> Option<Result<Event, ClientError>> {
+    if message.event == "lagged" {
+        tracing::warn!(data = %message.data, "the anchor dropped events for this slow subscriber");
+        return None;
+    }
+    Some(serde_json::from_str::<Event>(&message.data).map_err(|e| {
+        ClientError::Decode(format!("event {:?} is not an event: {e}", message.event))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(chunks: &[&[u8]]) -> Vec<SseMessage> {
+        let mut p = SseParser::new();
+        chunks.iter().flat_map(|c| p.push(c).unwrap()).collect()
+    }
+
+    #[test]
+    fn sse_parser_reads_fields_and_skips_comments() {
+        let got = parse_all(&[b": connected\n\nevent: presence\nid: 7\ndata: {\"a\":1}\n\n"]);
+        assert_eq!(
+            got,
+            vec![SseMessage {
+                event: "presence".into(),
+                id: Some("7".into()),
+                data: "{\"a\":1}".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn sse_parser_handles_split_chunks_and_all_line_endings() {
+        let got = parse_all(&[b"event: a\r", b"\ndata: x", b"\r\n\r", b"\ndata:y\rdata: z\r\r"]);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].event, "a");
+        assert_eq!(got[0].data, "x");
+        assert_eq!(got[1].event, "message");
+        assert_eq!(got[1].data, "y\nz", "data lines join with newlines; one space dropped");
+    }
+
+    #[test]
+    fn sse_parser_ignores_events_without_data_and_incomplete_tail() {
+        let got = parse_all(&[b"event: nothing\n\n:keep-alive\n\ndata: tail"]);
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn sse_parser_refuses_endless_lines() {
+        let mut p = SseParser::new();
+        let big = vec![b'x'; MAX_SSE_LINE + 1];
+        assert!(p.push(&big).is_err());
+    }
+
+    #[test]
+    fn base_url_validation() {
+        assert!(parse_base_url("http://127.0.0.1:7142").is_ok());
+        assert!(parse_base_url("http://127.0.0.1:7142/").is_ok());
+        let https = parse_base_url("https://anchor.example").unwrap_err();
+        assert!(https.to_string().contains("https is not supported"), "{https}");
+        let bare = parse_base_url("127.0.0.1:7142").unwrap_err();
+        assert!(bare.to_string().contains("http://127.0.0.1:7142"), "{bare}");
+        assert!(parse_base_url("ftp://x").is_err());
+        assert!(parse_base_url("http://x/?a=b").is_err());
+    }
+
+    #[test]
+    fn urls_are_joined_and_encoded() {
+        let c = ControlPlaneClient::new("http://h:1/prefix/", "t").unwrap();
+        assert_eq!(
+            c.url(&["console", "v1", "devices", "a/b c"]).unwrap().as_str(),
+            "http://h:1/prefix/console/v1/devices/a%2Fb%20c"
+        );
+        let c = ControlPlaneClient::new("http://h:1", "t").unwrap();
+        assert_eq!(c.url(&["healthz"]).unwrap().as_str(), "http://h:1/healthz");
+    }
+
+    #[test]
+    fn tokens_are_checked_and_never_printed() {
+        assert!(matches!(
+            ControlPlaneClient::new("http://h:1", "a\nb"),
+            Err(ClientError::BadToken(_))
+        ));
+        assert!(matches!(
+            ControlPlaneClient::new("http://h:1", ""),
+            Err(ClientError::BadToken(_))
+        ));
+        let c = ControlPlaneClient::new("http://h:1", "s3cret").unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn decoded_stream_skips_lagged_and_reports_bad_events() {
+        let event = Event {
+            seq: 3,
+            at: time::OffsetDateTime::UNIX_EPOCH,
+            kind: "presence".into(),
+            device_id: Some("D".into()),
+            data: serde_json::json!({"presence": "online"}),
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        let text = format!(
+            ": connected\n\nevent: lagged\ndata: {{\"skipped\":4}}\n\nevent: presence\nid: 3\n\
+             data: {json}\n\nevent: junk\ndata: nope\n\n"
+        );
+        let (a, b) = text.as_bytes().split_at(text.len() / 2);
+        let chunks: Vec<Result<Vec<u8>, ClientError>> = vec![Ok(a.to_vec()), Ok(b.to_vec())];
+        let items: Vec<_> = decode_events(futures_util::stream::iter(chunks))
+            .collect()
+            .await;
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].as_ref().unwrap(), &event);
+        assert!(matches!(items[1], Err(ClientError::Decode(_))));
+    }
+}

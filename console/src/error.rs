@@ -1,0 +1,94 @@
+//! The console's one error type, rendered as `{code, message}` JSON with a stable code.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::api::ErrorBody;
+
+/// An error answered by the console API.
+///
+/// Internal errors are logged where they happen and shown only as `internal`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {code}: {message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine code.
+    pub code: &'static str,
+    /// Message for people.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 401: no or unknown token.
+    pub fn unauthorized() -> ApiError {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
+    }
+
+    /// 403: the token lacks `permission`.
+    pub fn forbidden(permission: crate::api::Permission) -> ApiError {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this token lacks the {permission} permission"),
+        )
+    }
+
+    /// 404.
+    pub fn not_found(what: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "not_found", what)
+    }
+
+    /// 400: the request is malformed.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 409: the request conflicts with the current state.
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// 410: the thing expired.
+    pub fn gone(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::GONE, "expired", message)
+    }
+
+    /// 503: shutting down or overloaded.
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// 500. Log the cause before returning this; it is not shown.
+    pub fn internal() -> ApiError {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the anchor's log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code.to_string(),
+            message: self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,857 @@
+//! The console's axum router: `/console/v1` REST routes, the event stream, `/metrics` and
+//! `/healthz`, with bearer-token authentication and a permission check in every handler.
+//!
+//! Layout: [`router`] / [`router_with_options`] assemble one `Router` per area (pairing,
+//! devices, tokens, runtime, operations). Every `/console/v1` handler takes an [`Auth`] and
+//! states its permission with [`require`] before it touches the backend. A layer around those
+//! routes fails closed: a handler that answers 2xx without having called [`require`] gets its
+//! answer replaced by a 500 and a logged error, so a route added without a check cannot leak.
+//!
+//! Errors are always `{code, message}` JSON, also for axum's own rejections (bad body, unknown
+//! route, wrong method): see [`ApiError`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderValue, WWW_AUTHENTICATE,
+};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tracing::{Instrument, debug, error, field, info_span, warn};
+
+use crate::api::*;
+use crate::backend::Backend;
+use crate::error::ApiError;
+
+/// Largest request body the console accepts.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Interval of the keep-alive comments on the event stream.
+pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Longest text `GET /console/v1/qr` renders (a pairing URI is far shorter).
+pub const MAX_QR_TEXT: usize = 2048;
+
+/// Content type of `/metrics` (Prometheus text exposition format).
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Options of [`router_with_options`].
+#[derive(Debug, Clone, Default)]
+pub struct RouterOptions {
+    /// Serve `GET /metrics` without a bearer token (for Prometheus scrapers). When false,
+    /// `/metrics` requires a token with `observability.read`.
+    pub public_metrics: bool,
+    /// When this turns `true`, open event streams end, so a graceful HTTP shutdown does not
+    /// wait for them forever. `None`: streams end only when the backend's event sender is
+    /// dropped.
+    pub shutdown: Option<watch::Receiver<bool>>,
+}
+
+/// The console router with default [`RouterOptions`] (`/metrics` requires a token).
+pub fn router<B: Backend>(backend: Arc<B>) -> Router {
+    router_with_options(backend, RouterOptions::default())
+}
+
+/// The console router.
+///
+/// Routes: `/console/v1/...` (bearer token and a per-route permission), `GET /metrics`,
+/// `GET /healthz`. `/` is left free for the web page.
+pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) -> Router {
+    let state = AppState {
+        backend,
+        shutdown: options.shutdown.clone(),
+    };
+
+    let v1 = Router::new()
+        .merge(pairing_routes())
+        .merge(device_routes())
+        .merge(token_routes())
+        .merge(runtime_routes())
+        .route("/qr", get(qr::<B>))
+        .route_layer(middleware::from_fn(enforce_permission_check));
+
+    let metrics_route = if options.public_metrics {
+        Router::new().route("/metrics", get(metrics_public::<B>))
+    } else {
+        Router::new()
+            .route("/metrics", get(metrics::<B>))
+            .route_layer(middleware::from_fn(enforce_permission_check))
+    };
+
+    Router::new()
+        .nest("/console/v1", v1)
+        .merge(metrics_route)
+        .route("/healthz", get(healthz::<B>))
+        .fallback(not_found)
+        // After every route: applies to the routes registered so far.
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(request_span))
+        .with_state(state)
+}
+
+/// The bearer token of an `Authorization: Bearer <token>` header.
+///
+/// `None` when the header is missing, repeated, not UTF-8, of another scheme, or the token is
+/// empty or contains whitespace. The scheme is matched case-insensitively (RFC 7235).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let value = value.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim_start_matches(' ');
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
+    Some(token)
+}
+
+/// The authenticated caller of a `/console/v1` route.
+///
+/// Extracting it answers 401 (with `WWW-Authenticate: Bearer`) for a missing, malformed or
+/// unknown token. It does not check a permission: the handler does, with [`require`].
+#[derive(Debug)]
+pub struct Auth {
+    principal: Principal,
+    check: PermissionCheck,
+}
+
+impl Auth {
+    /// The caller, whatever it may do. Use [`require`] to get it for an operation.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+}
+
+/// The caller, if it holds `permission`; 403 `forbidden` otherwise.
+pub fn require(auth: &Auth, permission: Permission) -> Result<&Principal, ApiError> {
+    if auth.principal.can(permission) {
+        auth.check.0.store(true, Ordering::Relaxed);
+        Ok(&auth.principal)
+    } else {
+        debug!(token_id = %auth.principal.token_id, %permission, "permission denied");
+        Err(ApiError::forbidden(permission))
+    }
+}
+
+impl<B: Backend> FromRequestParts<AppState<B>> for Auth {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState<B>,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(token) = bearer(&parts.headers) else {
+            return Err(unauthorized());
+        };
+        let Some(principal) = state.backend.authenticate(token).await else {
+            return Err(unauthorized());
+        };
+        tracing::Span::current().record("token_id", principal.token_id.as_str());
+        let check = parts
+            .extensions
+            .get::<PermissionCheck>()
+            .cloned()
+            .unwrap_or_default();
+        Ok(Auth { principal, check })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State, extractors, middleware
+
+/// Shared state of the handlers.
+struct AppState<B> {
+    backend: Arc<B>,
+    shutdown: Option<watch::Receiver<bool>>,
+}
+
+impl<B> Clone for AppState<B> {
+    fn clone(&self) -> Self {
+        AppState {
+            backend: self.backend.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+/// Set by [`require`]; read by [`enforce_permission_check`] after the handler ran.
+#[derive(Debug, Clone, Default)]
+struct PermissionCheck(Arc<AtomicBool>);
+
+fn unauthorized() -> Response {
+    let mut response = ApiError::unauthorized().into_response();
+    response.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"anchorage\""),
+    );
+    response
+}
+
+/// Fails closed when a handler answered success without checking a permission.
+async fn enforce_permission_check(mut req: Request, next: Next) -> Response {
+    let check = PermissionCheck::default();
+    req.extensions_mut().insert(check.clone());
+    let path = req.uri().path().to_owned();
+    let mut response = next.run(req).await;
+    if response.status().is_success() && !check.0.load(Ordering::Relaxed) {
+        error!(%path, "BUG: console route answered without a permission check; refusing");
+        return ApiError::internal().into_response();
+    }
+    // Answers carry secrets (pairing codes, tokens): no cache may keep them.
+    if !response.headers().contains_key(CACHE_CONTROL) {
+        response
+            .headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// A span per request (method and path; never the query, which may hold a pairing URI, nor the
+/// token), and a guarantee that every error answer is `{code, message}` JSON.
+async fn request_span(req: Request, next: Next) -> Response {
+    let span = info_span!(
+        "console",
+        method = %req.method(),
+        path = %req.uri().path(),
+        token_id = field::Empty,
+    );
+    async move {
+        let started = Instant::now();
+        let response = json_errors(next.run(req).await).await;
+        debug!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "answered"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+/// Rewrites an error answer that is not JSON (a rejection axum produced itself) as
+/// `{code, message}`.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 4096).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let mut error = ApiError::new(status, code_for_status(status), text);
+    if status.is_server_error() || error.message.is_empty() {
+        // Do not show what a server error said; it may be internal.
+        error.message = status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase();
+    }
+    let mut rewritten = error.into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            rewritten.headers_mut().insert(name, value.clone());
+        }
+    }
+    rewritten
+}
+
+/// The stable code for an error status axum produced.
+fn code_for_status(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::GONE => "expired",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    }
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not allow that method",
+    )
+}
+
+/// A path parameter; a malformed one is a 400 JSON error.
+struct Id(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| Id(id))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// A request body, read but not yet parsed: handlers parse it after their permission check,
+/// so a caller without the permission learns nothing from a 400.
+struct RawBody {
+    content_type: Option<HeaderValue>,
+    bytes: Bytes,
+}
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = req.headers().get(CONTENT_TYPE).cloned();
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            let status = e.status();
+            ApiError::new(status, code_for_status(status), e.body_text())
+        })?;
+        Ok(RawBody {
+            content_type,
+            bytes,
+        })
+    }
+}
+
+impl RawBody {
+    /// The body as JSON; required.
+    fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        self.check_content_type()?;
+        if self.bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::bad_request("a JSON body is required"));
+        }
+        serde_json::from_slice(&self.bytes)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+
+    /// The body as JSON, or `T::default()` when it is empty.
+    fn json_or_default<T: DeserializeOwned + Default>(&self) -> Result<T, ApiError> {
+        if self.bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(T::default());
+        }
+        self.json()
+    }
+
+    /// JSON, or no content type at all (curl without `-H`); anything else is refused.
+    fn check_content_type(&self) -> Result<(), ApiError> {
+        let Some(value) = &self.content_type else {
+            return Ok(());
+        };
+        let essence = value
+            .to_str()
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if essence == "application/json" || essence.ends_with("+json") {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be JSON (Content-Type: application/json)",
+            ))
+        }
+    }
+}
+
+/// The query string as `T`, parsed after the permission check.
+fn query<T: DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
+    Query::<T>::try_from_uri(uri)
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pairing
+
+fn pairing_routes<B: Backend>() -> Router<AppState<B>> {
+    Router::new()
+        .route("/pairing/codes", post(mint_code::<B>).get(list_codes::<B>))
+        .route("/pairing/requests", get(list_requests::<B>))
+        .route("/pairing/requests/{id}", get(request::<B>))
+        .route("/pairing/requests/{id}/approve", post(approve::<B>))
+        .route("/pairing/requests/{id}/reject", post(reject::<B>))
+}
+
+async fn mint_code<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    body: RawBody,
+) -> Result<(StatusCode, Json<MintedCode>), ApiError> {
+    let who = require(&auth, Permission::TrustOperate)?;
+    let req: MintCodeRequest = body.json_or_default()?;
+    let code = st.backend.mint_code(who, req).await?;
+    Ok((StatusCode::CREATED, Json(code)))
+}
+
+async fn list_codes<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+) -> Result<Json<Vec<PairingCodeInfo>>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(Json(st.backend.list_codes().await?))
+}
+
+#[derive(Deserialize)]
+struct RequestsQuery {
+    state: Option<String>,
+}
+
+async fn list_requests<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    uri: Uri,
+) -> Result<Json<Vec<PairingRequest>>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    let q: RequestsQuery = query(&uri)?;
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(s.parse::<RequestState>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "unknown request state {s:?}; expected one of: pending_approval, approved, \
+                 completed, rejected, expired"
+            ))
+        })?),
+    };
+    Ok(Json(st.backend.list_requests(state).await?))
+}
+
+async fn request<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<Json<PairingRequest>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(Json(st.backend.request(&id).await?))
+}
+
+async fn approve<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<Json<PairingRequest>, ApiError> {
+    let who = require(&auth, Permission::TrustOperate)?;
+    Ok(Json(st.backend.approve(who, &id).await?))
+}
+
+async fn reject<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+    body: RawBody,
+) -> Result<Json<PairingRequest>, ApiError> {
+    let who = require(&auth, Permission::TrustOperate)?;
+    let ReasonBody { reason } = body.json_or_default()?;
+    Ok(Json(st.backend.reject(who, &id, reason).await?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices
+
+fn device_routes<B: Backend>() -> Router<AppState<B>> {
+    Router::new()
+        .route("/devices", get(list_devices::<B>))
+        .route("/devices/{id}", get(device::<B>).delete(remove::<B>))
+        .route("/devices/{id}/revoke", post(revoke::<B>))
+        .route("/devices/{id}/rotate", post(rotate::<B>))
+}
+
+async fn list_devices<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+) -> Result<Json<Vec<Device>>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(Json(st.backend.list_devices().await?))
+}
+
+async fn device<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<Json<Device>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(Json(st.backend.device(&id).await?))
+}
+
+async fn revoke<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+    body: RawBody,
+) -> Result<Json<Device>, ApiError> {
+    let who = require(&auth, Permission::TrustOperate)?;
+    let ReasonBody { reason } = body.json_or_default()?;
+    Ok(Json(st.backend.revoke(who, &id, reason).await?))
+}
+
+async fn rotate<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<Json<Device>, ApiError> {
+    let who = require(&auth, Permission::TrustOperate)?;
+    Ok(Json(st.backend.rotate(who, &id).await?))
+}
+
+async fn remove<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<StatusCode, ApiError> {
+    let who = require(&auth, Permission::TrustOperate)?;
+    st.backend.remove(who, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+
+fn token_routes<B: Backend>() -> Router<AppState<B>> {
+    Router::new()
+        .route("/tokens", post(create_token::<B>).get(list_tokens::<B>))
+        .route("/tokens/{id}", delete(revoke_token::<B>))
+}
+
+async fn create_token<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    body: RawBody,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    let who = require(&auth, Permission::TokensManage)?;
+    let req: CreateTokenRequest = body.json()?;
+    if req.permissions.is_empty() {
+        return Err(ApiError::bad_request(
+            "a token needs at least one permission",
+        ));
+    }
+    let token = st.backend.create_token(who, req).await?;
+    Ok((StatusCode::CREATED, Json(token)))
+}
+
+async fn list_tokens<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+) -> Result<Json<Vec<TokenInfo>>, ApiError> {
+    require(&auth, Permission::TokensManage)?;
+    Ok(Json(st.backend.list_tokens().await?))
+}
+
+async fn revoke_token<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<Json<TokenInfo>, ApiError> {
+    let who = require(&auth, Permission::TokensManage)?;
+    Ok(Json(st.backend.revoke_token(who, &id).await?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runtime: inventory, nodes, invocations, events
+
+fn runtime_routes<B: Backend>() -> Router<AppState<B>> {
+    Router::new()
+        .route("/inventory", get(inventory::<B>))
+        .route("/inventory/{id}", get(inventory_device::<B>))
+        .route("/nodes", get(list_nodes::<B>))
+        .route("/nodes/{id}", get(node::<B>))
+        .route("/nodes/{id}/invoke", post(invoke::<B>))
+        .route("/invocations", get(list_invocations::<B>))
+        .route("/invocations/{id}", get(invocation::<B>))
+        .route("/events", get(events::<B>))
+}
+
+async fn inventory<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+) -> Result<Json<Inventory>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(Json(st.backend.inventory().await?))
+}
+
+async fn inventory_device<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<Json<InventoryDevice>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(Json(st.backend.inventory_device(&id).await?))
+}
+
+async fn list_nodes<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+) -> Result<Json<Vec<Node>>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(Json(st.backend.list_nodes().await?))
+}
+
+async fn node<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<Json<Node>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(Json(st.backend.node(&id).await?))
+}
+
+async fn invoke<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(device_id): Id,
+    body: RawBody,
+) -> Result<(StatusCode, Json<Invocation>), ApiError> {
+    let who = require(&auth, Permission::NodesInvoke)?;
+    let req: InvokeRequest = body.json()?;
+    if req.capability.is_empty() {
+        return Err(ApiError::bad_request("capability must not be empty"));
+    }
+    let invocation = st.backend.invoke(who, &device_id, req).await?;
+    let status = if invocation.state.is_final() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(invocation)))
+}
+
+async fn list_invocations<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    uri: Uri,
+) -> Result<Json<Vec<Invocation>>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    let mut q: InvocationQuery = query(&uri)?;
+    if q.device_id.as_deref() == Some("") {
+        q.device_id = None;
+    }
+    Ok(Json(st.backend.list_invocations(q).await?))
+}
+
+async fn invocation<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<Json<Invocation>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(Json(st.backend.invocation(&id).await?))
+}
+
+async fn events<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    // Subscribe before answering: whatever is published after the client has the response
+    // head reaches it.
+    let receiver = st.backend.subscribe();
+    let stream = event_stream(BroadcastStream::new(receiver));
+    let stream = match st.shutdown {
+        Some(mut shutdown) => stream
+            .take_until(async move {
+                // An error means the sender is gone: shut down as well.
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            })
+            .boxed(),
+        None => stream.boxed(),
+    };
+    let opened = futures_util::stream::once(async { Ok(SseEvent::default().comment("connected")) });
+    Ok(Sse::new(opened.chain(stream))
+        .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE)))
+}
+
+/// Maps broadcast items to SSE events; a lagged receiver becomes an `event: lagged` whose data
+/// is `{"skipped": n}`, and the stream goes on.
+fn event_stream(
+    events: impl Stream<Item = Result<Event, BroadcastStreamRecvError>> + Send + 'static,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    events.filter_map(|item| async move {
+        match item {
+            Ok(event) => sse_event(&event).map(Ok),
+            Err(BroadcastStreamRecvError::Lagged(skipped)) => {
+                warn!(skipped, "event stream subscriber lagged");
+                Some(Ok(SseEvent::default()
+                    .event("lagged")
+                    .data(serde_json::json!({ "skipped": skipped }).to_string())))
+            }
+        }
+    })
+}
+
+/// One event as SSE: `event: <kind>`, `id: <seq>`, `data: <Event JSON>`.
+fn sse_event(event: &Event) -> Option<SseEvent> {
+    // `SseEvent::event` panics on line breaks; a kind never has them, but it is not ours.
+    let kind: String = event
+        .kind
+        .chars()
+        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+        .collect();
+    match SseEvent::default()
+        .event(kind)
+        .id(event.seq.to_string())
+        .json_data(event)
+    {
+        Ok(sse) => Some(sse),
+        Err(e) => {
+            error!(seq = event.seq, error = %e, "cannot encode event; skipped");
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations: QR, metrics, health
+
+#[derive(Deserialize)]
+struct QrQuery {
+    text: Option<String>,
+}
+
+async fn qr<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    require(&auth, Permission::TrustOperate)?;
+    let q: QrQuery = query(&uri)?;
+    let text = q.text.unwrap_or_default();
+    if text.is_empty() {
+        return Err(ApiError::bad_request("the text query parameter is required"));
+    }
+    if text.len() > MAX_QR_TEXT {
+        return Err(ApiError::bad_request(format!(
+            "text is longer than {MAX_QR_TEXT} bytes"
+        )));
+    }
+    let svg = st.backend.qr_svg(&text)?;
+    Ok(([(CONTENT_TYPE, "image/svg+xml")], svg).into_response())
+}
+
+async fn metrics<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+) -> Result<Response, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    Ok(metrics_response(st.backend.metrics().await))
+}
+
+async fn metrics_public<B: Backend>(State(st): State<AppState<B>>) -> Response {
+    metrics_response(st.backend.metrics().await)
+}
+
+fn metrics_response(text: String) -> Response {
+    ([(CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
+}
+
+async fn healthz<B: Backend>(State(st): State<AppState<B>>) -> Response {
+    let (status, word) = if st.backend.ready() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    };
+    (
+        status,
+        [(CACHE_CONTROL, "no-store")],
+        Json(serde_json::json!({ "status": word })),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn bearer_accepts_the_standard_form() {
+        assert_eq!(bearer(&headers(&["Bearer abc.DEF-123"])), Some("abc.DEF-123"));
+        assert_eq!(bearer(&headers(&["bearer abc"])), Some("abc"));
+        assert_eq!(bearer(&headers(&["BEARER   abc"])), Some("abc"));
+        assert_eq!(bearer(&headers(&["Bearer abc  "])), Some("abc"));
+    }
+
+    #[test]
+    fn bearer_refuses_anything_else() {
+        assert_eq!(bearer(&headers(&[])), None);
+        assert_eq!(bearer(&headers(&["Bearer"])), None);
+        assert_eq!(bearer(&headers(&["Bearer "])), None);
+        assert_eq!(bearer(&headers(&["Basic YWxhZGRpbjpvcGVuc2VzYW1l"])), None);
+        assert_eq!(bearer(&headers(&["Bearerabc"])), None);
+        assert_eq!(bearer(&headers(&["Bearer a b"])), None);
+        assert_eq!(bearer(&headers(&["abc"])), None);
+        assert_eq!(bearer(&headers(&["Bearer a", "Bearer b"])), None);
+    }
+
+    #[test]
+    fn status_codes_map_to_stable_codes() {
+        assert_eq!(code_for_status(StatusCode::METHOD_NOT_ALLOWED), "method_not_allowed");
+        assert_eq!(code_for_status(StatusCode::PAYLOAD_TOO_LARGE), "payload_too_large");
+        assert_eq!(code_for_status(StatusCode::UNPROCESSABLE_ENTITY), "bad_request");
+        assert_eq!(code_for_status(StatusCode::BAD_GATEWAY), "internal");
+    }
+
+    #[test]
+    fn event_kind_with_line_breaks_does_not_panic() {
+        let event = Event {
+            seq: 7,
+            at: time::OffsetDateTime::UNIX_EPOCH,
+            kind: "bad\nkind".into(),
+            device_id: None,
+            data: serde_json::Value::Null,
+        };
+        assert!(sse_event(&event).is_some());
+    }
+}

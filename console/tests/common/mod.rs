@@ -1,0 +1,470 @@
+//! An in-memory [`Backend`] for testing the HTTP layer (routing, authentication, permissions,
+//! encoding). It is scaffolding, not a model of the anchor: the daemon's backend has its own
+//! end-to-end tests.
+//!
+//! Tokens: `owner` (all permissions), `none` (no permission), `only:<perm>` and
+//! `all-but:<perm>` for every permission. Fixtures: device and node `DEV-1`, pairing request
+//! `REQ-1`, token `TOK-1`, invocation `INV-1`. Invoke capabilities: `echo` (succeeds with its
+//! input), `fail` (fails), `slow` (still dispatched at the timeout), `missing` (rejected).
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anchorage_console::api::*;
+use anchorage_console::backend::{ApiResult, Backend};
+use anchorage_console::error::ApiError;
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+
+pub const DEVICE: &str = "DEV-1";
+pub const REQUEST: &str = "REQ-1";
+pub const TOKEN: &str = "TOK-1";
+pub const INVOCATION: &str = "INV-1";
+
+pub struct TestBackend {
+    pub events: broadcast::Sender<Event>,
+    pub ready: AtomicBool,
+    /// Names of the backend methods called (not `authenticate`), in order.
+    pub calls: Mutex<Vec<&'static str>>,
+    /// The last reason passed to `reject` or `revoke`.
+    pub last_reason: Mutex<Option<Option<String>>>,
+}
+
+impl TestBackend {
+    pub fn new() -> Self {
+        Self::with_event_capacity(64)
+    }
+
+    pub fn with_event_capacity(capacity: usize) -> Self {
+        let (events, _) = broadcast::channel(capacity);
+        TestBackend {
+            events,
+            ready: AtomicBool::new(true),
+            calls: Mutex::new(Vec::new()),
+            last_reason: Mutex::new(None),
+        }
+    }
+
+    pub fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn call(&self, name: &'static str) {
+        self.calls.lock().unwrap().push(name);
+    }
+}
+
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_750_000_000).unwrap()
+}
+
+pub fn event(seq: u64, kind: &str) -> Event {
+    Event {
+        seq,
+        at: now(),
+        kind: kind.into(),
+        device_id: Some(DEVICE.into()),
+        data: serde_json::json!({ "seq": seq }),
+    }
+}
+
+pub fn principal_for(token: &str) -> Option<Principal> {
+    let permissions = match token {
+        "owner" => Permission::ALL.to_vec(),
+        "none" => Vec::new(),
+        _ => {
+            if let Some(p) = token.strip_prefix("only:") {
+                vec![p.parse().ok()?]
+            } else if let Some(p) = token.strip_prefix("all-but:") {
+                let p: Permission = p.parse().ok()?;
+                Permission::ALL.into_iter().filter(|q| *q != p).collect()
+            } else {
+                return None;
+            }
+        }
+    };
+    Some(Principal {
+        token_id: format!("id-{token}"),
+        name: token.into(),
+        permissions,
+    })
+}
+
+pub fn device(trust: Trust) -> Device {
+    Device {
+        device_id: DEVICE.into(),
+        name: "kitchen-pi".into(),
+        trust,
+        platform: "linux-aarch64".into(),
+        cert_serial: Some("0a1b".into()),
+        cert_not_before: Some(now()),
+        cert_expires_at: Some(now() + time::Duration::days(30)),
+        paired_at: now(),
+        revoked_at: None,
+        revoked_reason: None,
+        rotation_pending: false,
+    }
+}
+
+pub fn request(state: RequestState) -> PairingRequest {
+    PairingRequest {
+        request_id: REQUEST.into(),
+        device_id: DEVICE.into(),
+        device_name: "kitchen-pi".into(),
+        platform: "linux-aarch64".into(),
+        state,
+        sas: "714 052".into(),
+        code_id: "K7QF".into(),
+        requested_at: now(),
+        expires_at: now() + time::Duration::minutes(10),
+        decided_by: None,
+        decided_at: None,
+        reason: None,
+    }
+}
+
+pub fn token_info() -> TokenInfo {
+    TokenInfo {
+        id: TOKEN.into(),
+        name: "ci".into(),
+        permissions: vec![Permission::ObservabilityRead],
+        created_at: now(),
+        created_by: "owner".into(),
+        revoked_at: None,
+    }
+}
+
+pub fn node() -> Node {
+    Node {
+        device_id: DEVICE.into(),
+        name: "kitchen-pi".into(),
+        platform: "linux-aarch64".into(),
+        agent_version: "0.1.0".into(),
+        presence: Presence::Online,
+        connected: true,
+        connected_since: Some(now()),
+        last_seen_at: Some(now()),
+        heartbeat_age_ms: Some(1200),
+        loss_rate: Some(0.01),
+        rtt_ms: Some(23.5),
+        remote_addr: Some("192.0.2.7:50000".into()),
+        capabilities: vec![Capability {
+            name: "echo".into(),
+            available: true,
+            reason: None,
+            description: "returns its input".into(),
+        }],
+    }
+}
+
+pub fn inventory_device() -> InventoryDevice {
+    InventoryDevice {
+        device_id: DEVICE.into(),
+        name: "kitchen-pi".into(),
+        trust: Trust::Trusted,
+        presence: Presence::Online,
+        heartbeat_age_ms: Some(1200),
+        loss_rate: Some(0.01),
+        rtt_ms: Some(23.5),
+        capabilities: CapabilitySummary {
+            total: 1,
+            available: 1,
+            unavailable: 0,
+        },
+        warnings: vec!["certificate_near_expiry".into()],
+        actions: vec!["invoke".into(), "rotate".into()],
+        connected: true,
+        connected_since: Some(now()),
+        last_seen_at: Some(now()),
+        cert_expires_at: Some(now() + time::Duration::days(30)),
+        device: Some(device(Trust::Trusted)),
+        node: Some(node()),
+        pending_pairings: Vec::new(),
+    }
+}
+
+pub fn invocation(state: InvocationState) -> Invocation {
+    Invocation {
+        invocation_id: INVOCATION.into(),
+        device_id: DEVICE.into(),
+        capability: "echo".into(),
+        state,
+        output: None,
+        truncated: false,
+        error: None,
+        requested_by: "owner".into(),
+        created_at: now(),
+        deadline_at: now() + time::Duration::seconds(30),
+        dispatched_at: None,
+        finished_at: None,
+        duration_ms: None,
+    }
+}
+
+fn found<T>(id: &str, want: &str, value: impl FnOnce() -> T) -> ApiResult<T> {
+    if id == want {
+        Ok(value())
+    } else {
+        Err(ApiError::not_found(format!("no such thing: {id}")))
+    }
+}
+
+impl Backend for TestBackend {
+    async fn authenticate(&self, token: &str) -> Option<Principal> {
+        principal_for(token)
+    }
+
+    async fn mint_code(&self, _who: &Principal, req: MintCodeRequest) -> ApiResult<MintedCode> {
+        self.call("mint_code");
+        let ttl = req.ttl_secs.unwrap_or(600);
+        if !(30..=86_400).contains(&ttl) {
+            return Err(ApiError::bad_request("ttl_secs must be 30..=86400"));
+        }
+        let (code, uri, qr_text) = match req.method {
+            PairMethod::Pin => ("K7QF-482913".to_string(), None, None),
+            PairMethod::Qr => {
+                let uri = "anchorage://pair?a=192.0.2.1:7444&c=K7QF&s=secret".to_string();
+                (uri.clone(), Some(uri), Some("▀▄▀\n▄▀▄\n".to_string()))
+            }
+        };
+        Ok(MintedCode {
+            code_id: "K7QF".into(),
+            code,
+            method: req.method,
+            expires_at: now() + time::Duration::seconds(ttl as i64),
+            uri,
+            qr_text,
+        })
+    }
+
+    async fn list_codes(&self) -> ApiResult<Vec<PairingCodeInfo>> {
+        self.call("list_codes");
+        Ok(vec![PairingCodeInfo {
+            code_id: "K7QF".into(),
+            method: PairMethod::Pin,
+            state: CodeState::Active,
+            failed_attempts: 0,
+            created_at: now(),
+            expires_at: now() + time::Duration::minutes(10),
+            created_by: "owner".into(),
+        }])
+    }
+
+    async fn list_requests(&self, state: Option<RequestState>) -> ApiResult<Vec<PairingRequest>> {
+        self.call("list_requests");
+        let all = vec![request(RequestState::PendingApproval)];
+        Ok(all
+            .into_iter()
+            .filter(|r| state.is_none_or(|s| s == r.state))
+            .collect())
+    }
+
+    async fn request(&self, id: &str) -> ApiResult<PairingRequest> {
+        self.call("request");
+        found(id, REQUEST, || request(RequestState::PendingApproval))
+    }
+
+    async fn approve(&self, who: &Principal, id: &str) -> ApiResult<PairingRequest> {
+        self.call("approve");
+        found(id, REQUEST, || {
+            let mut r = request(RequestState::Approved);
+            r.decided_by = Some(who.name.clone());
+            r.decided_at = Some(now());
+            r
+        })
+    }
+
+    async fn reject(
+        &self,
+        who: &Principal,
+        id: &str,
+        reason: Option<String>,
+    ) -> ApiResult<PairingRequest> {
+        self.call("reject");
+        *self.last_reason.lock().unwrap() = Some(reason.clone());
+        found(id, REQUEST, || {
+            let mut r = request(RequestState::Rejected);
+            r.decided_by = Some(who.name.clone());
+            r.decided_at = Some(now());
+            r.reason = reason;
+            r
+        })
+    }
+
+    async fn list_devices(&self) -> ApiResult<Vec<Device>> {
+        self.call("list_devices");
+        Ok(vec![device(Trust::Trusted)])
+    }
+
+    async fn device(&self, id: &str) -> ApiResult<Device> {
+        self.call("device");
+        found(id, DEVICE, || device(Trust::Trusted))
+    }
+
+    async fn revoke(&self, _who: &Principal, id: &str, reason: Option<String>) -> ApiResult<Device> {
+        self.call("revoke");
+        *self.last_reason.lock().unwrap() = Some(reason.clone());
+        found(id, DEVICE, || {
+            let mut d = device(Trust::Revoked);
+            d.revoked_at = Some(now());
+            d.revoked_reason = reason;
+            d
+        })
+    }
+
+    async fn rotate(&self, _who: &Principal, id: &str) -> ApiResult<Device> {
+        self.call("rotate");
+        found(id, DEVICE, || {
+            let mut d = device(Trust::Trusted);
+            d.rotation_pending = true;
+            d
+        })
+    }
+
+    async fn remove(&self, _who: &Principal, id: &str) -> ApiResult<()> {
+        self.call("remove");
+        found(id, DEVICE, || ())
+    }
+
+    async fn create_token(
+        &self,
+        _who: &Principal,
+        req: CreateTokenRequest,
+    ) -> ApiResult<CreatedToken> {
+        self.call("create_token");
+        Ok(CreatedToken {
+            id: "TOK-2".into(),
+            token: "secret-token-value".into(),
+            name: req.name.unwrap_or_else(|| "unnamed".into()),
+            permissions: req.permissions,
+        })
+    }
+
+    async fn list_tokens(&self) -> ApiResult<Vec<TokenInfo>> {
+        self.call("list_tokens");
+        Ok(vec![token_info()])
+    }
+
+    async fn revoke_token(&self, _who: &Principal, id: &str) -> ApiResult<TokenInfo> {
+        self.call("revoke_token");
+        found(id, TOKEN, || {
+            let mut t = token_info();
+            t.revoked_at = Some(now());
+            t
+        })
+    }
+
+    async fn inventory(&self) -> ApiResult<Inventory> {
+        self.call("inventory");
+        Ok(Inventory {
+            summary: InventorySummary {
+                devices: 1,
+                trusted: 1,
+                online: 1,
+                connected: 1,
+                with_warnings: 1,
+                ..Default::default()
+            },
+            devices: vec![inventory_device()],
+            instances: vec![Instance {
+                kind: "anchor".into(),
+                version: "0.1.0".into(),
+                started_at: now(),
+                uptime_secs: 3600,
+                connected_nodes: 1,
+                store_bytes: 4096,
+                listen: "0.0.0.0:7444".into(),
+                console: "127.0.0.1:7142".into(),
+                ca_fingerprint: "ab".repeat(32),
+                ca_expires_at: now() + time::Duration::days(3650),
+                warnings: Vec::new(),
+            }],
+        })
+    }
+
+    async fn inventory_device(&self, id: &str) -> ApiResult<InventoryDevice> {
+        self.call("inventory_device");
+        found(id, DEVICE, inventory_device)
+    }
+
+    async fn list_nodes(&self) -> ApiResult<Vec<Node>> {
+        self.call("list_nodes");
+        Ok(vec![node()])
+    }
+
+    async fn node(&self, id: &str) -> ApiResult<Node> {
+        self.call("node");
+        found(id, DEVICE, node)
+    }
+
+    async fn invoke(
+        &self,
+        who: &Principal,
+        device_id: &str,
+        req: InvokeRequest,
+    ) -> ApiResult<Invocation> {
+        self.call("invoke");
+        if device_id != DEVICE {
+            return Err(ApiError::not_found(format!("no device {device_id}")));
+        }
+        let mut inv = invocation(InvocationState::Queued);
+        inv.capability = req.capability.clone();
+        inv.requested_by = who.name.clone();
+        if req.async_ {
+            return Ok(inv);
+        }
+        match req.capability.as_str() {
+            "echo" => {
+                inv.state = InvocationState::Succeeded;
+                inv.output = Some(req.input);
+                inv.duration_ms = Some(3);
+            }
+            "fail" => {
+                inv.state = InvocationState::Failed;
+                inv.error = Some("exit status 3".into());
+            }
+            "slow" => inv.state = InvocationState::Dispatched,
+            _ => {
+                inv.state = InvocationState::Rejected;
+                inv.error = Some(format!("unknown capability {}", req.capability));
+            }
+        }
+        Ok(inv)
+    }
+
+    async fn list_invocations(&self, query: InvocationQuery) -> ApiResult<Vec<Invocation>> {
+        self.call("list_invocations");
+        let all = vec![invocation(InvocationState::Succeeded)];
+        Ok(all
+            .into_iter()
+            .filter(|i| query.device_id.as_deref().is_none_or(|d| d == i.device_id))
+            .take(query.limit.unwrap_or(100))
+            .collect())
+    }
+
+    async fn invocation(&self, id: &str) -> ApiResult<Invocation> {
+        self.call("invocation");
+        found(id, INVOCATION, || invocation(InvocationState::Succeeded))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.call("subscribe");
+        self.events.subscribe()
+    }
+
+    async fn metrics(&self) -> String {
+        self.call("metrics");
+        "# TYPE anchorage_up gauge\nanchorage_up 1\n".into()
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn qr_svg(&self, text: &str) -> ApiResult<String> {
+        self.call("qr_svg");
+        Ok(format!("<svg><!-- {} --></svg>", text.len()))
+    }
+}

@@ -1,0 +1,535 @@
+//! The console router over an in-memory backend, request by request
+//! (`tower::ServiceExt::oneshot`): authentication, permissions, error bodies, statuses, SSE.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anchorage_console::api::*;
+use anchorage_console::routes::{RouterOptions, router, router_with_options};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::{Request, Response, StatusCode, header};
+use futures_util::StreamExt;
+use tower::ServiceExt;
+
+use common::*;
+
+/// Every `/console/v1` route (and `/metrics`) with the permission it requires, a request that
+/// succeeds with exactly that permission, and the success status.
+struct Case {
+    method: &'static str,
+    uri: &'static str,
+    body: Option<&'static str>,
+    permission: Permission,
+    ok: StatusCode,
+}
+
+const fn case(
+    method: &'static str,
+    uri: &'static str,
+    body: Option<&'static str>,
+    permission: Permission,
+    ok: StatusCode,
+) -> Case {
+    Case {
+        method,
+        uri,
+        body,
+        permission,
+        ok,
+    }
+}
+
+use Permission::{NodesInvoke, ObservabilityRead as Read, TokensManage, TrustOperate};
+
+const ROUTES: &[Case] = &[
+    case("POST", "/console/v1/pairing/codes", Some(r#"{"method":"pin"}"#), TrustOperate, StatusCode::CREATED),
+    case("GET", "/console/v1/pairing/codes", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/pairing/requests?state=pending_approval", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/pairing/requests/REQ-1", None, Read, StatusCode::OK),
+    case("POST", "/console/v1/pairing/requests/REQ-1/approve", None, TrustOperate, StatusCode::OK),
+    case("POST", "/console/v1/pairing/requests/REQ-1/reject", None, TrustOperate, StatusCode::OK),
+    case("GET", "/console/v1/devices", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/devices/DEV-1", None, Read, StatusCode::OK),
+    case("POST", "/console/v1/devices/DEV-1/revoke", None, TrustOperate, StatusCode::OK),
+    case("POST", "/console/v1/devices/DEV-1/rotate", None, TrustOperate, StatusCode::OK),
+    case("DELETE", "/console/v1/devices/DEV-1", None, TrustOperate, StatusCode::NO_CONTENT),
+    case("POST", "/console/v1/tokens", Some(r#"{"permissions":["observability.read"]}"#), TokensManage, StatusCode::CREATED),
+    case("GET", "/console/v1/tokens", None, TokensManage, StatusCode::OK),
+    case("DELETE", "/console/v1/tokens/TOK-1", None, TokensManage, StatusCode::OK),
+    case("GET", "/console/v1/inventory", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/inventory/DEV-1", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/nodes", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/nodes/DEV-1", None, Read, StatusCode::OK),
+    case("POST", "/console/v1/nodes/DEV-1/invoke", Some(r#"{"capability":"echo","input":1}"#), NodesInvoke, StatusCode::OK),
+    case("GET", "/console/v1/invocations?device_id=DEV-1&limit=5", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/invocations/INV-1", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/events", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/qr?text=anchorage%3A%2F%2Fpair", None, TrustOperate, StatusCode::OK),
+    case("GET", "/metrics", None, Read, StatusCode::OK),
+];
+
+fn app() -> (Router, Arc<TestBackend>) {
+    let backend = Arc::new(TestBackend::new());
+    (router(backend.clone()), backend)
+}
+
+fn build(method: &str, uri: &str, auth: Option<&str>, body: Option<&str>) -> Request<Body> {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(auth) = auth {
+        req = req.header(header::AUTHORIZATION, auth);
+    }
+    if body.is_some() {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+        .unwrap()
+}
+
+async fn send(app: Router, req: Request<Body>) -> Response<Body> {
+    app.oneshot(req).await.unwrap()
+}
+
+async fn body_bytes(res: Response<Body>) -> Bytes {
+    axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap()
+}
+
+/// Asserts an error answer: status, JSON content type, exactly `{code, message}`.
+async fn assert_error(res: Response<Body>, status: StatusCode, code: &str) -> String {
+    assert_eq!(res.status(), status);
+    let content_type = res.headers()[header::CONTENT_TYPE].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("application/json"), "{content_type}");
+    let value: serde_json::Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
+    let object = value.as_object().unwrap();
+    assert_eq!(object.len(), 2, "error body has exactly code and message: {value}");
+    assert_eq!(object["code"], code, "{value}");
+    let message = object["message"].as_str().unwrap().to_owned();
+    assert!(!message.is_empty());
+    message
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[tokio::test]
+async fn every_route_refuses_a_missing_malformed_or_unknown_token() {
+    for c in ROUTES {
+        for auth in [
+            None,
+            Some("Basic b3duZXI6b3duZXI="),
+            Some("Bearer"),
+            Some("owner"),
+            Some("Bearer wrong-token"),
+        ] {
+            let (app, backend) = app();
+            let res = send(app, build(c.method, c.uri, auth, c.body)).await;
+            let challenge = res.headers().get(header::WWW_AUTHENTICATE).cloned();
+            assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
+            assert!(challenge.is_some(), "{} {}: no WWW-Authenticate", c.method, c.uri);
+            assert!(backend.calls().is_empty(), "{} {} reached the backend", c.method, c.uri);
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_route_refuses_a_token_lacking_its_permission() {
+    for c in ROUTES {
+        for token in [format!("all-but:{}", c.permission), "none".to_string()] {
+            let (app, backend) = app();
+            let res = send(app, build(c.method, c.uri, Some(&bearer(&token)), c.body)).await;
+            let message = assert_error(res, StatusCode::FORBIDDEN, "forbidden").await;
+            assert!(
+                message.contains(c.permission.as_str()),
+                "{} {}: {message}",
+                c.method,
+                c.uri
+            );
+            assert!(
+                backend.calls().is_empty(),
+                "{} {} reached the backend without {}",
+                c.method,
+                c.uri,
+                c.permission
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_route_answers_with_exactly_its_permission() {
+    for c in ROUTES {
+        let (app, backend) = app();
+        let token = bearer(&format!("only:{}", c.permission));
+        let res = send(app, build(c.method, c.uri, Some(&token), c.body)).await;
+        assert_eq!(res.status(), c.ok, "{} {}", c.method, c.uri);
+        assert!(!backend.calls().is_empty(), "{} {} did not reach the backend", c.method, c.uri);
+        let content_type = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        match c.uri {
+            "/console/v1/events" => assert_eq!(content_type, "text/event-stream"),
+            "/metrics" => assert!(content_type.starts_with("text/plain; version=0.0.4")),
+            u if u.starts_with("/console/v1/qr") => assert_eq!(content_type, "image/svg+xml"),
+            _ if c.ok == StatusCode::NO_CONTENT => assert!(body_bytes(res).await.is_empty()),
+            _ => {
+                assert!(content_type.starts_with("application/json"), "{}", c.uri);
+                serde_json::from_slice::<serde_json::Value>(&body_bytes(res).await).unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn owner_token_reaches_every_route() {
+    for c in ROUTES {
+        let (app, _) = app();
+        let res = send(app, build(c.method, c.uri, Some("Bearer owner"), c.body)).await;
+        assert_eq!(res.status(), c.ok, "{} {}", c.method, c.uri);
+    }
+}
+
+#[tokio::test]
+async fn answers_are_typed_as_the_api_promises() {
+    let (app, _) = app();
+    let res = send(app.clone(), build("GET", "/console/v1/devices/DEV-1", Some("Bearer owner"), None)).await;
+    assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
+    let device: Device = serde_json::from_slice(&body_bytes(res).await).unwrap();
+    assert_eq!(device.device_id, DEVICE);
+
+    let res = send(
+        app.clone(),
+        build("POST", "/console/v1/pairing/codes", Some("Bearer owner"), Some(r#"{"method":"qr","ttl_secs":120}"#)),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let code: MintedCode = serde_json::from_slice(&body_bytes(res).await).unwrap();
+    assert_eq!(code.method, PairMethod::Qr);
+    assert!(code.uri.is_some());
+    assert_eq!(code.expires_at, now() + time::Duration::seconds(120));
+
+    let res = send(app, build("GET", "/console/v1/inventory", Some("Bearer owner"), None)).await;
+    let inventory: Inventory = serde_json::from_slice(&body_bytes(res).await).unwrap();
+    assert_eq!(inventory.devices[0].device_id, DEVICE);
+}
+
+#[tokio::test]
+async fn minting_without_a_body_uses_the_defaults() {
+    let (app, _) = app();
+    let res = send(app, build("POST", "/console/v1/pairing/codes", Some("Bearer owner"), None)).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let code: MintedCode = serde_json::from_slice(&body_bytes(res).await).unwrap();
+    assert_eq!(code.method, PairMethod::Pin);
+    assert_eq!(code.expires_at, now() + time::Duration::seconds(600));
+}
+
+#[tokio::test]
+async fn bad_json_bodies_are_400_bad_request() {
+    for (uri, body) in [
+        ("/console/v1/tokens", r#"{"permissions":"#),
+        ("/console/v1/tokens", r#"{"permissions":["root"]}"#),
+        ("/console/v1/tokens", r#"{"permissions":[]}"#),
+        ("/console/v1/tokens", ""),
+        ("/console/v1/nodes/DEV-1/invoke", r#"{"input":1}"#),
+        ("/console/v1/nodes/DEV-1/invoke", r#"[1,2]"#),
+        ("/console/v1/pairing/codes", r#"{"method":"carrier-pigeon"}"#),
+        ("/console/v1/pairing/requests/REQ-1/reject", r#"{"reason":5}"#),
+        ("/console/v1/devices/DEV-1/revoke", "not json"),
+    ] {
+        let (app, backend) = app();
+        let res = send(app, build("POST", uri, Some("Bearer owner"), Some(body))).await;
+        let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+        assert!(!message.contains("panic"), "{uri} {body}: {message}");
+        assert!(backend.calls().is_empty(), "{uri} {body:?} reached the backend");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_body_from_a_caller_without_permission_is_still_403() {
+    let (app, _) = app();
+    let res = send(app, build("POST", "/console/v1/tokens", Some("Bearer only:observability.read"), Some("{"))).await;
+    assert_error(res, StatusCode::FORBIDDEN, "forbidden").await;
+}
+
+#[tokio::test]
+async fn a_non_json_content_type_is_415_json() {
+    let (app, _) = app();
+    let req = Request::post("/console/v1/tokens")
+        .header(header::AUTHORIZATION, "Bearer owner")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from("permissions=x"))
+        .unwrap();
+    assert_error(send(app, req).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413_json() {
+    let (app, backend) = app();
+    let big = format!(r#"{{"capability":"echo","input":"{}"}}"#, "x".repeat(2 << 20));
+    let res = send(app, build("POST", "/console/v1/nodes/DEV-1/invoke", Some("Bearer owner"), Some(&big))).await;
+    assert_error(res, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    assert!(backend.calls().is_empty());
+}
+
+#[tokio::test]
+async fn bad_query_parameters_are_400() {
+    for uri in [
+        "/console/v1/pairing/requests?state=bogus",
+        "/console/v1/invocations?limit=many",
+        "/console/v1/qr",
+        "/console/v1/qr?text=",
+    ] {
+        let (app, backend) = app();
+        let res = send(app, build("GET", uri, Some("Bearer owner"), None)).await;
+        assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+        assert!(backend.calls().is_empty(), "{uri}");
+    }
+    let (app, _) = app();
+    let res = send(app, build("GET", "/console/v1/pairing/requests?state=bogus", Some("Bearer owner"), None)).await;
+    let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+    assert!(message.contains("pending_approval"), "lists the valid states: {message}");
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_json() {
+    for (uri, auth) in [
+        ("/console/v1/nope", Some("Bearer owner")),
+        ("/console/v1/nope", None),
+        ("/console/v1/devices/DEV-1/explode", Some("Bearer owner")),
+        ("/console/v2/devices", Some("Bearer owner")),
+    ] {
+        let (app, _) = app();
+        let res = send(app, build("GET", uri, auth, None)).await;
+        assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    // `/` is left for the web page, which is not served yet.
+    let (app, _) = app();
+    let res = send(app, build("GET", "/", None, None)).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn unknown_ids_are_404_json_from_the_backend() {
+    let (app, _) = app();
+    let res = send(app, build("GET", "/console/v1/devices/NOPE", Some("Bearer owner"), None)).await;
+    assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+#[tokio::test]
+async fn wrong_methods_are_405_json() {
+    for (method, uri) in [
+        ("PUT", "/console/v1/devices"),
+        ("GET", "/console/v1/devices/DEV-1/revoke"),
+        ("POST", "/console/v1/inventory"),
+        ("DELETE", "/healthz"),
+    ] {
+        let (app, _) = app();
+        let res = send(app, build(method, uri, Some("Bearer owner"), None)).await;
+        let allow = res.headers().get(header::ALLOW).cloned();
+        assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+        assert!(allow.is_some(), "{method} {uri}: no Allow header");
+    }
+}
+
+#[tokio::test]
+async fn invoke_answers_200_when_final_and_202_while_running() {
+    for (body, status, state) in [
+        (r#"{"capability":"echo","input":{"a":1}}"#, StatusCode::OK, InvocationState::Succeeded),
+        (r#"{"capability":"fail"}"#, StatusCode::OK, InvocationState::Failed),
+        (r#"{"capability":"missing"}"#, StatusCode::OK, InvocationState::Rejected),
+        (r#"{"capability":"slow","timeout_ms":10}"#, StatusCode::ACCEPTED, InvocationState::Dispatched),
+        (r#"{"capability":"echo","async":true}"#, StatusCode::ACCEPTED, InvocationState::Queued),
+    ] {
+        let (app, _) = app();
+        let res = send(app, build("POST", "/console/v1/nodes/DEV-1/invoke", Some("Bearer owner"), Some(body))).await;
+        assert_eq!(res.status(), status, "{body}");
+        let inv: Invocation = serde_json::from_slice(&body_bytes(res).await).unwrap();
+        assert_eq!(inv.state, state, "{body}");
+        if state == InvocationState::Succeeded {
+            assert_eq!(inv.output, Some(serde_json::json!({"a": 1})));
+        }
+    }
+}
+
+#[tokio::test]
+async fn reasons_are_optional_and_passed_through() {
+    for (uri, body, want) in [
+        ("/console/v1/pairing/requests/REQ-1/reject", None, None),
+        ("/console/v1/pairing/requests/REQ-1/reject", Some("{}"), None),
+        ("/console/v1/pairing/requests/REQ-1/reject", Some(r#"{"reason":"unknown box"}"#), Some("unknown box")),
+        ("/console/v1/devices/DEV-1/revoke", None, None),
+        ("/console/v1/devices/DEV-1/revoke", Some(r#"{"reason":"stolen"}"#), Some("stolen")),
+    ] {
+        let (app, backend) = app();
+        let res = send(app, build("POST", uri, Some("Bearer owner"), body)).await;
+        assert_eq!(res.status(), StatusCode::OK, "{uri} {body:?}");
+        assert_eq!(
+            backend.last_reason.lock().unwrap().clone(),
+            Some(want.map(String::from)),
+            "{uri} {body:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn healthz_needs_no_token_and_reports_readiness() {
+    let (app, backend) = app();
+    let res = send(app.clone(), build("GET", "/healthz", None, None)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(&body_bytes(res).await[..], br#"{"status":"ok"}"#);
+
+    backend.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    let res = send(app, build("GET", "/healthz", None, None)).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(&body_bytes(res).await[..], br#"{"status":"starting"}"#);
+}
+
+#[tokio::test]
+async fn metrics_need_a_token_unless_made_public() {
+    let (app, _) = app();
+    let res = send(app, build("GET", "/metrics", None, None)).await;
+    assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
+
+    let backend = Arc::new(TestBackend::new());
+    let app = router_with_options(
+        backend,
+        RouterOptions {
+            public_metrics: true,
+            ..Default::default()
+        },
+    );
+    let res = send(app.clone(), build("GET", "/metrics", None, None)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()[header::CONTENT_TYPE],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    assert!(String::from_utf8(body_bytes(res).await.to_vec()).unwrap().contains("anchorage_up 1"));
+    // The rest of the API still needs its token.
+    let res = send(app, build("GET", "/console/v1/devices", None, None)).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// SSE event blocks (`event`, `id`, `data`) read off a response body; comments skipped.
+struct SseReader {
+    stream: axum::body::BodyDataStream,
+    text: String,
+}
+
+impl SseReader {
+    fn new(body: Body) -> Self {
+        SseReader {
+            stream: body.into_data_stream(),
+            text: String::new(),
+        }
+    }
+
+    async fn next(&mut self, count: usize) -> Vec<(String, Option<String>, String)> {
+        let mut events = Vec::new();
+        while events.len() < count {
+            if let Some(end) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..end + 2).collect();
+                let (mut kind, mut id, mut data) = (String::new(), None, String::new());
+                for line in block.lines() {
+                    let field = |name: &str| {
+                        line.strip_prefix(name)
+                            .map(|v| v.strip_prefix(' ').unwrap_or(v).to_string())
+                    };
+                    if let Some(v) = field("event:") {
+                        kind = v;
+                    } else if let Some(v) = field("id:") {
+                        id = Some(v);
+                    } else if let Some(v) = field("data:") {
+                        data.push_str(&v);
+                    }
+                }
+                if !data.is_empty() {
+                    events.push((kind, id, data));
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(5), self.stream.next())
+                .await
+                .expect("an SSE event within 5 s")
+                .expect("the stream is still open")
+                .unwrap();
+            self.text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        events
+    }
+}
+
+async fn read_sse(body: Body, count: usize) -> Vec<(String, Option<String>, String)> {
+    SseReader::new(body).next(count).await
+}
+
+#[tokio::test]
+async fn sse_delivers_published_events() {
+    let (app, backend) = app();
+    let res = send(app, build("GET", "/console/v1/events", Some("Bearer only:observability.read"), None)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    // The handler subscribed before answering.
+    assert_eq!(backend.events.receiver_count(), 1);
+    let published = event(42, "presence");
+    backend.events.send(published.clone()).unwrap();
+    let got = read_sse(res.into_body(), 1).await;
+    assert_eq!(got[0].0, "presence");
+    assert_eq!(got[0].1.as_deref(), Some("42"));
+    let decoded: Event = serde_json::from_str(&got[0].2).unwrap();
+    assert_eq!(decoded, published);
+}
+
+#[tokio::test]
+async fn sse_reports_lag_and_goes_on() {
+    let backend = Arc::new(TestBackend::with_event_capacity(2));
+    let app = router(backend.clone());
+    let res = send(app, build("GET", "/console/v1/events", Some("Bearer owner"), None)).await;
+    for seq in 1..=5 {
+        backend.events.send(event(seq, "invocation")).unwrap();
+    }
+    let mut reader = SseReader::new(res.into_body());
+    let got = reader.next(3).await;
+    assert_eq!(got[0].0, "lagged");
+    let lag: serde_json::Value = serde_json::from_str(&got[0].2).unwrap();
+    assert_eq!(lag["skipped"], 3);
+    assert_eq!((got[1].1.as_deref(), got[2].1.as_deref()), (Some("4"), Some("5")));
+    // The same stream goes on after the lag.
+    backend.events.send(event(6, "presence")).unwrap();
+    let got = reader.next(1).await;
+    assert_eq!((got[0].0.as_str(), got[0].1.as_deref()), ("presence", Some("6")));
+}
+
+#[tokio::test]
+async fn sse_ends_when_the_router_shuts_down() {
+    let backend = Arc::new(TestBackend::new());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let app = router_with_options(
+        backend.clone(),
+        RouterOptions {
+            shutdown: Some(stop_rx),
+            ..Default::default()
+        },
+    );
+    let res = send(app, build("GET", "/console/v1/events", Some("Bearer owner"), None)).await;
+    stop.send(true).unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(5), body_bytes(res))
+        .await
+        .expect("the stream ends on shutdown");
+    assert!(String::from_utf8_lossy(&body).starts_with(":"), "only the opening comment");
+}
+
+#[tokio::test]
+async fn qr_is_svg_and_not_cached() {
+    let (app, _) = app();
+    let res = send(app, build("GET", "/console/v1/qr?text=hello", Some("Bearer owner"), None)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "image/svg+xml");
+    assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
+    assert!(body_bytes(res).await.starts_with(b"<svg"));
+}

@@ -1,0 +1,303 @@
+//! Configuration in two steps: a TOML [`FileConfig`] with defaults, overridden by command-line
+//! flags, then validated into the runtime [`AnchorConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./anchorage-data";
+/// Default QUIC address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7444";
+/// Default console address.
+pub const DEFAULT_CONSOLE: &str = "127.0.0.1:7142";
+
+/// Errors in the configuration. `anchord` exits with code 64 on these.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The TOML file, every key optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// QUIC listen address.
+    pub listen: Option<String>,
+    /// Console listen address.
+    pub console: Option<String>,
+    /// Address nodes should dial, put into QR codes (default: the listen address, with this
+    /// host's name when it listens on all interfaces).
+    pub public_addr: Option<String>,
+    /// Validity of node certificates, e.g. `30d`.
+    pub cert_validity: Option<String>,
+    /// How long after expiry a node may still renew, e.g. `7d`.
+    pub renewal_grace: Option<String>,
+    /// Heartbeat interval given to nodes, e.g. `15s`.
+    pub heartbeat_interval: Option<String>,
+    /// No heartbeat for this long: stale.
+    pub stale_after: Option<String>,
+    /// No heartbeat for this long: offline.
+    pub offline_after: Option<String>,
+    /// Heartbeat loss above this fraction (0..1) over the recent window: degraded.
+    pub degraded_loss: Option<f64>,
+    /// Wrong secrets before a code is burned.
+    pub pairing_max_attempts: Option<u32>,
+    /// Stored invocation output limit in bytes.
+    pub invocation_output_limit: Option<u32>,
+    /// Keep finished invocations this long, e.g. `7d`.
+    pub invocation_retention: Option<String>,
+    /// Keep at most this many finished invocations.
+    pub invocation_max_records: Option<usize>,
+    /// Log format: `text` or `json`.
+    pub log_format: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Presence thresholds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PresenceConfig {
+    /// Heartbeat interval given to nodes.
+    pub heartbeat_interval: Duration,
+    /// Stale after.
+    pub stale_after: Duration,
+    /// Offline after.
+    pub offline_after: Duration,
+    /// Degraded above this loss fraction.
+    pub degraded_loss: f64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            heartbeat_interval: Duration::from_secs(15),
+            stale_after: Duration::from_secs(5 * 60),
+            offline_after: Duration::from_secs(30 * 60),
+            degraded_loss: 0.25,
+        }
+    }
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct AnchorConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// QUIC address.
+    pub listen: SocketAddr,
+    /// Console address.
+    pub console: SocketAddr,
+    /// Address for QR codes.
+    pub public_addr: Option<String>,
+    /// Node certificate validity.
+    pub cert_validity: Duration,
+    /// Renewal grace after expiry.
+    pub renewal_grace: Duration,
+    /// Presence thresholds.
+    pub presence: PresenceConfig,
+    /// Wrong secrets before a code burns.
+    pub pairing_max_attempts: u32,
+    /// Stored output limit.
+    pub invocation_output_limit: u32,
+    /// Retention of finished invocations.
+    pub invocation_retention: Duration,
+    /// Most finished invocations kept.
+    pub invocation_max_records: usize,
+    /// JSON logs.
+    pub log_json: bool,
+}
+
+impl AnchorConfig {
+    /// Defaults with `data_dir`, QUIC and console on 127.0.0.1 port 0 (for tests).
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> AnchorConfig {
+        let mut c = FileConfig::default()
+            .validate()
+            .unwrap_or_else(|_| unreachable!("defaults are valid"));
+        c.data_dir = data_dir.into();
+        c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.console = SocketAddr::from(([127, 0, 0, 1], 0));
+        c
+    }
+}
+
+impl FileConfig {
+    /// Validates into the runtime configuration.
+    pub fn validate(self) -> Result<AnchorConfig, ConfigError> {
+        let addr = |key: &'static str, v: Option<String>, default: &str| {
+            let s = v.unwrap_or_else(|| default.to_string());
+            s.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid {
+                key,
+                message: format!("{s:?} is not an address like 0.0.0.0:7444"),
+            })
+        };
+        let dur = |key: &'static str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid { key, message }),
+        };
+        let presence = PresenceConfig {
+            heartbeat_interval: dur(
+                "heartbeat_interval",
+                self.heartbeat_interval,
+                PresenceConfig::default().heartbeat_interval,
+            )?,
+            stale_after: dur("stale_after", self.stale_after, PresenceConfig::default().stale_after)?,
+            offline_after: dur(
+                "offline_after",
+                self.offline_after,
+                PresenceConfig::default().offline_after,
+            )?,
+            degraded_loss: self.degraded_loss.unwrap_or(PresenceConfig::default().degraded_loss),
+        };
+        if presence.heartbeat_interval < Duration::from_millis(100)
+            || presence.heartbeat_interval > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::Invalid {
+                key: "heartbeat_interval",
+                message: "must be between 100ms and 1h".into(),
+            });
+        }
+        if presence.stale_after <= presence.heartbeat_interval {
+            return Err(ConfigError::Invalid {
+                key: "stale_after",
+                message: "must be longer than the heartbeat interval".into(),
+            });
+        }
+        if presence.offline_after <= presence.stale_after {
+            return Err(ConfigError::Invalid {
+                key: "offline_after",
+                message: "must be longer than stale_after".into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&presence.degraded_loss) {
+            return Err(ConfigError::Invalid {
+                key: "degraded_loss",
+                message: "must be a fraction between 0 and 1".into(),
+            });
+        }
+        let cert_validity = dur(
+            "cert_validity",
+            self.cert_validity,
+            anchorage_mesh::pki::DEFAULT_CLIENT_CERT_VALIDITY,
+        )?;
+        if cert_validity < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid {
+                key: "cert_validity",
+                message: "must be at least 1m".into(),
+            });
+        }
+        let log_json = match self.log_format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    key: "log_format",
+                    message: format!("{other:?}: expected text or json"),
+                });
+            }
+        };
+        let max_attempts = self.pairing_max_attempts.unwrap_or(3);
+        if max_attempts == 0 || max_attempts > 100 {
+            return Err(ConfigError::Invalid {
+                key: "pairing_max_attempts",
+                message: "must be between 1 and 100".into(),
+            });
+        }
+        Ok(AnchorConfig {
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            listen: addr("listen", self.listen, DEFAULT_LISTEN)?,
+            console: addr("console", self.console, DEFAULT_CONSOLE)?,
+            public_addr: self.public_addr,
+            cert_validity,
+            renewal_grace: dur(
+                "renewal_grace",
+                self.renewal_grace,
+                anchorage_mesh::tls::DEFAULT_RENEWAL_GRACE,
+            )?,
+            presence,
+            pairing_max_attempts: max_attempts,
+            invocation_output_limit: self.invocation_output_limit.unwrap_or(64 * 1024),
+            invocation_retention: dur(
+                "invocation_retention",
+                self.invocation_retention,
+                Duration::from_secs(7 * 24 * 3600),
+            )?,
+            invocation_max_records: self.invocation_max_records.unwrap_or(10_000),
+            log_json,
+        })
+    }
+}
+
+pub use anchorage_mesh::duration::parse_duration;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = FileConfig::default().validate().unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:7444");
+        assert_eq!(c.console.to_string(), "127.0.0.1:7142");
+        assert_eq!(c.data_dir, PathBuf::from("./anchorage-data"));
+        assert_eq!(c.presence.stale_after, Duration::from_secs(300));
+        assert_eq!(c.presence.offline_after, Duration::from_secs(1800));
+        assert_eq!(c.cert_validity, Duration::from_secs(30 * 86400));
+        assert_eq!(c.pairing_max_attempts, 3);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = toml::from_str::<FileConfig>("listen = \"nope\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("`listen`"), "{err}");
+        let err = toml::from_str::<FileConfig>("stale_after = \"1s\"\nheartbeat_interval = \"2s\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("stale_after"), "{err}");
+        assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err(), "unknown keys refused");
+    }
+}

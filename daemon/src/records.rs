@@ -1,0 +1,180 @@
+//! Records kept in the store. Every value is postcard with a schema-version byte in front
+//! (see [`crate::store`]). Fields are appended only at the end of a schema version bump.
+//!
+//! Times are Unix milliseconds.
+
+use anchorage_mesh::DeviceId;
+use anchorage_mesh::pairing::AfterKeys;
+use serde::{Deserialize, Serialize};
+
+/// How a code is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CodeMethod {
+    /// Typed PIN.
+    Pin,
+    /// Scanned QR URI.
+    Qr,
+}
+
+/// Lifecycle of a pairing code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CodeState {
+    /// Usable.
+    Active,
+    /// Used.
+    Consumed,
+    /// Burned after too many wrong secrets.
+    Burned,
+}
+
+/// A pairing code. The secret is kept (SPAKE2 needs it) until the code ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRecord {
+    /// Public id.
+    pub code_id: String,
+    /// PIN or QR.
+    pub method: CodeMethod,
+    /// The secret; cleared once the code is consumed or burned.
+    pub secret: String,
+    /// State (expiry is derived from `expires_at_ms`).
+    pub state: CodeState,
+    /// Wrong secrets so far.
+    pub failed_attempts: u32,
+    /// Minted.
+    pub created_at_ms: u64,
+    /// Expires.
+    pub expires_at_ms: u64,
+    /// TTL it was minted with (pending requests expire after the same).
+    pub ttl_ms: u64,
+    /// Who minted it.
+    pub created_by: String,
+}
+
+/// Lifecycle of a pairing request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestState {
+    /// Waiting for an operator.
+    PendingApproval,
+    /// Approved, certificate issued, not yet delivered.
+    Approved,
+    /// Delivered.
+    Completed,
+    /// Rejected.
+    Rejected,
+}
+
+/// A pairing request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Id.
+    pub request_id: String,
+    /// Code used.
+    pub code_id: String,
+    /// Device id of the CSR's key.
+    pub device_id: DeviceId,
+    /// Name asked for.
+    pub device_name: String,
+    /// Platform.
+    pub platform: String,
+    /// The CSR, DER.
+    pub csr_der: Vec<u8>,
+    /// SAS.
+    pub sas: String,
+    /// Keys for the result MAC and resume proofs.
+    pub keys: AfterKeys,
+    /// State (expiry is derived from `expires_at_ms`).
+    pub state: RequestState,
+    /// Requested.
+    pub requested_at_ms: u64,
+    /// Expires if undecided.
+    pub expires_at_ms: u64,
+    /// Issued certificate, once approved.
+    pub cert_der: Option<Vec<u8>>,
+    /// Who decided.
+    pub decided_by: Option<String>,
+    /// When.
+    pub decided_at_ms: Option<u64>,
+    /// Why (rejections).
+    pub reason: Option<String>,
+}
+
+/// Trust of a device in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceTrust {
+    /// Has a valid certificate.
+    Trusted,
+    /// Revoked.
+    Revoked,
+}
+
+/// A device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Id.
+    pub device_id: DeviceId,
+    /// Name.
+    pub name: String,
+    /// Platform.
+    pub platform: String,
+    /// Trust.
+    pub trust: DeviceTrust,
+    /// Current certificate serial.
+    pub cert_serial: Vec<u8>,
+    /// Current certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// Current certificate's start.
+    pub cert_not_before_ms: u64,
+    /// Current certificate's expiry.
+    pub cert_not_after_ms: u64,
+    /// First paired.
+    pub paired_at_ms: u64,
+    /// Revoked.
+    pub revoked_at_ms: Option<u64>,
+    /// Why.
+    pub revoked_reason: Option<String>,
+    /// An operator asked for a rotation not yet done.
+    pub rotation_pending: bool,
+}
+
+/// A revocation: of a whole device (`d/` keys) or of one certificate serial (`s/` keys).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRecord {
+    /// When.
+    pub at_ms: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// A console token. Only a SHA-256 of its secret is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Id (public part of the token).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// SHA-256 of the secret part.
+    pub secret_hash: [u8; 32],
+    /// Permission names.
+    pub permissions: Vec<String>,
+    /// Created.
+    pub created_at_ms: u64,
+    /// By whom.
+    pub created_by: String,
+    /// Revoked.
+    pub revoked_at_ms: Option<u64>,
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When.
+    pub at_ms: u64,
+    /// Who (token name and id, or `anchor`).
+    pub actor: String,
+    /// What, e.g. `pairing.mint`, `pairing.approve`, `device.revoke`.
+    pub action: String,
+    /// The thing acted on.
+    pub target: String,
+    /// Details.
+    pub detail: String,
+}

@@ -1,0 +1,797 @@
+//! The node agent: keeps the membership alive.
+//!
+//! [`run`] connects to the anchor on `anchorage/node/1` with the node's certificate, registers
+//! on the control stream, sends heartbeats as datagrams (jittered, at the interval the anchor
+//! gave) and reads the acks for loss and RTT, serves invocations (each on its own stream,
+//! concurrently up to a limit, duplicates dropped, expired ones never run), renews the
+//! certificate when a third of its validity is left or when the anchor asks, and reports
+//! capability availability changes. When the connection is lost it reconnects with capped
+//! exponential backoff and jitter. A revoked or removed device stops with an error.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anchorage_mesh::framed::{FramedRecv, FramedSend, close, close_code, framed};
+use anchorage_mesh::tls;
+use anchorage_wire::control::*;
+use anchorage_wire::datagram::{Datagram, Heartbeat};
+use anchorage_wire::invoke::{InvocationId, InvokeReply, InvokeRequest, InvokeResult, Outcome};
+use anchorage_wire::{ANCHOR_SERVER_NAME, ErrorCode, PROTOCOL_VERSION};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::capability::{Registry, RunOutcome};
+use crate::state::{LiveStatus, StateDir, StateError};
+
+/// Agent version reported at registration.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Default invocations at once.
+pub const DEFAULT_MAX_CONCURRENT: usize = 16;
+/// Invocation ids remembered for duplicate detection.
+pub const SEEN_INVOCATIONS: usize = 4096;
+/// First reconnect delay.
+pub const RECONNECT_BASE: Duration = Duration::from_millis(500);
+/// A connection that lived this long resets the backoff.
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(60);
+/// How often certificate expiry and capability availability are checked.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Configuration of the agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// State directory (key, certificate, CA).
+    pub state: StateDir,
+    /// Name to register with.
+    pub name: String,
+    /// Capabilities.
+    pub capabilities: Registry,
+    /// Invocations at once.
+    pub max_concurrent: usize,
+    /// Longest pause between reconnection attempts.
+    pub reconnect_max: Duration,
+    /// Renew when less than this fraction of the certificate's validity is left.
+    pub renew_fraction: f64,
+    /// How often to check certificate expiry and capability availability.
+    pub check_interval: Duration,
+    /// Write `status.json` this often (`None`: never).
+    pub status_every: Option<Duration>,
+    /// Seed of the jitter generator (backoff and heartbeat phase).
+    pub seed: u64,
+}
+
+impl AgentConfig {
+    /// Defaults for a state directory and registry.
+    pub fn new(state: StateDir, name: String, capabilities: Registry) -> AgentConfig {
+        AgentConfig {
+            state,
+            name,
+            capabilities,
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            reconnect_max: Duration::from_secs(30),
+            renew_fraction: 1.0 / 3.0,
+            check_interval: CHECK_INTERVAL,
+            status_every: Some(Duration::from_secs(2)),
+            seed: seed_from_time(),
+        }
+    }
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The state directory is unusable or the node is not paired.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// An operator revoked this device.
+    #[error("this device was revoked by an operator; it must be removed and paired again")]
+    Revoked,
+    /// An operator removed this device.
+    #[error("this device was removed by an operator; pair it again")]
+    Removed,
+    /// The certificate expired beyond the renewal grace period.
+    #[error("the certificate expired beyond the renewal grace period; pair again")]
+    Expired,
+    /// The anchor does not know this device.
+    #[error("the anchor does not know this device; pair it again")]
+    Unknown,
+}
+
+/// Counters of the agent, for status and tests.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Connected now.
+    pub connected: AtomicBool,
+    /// Successful registrations.
+    pub registrations: AtomicU64,
+    /// Invocations actually run (not duplicates, not expired, not rejected).
+    pub invocations_run: AtomicU64,
+    /// Invocation requests refused as already past their deadline.
+    pub invocations_expired: AtomicU64,
+    /// Duplicates dropped.
+    pub duplicates: AtomicU64,
+    /// Certificates renewed.
+    pub renewals: AtomicU64,
+    /// Heartbeats sent (this connection).
+    pub heartbeats_sent: AtomicU64,
+    /// Acks received (this connection).
+    pub acks_received: AtomicU64,
+    /// Smoothed RTT in microseconds (0 = none yet).
+    pub rtt_us: AtomicU64,
+    /// Connected since, Unix ms (0 = not connected).
+    pub connected_since_ms: AtomicU64,
+    /// Heartbeat interval in ms.
+    pub heartbeat_interval_ms: AtomicU64,
+    /// Last error.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl AgentStats {
+    /// Loss estimated from acks, 0..1, once a few heartbeats were sent.
+    pub fn loss_rate(&self) -> Option<f64> {
+        let sent = self.heartbeats_sent.load(Ordering::Relaxed);
+        let acked = self.acks_received.load(Ordering::Relaxed);
+        // The newest heartbeat may still be in flight.
+        let settled = sent.saturating_sub(1);
+        (settled >= 3).then(|| 1.0 - (acked.min(settled) as f64 / settled as f64))
+    }
+
+    /// Smoothed RTT in ms.
+    pub fn rtt_ms(&self) -> Option<f64> {
+        let us = self.rtt_us.load(Ordering::Relaxed);
+        (us > 0).then(|| us as f64 / 1000.0)
+    }
+
+    fn set_error(&self, e: impl Into<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.into());
+    }
+
+    /// A status snapshot for `status.json`.
+    pub fn snapshot(&self) -> LiveStatus {
+        let since = self.connected_since_ms.load(Ordering::Relaxed);
+        LiveStatus {
+            pid: std::process::id(),
+            connected: self.connected.load(Ordering::Relaxed),
+            connected_since_ms: (since > 0).then_some(since),
+            heartbeat_interval_ms: self.heartbeat_interval_ms.load(Ordering::Relaxed),
+            heartbeats_sent: self.heartbeats_sent.load(Ordering::Relaxed),
+            acks_received: self.acks_received.load(Ordering::Relaxed),
+            loss_rate: self.loss_rate(),
+            rtt_ms: self.rtt_ms(),
+            updated_at_ms: unix_ms(),
+            last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+}
+
+/// A small deterministic generator for jitter (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct Jitter(u64);
+
+impl Jitter {
+    /// Seeded.
+    pub fn new(seed: u64) -> Jitter {
+        Jitter(seed)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, max)`.
+    pub fn below(&mut self, max: Duration) -> Duration {
+        let nanos = max.as_nanos().min(u128::from(u64::MAX)) as u64;
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.next_u64() % nanos)
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    cap: Duration,
+    jitter: Jitter,
+}
+
+impl Backoff {
+    /// Starting at [`RECONNECT_BASE`], capped at `cap`.
+    pub fn new(cap: Duration, seed: u64) -> Backoff {
+        Backoff {
+            next: RECONNECT_BASE,
+            cap,
+            jitter: Jitter::new(seed),
+        }
+    }
+
+    /// The next delay: half fixed, half random, so attempts spread but keep growing.
+    pub fn delay(&mut self) -> Duration {
+        let base = self.next.min(self.cap);
+        self.next = (self.next * 2).min(self.cap);
+        base / 2 + self.jitter.below(base / 2 + Duration::from_millis(1))
+    }
+
+    /// Back to the first delay.
+    pub fn reset(&mut self) {
+        self.next = RECONNECT_BASE;
+    }
+}
+
+fn seed_from_time() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x5eed)
+        ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+    Reconnect,
+    Fatal(AgentError),
+}
+
+/// Runs the agent until `shutdown` becomes true or the device is revoked/removed.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    anchor: SocketAddr,
+    config: AgentConfig,
+    stats: Arc<AgentStats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let mut backoff = Backoff::new(config.reconnect_max, config.seed);
+    let mut jitter = Jitter::new(config.seed.rotate_left(17) ^ 0xa5a5);
+    let status_task = config.status_every.map(|every| {
+        let stats = stats.clone();
+        let state = config.state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let _ = state.save_status(&stats.snapshot());
+            }
+        })
+    });
+    let result = loop {
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+        let identity = match config.state.identity() {
+            Ok(i) => i,
+            Err(e) => break Err(e.into()),
+        };
+        let client = match tls::node_client_config(
+            &identity.ca,
+            vec![identity.cert.clone()],
+            identity.key.private_key_der(),
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                break Err(AgentError::State(StateError::Corrupt {
+                    path: config.state.path().join("cert.pem"),
+                    message: e.to_string(),
+                }));
+            }
+        };
+        let attempt = async {
+            let connecting = endpoint
+                .connect_with(client, anchor, ANCHOR_SERVER_NAME)
+                .map_err(|e| e.to_string())?;
+            match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e)) => Err(classify_error(&e).map_or_else(|| e.to_string(), |f| format!("fatal:{f}"))),
+                Err(_) => Err("handshake timed out".to_string()),
+            }
+        };
+        let end = match attempt.await {
+            Ok(conn) => {
+                let started = Instant::now();
+                let end = session(&conn, &config, &stats, &mut shutdown, &mut jitter).await;
+                stats.connected.store(false, Ordering::Relaxed);
+                stats.connected_since_ms.store(0, Ordering::Relaxed);
+                if started.elapsed() >= STABLE_CONNECTION {
+                    backoff.reset();
+                }
+                end
+            }
+            Err(e) if e.starts_with("fatal:") => SessionEnd::Fatal(fatal_from(&e)),
+            Err(e) => SessionEnd::Lost(e),
+        };
+        match end {
+            SessionEnd::Shutdown => break Ok(()),
+            SessionEnd::Fatal(e) => break Err(e),
+            SessionEnd::Reconnect => {
+                backoff.reset();
+                continue;
+            }
+            SessionEnd::Lost(reason) => {
+                let delay = backoff.delay();
+                debug!(%reason, ?delay, "connection lost; reconnecting");
+                stats.set_error(reason);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.wait_for(|s| *s) => break Ok(()),
+                }
+            }
+        }
+    };
+    if let Some(t) = status_task {
+        t.abort();
+        let _ = config.state.save_status(&stats.snapshot());
+    }
+    if let Err(e) = &result {
+        stats.set_error(e.to_string());
+    }
+    result
+}
+
+/// A fatal reason from a connection error: the anchor refused this device for good.
+fn classify_error(e: &quinn::ConnectionError) -> Option<&'static str> {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        quinn::ConnectionError::ApplicationClosed(a) => {
+            return match ErrorCode::from_u32(u32::try_from(a.error_code.into_inner()).unwrap_or(u32::MAX)) {
+                Some(ErrorCode::Revoked) => Some("revoked"),
+                Some(ErrorCode::Removed) => Some("removed"),
+                Some(ErrorCode::Unauthenticated) => Some("unknown"),
+                _ => None,
+            };
+        }
+        _ => return None,
+    };
+    match code {
+        0x12c => Some("revoked"),
+        0x12d => Some("expired"),
+        // bad_certificate / unknown_ca: a certificate the anchor no longer accepts (removed).
+        0x12a | 0x130 => Some("removed"),
+        _ => None,
+    }
+}
+
+fn fatal_from(s: &str) -> AgentError {
+    match s.trim_start_matches("fatal:") {
+        "revoked" => AgentError::Revoked,
+        "expired" => AgentError::Expired,
+        "unknown" => AgentError::Unknown,
+        _ => AgentError::Removed,
+    }
+}
+
+type Tx = FramedSend<ControlUp>;
+type Rx = FramedRecv<ControlDown>;
+
+async fn session(
+    conn: &quinn::Connection,
+    config: &AgentConfig,
+    stats: &Arc<AgentStats>,
+    shutdown: &mut watch::Receiver<bool>,
+    jitter: &mut Jitter,
+) -> SessionEnd {
+    let lost = |e: &dyn std::fmt::Display| SessionEnd::Lost(e.to_string());
+    let (send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return end_from_conn_error(&e),
+    };
+    let (mut tx, mut rx) = framed::<ControlUp, ControlDown>(send, recv);
+    let mut caps = config.capabilities.infos();
+    let register = ControlUp::Register(Register {
+        version: PROTOCOL_VERSION,
+        name: config.name.clone(),
+        platform: crate::pair::platform(),
+        agent_version: AGENT_VERSION.to_string(),
+        capabilities: caps.clone(),
+    });
+    if let Err(e) = tx.send(&register).await {
+        return lost(&e);
+    }
+    let registered = match tokio::time::timeout(Duration::from_secs(15), rx.recv()).await {
+        Ok(Ok(Some(ControlDown::Registered(r)))) => r,
+        Ok(Ok(Some(ControlDown::RenewalOnly(_)))) => {
+            info!("certificate expired; renewing inside the grace period");
+            return match renew(config, stats, &mut tx, &mut rx).await {
+                Ok(()) => {
+                    close(conn, ErrorCode::NoError, "renewed");
+                    SessionEnd::Reconnect
+                }
+                Err(e) => SessionEnd::Lost(e),
+            };
+        }
+        Ok(Ok(Some(_))) => return SessionEnd::Lost("unexpected first message".into()),
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            return match conn.close_reason() {
+                Some(reason) => end_from_conn_error(&reason),
+                None => SessionEnd::Lost("control stream ended".into()),
+            };
+        }
+        Err(_) => return SessionEnd::Lost("registration timed out".into()),
+    };
+    let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
+    stats.registrations.fetch_add(1, Ordering::Relaxed);
+    stats.connected.store(true, Ordering::Relaxed);
+    stats.connected_since_ms.store(unix_ms(), Ordering::Relaxed);
+    stats.heartbeat_interval_ms.store(interval.as_millis() as u64, Ordering::Relaxed);
+    stats.heartbeats_sent.store(0, Ordering::Relaxed);
+    stats.acks_received.store(0, Ordering::Relaxed);
+    info!(device_id = %registered.device_id, interval_ms = interval.as_millis() as u64, "registered with the anchor");
+
+    let mut tasks = JoinSet::new();
+    let phase = jitter.below(interval);
+    let hb_seed = jitter.next_u64();
+    let origin = Instant::now();
+    tasks.spawn(heartbeats(conn.clone(), origin, interval, phase, hb_seed, stats.clone()));
+    tasks.spawn(acks(conn.clone(), origin, stats.clone()));
+    tasks.spawn(invocations(
+        conn.clone(),
+        config.capabilities.clone(),
+        Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+        stats.clone(),
+    ));
+    let mut check = tokio::time::interval(config.check_interval);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
+    let mut renewing = false;
+    let end = loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => {
+                let _ = tx.send(&ControlUp::Event(NodeEvent::Stopping { reason: "agent stopping".into() })).await;
+                let _ = tx.finish();
+                // Give the anchor a moment to read it before the close frame.
+                let _ = tokio::time::timeout(Duration::from_secs(2), tx.stopped()).await;
+                close(conn, ErrorCode::NoError, "node stopping");
+                break SessionEnd::Shutdown;
+            }
+            msg = rx.recv() => match msg {
+                Ok(Some(ControlDown::RotateNow)) => {
+                    info!("the anchor asked for a certificate rotation");
+                    if let Err(e) = send_renew(config, &mut tx).await {
+                        break SessionEnd::Lost(e);
+                    }
+                    renewing = true;
+                }
+                Ok(Some(ControlDown::Renewed(r))) => {
+                    renewing = false;
+                    if let Err(e) = config.state.save_certificate(&r.cert_der, &r.ca_der) {
+                        warn!(error = %e, "cannot save the renewed certificate");
+                    } else {
+                        stats.renewals.fetch_add(1, Ordering::Relaxed);
+                        info!("certificate renewed");
+                    }
+                }
+                Ok(Some(ControlDown::RenewRefused(r))) => {
+                    renewing = false;
+                    warn!(message = %r.message, "the anchor refused to renew the certificate");
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    break match conn.close_reason() {
+                        Some(reason) => end_from_conn_error(&reason),
+                        None => SessionEnd::Lost("control stream ended".into()),
+                    };
+                }
+            },
+            _ = check.tick() => {
+                if !renewing
+                    && let Ok(Some(info)) = config.state.cert_info()
+                    && info.renewal_due(SystemTime::now(), config.renew_fraction)
+                {
+                    if let Err(e) = send_renew(config, &mut tx).await {
+                        break SessionEnd::Lost(e);
+                    }
+                    renewing = true;
+                }
+                let now = config.capabilities.infos();
+                for cap in &now {
+                    if !caps.iter().any(|c| c == cap) {
+                        let event = ControlUp::Event(NodeEvent::CapabilityChanged(cap.clone()));
+                        if let Err(e) = tx.send(&event).await {
+                            return lost(&e);
+                        }
+                    }
+                }
+                caps = now;
+            }
+            reason = conn.closed() => break end_from_conn_error(&reason),
+        }
+    };
+    tasks.abort_all();
+    end
+}
+
+fn end_from_conn_error(e: &quinn::ConnectionError) -> SessionEnd {
+    match classify_error(e) {
+        Some(f) => SessionEnd::Fatal(fatal_from(f)),
+        None => {
+            let code = close_code(e);
+            match code.and_then(ErrorCode::from_u32) {
+                Some(ErrorCode::CertificateExpired) => SessionEnd::Reconnect,
+                _ => SessionEnd::Lost(e.to_string()),
+            }
+        }
+    }
+}
+
+async fn send_renew(config: &AgentConfig, tx: &mut Tx) -> Result<(), String> {
+    let key = config
+        .state
+        .key()
+        .map_err(|e| e.to_string())?
+        .ok_or("no key")?;
+    let csr_der = key.csr_der(&config.name).map_err(|e| e.to_string())?;
+    tx.send(&ControlUp::Renew(RenewRequest { csr_der }))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn renew(config: &AgentConfig, stats: &AgentStats, tx: &mut Tx, rx: &mut Rx) -> Result<(), String> {
+    send_renew(config, tx).await?;
+    match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+        Ok(Ok(Some(ControlDown::Renewed(r)))) => {
+            config
+                .state
+                .save_certificate(&r.cert_der, &r.ca_der)
+                .map_err(|e| e.to_string())?;
+            stats.renewals.fetch_add(1, Ordering::Relaxed);
+            info!("certificate renewed");
+            Ok(())
+        }
+        Ok(Ok(Some(ControlDown::RenewRefused(r)))) => Err(format!("renewal refused: {}", r.message)),
+        _ => Err("no answer to the renewal".into()),
+    }
+}
+
+async fn heartbeats(
+    conn: quinn::Connection,
+    origin: Instant,
+    interval: Duration,
+    phase: Duration,
+    seed: u64,
+    stats: Arc<AgentStats>,
+) {
+    let mut jitter = Jitter::new(seed);
+    tokio::time::sleep(phase).await;
+    let mut seq = 0u64;
+    loop {
+        let hb = Datagram::Heartbeat(Heartbeat {
+            seq,
+            node_time_ms: origin.elapsed().as_millis() as u64,
+            load_centi: crate::capability::system_snapshot()
+                .load
+                .map(|l| (l[0] * 100.0) as u32),
+            running: 0,
+        });
+        if let Ok(bytes) = hb.encode() {
+            match conn.send_datagram(bytes.into()) {
+                Ok(()) => {
+                    stats.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(quinn::SendDatagramError::ConnectionLost(_)) => return,
+                Err(e) => debug!(error = %e, "heartbeat not sent"),
+            }
+        }
+        seq += 1;
+        // ±10 % so a fleet that started together drifts apart.
+        let spread = interval / 5;
+        let next = interval - interval / 10 + jitter.below(spread + Duration::from_millis(1));
+        tokio::time::sleep(next).await;
+    }
+}
+
+async fn acks(conn: quinn::Connection, origin: Instant, stats: Arc<AgentStats>) {
+    loop {
+        let bytes = match conn.read_datagram().await {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        let Ok(Datagram::HeartbeatAck(ack)) = Datagram::decode(&bytes) else {
+            continue;
+        };
+        stats.acks_received.fetch_add(1, Ordering::Relaxed);
+        let now_us = origin.elapsed().as_micros() as u64;
+        let sample = now_us.saturating_sub(ack.echo_node_time_ms.saturating_mul(1000));
+        let old = stats.rtt_us.load(Ordering::Relaxed);
+        // Smoothed like TCP's SRTT: 7/8 old + 1/8 new.
+        let smoothed = if old == 0 { sample.max(1) } else { (old * 7 + sample) / 8 };
+        stats.rtt_us.store(smoothed.max(1), Ordering::Relaxed);
+    }
+}
+
+/// Serves invocation streams opened by the anchor.
+async fn invocations(conn: quinn::Connection, registry: Registry, permits: Arc<Semaphore>, stats: Arc<AgentStats>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let (registry, permits, stats, seen) = (registry.clone(), permits.clone(), stats.clone(), seen.clone());
+        tokio::spawn(async move {
+            let (mut tx, mut rx) = framed::<InvokeReply, InvokeRequest>(send, recv);
+            let req = match tokio::time::timeout(Duration::from_secs(15), rx.recv()).await {
+                Ok(Ok(Some(r))) => r,
+                Ok(Err(e)) if e.is_peer_fault() => {
+                    tx.reset(e.code());
+                    return;
+                }
+                _ => return,
+            };
+            let result = handle_invocation(req, &registry, &permits, &stats, &seen).await;
+            let _ = tx.send(&InvokeReply::Result(result)).await;
+            let _ = tx.finish();
+        });
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    order: VecDeque<InvocationId>,
+    results: HashMap<InvocationId, Option<InvokeResult>>,
+}
+
+impl Seen {
+    /// Records `id`; returns its earlier state if it was seen before.
+    fn insert(&mut self, id: InvocationId) -> Option<Option<InvokeResult>> {
+        if let Some(prev) = self.results.get(&id) {
+            return Some(prev.clone());
+        }
+        self.results.insert(id, None);
+        self.order.push_back(id);
+        while self.order.len() > SEEN_INVOCATIONS {
+            if let Some(old) = self.order.pop_front() {
+                self.results.remove(&old);
+            }
+        }
+        None
+    }
+
+    fn finish(&mut self, id: InvocationId, result: &InvokeResult) {
+        if let Some(slot) = self.results.get_mut(&id) {
+            *slot = Some(result.clone());
+        }
+    }
+}
+
+fn result(outcome: Outcome, output: Vec<u8>, error: Option<String>, took: Duration, limit: u32) -> InvokeResult {
+    let limit = limit as usize;
+    let truncated = output.len() > limit;
+    let mut output = output;
+    output.truncate(limit);
+    InvokeResult {
+        outcome,
+        output,
+        truncated,
+        error: error.map(|e| e.chars().take(4096).collect()),
+        duration_ms: u32::try_from(took.as_millis()).unwrap_or(u32::MAX),
+    }
+}
+
+async fn handle_invocation(
+    req: InvokeRequest,
+    registry: &Registry,
+    permits: &Semaphore,
+    stats: &AgentStats,
+    seen: &Mutex<Seen>,
+) -> InvokeResult {
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(u64::from(req.remaining_ms));
+    let limit = req.output_limit;
+    let earlier = seen.lock().unwrap_or_else(|p| p.into_inner()).insert(req.id);
+    match earlier {
+        Some(Some(done)) => {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return done;
+        }
+        Some(None) => {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return result(Outcome::Duplicate, Vec::new(), Some("already running".into()), Duration::ZERO, limit);
+        }
+        None => {}
+    }
+    let finish = |r: InvokeResult| {
+        seen.lock().unwrap_or_else(|p| p.into_inner()).finish(req.id, &r);
+        r
+    };
+    if req.remaining_ms == 0 {
+        stats.invocations_expired.fetch_add(1, Ordering::Relaxed);
+        return finish(result(Outcome::Expired, Vec::new(), Some("deadline passed before it could start".into()), Duration::ZERO, limit));
+    }
+    let Some(cap) = registry.get(&req.capability) else {
+        return finish(result(Outcome::Rejected, Vec::new(), Some(format!("unknown capability {}", req.capability)), Duration::ZERO, limit));
+    };
+    if let Err(why) = cap.availability() {
+        return finish(result(Outcome::Rejected, Vec::new(), Some(format!("{} is unavailable: {why}", req.capability)), Duration::ZERO, limit));
+    }
+    let permit = match tokio::time::timeout_at(deadline, permits.acquire()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            stats.invocations_expired.fetch_add(1, Ordering::Relaxed);
+            return finish(result(Outcome::Expired, Vec::new(), Some("deadline passed while waiting for a slot".into()), started.elapsed(), limit));
+        }
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        stats.invocations_expired.fetch_add(1, Ordering::Relaxed);
+        return finish(result(Outcome::Expired, Vec::new(), Some("deadline passed before it could start".into()), started.elapsed(), limit));
+    }
+    stats.invocations_run.fetch_add(1, Ordering::Relaxed);
+    let outcome = match tokio::time::timeout(left, cap.run(req.input, left)).await {
+        Ok(o) => o,
+        Err(_) => RunOutcome::TimedOut {
+            error: "deadline reached while running".into(),
+        },
+    };
+    drop(permit);
+    let took = started.elapsed();
+    finish(match outcome {
+        RunOutcome::Succeeded(out) => result(Outcome::Succeeded, out, None, took, limit),
+        RunOutcome::Failed { error, output } => result(Outcome::Failed, output, Some(error), took, limit),
+        RunOutcome::TimedOut { error } => result(Outcome::TimedOut, Vec::new(), Some(error), took, limit),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_secs(30), 7);
+        let delays: Vec<Duration> = (0..12).map(|_| b.delay()).collect();
+        assert!(delays[0] <= RECONNECT_BASE && delays[0] >= RECONNECT_BASE / 2);
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(30)));
+        assert!(delays[11] >= Duration::from_secs(15), "{delays:?}");
+        b.reset();
+        assert!(b.delay() <= RECONNECT_BASE);
+        let mut other = Backoff::new(Duration::from_secs(30), 8);
+        let others: Vec<Duration> = (0..12).map(|_| other.delay()).collect();
+        assert_ne!(delays, others, "different seeds spread reconnects");
+    }
+
+    #[test]
+    fn seen_remembers_results_and_forgets_the_oldest() {
+        let mut seen = Seen::default();
+        let id = InvocationId([1; 16]);
+        assert!(seen.insert(id).is_none());
+        assert_eq!(seen.insert(id), Some(None));
+        let r = result(Outcome::Succeeded, b"x".to_vec(), None, Duration::ZERO, 10);
+        seen.finish(id, &r);
+        assert_eq!(seen.insert(id), Some(Some(r)));
+        for i in 0..SEEN_INVOCATIONS as u32 {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&i.to_be_bytes());
+            b[15] = 9;
+            seen.insert(InvocationId(b));
+        }
+        assert!(seen.insert(id).is_none(), "the oldest id was forgotten");
+    }
+
+    #[test]
+    fn output_is_truncated_to_the_limit() {
+        let r = result(Outcome::Succeeded, vec![b'a'; 100], None, Duration::ZERO, 10);
+        assert_eq!(r.output.len(), 10);
+        assert!(r.truncated);
+    }
+}

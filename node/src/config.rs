@@ -1,0 +1,173 @@
+//! The node's TOML configuration.
+//!
+//! ```toml
+//! name = "kitchen-pi"              # default: the host name
+//! anchor = "anchor.example:7444"   # default: the address saved at pairing
+//! max_concurrent_invocations = 16
+//! reconnect_max = "30s"
+//!
+//! [desktop]
+//! open_url = false                 # enables desktop.open_url (http/https only)
+//!
+//! [capabilities.backup]
+//! command = ["/usr/local/bin/backup", "--json"]
+//! timeout = "60s"
+//! max_output = 65536
+//! description = "Run a backup now"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use anchorage_mesh::duration::parse_duration;
+
+use crate::capability::CommandSpec;
+
+/// Errors in the node configuration (`anchor-node` exits 64 on these).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid {
+        /// The setting.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Desktop integration switches.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DesktopConfig {
+    /// Offer `desktop.open_url`.
+    #[serde(default)]
+    pub open_url: bool,
+}
+
+/// The node's configuration file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Device name to register with.
+    pub name: Option<String>,
+    /// Anchor address override.
+    pub anchor: Option<String>,
+    /// Invocations run at once.
+    pub max_concurrent_invocations: Option<usize>,
+    /// Longest pause between reconnection attempts.
+    pub reconnect_max: Option<String>,
+    /// Desktop integration.
+    #[serde(default)]
+    pub desktop: DesktopConfig,
+    /// Operator-defined command capabilities.
+    #[serde(default)]
+    pub capabilities: BTreeMap<String, CommandSpec>,
+}
+
+impl NodeConfig {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks values that TOML types alone do not.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if let Some(0) = self.max_concurrent_invocations {
+            return Err(ConfigError::Invalid {
+                key: "max_concurrent_invocations".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        self.reconnect_max()?;
+        for (name, spec) in &self.capabilities {
+            crate::capability::CommandCap::new(name.clone(), spec.clone()).map_err(|message| {
+                ConfigError::Invalid {
+                    key: format!("capabilities.{name}"),
+                    message,
+                }
+            })?;
+            if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_whitespace()) {
+                return Err(ConfigError::Invalid {
+                    key: format!("capabilities.{name}"),
+                    message: "capability names are 1-128 characters without spaces".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The reconnect cap (default 30 s).
+    pub fn reconnect_max(&self) -> Result<Duration, ConfigError> {
+        match &self.reconnect_max {
+            None => Ok(Duration::from_secs(30)),
+            Some(s) => parse_duration(s).map_err(|message| ConfigError::Invalid {
+                key: "reconnect_max".into(),
+                message,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c: NodeConfig = toml::from_str(
+            r#"
+            name = "kitchen-pi"
+            max_concurrent_invocations = 4
+            [desktop]
+            open_url = true
+            [capabilities.backup]
+            command = ["/bin/true"]
+            timeout = "60s"
+            "#,
+        )
+        .unwrap();
+        c.check().unwrap();
+        assert_eq!(c.name.as_deref(), Some("kitchen-pi"));
+        assert!(c.desktop.open_url);
+        assert_eq!(c.capabilities["backup"].command, vec!["/bin/true"]);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_key() {
+        let c: NodeConfig = toml::from_str("[capabilities.x]\ncommand = []").unwrap();
+        assert!(c.check().unwrap_err().to_string().contains("capabilities.x"));
+        let c: NodeConfig = toml::from_str("[capabilities.x]\ncommand = [\"a\"]\ntimeout = \"soon\"").unwrap();
+        assert!(c.check().is_err());
+        assert!(toml::from_str::<NodeConfig>("nmae = \"x\"").is_err());
+    }
+}

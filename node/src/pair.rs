@@ -1,0 +1,465 @@
+//! The pairing client: from a code to a certificate.
+//!
+//! [`pair`] runs the bootstrap exchange of `wire::bootstrap` on a quinn endpoint the caller
+//! provides (a real UDP socket, or a netsim host). While the request waits for an operator it
+//! reports [`PairProgress::Pending`] with the SAS; if the connection drops, it resumes with the
+//! request id and a PAKE-derived proof, retrying with capped exponential backoff until the
+//! request expires. The key is generated (or reused) in the state directory and never leaves it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anchorage_mesh::framed::{FramedRecv, FramedSend, framed};
+use anchorage_mesh::pairing::{
+    EXPORTER_LABEL, EXPORTER_LEN, NodeHandshake, PinCode, QrPayload,
+};
+use anchorage_mesh::{DeviceId, Fingerprint, tls};
+use anchorage_wire::bootstrap::*;
+use anchorage_wire::{ANCHOR_SERVER_NAME, ErrorCode, PROTOCOL_VERSION};
+use tracing::{debug, info};
+
+use crate::state::{PendingPairing, StateDir, StateError};
+
+/// Time to wait for each answer of the anchor (except the operator's decision).
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest pause between reconnection attempts while pending.
+pub const RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// What the node pairs with.
+#[derive(Debug, Clone)]
+pub enum PairCode {
+    /// A typed PIN.
+    Pin(PinCode),
+    /// A scanned QR URI (carries the CA fingerprint to pin).
+    Qr(QrPayload),
+}
+
+/// Options of a pairing.
+#[derive(Debug, Clone)]
+pub struct PairOptions {
+    /// Where the anchor is (as the user gave it; saved for `run`).
+    pub anchor: String,
+    /// Its resolved address.
+    pub anchor_addr: SocketAddr,
+    /// The code.
+    pub code: PairCode,
+    /// Name to ask for.
+    pub device_name: String,
+    /// Platform string.
+    pub platform: String,
+}
+
+/// Progress reported while pairing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairProgress {
+    /// Connected and authenticated by the code; the request waits for an operator.
+    Pending {
+        /// Request id.
+        request_id: String,
+        /// Compare this with what the console shows.
+        sas: String,
+        /// Expiry, Unix ms.
+        expires_at_ms: u64,
+    },
+    /// The connection dropped while pending; retrying after `delay`.
+    Reconnecting {
+        /// Pause before the next attempt.
+        delay: Duration,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A completed pairing.
+#[derive(Debug, Clone)]
+pub struct Paired {
+    /// This device's id.
+    pub device_id: DeviceId,
+    /// Certificate expiry.
+    pub cert_expires_at: SystemTime,
+}
+
+/// Why pairing failed. The message is one line, for the CLI.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PairError {
+    /// The anchor could not be reached.
+    #[error("cannot reach the anchor at {addr}: {reason}")]
+    Unreachable {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The anchor refused: wrong code, expired, burned, rejected and so on.
+    #[error("{}", describe(*.reason, .message))]
+    Refused {
+        /// Stable reason.
+        reason: PairFailure,
+        /// The anchor's message.
+        message: String,
+    },
+    /// The anchor's key confirmation did not verify: wrong code, or someone in the middle.
+    #[error("the anchor could not prove it knows the code (wrong code, or a relay in the middle)")]
+    AnchorNotAuthenticated,
+    /// The anchor broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The pending request expired while the anchor was unreachable.
+    #[error("the pairing request expired before it was approved")]
+    Expired,
+    /// The state directory failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+fn describe(reason: PairFailure, message: &str) -> String {
+    let head = match reason {
+        PairFailure::UnknownCode => "unknown pairing code",
+        PairFailure::CodeExpired => "the pairing code has expired",
+        PairFailure::CodeConsumed => "the pairing code was already used",
+        PairFailure::CodeBurned => "the pairing code is burned after too many wrong attempts",
+        PairFailure::WrongSecret => "wrong pairing code",
+        PairFailure::Rejected => "an operator rejected the pairing",
+        PairFailure::RequestExpired => "the pairing request expired before an operator approved it",
+        PairFailure::UnknownRequest => "the anchor does not know this pairing request",
+        PairFailure::DeviceRevoked => "this device is revoked; an operator must remove it first",
+        PairFailure::BadCsr => "the anchor refused the certificate request",
+        PairFailure::UnsupportedVersion => "the anchor does not support this protocol version",
+        PairFailure::Overloaded => "the anchor is busy; try again",
+        _ => "pairing failed",
+    };
+    if message.is_empty() || head.contains(message) {
+        head.to_string()
+    } else {
+        format!("{head}: {message}")
+    }
+}
+
+impl PairError {
+    /// Whether trying again later (with the same code) could succeed.
+    fn is_transient(&self) -> bool {
+        matches!(self, PairError::Unreachable { .. })
+            || matches!(self, PairError::Protocol(m) if m.contains("connection"))
+    }
+}
+
+type Tx = FramedSend<BootstrapRequest>;
+type Rx = FramedRecv<BootstrapResponse>;
+
+/// Pairs this node: runs the exchange, waits for approval, saves key, certificate and CA.
+pub async fn pair(
+    endpoint: &quinn::Endpoint,
+    state: &StateDir,
+    opts: &PairOptions,
+    mut progress: impl FnMut(PairProgress),
+) -> Result<Paired, PairError> {
+    let key = state.key_or_generate()?;
+    let (code_id, secret, pinned) = match &opts.code {
+        PairCode::Pin(p) => (p.code_id.to_string(), p.secret.clone(), None),
+        PairCode::Qr(q) => (
+            q.code_id.to_string(),
+            q.secret.clone(),
+            Some(q.ca_fingerprint),
+        ),
+    };
+    let conn = connect(endpoint, opts.anchor_addr, pinned).await?;
+    let (send_s, recv_s) = conn
+        .open_bi()
+        .await
+        .map_err(|e| PairError::Protocol(format!("connection lost: {e}")))?;
+    let (mut tx, mut rx) = framed::<BootstrapRequest, BootstrapResponse>(send_s, recv_s);
+
+    let (handshake, spake_msg) = NodeHandshake::start(&code_id, &secret);
+    send(
+        &mut tx,
+        BootstrapRequest::Hello(PairHello {
+            version: PROTOCOL_VERSION,
+            code_id: code_id.clone(),
+            spake_msg,
+        }),
+    )
+    .await?;
+    let BootstrapResponse::Challenge(challenge) = recv(&mut rx).await? else {
+        return Err(PairError::Protocol("expected Challenge".into()));
+    };
+    let keys = handshake
+        .finish(&challenge.spake_msg, &exporter(&conn)?)
+        .map_err(|e| PairError::Protocol(e.to_string()))?;
+    send(
+        &mut tx,
+        BootstrapRequest::Confirm(KeyConfirm {
+            mac: keys.node_confirmation(),
+        }),
+    )
+    .await?;
+    let BootstrapResponse::Confirm(confirm) = recv(&mut rx).await? else {
+        return Err(PairError::Protocol("expected Confirm".into()));
+    };
+    if !keys.verify_anchor_confirmation(&confirm.mac) {
+        anchorage_mesh::framed::close(&conn, ErrorCode::PairingFailed, "anchor not authenticated");
+        return Err(PairError::AnchorNotAuthenticated);
+    }
+    let csr_der = key
+        .csr_der(&opts.device_name)
+        .map_err(|e| PairError::Protocol(format!("cannot make a CSR: {e}")))?;
+    let mac = keys.csr_mac(&csr_der, &opts.device_name, &opts.platform);
+    send(
+        &mut tx,
+        BootstrapRequest::Csr(CsrSubmit {
+            csr_der,
+            device_name: opts.device_name.clone(),
+            platform: opts.platform.clone(),
+            mac,
+        }),
+    )
+    .await?;
+    let pending = match recv(&mut rx).await? {
+        BootstrapResponse::Pending(p) => p,
+        _ => return Err(PairError::Protocol("expected Pending".into())),
+    };
+    let saved = PendingPairing {
+        anchor: opts.anchor.clone(),
+        request_id: pending.request_id.clone(),
+        sas: pending.sas.clone(),
+        expires_at_ms: pending.expires_at_ms,
+        pinned_ca: pinned.map(|f| f.to_string()),
+        keys: keys.after().clone(),
+    };
+    state.save_pending(&saved)?;
+    progress(PairProgress::Pending {
+        request_id: pending.request_id.clone(),
+        sas: pending.sas.clone(),
+        expires_at_ms: pending.expires_at_ms,
+    });
+    match wait_result(&conn, &mut tx, &mut rx, state, &saved).await {
+        Err(e) if e.is_transient() => {
+            resume_loop(endpoint, state, opts.anchor_addr, &saved, &mut progress, e).await
+        }
+        other => other,
+    }
+}
+
+/// Resumes a pending pairing saved in the state directory (after the process restarted).
+pub async fn resume(
+    endpoint: &quinn::Endpoint,
+    state: &StateDir,
+    anchor_addr: SocketAddr,
+    mut progress: impl FnMut(PairProgress),
+) -> Result<Option<Paired>, PairError> {
+    let Some(saved) = state.pending()? else {
+        return Ok(None);
+    };
+    progress(PairProgress::Pending {
+        request_id: saved.request_id.clone(),
+        sas: saved.sas.clone(),
+        expires_at_ms: saved.expires_at_ms,
+    });
+    match resume_once(endpoint, state, anchor_addr, &saved).await {
+        Err(e) if e.is_transient() => {
+            resume_loop(endpoint, state, anchor_addr, &saved, &mut progress, e)
+                .await
+                .map(Some)
+        }
+        other => other.map(Some),
+    }
+}
+
+async fn resume_loop(
+    endpoint: &quinn::Endpoint,
+    state: &StateDir,
+    anchor_addr: SocketAddr,
+    saved: &PendingPairing,
+    progress: &mut impl FnMut(PairProgress),
+    mut last: PairError,
+) -> Result<Paired, PairError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        if unix_ms() >= saved.expires_at_ms {
+            state.clear_pending();
+            return Err(PairError::Expired);
+        }
+        progress(PairProgress::Reconnecting {
+            delay,
+            reason: last.to_string(),
+        });
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RETRY_CAP);
+        match resume_once(endpoint, state, anchor_addr, saved).await {
+            Err(e) if e.is_transient() => last = e,
+            other => return other,
+        }
+    }
+}
+
+async fn resume_once(
+    endpoint: &quinn::Endpoint,
+    state: &StateDir,
+    anchor_addr: SocketAddr,
+    saved: &PendingPairing,
+) -> Result<Paired, PairError> {
+    let pinned = saved
+        .pinned_ca
+        .as_deref()
+        .and_then(|s| s.parse::<Fingerprint>().ok());
+    let conn = connect(endpoint, anchor_addr, pinned).await?;
+    let (send_s, recv_s) = conn
+        .open_bi()
+        .await
+        .map_err(|e| PairError::Protocol(format!("connection lost: {e}")))?;
+    let (mut tx, mut rx) = framed::<BootstrapRequest, BootstrapResponse>(send_s, recv_s);
+    let proof = saved
+        .keys
+        .resume_proof(&saved.request_id, &exporter(&conn)?);
+    send(
+        &mut tx,
+        BootstrapRequest::Resume(PairResume {
+            version: PROTOCOL_VERSION,
+            request_id: saved.request_id.clone(),
+            proof,
+        }),
+    )
+    .await?;
+    wait_result(&conn, &mut tx, &mut rx, state, saved).await
+}
+
+async fn wait_result(
+    conn: &quinn::Connection,
+    tx: &mut Tx,
+    rx: &mut Rx,
+    state: &StateDir,
+    saved: &PendingPairing,
+) -> Result<Paired, PairError> {
+    loop {
+        // The operator may take until the request expires; the anchor ends it then.
+        let msg = match rx.recv().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(PairError::Protocol("connection ended by the anchor".into())),
+            Err(e) => return Err(PairError::Protocol(format!("connection lost: {e}"))),
+        };
+        match msg {
+            BootstrapResponse::Pending(_) => continue,
+            BootstrapResponse::Approved(approved) => {
+                if !saved.keys.verify_approved_mac(
+                    &saved.request_id,
+                    &approved.cert_der,
+                    &approved.ca_der,
+                    &approved.mac,
+                ) {
+                    return Err(PairError::Protocol("the certificate's MAC does not verify".into()));
+                }
+                if let Some(pin) = &saved.pinned_ca
+                    && Fingerprint::of(&approved.ca_der).to_string() != *pin
+                {
+                    return Err(PairError::Protocol("the CA does not match the QR code".into()));
+                }
+                let info = anchorage_mesh::pki::parse_cert(&approved.cert_der)
+                    .map_err(|e| PairError::Protocol(e.to_string()))?;
+                let key = state.key()?.ok_or_else(|| StateError::NotPaired(state.path().into()))?;
+                if info.key_id != key.device_id() {
+                    return Err(PairError::Protocol("the certificate is not for this key".into()));
+                }
+                state.save_certificate(&approved.cert_der, &approved.ca_der)?;
+                state.save_anchor(&saved.anchor)?;
+                state.clear_pending();
+                // Tell the anchor the files are safe: it marks the request completed.
+                let _ = tx.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                info!(device_id = %info.key_id, "paired");
+                return Ok(Paired {
+                    device_id: info.key_id,
+                    cert_expires_at: info.not_after,
+                });
+            }
+            BootstrapResponse::Failed(f) => {
+                if matches!(
+                    f.reason,
+                    PairFailure::Rejected | PairFailure::RequestExpired | PairFailure::UnknownRequest
+                ) {
+                    state.clear_pending();
+                }
+                anchorage_mesh::framed::close(conn, ErrorCode::NoError, "");
+                return Err(PairError::Refused {
+                    reason: f.reason,
+                    message: f.message,
+                });
+            }
+            _ => return Err(PairError::Protocol("unexpected message while pending".into())),
+        }
+    }
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    pinned: Option<Fingerprint>,
+) -> Result<quinn::Connection, PairError> {
+    let unreachable = |reason: String| PairError::Unreachable { addr, reason };
+    let config = tls::bootstrap_client_config(pinned).map_err(|e| unreachable(e.to_string()))?;
+    let connecting = endpoint
+        .connect_with(config, addr, ANCHOR_SERVER_NAME)
+        .map_err(|e| unreachable(e.to_string()))?;
+    match tokio::time::timeout(STEP_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable("timed out".into())),
+    }
+}
+
+fn exporter(conn: &quinn::Connection) -> Result<[u8; EXPORTER_LEN], PairError> {
+    let mut out = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
+        .map_err(|_| PairError::Protocol("TLS exporter unavailable".into()))?;
+    Ok(out)
+}
+
+async fn send(tx: &mut Tx, msg: BootstrapRequest) -> Result<(), PairError> {
+    tx.send(&msg)
+        .await
+        .map_err(|e| PairError::Protocol(format!("connection lost: {e}")))
+}
+
+async fn recv(rx: &mut Rx) -> Result<BootstrapResponse, PairError> {
+    match tokio::time::timeout(STEP_TIMEOUT, rx.recv()).await {
+        Err(_) => Err(PairError::Protocol("connection lost: the anchor did not answer".into())),
+        Ok(Ok(Some(BootstrapResponse::Failed(f)))) => Err(PairError::Refused {
+            reason: f.reason,
+            message: f.message,
+        }),
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => Err(PairError::Protocol("connection lost: stream ended".into())),
+        Ok(Err(e)) => {
+            debug!(error = %e, "bootstrap read failed");
+            Err(PairError::Protocol(format!("connection lost: {e}")))
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+/// This machine's platform string, e.g. `linux-x86_64`.
+pub fn platform() -> String {
+    format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
+/// Parses what a user gave as `--code` (a PIN) or `--qr` (a URI).
+pub fn parse_code(pin: Option<&str>, qr: Option<&str>) -> Result<PairCode, String> {
+    match (pin, qr) {
+        (Some(p), None) => {
+            if p.trim().starts_with("anchorage://") {
+                return p.trim().parse::<QrPayload>().map(PairCode::Qr).map_err(|e| e.to_string());
+            }
+            p.parse::<PinCode>().map(PairCode::Pin).map_err(|e| e.to_string())
+        }
+        (None, Some(q)) => q.parse::<QrPayload>().map(PairCode::Qr).map_err(|e| e.to_string()),
+        _ => Err("give exactly one of --code, --code-stdin or --qr".into()),
+    }
+}

@@ -1,0 +1,305 @@
+//! The node's state directory: its key, certificate, the pinned anchor CA, the anchor's
+//! address, a pending pairing, and the live status the running agent writes.
+//!
+//! Every file is written atomically (temporary file, fsync, rename) with mode 0600, so a crash
+//! never leaves half a key or a certificate without its key.
+
+use std::path::{Path, PathBuf};
+
+use anchorage_mesh::pairing::AfterKeys;
+use anchorage_mesh::pki::{CertInfo, parse_cert, pem_to_der};
+use anchorage_mesh::{DeviceKey, Fingerprint};
+use rustls::pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "./anchorage-node";
+
+/// Errors reading or writing the state directory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file is damaged.
+    #[error("{path}: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The node is not paired yet.
+    #[error("not paired: no certificate in {0}; run `anchor-node pair` first")]
+    NotPaired(PathBuf),
+}
+
+/// A pairing waiting for approval, kept so it can resume after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingPairing {
+    /// Anchor address as given.
+    pub anchor: String,
+    /// Request id.
+    pub request_id: String,
+    /// SAS.
+    pub sas: String,
+    /// Expiry, Unix ms.
+    pub expires_at_ms: u64,
+    /// CA fingerprint pinned by a QR code, if any (hex).
+    pub pinned_ca: Option<String>,
+    /// Keys for the result MAC and the resume proof.
+    pub keys: AfterKeys,
+}
+
+/// What the running agent reports for `anchor-node status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LiveStatus {
+    /// Agent process id.
+    pub pid: u32,
+    /// Whether connected now.
+    pub connected: bool,
+    /// Since when (Unix ms).
+    pub connected_since_ms: Option<u64>,
+    /// Heartbeat interval in use.
+    pub heartbeat_interval_ms: u64,
+    /// Heartbeats sent on this connection.
+    pub heartbeats_sent: u64,
+    /// Acks received.
+    pub acks_received: u64,
+    /// Loss estimated from acks, 0..1.
+    pub loss_rate: Option<f64>,
+    /// Smoothed RTT from acks, ms.
+    pub rtt_ms: Option<f64>,
+    /// When this was written (Unix ms).
+    pub updated_at_ms: u64,
+    /// Last connection error, if any.
+    pub last_error: Option<String>,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+/// A paired node's identity loaded from disk.
+#[derive(Debug)]
+pub struct Identity {
+    /// The key.
+    pub key: DeviceKey,
+    /// Certificate, DER.
+    pub cert: CertificateDer<'static>,
+    /// Facts about it.
+    pub cert_info: CertInfo,
+    /// The anchor CA, DER.
+    pub ca: CertificateDer<'static>,
+    /// The anchor address.
+    pub anchor: String,
+}
+
+impl StateDir {
+    /// The directory at `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> StateDir {
+        StateDir { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn read(&self, name: &str) -> Result<Option<String>, StateError> {
+        let path = self.file(name);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Writes a file atomically with mode 0600.
+    pub fn write(&self, name: &str, contents: &[u8]) -> Result<(), StateError> {
+        use std::io::Write;
+        let path = self.file(name);
+        let err = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(|source| StateError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700));
+        }
+        let tmp = self.file(&format!(".{name}.tmp"));
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).map_err(err)?;
+        f.write_all(contents).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.file(name));
+    }
+
+    /// The device key, generated and saved on first use. An existing key is never replaced,
+    /// so pairing again keeps the device id.
+    pub fn key_or_generate(&self) -> Result<DeviceKey, StateError> {
+        if let Some(key) = self.key()? {
+            return Ok(key);
+        }
+        let key = DeviceKey::generate().map_err(|e| StateError::Corrupt {
+            path: self.file("key.pem"),
+            message: format!("cannot generate a key: {e}"),
+        })?;
+        self.write("key.pem", key.to_pem().as_bytes())?;
+        Ok(key)
+    }
+
+    /// The device key, if one exists.
+    pub fn key(&self) -> Result<Option<DeviceKey>, StateError> {
+        match self.read("key.pem")? {
+            None => Ok(None),
+            Some(pem) => DeviceKey::from_pem(&pem)
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    path: self.file("key.pem"),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    /// Saves the result of a pairing or renewal.
+    pub fn save_certificate(&self, cert_der: &[u8], ca_der: &[u8]) -> Result<(), StateError> {
+        // CA first: a certificate is only ever on disk next to the CA that issued it.
+        self.write("ca.pem", anchorage_mesh::pki::der_to_pem(ca_der).as_bytes())?;
+        self.write("cert.pem", anchorage_mesh::pki::der_to_pem(cert_der).as_bytes())
+    }
+
+    /// Records the anchor address.
+    pub fn save_anchor(&self, anchor: &str) -> Result<(), StateError> {
+        self.write("anchor", format!("{anchor}\n").as_bytes())
+    }
+
+    /// The anchor address, if saved.
+    pub fn anchor(&self) -> Result<Option<String>, StateError> {
+        Ok(self.read("anchor")?.map(|s| s.trim().to_string()))
+    }
+
+    /// The certificate's facts, if paired.
+    pub fn cert_info(&self) -> Result<Option<CertInfo>, StateError> {
+        let Some(pem) = self.read("cert.pem")? else {
+            return Ok(None);
+        };
+        let corrupt = |message: String| StateError::Corrupt {
+            path: self.file("cert.pem"),
+            message,
+        };
+        let der = pem_to_der(&pem, "CERTIFICATE").map_err(|e| corrupt(e.to_string()))?;
+        parse_cert(&der).map(Some).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Everything a paired node needs to connect.
+    pub fn identity(&self) -> Result<Identity, StateError> {
+        let not_paired = || StateError::NotPaired(self.dir.clone());
+        let key = self.key()?.ok_or_else(not_paired)?;
+        let cert_pem = self.read("cert.pem")?.ok_or_else(not_paired)?;
+        let ca_pem = self.read("ca.pem")?.ok_or_else(not_paired)?;
+        let anchor = self.anchor()?.ok_or_else(not_paired)?;
+        let corrupt = |file: &str, message: String| StateError::Corrupt {
+            path: self.file(file),
+            message,
+        };
+        let cert = pem_to_der(&cert_pem, "CERTIFICATE").map_err(|e| corrupt("cert.pem", e.to_string()))?;
+        let ca = pem_to_der(&ca_pem, "CERTIFICATE").map_err(|e| corrupt("ca.pem", e.to_string()))?;
+        let cert_info = parse_cert(&cert).map_err(|e| corrupt("cert.pem", e.to_string()))?;
+        if cert_info.key_id != key.device_id() {
+            return Err(corrupt("cert.pem", "the certificate does not match key.pem".into()));
+        }
+        Ok(Identity {
+            key,
+            cert,
+            cert_info,
+            ca,
+            anchor,
+        })
+    }
+
+    /// Saves a pending pairing.
+    pub fn save_pending(&self, p: &PendingPairing) -> Result<(), StateError> {
+        let json = serde_json::to_vec_pretty(p).map_err(|e| StateError::Corrupt {
+            path: self.file("pending.json"),
+            message: e.to_string(),
+        })?;
+        self.write("pending.json", &json)
+    }
+
+    /// The pending pairing, if any.
+    pub fn pending(&self) -> Result<Option<PendingPairing>, StateError> {
+        match self.read("pending.json")? {
+            None => Ok(None),
+            Some(s) => serde_json::from_str(&s)
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    path: self.file("pending.json"),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    /// Forgets the pending pairing.
+    pub fn clear_pending(&self) {
+        self.remove("pending.json");
+    }
+
+    /// Writes the agent's live status.
+    pub fn save_status(&self, s: &LiveStatus) -> Result<(), StateError> {
+        let json = serde_json::to_vec_pretty(s).map_err(|e| StateError::Corrupt {
+            path: self.file("status.json"),
+            message: e.to_string(),
+        })?;
+        self.write("status.json", &json)
+    }
+
+    /// The agent's last written live status.
+    pub fn status(&self) -> Result<Option<LiveStatus>, StateError> {
+        match self.read("status.json")? {
+            None => Ok(None),
+            Some(s) => Ok(serde_json::from_str(&s).ok()),
+        }
+    }
+
+    /// The CA fingerprint pinned in `ca.pem`, if paired.
+    pub fn ca_fingerprint(&self) -> Result<Option<Fingerprint>, StateError> {
+        let Some(pem) = self.read("ca.pem")? else {
+            return Ok(None);
+        };
+        let der = pem_to_der(&pem, "CERTIFICATE").map_err(|e| StateError::Corrupt {
+            path: self.file("ca.pem"),
+            message: e.to_string(),
+        })?;
+        Ok(Some(Fingerprint::of(&der)))
+    }
+}
