@@ -86,10 +86,8 @@ pub trait Backend: Send + Sync + 'static {
     /// The whole inventory.
     fn inventory(&self) -> impl Future<Output = ApiResult<Inventory>> + Send;
     /// One device's inventory entry.
-    fn inventory_device(
-        &self,
-        id: &str,
-    ) -> impl Future<Output = ApiResult<InventoryDevice>> + Send;
+    fn inventory_device(&self, id: &str)
+    -> impl Future<Output = ApiResult<InventoryDevice>> + Send;
     /// Registered nodes.
     fn list_nodes(&self) -> impl Future<Output = ApiResult<Vec<Node>>> + Send;
     /// One node.

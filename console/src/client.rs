@@ -321,11 +321,7 @@ impl ControlPlaneClient {
             .get(url)
             .header(AUTHORIZATION, self.auth.clone())
             .timeout(REQUEST_TIMEOUT);
-        self.send(rb)
-            .await?
-            .text()
-            .await
-            .map_err(ClientError::Http)
+        self.send(rb).await?.text().await.map_err(ClientError::Http)
     }
 
     /// Whether the anchor is ready (`GET /healthz`: 200 → `true`, 503 → `false`).
@@ -694,12 +690,20 @@ mod tests {
 
     #[test]
     fn sse_parser_handles_split_chunks_and_all_line_endings() {
-        let got = parse_all(&[b"event: a\r", b"\ndata: x", b"\r\n\r", b"\ndata:y\rdata: z\r\r"]);
+        let got = parse_all(&[
+            b"event: a\r",
+            b"\ndata: x",
+            b"\r\n\r",
+            b"\ndata:y\rdata: z\r\r",
+        ]);
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].event, "a");
         assert_eq!(got[0].data, "x");
         assert_eq!(got[1].event, "message");
-        assert_eq!(got[1].data, "y\nz", "data lines join with newlines; one space dropped");
+        assert_eq!(
+            got[1].data, "y\nz",
+            "data lines join with newlines; one space dropped"
+        );
     }
 
     #[test]
@@ -720,7 +724,10 @@ mod tests {
         assert!(parse_base_url("http://127.0.0.1:7142").is_ok());
         assert!(parse_base_url("http://127.0.0.1:7142/").is_ok());
         let https = parse_base_url("https://anchor.example").unwrap_err();
-        assert!(https.to_string().contains("https is not supported"), "{https}");
+        assert!(
+            https.to_string().contains("https is not supported"),
+            "{https}"
+        );
         let bare = parse_base_url("127.0.0.1:7142").unwrap_err();
         assert!(bare.to_string().contains("http://127.0.0.1:7142"), "{bare}");
         assert!(parse_base_url("ftp://x").is_err());
@@ -731,7 +738,9 @@ mod tests {
     fn urls_are_joined_and_encoded() {
         let c = ControlPlaneClient::new("http://h:1/prefix/", "t").unwrap();
         assert_eq!(
-            c.url(&["console", "v1", "devices", "a/b c"]).unwrap().as_str(),
+            c.url(&["console", "v1", "devices", "a/b c"])
+                .unwrap()
+                .as_str(),
             "http://h:1/prefix/console/v1/devices/a%2Fb%20c"
         );
         let c = ControlPlaneClient::new("http://h:1", "t").unwrap();

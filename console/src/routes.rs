@@ -702,8 +702,7 @@ async fn events<B: Backend>(
         None => stream.boxed(),
     };
     let opened = futures_util::stream::once(async { Ok(SseEvent::default().comment("connected")) });
-    Ok(Sse::new(opened.chain(stream))
-        .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE)))
+    Ok(Sse::new(opened.chain(stream)).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE)))
 }
 
 /// Maps broadcast items to SSE events; a lagged receiver becomes an `event: lagged` whose data
@@ -762,7 +761,9 @@ async fn qr<B: Backend>(
     let q: QrQuery = query(&uri)?;
     let text = q.text.unwrap_or_default();
     if text.is_empty() {
-        return Err(ApiError::bad_request("the text query parameter is required"));
+        return Err(ApiError::bad_request(
+            "the text query parameter is required",
+        ));
     }
     if text.len() > MAX_QR_TEXT {
         return Err(ApiError::bad_request(format!(
@@ -817,7 +818,10 @@ mod tests {
 
     #[test]
     fn bearer_accepts_the_standard_form() {
-        assert_eq!(bearer(&headers(&["Bearer abc.DEF-123"])), Some("abc.DEF-123"));
+        assert_eq!(
+            bearer(&headers(&["Bearer abc.DEF-123"])),
+            Some("abc.DEF-123")
+        );
         assert_eq!(bearer(&headers(&["bearer abc"])), Some("abc"));
         assert_eq!(bearer(&headers(&["BEARER   abc"])), Some("abc"));
         assert_eq!(bearer(&headers(&["Bearer abc  "])), Some("abc"));
@@ -837,10 +841,53 @@ mod tests {
 
     #[test]
     fn status_codes_map_to_stable_codes() {
-        assert_eq!(code_for_status(StatusCode::METHOD_NOT_ALLOWED), "method_not_allowed");
-        assert_eq!(code_for_status(StatusCode::PAYLOAD_TOO_LARGE), "payload_too_large");
-        assert_eq!(code_for_status(StatusCode::UNPROCESSABLE_ENTITY), "bad_request");
+        assert_eq!(
+            code_for_status(StatusCode::METHOD_NOT_ALLOWED),
+            "method_not_allowed"
+        );
+        assert_eq!(
+            code_for_status(StatusCode::PAYLOAD_TOO_LARGE),
+            "payload_too_large"
+        );
+        assert_eq!(
+            code_for_status(StatusCode::UNPROCESSABLE_ENTITY),
+            "bad_request"
+        );
         assert_eq!(code_for_status(StatusCode::BAD_GATEWAY), "internal");
+    }
+
+    #[tokio::test]
+    async fn a_route_that_skips_its_permission_check_fails_closed() {
+        use axum::Extension;
+        use tower::ServiceExt;
+
+        let app = Router::new()
+            .route("/forgot", get(|| async { "secret" }))
+            .route(
+                "/checked",
+                get(|Extension(check): Extension<PermissionCheck>| async move {
+                    check.0.store(true, Ordering::Relaxed);
+                    "fine"
+                }),
+            )
+            .route(
+                "/refused",
+                get(|| async { ApiError::forbidden(Permission::TokensManage) }),
+            )
+            .route_layer(middleware::from_fn(enforce_permission_check));
+        let status = |uri: &'static str| {
+            let app = app.clone();
+            async move {
+                let req = Request::builder()
+                    .uri(uri)
+                    .body(axum::body::Body::empty())
+                    .unwrap();
+                app.oneshot(req).await.unwrap().status()
+            }
+        };
+        assert_eq!(status("/forgot").await, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(status("/checked").await, StatusCode::OK);
+        assert_eq!(status("/refused").await, StatusCode::FORBIDDEN);
     }
 
     #[test]

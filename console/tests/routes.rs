@@ -46,6 +46,7 @@ const fn case(
 
 use Permission::{NodesInvoke, ObservabilityRead as Read, TokensManage, TrustOperate};
 
+#[rustfmt::skip]
 const ROUTES: &[Case] = &[
     case("POST", "/console/v1/pairing/codes", Some(r#"{"method":"pin"}"#), TrustOperate, StatusCode::CREATED),
     case("GET", "/console/v1/pairing/codes", None, Read, StatusCode::OK),
@@ -95,17 +96,29 @@ async fn send(app: Router, req: Request<Body>) -> Response<Body> {
 }
 
 async fn body_bytes(res: Response<Body>) -> Bytes {
-    axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap()
+    axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap()
 }
 
 /// Asserts an error answer: status, JSON content type, exactly `{code, message}`.
 async fn assert_error(res: Response<Body>, status: StatusCode, code: &str) -> String {
     assert_eq!(res.status(), status);
-    let content_type = res.headers()[header::CONTENT_TYPE].to_str().unwrap().to_owned();
-    assert!(content_type.starts_with("application/json"), "{content_type}");
+    let content_type = res.headers()[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
     let value: serde_json::Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
     let object = value.as_object().unwrap();
-    assert_eq!(object.len(), 2, "error body has exactly code and message: {value}");
+    assert_eq!(
+        object.len(),
+        2,
+        "error body has exactly code and message: {value}"
+    );
     assert_eq!(object["code"], code, "{value}");
     let message = object["message"].as_str().unwrap().to_owned();
     assert!(!message.is_empty());
@@ -128,10 +141,27 @@ async fn every_route_refuses_a_missing_malformed_or_unknown_token() {
         ] {
             let (app, backend) = app();
             let res = send(app, build(c.method, c.uri, auth, c.body)).await;
+            assert_eq!(
+                res.status(),
+                StatusCode::UNAUTHORIZED,
+                "{} {} {auth:?}",
+                c.method,
+                c.uri
+            );
             let challenge = res.headers().get(header::WWW_AUTHENTICATE).cloned();
             assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
-            assert!(challenge.is_some(), "{} {}: no WWW-Authenticate", c.method, c.uri);
-            assert!(backend.calls().is_empty(), "{} {} reached the backend", c.method, c.uri);
+            assert!(
+                challenge.is_some(),
+                "{} {}: no WWW-Authenticate",
+                c.method,
+                c.uri
+            );
+            assert!(
+                backend.calls().is_empty(),
+                "{} {} reached the backend",
+                c.method,
+                c.uri
+            );
         }
     }
 }
@@ -142,6 +172,13 @@ async fn every_route_refuses_a_token_lacking_its_permission() {
         for token in [format!("all-but:{}", c.permission), "none".to_string()] {
             let (app, backend) = app();
             let res = send(app, build(c.method, c.uri, Some(&bearer(&token)), c.body)).await;
+            assert_eq!(
+                res.status(),
+                StatusCode::FORBIDDEN,
+                "{} {} {token}",
+                c.method,
+                c.uri
+            );
             let message = assert_error(res, StatusCode::FORBIDDEN, "forbidden").await;
             assert!(
                 message.contains(c.permission.as_str()),
@@ -167,7 +204,12 @@ async fn every_route_answers_with_exactly_its_permission() {
         let token = bearer(&format!("only:{}", c.permission));
         let res = send(app, build(c.method, c.uri, Some(&token), c.body)).await;
         assert_eq!(res.status(), c.ok, "{} {}", c.method, c.uri);
-        assert!(!backend.calls().is_empty(), "{} {} did not reach the backend", c.method, c.uri);
+        assert!(
+            !backend.calls().is_empty(),
+            "{} {} did not reach the backend",
+            c.method,
+            c.uri
+        );
         let content_type = res
             .headers()
             .get(header::CONTENT_TYPE)
@@ -198,14 +240,28 @@ async fn owner_token_reaches_every_route() {
 #[tokio::test]
 async fn answers_are_typed_as_the_api_promises() {
     let (app, _) = app();
-    let res = send(app.clone(), build("GET", "/console/v1/devices/DEV-1", Some("Bearer owner"), None)).await;
+    let res = send(
+        app.clone(),
+        build(
+            "GET",
+            "/console/v1/devices/DEV-1",
+            Some("Bearer owner"),
+            None,
+        ),
+    )
+    .await;
     assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
     let device: Device = serde_json::from_slice(&body_bytes(res).await).unwrap();
     assert_eq!(device.device_id, DEVICE);
 
     let res = send(
         app.clone(),
-        build("POST", "/console/v1/pairing/codes", Some("Bearer owner"), Some(r#"{"method":"qr","ttl_secs":120}"#)),
+        build(
+            "POST",
+            "/console/v1/pairing/codes",
+            Some("Bearer owner"),
+            Some(r#"{"method":"qr","ttl_secs":120}"#),
+        ),
     )
     .await;
     assert_eq!(res.status(), StatusCode::CREATED);
@@ -214,7 +270,11 @@ async fn answers_are_typed_as_the_api_promises() {
     assert!(code.uri.is_some());
     assert_eq!(code.expires_at, now() + time::Duration::seconds(120));
 
-    let res = send(app, build("GET", "/console/v1/inventory", Some("Bearer owner"), None)).await;
+    let res = send(
+        app,
+        build("GET", "/console/v1/inventory", Some("Bearer owner"), None),
+    )
+    .await;
     let inventory: Inventory = serde_json::from_slice(&body_bytes(res).await).unwrap();
     assert_eq!(inventory.devices[0].device_id, DEVICE);
 }
@@ -222,7 +282,16 @@ async fn answers_are_typed_as_the_api_promises() {
 #[tokio::test]
 async fn minting_without_a_body_uses_the_defaults() {
     let (app, _) = app();
-    let res = send(app, build("POST", "/console/v1/pairing/codes", Some("Bearer owner"), None)).await;
+    let res = send(
+        app,
+        build(
+            "POST",
+            "/console/v1/pairing/codes",
+            Some("Bearer owner"),
+            None,
+        ),
+    )
+    .await;
     assert_eq!(res.status(), StatusCode::CREATED);
     let code: MintedCode = serde_json::from_slice(&body_bytes(res).await).unwrap();
     assert_eq!(code.method, PairMethod::Pin);
@@ -238,22 +307,40 @@ async fn bad_json_bodies_are_400_bad_request() {
         ("/console/v1/tokens", ""),
         ("/console/v1/nodes/DEV-1/invoke", r#"{"input":1}"#),
         ("/console/v1/nodes/DEV-1/invoke", r#"[1,2]"#),
-        ("/console/v1/pairing/codes", r#"{"method":"carrier-pigeon"}"#),
-        ("/console/v1/pairing/requests/REQ-1/reject", r#"{"reason":5}"#),
+        (
+            "/console/v1/pairing/codes",
+            r#"{"method":"carrier-pigeon"}"#,
+        ),
+        (
+            "/console/v1/pairing/requests/REQ-1/reject",
+            r#"{"reason":5}"#,
+        ),
         ("/console/v1/devices/DEV-1/revoke", "not json"),
     ] {
         let (app, backend) = app();
         let res = send(app, build("POST", uri, Some("Bearer owner"), Some(body))).await;
         let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
         assert!(!message.contains("panic"), "{uri} {body}: {message}");
-        assert!(backend.calls().is_empty(), "{uri} {body:?} reached the backend");
+        assert!(
+            backend.calls().is_empty(),
+            "{uri} {body:?} reached the backend"
+        );
     }
 }
 
 #[tokio::test]
 async fn a_bad_body_from_a_caller_without_permission_is_still_403() {
     let (app, _) = app();
-    let res = send(app, build("POST", "/console/v1/tokens", Some("Bearer only:observability.read"), Some("{"))).await;
+    let res = send(
+        app,
+        build(
+            "POST",
+            "/console/v1/tokens",
+            Some("Bearer only:observability.read"),
+            Some("{"),
+        ),
+    )
+    .await;
     assert_error(res, StatusCode::FORBIDDEN, "forbidden").await;
 }
 
@@ -265,14 +352,31 @@ async fn a_non_json_content_type_is_415_json() {
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(Body::from("permissions=x"))
         .unwrap();
-    assert_error(send(app, req).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+    assert_error(
+        send(app, req).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn oversized_bodies_are_413_json() {
     let (app, backend) = app();
-    let big = format!(r#"{{"capability":"echo","input":"{}"}}"#, "x".repeat(2 << 20));
-    let res = send(app, build("POST", "/console/v1/nodes/DEV-1/invoke", Some("Bearer owner"), Some(&big))).await;
+    let big = format!(
+        r#"{{"capability":"echo","input":"{}"}}"#,
+        "x".repeat(2 << 20)
+    );
+    let res = send(
+        app,
+        build(
+            "POST",
+            "/console/v1/nodes/DEV-1/invoke",
+            Some("Bearer owner"),
+            Some(&big),
+        ),
+    )
+    .await;
     assert_error(res, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
     assert!(backend.calls().is_empty());
 }
@@ -291,9 +395,21 @@ async fn bad_query_parameters_are_400() {
         assert!(backend.calls().is_empty(), "{uri}");
     }
     let (app, _) = app();
-    let res = send(app, build("GET", "/console/v1/pairing/requests?state=bogus", Some("Bearer owner"), None)).await;
+    let res = send(
+        app,
+        build(
+            "GET",
+            "/console/v1/pairing/requests?state=bogus",
+            Some("Bearer owner"),
+            None,
+        ),
+    )
+    .await;
     let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
-    assert!(message.contains("pending_approval"), "lists the valid states: {message}");
+    assert!(
+        message.contains("pending_approval"),
+        "lists the valid states: {message}"
+    );
 }
 
 #[tokio::test]
@@ -317,7 +433,16 @@ async fn unknown_routes_are_404_json() {
 #[tokio::test]
 async fn unknown_ids_are_404_json_from_the_backend() {
     let (app, _) = app();
-    let res = send(app, build("GET", "/console/v1/devices/NOPE", Some("Bearer owner"), None)).await;
+    let res = send(
+        app,
+        build(
+            "GET",
+            "/console/v1/devices/NOPE",
+            Some("Bearer owner"),
+            None,
+        ),
+    )
+    .await;
     assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
 }
 
@@ -340,14 +465,43 @@ async fn wrong_methods_are_405_json() {
 #[tokio::test]
 async fn invoke_answers_200_when_final_and_202_while_running() {
     for (body, status, state) in [
-        (r#"{"capability":"echo","input":{"a":1}}"#, StatusCode::OK, InvocationState::Succeeded),
-        (r#"{"capability":"fail"}"#, StatusCode::OK, InvocationState::Failed),
-        (r#"{"capability":"missing"}"#, StatusCode::OK, InvocationState::Rejected),
-        (r#"{"capability":"slow","timeout_ms":10}"#, StatusCode::ACCEPTED, InvocationState::Dispatched),
-        (r#"{"capability":"echo","async":true}"#, StatusCode::ACCEPTED, InvocationState::Queued),
+        (
+            r#"{"capability":"echo","input":{"a":1}}"#,
+            StatusCode::OK,
+            InvocationState::Succeeded,
+        ),
+        (
+            r#"{"capability":"fail"}"#,
+            StatusCode::OK,
+            InvocationState::Failed,
+        ),
+        (
+            r#"{"capability":"missing"}"#,
+            StatusCode::OK,
+            InvocationState::Rejected,
+        ),
+        (
+            r#"{"capability":"slow","timeout_ms":10}"#,
+            StatusCode::ACCEPTED,
+            InvocationState::Dispatched,
+        ),
+        (
+            r#"{"capability":"echo","async":true}"#,
+            StatusCode::ACCEPTED,
+            InvocationState::Queued,
+        ),
     ] {
         let (app, _) = app();
-        let res = send(app, build("POST", "/console/v1/nodes/DEV-1/invoke", Some("Bearer owner"), Some(body))).await;
+        let res = send(
+            app,
+            build(
+                "POST",
+                "/console/v1/nodes/DEV-1/invoke",
+                Some("Bearer owner"),
+                Some(body),
+            ),
+        )
+        .await;
         assert_eq!(res.status(), status, "{body}");
         let inv: Invocation = serde_json::from_slice(&body_bytes(res).await).unwrap();
         assert_eq!(inv.state, state, "{body}");
@@ -361,10 +515,22 @@ async fn invoke_answers_200_when_final_and_202_while_running() {
 async fn reasons_are_optional_and_passed_through() {
     for (uri, body, want) in [
         ("/console/v1/pairing/requests/REQ-1/reject", None, None),
-        ("/console/v1/pairing/requests/REQ-1/reject", Some("{}"), None),
-        ("/console/v1/pairing/requests/REQ-1/reject", Some(r#"{"reason":"unknown box"}"#), Some("unknown box")),
+        (
+            "/console/v1/pairing/requests/REQ-1/reject",
+            Some("{}"),
+            None,
+        ),
+        (
+            "/console/v1/pairing/requests/REQ-1/reject",
+            Some(r#"{"reason":"unknown box"}"#),
+            Some("unknown box"),
+        ),
         ("/console/v1/devices/DEV-1/revoke", None, None),
-        ("/console/v1/devices/DEV-1/revoke", Some(r#"{"reason":"stolen"}"#), Some("stolen")),
+        (
+            "/console/v1/devices/DEV-1/revoke",
+            Some(r#"{"reason":"stolen"}"#),
+            Some("stolen"),
+        ),
     ] {
         let (app, backend) = app();
         let res = send(app, build("POST", uri, Some("Bearer owner"), body)).await;
@@ -384,7 +550,9 @@ async fn healthz_needs_no_token_and_reports_readiness() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(&body_bytes(res).await[..], br#"{"status":"ok"}"#);
 
-    backend.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    backend
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     let res = send(app, build("GET", "/healthz", None, None)).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(&body_bytes(res).await[..], br#"{"status":"starting"}"#);
@@ -410,7 +578,11 @@ async fn metrics_need_a_token_unless_made_public() {
         res.headers()[header::CONTENT_TYPE],
         "text/plain; version=0.0.4; charset=utf-8"
     );
-    assert!(String::from_utf8(body_bytes(res).await.to_vec()).unwrap().contains("anchorage_up 1"));
+    assert!(
+        String::from_utf8(body_bytes(res).await.to_vec())
+            .unwrap()
+            .contains("anchorage_up 1")
+    );
     // The rest of the API still needs its token.
     let res = send(app, build("GET", "/console/v1/devices", None, None)).await;
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
@@ -472,7 +644,16 @@ async fn read_sse(body: Body, count: usize) -> Vec<(String, Option<String>, Stri
 #[tokio::test]
 async fn sse_delivers_published_events() {
     let (app, backend) = app();
-    let res = send(app, build("GET", "/console/v1/events", Some("Bearer only:observability.read"), None)).await;
+    let res = send(
+        app,
+        build(
+            "GET",
+            "/console/v1/events",
+            Some("Bearer only:observability.read"),
+            None,
+        ),
+    )
+    .await;
     assert_eq!(res.status(), StatusCode::OK);
     // The handler subscribed before answering.
     assert_eq!(backend.events.receiver_count(), 1);
@@ -489,7 +670,11 @@ async fn sse_delivers_published_events() {
 async fn sse_reports_lag_and_goes_on() {
     let backend = Arc::new(TestBackend::with_event_capacity(2));
     let app = router(backend.clone());
-    let res = send(app, build("GET", "/console/v1/events", Some("Bearer owner"), None)).await;
+    let res = send(
+        app,
+        build("GET", "/console/v1/events", Some("Bearer owner"), None),
+    )
+    .await;
     for seq in 1..=5 {
         backend.events.send(event(seq, "invocation")).unwrap();
     }
@@ -498,11 +683,17 @@ async fn sse_reports_lag_and_goes_on() {
     assert_eq!(got[0].0, "lagged");
     let lag: serde_json::Value = serde_json::from_str(&got[0].2).unwrap();
     assert_eq!(lag["skipped"], 3);
-    assert_eq!((got[1].1.as_deref(), got[2].1.as_deref()), (Some("4"), Some("5")));
+    assert_eq!(
+        (got[1].1.as_deref(), got[2].1.as_deref()),
+        (Some("4"), Some("5"))
+    );
     // The same stream goes on after the lag.
     backend.events.send(event(6, "presence")).unwrap();
     let got = reader.next(1).await;
-    assert_eq!((got[0].0.as_str(), got[0].1.as_deref()), ("presence", Some("6")));
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_deref()),
+        ("presence", Some("6"))
+    );
 }
 
 #[tokio::test]
@@ -516,18 +707,34 @@ async fn sse_ends_when_the_router_shuts_down() {
             ..Default::default()
         },
     );
-    let res = send(app, build("GET", "/console/v1/events", Some("Bearer owner"), None)).await;
+    let res = send(
+        app,
+        build("GET", "/console/v1/events", Some("Bearer owner"), None),
+    )
+    .await;
     stop.send(true).unwrap();
     let body = tokio::time::timeout(Duration::from_secs(5), body_bytes(res))
         .await
         .expect("the stream ends on shutdown");
-    assert!(String::from_utf8_lossy(&body).starts_with(":"), "only the opening comment");
+    assert!(
+        String::from_utf8_lossy(&body).starts_with(":"),
+        "only the opening comment"
+    );
 }
 
 #[tokio::test]
 async fn qr_is_svg_and_not_cached() {
     let (app, _) = app();
-    let res = send(app, build("GET", "/console/v1/qr?text=hello", Some("Bearer owner"), None)).await;
+    let res = send(
+        app,
+        build(
+            "GET",
+            "/console/v1/qr?text=hello",
+            Some("Bearer owner"),
+            None,
+        ),
+    )
+    .await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()[header::CONTENT_TYPE], "image/svg+xml");
     assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");

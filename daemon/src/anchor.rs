@@ -202,6 +202,11 @@ impl Anchor {
         self.shared.ca.cert_der()
     }
 
+    /// SHA-256 fingerprint of the CA (pinned by QR codes).
+    pub fn ca_fingerprint(&self) -> anchorage_mesh::Fingerprint {
+        self.shared.ca.fingerprint()
+    }
+
     /// Path of the owner token file.
     pub fn owner_token_path(&self) -> &Path {
         &self.shared.owner_token_path

@@ -110,8 +110,14 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
         ca_fingerprint = %anchor.shared.ca.fingerprint(),
         "anchor ready"
     );
-    let app = anchorage_console::router(anchor.backend());
     let (http_stop, mut stop_rx) = tokio::sync::watch::channel(false);
+    let app = anchorage_console::routes::router_with_options(
+        anchor.backend(),
+        anchorage_console::routes::RouterOptions {
+            shutdown: Some(stop_rx.clone()),
+            ..Default::default()
+        },
+    );
     let http = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stop_rx.wait_for(|s| *s).await;

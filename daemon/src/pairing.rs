@@ -12,13 +12,11 @@ use anchorage_console::api::Principal;
 use anchorage_mesh::framed::{FramedRecv, FramedSend, framed};
 use anchorage_mesh::pairing::{
     AfterKeys, CodeId, CodeSecret, EXPORTER_LABEL, EXPORTER_LEN, QrPayload, anchor_respond,
-    random_id,
 };
 use anchorage_mesh::pki::csr_device_id_checked;
 use anchorage_mesh::{DeviceId, framed as fr};
 use anchorage_wire::bootstrap::*;
 use anchorage_wire::{ErrorCode, PROTOCOL_VERSION};
-use data_encoding::BASE32_NOPAD;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -548,8 +546,9 @@ async fn fresh(
         let a = anchor.clone();
         let sas = keys.sas().to_string();
         let after = keys.after().clone();
+        let request_id = keys.request_id().to_string();
         let code = code.clone();
-        blocking(move || create_request(&a, &code, csr, sas, after)).await?
+        blocking(move || create_request(&a, &code, csr, request_id, sas, after)).await?
     };
     info!(request_id = %request.request_id, device_id = %request.device_id, sas = %request.sas, "pairing request waits for approval");
     anchor.publish(
@@ -627,6 +626,7 @@ fn create_request(
     anchor: &Anchor,
     code: &CodeRecord,
     csr: CsrSubmit,
+    request_id: String,
     sas: String,
     keys: AfterKeys,
 ) -> Result<RequestRecord, Fail> {
@@ -644,8 +644,13 @@ fn create_request(
             "this device is revoked; an operator must remove it before it can pair again",
         ));
     }
-    let id_bytes = random_id::<10>().map_err(Fail::internal)?;
-    let request_id = format!("req_{}", BASE32_NOPAD.encode(&id_bytes).to_ascii_lowercase());
+    if store
+        .get::<RequestRecord>(Space::Requests, request_id.as_bytes())
+        .map_err(Fail::internal)?
+        .is_some()
+    {
+        return Err(Fail::new(PairFailure::ProtocolViolation, "request already exists"));
+    }
     let now = anchor.now_ms();
     let clean = |s: &str| -> String { s.chars().filter(|c| !c.is_control()).take(64).collect() };
     let request = RequestRecord {

@@ -355,6 +355,7 @@ pub struct PairingKeys {
     csr: [u8; 32],
     after: AfterKeys,
     sas: String,
+    request_id: String,
 }
 
 /// The keys that outlive the pairing stream: kept by the anchor with a pending request (to MAC
@@ -420,6 +421,7 @@ impl PairingKeys {
             out
         };
         let sas_key = expand(b"sas");
+        let request_key = expand(b"request id");
         PairingKeys {
             transcript,
             confirm_node: expand(b"confirm node"),
@@ -430,7 +432,18 @@ impl PairingKeys {
                 resume: expand(b"resume"),
             },
             sas: format_sas(&sas_key),
+            request_id: format!(
+                "req_{}",
+                BASE32_NOPAD.encode(&request_key[..10]).to_ascii_lowercase()
+            ),
         }
+    }
+
+    /// The pairing request's id, derived from the transcript so both sides know it before
+    /// the anchor answers (a node that loses the connection right after sending its CSR can
+    /// still resume).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
     }
 
     /// The node's confirmation MAC.
@@ -582,6 +595,8 @@ mod tests {
         assert_eq!(n.sas(), a.sas());
         assert_eq!(n.sas().len(), 9);
         assert_eq!(n.after(), a.after());
+        assert_eq!(n.request_id(), a.request_id());
+        assert!(n.request_id().starts_with("req_"));
         let tag = n.csr_mac(b"csr", "laptop", "linux");
         assert!(a.verify_csr_mac(b"csr", "laptop", "linux", &tag));
         assert!(!a.verify_csr_mac(b"csr", "laptop2", "linux", &tag));

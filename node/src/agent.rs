@@ -247,6 +247,11 @@ fn unix_ms() -> u64 {
     .unwrap_or(u64::MAX)
 }
 
+/// Resolves once `shutdown` is true (or its sender is gone), without holding the watch lock.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
 enum SessionEnd {
     Shutdown,
     Lost(String),
@@ -333,7 +338,7 @@ pub async fn run(
                 stats.set_error(reason);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.wait_for(|s| *s) => break Ok(()),
+                    _ = stopped(&mut shutdown) => break Ok(()),
                 }
             }
         }
@@ -456,7 +461,7 @@ async fn session(
     let mut renewing = false;
     let end = loop {
         tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => {
+            _ = stopped(shutdown) => {
                 let _ = tx.send(&ControlUp::Event(NodeEvent::Stopping { reason: "agent stopping".into() })).await;
                 let _ = tx.finish();
                 // Give the anchor a moment to read it before the close frame.

@@ -22,6 +22,8 @@ use crate::state::{PendingPairing, StateDir, StateError};
 
 /// Time to wait for each answer of the anchor (except the operator's decision).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a request can wait (the longest code TTL).
+pub const MAX_PENDING: Duration = Duration::from_secs(24 * 3600);
 /// Longest pause between reconnection attempts while pending.
 pub const RETRY_CAP: Duration = Duration::from_secs(30);
 
@@ -203,36 +205,49 @@ pub async fn pair(
     let csr_der = key
         .csr_der(&opts.device_name)
         .map_err(|e| PairError::Protocol(format!("cannot make a CSR: {e}")))?;
-    let mac = keys.csr_mac(&csr_der, &opts.device_name, &opts.platform);
-    send(
-        &mut tx,
-        BootstrapRequest::Csr(CsrSubmit {
-            csr_der,
-            device_name: opts.device_name.clone(),
-            platform: opts.platform.clone(),
-            mac,
-        }),
-    )
-    .await?;
-    let pending = match recv(&mut rx).await? {
-        BootstrapResponse::Pending(p) => p,
-        _ => return Err(PairError::Protocol("expected Pending".into())),
-    };
-    let saved = PendingPairing {
+    // The request id is derived from the transcript: saved before the CSR goes out, a pairing
+    // whose connection drops from here on can resume.
+    let mut saved = PendingPairing {
         anchor: opts.anchor.clone(),
-        request_id: pending.request_id.clone(),
-        sas: pending.sas.clone(),
-        expires_at_ms: pending.expires_at_ms,
+        request_id: keys.request_id().to_string(),
+        sas: keys.sas().to_string(),
+        expires_at_ms: unix_ms().saturating_add(MAX_PENDING.as_millis() as u64),
         pinned_ca: pinned.map(|f| f.to_string()),
         keys: keys.after().clone(),
     };
     state.save_pending(&saved)?;
-    progress(PairProgress::Pending {
-        request_id: pending.request_id.clone(),
-        sas: pending.sas.clone(),
-        expires_at_ms: pending.expires_at_ms,
-    });
-    match wait_result(&conn, &mut tx, &mut rx, state, &saved).await {
+    let mac = keys.csr_mac(&csr_der, &opts.device_name, &opts.platform);
+    let submitted = async {
+        send(
+            &mut tx,
+            BootstrapRequest::Csr(CsrSubmit {
+                csr_der,
+                device_name: opts.device_name.clone(),
+                platform: opts.platform.clone(),
+                mac,
+            }),
+        )
+        .await?;
+        match recv(&mut rx).await? {
+            BootstrapResponse::Pending(p) => Ok(p),
+            _ => Err(PairError::Protocol("expected Pending".into())),
+        }
+    }
+    .await;
+    let result = match submitted {
+        Ok(pending) => {
+            saved.expires_at_ms = pending.expires_at_ms;
+            state.save_pending(&saved)?;
+            progress(PairProgress::Pending {
+                request_id: pending.request_id.clone(),
+                sas: pending.sas.clone(),
+                expires_at_ms: pending.expires_at_ms,
+            });
+            wait_result(&conn, &mut tx, &mut rx, state, &saved).await
+        }
+        Err(e) => Err(e),
+    };
+    match result {
         Err(e) if e.is_transient() => {
             resume_loop(endpoint, state, opts.anchor_addr, &saved, &mut progress, e).await
         }

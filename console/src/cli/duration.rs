@@ -97,12 +97,25 @@ mod tests {
 
     #[test]
     fn refuses_garbage_with_a_useful_message() {
-        for bad in ["", "abc", "10x", "m", "1.5h", "-5s", "10m5", "99999999999999999999"] {
+        for bad in [
+            "",
+            "abc",
+            "10x",
+            "m",
+            "1.5h",
+            "-5s",
+            "10m5",
+            "99999999999999999999",
+        ] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains("duration"), "{bad:?}: {err}");
         }
         assert!(parse_duration("10x").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("999999999999999999d").unwrap_err().contains("too long"));
+        assert!(
+            parse_duration("999999999999999999d")
+                .unwrap_err()
+                .contains("too long")
+        );
     }
 
     #[test]

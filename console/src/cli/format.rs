@@ -150,7 +150,10 @@ pub fn age_ms(ms: Option<u64>) -> String {
 
 /// A duration in milliseconds as `12ms`, `3s`, `2m5s`, or `-`.
 pub fn duration_ms(ms: Option<u64>) -> String {
-    ms.map_or_else(|| "-".into(), |ms| format_duration(Duration::from_millis(ms)))
+    ms.map_or_else(
+        || "-".into(),
+        |ms| format_duration(Duration::from_millis(ms)),
+    )
 }
 
 /// A rate 0..1 as a percentage, or `-`.
@@ -257,6 +260,9 @@ mod tests {
         assert_eq!(millis(None), "-");
         assert_eq!(truncate("abcdef", 4), "abc…");
         assert_eq!(truncate("abc", 4), "abc");
-        assert_eq!(name(&crate::api::RequestState::PendingApproval), "pending_approval");
+        assert_eq!(
+            name(&crate::api::RequestState::PendingApproval),
+            "pending_approval"
+        );
     }
 }

@@ -1035,7 +1035,7 @@ fn human_inventory(inv: &Inventory, now: OffsetDateTime) -> String {
     );
     for i in &inv.instances {
         out.push_str(&format!(
-            "{} {} · up {} · {} nodes connected · quic {} · console {} · CA expires {}{}\n",
+            "{} {} · up {} · connected nodes {} · quic {} · console {} · CA expires {}{}\n",
             i.kind,
             i.version,
             format_duration(Duration::from_secs(i.uptime_secs)),
@@ -1342,8 +1342,8 @@ mod tests {
         assert!(cli.json);
         assert_eq!(cli.token.as_deref(), Some("t"));
         assert!(!cli.token_from_env);
-        let err = parse_from(["anchorctl", "--token", "t", "--token-file", "f", "nodes"])
-            .unwrap_err();
+        let err =
+            parse_from(["anchorctl", "--token", "t", "--token-file", "f", "nodes"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
         assert_eq!(err.exit_code(), i32::from(exit::USAGE));
     }
@@ -1355,7 +1355,16 @@ mod tests {
             &["anchorctl", "token", "create", "--perm", "root"],
             &["anchorctl", "token", "create"],
             &["anchorctl", "pair", "code", "--method", "sms"],
-            &["anchorctl", "invoke", "D", "echo", "--input", "1", "--input-file", "f"],
+            &[
+                "anchorctl",
+                "invoke",
+                "D",
+                "echo",
+                "--input",
+                "1",
+                "--input-file",
+                "f",
+            ],
         ] {
             let err = parse_from(args.iter().copied()).unwrap_err();
             assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{args:?}");
@@ -1376,7 +1385,11 @@ mod tests {
                 if sub.get_name() == "help" {
                     continue;
                 }
-                assert!(sub.get_about().is_some(), "{path} {} has no help", sub.get_name());
+                assert!(
+                    sub.get_about().is_some(),
+                    "{path} {} has no help",
+                    sub.get_name()
+                );
                 check(sub, &format!("{path} {}", sub.get_name()));
             }
         }

@@ -303,7 +303,12 @@ impl Backend for TestBackend {
         found(id, DEVICE, || device(Trust::Trusted))
     }
 
-    async fn revoke(&self, _who: &Principal, id: &str, reason: Option<String>) -> ApiResult<Device> {
+    async fn revoke(
+        &self,
+        _who: &Principal,
+        id: &str,
+        reason: Option<String>,
+    ) -> ApiResult<Device> {
         self.call("revoke");
         *self.last_reason.lock().unwrap() = Some(reason.clone());
         found(id, DEVICE, || {

@@ -1,0 +1,528 @@
+//! A real console server on 127.0.0.1:0 (over the in-memory test backend), driven by
+//! `ControlPlaneClient` and by `anchorctl`'s `run`, as an operator would.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anchorage_console::api::*;
+use anchorage_console::cli::{self, CliError, exit};
+use anchorage_console::client::{ClientError, ControlPlaneClient};
+use anchorage_console::routes::router;
+use futures_util::StreamExt;
+
+use common::*;
+
+async fn serve() -> (SocketAddr, Arc<TestBackend>) {
+    let backend = Arc::new(TestBackend::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(backend.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, backend)
+}
+
+fn client(addr: SocketAddr, token: &str) -> ControlPlaneClient {
+    ControlPlaneClient::new(&format!("http://{addr}/"), token).unwrap()
+}
+
+#[tokio::test]
+async fn client_round_trips_typed_calls() {
+    let (addr, _backend) = serve().await;
+    let c = client(addr, "owner");
+
+    let devices = c.list_devices().await.unwrap();
+    assert_eq!(devices[0].device_id, DEVICE);
+    assert_eq!(c.device(DEVICE).await.unwrap().name, "kitchen-pi");
+
+    let code = c
+        .mint_code(MintCodeRequest {
+            method: PairMethod::Qr,
+            ttl_secs: Some(120),
+        })
+        .await
+        .unwrap();
+    assert_eq!(code.method, PairMethod::Qr);
+    assert!(code.uri.unwrap().starts_with("anchorage://pair"));
+
+    let pending = c
+        .list_requests(Some(RequestState::PendingApproval))
+        .await
+        .unwrap();
+    assert_eq!(pending[0].request_id, REQUEST);
+    let rejected = c.reject(REQUEST, Some("not ours".into())).await.unwrap();
+    assert_eq!(rejected.state, RequestState::Rejected);
+    assert_eq!(rejected.reason.as_deref(), Some("not ours"));
+
+    let inv = c
+        .invoke(
+            DEVICE,
+            InvokeRequest {
+                capability: "echo".into(),
+                input: serde_json::json!({"hello": "mesh"}),
+                timeout_ms: Some(5_000),
+                async_: false,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(inv.state, InvocationState::Succeeded);
+    assert_eq!(inv.output, Some(serde_json::json!({"hello": "mesh"})));
+
+    let list = c
+        .list_invocations(InvocationQuery {
+            device_id: Some(DEVICE.into()),
+            limit: Some(1),
+        })
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 1);
+
+    let token = c
+        .create_token(CreateTokenRequest {
+            name: Some("ci".into()),
+            permissions: vec![Permission::ObservabilityRead],
+        })
+        .await
+        .unwrap();
+    assert_eq!(token.permissions, vec![Permission::ObservabilityRead]);
+
+    c.remove(DEVICE).await.unwrap();
+    assert!(c.metrics().await.unwrap().contains("anchorage_up 1"));
+    assert!(c.healthz().await.unwrap());
+}
+
+#[tokio::test]
+async fn api_errors_keep_their_status_and_code() {
+    let (addr, backend) = serve().await;
+
+    let err = client(addr, "owner").device("NOPE").await.unwrap_err();
+    match &err {
+        ClientError::Api {
+            status,
+            code,
+            message,
+        } => {
+            assert_eq!((*status, code.as_str()), (404, "not_found"));
+            assert!(message.contains("NOPE"), "{message}");
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+
+    let err = client(addr, "wrong").list_devices().await.unwrap_err();
+    assert_eq!(
+        (err.status(), err.code()),
+        (Some(401), Some("unauthorized"))
+    );
+
+    let err = client(addr, "only:observability.read")
+        .approve(REQUEST)
+        .await
+        .unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(403), Some("forbidden")));
+    assert!(err.to_string().contains("trust.operate"), "{err}");
+    assert!(!backend.calls().contains(&"approve"));
+
+    backend
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(!client(addr, "owner").healthz().await.unwrap());
+}
+
+#[tokio::test]
+async fn an_unreachable_anchor_is_an_http_error_naming_the_url() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let err = client(addr, "owner").list_devices().await.unwrap_err();
+    assert!(matches!(err, ClientError::Http(_)), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains(&addr.to_string()), "{message}");
+    assert_eq!(cli::exit_code(&err), exit::UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn events_arrive_on_the_client_stream() {
+    let (addr, backend) = serve().await;
+    let stream = client(addr, "only:observability.read")
+        .events()
+        .await
+        .unwrap();
+    let mut stream = std::pin::pin!(stream);
+    // Subscribed once `events()` returned.
+    assert_eq!(backend.events.receiver_count(), 1);
+    let first = event(1, "pairing.requested");
+    let second = event(2, "presence");
+    backend.events.send(first.clone()).unwrap();
+    backend.events.send(second.clone()).unwrap();
+    let got1 = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let got2 = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((got1, got2), (first, second));
+
+    let err = client(addr, "none").events().await.err().unwrap();
+    assert_eq!(err.code(), Some("forbidden"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// anchorctl, in-process
+
+/// Runs `anchorctl <args>` against `addr` with `token`; returns (result, stdout).
+async fn anchorctl(addr: SocketAddr, token: &str, args: &[&str]) -> (Result<(), CliError>, String) {
+    let url = format!("http://{addr}");
+    let mut argv = vec!["anchorctl", "--url", &url, "--token", token];
+    argv.extend_from_slice(args);
+    let cli = cli::parse_from(argv).unwrap();
+    let mut out = Vec::new();
+    let result = cli::run(cli, &mut out, std::future::pending()).await;
+    (result, String::from_utf8(out).unwrap())
+}
+
+fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not one JSON document ({e}): {stdout}"))
+}
+
+#[tokio::test]
+async fn anchorctl_json_output_has_the_contract_fields() {
+    let (addr, _backend) = serve().await;
+
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &["pair", "code", "--method", "qr", "--ttl", "2m", "--json"],
+    )
+    .await;
+    r.unwrap();
+    let code = json(&out);
+    for field in ["code_id", "code", "method", "expires_at", "uri"] {
+        assert!(
+            code.get(field).is_some(),
+            "pair code --json lacks {field}: {out}"
+        );
+    }
+    assert_eq!(code["method"], "qr");
+
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &["--json", "pair", "list", "--state", "pending_approval"],
+    )
+    .await;
+    r.unwrap();
+    let list = json(&out);
+    for field in [
+        "request_id",
+        "device_id",
+        "device_name",
+        "state",
+        "sas",
+        "requested_at",
+        "expires_at",
+    ] {
+        assert!(
+            list[0].get(field).is_some(),
+            "pair list --json lacks {field}"
+        );
+    }
+
+    let (r, out) = anchorctl(addr, "owner", &["device", "show", DEVICE, "--json"]).await;
+    r.unwrap();
+    let device = json(&out);
+    for field in ["device_id", "name", "trust", "cert_expires_at"] {
+        assert!(
+            device.get(field).is_some(),
+            "device show --json lacks {field}"
+        );
+    }
+
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &[
+            "token",
+            "create",
+            "--perm",
+            "nodes.invoke",
+            "--perm",
+            "observability.read",
+            "--name",
+            "ci",
+            "--json",
+        ],
+    )
+    .await;
+    r.unwrap();
+    let token = json(&out);
+    assert_eq!(
+        token["permissions"],
+        serde_json::json!(["observability.read", "nodes.invoke"])
+    );
+    assert!(token["token"].is_string() && token["id"].is_string());
+
+    let (r, out) = anchorctl(addr, "owner", &["inventory", "--json"]).await;
+    r.unwrap();
+    let inv = json(&out);
+    let d = &inv["devices"][0];
+    for field in [
+        "device_id",
+        "name",
+        "trust",
+        "presence",
+        "heartbeat_age_ms",
+        "loss_rate",
+        "rtt_ms",
+        "warnings",
+    ] {
+        assert!(
+            d.get(field).is_some(),
+            "inventory --json device lacks {field}"
+        );
+    }
+    assert_eq!(
+        d["capabilities"],
+        serde_json::json!({"total": 1, "available": 1, "unavailable": 0})
+    );
+    assert!(inv["summary"].is_object() && inv["instances"].is_array());
+
+    let (r, out) = anchorctl(addr, "owner", &["device", "remove", DEVICE, "--json"]).await;
+    r.unwrap();
+    assert_eq!(json(&out)["removed"], true);
+}
+
+#[tokio::test]
+async fn anchorctl_invoke_exit_status_follows_the_invocation() {
+    let (addr, _backend) = serve().await;
+
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &[
+            "invoke",
+            DEVICE,
+            "echo",
+            "--input",
+            r#"{"a":1}"#,
+            "--timeout",
+            "5s",
+            "--json",
+        ],
+    )
+    .await;
+    r.unwrap();
+    let inv = json(&out);
+    assert_eq!(inv["state"], "succeeded");
+    assert_eq!(inv["output"], serde_json::json!({"a": 1}));
+    for field in ["invocation_id", "state", "output", "error"] {
+        assert!(inv.get(field).is_some(), "invoke --json lacks {field}");
+    }
+
+    let (r, out) = anchorctl(addr, "owner", &["invoke", DEVICE, "fail", "--json"]).await;
+    let err = r.unwrap_err();
+    assert_eq!((err.exit, err.code.as_str()), (exit::FAILURE, "failed"));
+    assert_eq!(
+        json(&out)["error"],
+        "exit status 3",
+        "the result is still printed"
+    );
+
+    let (r, _) = anchorctl(addr, "owner", &["invoke", DEVICE, "slow"]).await;
+    assert_eq!(r.unwrap_err().code, "still_running");
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &["invoke", DEVICE, "slow", "--async", "--json"],
+    )
+    .await;
+    r.unwrap();
+    assert_eq!(json(&out)["state"], "queued");
+
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &["invoke", DEVICE, "echo", "--input", r#"{"hello":"#],
+    )
+    .await;
+    let err = r.unwrap_err();
+    assert_eq!(err.exit, exit::BAD_INPUT);
+    assert!(err.message.contains("--input"), "{}", err.message);
+    assert!(out.is_empty());
+
+    let (r, _) = anchorctl(
+        addr,
+        "owner",
+        &[
+            "invoke",
+            DEVICE,
+            "echo",
+            "--input-file",
+            "/nonexistent/input.json",
+        ],
+    )
+    .await;
+    let err = r.unwrap_err();
+    assert_eq!(err.exit, exit::BAD_INPUT);
+    assert!(
+        err.message.contains("/nonexistent/input.json"),
+        "{}",
+        err.message
+    );
+
+    // Human output: the state line, then the output.
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &["invoke", DEVICE, "echo", "--input", "[1,2]"],
+    )
+    .await;
+    r.unwrap();
+    assert!(out.starts_with("succeeded"), "{out}");
+    assert!(out.contains("[\n  1,\n  2\n]"), "{out}");
+}
+
+#[tokio::test]
+async fn anchorctl_exit_codes_for_failures() {
+    let (addr, _backend) = serve().await;
+
+    let (r, _) = anchorctl(addr, "owner", &["device", "show", "NOPE"]).await;
+    let err = r.unwrap_err();
+    assert_eq!((err.exit, err.code.as_str()), (exit::FAILURE, "not_found"));
+    assert_eq!(
+        format!("error: {err}"),
+        "error: not_found: no such thing: NOPE"
+    );
+
+    let (r, _) = anchorctl(addr, "wrong", &["device", "list"]).await;
+    assert_eq!(r.unwrap_err().exit, exit::AUTH);
+    let (r, _) = anchorctl(
+        addr,
+        "only:observability.read",
+        &["device", "revoke", DEVICE],
+    )
+    .await;
+    let err = r.unwrap_err();
+    assert_eq!((err.exit, err.code.as_str()), (exit::AUTH, "forbidden"));
+
+    let (r, _) = anchorctl(addr, "owner", &["pair", "code", "--ttl", "25h"]).await;
+    let err = r.unwrap_err();
+    assert_eq!(err.exit, exit::BAD_INPUT);
+    assert!(err.message.contains("30s to 1d"), "{}", err.message);
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = listener.local_addr().unwrap();
+    drop(listener);
+    let (r, _) = anchorctl(dead, "owner", &["nodes"]).await;
+    let err = r.unwrap_err();
+    assert_eq!(
+        (err.exit, err.code.as_str()),
+        (exit::UNAVAILABLE, "unreachable")
+    );
+}
+
+#[tokio::test]
+async fn anchorctl_human_tables() {
+    let (addr, _backend) = serve().await;
+    let (r, out) = anchorctl(addr, "owner", &["device", "list"]).await;
+    r.unwrap();
+    let mut lines = out.lines();
+    let header = lines.next().unwrap();
+    assert!(header.starts_with("DEVICE  NAME"), "{out}");
+    assert!(header.contains("TRUST"), "{out}");
+    let row = lines.next().unwrap();
+    assert!(
+        row.starts_with(DEVICE) && row.contains("kitchen-pi") && row.contains("trusted"),
+        "{out}"
+    );
+    // Columns line up: NAME starts at the same offset in both lines.
+    assert_eq!(header.find("NAME"), row.find("kitchen-pi"), "{out}");
+
+    let (r, out) = anchorctl(addr, "owner", &["inventory"]).await;
+    r.unwrap();
+    assert!(out.contains("certificate_near_expiry"), "{out}");
+    assert!(out.contains("1/1"), "capabilities available/total: {out}");
+
+    let (r, out) = anchorctl(addr, "owner", &["pair", "code"]).await;
+    r.unwrap();
+    assert!(out.contains("K7QF-482913"), "{out}");
+    assert!(out.contains("expires"), "{out}");
+}
+
+/// A writer tests can read while `run` still holds it.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn anchorctl_events_prints_ndjson_until_shutdown() {
+    let (addr, backend) = serve().await;
+    let url = format!("http://{addr}");
+    let cli = cli::parse_from([
+        "anchorctl",
+        "--url",
+        &url,
+        "--token",
+        "owner",
+        "events",
+        "--json",
+    ])
+    .unwrap();
+    let out = Shared::default();
+    let mut writer = out.clone();
+    let lines = |out: &Shared| {
+        out.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+    };
+    let shutdown = {
+        let out = out.clone();
+        async move {
+            while lines(&out) < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let publish = async {
+        while backend.events.receiver_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        backend.events.send(event(1, "presence")).unwrap();
+        backend.events.send(event(2, "device.revoked")).unwrap();
+    };
+    let (result, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(cli::run(cli, &mut writer, shutdown), publish)
+    })
+    .await
+    .expect("events ends at shutdown");
+    result.unwrap();
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    let events: Vec<Event> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        vec![event(1, "presence"), event(2, "device.revoked")]
+    );
+}
