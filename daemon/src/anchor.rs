@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::clock::Clock;
 use crate::config::AnchorConfig;
 use crate::metrics::Metrics;
-use crate::records::{DeviceRecord, DeviceTrust, RevocationRecord};
+use crate::records::{DeviceRecord, RevocationRecord};
 use crate::store::{Space, Store, StoreError};
 use crate::{runtime, session};
 
@@ -207,6 +207,15 @@ impl Anchor {
         self.shared.ca.fingerprint()
     }
 
+    /// Heartbeats received and estimated lost so far.
+    pub fn shared_metrics(&self) -> (u64, u64) {
+        let rt = &self.shared.runtime;
+        (
+            rt.heartbeats_received.load(Ordering::Relaxed),
+            rt.heartbeats_lost.load(Ordering::Relaxed),
+        )
+    }
+
     /// Path of the owner token file.
     pub fn owner_token_path(&self) -> &Path {
         &self.shared.owner_token_path
@@ -349,17 +358,6 @@ impl Anchor {
     /// The trust record of a device.
     pub(crate) fn device_record(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         self.shared.store.get(Space::Devices, id.as_bytes())
-    }
-
-    /// Whether a device may hold a node session.
-    pub(crate) fn device_trusted(&self, id: &DeviceId) -> Result<bool, StoreError> {
-        Ok(matches!(
-            self.device_record(id)?,
-            Some(DeviceRecord {
-                trust: DeviceTrust::Trusted,
-                ..
-            })
-        ))
     }
 
     fn ensure_owner_token(&self) -> Result<(), StartError> {

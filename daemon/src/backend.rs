@@ -338,31 +338,124 @@ impl Backend for AnchorBackend {
     }
 
     async fn inventory(&self) -> ApiResult<Inventory> {
-        Err(ApiError::unavailable("inventory is not yet available"))
+        self.blocking(|a| {
+            Ok(crate::inventory::inventory(a, all_devices(a)?, all_requests(a)?))
+        })
+        .await
     }
 
-    async fn inventory_device(&self, _id: &str) -> ApiResult<InventoryDevice> {
-        Err(ApiError::unavailable("inventory is not yet available"))
+    async fn inventory_device(&self, id: &str) -> ApiResult<InventoryDevice> {
+        let id = id.to_string();
+        self.blocking(move |a| {
+            let device = parse_device(&id)?;
+            let record = a.device_record(&device).map_err(store_err)?;
+            crate::inventory::inventory_device(a, device, record, all_requests(a)?)
+                .ok_or_else(|| TrustError::NotFound(format!("device {id}")))
+        })
+        .await
     }
 
     async fn list_nodes(&self) -> ApiResult<Vec<Node>> {
-        Err(ApiError::unavailable("nodes are not yet available"))
+        Ok(crate::inventory::nodes(&self.anchor))
     }
 
-    async fn node(&self, _id: &str) -> ApiResult<Node> {
-        Err(ApiError::unavailable("nodes are not yet available"))
+    async fn node(&self, id: &str) -> ApiResult<Node> {
+        let device = parse_device(id).map_err(api_error)?;
+        crate::inventory::node(&self.anchor, &device)
+            .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))
     }
 
-    async fn invoke(&self, _who: &Principal, _device_id: &str, _req: InvokeRequest) -> ApiResult<Invocation> {
-        Err(ApiError::unavailable("invocations are not yet available"))
+    async fn invoke(&self, who: &Principal, device_id: &str, req: InvokeRequest) -> ApiResult<Invocation> {
+        let device = parse_device(device_id).map_err(api_error)?;
+        if req.capability.is_empty() || req.capability.len() > anchorage_wire::limits::MAX_NAME_LEN {
+            return Err(ApiError::bad_request("capability must be 1-128 bytes"));
+        }
+        let input = serde_json::to_vec(&req.input).map_err(|_| ApiError::bad_request("input is not JSON"))?;
+        if input.len() > anchorage_wire::limits::MAX_INVOKE_INPUT {
+            return Err(ApiError::bad_request(format!(
+                "input is {} bytes; the limit is {}",
+                input.len(),
+                anchorage_wire::limits::MAX_INVOKE_INPUT
+            )));
+        }
+        let timeout = crate::runtime::invoke_timeout(req.timeout_ms);
+        let anchor = self.anchor.clone();
+        let d = device;
+        let trusted = self
+            .blocking(move |a| {
+                Ok(matches!(
+                    a.device_record(&d).map_err(store_err)?,
+                    Some(DeviceRecord { trust: DeviceTrust::Trusted, .. })
+                ))
+            })
+            .await;
+        match trusted {
+            Ok(true) => {}
+            Ok(false) => return Err(ApiError::not_found(format!("no trusted device {device_id}"))),
+            Err(e) => return Err(e),
+        }
+        let rt = &anchor.shared.runtime;
+        let record = rt
+            .create_invocation(&anchor, device, req.capability, input, timeout, trust::actor(who))
+            .await
+            .map_err(|e| api_error(TrustError::Store(e)))?;
+        if req.async_ || record.state.is_final() {
+            return Ok(crate::inventory::invocation_api(&record));
+        }
+        // Wait for the end, up to the deadline and a little more for the answer to land.
+        let waited = rt
+            .wait_final(&anchor, record.id, timeout + Duration::from_secs(2))
+            .await
+            .map_err(|e| api_error(TrustError::Store(e)))?;
+        Ok(crate::inventory::invocation_api(waited.as_ref().unwrap_or(&record)))
     }
 
-    async fn list_invocations(&self, _query: InvocationQuery) -> ApiResult<Vec<Invocation>> {
-        Err(ApiError::unavailable("invocations are not yet available"))
+    async fn list_invocations(&self, query: InvocationQuery) -> ApiResult<Vec<Invocation>> {
+        let device = match &query.device_id {
+            Some(d) => Some(parse_device(d).map_err(|_| ApiError::bad_request(format!("invalid device id {d:?}")))?),
+            None => None,
+        };
+        let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+        self.blocking(move |a| {
+            let rt = &a.shared.runtime;
+            let mut out = Vec::new();
+            // Newest first: keys start with the creation time.
+            for (_, r) in a
+                .shared
+                .store
+                .scan::<crate::records::InvocationRecord>(Space::Invocations)
+                .map_err(store_err)?
+                .into_iter()
+                .rev()
+            {
+                if device.is_some_and(|d| d != r.device_id) {
+                    continue;
+                }
+                let current = rt.invocation(&a.shared.store, &r.id).map_err(store_err)?.unwrap_or(r);
+                out.push(crate::inventory::invocation_api(&current));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
-    async fn invocation(&self, _id: &str) -> ApiResult<Invocation> {
-        Err(ApiError::unavailable("invocations are not yet available"))
+    async fn invocation(&self, id: &str) -> ApiResult<Invocation> {
+        let parsed: anchorage_wire::invoke::InvocationId = id
+            .parse()
+            .map_err(|_| ApiError::not_found(format!("invocation {id} not found")))?;
+        let id = id.to_string();
+        self.blocking(move |a| {
+            a.shared
+                .runtime
+                .invocation(&a.shared.store, &parsed.0)
+                .map_err(store_err)?
+                .map(|r| crate::inventory::invocation_api(&r))
+                .ok_or_else(|| TrustError::NotFound(format!("invocation {id}")))
+        })
+        .await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {

@@ -178,3 +178,101 @@ pub struct AuditRecord {
     /// Details.
     pub detail: String,
 }
+
+/// A capability as registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityRecord {
+    /// Name.
+    pub name: String,
+    /// Available at last report.
+    pub available: bool,
+    /// Why not.
+    pub reason: Option<String>,
+    /// One line.
+    pub description: String,
+}
+
+/// A node's last registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Device.
+    pub device_id: DeviceId,
+    /// Name it registered with.
+    pub name: String,
+    /// Platform.
+    pub platform: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Capabilities.
+    pub capabilities: Vec<CapabilityRecord>,
+    /// First registration.
+    pub first_registered_at_ms: u64,
+    /// Latest registration.
+    pub registered_at_ms: u64,
+}
+
+/// Last-seen of a node, written in batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    /// Last heartbeat or registration.
+    pub last_seen_ms: u64,
+    /// The last session ended with a clean `stopping`.
+    pub stopped_cleanly: bool,
+}
+
+/// State of an invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InvocationState {
+    /// Waiting for the node.
+    Queued,
+    /// Sent.
+    Dispatched,
+    /// Succeeded.
+    Succeeded,
+    /// Failed.
+    Failed,
+    /// Deadline passed.
+    TimedOut,
+    /// Unknown or unavailable capability.
+    Rejected,
+}
+
+impl InvocationState {
+    /// Whether it has ended.
+    pub fn is_final(self) -> bool {
+        !matches!(self, InvocationState::Queued | InvocationState::Dispatched)
+    }
+}
+
+/// An invocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvocationRecord {
+    /// Id (the first 8 bytes are the creation time, so keys sort by age).
+    pub id: [u8; 16],
+    /// Target.
+    pub device_id: DeviceId,
+    /// Capability.
+    pub capability: String,
+    /// Input JSON.
+    pub input: Vec<u8>,
+    /// State.
+    pub state: InvocationState,
+    /// Who asked.
+    pub requested_by: String,
+    /// Created.
+    pub created_at_ms: u64,
+    /// Deadline.
+    pub deadline_ms: u64,
+    /// Dispatched (last time).
+    pub dispatched_at_ms: Option<u64>,
+    /// Finished.
+    pub finished_at_ms: Option<u64>,
+    /// Output (up to the limit).
+    pub output: Vec<u8>,
+    /// Output was truncated.
+    pub truncated: bool,
+    /// Error detail.
+    pub error: Option<String>,
+    /// Time on the node.
+    pub duration_ms: Option<u64>,
+}

@@ -67,17 +67,6 @@ pub(crate) fn request_rotation(anchor: &Anchor, device: &DeviceId) {
     }
 }
 
-/// The live session of a device.
-pub(crate) fn session(anchor: &Anchor, device: &DeviceId) -> Option<SessionHandle> {
-    anchor
-        .shared
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(device)
-        .cloned()
-}
-
 type Tx = FramedSend<ControlDown>;
 type Rx = FramedRecv<ControlUp>;
 

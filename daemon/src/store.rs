@@ -317,6 +317,11 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Adds an already encoded value (see [`Store::encode`]).
+    pub fn put_raw(&mut self, space: Space, key: &[u8], value: Vec<u8>) {
+        self.inner.insert(self.store.ks(space), key.to_vec(), value);
+    }
+
     /// Adds a removal.
     pub fn remove(&mut self, space: Space, key: &[u8]) {
         self.inner.remove(self.store.ks(space), key.to_vec());
@@ -330,6 +335,167 @@ impl Batch<'_> {
         };
         self.inner.durability(Some(mode)).commit()?;
         Ok(())
+    }
+}
+
+impl Store {
+    /// Encodes a record as stored (schema byte + postcard).
+    pub fn encode<T: Serialize>(space: Space, value: &T) -> Result<Vec<u8>, StoreError> {
+        encode(space, value)
+    }
+
+    /// Starts the writer thread: writes queued from async code are applied in order and
+    /// committed in batches. Callers that must know a write is durable await
+    /// [`Writer::barrier`].
+    pub fn writer(&self) -> Writer {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteOp>(WRITER_QUEUE);
+        let store = self.clone();
+        let commit = move |ops: Vec<WriteOp>| {
+            let mut batch = store.batch();
+            let mut barriers = Vec::new();
+            for o in ops {
+                match o {
+                    WriteOp::Put { space, key, value } => batch.put_raw(space, &key, value),
+                    WriteOp::Remove { space, key } => batch.remove(space, &key),
+                    WriteOp::Barrier(ack) => barriers.push(ack),
+                }
+            }
+            let result = batch.commit(Durability::Flush).map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "store write failed");
+            }
+            for ack in barriers {
+                let _ = ack.send(result.clone());
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            // One task drains the queue in order; each batch commits on the blocking pool
+            // (which also keeps a paused test clock from jumping while the disk works).
+            Ok(handle) => {
+                handle.spawn(async move {
+                    while let Some(first) = rx.recv().await {
+                        let mut ops = vec![first];
+                        while ops.len() < WRITER_BATCH {
+                            match rx.try_recv() {
+                                Ok(op) => ops.push(op),
+                                Err(_) => break,
+                            }
+                        }
+                        let commit = commit.clone();
+                        if tokio::task::spawn_blocking(move || commit(ops)).await.is_err() {
+                            tracing::error!("store writer task failed");
+                        }
+                    }
+                });
+            }
+            Err(_) => {
+                let spawned = std::thread::Builder::new()
+                    .name("anchorage-store".into())
+                    .spawn(move || {
+                        while let Some(first) = rx.blocking_recv() {
+                            let mut ops = vec![first];
+                            while ops.len() < WRITER_BATCH {
+                                match rx.try_recv() {
+                                    Ok(op) => ops.push(op),
+                                    Err(_) => break,
+                                }
+                            }
+                            commit(ops);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start the store writer thread");
+                }
+            }
+        }
+        Writer { tx }
+    }
+}
+
+/// Writes queued before the writer blocks senders.
+pub const WRITER_QUEUE: usize = 8192;
+/// Most writes committed in one batch.
+pub const WRITER_BATCH: usize = 1024;
+
+enum WriteOp {
+    Put {
+        space: Space,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Remove {
+        space: Space,
+        key: Vec<u8>,
+    },
+    Barrier(tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
+/// A handle on the store's writer thread. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    tx: tokio::sync::mpsc::Sender<WriteOp>,
+}
+
+impl std::fmt::Debug for WriteOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteOp")
+    }
+}
+
+impl Writer {
+    /// Queues a record write (waits only if the queue is full).
+    pub async fn put<T: Serialize>(&self, space: Space, key: &[u8], value: &T) {
+        match encode(space, value) {
+            Ok(value) => {
+                let _ = self
+                    .tx
+                    .send(WriteOp::Put {
+                        space,
+                        key: key.to_vec(),
+                        value,
+                    })
+                    .await;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a record"),
+        }
+    }
+
+    /// Queues a write without waiting; `false` if the queue is full (the write is dropped).
+    pub fn try_put<T: Serialize>(&self, space: Space, key: &[u8], value: &T) -> bool {
+        match encode(space, value) {
+            Ok(value) => self
+                .tx
+                .try_send(WriteOp::Put {
+                    space,
+                    key: key.to_vec(),
+                    value,
+                })
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Queues a removal.
+    pub async fn remove(&self, space: Space, key: &[u8]) {
+        let _ = self
+            .tx
+            .send(WriteOp::Remove {
+                space,
+                key: key.to_vec(),
+            })
+            .await;
+    }
+
+    /// Resolves once every write queued before it is committed (flushed to the OS).
+    pub async fn barrier(&self) -> Result<(), StoreError> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(WriteOp::Barrier(ack))
+            .await
+            .map_err(|_| StoreError::Task("store writer stopped".into()))?;
+        done.await
+            .map_err(|_| StoreError::Task("store writer stopped".into()))?
+            .map_err(StoreError::Task)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod framed;
 pub mod identity;
 pub mod pairing;
 pub mod pki;
+pub mod presence;
 pub mod tls;
 pub mod transport;
 
