@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anchorage_console::api::{Event, Permission};
-use anchorage_mesh::pki::{CertificateAuthority, DEFAULT_CA_VALIDITY, DEFAULT_SERVER_CERT_VALIDITY};
+use anchorage_mesh::pki::{
+    CertificateAuthority, DEFAULT_CA_VALIDITY, DEFAULT_SERVER_CERT_VALIDITY,
+};
 use anchorage_mesh::tls::{self, AnchorTls, PeerKind, RevocationSet, ServerCertResolver};
 use anchorage_mesh::{DeviceId, framed};
 use anchorage_wire::ErrorCode;
@@ -138,7 +140,8 @@ impl Anchor {
         for (key, _) in store.scan::<RevocationRecord>(Space::Revocations)? {
             match key.split_first() {
                 Some((b'd', rest)) => {
-                    if let Ok(id) = <[u8; anchorage_mesh::identity::DEVICE_ID_LEN]>::try_from(rest) {
+                    if let Ok(id) = <[u8; anchorage_mesh::identity::DEVICE_ID_LEN]>::try_from(rest)
+                    {
                         revocation.revoke_device(DeviceId::from_bytes(id));
                     }
                 }
@@ -475,11 +478,12 @@ fn load_or_create_ca(dir: &Path, now: SystemTime) -> Result<CertificateAuthority
             Ok(ca)
         }
         (false, false) => {
-            let ca = CertificateAuthority::generate("Anchorage anchor CA", DEFAULT_CA_VALIDITY, now)
-                .map_err(|e| StartError::Ca {
-                    path: cert_path.clone(),
-                    message: e.to_string(),
-                })?;
+            let ca =
+                CertificateAuthority::generate("Anchorage anchor CA", DEFAULT_CA_VALIDITY, now)
+                    .map_err(|e| StartError::Ca {
+                        path: cert_path.clone(),
+                        message: e.to_string(),
+                    })?;
             write_private_file(&key_path, ca.key_pem().as_bytes())?;
             write_private_file(&cert_path, ca.cert_pem().as_bytes())?;
             info!(path = %cert_path.display(), fingerprint = %ca.fingerprint(), "created the anchor CA");

@@ -12,7 +12,9 @@ use tracing::warn;
 use crate::anchor::Anchor;
 use crate::clock::to_odt;
 use crate::pairing::{self, code_state, request_state};
-use crate::records::{CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, RequestRecord, TokenRecord};
+use crate::records::{
+    CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, RequestRecord, TokenRecord,
+};
 use crate::store::{Space, StoreError};
 use crate::trust::{self, TrustError};
 
@@ -149,7 +151,7 @@ pub(crate) fn all_requests(anchor: &Anchor) -> Result<Vec<RequestRecord>, TrustE
         .into_iter()
         .map(|(_, r)| r)
         .collect();
-    reqs.sort_by(|a, b| b.requested_at_ms.cmp(&a.requested_at_ms));
+    reqs.sort_by_key(|r| std::cmp::Reverse(r.requested_at_ms));
     Ok(reqs)
 }
 
@@ -206,7 +208,7 @@ impl Backend for AnchorBackend {
                 .into_iter()
                 .map(|(_, c)| c)
                 .collect();
-            codes.sort_by(|x, y| y.created_at_ms.cmp(&x.created_at_ms));
+            codes.sort_by_key(|c| std::cmp::Reverse(c.created_at_ms));
             Ok(codes.iter().map(|c| code_api(c, now)).collect())
         })
         .await
@@ -306,12 +308,20 @@ impl Backend for AnchorBackend {
         .await
     }
 
-    async fn create_token(&self, who: &Principal, req: CreateTokenRequest) -> ApiResult<CreatedToken> {
+    async fn create_token(
+        &self,
+        who: &Principal,
+        req: CreateTokenRequest,
+    ) -> ApiResult<CreatedToken> {
         let actor = trust::actor(who);
         self.blocking(move |a| {
             let name = req.name.unwrap_or_else(|| "unnamed".into());
             let created = trust::create_token_internal(a, &actor, name, req.permissions)?;
-            a.publish("token", None, serde_json::json!({"id": created.id, "action": "created"}));
+            a.publish(
+                "token",
+                None,
+                serde_json::json!({"id": created.id, "action": "created"}),
+            );
             Ok(created)
         })
         .await
@@ -321,7 +331,7 @@ impl Backend for AnchorBackend {
         self.blocking(|a| {
             let tokens = a.shared.tokens.lock().unwrap_or_else(|e| e.into_inner());
             let mut list: Vec<TokenInfo> = tokens.values().map(token_api).collect();
-            list.sort_by(|x, y| x.created_at.cmp(&y.created_at));
+            list.sort_by_key(|t| t.created_at);
             Ok(list)
         })
         .await
@@ -331,7 +341,11 @@ impl Backend for AnchorBackend {
         let (who, id) = (who.clone(), id.to_string());
         self.blocking(move |a| {
             let t = trust::revoke_token(a, &who, &id)?;
-            a.publish("token", None, serde_json::json!({"id": t.id, "action": "revoked"}));
+            a.publish(
+                "token",
+                None,
+                serde_json::json!({"id": t.id, "action": "revoked"}),
+            );
             Ok(token_api(&t))
         })
         .await
@@ -339,7 +353,11 @@ impl Backend for AnchorBackend {
 
     async fn inventory(&self) -> ApiResult<Inventory> {
         self.blocking(|a| {
-            Ok(crate::inventory::inventory(a, all_devices(a)?, all_requests(a)?))
+            Ok(crate::inventory::inventory(
+                a,
+                all_devices(a)?,
+                all_requests(a)?,
+            ))
         })
         .await
     }
@@ -365,12 +383,19 @@ impl Backend for AnchorBackend {
             .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))
     }
 
-    async fn invoke(&self, who: &Principal, device_id: &str, req: InvokeRequest) -> ApiResult<Invocation> {
+    async fn invoke(
+        &self,
+        who: &Principal,
+        device_id: &str,
+        req: InvokeRequest,
+    ) -> ApiResult<Invocation> {
         let device = parse_device(device_id).map_err(api_error)?;
-        if req.capability.is_empty() || req.capability.len() > anchorage_wire::limits::MAX_NAME_LEN {
+        if req.capability.is_empty() || req.capability.len() > anchorage_wire::limits::MAX_NAME_LEN
+        {
             return Err(ApiError::bad_request("capability must be 1-128 bytes"));
         }
-        let input = serde_json::to_vec(&req.input).map_err(|_| ApiError::bad_request("input is not JSON"))?;
+        let input = serde_json::to_vec(&req.input)
+            .map_err(|_| ApiError::bad_request("input is not JSON"))?;
         if input.len() > anchorage_wire::limits::MAX_INVOKE_INPUT {
             return Err(ApiError::bad_request(format!(
                 "input is {} bytes; the limit is {}",
@@ -385,18 +410,32 @@ impl Backend for AnchorBackend {
             .blocking(move |a| {
                 Ok(matches!(
                     a.device_record(&d).map_err(store_err)?,
-                    Some(DeviceRecord { trust: DeviceTrust::Trusted, .. })
+                    Some(DeviceRecord {
+                        trust: DeviceTrust::Trusted,
+                        ..
+                    })
                 ))
             })
             .await;
         match trusted {
             Ok(true) => {}
-            Ok(false) => return Err(ApiError::not_found(format!("no trusted device {device_id}"))),
+            Ok(false) => {
+                return Err(ApiError::not_found(format!(
+                    "no trusted device {device_id}"
+                )));
+            }
             Err(e) => return Err(e),
         }
         let rt = &anchor.shared.runtime;
         let record = rt
-            .create_invocation(&anchor, device, req.capability, input, timeout, trust::actor(who))
+            .create_invocation(
+                &anchor,
+                device,
+                req.capability,
+                input,
+                timeout,
+                trust::actor(who),
+            )
             .await
             .map_err(|e| api_error(TrustError::Store(e)))?;
         if req.async_ || record.state.is_final() {
@@ -407,12 +446,17 @@ impl Backend for AnchorBackend {
             .wait_final(&anchor, record.id, timeout + Duration::from_secs(2))
             .await
             .map_err(|e| api_error(TrustError::Store(e)))?;
-        Ok(crate::inventory::invocation_api(waited.as_ref().unwrap_or(&record)))
+        Ok(crate::inventory::invocation_api(
+            waited.as_ref().unwrap_or(&record),
+        ))
     }
 
     async fn list_invocations(&self, query: InvocationQuery) -> ApiResult<Vec<Invocation>> {
         let device = match &query.device_id {
-            Some(d) => Some(parse_device(d).map_err(|_| ApiError::bad_request(format!("invalid device id {d:?}")))?),
+            Some(d) => Some(
+                parse_device(d)
+                    .map_err(|_| ApiError::bad_request(format!("invalid device id {d:?}")))?,
+            ),
             None => None,
         };
         let limit = query.limit.unwrap_or(100).clamp(1, 1000);
@@ -431,7 +475,10 @@ impl Backend for AnchorBackend {
                 if device.is_some_and(|d| d != r.device_id) {
                     continue;
                 }
-                let current = rt.invocation(&a.shared.store, &r.id).map_err(store_err)?.unwrap_or(r);
+                let current = rt
+                    .invocation(&a.shared.store, &r.id)
+                    .map_err(store_err)?
+                    .unwrap_or(r);
                 out.push(crate::inventory::invocation_api(&current));
                 if out.len() >= limit {
                     break;

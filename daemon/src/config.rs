@@ -181,13 +181,19 @@ impl FileConfig {
                 self.heartbeat_interval,
                 PresenceConfig::default().heartbeat_interval,
             )?,
-            stale_after: dur("stale_after", self.stale_after, PresenceConfig::default().stale_after)?,
+            stale_after: dur(
+                "stale_after",
+                self.stale_after,
+                PresenceConfig::default().stale_after,
+            )?,
             offline_after: dur(
                 "offline_after",
                 self.offline_after,
                 PresenceConfig::default().offline_after,
             )?,
-            degraded_loss: self.degraded_loss.unwrap_or(PresenceConfig::default().degraded_loss),
+            degraded_loss: self
+                .degraded_loss
+                .unwrap_or(PresenceConfig::default().degraded_loss),
         };
         if presence.heartbeat_interval < Duration::from_millis(100)
             || presence.heartbeat_interval > Duration::from_secs(3600)
@@ -244,7 +250,9 @@ impl FileConfig {
             });
         }
         Ok(AnchorConfig {
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             listen: addr("listen", self.listen, DEFAULT_LISTEN)?,
             console: addr("console", self.console, DEFAULT_CONSOLE)?,
             public_addr: self.public_addr,
@@ -298,6 +306,9 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("stale_after"), "{err}");
-        assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err(), "unknown keys refused");
+        assert!(
+            toml::from_str::<FileConfig>("listn = \"x\"").is_err(),
+            "unknown keys refused"
+        );
     }
 }

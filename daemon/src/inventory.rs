@@ -13,7 +13,9 @@ use anchorage_wire::invoke::InvocationId;
 use crate::anchor::Anchor;
 use crate::backend::{device_api, request_api};
 use crate::clock::to_odt;
-use crate::records::{DeviceRecord, DeviceTrust, InvocationRecord, InvocationState, RequestRecord, RequestState};
+use crate::records::{
+    DeviceRecord, DeviceTrust, InvocationRecord, InvocationState, RequestRecord, RequestState,
+};
 use crate::runtime::{NodeState, thresholds};
 
 /// Certificates with less than this left are flagged.
@@ -62,7 +64,12 @@ fn node_api(anchor: &Anchor, id: &DeviceId, s: &NodeState, now_ms: u64) -> Optio
 /// Every registered node.
 pub fn nodes(anchor: &Anchor) -> Vec<Node> {
     let now = anchor.now_ms();
-    let nodes = anchor.shared.runtime.nodes.lock().unwrap_or_else(|e| e.into_inner());
+    let nodes = anchor
+        .shared
+        .runtime
+        .nodes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let mut list: Vec<Node> = nodes
         .iter()
         .filter_map(|(id, s)| node_api(anchor, id, s, now))
@@ -74,7 +81,12 @@ pub fn nodes(anchor: &Anchor) -> Vec<Node> {
 /// One node.
 pub fn node(anchor: &Anchor, id: &DeviceId) -> Option<Node> {
     let now = anchor.now_ms();
-    let nodes = anchor.shared.runtime.nodes.lock().unwrap_or_else(|e| e.into_inner());
+    let nodes = anchor
+        .shared
+        .runtime
+        .nodes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     nodes.get(id).and_then(|s| node_api(anchor, id, s, now))
 }
 
@@ -105,7 +117,9 @@ fn entry(
     match presence {
         api::Presence::Stale => warnings.push("stale".to_string()),
         api::Presence::Offline => warnings.push("offline".to_string()),
-        api::Presence::Unknown if trust == api::Trust::Trusted => warnings.push("not_registered".to_string()),
+        api::Presence::Unknown if trust == api::Trust::Trusted => {
+            warnings.push("not_registered".to_string())
+        }
         _ => {}
     }
     if caps.is_some_and(|c| c.unavailable > 0) {
@@ -162,7 +176,11 @@ fn entry(
     }
 }
 
-fn pending_of<'a>(requests: &'a [RequestRecord], id: &DeviceId, now_ms: u64) -> Vec<&'a RequestRecord> {
+fn pending_of<'a>(
+    requests: &'a [RequestRecord],
+    id: &DeviceId,
+    now_ms: u64,
+) -> Vec<&'a RequestRecord> {
     requests
         .iter()
         .filter(|r| {
@@ -182,12 +200,20 @@ pub fn inventory(
     let now = anchor.now_ms();
     let mut ids: Vec<DeviceId> = devices.iter().map(|d| d.device_id).collect();
     for r in &requests {
-        if r.state == RequestState::PendingApproval && r.expires_at_ms > now && !ids.contains(&r.device_id) {
+        if r.state == RequestState::PendingApproval
+            && r.expires_at_ms > now
+            && !ids.contains(&r.device_id)
+        {
             ids.push(r.device_id);
         }
     }
     {
-        let nodes = anchor.shared.runtime.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let nodes = anchor
+            .shared
+            .runtime
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for id in nodes.keys() {
             if !ids.contains(id) && devices.iter().any(|d| d.device_id == *id) {
                 ids.push(*id);
@@ -250,7 +276,11 @@ pub fn inventory_device(
 /// The anchor instance record.
 pub fn instance(anchor: &Anchor) -> Instance {
     let now = anchor.now_ms();
-    let (quic, console) = *anchor.shared.bound.lock().unwrap_or_else(|e| e.into_inner());
+    let (quic, console) = *anchor
+        .shared
+        .bound
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let ca = anchor.shared.ca.info();
     let mut warnings = Vec::new();
     if anchor.shared.ca.expiry_warning(anchor.now()).is_some() {
@@ -263,8 +293,14 @@ pub fn instance(anchor: &Anchor) -> Instance {
         uptime_secs: now.saturating_sub(anchor.shared.started_at_ms) / 1000,
         connected_nodes: anchor.shared.runtime.connected() as u64,
         store_bytes: anchor.shared.store.disk_space(),
-        listen: quic.map_or_else(|| anchor.shared.config.listen.to_string(), |a| a.to_string()),
-        console: console.map_or_else(|| anchor.shared.config.console.to_string(), |a| a.to_string()),
+        listen: quic.map_or_else(
+            || anchor.shared.config.listen.to_string(),
+            |a| a.to_string(),
+        ),
+        console: console.map_or_else(
+            || anchor.shared.config.console.to_string(),
+            |a| a.to_string(),
+        ),
         ca_fingerprint: anchor.shared.ca.fingerprint().to_string(),
         ca_expires_at: to_odt(crate::clock::to_ms(ca.not_after)),
         warnings,
@@ -273,7 +309,8 @@ pub fn instance(anchor: &Anchor) -> Instance {
 
 /// An invocation as the API shows it.
 pub fn invocation_api(r: &InvocationRecord) -> Invocation {
-    let output = (r.state.is_final() && (!r.output.is_empty() || r.state == InvocationState::Succeeded))
+    let output = (r.state.is_final()
+        && (!r.output.is_empty() || r.state == InvocationState::Succeeded))
         .then(|| {
             serde_json::from_slice(&r.output).unwrap_or_else(|_| {
                 serde_json::Value::String(String::from_utf8_lossy(&r.output).into_owned())

@@ -176,18 +176,37 @@ fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, StartError> {
 pub fn metrics_text(anchor: &Anchor) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP anchorage_handshake_failures_total Failed or refused handshakes by reason.");
+    let _ = writeln!(
+        out,
+        "# HELP anchorage_handshake_failures_total Failed or refused handshakes by reason."
+    );
     let _ = writeln!(out, "# TYPE anchorage_handshake_failures_total counter");
     for (reason, n) in anchor.shared.metrics.handshake_failures() {
-        let _ = writeln!(out, "anchorage_handshake_failures_total{{reason=\"{reason}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "anchorage_handshake_failures_total{{reason=\"{reason}\"}} {n}"
+        );
     }
-    let _ = writeln!(out, "# HELP anchorage_pairing_outcomes_total Pairing outcomes.");
+    let _ = writeln!(
+        out,
+        "# HELP anchorage_pairing_outcomes_total Pairing outcomes."
+    );
     let _ = writeln!(out, "# TYPE anchorage_pairing_outcomes_total counter");
     for (outcome, n) in anchor.shared.metrics.pairing_outcomes() {
-        let _ = writeln!(out, "anchorage_pairing_outcomes_total{{outcome=\"{outcome}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "anchorage_pairing_outcomes_total{{outcome=\"{outcome}\"}} {n}"
+        );
     }
-    let _ = writeln!(out, "# HELP anchorage_store_bytes Bytes on disk of the store.");
+    let _ = writeln!(
+        out,
+        "# HELP anchorage_store_bytes Bytes on disk of the store."
+    );
     let _ = writeln!(out, "# TYPE anchorage_store_bytes gauge");
-    let _ = writeln!(out, "anchorage_store_bytes {}", anchor.shared.store.disk_space());
+    let _ = writeln!(
+        out,
+        "anchorage_store_bytes {}",
+        anchor.shared.store.disk_space()
+    );
     out
 }

@@ -85,11 +85,18 @@ pub fn mint_code(
         )));
     }
     let pki = |e: anchorage_mesh::pairing::PairingCryptoError| TrustError::Pki(e.to_string());
-    let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = anchor
+        .shared
+        .trust_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let store = &anchor.shared.store;
     let mut code_id = CodeId::random().map_err(pki)?;
     for _ in 0..16 {
-        if store.get::<CodeRecord>(Space::Codes, code_id.as_str().as_bytes())?.is_none() {
+        if store
+            .get::<CodeRecord>(Space::Codes, code_id.as_str().as_bytes())?
+            .is_none()
+        {
             break;
         }
         code_id = CodeId::random().map_err(pki)?;
@@ -118,7 +125,14 @@ pub fn mint_code(
         CodeMethod::Pin => "pin",
         CodeMethod::Qr => "qr",
     };
-    audit(anchor, &mut batch, &actor(who), "pairing.mint", code_id.as_str(), method_name)?;
+    audit(
+        anchor,
+        &mut batch,
+        &actor(who),
+        "pairing.mint",
+        code_id.as_str(),
+        method_name,
+    )?;
     batch.commit(Durability::Sync)?;
     let (code, uri) = match method {
         CodeMethod::Pin => (format!("{code_id}-{}", secret.expose()), None),
@@ -190,7 +204,11 @@ pub fn approve(
     request_id: &str,
 ) -> Result<RequestRecord, TrustError> {
     let (record, replaced) = {
-        let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = anchor
+            .shared
+            .trust_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let store = &anchor.shared.store;
         let mut req: RequestRecord = store
             .get(Space::Requests, request_id.as_bytes())?
@@ -299,7 +317,11 @@ pub fn reject(
     reason: Option<String>,
 ) -> Result<RequestRecord, TrustError> {
     let record = {
-        let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = anchor
+            .shared
+            .trust_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let store = &anchor.shared.store;
         let mut req: RequestRecord = store
             .get(Space::Requests, request_id.as_bytes())?
@@ -329,7 +351,14 @@ pub fn reject(
         req.reason = Some(reason.clone());
         let mut batch = store.batch();
         batch.put(Space::Requests, request_id.as_bytes(), &req)?;
-        audit(anchor, &mut batch, &actor(who), "pairing.reject", request_id, &reason)?;
+        audit(
+            anchor,
+            &mut batch,
+            &actor(who),
+            "pairing.reject",
+            request_id,
+            &reason,
+        )?;
         batch.commit(Durability::Sync)?;
         req
     };
@@ -443,7 +472,10 @@ impl Fail {
 
 async fn step(rx: &mut Rx) -> Result<BootstrapRequest, Fail> {
     match tokio::time::timeout(STEP_TIMEOUT, rx.recv()).await {
-        Err(_) => Err(Fail::new(PairFailure::ProtocolViolation, "timed out waiting for the node")),
+        Err(_) => Err(Fail::new(
+            PairFailure::ProtocolViolation,
+            "timed out waiting for the node",
+        )),
         Ok(Ok(Some(msg))) => Ok(msg),
         Ok(Ok(None)) => Err(Fail::gone()),
         Ok(Err(e)) if e.is_peer_fault() => {
@@ -520,7 +552,10 @@ async fn fresh(
     )
     .await?;
     let BootstrapRequest::Confirm(confirm) = step(rx).await? else {
-        return Err(Fail::new(PairFailure::ProtocolViolation, "expected Confirm"));
+        return Err(Fail::new(
+            PairFailure::ProtocolViolation,
+            "expected Confirm",
+        ));
     };
     let correct = keys.verify_node_confirmation(&confirm.mac);
     {
@@ -540,7 +575,10 @@ async fn fresh(
         return Err(Fail::new(PairFailure::ProtocolViolation, "expected Csr"));
     };
     if !keys.verify_csr_mac(&csr.csr_der, &csr.device_name, &csr.platform, &csr.mac) {
-        return Err(Fail::new(PairFailure::ProtocolViolation, "CSR MAC does not verify"));
+        return Err(Fail::new(
+            PairFailure::ProtocolViolation,
+            "CSR MAC does not verify",
+        ));
     }
     let request = {
         let a = anchor.clone();
@@ -576,8 +614,14 @@ fn check_code_usable(code: &CodeRecord, now_ms: u64) -> Result<(), Fail> {
     use anchorage_console::api::CodeState as S;
     match code_state(code, now_ms) {
         S::Active => Ok(()),
-        S::Expired => Err(Fail::new(PairFailure::CodeExpired, "the pairing code has expired")),
-        S::Consumed => Err(Fail::new(PairFailure::CodeConsumed, "the pairing code was already used")),
+        S::Expired => Err(Fail::new(
+            PairFailure::CodeExpired,
+            "the pairing code has expired",
+        )),
+        S::Consumed => Err(Fail::new(
+            PairFailure::CodeConsumed,
+            "the pairing code was already used",
+        )),
         S::Burned => Err(Fail::new(
             PairFailure::CodeBurned,
             "the pairing code was burned after too many wrong attempts",
@@ -587,7 +631,11 @@ fn check_code_usable(code: &CodeRecord, now_ms: u64) -> Result<(), Fail> {
 
 /// Counts a wrong secret (burning the code at the limit), or consumes the code.
 fn record_attempt(anchor: &Anchor, code_id: &CodeId, correct: bool) -> Result<(), Fail> {
-    let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = anchor
+        .shared
+        .trust_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let store = &anchor.shared.store;
     let mut code: CodeRecord = store
         .get(Space::Codes, code_id.as_str().as_bytes())
@@ -605,8 +653,15 @@ fn record_attempt(anchor: &Anchor, code_id: &CodeId, correct: bool) -> Result<()
         if code.failed_attempts >= anchor.shared.config.pairing_max_attempts {
             code.state = CodeState::Burned;
             code.secret.clear();
-            audit(anchor, &mut batch, "anchor", "pairing.burn", code_id.as_str(), "too many wrong secrets")
-                .map_err(Fail::internal)?;
+            audit(
+                anchor,
+                &mut batch,
+                "anchor",
+                "pairing.burn",
+                code_id.as_str(),
+                "too many wrong secrets",
+            )
+            .map_err(Fail::internal)?;
             Err(Fail::new(
                 PairFailure::CodeBurned,
                 "wrong code; too many attempts, the code is now burned",
@@ -632,7 +687,11 @@ fn create_request(
 ) -> Result<RequestRecord, Fail> {
     let device_id: DeviceId = csr_device_id_checked(&csr.csr_der)
         .map_err(|e| Fail::new(PairFailure::BadCsr, e.to_string()))?;
-    let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = anchor
+        .shared
+        .trust_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let store = &anchor.shared.store;
     if let Some(d) = store
         .get::<DeviceRecord>(Space::Devices, device_id.as_bytes())
@@ -649,7 +708,10 @@ fn create_request(
         .map_err(Fail::internal)?
         .is_some()
     {
-        return Err(Fail::new(PairFailure::ProtocolViolation, "request already exists"));
+        return Err(Fail::new(
+            PairFailure::ProtocolViolation,
+            "request already exists",
+        ));
     }
     let now = anchor.now_ms();
     let clean = |s: &str| -> String { s.chars().filter(|c| !c.is_control()).take(64).collect() };
@@ -674,8 +736,15 @@ fn create_request(
     batch
         .put(Space::Requests, request_id.as_bytes(), &request)
         .map_err(Fail::internal)?;
-    audit(anchor, &mut batch, "anchor", "pairing.request", &request_id, &device_id.to_string())
-        .map_err(Fail::internal)?;
+    audit(
+        anchor,
+        &mut batch,
+        "anchor",
+        "pairing.request",
+        &request_id,
+        &device_id.to_string(),
+    )
+    .map_err(Fail::internal)?;
     batch.commit(Durability::Sync).map_err(Fail::internal)?;
     Ok(request)
 }
@@ -707,7 +776,10 @@ async fn resume_pairing(
     }
     .ok_or_else(unknown)?;
     let ex = exporter(conn)?;
-    if !req.keys.verify_resume_proof(&req.request_id, &ex, &resume.proof) {
+    if !req
+        .keys
+        .verify_resume_proof(&req.request_id, &ex, &resume.proof)
+    {
         return Err(unknown());
     }
     // Tell the node where it stands, then wait as a fresh pairing would.
@@ -818,7 +890,11 @@ async fn wait_decision(
 }
 
 fn mark_completed(anchor: &Anchor, request_id: &str) -> Result<(), Fail> {
-    let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = anchor
+        .shared
+        .trust_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let store = &anchor.shared.store;
     if let Some(mut req) = store
         .get::<RequestRecord>(Space::Requests, request_id.as_bytes())
@@ -827,7 +903,12 @@ fn mark_completed(anchor: &Anchor, request_id: &str) -> Result<(), Fail> {
     {
         req.state = RequestState::Completed;
         store
-            .put(Space::Requests, request_id.as_bytes(), &req, Durability::Flush)
+            .put(
+                Space::Requests,
+                request_id.as_bytes(),
+                &req,
+                Durability::Flush,
+            )
             .map_err(Fail::internal)?;
     }
     Ok(())

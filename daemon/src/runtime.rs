@@ -107,6 +107,11 @@ pub(crate) struct Live {
 }
 
 impl NodeState {
+    /// Whether `session` is the live one (events of an older session are ignored).
+    fn is_session(&self, session: u64) -> bool {
+        self.live.as_ref().is_some_and(|l| l.session == session)
+    }
+
     fn observation(&self, now_ms: u64) -> Observation {
         Observation {
             registered: self.record.is_some(),
@@ -118,7 +123,11 @@ impl NodeState {
                 .record
                 .as_ref()
                 .is_some_and(|r| r.capabilities.iter().any(|c| !c.available)),
-            loss: if self.live.is_some() { self.window.loss() } else { None },
+            loss: if self.live.is_some() {
+                self.window.loss()
+            } else {
+                None
+            },
         }
     }
 
@@ -159,7 +168,9 @@ impl Runtime {
             nodes.entry(id).or_default().record = Some(rec);
         }
         for (key, p) in store.scan::<PresenceRecord>(Space::Presence)? {
-            if let Ok(bytes) = <[u8; anchorage_mesh::identity::DEVICE_ID_LEN]>::try_from(key.as_slice()) {
+            if let Ok(bytes) =
+                <[u8; anchorage_mesh::identity::DEVICE_ID_LEN]>::try_from(key.as_slice())
+            {
                 let state = nodes.entry(DeviceId::from_bytes(bytes)).or_default();
                 state.last_seen_ms = Some(p.last_seen_ms);
                 state.stopped_cleanly = p.stopped_cleanly;
@@ -187,7 +198,13 @@ impl Runtime {
     }
 
     /// A node registered on a new session.
-    pub(crate) fn registered(&self, anchor: &Anchor, device: &DeviceId, handle: &SessionHandle, r: &Register) {
+    pub(crate) fn registered(
+        &self,
+        anchor: &Anchor,
+        device: &DeviceId,
+        handle: &SessionHandle,
+        r: &Register,
+    ) {
         let now = anchor.now_ms();
         let record = {
             let mut nodes = lock(&self.nodes);
@@ -247,7 +264,7 @@ impl Runtime {
         {
             let mut nodes = lock(&self.nodes);
             if let Some(state) = nodes.get_mut(device)
-                && state.live.as_ref().is_some_and(|l| l.session == session)
+                && state.is_session(session)
             {
                 state.stopped_cleanly = true;
                 state.live = None;
@@ -266,21 +283,33 @@ impl Runtime {
     }
 
     /// A capability changed availability.
-    pub(crate) fn capability_changed(&self, anchor: &Anchor, device: &DeviceId, session: u64, c: CapabilityInfo) {
+    pub(crate) fn capability_changed(
+        &self,
+        anchor: &Anchor,
+        device: &DeviceId,
+        session: u64,
+        c: CapabilityInfo,
+    ) {
         let record = {
             let mut nodes = lock(&self.nodes);
-            let Some(state) = nodes.get_mut(device) else { return };
-            if !state.live.as_ref().is_some_and(|l| l.session == session) {
+            let Some(state) = nodes.get_mut(device) else {
+                return;
+            };
+            if !state.is_session(session) {
                 return;
             }
-            let Some(record) = state.record.as_mut() else { return };
+            let Some(record) = state.record.as_mut() else {
+                return;
+            };
             match record.capabilities.iter_mut().find(|x| x.name == c.name) {
                 Some(existing) => *existing = cap_record(&c),
                 None => record.capabilities.push(cap_record(&c)),
             }
             record.clone()
         };
-        let _ = self.writer.try_put(Space::Nodes, device.as_bytes(), &record);
+        let _ = self
+            .writer
+            .try_put(Space::Nodes, device.as_bytes(), &record);
         anchor.publish(
             "node.capability",
             Some(device),
@@ -290,7 +319,14 @@ impl Runtime {
     }
 
     /// A datagram arrived on a node session: a heartbeat is recorded and acked.
-    pub(crate) fn datagram(&self, anchor: &Anchor, device: &DeviceId, session: u64, conn: &quinn::Connection, bytes: &[u8]) {
+    pub(crate) fn datagram(
+        &self,
+        anchor: &Anchor,
+        device: &DeviceId,
+        session: u64,
+        conn: &quinn::Connection,
+        bytes: &[u8],
+    ) {
         let Ok(Datagram::Heartbeat(hb)) = Datagram::decode(bytes) else {
             debug!(device_id = %device, "ignored a datagram that is not a heartbeat");
             return;
@@ -298,8 +334,10 @@ impl Runtime {
         let now = anchor.now_ms();
         let received = {
             let mut nodes = lock(&self.nodes);
-            let Some(state) = nodes.get_mut(device) else { return };
-            if !state.live.as_ref().is_some_and(|l| l.session == session) {
+            let Some(state) = nodes.get_mut(device) else {
+                return;
+            };
+            if !state.is_session(session) {
                 return;
             }
             let lost_before = state.window.lost;
@@ -308,11 +346,14 @@ impl Runtime {
             }
             let lost_now = state.window.lost;
             if lost_now > lost_before {
-                self.heartbeats_lost.fetch_add(lost_now - lost_before, Ordering::Relaxed);
+                self.heartbeats_lost
+                    .fetch_add(lost_now - lost_before, Ordering::Relaxed);
             } else if lost_now < lost_before {
-                let _ = self.heartbeats_lost.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                    Some(v.saturating_sub(lost_before - lost_now))
-                });
+                let _ =
+                    self.heartbeats_lost
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                            Some(v.saturating_sub(lost_before - lost_now))
+                        });
             }
             state.last_seen_ms = Some(now);
             state.dirty = true;
@@ -333,8 +374,10 @@ impl Runtime {
     pub(crate) fn disconnected(&self, anchor: &Anchor, device: &DeviceId, session: u64) {
         let snapshot = {
             let mut nodes = lock(&self.nodes);
-            let Some(state) = nodes.get_mut(device) else { return };
-            if !state.live.as_ref().is_some_and(|l| l.session == session) {
+            let Some(state) = nodes.get_mut(device) else {
+                return;
+            };
+            if !state.is_session(session) {
                 return;
             }
             state.live = None;
@@ -392,7 +435,9 @@ impl Runtime {
         let now = anchor.now_ms();
         let change = {
             let mut nodes = lock(&self.nodes);
-            let Some(state) = nodes.get_mut(device) else { return };
+            let Some(state) = nodes.get_mut(device) else {
+                return;
+            };
             let p = state.presence(now, &t);
             let old = state.presence.replace(p);
             (old != Some(p)).then_some((old, p))
@@ -432,7 +477,10 @@ impl Runtime {
 
     /// Live connections.
     pub fn connected(&self) -> usize {
-        lock(&self.nodes).values().filter(|s| s.live.is_some()).count()
+        lock(&self.nodes)
+            .values()
+            .filter(|s| s.live.is_some())
+            .count()
     }
 
     // ---------------------------------------------------------------------------------------
@@ -461,16 +509,19 @@ impl Runtime {
         id[12..].copy_from_slice(&random);
         let rejection = {
             let nodes = lock(&self.nodes);
-            nodes.get(&device).and_then(|s| s.record.as_ref()).and_then(|r| {
-                match r.capabilities.iter().find(|c| c.name == capability) {
-                    None => Some(format!("the node has no capability {capability}")),
-                    Some(c) if !c.available => Some(format!(
-                        "{capability} is unavailable on the node: {}",
-                        c.reason.clone().unwrap_or_else(|| "no reason given".into())
-                    )),
-                    Some(_) => None,
-                }
-            })
+            nodes
+                .get(&device)
+                .and_then(|s| s.record.as_ref())
+                .and_then(
+                    |r| match r.capabilities.iter().find(|c| c.name == capability) {
+                        None => Some(format!("the node has no capability {capability}")),
+                        Some(c) if !c.available => Some(format!(
+                            "{capability} is unavailable on the node: {}",
+                            c.reason.clone().unwrap_or_else(|| "no reason given".into())
+                        )),
+                        Some(_) => None,
+                    },
+                )
         };
         let mut record = InvocationRecord {
             id,
@@ -507,7 +558,11 @@ impl Runtime {
     }
 
     /// The current record of an invocation (memory for unfinished ones, else the store).
-    pub(crate) fn invocation(&self, store: &Store, id: &[u8; 16]) -> Result<Option<InvocationRecord>, StoreError> {
+    pub(crate) fn invocation(
+        &self,
+        store: &Store,
+        id: &[u8; 16],
+    ) -> Result<Option<InvocationRecord>, StoreError> {
         if let Some(r) = lock(&self.active).get(id) {
             return Ok(Some(r.clone()));
         }
@@ -515,7 +570,12 @@ impl Runtime {
     }
 
     /// Waits until the invocation ends or `limit` passes.
-    pub(crate) async fn wait_final(&self, anchor: &Anchor, id: [u8; 16], limit: Duration) -> Result<Option<InvocationRecord>, StoreError> {
+    pub(crate) async fn wait_final(
+        &self,
+        anchor: &Anchor,
+        id: [u8; 16],
+        limit: Duration,
+    ) -> Result<Option<InvocationRecord>, StoreError> {
         let notify = lock(&self.waiters).entry(id).or_default().clone();
         let deadline = tokio::time::Instant::now() + limit;
         let result = loop {
@@ -554,7 +614,11 @@ impl Runtime {
 
     /// Claims a queued invocation for dispatch: only if still queued, not past its deadline,
     /// and the node is connected.
-    fn claim(&self, anchor: &Anchor, id: &[u8; 16]) -> Option<(InvocationRecord, quinn::Connection)> {
+    fn claim(
+        &self,
+        anchor: &Anchor,
+        id: &[u8; 16],
+    ) -> Option<(InvocationRecord, quinn::Connection)> {
         let now = anchor.now_ms();
         let mut active = lock(&self.active);
         let rec = active.get_mut(id)?;
@@ -573,7 +637,9 @@ impl Runtime {
     async fn requeue(&self, anchor: &Anchor, id: &[u8; 16]) {
         let rec = {
             let mut active = lock(&self.active);
-            let Some(rec) = active.get_mut(id) else { return };
+            let Some(rec) = active.get_mut(id) else {
+                return;
+            };
             rec.state = InvocationState::Queued;
             rec.clone()
         };
@@ -582,17 +648,17 @@ impl Runtime {
     }
 
     /// Ends an invocation.
-    async fn finish(
-        &self,
-        anchor: &Anchor,
-        id: &[u8; 16],
-        state: InvocationState,
-        output: Vec<u8>,
-        truncated: bool,
-        error: Option<String>,
-        duration_ms: Option<u64>,
-    ) {
-        let Some(mut rec) = lock(&self.active).remove(id) else { return };
+    async fn finish(&self, anchor: &Anchor, id: &[u8; 16], end: Ending) {
+        let Ending {
+            state,
+            output,
+            truncated,
+            error,
+            duration_ms,
+        } = end;
+        let Some(mut rec) = lock(&self.active).remove(id) else {
+            return;
+        };
         let now = anchor.now_ms();
         rec.state = state;
         rec.finished_at_ms = Some(now);
@@ -644,11 +710,10 @@ impl Runtime {
             self.finish(
                 anchor,
                 &id,
-                InvocationState::TimedOut,
-                Vec::new(),
-                false,
-                Some("the deadline passed before the node could take it".into()),
-                None,
+                Ending::because(
+                    InvocationState::TimedOut,
+                    "the deadline passed before the node could take it",
+                ),
             )
             .await;
         }
@@ -679,6 +744,28 @@ impl Runtime {
     }
 }
 
+/// How an invocation ended.
+struct Ending {
+    state: InvocationState,
+    output: Vec<u8>,
+    truncated: bool,
+    error: Option<String>,
+    duration_ms: Option<u64>,
+}
+
+impl Ending {
+    /// Ended without output, for a reason.
+    fn because(state: InvocationState, error: &str) -> Ending {
+        Ending {
+            state,
+            output: Vec::new(),
+            truncated: false,
+            error: Some(error.to_string()),
+            duration_ms: None,
+        }
+    }
+}
+
 /// The stable name of an invocation state.
 pub fn state_name(s: InvocationState) -> &'static str {
     match s {
@@ -695,23 +782,25 @@ pub fn state_name(s: InvocationState) -> &'static str {
 async fn dispatch(anchor: Anchor, id: [u8; 16]) {
     let rt = &anchor.shared.runtime;
     loop {
-        let Some((rec, conn)) = rt.claim(&anchor, &id) else { return };
+        let Some((rec, conn)) = rt.claim(&anchor, &id) else {
+            return;
+        };
         rt.writer.put(Space::Invocations, &id, &rec).await;
         rt.publish_invocation(&anchor, &rec);
         let now = anchor.now_ms();
         let remaining = rec.deadline_ms.saturating_sub(now);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(remaining);
-        let outcome = tokio::time::timeout_at(deadline, run_on_stream(&anchor, &conn, &rec, remaining)).await;
+        let outcome =
+            tokio::time::timeout_at(deadline, run_on_stream(&anchor, &conn, &rec, remaining)).await;
         match outcome {
             Err(_) => {
                 rt.finish(
                     &anchor,
                     &id,
-                    InvocationState::TimedOut,
-                    Vec::new(),
-                    false,
-                    Some("the deadline passed before the node answered".into()),
-                    None,
+                    Ending::because(
+                        InvocationState::TimedOut,
+                        "the deadline passed before the node answered",
+                    ),
                 )
                 .await;
                 return;
@@ -741,11 +830,13 @@ async fn dispatch(anchor: Anchor, id: [u8; 16]) {
                 rt.finish(
                     &anchor,
                     &id,
-                    state,
-                    result.output,
-                    result.truncated,
-                    result.error,
-                    Some(u64::from(result.duration_ms)),
+                    Ending {
+                        state,
+                        output: result.output,
+                        truncated: result.truncated,
+                        error: result.error,
+                        duration_ms: Some(u64::from(result.duration_ms)),
+                    },
                 )
                 .await;
                 return;

@@ -84,7 +84,11 @@ pub(crate) async fn serve_node(
             Ok(Some(r)) => r,
             Ok(None) => {
                 anchor.shared.metrics.handshake_failure("unknown_device");
-                close(&conn, ErrorCode::Unauthenticated, "unknown device; pair it first");
+                close(
+                    &conn,
+                    ErrorCode::Unauthenticated,
+                    "unknown device; pair it first",
+                );
                 return;
             }
             Err(e) => {
@@ -109,7 +113,11 @@ pub(crate) async fn serve_node(
         let register = match tokio::time::timeout(REGISTER_TIMEOUT, rx.recv()).await {
             Ok(Ok(Some(ControlUp::Register(r)))) => r,
             Ok(Ok(Some(_))) => {
-                close(&conn, ErrorCode::ProtocolViolation, "the first message must be Register");
+                close(
+                    &conn,
+                    ErrorCode::ProtocolViolation,
+                    "the first message must be Register",
+                );
                 return;
             }
             Ok(Err(e)) if e.is_peer_fault() => {
@@ -123,7 +131,11 @@ pub(crate) async fn serve_node(
             }
         };
         if register.version != PROTOCOL_VERSION {
-            close(&conn, ErrorCode::UnsupportedVersion, "unsupported protocol version");
+            close(
+                &conn,
+                ErrorCode::UnsupportedVersion,
+                "unsupported protocol version",
+            );
             return;
         }
         if renewal_only {
@@ -136,7 +148,13 @@ pub(crate) async fn serve_node(
     .await
 }
 
-async fn serve_renewal_only(anchor: &Anchor, conn: &quinn::Connection, tx: &mut Tx, rx: &mut Rx, cert: &CertInfo) {
+async fn serve_renewal_only(
+    anchor: &Anchor,
+    conn: &quinn::Connection,
+    tx: &mut Tx,
+    rx: &mut Rx,
+    cert: &CertInfo,
+) {
     let grace_ends = crate::clock::to_ms(cert.not_after + anchor.shared.config.renewal_grace);
     if tx
         .send(&ControlDown::RenewalOnly(RenewalOnly {
@@ -155,7 +173,11 @@ async fn serve_renewal_only(anchor: &Anchor, conn: &quinn::Connection, tx: &mut 
                 let _ = tx.send(&renewed).await;
                 let _ = tx.finish();
                 let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-                let reason = if ok { "renewed; reconnect with the new certificate" } else { "renewal refused" };
+                let reason = if ok {
+                    "renewed; reconnect with the new certificate"
+                } else {
+                    "renewal refused"
+                };
                 close(conn, ErrorCode::CertificateExpired, reason);
                 return;
             }
@@ -166,7 +188,11 @@ async fn serve_renewal_only(anchor: &Anchor, conn: &quinn::Connection, tx: &mut 
                 return;
             }
             _ => {
-                close(conn, ErrorCode::CertificateExpired, "certificate expired; renew");
+                close(
+                    conn,
+                    ErrorCode::CertificateExpired,
+                    "certificate expired; renew",
+                );
                 return;
             }
         }
@@ -199,7 +225,11 @@ async fn run_session(
         .unwrap_or_else(|e| e.into_inner())
         .insert(device, handle.clone());
     if let Some(old) = previous {
-        close(&old.conn, ErrorCode::Replaced, "a newer connection replaced this one");
+        close(
+            &old.conn,
+            ErrorCode::Replaced,
+            "a newer connection replaced this one",
+        );
     }
     let interval = anchor.shared.config.presence.heartbeat_interval;
     let registered = ControlDown::Registered(Registered {
@@ -268,7 +298,11 @@ async fn run_session(
 }
 
 fn remove_if_current(anchor: &Anchor, device: &DeviceId, id: u64) {
-    let mut sessions = anchor.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    let mut sessions = anchor
+        .shared
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if sessions.get(device).is_some_and(|h| h.id == id) {
         sessions.remove(device);
     }
@@ -295,11 +329,16 @@ async fn renew(anchor: &Anchor, device: &DeviceId, csr_der: Vec<u8>) -> ControlD
 }
 
 fn renew_blocking(anchor: &Anchor, device: &DeviceId, csr_der: &[u8]) -> Result<Renewed, String> {
-    let csr_device = anchorage_mesh::pki::csr_device_id_checked(csr_der).map_err(|e| e.to_string())?;
+    let csr_device =
+        anchorage_mesh::pki::csr_device_id_checked(csr_der).map_err(|e| e.to_string())?;
     if csr_device != *device {
         return Err("the CSR must use the device's own key".into());
     }
-    let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = anchor
+        .shared
+        .trust_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let store = &anchor.shared.store;
     let mut record: DeviceRecord = store
         .get(Space::Devices, device.as_bytes())
@@ -311,7 +350,12 @@ fn renew_blocking(anchor: &Anchor, device: &DeviceId, csr_der: &[u8]) -> Result<
     let issued = anchor
         .shared
         .ca
-        .sign_csr(csr_der, &record.name, anchor.shared.config.cert_validity, anchor.now())
+        .sign_csr(
+            csr_der,
+            &record.name,
+            anchor.shared.config.cert_validity,
+            anchor.now(),
+        )
         .map_err(|e| e.to_string())?;
     record.cert_serial = issued.info.serial.clone();
     record.cert_der = issued.der.to_vec();
@@ -324,8 +368,15 @@ fn renew_blocking(anchor: &Anchor, device: &DeviceId, csr_der: &[u8]) -> Result<
         .put(Space::Devices, device.as_bytes(), &record)
         .map_err(|e| e.to_string())?;
     let detail = if was_rotation { "rotation" } else { "renewal" };
-    audit(anchor, &mut batch, "anchor", "certificate.renew", &device.to_string(), detail)
-        .map_err(|e| e.to_string())?;
+    audit(
+        anchor,
+        &mut batch,
+        "anchor",
+        "certificate.renew",
+        &device.to_string(),
+        detail,
+    )
+    .map_err(|e| e.to_string())?;
     batch.commit(Durability::Sync).map_err(|e| e.to_string())?;
     info!(device_id = %device, serial = %issued.info.serial_hex(), detail, "certificate renewed");
     Ok(Renewed {

@@ -311,7 +311,12 @@ pub struct Batch<'a> {
 
 impl Batch<'_> {
     /// Adds a record write.
-    pub fn put<T: Serialize>(&mut self, space: Space, key: &[u8], value: &T) -> Result<(), StoreError> {
+    pub fn put<T: Serialize>(
+        &mut self,
+        space: Space,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), StoreError> {
         let bytes = encode(space, value)?;
         self.inner.insert(self.store.ks(space), key.to_vec(), bytes);
         Ok(())
@@ -382,7 +387,10 @@ impl Store {
                             }
                         }
                         let commit = commit.clone();
-                        if tokio::task::spawn_blocking(move || commit(ops)).await.is_err() {
+                        if tokio::task::spawn_blocking(move || commit(ops))
+                            .await
+                            .is_err()
+                        {
                             tracing::error!("store writer task failed");
                         }
                     }
@@ -546,7 +554,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            store.put(Space::Audit, b"k1", &audit(1), Durability::Sync).unwrap();
+            store
+                .put(Space::Audit, b"k1", &audit(1), Durability::Sync)
+                .unwrap();
             let mut b = store.batch();
             b.put(Space::Audit, b"k2", &audit(2)).unwrap();
             b.put(Space::Audit, b"k3", &audit(3)).unwrap();
@@ -558,8 +568,14 @@ mod tests {
         assert_eq!(all[2].1, audit(3));
         let newest: Vec<(Vec<u8>, AuditRecord)> = store.scan_rev(Space::Audit, 1).unwrap();
         assert_eq!(newest[0].0, b"k3");
-        assert_eq!(store.get::<AuditRecord>(Space::Audit, b"k2").unwrap(), Some(audit(2)));
-        assert_eq!(store.get::<AuditRecord>(Space::Audit, b"nope").unwrap(), None);
+        assert_eq!(
+            store.get::<AuditRecord>(Space::Audit, b"k2").unwrap(),
+            Some(audit(2))
+        );
+        assert_eq!(
+            store.get::<AuditRecord>(Space::Audit, b"nope").unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -584,7 +600,10 @@ mod tests {
             store.persist().unwrap();
         }
         let err = Store::open(dir.path()).unwrap_err();
-        assert!(matches!(err, StoreError::NewerSchema { found: 2, .. }), "{err}");
+        assert!(
+            matches!(err, StoreError::NewerSchema { found: 2, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("upgrade anchord"));
     }
 
@@ -594,11 +613,15 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let ks = store.ks(Space::Audit);
         ks.insert(b"a".as_slice(), vec![]).unwrap();
-        ks.insert(b"b".as_slice(), vec![SCHEMA_VERSION, 0xff, 0xff]).unwrap();
+        ks.insert(b"b".as_slice(), vec![SCHEMA_VERSION, 0xff, 0xff])
+            .unwrap();
         ks.insert(b"c".as_slice(), vec![9, 1, 2]).unwrap();
         for k in [b"a", b"b", b"c"] {
             let err = store.get::<AuditRecord>(Space::Audit, k).unwrap_err();
-            assert!(matches!(err, StoreError::Corrupt { space: "audit", .. }), "{err}");
+            assert!(
+                matches!(err, StoreError::Corrupt { space: "audit", .. }),
+                "{err}"
+            );
         }
     }
 }

@@ -86,7 +86,11 @@ fn hash_secret(secret: &str) -> [u8; 32] {
 pub fn authenticate(anchor: &Anchor, token: &str) -> Option<Principal> {
     let rest = token.strip_prefix(TOKEN_PREFIX)?;
     let (id, secret) = rest.split_once('_')?;
-    let tokens = anchor.shared.tokens.lock().unwrap_or_else(|e| e.into_inner());
+    let tokens = anchor
+        .shared
+        .tokens
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let record = tokens.get(id)?;
     if record.revoked_at_ms.is_some() {
         return None;
@@ -119,10 +123,14 @@ pub fn create_token_internal(
     permissions: Vec<Permission>,
 ) -> Result<CreatedToken, TrustError> {
     if permissions.is_empty() {
-        return Err(TrustError::BadInput("a token needs at least one permission".into()));
+        return Err(TrustError::BadInput(
+            "a token needs at least one permission".into(),
+        ));
     }
     if name.len() > 64 || name.chars().any(char::is_control) {
-        return Err(TrustError::BadInput("token names are at most 64 printable characters".into()));
+        return Err(TrustError::BadInput(
+            "token names are at most 64 printable characters".into(),
+        ));
     }
     let rand = |n: usize| -> Result<String, TrustError> {
         let bytes = random_id::<32>().map_err(|e| TrustError::Pki(e.to_string()))?;
@@ -146,7 +154,14 @@ pub fn create_token_internal(
     let mut batch = store.batch();
     batch.put(Space::Tokens, id.as_bytes(), &record)?;
     let perm_list = record.permissions.join(",");
-    audit(anchor, &mut batch, actor_name, "token.create", &id, &perm_list)?;
+    audit(
+        anchor,
+        &mut batch,
+        actor_name,
+        "token.create",
+        &id,
+        &perm_list,
+    )?;
     batch.commit(Durability::Sync)?;
     anchor
         .shared
@@ -164,7 +179,11 @@ pub fn create_token_internal(
 
 /// Revokes a token.
 pub fn revoke_token(anchor: &Anchor, who: &Principal, id: &str) -> Result<TokenRecord, TrustError> {
-    let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = anchor
+        .shared
+        .trust_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let store = &anchor.shared.store;
     let mut record: TokenRecord = store
         .get(Space::Tokens, id.as_bytes())?
@@ -213,7 +232,11 @@ pub fn revoke_device(
     reason: Option<String>,
 ) -> Result<DeviceRecord, TrustError> {
     let record = {
-        let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = anchor
+            .shared
+            .trust_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut record = load_device(anchor, id)?;
         if record.trust != DeviceTrust::Revoked {
             let now = anchor.now_ms();
@@ -232,7 +255,14 @@ pub fn revoke_device(
                     reason: reason.clone(),
                 },
             )?;
-            audit(anchor, &mut batch, &actor(who), "device.revoke", &id.to_string(), &reason)?;
+            audit(
+                anchor,
+                &mut batch,
+                &actor(who),
+                "device.revoke",
+                &id.to_string(),
+                &reason,
+            )?;
             batch.commit(Durability::Sync)?;
             anchor.shared.revocation.revoke_device(*id);
         }
@@ -254,7 +284,11 @@ pub fn rotate_device(
     id: &DeviceId,
 ) -> Result<DeviceRecord, TrustError> {
     let record = {
-        let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = anchor
+            .shared
+            .trust_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut record = load_device(anchor, id)?;
         if record.trust != DeviceTrust::Trusted {
             return Err(TrustError::Conflict(format!("device {id} is revoked")));
@@ -262,7 +296,14 @@ pub fn rotate_device(
         record.rotation_pending = true;
         let mut batch = anchor.shared.store.batch();
         batch.put(Space::Devices, id.as_bytes(), &record)?;
-        audit(anchor, &mut batch, &actor(who), "device.rotate", &id.to_string(), "")?;
+        audit(
+            anchor,
+            &mut batch,
+            &actor(who),
+            "device.rotate",
+            &id.to_string(),
+            "",
+        )?;
         batch.commit(Durability::Sync)?;
         record
     };
@@ -274,7 +315,11 @@ pub fn rotate_device(
 /// brings it back.
 pub fn remove_device(anchor: &Anchor, who: &Principal, id: &DeviceId) -> Result<(), TrustError> {
     {
-        let _guard = anchor.shared.trust_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = anchor
+            .shared
+            .trust_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let record = load_device(anchor, id)?;
         let now = anchor.now_ms();
         let mut batch = anchor.shared.store.batch();
@@ -290,9 +335,19 @@ pub fn remove_device(anchor: &Anchor, who: &Principal, id: &DeviceId) -> Result<
                 reason: "device removed".into(),
             },
         )?;
-        audit(anchor, &mut batch, &actor(who), "device.remove", &id.to_string(), "")?;
+        audit(
+            anchor,
+            &mut batch,
+            &actor(who),
+            "device.remove",
+            &id.to_string(),
+            "",
+        )?;
         batch.commit(Durability::Sync)?;
-        anchor.shared.revocation.revoke_serial(record.cert_serial.clone());
+        anchor
+            .shared
+            .revocation
+            .revoke_serial(record.cert_serial.clone());
         anchor.shared.revocation.forget_device(id);
         anchor.shared.runtime.forget(id);
     }

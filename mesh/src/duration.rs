@@ -16,7 +16,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n.saturating_mul(60_000),
         "h" => n.saturating_mul(3_600_000),
         "d" => n.saturating_mul(86_400_000),
-        other => return Err(format!("unknown unit {other:?} in {s:?}; use ms, s, m, h or d")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}; use ms, s, m, h or d"
+            ));
+        }
     };
     Ok(Duration::from_millis(ms))
 }
@@ -29,7 +33,10 @@ mod tests {
     fn durations_parse() {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert!(parse_duration("10 parsecs").is_err());

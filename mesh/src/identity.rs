@@ -85,7 +85,9 @@ impl fmt::Debug for DeviceId {
 
 /// A string that is not a device id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid device id {input:?}: expected 32 base32 characters, optionally grouped with dashes")]
+#[error(
+    "invalid device id {input:?}: expected 32 base32 characters, optionally grouped with dashes"
+)]
 pub struct ParseDeviceIdError {
     input: String,
 }
@@ -106,9 +108,7 @@ impl FromStr for DeviceId {
         if cleaned.len() != 32 {
             return Err(err());
         }
-        let bytes = BASE32_NOPAD
-            .decode(cleaned.as_bytes())
-            .map_err(|_| err())?;
+        let bytes = BASE32_NOPAD.decode(cleaned.as_bytes()).map_err(|_| err())?;
         let id: [u8; DEVICE_ID_LEN] = bytes.try_into().map_err(|_| err())?;
         Ok(DeviceId(id))
     }
@@ -202,11 +202,7 @@ impl fmt::Debug for DeviceKey {
 
 /// A common name safe for a certificate: printable, at most 64 characters.
 pub(crate) fn sanitize_common_name(name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(64)
-        .collect();
+    let cleaned: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
     if cleaned.trim().is_empty() {
         "anchorage-device".to_string()
     } else {
@@ -233,7 +229,12 @@ mod tests {
 
     #[test]
     fn device_id_rejects_garbage() {
-        for bad in ["", "abc", "0000-0000-0000-0000-0000-0000-0000-0000", &"a".repeat(33)] {
+        for bad in [
+            "",
+            "abc",
+            "0000-0000-0000-0000-0000-0000-0000-0000",
+            &"a".repeat(33),
+        ] {
             assert!(bad.parse::<DeviceId>().is_err(), "{bad:?} parsed");
         }
         assert_eq!(DeviceId::from_uri("https://example.com/"), None);

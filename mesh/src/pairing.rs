@@ -64,7 +64,9 @@ pub enum PairingCryptoError {
 }
 
 /// The public id of a pairing code (4 base32 characters, upper case).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct CodeId(String);
 
 impl CodeId {
@@ -94,7 +96,9 @@ impl FromStr for CodeId {
         let up = s.trim().to_ascii_uppercase();
         let ok = up.len() == CODE_ID_LEN
             && up.len() <= MAX_CODE_ID_LEN
-            && up.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
+            && up
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
         if !ok {
             return Err(PairingCryptoError::BadCode(format!(
                 "code id must be {CODE_ID_LEN} characters A-Z or 2-7"
@@ -468,10 +472,7 @@ impl PairingKeys {
 
     /// MAC over a CSR submission.
     pub fn csr_mac(&self, csr_der: &[u8], name: &str, platform: &str) -> [u8; MAC_LEN] {
-        mac(
-            &self.csr,
-            &[csr_der, name.as_bytes(), platform.as_bytes()],
-        )
+        mac(&self.csr, &[csr_der, name.as_bytes(), platform.as_bytes()])
     }
 
     /// Checks the MAC over a CSR submission.
@@ -514,7 +515,11 @@ impl AfterKeys {
         ca_der: &[u8],
         tag: &[u8; MAC_LEN],
     ) -> bool {
-        verify(&self.result, &[request_id.as_bytes(), cert_der, ca_der], tag)
+        verify(
+            &self.result,
+            &[request_id.as_bytes(), cert_der, ca_der],
+            tag,
+        )
     }
 
     /// A resume proof for `request_id` on the connection whose exporter is given.
@@ -529,7 +534,11 @@ impl AfterKeys {
         exporter: &[u8; EXPORTER_LEN],
         tag: &[u8; MAC_LEN],
     ) -> bool {
-        verify(&self.resume, &[b"resume", request_id.as_bytes(), exporter], tag)
+        verify(
+            &self.resume,
+            &[b"resume", request_id.as_bytes(), exporter],
+            tag,
+        )
     }
 }
 
@@ -578,7 +587,12 @@ pub fn random_id<const N: usize>() -> Result<[u8; N], PairingCryptoError> {
 mod tests {
     use super::*;
 
-    fn run(node_secret: &str, anchor_secret: &str, ex_node: [u8; 32], ex_anchor: [u8; 32]) -> (PairingKeys, PairingKeys) {
+    fn run(
+        node_secret: &str,
+        anchor_secret: &str,
+        ex_node: [u8; 32],
+        ex_anchor: [u8; 32],
+    ) -> (PairingKeys, PairingKeys) {
         let (node, msg_a) = NodeHandshake::start("K7QF", &CodeSecret::new(node_secret));
         let (anchor_keys, msg_b) =
             anchor_respond("K7QF", &CodeSecret::new(anchor_secret), &msg_a, &ex_anchor).unwrap();
@@ -645,7 +659,14 @@ mod tests {
         assert_eq!(pin.code_id.as_str(), "K7QF");
         assert_eq!(pin.secret.expose(), "482913");
         assert_eq!(pin.to_string(), "K7QF-482913");
-        for bad in ["", "K7QF", "K7QF-12345", "K7QF-1234567", "K1QF-123456", "K7QF-12345a"] {
+        for bad in [
+            "",
+            "K7QF",
+            "K7QF-12345",
+            "K7QF-1234567",
+            "K1QF-123456",
+            "K7QF-12345a",
+        ] {
             assert!(bad.parse::<PinCode>().is_err(), "{bad}");
         }
         let random = CodeSecret::random_pin().unwrap();

@@ -16,8 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::digest;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
@@ -216,7 +215,8 @@ impl CertificateAuthority {
         now: SystemTime,
     ) -> Result<ServerIdentity, PkiError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::new(vec![anchorage_wire::ANCHOR_SERVER_NAME.to_string()])?;
+        let mut params =
+            CertificateParams::new(vec![anchorage_wire::ANCHOR_SERVER_NAME.to_string()])?;
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
@@ -248,10 +248,9 @@ impl CertificateAuthority {
         validity: Duration,
         now: SystemTime,
     ) -> Result<IssuedCert, PkiError> {
-        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-            csr_der,
-        ))
-        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|e| PkiError::BadCsr(e.to_string()))?;
         let device_id = csr_device_id(&csr);
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -301,10 +300,9 @@ fn csr_device_id(csr: &CertificateSigningRequestParams) -> DeviceId {
 
 /// Checks a CSR's signature and returns the device id of its key.
 pub fn csr_device_id_checked(csr_der: &[u8]) -> Result<DeviceId, PkiError> {
-    let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-        csr_der,
-    ))
-    .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    let csr =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
     Ok(csr_device_id(&csr))
 }
 

@@ -116,7 +116,11 @@ impl LossWindow {
             Some(h) if seq > h => {
                 let shift = seq - h;
                 self.lost += shift - 1;
-                self.bits = if shift >= Self::SPAN { 0 } else { self.bits << shift };
+                self.bits = if shift >= Self::SPAN {
+                    0
+                } else {
+                    self.bits << shift
+                };
                 self.bits |= 1;
                 self.highest = Some(seq);
             }
@@ -145,7 +149,11 @@ impl LossWindow {
             return None;
         }
         // The newest few may still be in flight only if reordered; count the whole span.
-        let mask = if span >= 64 { u64::MAX } else { (1u64 << span) - 1 };
+        let mask = if span >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << span) - 1
+        };
         let got = u64::from((self.bits & mask).count_ones());
         Some(1.0 - got as f64 / span as f64)
     }
@@ -219,7 +227,10 @@ mod tests {
         }
         let loss = w.loss().unwrap();
         assert!((loss - 0.1).abs() < 0.03, "{loss}");
-        assert_eq!(w.lost, 10, "sequence numbers start at 0: a missing 0 is a loss too");
+        assert_eq!(
+            w.lost, 10,
+            "sequence numbers start at 0: a missing 0 is a loss too"
+        );
     }
 
     #[test]

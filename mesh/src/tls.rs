@@ -182,10 +182,12 @@ impl ClientCertVerifier for NodeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let info = parse_cert(end_entity).map_err(|_| {
-            rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
-        })?;
-        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+        let info = parse_cert(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             Ok(_) => {}
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::Expired | CertificateError::ExpiredContext { .. },
@@ -197,9 +199,8 @@ impl ClientCertVerifier for NodeClientVerifier {
                 if now.as_secs() > grace_end {
                     return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
                 }
-                let last_valid = UnixTime::since_unix_epoch(Duration::from_secs(
-                    not_after.saturating_sub(1),
-                ));
+                let last_valid =
+                    UnixTime::since_unix_epoch(Duration::from_secs(not_after.saturating_sub(1)));
                 self.inner
                     .verify_client_cert(end_entity, intermediates, last_valid)?;
             }
@@ -283,7 +284,12 @@ fn certified_key(identity: ServerIdentity) -> Result<(Arc<CertifiedKey>, CertInf
 
 impl ResolvesServerCert for ServerCertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 }
 

@@ -81,7 +81,12 @@ fn client_endpoint() -> quinn::Endpoint {
     quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
 }
 
-fn issue(ca: &CertificateAuthority, key: &DeviceKey, validity: Duration, now: SystemTime) -> IssuedCert {
+fn issue(
+    ca: &CertificateAuthority,
+    key: &DeviceKey,
+    validity: Duration,
+    now: SystemTime,
+) -> IssuedCert {
     let csr = key.csr_der("test-node").unwrap();
     ca.sign_csr(&csr, "test-node", validity, now).unwrap()
 }
@@ -115,7 +120,10 @@ async fn assert_refused(res: Result<quinn::Connection, quinn::ConnectionError>, 
         quinn::ConnectionError::ConnectionClosed(close) => {
             // 0x100..=0x1ff are TLS alerts carried as QUIC crypto errors.
             let code = u64::from(close.error_code);
-            assert!((0x100..=0x1ff).contains(&code), "{what}: not a TLS alert: {reason:?}");
+            assert!(
+                (0x100..=0x1ff).contains(&code),
+                "{what}: not a TLS alert: {reason:?}"
+            );
         }
         other => panic!("{what}: expected a TLS alert, got {other:?}"),
     }
@@ -216,7 +224,10 @@ async fn revoked_device_fails_and_revocation_is_live() {
         .await
         .unwrap();
     assert_eq!(&echo(&first).await.unwrap(), b"ping");
-    assert!(matches!(anchor.accepted.recv().await, Some(Ok(PeerKind::Node(_)))));
+    assert!(matches!(
+        anchor.accepted.recv().await,
+        Some(Ok(PeerKind::Node(_)))
+    ));
 
     anchor.revocation.revoke_device(key.device_id());
     let res = connect_node(&anchor, anchor.ca.cert_der(), &cert, &key).await;
@@ -229,7 +240,9 @@ async fn revoked_device_fails_and_revocation_is_live() {
     anchor.revocation.revoke_serial(old.info.serial.clone());
     let res = connect_node(&anchor, anchor.ca.cert_der(), &old, &key2).await;
     assert_refused(res, "revoked serial").await;
-    let conn = connect_node(&anchor, anchor.ca.cert_der(), &new, &key2).await.unwrap();
+    let conn = connect_node(&anchor, anchor.ca.cert_der(), &new, &key2)
+        .await
+        .unwrap();
     assert_eq!(&echo(&conn).await.unwrap(), b"ping");
 }
 
@@ -244,13 +257,28 @@ async fn bootstrap_alpn_needs_no_certificate_and_qr_pins_the_ca() {
         .await
         .unwrap();
     assert_eq!(&echo(&conn).await.unwrap(), b"ping");
-    assert!(matches!(anchor.accepted.recv().await, Some(Ok(PeerKind::Bootstrap))));
+    assert!(matches!(
+        anchor.accepted.recv().await,
+        Some(Ok(PeerKind::Bootstrap))
+    ));
 
     // QR pairing with the right fingerprint connects; with a wrong one it does not.
     let right = tls::bootstrap_client_config(Some(anchor.ca.fingerprint())).unwrap();
-    assert!(client_endpoint().connect_with(right, anchor.addr, ANCHOR_SERVER_NAME).unwrap().await.is_ok());
+    assert!(
+        client_endpoint()
+            .connect_with(right, anchor.addr, ANCHOR_SERVER_NAME)
+            .unwrap()
+            .await
+            .is_ok()
+    );
     let wrong = tls::bootstrap_client_config(Some(Fingerprint([0u8; 32]))).unwrap();
-    assert!(client_endpoint().connect_with(wrong, anchor.addr, ANCHOR_SERVER_NAME).unwrap().await.is_err());
+    assert!(
+        client_endpoint()
+            .connect_with(wrong, anchor.addr, ANCHOR_SERVER_NAME)
+            .unwrap()
+            .await
+            .is_err()
+    );
     let _ = ALPN_BOOTSTRAP;
 }
 
@@ -288,14 +316,22 @@ fn issued_certificate_passes_openssl_verify() {
     );
     // And the anchor's server certificate verifies for TLS server use.
     let server = ca.issue_server(90 * DAY, now).unwrap();
-    std::fs::write(dir.path().join("server.pem"), anchorage_mesh::pki::der_to_pem(&server.chain[0])).unwrap();
+    std::fs::write(
+        dir.path().join("server.pem"),
+        anchorage_mesh::pki::der_to_pem(&server.chain[0]),
+    )
+    .unwrap();
     let out = std::process::Command::new("openssl")
         .args(["verify", "-purpose", "sslserver", "-CAfile"])
         .arg(dir.path().join("ca.pem"))
         .arg(dir.path().join("server.pem"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

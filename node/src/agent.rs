@@ -164,7 +164,11 @@ impl AgentStats {
             loss_rate: self.loss_rate(),
             rtt_ms: self.rtt_ms(),
             updated_at_ms: unix_ms(),
-            last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }
@@ -307,7 +311,9 @@ pub async fn run(
                 .map_err(|e| e.to_string())?;
             match tokio::time::timeout(Duration::from_secs(15), connecting).await {
                 Ok(Ok(c)) => Ok(c),
-                Ok(Err(e)) => Err(classify_error(&e).map_or_else(|| e.to_string(), |f| format!("fatal:{f}"))),
+                Ok(Err(e)) => {
+                    Err(classify_error(&e).map_or_else(|| e.to_string(), |f| format!("fatal:{f}")))
+                }
                 Err(_) => Err("handshake timed out".to_string()),
             }
         };
@@ -359,7 +365,9 @@ fn classify_error(e: &quinn::ConnectionError) -> Option<&'static str> {
         quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
         quinn::ConnectionError::TransportError(t) => u64::from(t.code),
         quinn::ConnectionError::ApplicationClosed(a) => {
-            return match ErrorCode::from_u32(u32::try_from(a.error_code.into_inner()).unwrap_or(u32::MAX)) {
+            return match ErrorCode::from_u32(
+                u32::try_from(a.error_code.into_inner()).unwrap_or(u32::MAX),
+            ) {
                 Some(ErrorCode::Revoked) => Some("revoked"),
                 Some(ErrorCode::Removed) => Some("removed"),
                 Some(ErrorCode::Unauthenticated) => Some("unknown"),
@@ -438,7 +446,9 @@ async fn session(
     stats.registrations.fetch_add(1, Ordering::Relaxed);
     stats.connected.store(true, Ordering::Relaxed);
     stats.connected_since_ms.store(unix_ms(), Ordering::Relaxed);
-    stats.heartbeat_interval_ms.store(interval.as_millis() as u64, Ordering::Relaxed);
+    stats
+        .heartbeat_interval_ms
+        .store(interval.as_millis() as u64, Ordering::Relaxed);
     stats.heartbeats_sent.store(0, Ordering::Relaxed);
     stats.acks_received.store(0, Ordering::Relaxed);
     info!(device_id = %registered.device_id, interval_ms = interval.as_millis() as u64, "registered with the anchor");
@@ -447,7 +457,14 @@ async fn session(
     let phase = jitter.below(interval);
     let hb_seed = jitter.next_u64();
     let origin = Instant::now();
-    tasks.spawn(heartbeats(conn.clone(), origin, interval, phase, hb_seed, stats.clone()));
+    tasks.spawn(heartbeats(
+        conn.clone(),
+        origin,
+        interval,
+        phase,
+        hb_seed,
+        stats.clone(),
+    ));
     tasks.spawn(acks(conn.clone(), origin, stats.clone()));
     tasks.spawn(invocations(
         conn.clone(),
@@ -551,7 +568,12 @@ async fn send_renew(config: &AgentConfig, tx: &mut Tx) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-async fn renew(config: &AgentConfig, stats: &AgentStats, tx: &mut Tx, rx: &mut Rx) -> Result<(), String> {
+async fn renew(
+    config: &AgentConfig,
+    stats: &AgentStats,
+    tx: &mut Tx,
+    rx: &mut Rx,
+) -> Result<(), String> {
     send_renew(config, tx).await?;
     match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
         Ok(Ok(Some(ControlDown::Renewed(r)))) => {
@@ -563,7 +585,9 @@ async fn renew(config: &AgentConfig, stats: &AgentStats, tx: &mut Tx, rx: &mut R
             info!("certificate renewed");
             Ok(())
         }
-        Ok(Ok(Some(ControlDown::RenewRefused(r)))) => Err(format!("renewal refused: {}", r.message)),
+        Ok(Ok(Some(ControlDown::RenewRefused(r)))) => {
+            Err(format!("renewal refused: {}", r.message))
+        }
         _ => Err("no answer to the renewal".into()),
     }
 }
@@ -619,20 +643,34 @@ async fn acks(conn: quinn::Connection, origin: Instant, stats: Arc<AgentStats>) 
         let sample = now_us.saturating_sub(ack.echo_node_time_ms.saturating_mul(1000));
         let old = stats.rtt_us.load(Ordering::Relaxed);
         // Smoothed like TCP's SRTT: 7/8 old + 1/8 new.
-        let smoothed = if old == 0 { sample.max(1) } else { (old * 7 + sample) / 8 };
+        let smoothed = if old == 0 {
+            sample.max(1)
+        } else {
+            (old * 7 + sample) / 8
+        };
         stats.rtt_us.store(smoothed.max(1), Ordering::Relaxed);
     }
 }
 
 /// Serves invocation streams opened by the anchor.
-async fn invocations(conn: quinn::Connection, registry: Registry, permits: Arc<Semaphore>, stats: Arc<AgentStats>) {
+async fn invocations(
+    conn: quinn::Connection,
+    registry: Registry,
+    permits: Arc<Semaphore>,
+    stats: Arc<AgentStats>,
+) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(_) => return,
         };
-        let (registry, permits, stats, seen) = (registry.clone(), permits.clone(), stats.clone(), seen.clone());
+        let (registry, permits, stats, seen) = (
+            registry.clone(),
+            permits.clone(),
+            stats.clone(),
+            seen.clone(),
+        );
         tokio::spawn(async move {
             let (mut tx, mut rx) = framed::<InvokeReply, InvokeRequest>(send, recv);
             let req = match tokio::time::timeout(Duration::from_secs(15), rx.recv()).await {
@@ -679,7 +717,13 @@ impl Seen {
     }
 }
 
-fn result(outcome: Outcome, output: Vec<u8>, error: Option<String>, took: Duration, limit: u32) -> InvokeResult {
+fn result(
+    outcome: Outcome,
+    output: Vec<u8>,
+    error: Option<String>,
+    took: Duration,
+    limit: u32,
+) -> InvokeResult {
     let limit = limit as usize;
     let truncated = output.len() > limit;
     let mut output = output;
@@ -703,7 +747,10 @@ async fn handle_invocation(
     let started = Instant::now();
     let deadline = started + Duration::from_millis(u64::from(req.remaining_ms));
     let limit = req.output_limit;
-    let earlier = seen.lock().unwrap_or_else(|p| p.into_inner()).insert(req.id);
+    let earlier = seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(req.id);
     match earlier {
         Some(Some(done)) => {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -711,35 +758,73 @@ async fn handle_invocation(
         }
         Some(None) => {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            return result(Outcome::Duplicate, Vec::new(), Some("already running".into()), Duration::ZERO, limit);
+            return result(
+                Outcome::Duplicate,
+                Vec::new(),
+                Some("already running".into()),
+                Duration::ZERO,
+                limit,
+            );
         }
         None => {}
     }
     let finish = |r: InvokeResult| {
-        seen.lock().unwrap_or_else(|p| p.into_inner()).finish(req.id, &r);
+        seen.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish(req.id, &r);
         r
     };
     if req.remaining_ms == 0 {
         stats.invocations_expired.fetch_add(1, Ordering::Relaxed);
-        return finish(result(Outcome::Expired, Vec::new(), Some("deadline passed before it could start".into()), Duration::ZERO, limit));
+        return finish(result(
+            Outcome::Expired,
+            Vec::new(),
+            Some("deadline passed before it could start".into()),
+            Duration::ZERO,
+            limit,
+        ));
     }
     let Some(cap) = registry.get(&req.capability) else {
-        return finish(result(Outcome::Rejected, Vec::new(), Some(format!("unknown capability {}", req.capability)), Duration::ZERO, limit));
+        return finish(result(
+            Outcome::Rejected,
+            Vec::new(),
+            Some(format!("unknown capability {}", req.capability)),
+            Duration::ZERO,
+            limit,
+        ));
     };
     if let Err(why) = cap.availability() {
-        return finish(result(Outcome::Rejected, Vec::new(), Some(format!("{} is unavailable: {why}", req.capability)), Duration::ZERO, limit));
+        return finish(result(
+            Outcome::Rejected,
+            Vec::new(),
+            Some(format!("{} is unavailable: {why}", req.capability)),
+            Duration::ZERO,
+            limit,
+        ));
     }
     let permit = match tokio::time::timeout_at(deadline, permits.acquire()).await {
         Ok(Ok(p)) => p,
         _ => {
             stats.invocations_expired.fetch_add(1, Ordering::Relaxed);
-            return finish(result(Outcome::Expired, Vec::new(), Some("deadline passed while waiting for a slot".into()), started.elapsed(), limit));
+            return finish(result(
+                Outcome::Expired,
+                Vec::new(),
+                Some("deadline passed while waiting for a slot".into()),
+                started.elapsed(),
+                limit,
+            ));
         }
     };
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         stats.invocations_expired.fetch_add(1, Ordering::Relaxed);
-        return finish(result(Outcome::Expired, Vec::new(), Some("deadline passed before it could start".into()), started.elapsed(), limit));
+        return finish(result(
+            Outcome::Expired,
+            Vec::new(),
+            Some("deadline passed before it could start".into()),
+            started.elapsed(),
+            limit,
+        ));
     }
     stats.invocations_run.fetch_add(1, Ordering::Relaxed);
     let outcome = match tokio::time::timeout(left, cap.run(req.input, left)).await {
@@ -752,8 +837,12 @@ async fn handle_invocation(
     let took = started.elapsed();
     finish(match outcome {
         RunOutcome::Succeeded(out) => result(Outcome::Succeeded, out, None, took, limit),
-        RunOutcome::Failed { error, output } => result(Outcome::Failed, output, Some(error), took, limit),
-        RunOutcome::TimedOut { error } => result(Outcome::TimedOut, Vec::new(), Some(error), took, limit),
+        RunOutcome::Failed { error, output } => {
+            result(Outcome::Failed, output, Some(error), took, limit)
+        }
+        RunOutcome::TimedOut { error } => {
+            result(Outcome::TimedOut, Vec::new(), Some(error), took, limit)
+        }
     })
 }
 
@@ -795,7 +884,13 @@ mod tests {
 
     #[test]
     fn output_is_truncated_to_the_limit() {
-        let r = result(Outcome::Succeeded, vec![b'a'; 100], None, Duration::ZERO, 10);
+        let r = result(
+            Outcome::Succeeded,
+            vec![b'a'; 100],
+            None,
+            Duration::ZERO,
+            10,
+        );
         assert_eq!(r.output.len(), 10);
         assert!(r.truncated);
     }

@@ -320,8 +320,8 @@ impl Capability for OpenUrl {
 
 /// Accepts `{"url": "..."}` or a bare JSON string; only http and https.
 pub fn parse_url_input(input: &[u8]) -> Result<String, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(input).map_err(|_| "input must be JSON: {\"url\": \"https://...\"}")?;
+    let v: serde_json::Value = serde_json::from_slice(input)
+        .map_err(|_| "input must be JSON: {\"url\": \"https://...\"}")?;
     let url = match &v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Object(m) => m
@@ -560,7 +560,13 @@ mod tests {
 
     #[tokio::test]
     async fn command_gets_json_on_stdin_and_returns_stdout() {
-        let out = run_command(&spec(&["cat"]), b"{\"a\":1}".to_vec(), Duration::from_secs(5), 1024).await;
+        let out = run_command(
+            &spec(&["cat"]),
+            b"{\"a\":1}".to_vec(),
+            Duration::from_secs(5),
+            1024,
+        )
+        .await;
         assert_eq!(out, RunOutcome::Succeeded(b"{\"a\":1}".to_vec()));
     }
 
@@ -585,15 +591,30 @@ mod tests {
     #[tokio::test]
     async fn timeout_kills_the_command() {
         let started = Instant::now();
-        let out = run_command(&spec(&["sleep", "10"]), Vec::new(), Duration::from_millis(200), 1024).await;
+        let out = run_command(
+            &spec(&["sleep", "10"]),
+            Vec::new(),
+            Duration::from_millis(200),
+            1024,
+        )
+        .await;
         assert!(matches!(out, RunOutcome::TimedOut { .. }), "{out:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]
     async fn output_over_the_limit_is_a_failure() {
-        let out = run_command(&spec(&["sh", "-c", "head -c 5000 /dev/zero"]), Vec::new(), Duration::from_secs(5), 100).await;
-        assert!(matches!(out, RunOutcome::Failed { ref error, ref output } if error.contains("exceeded") && output.len() == 100), "{out:?}");
+        let out = run_command(
+            &spec(&["sh", "-c", "head -c 5000 /dev/zero"]),
+            Vec::new(),
+            Duration::from_secs(5),
+            100,
+        )
+        .await;
+        assert!(
+            matches!(out, RunOutcome::Failed { ref error, ref output } if error.contains("exceeded") && output.len() == 100),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -607,9 +628,18 @@ mod tests {
 
     #[test]
     fn open_url_takes_only_http_and_https() {
-        assert_eq!(parse_url_input(br#"{"url":"https://example.com/x"}"#).unwrap(), "https://example.com/x");
+        assert_eq!(
+            parse_url_input(br#"{"url":"https://example.com/x"}"#).unwrap(),
+            "https://example.com/x"
+        );
         assert_eq!(parse_url_input(br#""http://a""#).unwrap(), "http://a");
-        for bad in [r#"{"url":"file:///etc/passwd"}"#, r#"{"url":"javascript:alert(1)"}"#, r#""https://""#, "nope", r#"{"url":"https://a b"}"#] {
+        for bad in [
+            r#"{"url":"file:///etc/passwd"}"#,
+            r#"{"url":"javascript:alert(1)"}"#,
+            r#""https://""#,
+            "nope",
+            r#"{"url":"https://a b"}"#,
+        ] {
             assert!(parse_url_input(bad.as_bytes()).is_err(), "{bad}");
         }
     }

@@ -165,8 +165,14 @@ mod tests {
     #[test]
     fn bad_configs_are_refused_with_the_key() {
         let c: NodeConfig = toml::from_str("[capabilities.x]\ncommand = []").unwrap();
-        assert!(c.check().unwrap_err().to_string().contains("capabilities.x"));
-        let c: NodeConfig = toml::from_str("[capabilities.x]\ncommand = [\"a\"]\ntimeout = \"soon\"").unwrap();
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .contains("capabilities.x")
+        );
+        let c: NodeConfig =
+            toml::from_str("[capabilities.x]\ncommand = [\"a\"]\ntimeout = \"soon\"").unwrap();
         assert!(c.check().is_err());
         assert!(toml::from_str::<NodeConfig>("nmae = \"x\"").is_err());
     }

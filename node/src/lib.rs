@@ -41,7 +41,11 @@ pub fn registry(
 ) -> Result<capability::Registry, String> {
     let mut registry = capability::Registry::builtins(facts);
     if config.desktop.open_url {
-        let opener = if cfg!(target_os = "macos") { "open" } else { "xdg-open" };
+        let opener = if cfg!(target_os = "macos") {
+            "open"
+        } else {
+            "xdg-open"
+        };
         registry.add(std::sync::Arc::new(capability::OpenUrl {
             opener: opener.into(),
         }));

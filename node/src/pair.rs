@@ -10,9 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anchorage_mesh::framed::{FramedRecv, FramedSend, framed};
-use anchorage_mesh::pairing::{
-    EXPORTER_LABEL, EXPORTER_LEN, NodeHandshake, PinCode, QrPayload,
-};
+use anchorage_mesh::pairing::{EXPORTER_LABEL, EXPORTER_LEN, NodeHandshake, PinCode, QrPayload};
 use anchorage_mesh::{DeviceId, Fingerprint, tls};
 use anchorage_wire::bootstrap::*;
 use anchorage_wire::{ANCHOR_SERVER_NAME, ErrorCode, PROTOCOL_VERSION};
@@ -361,18 +359,26 @@ async fn wait_result(
                     &approved.ca_der,
                     &approved.mac,
                 ) {
-                    return Err(PairError::Protocol("the certificate's MAC does not verify".into()));
+                    return Err(PairError::Protocol(
+                        "the certificate's MAC does not verify".into(),
+                    ));
                 }
                 if let Some(pin) = &saved.pinned_ca
                     && Fingerprint::of(&approved.ca_der).to_string() != *pin
                 {
-                    return Err(PairError::Protocol("the CA does not match the QR code".into()));
+                    return Err(PairError::Protocol(
+                        "the CA does not match the QR code".into(),
+                    ));
                 }
                 let info = anchorage_mesh::pki::parse_cert(&approved.cert_der)
                     .map_err(|e| PairError::Protocol(e.to_string()))?;
-                let key = state.key()?.ok_or_else(|| StateError::NotPaired(state.path().into()))?;
+                let key = state
+                    .key()?
+                    .ok_or_else(|| StateError::NotPaired(state.path().into()))?;
                 if info.key_id != key.device_id() {
-                    return Err(PairError::Protocol("the certificate is not for this key".into()));
+                    return Err(PairError::Protocol(
+                        "the certificate is not for this key".into(),
+                    ));
                 }
                 state.save_certificate(&approved.cert_der, &approved.ca_der)?;
                 state.save_anchor(&saved.anchor)?;
@@ -389,7 +395,9 @@ async fn wait_result(
             BootstrapResponse::Failed(f) => {
                 if matches!(
                     f.reason,
-                    PairFailure::Rejected | PairFailure::RequestExpired | PairFailure::UnknownRequest
+                    PairFailure::Rejected
+                        | PairFailure::RequestExpired
+                        | PairFailure::UnknownRequest
                 ) {
                     state.clear_pending();
                 }
@@ -399,7 +407,11 @@ async fn wait_result(
                     message: f.message,
                 });
             }
-            _ => return Err(PairError::Protocol("unexpected message while pending".into())),
+            _ => {
+                return Err(PairError::Protocol(
+                    "unexpected message while pending".into(),
+                ));
+            }
         }
     }
 }
@@ -436,7 +448,9 @@ async fn send(tx: &mut Tx, msg: BootstrapRequest) -> Result<(), PairError> {
 
 async fn recv(rx: &mut Rx) -> Result<BootstrapResponse, PairError> {
     match tokio::time::timeout(STEP_TIMEOUT, rx.recv()).await {
-        Err(_) => Err(PairError::Protocol("connection lost: the anchor did not answer".into())),
+        Err(_) => Err(PairError::Protocol(
+            "connection lost: the anchor did not answer".into(),
+        )),
         Ok(Ok(Some(BootstrapResponse::Failed(f)))) => Err(PairError::Refused {
             reason: f.reason,
             message: f.message,
@@ -470,11 +484,20 @@ pub fn parse_code(pin: Option<&str>, qr: Option<&str>) -> Result<PairCode, Strin
     match (pin, qr) {
         (Some(p), None) => {
             if p.trim().starts_with("anchorage://") {
-                return p.trim().parse::<QrPayload>().map(PairCode::Qr).map_err(|e| e.to_string());
+                return p
+                    .trim()
+                    .parse::<QrPayload>()
+                    .map(PairCode::Qr)
+                    .map_err(|e| e.to_string());
             }
-            p.parse::<PinCode>().map(PairCode::Pin).map_err(|e| e.to_string())
+            p.parse::<PinCode>()
+                .map(PairCode::Pin)
+                .map_err(|e| e.to_string())
         }
-        (None, Some(q)) => q.parse::<QrPayload>().map(PairCode::Qr).map_err(|e| e.to_string()),
+        (None, Some(q)) => q
+            .parse::<QrPayload>()
+            .map(PairCode::Qr)
+            .map_err(|e| e.to_string()),
         _ => Err("give exactly one of --code, --code-stdin or --qr".into()),
     }
 }

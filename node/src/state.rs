@@ -195,7 +195,10 @@ impl StateDir {
     pub fn save_certificate(&self, cert_der: &[u8], ca_der: &[u8]) -> Result<(), StateError> {
         // CA first: a certificate is only ever on disk next to the CA that issued it.
         self.write("ca.pem", anchorage_mesh::pki::der_to_pem(ca_der).as_bytes())?;
-        self.write("cert.pem", anchorage_mesh::pki::der_to_pem(cert_der).as_bytes())
+        self.write(
+            "cert.pem",
+            anchorage_mesh::pki::der_to_pem(cert_der).as_bytes(),
+        )
     }
 
     /// Records the anchor address.
@@ -218,7 +221,9 @@ impl StateDir {
             message,
         };
         let der = pem_to_der(&pem, "CERTIFICATE").map_err(|e| corrupt(e.to_string()))?;
-        parse_cert(&der).map(Some).map_err(|e| corrupt(e.to_string()))
+        parse_cert(&der)
+            .map(Some)
+            .map_err(|e| corrupt(e.to_string()))
     }
 
     /// Everything a paired node needs to connect.
@@ -232,11 +237,16 @@ impl StateDir {
             path: self.file(file),
             message,
         };
-        let cert = pem_to_der(&cert_pem, "CERTIFICATE").map_err(|e| corrupt("cert.pem", e.to_string()))?;
-        let ca = pem_to_der(&ca_pem, "CERTIFICATE").map_err(|e| corrupt("ca.pem", e.to_string()))?;
+        let cert =
+            pem_to_der(&cert_pem, "CERTIFICATE").map_err(|e| corrupt("cert.pem", e.to_string()))?;
+        let ca =
+            pem_to_der(&ca_pem, "CERTIFICATE").map_err(|e| corrupt("ca.pem", e.to_string()))?;
         let cert_info = parse_cert(&cert).map_err(|e| corrupt("cert.pem", e.to_string()))?;
         if cert_info.key_id != key.device_id() {
-            return Err(corrupt("cert.pem", "the certificate does not match key.pem".into()));
+            return Err(corrupt(
+                "cert.pem",
+                "the certificate does not match key.pem".into(),
+            ));
         }
         Ok(Identity {
             key,

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anchorage_console::Backend;
-use anchorage_console::api::{MintCodeRequest, PairMethod, PairingRequest, Principal, RequestState};
+use anchorage_console::api::{
+    MintCodeRequest, PairMethod, PairingRequest, Principal, RequestState,
+};
 use anchorage_daemon::backend::AnchorBackend;
 use anchorage_daemon::{Anchor, AnchorConfig, Clock};
 use anchorage_netsim::{Host, LinkConfig, Network};
@@ -168,7 +170,10 @@ impl Sim {
         let code = self.mint(PairMethod::Pin, None).await;
         let task = node.spawn_pair(self.addr(), &code);
         let req = self.wait_pending(&node.name).await;
-        self.backend().approve(&self.owner, &req.request_id).await.unwrap();
+        self.backend()
+            .approve(&self.owner, &req.request_id)
+            .await
+            .unwrap();
         task.await.unwrap().expect("pairing succeeds")
     }
 }
@@ -195,13 +200,32 @@ impl SimNode {
     }
 
     /// Starts pairing in a task.
-    pub fn spawn_pair(&self, anchor: SocketAddr, code: &str) -> JoinHandle<Result<Paired, PairError>> {
-        let (endpoint, state, opts) = (self.endpoint.clone(), self.state.clone(), self.opts(anchor, code));
-        tokio::spawn(async move { anchorage_node::pair::pair(&endpoint, &state, &opts, |p| { if std::env::var_os("SIM_DEBUG").is_some() { eprintln!("progress: {p:?}") } }).await })
+    pub fn spawn_pair(
+        &self,
+        anchor: SocketAddr,
+        code: &str,
+    ) -> JoinHandle<Result<Paired, PairError>> {
+        let (endpoint, state, opts) = (
+            self.endpoint.clone(),
+            self.state.clone(),
+            self.opts(anchor, code),
+        );
+        tokio::spawn(async move {
+            anchorage_node::pair::pair(&endpoint, &state, &opts, |p| {
+                if std::env::var_os("SIM_DEBUG").is_some() {
+                    eprintln!("progress: {p:?}")
+                }
+            })
+            .await
+        })
     }
 
     /// Starts the node agent with the built-in capabilities plus `extra`.
-    pub fn start_agent(&self, anchor: SocketAddr, tweak: impl FnOnce(&mut AgentConfig)) -> RunningAgent {
+    pub fn start_agent(
+        &self,
+        anchor: SocketAddr,
+        tweak: impl FnOnce(&mut AgentConfig),
+    ) -> RunningAgent {
         let identity = self.state.identity().expect("paired");
         let facts = anchorage_node::capability::NodeFacts {
             device_id: identity.cert_info.key_id.to_string(),
@@ -219,7 +243,8 @@ impl SimNode {
         let (stop, stop_rx) = watch::channel(false);
         let endpoint = self.endpoint.clone();
         let s = stats.clone();
-        let task = tokio::spawn(async move { agent::run(endpoint, anchor, config, s, stop_rx).await });
+        let task =
+            tokio::spawn(async move { agent::run(endpoint, anchor, config, s, stop_rx).await });
         RunningAgent { task, stats, stop }
     }
 

@@ -15,7 +15,12 @@ use anchorage_tests::{Sim, SimNode, eventually, lossy};
 
 const SEED: u64 = 0x5e0;
 
-fn invoke_req(capability: &str, input: serde_json::Value, timeout_ms: u64, async_: bool) -> InvokeRequest {
+fn invoke_req(
+    capability: &str,
+    input: serde_json::Value,
+    timeout_ms: u64,
+    async_: bool,
+) -> InvokeRequest {
     InvokeRequest {
         capability: capability.into(),
         input,
@@ -29,30 +34,50 @@ async fn presence_of(sim: &Sim, id: &str) -> Presence {
 }
 
 async fn wait_presence(sim: &Sim, id: &str, want: Presence, limit: Duration) -> bool {
-    eventually(limit, || async { (presence_of(sim, id).await == want).then_some(()) })
-        .await
-        .is_some()
+    eventually(limit, || async {
+        (presence_of(sim, id).await == want).then_some(())
+    })
+    .await
+    .is_some()
 }
 
 async fn paired_running(sim: &Sim, name: &str) -> (SimNode, String, anchorage_tests::RunningAgent) {
     let node = sim.add_node(name);
     let id = sim.pair(&node).await.device_id.to_string();
     let agent = node.start_agent(sim.addr(), |_| {});
-    assert!(agent.registered(1, Duration::from_secs(60)).await, "{name} registers");
+    assert!(
+        agent.registered(1, Duration::from_secs(60)).await,
+        "{name} registers"
+    );
     (node, id, agent)
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_registered_node_is_online_and_answers_system_health() {
-    let sim = Sim::start(SEED, lossy(0.0), |c| c.presence.heartbeat_interval = Duration::from_secs(1)).await;
+    let sim = Sim::start(SEED, lossy(0.0), |c| {
+        c.presence.heartbeat_interval = Duration::from_secs(1)
+    })
+    .await;
     let (_node, id, agent) = paired_running(&sim, "edge-1").await;
     assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(10)).await);
-    let inv = sim.backend().invoke(&sim.owner, &id, invoke_req("system.health", serde_json::Value::Null, 10_000, false)).await.unwrap();
+    let inv = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("system.health", serde_json::Value::Null, 10_000, false),
+        )
+        .await
+        .unwrap();
     assert_eq!(inv.state, InvocationState::Succeeded, "{inv:?}");
     assert_eq!(inv.output.as_ref().unwrap()["status"], "ok");
     let entry = sim.backend().inventory_device(&id).await.unwrap();
     assert_eq!(entry.trust, Trust::Trusted);
-    assert!(entry.capabilities.total >= 4 && entry.capabilities.unavailable == 0, "{:?}", entry.capabilities);
+    assert!(
+        entry.capabilities.total >= 4 && entry.capabilities.unavailable == 0,
+        "{:?}",
+        entry.capabilities
+    );
     assert!(entry.connected && entry.connected_since.is_some());
     // Heartbeats and acks flow: the node measures RTT and (no) loss.
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -88,12 +113,23 @@ async fn fifty_nodes_on_a_lossy_link_stay_online_for_an_hour() {
         worst = worst.max(inv.summary.degraded);
     }
     for (_, id, _) in &nodes {
-        let inv = sim.backend().invoke(&sim.owner, id, invoke_req("system.health", serde_json::Value::Null, 20_000, false)).await.unwrap();
+        let inv = sim
+            .backend()
+            .invoke(
+                &sim.owner,
+                id,
+                invoke_req("system.health", serde_json::Value::Null, 20_000, false),
+            )
+            .await
+            .unwrap();
         assert_eq!(inv.state, InvocationState::Succeeded, "{inv:?}");
     }
     let received = sim.anchor().shared_metrics().0;
     assert!(received > 50 * 200, "heartbeats flowed: {received}");
-    eprintln!("an hour of 50 nodes took {:?} real time; at most {worst} degraded at once", started.elapsed());
+    eprintln!(
+        "an hour of 50 nodes took {:?} real time; at most {worst} degraded at once",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -106,20 +142,33 @@ async fn a_partitioned_node_goes_stale_then_offline_then_comes_back() {
     .await;
     let (node, id, agent) = paired_running(&sim, "cut-off").await;
     assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(10)).await);
-    sim.net.partition(&[node.host.id()], &[sim.anchor_host.id()]);
+    sim.net
+        .partition(&[node.host.id()], &[sim.anchor_host.id()]);
     let cut = tokio::time::Instant::now();
     assert!(wait_presence(&sim, &id, Presence::Stale, Duration::from_secs(90)).await);
     let stale_at = cut.elapsed();
-    assert!(stale_at >= Duration::from_secs(55) && stale_at <= Duration::from_secs(70), "stale after {stale_at:?}");
+    assert!(
+        stale_at >= Duration::from_secs(55) && stale_at <= Duration::from_secs(70),
+        "stale after {stale_at:?}"
+    );
     assert!(wait_presence(&sim, &id, Presence::Offline, Duration::from_secs(200)).await);
     let offline_at = cut.elapsed();
-    assert!(offline_at >= Duration::from_secs(175) && offline_at <= Duration::from_secs(190), "offline after {offline_at:?}");
+    assert!(
+        offline_at >= Duration::from_secs(175) && offline_at <= Duration::from_secs(190),
+        "offline after {offline_at:?}"
+    );
     sim.net.heal();
     let healed = tokio::time::Instant::now();
     assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(60)).await);
     let back = healed.elapsed();
-    assert!(back <= Duration::from_secs(35), "online again {back:?} after healing (backoff cap 30 s)");
-    assert!(agent.registered(2, Duration::from_secs(5)).await, "it reconnected");
+    assert!(
+        back <= Duration::from_secs(35),
+        "online again {back:?} after healing (backoff cap 30 s)"
+    );
+    assert!(
+        agent.registered(2, Duration::from_secs(5)).await,
+        "it reconnected"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -131,22 +180,54 @@ async fn invocations_under_loss_offline_delivery_and_deadlines() {
 
     // Under 20 % loss and jitter an echo round-trips intact.
     let input = serde_json::json!({"hello": "world", "n": [1, 2, 3]});
-    let inv = sim.backend().invoke(&sim.owner, &id, invoke_req("echo", input.clone(), 30_000, false)).await.unwrap();
+    let inv = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("echo", input.clone(), 30_000, false),
+        )
+        .await
+        .unwrap();
     assert_eq!(inv.state, InvocationState::Succeeded);
     assert_eq!(inv.output.unwrap(), input);
 
     // Offline: queued, persisted, delivered when the node returns.
     agent.stop().await.unwrap();
-    let queued = sim.backend().invoke(&sim.owner, &id, invoke_req("echo", serde_json::json!("later"), 600_000, true)).await.unwrap();
+    let queued = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("echo", serde_json::json!("later"), 600_000, true),
+        )
+        .await
+        .unwrap();
     assert_eq!(queued.state, InvocationState::Queued);
     // And one whose deadline passes while the node is away.
-    let doomed = sim.backend().invoke(&sim.owner, &id, invoke_req("echo", serde_json::json!("too late"), 5_000, true)).await.unwrap();
+    let doomed = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("echo", serde_json::json!("too late"), 5_000, true),
+        )
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let d = sim.backend().invocation(&doomed.invocation_id).await.unwrap();
+    let d = sim
+        .backend()
+        .invocation(&doomed.invocation_id)
+        .await
+        .unwrap();
     assert_eq!(d.state, InvocationState::TimedOut);
     let agent = node.start_agent(sim.addr(), |_| {});
     let done = eventually(Duration::from_secs(60), || async {
-        let r = sim.backend().invocation(&queued.invocation_id).await.unwrap();
+        let r = sim
+            .backend()
+            .invocation(&queued.invocation_id)
+            .await
+            .unwrap();
         r.state.is_final().then_some(r)
     })
     .await
@@ -154,10 +235,17 @@ async fn invocations_under_loss_offline_delivery_and_deadlines() {
     assert_eq!(done.state, InvocationState::Succeeded, "{done:?}");
     assert_eq!(done.output.unwrap(), serde_json::json!("later"));
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(agent.stats.invocations_run.load(Ordering::Relaxed), 1, "the timed-out one never ran on the node");
+    assert_eq!(
+        agent.stats.invocations_run.load(Ordering::Relaxed),
+        1,
+        "the timed-out one never ran on the node"
+    );
     let list = sim
         .backend()
-        .list_invocations(anchorage_console::api::InvocationQuery { device_id: Some(id.clone()), limit: None })
+        .list_invocations(anchorage_console::api::InvocationQuery {
+            device_id: Some(id.clone()),
+            limit: None,
+        })
         .await
         .unwrap();
     assert_eq!(list.len(), 3);
@@ -166,46 +254,93 @@ async fn invocations_under_loss_offline_delivery_and_deadlines() {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_that_changes_address_keeps_its_connection() {
-    let sim = Sim::start(SEED + 4, LinkConfig::preset(anchorage_netsim::Preset::Wifi), |c| {
-        c.presence.heartbeat_interval = Duration::from_secs(2)
-    })
+    let sim = Sim::start(
+        SEED + 4,
+        LinkConfig::preset(anchorage_netsim::Preset::Wifi),
+        |c| c.presence.heartbeat_interval = Duration::from_secs(2),
+    )
     .await;
     let (node, id, agent) = paired_running(&sim, "roamer").await;
     let before = sim.backend().node(&id).await.unwrap().remote_addr.unwrap();
     node.host.rebind();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let inv = sim.backend().invoke(&sim.owner, &id, invoke_req("system.identity", serde_json::Value::Null, 20_000, false)).await.unwrap();
+    let inv = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("system.identity", serde_json::Value::Null, 20_000, false),
+        )
+        .await
+        .unwrap();
     assert_eq!(inv.state, InvocationState::Succeeded);
     assert_eq!(inv.output.unwrap()["device_id"], serde_json::json!(id));
     let after = sim.backend().node(&id).await.unwrap().remote_addr.unwrap();
     assert_ne!(before, after, "the anchor sees the new address");
-    assert_eq!(agent.stats.registrations.load(Ordering::Relaxed), 1, "same connection, no new handshake");
+    assert_eq!(
+        agent.stats.registrations.load(Ordering::Relaxed),
+        1,
+        "same connection, no new handshake"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_anchor_restart_keeps_presence_queued_work_and_results() {
-    let mut sim = Sim::start(SEED + 5, lossy(0.05), |c| c.presence.heartbeat_interval = Duration::from_secs(2)).await;
+    let mut sim = Sim::start(SEED + 5, lossy(0.05), |c| {
+        c.presence.heartbeat_interval = Duration::from_secs(2)
+    })
+    .await;
     let (_a, id_a, agent_a) = paired_running(&sim, "survivor").await;
     let (_b, id_b, agent_b) = paired_running(&sim, "sleeper").await;
-    let done = sim.backend().invoke(&sim.owner, &id_a, invoke_req("echo", serde_json::json!(1), 20_000, false)).await.unwrap();
+    let done = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id_a,
+            invoke_req("echo", serde_json::json!(1), 20_000, false),
+        )
+        .await
+        .unwrap();
     assert_eq!(done.state, InvocationState::Succeeded);
     agent_b.stop().await.unwrap();
-    let queued = sim.backend().invoke(&sim.owner, &id_b, invoke_req("echo", serde_json::json!(2), 3_600_000, true)).await.unwrap();
+    let queued = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id_b,
+            invoke_req("echo", serde_json::json!(2), 3_600_000, true),
+        )
+        .await
+        .unwrap();
 
     sim.restart().await;
     // Results and queued work survived; the stopped node is still known as offline.
     let r = sim.backend().invocation(&done.invocation_id).await.unwrap();
     assert_eq!(r.state, InvocationState::Succeeded);
     assert_eq!(r.output.unwrap(), serde_json::json!(1));
-    assert_eq!(sim.backend().invocation(&queued.invocation_id).await.unwrap().state, InvocationState::Queued);
+    assert_eq!(
+        sim.backend()
+            .invocation(&queued.invocation_id)
+            .await
+            .unwrap()
+            .state,
+        InvocationState::Queued
+    );
     assert_eq!(presence_of(&sim, &id_b).await, Presence::Offline);
     // The running node comes back by itself.
-    assert!(agent_a.registered(2, Duration::from_secs(60)).await, "reconnected after the restart");
+    assert!(
+        agent_a.registered(2, Duration::from_secs(60)).await,
+        "reconnected after the restart"
+    );
     assert!(wait_presence(&sim, &id_a, Presence::Online, Duration::from_secs(10)).await);
     let node_b = &_b;
     let agent_b = node_b.start_agent(sim.addr(), |_| {});
     let delivered = eventually(Duration::from_secs(60), || async {
-        let r = sim.backend().invocation(&queued.invocation_id).await.unwrap();
+        let r = sim
+            .backend()
+            .invocation(&queued.invocation_id)
+            .await
+            .unwrap();
         r.state.is_final().then_some(r)
     })
     .await
@@ -225,24 +360,53 @@ fn spec(cmd: &[&str], timeout: &str) -> CommandSpec {
 
 #[tokio::test(start_paused = true)]
 async fn unavailable_capabilities_degrade_and_reject_and_commands_report_failures() {
-    let sim = Sim::start(SEED + 6, lossy(0.0), |c| c.presence.heartbeat_interval = Duration::from_secs(1)).await;
+    let sim = Sim::start(SEED + 6, lossy(0.0), |c| {
+        c.presence.heartbeat_interval = Duration::from_secs(1)
+    })
+    .await;
     let node = sim.add_node("tools");
     let id = sim.pair(&node).await.device_id.to_string();
     let agent = node.start_agent(sim.addr(), |c| {
         let add = |c: &mut anchorage_node::agent::AgentConfig, name: &str, s: CommandSpec| {
-            c.capabilities.add(Arc::new(CommandCap::new(name.into(), s).unwrap()));
+            c.capabilities
+                .add(Arc::new(CommandCap::new(name.into(), s).unwrap()));
         };
         add(c, "missing", spec(&["/opt/does-not-exist/tool"], "10s"));
     });
     assert!(agent.registered(1, Duration::from_secs(60)).await);
-    assert!(wait_presence(&sim, &id, Presence::Degraded, Duration::from_secs(5)).await, "an unavailable capability degrades the node");
+    assert!(
+        wait_presence(&sim, &id, Presence::Degraded, Duration::from_secs(5)).await,
+        "an unavailable capability degrades the node"
+    );
     let entry = sim.backend().inventory_device(&id).await.unwrap();
-    assert!(entry.warnings.contains(&"capabilities_unavailable".to_string()), "{:?}", entry.warnings);
+    assert!(
+        entry
+            .warnings
+            .contains(&"capabilities_unavailable".to_string()),
+        "{:?}",
+        entry.warnings
+    );
     assert_eq!(entry.capabilities.unavailable, 1);
 
-    let r = sim.backend().invoke(&sim.owner, &id, invoke_req("missing", serde_json::Value::Null, 10_000, false)).await.unwrap();
+    let r = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("missing", serde_json::Value::Null, 10_000, false),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.state, InvocationState::Rejected, "{r:?}");
-    let r = sim.backend().invoke(&sim.owner, &id, invoke_req("no.such.thing", serde_json::Value::Null, 10_000, false)).await.unwrap();
+    let r = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("no.such.thing", serde_json::Value::Null, 10_000, false),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.state, InvocationState::Rejected);
     assert!(r.error.unwrap().contains("no capability"));
 }
@@ -251,26 +415,61 @@ async fn unavailable_capabilities_degrade_and_reject_and_commands_report_failure
 /// while a child process works), still over netsim.
 #[tokio::test]
 async fn command_capabilities_take_json_in_and_out_and_report_failures_and_timeouts() {
-    let sim = Sim::start(SEED + 7, lossy(0.0), |c| c.presence.heartbeat_interval = Duration::from_secs(1)).await;
+    let sim = Sim::start(SEED + 7, lossy(0.0), |c| {
+        c.presence.heartbeat_interval = Duration::from_secs(1)
+    })
+    .await;
     let node = sim.add_node("tools");
     let id = sim.pair(&node).await.device_id.to_string();
     let agent = node.start_agent(sim.addr(), |c| {
         let add = |c: &mut anchorage_node::agent::AgentConfig, name: &str, s: CommandSpec| {
-            c.capabilities.add(Arc::new(CommandCap::new(name.into(), s).unwrap()));
+            c.capabilities
+                .add(Arc::new(CommandCap::new(name.into(), s).unwrap()));
         };
         add(c, "jq.identity", spec(&["cat"], "10s"));
-        add(c, "boom", spec(&["sh", "-c", "echo broken >&2; exit 7"], "10s"));
+        add(
+            c,
+            "boom",
+            spec(&["sh", "-c", "echo broken >&2; exit 7"], "10s"),
+        );
         add(c, "slow", spec(&["sleep", "30"], "1s"));
     });
     assert!(agent.registered(1, Duration::from_secs(30)).await);
     let input = serde_json::json!({"k": [1, 2]});
-    let r = sim.backend().invoke(&sim.owner, &id, invoke_req("jq.identity", input.clone(), 10_000, false)).await.unwrap();
+    let r = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("jq.identity", input.clone(), 10_000, false),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.state, InvocationState::Succeeded, "{r:?}");
     assert_eq!(r.output.unwrap(), input);
-    let r = sim.backend().invoke(&sim.owner, &id, invoke_req("boom", serde_json::Value::Null, 10_000, false)).await.unwrap();
+    let r = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("boom", serde_json::Value::Null, 10_000, false),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.state, InvocationState::Failed, "{r:?}");
     let err = r.error.unwrap();
-    assert!(err.contains("exit code 7") && err.contains("broken"), "{err}");
-    let r = sim.backend().invoke(&sim.owner, &id, invoke_req("slow", serde_json::Value::Null, 10_000, false)).await.unwrap();
+    assert!(
+        err.contains("exit code 7") && err.contains("broken"),
+        "{err}"
+    );
+    let r = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("slow", serde_json::Value::Null, 10_000, false),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.state, InvocationState::TimedOut, "{r:?}");
 }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anchorage_daemon::config::{FileConfig, ConfigError};
+use anchorage_daemon::config::{ConfigError, FileConfig};
 use clap::{Parser, Subcommand};
 
 /// The Anchorage anchor: enrolls devices, keeps their QUIC connections, serves the console.
@@ -88,7 +88,10 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     init_tracing(config.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("anchord: cannot start the async runtime: {e}");
@@ -119,7 +122,9 @@ fn usage_error(e: &ConfigError) -> ExitCode {
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -75,7 +75,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("anchor-node: cannot start the async runtime: {e}");
@@ -91,7 +94,9 @@ fn main() -> ExitCode {
             state_dir,
             name,
             json,
-        } => runtime.block_on(cmd_pair(anchor, code, code_stdin, qr, state_dir, name, json)),
+        } => runtime.block_on(cmd_pair(
+            anchor, code, code_stdin, qr, state_dir, name, json,
+        )),
         Command::Run {
             state_dir,
             config,
@@ -173,7 +178,9 @@ async fn cmd_pair(
     let spinner = tokio::spawn(spinner(spin_rx, interactive));
     let mut logged_retry = false;
     let result = pair::pair(&endpoint, &state, &opts, |p| match p {
-        PairProgress::Pending { request_id, sas, .. } => {
+        PairProgress::Pending {
+            request_id, sas, ..
+        } => {
             if !json {
                 eprintln!("Pairing request {request_id} is waiting for an operator.");
                 eprintln!("Check that the console shows this code: {sas}");
@@ -183,7 +190,9 @@ async fn cmd_pair(
         PairProgress::Reconnecting { reason, .. } => {
             // Once, not every retry.
             if !logged_retry {
-                eprintln!("anchor-node: lost the anchor ({reason}); retrying until the request expires");
+                eprintln!(
+                    "anchor-node: lost the anchor ({reason}); retrying until the request expires"
+                );
                 logged_retry = true;
             }
         }
@@ -208,8 +217,15 @@ async fn cmd_pair(
                     })
                 );
             } else {
-                println!("Paired as {} (certificate valid until {}).", paired.device_id, rfc3339(paired.cert_expires_at));
-                println!("Start the agent with: anchor-node run --state-dir {}", state_dir.display());
+                println!(
+                    "Paired as {} (certificate valid until {}).",
+                    paired.device_id,
+                    rfc3339(paired.cert_expires_at)
+                );
+                println!(
+                    "Start the agent with: anchor-node run --state-dir {}",
+                    state_dir.display()
+                );
             }
             ExitCode::SUCCESS
         }
@@ -233,7 +249,10 @@ async fn spinner(mut rx: tokio::sync::watch::Receiver<Option<String>>, interacti
     loop {
         let sas = rx.borrow_and_update().clone();
         let text = match sas {
-            Some(sas) => format!("waiting for approval — SAS {sas} — {}s", started.elapsed().as_secs()),
+            Some(sas) => format!(
+                "waiting for approval — SAS {sas} — {}s",
+                started.elapsed().as_secs()
+            ),
             None => "contacting the anchor…".to_string(),
         };
         eprint!("\r\x1b[2K{} {text}", frames[i % frames.len()]);
@@ -263,7 +282,10 @@ async fn cmd_run(state_dir: PathBuf, config: Option<PathBuf>, json_logs: bool) -
             return ExitCode::from(1);
         }
     };
-    let anchor = node_config.anchor.clone().unwrap_or(identity.anchor.clone());
+    let anchor = node_config
+        .anchor
+        .clone()
+        .unwrap_or(identity.anchor.clone());
     let addr = match anchorage_node::resolve(&anchor).await {
         Ok(a) => a,
         Err(e) => {
@@ -371,7 +393,10 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
         });
         println!("{doc}");
     } else {
-        println!("device id:   {}", device_id.as_deref().unwrap_or("(no key yet)"));
+        println!(
+            "device id:   {}",
+            device_id.as_deref().unwrap_or("(no key yet)")
+        );
         println!("anchor:      {}", anchor.as_deref().unwrap_or("(none)"));
         println!("paired:      {}", if paired { "yes" } else { "no" });
         if let Some(e) = &expires {
@@ -382,7 +407,15 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
         }
         match &live {
             Some(l) => {
-                println!("agent:       running (pid {}), {}", l.pid, if l.connected { "connected" } else { "not connected" });
+                println!(
+                    "agent:       running (pid {}), {}",
+                    l.pid,
+                    if l.connected {
+                        "connected"
+                    } else {
+                        "not connected"
+                    }
+                );
                 if let Some(loss) = l.loss_rate {
                     println!("loss:        {:.1} %", loss * 100.0);
                 }
@@ -416,7 +449,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         else {
             let _ = ctrl_c.await;
             return;
