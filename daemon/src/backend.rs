@@ -510,7 +510,10 @@ impl Backend for AnchorBackend {
     }
 
     async fn metrics(&self) -> String {
-        crate::metrics_text(&self.anchor)
+        let anchor = self.anchor.clone();
+        tokio::task::spawn_blocking(move || crate::metrics_text(&anchor))
+            .await
+            .unwrap_or_default()
     }
 
     fn ready(&self) -> bool {

@@ -172,41 +172,195 @@ fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, StartError> {
     Ok(socket.into())
 }
 
-/// Prometheus text of the anchor's metrics.
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text of the anchor's metrics (blocking: counts devices in the store).
 pub fn metrics_text(anchor: &Anchor) -> String {
     use std::fmt::Write;
+    use std::sync::atomic::Ordering;
+    let shared = &anchor.shared;
+    let rt = &shared.runtime;
     let mut out = String::new();
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    };
+
+    family(
+        &mut out,
+        "anchorage_up",
+        "gauge",
+        "1 while the anchor runs.",
+    );
     let _ = writeln!(
         out,
-        "# HELP anchorage_handshake_failures_total Failed or refused handshakes by reason."
+        "anchorage_up{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
     );
-    let _ = writeln!(out, "# TYPE anchorage_handshake_failures_total counter");
-    for (reason, n) in anchor.shared.metrics.handshake_failures() {
+
+    // Nodes by presence, devices by trust.
+    let now = anchor.now_ms();
+    let t = runtime::thresholds(&shared.config);
+    let mut by_presence: std::collections::BTreeMap<&'static str, u64> =
+        ["online", "degraded", "stale", "offline", "unknown"]
+            .into_iter()
+            .map(|p| (p, 0))
+            .collect();
+    let connected = {
+        let nodes = rt.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        for state in nodes.values() {
+            *by_presence
+                .entry(state.presence(now, &t).as_str())
+                .or_default() += 1;
+        }
+        nodes.values().filter(|s| s.live.is_some()).count()
+    };
+    family(
+        &mut out,
+        "anchorage_nodes",
+        "gauge",
+        "Registered nodes by presence.",
+    );
+    for (p, n) in &by_presence {
+        let _ = writeln!(out, "anchorage_nodes{{presence=\"{p}\"}} {n}");
+    }
+    family(
+        &mut out,
+        "anchorage_connected_nodes",
+        "gauge",
+        "Node connections open now.",
+    );
+    let _ = writeln!(out, "anchorage_connected_nodes {connected}");
+    let (mut trusted, mut revoked) = (0u64, 0u64);
+    if let Ok(devices) = shared
+        .store
+        .scan::<records::DeviceRecord>(store::Space::Devices)
+    {
+        for (_, d) in devices {
+            match d.trust {
+                records::DeviceTrust::Trusted => trusted += 1,
+                records::DeviceTrust::Revoked => revoked += 1,
+            }
+        }
+    }
+    family(&mut out, "anchorage_devices", "gauge", "Devices by trust.");
+    let _ = writeln!(out, "anchorage_devices{{trust=\"trusted\"}} {trusted}");
+    let _ = writeln!(out, "anchorage_devices{{trust=\"revoked\"}} {revoked}");
+
+    family(
+        &mut out,
+        "anchorage_heartbeats_received_total",
+        "counter",
+        "Heartbeat datagrams received.",
+    );
+    let _ = writeln!(
+        out,
+        "anchorage_heartbeats_received_total {}",
+        rt.heartbeats_received.load(Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "anchorage_heartbeats_lost_total",
+        "counter",
+        "Heartbeats estimated lost from sequence gaps.",
+    );
+    let _ = writeln!(
+        out,
+        "anchorage_heartbeats_lost_total {}",
+        rt.heartbeats_lost.load(Ordering::Relaxed)
+    );
+
+    family(
+        &mut out,
+        "anchorage_invocations_total",
+        "counter",
+        "Invocation state transitions by state and capability.",
+    );
+    for ((state, cap), n) in rt
+        .invocation_counts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
         let _ = writeln!(
             out,
-            "anchorage_handshake_failures_total{{reason=\"{reason}\"}} {n}"
+            "anchorage_invocations_total{{state=\"{state}\",capability=\"{}\"}} {n}",
+            label(cap)
+        );
+    }
+    family(
+        &mut out,
+        "anchorage_invocation_duration_seconds",
+        "histogram",
+        "Time from request to result of invocations that ran.",
+    );
+    let h = rt.latency.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut cumulative = 0;
+    for (bound, n) in runtime::LATENCY_BUCKETS.iter().zip(h.buckets.iter()) {
+        cumulative += n;
+        let _ = writeln!(
+            out,
+            "anchorage_invocation_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
         );
     }
     let _ = writeln!(
         out,
-        "# HELP anchorage_pairing_outcomes_total Pairing outcomes."
+        "anchorage_invocation_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+        h.count
     );
-    let _ = writeln!(out, "# TYPE anchorage_pairing_outcomes_total counter");
-    for (outcome, n) in anchor.shared.metrics.pairing_outcomes() {
+    let _ = writeln!(out, "anchorage_invocation_duration_seconds_sum {}", h.sum);
+    let _ = writeln!(
+        out,
+        "anchorage_invocation_duration_seconds_count {}",
+        h.count
+    );
+
+    family(
+        &mut out,
+        "anchorage_pairing_outcomes_total",
+        "counter",
+        "Pairing outcomes.",
+    );
+    for (outcome, n) in shared.metrics.pairing_outcomes() {
         let _ = writeln!(
             out,
             "anchorage_pairing_outcomes_total{{outcome=\"{outcome}\"}} {n}"
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP anchorage_store_bytes Bytes on disk of the store."
+    family(
+        &mut out,
+        "anchorage_handshake_failures_total",
+        "counter",
+        "Failed or refused handshakes by reason.",
     );
-    let _ = writeln!(out, "# TYPE anchorage_store_bytes gauge");
+    for (reason, n) in shared.metrics.handshake_failures() {
+        let _ = writeln!(
+            out,
+            "anchorage_handshake_failures_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    family(
+        &mut out,
+        "anchorage_store_bytes",
+        "gauge",
+        "Bytes on disk of the store.",
+    );
+    let _ = writeln!(out, "anchorage_store_bytes {}", shared.store.disk_space());
+    family(
+        &mut out,
+        "anchorage_uptime_seconds",
+        "gauge",
+        "Seconds since the anchor started.",
+    );
     let _ = writeln!(
         out,
-        "anchorage_store_bytes {}",
-        anchor.shared.store.disk_space()
+        "anchorage_uptime_seconds {}",
+        now.saturating_sub(shared.started_at_ms) / 1000
     );
     out
 }

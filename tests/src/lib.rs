@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: failing loudly is the point
 #![allow(missing_docs)]
 
+pub mod prom;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
