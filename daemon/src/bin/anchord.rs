@@ -59,6 +59,9 @@ enum Command {
         /// Network preset: lan, wifi, lte, congested-3g, satellite, hostile.
         #[arg(long, default_value = "lte")]
         preset: String,
+        /// Seed of the simulated network (the same seed replays the same losses).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         },
         None => FileConfig::default(),
     };
+    let file_data_dir = file.data_dir.clone();
     let merged = FileConfig {
         data_dir: cli.data_dir.clone().or(file.data_dir),
         listen: cli.listen.clone().or(file.listen),
@@ -100,9 +104,33 @@ fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => runtime.block_on(anchorage_daemon::run(config, shutdown_signal())),
-        Command::Demo { .. } => {
-            eprintln!("anchord demo: not yet available");
-            return ExitCode::from(69);
+        Command::Demo {
+            nodes,
+            preset,
+            seed,
+        } => {
+            let preset = match preset.parse::<anchorage_netsim::Preset>() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("anchord demo: {e}");
+                    return ExitCode::from(64);
+                }
+            };
+            if nodes == 0 || nodes > 500 {
+                eprintln!("anchord demo: --nodes must be between 1 and 500");
+                return ExitCode::from(64);
+            }
+            let mut config = config;
+            if cli.data_dir.is_none() && file_data_dir.is_none() {
+                // Keep demo state away from a real anchor's data.
+                config.data_dir = PathBuf::from("./anchorage-demo-data");
+            }
+            let opts = anchorage_daemon::demo::DemoOptions {
+                nodes,
+                preset,
+                seed,
+            };
+            runtime.block_on(anchorage_daemon::demo::run(config, opts, shutdown_signal()))
         }
     };
     match result {
@@ -124,6 +152,7 @@ fn init_tracing(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
