@@ -46,6 +46,14 @@ pub enum StoreError {
         /// Supported.
         supported: u8,
     },
+    /// The database could not be opened (damaged files, wrong format).
+    #[error("cannot open the store in {path}: {source}; restore the data directory from a backup or move it aside")]
+    Open {
+        /// The directory.
+        path: PathBuf,
+        /// fjall's error.
+        source: fjall::Error,
+    },
     /// A value could not be decoded.
     #[error("corrupt record in keyspace {space}: {detail}")]
     Corrupt {
@@ -160,7 +168,10 @@ impl Store {
                 path: dir.to_path_buf(),
                 source,
             },
-            other => StoreError::Fjall(other),
+            other => StoreError::Open {
+                path: dir.to_path_buf(),
+                source: other,
+            },
         })?;
         let mut spaces = Vec::with_capacity(Space::ALL.len());
         for space in Space::ALL {
@@ -605,6 +616,32 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("upgrade anchord"));
+    }
+
+    #[test]
+    fn a_damaged_store_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        // Overwrite every file of the database with garbage.
+        fn scramble(p: &std::path::Path) {
+            for e in std::fs::read_dir(p).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    scramble(&path);
+                } else if !path.ends_with("lock") {
+                    std::fs::write(&path, b"\xde\xad\xbe\xef not a database").unwrap();
+                }
+            }
+        }
+        scramble(dir.path());
+        match Store::open(dir.path()) {
+            Err(e @ (StoreError::Open { .. } | StoreError::Corrupt { .. } | StoreError::Fjall(_))) => {
+                let msg = e.to_string();
+                assert!(!msg.is_empty());
+            }
+            Err(other) => panic!("unexpected error kind: {other}"),
+            Ok(_) => panic!("a scrambled store opened"),
+        }
     }
 
     #[test]
