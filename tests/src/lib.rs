@@ -239,7 +239,11 @@ impl SimNode {
         let registry = anchorage_node::capability::Registry::builtins(facts);
         let mut config = AgentConfig::new(self.state.clone(), self.name.clone(), registry);
         config.status_every = None;
-        config.seed = u64::from(self.host.ip().to_string().len() as u32) ^ 0x9e37;
+        // Each node its own jitter, repeatable with the network: derived from its address.
+        config.seed = match self.host.ip() {
+            std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
+            std::net::IpAddr::V6(v6) => u128::from(v6) as u64,
+        } ^ self.host.network().seed().rotate_left(29);
         tweak(&mut config);
         let stats = Arc::new(AgentStats::default());
         let (stop, stop_rx) = watch::channel(false);
