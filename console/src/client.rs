@@ -126,6 +126,11 @@ impl ControlPlaneClient {
         self.base.as_str()
     }
 
+    /// The token's own id, name and permissions (`GET /whoami`; any valid token).
+    pub async fn whoami(&self) -> Result<Principal, ClientError> {
+        self.json(self.api(Method::GET, &["whoami"])?).await
+    }
+
     // Pairing
 
     /// Mints a pairing code (`POST /pairing/codes`).

@@ -6,6 +6,7 @@
 //! - [`routes`]: the axum router, bearer-token authentication and permission checks.
 //! - [`client`]: [`ControlPlaneClient`](client::ControlPlaneClient), used by `anchorctl` and tests.
 //! - [`cli`]: `anchorctl` itself (arguments, commands, output); the binary only calls it.
+//! - [`web`]: the web page served at `/` (HTML, JS and CSS embedded in the binary).
 //!
 //! The REST API and the CLI are documented for operators in `docs/console.md`.
 
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod routes;
+pub mod web;
 
 pub use backend::Backend;
 pub use client::{ClientError, ControlPlaneClient};

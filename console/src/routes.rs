@@ -6,6 +6,7 @@
 //! states its permission with [`require`] before it touches the backend. A layer around those
 //! routes fails closed: a handler that answers 2xx without having called [`require`] gets its
 //! answer replaced by a 500 and a logged error, so a route added without a check cannot leak.
+//! The one route any valid token may call, `GET /whoami`, says so with [`any_permission`].
 //!
 //! Errors are always `{code, message}` JSON, also for axum's own rejections (bad body, unknown
 //! route, wrong method): see [`ApiError`].
@@ -72,7 +73,7 @@ pub fn router<B: Backend>(backend: Arc<B>) -> Router {
 /// The console router.
 ///
 /// Routes: `/console/v1/...` (bearer token and a per-route permission), `GET /metrics`,
-/// `GET /healthz`. `/` is left free for the web page.
+/// `GET /healthz`, and the web page at `/` (see [`crate::web`]).
 pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) -> Router {
     let state = AppState {
         backend,
@@ -85,6 +86,7 @@ pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) 
         .merge(token_routes())
         .merge(runtime_routes())
         .route("/qr", get(qr::<B>))
+        .route("/whoami", get(whoami))
         .route_layer(middleware::from_fn(enforce_permission_check));
 
     let metrics_route = if options.public_metrics {
@@ -98,6 +100,7 @@ pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) 
     Router::new()
         .nest("/console/v1", v1)
         .merge(metrics_route)
+        .merge(crate::web::routes())
         .route("/healthz", get(healthz::<B>))
         .fallback(not_found)
         // After every route: applies to the routes registered so far.
@@ -144,6 +147,14 @@ impl Auth {
     pub fn principal(&self) -> &Principal {
         &self.principal
     }
+}
+
+/// The caller, for a route that any valid token may call (`GET /console/v1/whoami`).
+///
+/// Counts as the route's permission check. Only for answers that tell a token about itself.
+pub fn any_permission(auth: &Auth) -> &Principal {
+    auth.check.0.store(true, Ordering::Relaxed);
+    &auth.principal
 }
 
 /// The caller, if it holds `permission`; 403 `forbidden` otherwise.
@@ -745,7 +756,13 @@ fn sse_event(event: &Event) -> Option<SseEvent> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Operations: QR, metrics, health
+// Operations: whoami, QR, metrics, health
+
+/// `GET /console/v1/whoami`: the token's own id, name and permissions, so that a client (the
+/// web page) can offer only what the token may do. Any valid token may ask.
+async fn whoami(auth: Auth) -> Json<Principal> {
+    Json(any_permission(&auth).clone())
+}
 
 #[derive(Deserialize)]
 struct QrQuery {

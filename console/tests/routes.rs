@@ -424,10 +424,100 @@ async fn unknown_routes_are_404_json() {
         let res = send(app, build("GET", uri, auth, None)).await;
         assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
     }
-    // `/` is left for the web page, which is not served yet.
+    // Beside the web page's assets, nothing is served outside the API.
+    for uri in ["/assets/nope.js", "/index.html", "/favicon.ico"] {
+        let (app, _) = app();
+        let res = send(app, build("GET", uri, None, None)).await;
+        assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
+    }
+}
+
+#[tokio::test]
+async fn whoami_answers_any_valid_token_with_itself() {
+    let mut tokens = vec!["owner".to_string(), "none".to_string()];
+    for p in Permission::ALL {
+        tokens.push(format!("only:{p}"));
+        tokens.push(format!("all-but:{p}"));
+    }
+    for token in tokens {
+        let (app, backend) = app();
+        let res = send(
+            app,
+            build("GET", "/console/v1/whoami", Some(&bearer(&token)), None),
+        )
+        .await;
+        assert_eq!(res.status(), StatusCode::OK, "{token}");
+        assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
+        let value: serde_json::Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
+        let object = value.as_object().unwrap();
+        let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["name", "permissions", "token_id"], "{value}");
+        let principal: Principal = serde_json::from_value(value).unwrap();
+        assert_eq!(principal, principal_for(&token).unwrap());
+        assert!(backend.calls().is_empty(), "whoami needs only the token");
+    }
+}
+
+#[tokio::test]
+async fn whoami_refuses_a_missing_or_unknown_token() {
+    for auth in [None, Some("Bearer"), Some("Bearer wrong-token")] {
+        let (app, _) = app();
+        let res = send(app, build("GET", "/console/v1/whoami", auth, None)).await;
+        assert!(res.headers().contains_key(header::WWW_AUTHENTICATE));
+        assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
     let (app, _) = app();
-    let res = send(app, build("GET", "/", None, None)).await;
-    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let res = send(
+        app,
+        build("POST", "/console/v1/whoami", Some("Bearer owner"), None),
+    )
+    .await;
+    assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+}
+
+#[tokio::test]
+async fn the_web_page_is_served_without_a_token_under_a_strict_csp() {
+    for (uri, content_type, needle) in [
+        (
+            "/",
+            "text/html; charset=utf-8",
+            "<title>Anchorage console</title>",
+        ),
+        (
+            "/assets/app.js",
+            "text/javascript; charset=utf-8",
+            "/console/v1",
+        ),
+        ("/assets/style.css", "text/css; charset=utf-8", ".badge"),
+    ] {
+        let (app, backend) = app();
+        let res = send(app, build("GET", uri, None, None)).await;
+        assert_eq!(res.status(), StatusCode::OK, "{uri}");
+        let headers = res.headers().clone();
+        assert_eq!(headers[header::CONTENT_TYPE], content_type, "{uri}");
+        assert_eq!(headers[header::CACHE_CONTROL], "no-cache", "{uri}");
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{uri}");
+        let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        for directive in [
+            "default-src 'self'",
+            "img-src 'self' blob: data:",
+            "style-src 'self'",
+            "script-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(directive), "{uri}: {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{uri}: {csp}");
+        let body = String::from_utf8(body_bytes(res).await.to_vec()).unwrap();
+        assert!(body.contains(needle), "{uri}");
+        assert!(backend.calls().is_empty());
+    }
+    // Only GET: a form posted without its script lands here, not anywhere else.
+    let (app, _) = app();
+    let res = send(app, build("POST", "/", None, None)).await;
+    assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
 }
 
 #[tokio::test]

@@ -126,12 +126,11 @@ pub async fn run(
             source,
         })?;
         let state = StateDir::new(config.data_dir.join("demo-nodes").join(&name));
-        if state.identity().is_err() {
-            if let Err(e) = pair_node(&backend, &owner, &endpoint, &state, anchor_addr, &name).await
-            {
-                warn!(node = %name, error = %e, "demo pairing failed");
-                continue;
-            }
+        if state.identity().is_err()
+            && let Err(e) = pair_node(&backend, &owner, &endpoint, &state, anchor_addr, &name).await
+        {
+            warn!(node = %name, error = %e, "demo pairing failed");
+            continue;
         }
         let identity = match state.identity() {
             Ok(i) => i,

@@ -640,6 +640,9 @@ impl Runtime {
             let Some(rec) = active.get_mut(id) else {
                 return;
             };
+            if rec.state.is_final() {
+                return; // ending; see `finish`
+            }
             rec.state = InvocationState::Queued;
             rec.clone()
         };
@@ -656,24 +659,35 @@ impl Runtime {
             error,
             duration_ms,
         } = end;
-        let Some(mut rec) = lock(&self.active).remove(id) else {
-            return;
-        };
         let now = anchor.now_ms();
-        rec.state = state;
-        rec.finished_at_ms = Some(now);
-        let limit = anchor.shared.config.invocation_output_limit as usize;
-        rec.truncated = truncated || output.len() > limit;
-        rec.output = output;
-        rec.output.truncate(limit);
-        rec.error = error;
-        rec.duration_ms = duration_ms;
+        // The final record stays in memory until it is on disk: readers (`invocation`,
+        // `wait_final`) fall back to the store once it leaves `active`, and would otherwise
+        // read the older record there in between.
+        let rec = {
+            let mut active = lock(&self.active);
+            let Some(rec) = active.get_mut(id) else {
+                return;
+            };
+            if rec.state.is_final() {
+                return; // already ending
+            }
+            rec.state = state;
+            rec.finished_at_ms = Some(now);
+            let limit = anchor.shared.config.invocation_output_limit as usize;
+            rec.truncated = truncated || output.len() > limit;
+            rec.output = output;
+            rec.output.truncate(limit);
+            rec.error = error;
+            rec.duration_ms = duration_ms;
+            rec.clone()
+        };
         self.count(state, &rec.capability);
         if state == InvocationState::Succeeded || state == InvocationState::Failed {
             lock(&self.latency).observe(now.saturating_sub(rec.created_at_ms) as f64 / 1000.0);
         }
         self.writer.put(Space::Invocations, id, &rec).await;
         let _ = self.writer.barrier().await;
+        lock(&self.active).remove(id);
         self.publish_invocation(anchor, &rec);
         if let Some(n) = lock(&self.waiters).get(id) {
             n.notify_waiters();

@@ -1,0 +1,1282 @@
+// Anchorage web console. Plain JavaScript, no build step, no external request.
+//
+// - The bearer token lives in sessionStorage (this tab only) and goes out in an Authorization
+//   header on same-origin fetch() calls; never in a URL.
+// - Everything shown comes from /console/v1. Strings from the network are put in the page with
+//   textContent and DOM nodes only, never parsed as HTML.
+// - Live updates: fetch() on /console/v1/events (EventSource cannot send headers), the SSE
+//   stream parsed here; each change re-reads the view it concerns. Reconnects with backoff.
+// - What the token may do comes from GET /console/v1/whoami; actions it lacks are hidden or
+//   disabled (the API refuses them anyway).
+'use strict';
+
+(() => {
+  const TOKEN_KEY = 'anchorage.console.token';
+  const API = '/console/v1';
+  const PERM = {
+    read: 'observability.read',
+    trust: 'trust.operate',
+    invoke: 'nodes.invoke',
+    tokens: 'tokens.manage',
+  };
+  const PRESENCE_ORDER = ['online', 'degraded', 'stale', 'offline', 'unknown'];
+  const BUILTIN_CAPABILITIES = ['system.health', 'system.info', 'system.identity', 'echo'];
+  const BACKOFF_SECS = [1, 2, 4, 8, 15, 30];
+  // The anchor sends a keep-alive comment every 15 s; silence for longer means a dead link.
+  const STREAM_SILENCE_MS = 45000;
+  // How often the inventory and device pages re-read heartbeat ages, loss and RTT.
+  const HEARTBEAT_REFRESH_MS = 10000;
+  const SUCCESS_BANNER_MS = 6000;
+
+  const state = {
+    token: null,
+    me: null,
+    route: { view: 'signin' },
+    inventory: null,
+    inventoryAt: 0,
+    inventoryNotice: null,
+    filters: { presence: '', trust: '', text: '' },
+    stream: { ctl: null, attempt: 0, timer: null, lastByteAt: 0, status: 'off' },
+    refreshTimer: null,
+    refreshing: false,
+    refreshAgain: false,
+    minted: null,
+    mintedQrUrl: null,
+    lastInvocation: null,
+  };
+
+  // ---------------------------------------------------------------------------------------
+  // Small DOM helpers
+
+  const $ = (id) => document.getElementById(id);
+
+  /** Creates an element. `props`: class, text, data (dataset), on (listeners), attrs. */
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    const p = props || {};
+    if (p.class) node.className = p.class;
+    if (p.text !== undefined && p.text !== null) node.textContent = String(p.text);
+    if (p.data) for (const [k, v] of Object.entries(p.data)) node.dataset[k] = v;
+    if (p.on) for (const [k, v] of Object.entries(p.on)) node.addEventListener(k, v);
+    if (p.attrs) {
+      for (const [k, v] of Object.entries(p.attrs)) {
+        if (v === false || v === null || v === undefined) continue;
+        node.setAttribute(k, v === true ? '' : String(v));
+      }
+    }
+    for (const c of children.flat()) {
+      if (c === null || c === undefined || c === false) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return node;
+  }
+
+  function replace(container, ...children) {
+    const node = typeof container === 'string' ? $(container) : container;
+    node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined));
+  }
+
+  function button(label, onClick, props) {
+    const p = props || {};
+    return el('button', {
+      class: p.class || '',
+      text: label,
+      attrs: { type: 'button', disabled: p.disabled, title: p.title, id: p.id, 'aria-label': p.ariaLabel },
+      data: p.data,
+      on: { click: onClick },
+    });
+  }
+
+  function badge(kind, value) {
+    const v = value || 'unknown';
+    return el('span', { class: `badge ${kind}-${v.replace(/[^a-z_]/g, '')}`, text: v.replace(/_/g, ' '), data: { kind } });
+  }
+
+  function warningBadge(w) {
+    return el('span', { class: 'badge warn', text: w.replace(/_/g, ' '), data: { warning: w } });
+  }
+
+  function can(permission) {
+    return !!(state.me && state.me.permissions.includes(permission));
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Time
+
+  function parseTime(iso) {
+    if (!iso) return null;
+    const t = Date.parse(iso);
+    return Number.isNaN(t) ? null : t;
+  }
+
+  /** "12 s", "4 min", "3 h", "2 d" for a positive number of milliseconds. */
+  function span(ms) {
+    const s = Math.round(Math.abs(ms) / 1000);
+    if (s < 60) return `${s} s`;
+    const m = Math.round(s / 60);
+    if (m < 60) return `${m} min`;
+    const h = Math.round(m / 60);
+    if (h < 48) return `${h} h`;
+    return `${Math.round(h / 24)} d`;
+  }
+
+  function relative(ms) {
+    if (ms === null || ms === undefined) return '—';
+    const d = ms - Date.now();
+    if (Math.abs(d) < 1500) return 'now';
+    return d < 0 ? `${span(d)} ago` : `in ${span(d)}`;
+  }
+
+  /** A <time> that keeps saying how long ago (or until) `iso` is; the ticker updates it. */
+  function timeEl(iso) {
+    const t = parseTime(iso);
+    if (t === null) return el('span', { class: 'muted', text: '—' });
+    return el('time', {
+      text: relative(t),
+      data: { at: String(t) },
+      attrs: { datetime: iso, title: new Date(t).toISOString().replace('.000Z', 'Z') },
+    });
+  }
+
+  /** An age ("3 s ago") known at `fetchedAt` as `ageMs`, kept current by the ticker. */
+  function ageEl(ageMs, fetchedAt) {
+    if (ageMs === null || ageMs === undefined) return el('span', { class: 'muted', text: '—' });
+    const at = fetchedAt - ageMs;
+    return el('time', { text: relative(at), data: { at: String(at) } });
+  }
+
+  function tick() {
+    for (const t of document.querySelectorAll('[data-at]')) {
+      const text = relative(Number(t.dataset.at));
+      if (t.textContent !== text) t.textContent = text;
+    }
+    for (const t of document.querySelectorAll('[data-expires]')) {
+      const left = Number(t.dataset.expires) - Date.now();
+      const text = left > 0 ? `expires in ${span(left)}` : 'expired';
+      if (t.textContent !== text) t.textContent = text;
+      t.classList.toggle('expired', left <= 0);
+    }
+  }
+
+  function absolute(iso) {
+    const t = parseTime(iso);
+    return t === null ? '—' : new Date(t).toISOString().replace('.000Z', 'Z').replace('T', ' ');
+  }
+
+  function percent(rate) {
+    if (rate === null || rate === undefined) return '—';
+    const p = rate * 100;
+    return `${p < 10 ? p.toFixed(1) : p.toFixed(0)} %`;
+  }
+
+  function millis(ms) {
+    if (ms === null || ms === undefined) return '—';
+    return `${ms < 10 ? ms.toFixed(1) : ms.toFixed(0)} ms`;
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Banners and errors
+
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+    toString() {
+      return `${this.code}: ${this.message}`;
+    }
+  }
+
+  function describe(err) {
+    if (err instanceof ApiError) return `${err.code}: ${err.message}`;
+    return `unreachable: ${err && err.message ? err.message : err}`;
+  }
+
+  /** An error banner with the API's {code, message}; `key` replaces an older one. */
+  function banner(text, kind, key) {
+    const box = $('banners');
+    if (key) {
+      for (const b of box.querySelectorAll('[data-key]')) if (b.dataset.key === key) b.remove();
+    }
+    const node = el('div', {
+      class: `banner ${kind || 'error'}`,
+      attrs: { role: kind === 'info' ? 'status' : 'alert' },
+      data: key ? { key } : undefined,
+    },
+    el('span', { text }),
+    button('Dismiss', () => node.remove(), { class: 'secondary small', ariaLabel: 'Dismiss message' }));
+    box.append(node);
+    // Successes need no answer: they go away by themselves.
+    if (kind === 'success') setTimeout(() => node.remove(), SUCCESS_BANNER_MS);
+    return node;
+  }
+
+  function clearBanner(key) {
+    for (const b of $('banners').querySelectorAll('[data-key]')) if (b.dataset.key === key) b.remove();
+  }
+
+  function showError(err, key) {
+    banner(describe(err), 'error', key);
+  }
+
+  function notice(text, kind) {
+    return el('div', { class: `notice ${kind || 'info'}`, attrs: { role: 'status' }, text });
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // API
+
+  async function api(method, path, body, opts) {
+    const headers = { Authorization: `Bearer ${(opts && opts.token) || state.token}`, Accept: 'application/json' };
+    const init = { method, headers, cache: 'no-store', credentials: 'omit', redirect: 'error' };
+    if (body !== undefined) {
+      headers['Content-Type'] = 'application/json';
+      init.body = JSON.stringify(body);
+    }
+    const res = await fetch(API + path, init);
+    if (res.status === 401 && !(opts && opts.token)) {
+      signOut('The anchor refused the token (unauthorized). Sign in again.');
+      throw new ApiError(401, 'unauthorized', 'the token was refused');
+    }
+    if (!res.ok) {
+      let code = `http_${res.status}`;
+      let message = res.statusText || 'error';
+      try {
+        const e = await res.json();
+        if (e && typeof e.code === 'string') {
+          code = e.code;
+          message = String(e.message || '');
+        }
+      } catch (_) {
+        // Not JSON (a proxy's page): keep the status.
+      }
+      throw new ApiError(res.status, code, message);
+    }
+    if (res.status === 204) return { status: 204, data: null };
+    const type = res.headers.get('Content-Type') || '';
+    const data = type.startsWith('application/json') ? await res.json() : await res.blob();
+    return { status: res.status, data };
+  }
+
+  const get = async (path) => (await api('GET', path)).data;
+  const enc = encodeURIComponent;
+
+  // ---------------------------------------------------------------------------------------
+  // Session
+
+  async function signIn(token) {
+    const me = (await api('GET', '/whoami', undefined, { token })).data;
+    state.token = token;
+    state.me = me;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    startApp();
+  }
+
+  function signOut(message) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    state.token = null;
+    state.me = null;
+    state.inventory = null;
+    state.minted = null;
+    stopStream();
+    if (state.mintedQrUrl) URL.revokeObjectURL(state.mintedQrUrl);
+    state.mintedQrUrl = null;
+    replace('banners');
+    for (const id of ['inventory-table', 'summary', 'device-body', 'pending-requests', 'decided-requests', 'codes', 'token-list', 'token-created', 'minted']) {
+      replace(id);
+    }
+    $('nav').hidden = true;
+    $('session').hidden = true;
+    if (location.hash && location.hash !== '#/') history.replaceState(null, '', '#/');
+    showView('signin');
+    if (message) {
+      $('signin-error').textContent = message;
+      $('signin-error').hidden = false;
+    }
+    $('signin-token').focus();
+  }
+
+  function startApp() {
+    $('signin-error').hidden = true;
+    $('signin-token').value = '';
+    $('nav').hidden = false;
+    $('session').hidden = false;
+    $('whoami').textContent = state.me.name;
+    $('whoami').title = `token ${state.me.token_id}: ${state.me.permissions.join(', ') || 'no permissions'}`;
+    // Hide what this token cannot reach.
+    document.querySelector('[data-nav="tokens"]').hidden = !can(PERM.tokens);
+    document.querySelector('[data-nav="pairing"]').hidden = !(can(PERM.read) || can(PERM.trust));
+    $('pairing-mint').hidden = !can(PERM.trust);
+    startStream();
+    route();
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Routing: #/inventory, #/device/<id>, #/pairing, #/tokens
+
+  function parseRoute() {
+    const h = location.hash.replace(/^#\/?/, '');
+    const [view, ...rest] = h.split('/');
+    if (view === 'device' && rest.length) return { view: 'device', id: decodeURIComponent(rest.join('/')) };
+    if (view === 'pairing' || view === 'tokens' || view === 'inventory') return { view };
+    return { view: 'inventory' };
+  }
+
+  function showView(name) {
+    for (const v of document.querySelectorAll('.view')) v.hidden = v.id !== `view-${name}`;
+    for (const a of document.querySelectorAll('[data-nav]')) {
+      if (a.dataset.nav === name) a.setAttribute('aria-current', 'page');
+      else a.removeAttribute('aria-current');
+    }
+  }
+
+  function route() {
+    if (!state.token) {
+      showView('signin');
+      return;
+    }
+    const r = parseRoute();
+    const changed = r.view !== state.route.view || r.id !== state.route.id;
+    state.route = r;
+    showView(r.view);
+    if (changed && r.view === 'device') {
+      replace('device-body', el('p', { class: 'muted', text: 'Loading…' }));
+      state.lastInvocation = null;
+    }
+    document.title = `${{ inventory: 'Inventory', device: 'Device', pairing: 'Pairing', tokens: 'Tokens' }[r.view]} — Anchorage`;
+    refresh();
+  }
+
+  /** Re-reads the current view, at most one read at a time. */
+  async function refresh() {
+    if (!state.token) return;
+    if (state.refreshing) {
+      state.refreshAgain = true;
+      return;
+    }
+    state.refreshing = true;
+    try {
+      const r = state.route;
+      if (r.view === 'inventory') await loadInventory();
+      else if (r.view === 'device') await loadDevice(r.id);
+      else if (r.view === 'pairing') await loadPairing();
+      else if (r.view === 'tokens') await loadTokens();
+      clearBanner('refresh');
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 401)) showError(err, 'refresh');
+    } finally {
+      state.refreshing = false;
+      if (state.refreshAgain) {
+        state.refreshAgain = false;
+        scheduleRefresh();
+      }
+    }
+  }
+
+  function scheduleRefresh(delay) {
+    clearTimeout(state.refreshTimer);
+    state.refreshTimer = setTimeout(refresh, delay === undefined ? 200 : delay);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Inventory
+
+  /** The inventory, or one built from /devices and pending requests when the anchor cannot
+   * give presence yet (503). */
+  async function fetchInventory() {
+    try {
+      const inv = await get('/inventory');
+      return { inv, note: null };
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.status !== 503) throw err;
+      const [devices, pending] = await Promise.all([
+        get('/devices'),
+        get('/pairing/requests?state=pending_approval'),
+      ]);
+      return { inv: fallbackInventory(devices, pending), note: `Presence, heartbeats and capabilities are not available from this anchor (${err.code}: ${err.message}); showing trust only.` };
+    }
+  }
+
+  function fallbackInventory(devices, pending) {
+    const rows = devices.map((d) => ({
+      device_id: d.device_id,
+      name: d.name,
+      trust: d.trust,
+      presence: 'unknown',
+      heartbeat_age_ms: null,
+      loss_rate: null,
+      rtt_ms: null,
+      capabilities: { total: 0, available: 0, unavailable: 0 },
+      warnings: d.rotation_pending ? ['rotation_pending'] : [],
+      // As the anchor's inventory says: a trusted device can be used, rotated, revoked; a
+      // revoked one removed.
+      actions: d.trust === 'trusted' ? ['invoke', 'rotate', 'revoke'] : ['remove'],
+      connected: false,
+      connected_since: null,
+      last_seen_at: null,
+      cert_expires_at: d.cert_expires_at,
+      device: d,
+      node: null,
+      pending_pairings: [],
+    }));
+    for (const p of pending) {
+      const row = rows.find((r) => r.device_id === p.device_id);
+      if (row) {
+        row.pending_pairings.push(p);
+        continue;
+      }
+      rows.push({
+        device_id: p.device_id, name: p.device_name, trust: 'pending', presence: 'unknown',
+        heartbeat_age_ms: null, loss_rate: null, rtt_ms: null,
+        capabilities: { total: 0, available: 0, unavailable: 0 }, warnings: ['not_registered'],
+        actions: ['approve', 'reject'], connected: false, connected_since: null, last_seen_at: null,
+        cert_expires_at: null, device: null, node: null, pending_pairings: [p],
+      });
+    }
+    const count = (f) => rows.filter(f).length;
+    return {
+      summary: {
+        devices: rows.length,
+        trusted: count((r) => r.trust === 'trusted'),
+        revoked: count((r) => r.trust === 'revoked'),
+        pending_pairings: pending.length,
+        online: 0, degraded: 0, stale: 0, offline: 0, connected: 0,
+        with_warnings: count((r) => r.warnings.length > 0),
+      },
+      devices: rows,
+      instances: [],
+      fallback: true,
+    };
+  }
+
+  async function loadInventory() {
+    if (!can(PERM.read)) {
+      replace('inventory-notice', notice('This token cannot read the inventory: it lacks observability.read.', 'warn'));
+      replace('summary');
+      replace('inventory-table');
+      return;
+    }
+    const { inv, note } = await fetchInventory();
+    state.inventory = inv;
+    state.inventoryAt = Date.now();
+    replace('inventory-notice', note ? notice(note, 'info') : null);
+    $('inventory-updated').textContent = `updated ${new Date().toLocaleTimeString()}`;
+    renderSummary();
+    renderInventoryTable();
+    renderInstances();
+  }
+
+  function renderSummary() {
+    const s = state.inventory.summary;
+    const f = state.inventory.fallback;
+    const card = (key, label, value, apply, cls) => el('button', {
+      class: `counter ${cls || ''}`,
+      attrs: { type: 'button', title: apply ? `Show ${label.toLowerCase()}` : label },
+      data: { counter: key },
+      on: { click: apply || (() => {}) },
+    }, el('span', { class: 'count', text: f && ['online', 'degraded', 'stale', 'offline', 'connected'].includes(key) ? '—' : String(value) }), el('span', { class: 'label', text: label }));
+    const filter = (presence, trust) => () => setFilters({ presence, trust, text: '' });
+    replace('summary',
+      card('devices', 'Devices', s.devices, filter('', '')),
+      card('online', 'Online', s.online, filter('online', ''), 'c-online'),
+      card('degraded', 'Degraded', s.degraded, filter('degraded', ''), 'c-degraded'),
+      card('stale', 'Stale', s.stale, filter('stale', ''), 'c-stale'),
+      card('offline', 'Offline', s.offline, filter('offline', ''), 'c-offline'),
+      card('connected', 'Connected', s.connected, null),
+      card('trusted', 'Trusted', s.trusted, filter('', 'trusted'), 'c-trusted'),
+      card('revoked', 'Revoked', s.revoked, filter('', 'revoked'), 'c-revoked'),
+      card('pending_pairings', 'Pending pairings', s.pending_pairings, () => { location.hash = '#/pairing'; }, s.pending_pairings ? 'c-pending' : ''),
+      card('with_warnings', 'With warnings', s.with_warnings, null, s.with_warnings ? 'c-warn' : ''));
+  }
+
+  function setFilters(f) {
+    state.filters = f;
+    $('filter-presence').value = f.presence;
+    $('filter-trust').value = f.trust;
+    $('filter-text').value = f.text;
+    if (state.inventory) renderInventoryTable();
+  }
+
+  function capabilitySummary(c) {
+    if (!c || !c.total) return el('span', { class: 'muted', text: '—' });
+    return el('span', {}, `${c.available}/${c.total} available`,
+      c.unavailable ? el('span', { class: 'badge warn', text: `${c.unavailable} unavailable` }) : null);
+  }
+
+  function renderInventoryTable() {
+    const { presence, trust, text } = state.filters;
+    const needle = text.trim().toLowerCase();
+    const all = state.inventory.devices;
+    const rows = all
+      .filter((d) => (!presence || d.presence === presence) && (!trust || d.trust === trust))
+      .filter((d) => !needle || d.name.toLowerCase().includes(needle) || d.device_id.toLowerCase().includes(needle))
+      .sort((a, b) => PRESENCE_ORDER.indexOf(a.presence) - PRESENCE_ORDER.indexOf(b.presence) || a.name.localeCompare(b.name));
+    if (!all.length) {
+      replace('inventory-table', el('p', { class: 'empty' }, 'No devices yet. ', el('a', { attrs: { href: '#/pairing' }, text: 'Pair one.' })));
+      return;
+    }
+    const cell = (label, ...content) => el('td', { data: { label } }, ...content);
+    const body = rows.map((d) => el('tr', { data: { deviceId: d.device_id } },
+      cell('Device',
+        el('a', { class: 'device-name', attrs: { href: `#/device/${enc(d.device_id)}` }, text: d.name || '(unnamed)' }),
+        el('div', { class: 'mono small muted device-id', text: d.device_id })),
+      cell('Presence', badge('presence', d.presence), d.connected ? el('span', { class: 'small muted', text: ' connected' }) : null),
+      cell('Trust', badge('trust', d.trust)),
+      cell('Heartbeat', ageEl(d.heartbeat_age_ms, state.inventoryAt)),
+      cell('Loss', el('span', { class: d.loss_rate > 0.1 ? 'bad' : '', text: percent(d.loss_rate) })),
+      cell('RTT', millis(d.rtt_ms)),
+      cell('Capabilities', capabilitySummary(d.capabilities)),
+      cell('Warnings', d.warnings.length ? el('span', { class: 'badges' }, d.warnings.map(warningBadge)) : el('span', { class: 'muted', text: 'none' }))));
+    const table = el('table', { class: 'grid inventory', attrs: { id: 'inventory' } },
+      el('caption', { class: 'sr-only', text: 'Devices' }),
+      el('thead', {}, el('tr', {}, ['Device', 'Presence', 'Trust', 'Heartbeat', 'Loss', 'RTT', 'Capabilities', 'Warnings'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('tbody', {}, body));
+    replace('inventory-table', table,
+      rows.length < all.length ? el('p', { class: 'muted small', text: `${rows.length} of ${all.length} devices match the filters.` }) : null);
+  }
+
+  function renderInstances() {
+    const list = state.inventory.instances || [];
+    if (!list.length) {
+      replace('instances');
+      return;
+    }
+    replace('instances', el('details', { class: 'card' },
+      el('summary', {}, el('strong', { text: `Anchor${list.length > 1 ? 's' : ''}` }),
+        ` — ${list.map((i) => `${i.kind} ${i.version} on ${i.listen}, ${i.connected_nodes} connected`).join('; ')}`),
+      list.map((i) => el('dl', { class: 'facts' },
+        fact('Version', i.version),
+        fact('QUIC', i.listen, 'mono'),
+        fact('Console', i.console, 'mono'),
+        fact('Up since', timeEl(i.started_at)),
+        fact('Connected nodes', String(i.connected_nodes)),
+        fact('Store', `${(i.store_bytes / 1048576).toFixed(1)} MiB`),
+        fact('CA fingerprint', i.ca_fingerprint, 'mono wrap'),
+        fact('CA expires', timeEl(i.ca_expires_at)),
+        i.warnings.length ? fact('Warnings', el('span', { class: 'badges' }, i.warnings.map(warningBadge))) : null))));
+  }
+
+  function fact(label, value, cls) {
+    return [el('dt', { text: label }), el('dd', { class: cls || '' }, value === null || value === undefined || value === '' ? '—' : value)];
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Device page
+
+  async function fetchDevice(id) {
+    try {
+      return { d: await get(`/inventory/${enc(id)}`), fallback: null };
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.status !== 503) throw err;
+      const dev = await get(`/devices/${enc(id)}`);
+      const d = fallbackInventory([dev], []).devices[0];
+      return { d, fallback: `Presence, registration and capabilities are not available (${err.code}: ${err.message}).` };
+    }
+  }
+
+  async function fetchInvocations(id) {
+    try {
+      return { list: await get(`/invocations?device_id=${enc(id)}&limit=20`), note: null };
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 503) return { list: [], note: `${err.code}: ${err.message}` };
+      throw err;
+    }
+  }
+
+  async function loadDevice(id) {
+    if (!can(PERM.read)) {
+      replace('device-body', notice('This token cannot read devices: it lacks observability.read.', 'warn'));
+      return;
+    }
+    let result;
+    try {
+      result = await fetchDevice(id);
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) {
+        replace('device-body', el('h1', { text: 'No such device' }), notice(`${err.code}: ${err.message}`, 'warn'));
+        return;
+      }
+      throw err;
+    }
+    const invs = await fetchInvocations(id);
+    if (state.route.view !== 'device' || state.route.id !== id) return;
+    renderDevice(result.d, result.fallback, invs);
+  }
+
+  /** The device page's sections; the invoke card survives re-renders (an operator may be
+   * typing in it while live updates arrive). */
+  const DEVICE_SECTIONS = ['device-head', 'device-notice', 'device-actions', 'device-invoke', 'device-info', 'device-pending', 'device-caps', 'device-invocations'];
+
+  function deviceSkeleton() {
+    if ($('device-head')) return;
+    replace('device-body', DEVICE_SECTIONS.map((id) => el('div', { attrs: { id } })));
+  }
+
+  function renderDevice(d, fallbackNote, invs) {
+    deviceSkeleton();
+    const fetchedAt = Date.now();
+    const node = d.node;
+    const dev = d.device;
+
+    replace('device-head', el('div', { class: 'device-head' },
+      el('h1', { attrs: { id: 'device-name' }, text: d.name || '(unnamed)' }),
+      el('div', { class: 'badges' }, badge('presence', d.presence), badge('trust', d.trust), d.warnings.map(warningBadge)),
+      el('div', { class: 'mono small muted wrap', attrs: { id: 'device-id' }, text: d.device_id })));
+    replace('device-notice', fallbackNote && node === null ? notice(fallbackNote, 'info') : null);
+    replace('device-actions', deviceActions(d));
+
+    const caps = node ? node.capabilities : [];
+    // Rebuilt only when what it offers changes.
+    const invokeKey = JSON.stringify([d.device_id, d.actions.includes('invoke'), can(PERM.invoke), caps.map((c) => [c.name, c.available])]);
+    const invokeBox = $('device-invoke');
+    if (invokeBox.dataset.key !== invokeKey) {
+      const keep = $('invoke-capability') ? $('invoke-capability').value : null;
+      invokeBox.dataset.key = invokeKey;
+      replace(invokeBox, invokeCard(d, caps));
+      const select = $('invoke-capability');
+      if (select && keep && [...select.options].some((o) => o.value === keep && !o.disabled)) select.value = keep;
+      if (state.lastInvocation && state.lastInvocation.device_id === d.device_id) renderInvokeResult(state.lastInvocation);
+    }
+
+    const registration = el('div', { class: 'card' }, el('h2', { text: 'Registration' }),
+      node ? el('dl', { class: 'facts' },
+        fact('Platform', node.platform),
+        fact('Agent', node.agent_version),
+        fact('Connection', node.connected ? el('span', {}, 'open since ', timeEl(node.connected_since)) : 'closed'),
+        fact('Remote address', node.remote_addr, 'mono'),
+        fact('Last seen', timeEl(node.last_seen_at)),
+        fact('Heartbeat', ageEl(node.heartbeat_age_ms, fetchedAt)),
+        fact('Loss', percent(node.loss_rate)),
+        fact('RTT', millis(node.rtt_ms)))
+        : el('p', { class: 'muted', text: fallbackNote || 'This device has not registered as a node yet.' }));
+
+    const cert = el('div', { class: 'card' }, el('h2', { text: 'Trust and certificate' }),
+      dev ? el('dl', { class: 'facts' },
+        fact('Trust', badge('trust', dev.trust)),
+        fact('Platform', dev.platform),
+        fact('Paired', timeEl(dev.paired_at)),
+        fact('Certificate serial', dev.cert_serial, 'mono wrap'),
+        fact('Valid from', absolute(dev.cert_not_before)),
+        fact('Expires', el('span', {}, timeEl(dev.cert_expires_at), ` (${absolute(dev.cert_expires_at)})`)),
+        fact('Rotation', dev.rotation_pending ? 'requested, waiting for the node' : 'none pending'),
+        dev.revoked_at ? fact('Revoked', el('span', {}, timeEl(dev.revoked_at), dev.revoked_reason ? ` — ${dev.revoked_reason}` : '')) : null)
+        : el('p', { class: 'muted', text: 'No certificate: this device has not completed pairing.' }));
+    replace('device-info', el('div', { class: 'columns' }, registration, cert));
+
+    replace('device-pending', d.pending_pairings && d.pending_pairings.length
+      ? el('div', { class: 'card' }, el('h2', { text: 'Pairing requests waiting' }), requestTable(d.pending_pairings, true))
+      : null);
+
+    replace('device-caps', el('div', { class: 'card' }, el('h2', { text: 'Capabilities' }),
+      caps.length ? el('table', { class: 'grid', attrs: { id: 'capabilities' } },
+        el('thead', {}, el('tr', {}, ['Name', 'State', 'Description'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+        el('tbody', {}, caps.map((c) => el('tr', { data: { capability: c.name } },
+          el('td', { data: { label: 'Name' }, class: 'mono', text: c.name }),
+          el('td', { data: { label: 'State' } }, badge('cap', c.available ? 'available' : 'unavailable'), c.reason ? el('div', { class: 'small muted', text: c.reason }) : null),
+          el('td', { data: { label: 'Description' }, text: c.description })))))
+        : el('p', { class: 'muted', text: node ? 'This node offers no capabilities.' : '—' })));
+
+    replace('device-invocations', invocationsCard(invs));
+  }
+
+  function deviceActions(d) {
+    if (!can(PERM.trust)) return null;
+    const allowed = (a) => d.actions.includes(a);
+    const id = d.device_id;
+    const name = d.name || id;
+    return el('div', { class: 'card actions-card' }, el('h2', { text: 'Trust actions' }),
+      el('div', { class: 'actions' },
+        button('Rotate certificate', async (ev) => {
+          await act(ev.currentTarget, () => api('POST', `/devices/${enc(id)}/rotate`), `Rotation requested for ${name}.`);
+        }, { id: 'action-rotate', disabled: !allowed('rotate'), title: allowed('rotate') ? 'Ask the node for a new certificate' : 'Only a trusted device can rotate' }),
+        button('Revoke…', async (ev) => {
+          const answer = await confirmDialog({
+            title: `Revoke ${name}?`,
+            message: `The device's connection closes now and its certificate is refused from now on. To pair it again it must first be removed. Device ${id}.`,
+            ok: 'Revoke',
+            reason: true,
+          });
+          if (!answer.ok) return;
+          await act(ev.currentTarget, () => api('POST', `/devices/${enc(id)}/revoke`, { reason: answer.reason || null }), `${name} is revoked.`);
+        }, { class: 'danger', id: 'action-revoke', disabled: !allowed('revoke'), title: allowed('revoke') ? 'Revoke this device now' : 'Already revoked or not paired' }),
+        button('Remove…', async (ev) => {
+          const answer = await confirmDialog({
+            title: `Remove ${name}?`,
+            message: `The device's records (trust, registration, presence) are deleted and its certificate is refused. It can pair again with a new code. Device ${id}.`,
+            ok: 'Remove',
+          });
+          if (!answer.ok) return;
+          const ok = await act(ev.currentTarget, () => api('DELETE', `/devices/${enc(id)}`), `${name} was removed.`);
+          if (ok) location.hash = '#/inventory';
+        }, { class: 'danger', id: 'action-remove', disabled: !allowed('remove'), title: allowed('remove') ? 'Delete this device' : 'Revoke it first' })));
+  }
+
+  /** Runs an action with its button disabled; shows the outcome; re-reads the view. */
+  async function act(btn, fn, success) {
+    if (btn) btn.disabled = true;
+    try {
+      await fn();
+      banner(success, 'success', 'action');
+      scheduleRefresh(0);
+      return true;
+    } catch (err) {
+      showError(err, 'action');
+      return false;
+    } finally {
+      if (btn && btn.isConnected) btn.disabled = false;
+    }
+  }
+
+  function invokeCard(d, caps) {
+    if (!can(PERM.invoke)) return null;
+    const options = caps.length
+      ? caps.map((c) => el('option', { attrs: { value: c.name, disabled: !c.available }, text: c.available ? c.name : `${c.name} (unavailable)` }))
+      : BUILTIN_CAPABILITIES.map((c) => el('option', { attrs: { value: c }, text: c }));
+    const usable = d.actions.includes('invoke');
+    const form = el('form', { class: 'invoke-form', attrs: { id: 'invoke-form' }, on: { submit: (ev) => { ev.preventDefault(); invoke(d.device_id); } } },
+      el('label', {}, 'Capability', el('select', { attrs: { id: 'invoke-capability' } }, options)),
+      el('label', { class: 'grow' }, 'Input (JSON)', el('textarea', { attrs: { id: 'invoke-input', rows: 3, spellcheck: 'false' }, text: '{}' })),
+      el('label', {}, 'Timeout (s)', el('input', { attrs: { id: 'invoke-timeout', type: 'number', min: 1, max: 3600, value: 30 } })),
+      el('div', { class: 'actions' }, el('button', { attrs: { type: 'submit', id: 'invoke-submit', disabled: !usable }, text: 'Invoke' })));
+    return el('div', { class: 'card' }, el('h2', { text: 'Invoke' }),
+      usable ? null : el('p', { class: 'muted', text: 'Only a trusted device can run capabilities.' }),
+      form, el('p', { class: 'form-error', attrs: { id: 'invoke-error', role: 'alert', hidden: true } }),
+      el('div', { attrs: { id: 'invoke-result', 'aria-live': 'polite' } }));
+  }
+
+  async function invoke(deviceId) {
+    const error = $('invoke-error');
+    error.hidden = true;
+    let input;
+    const raw = $('invoke-input').value.trim();
+    try {
+      input = raw === '' ? null : JSON.parse(raw);
+    } catch (e) {
+      error.textContent = `The input is not valid JSON: ${e.message}`;
+      error.hidden = false;
+      $('invoke-input').focus();
+      return;
+    }
+    const timeoutS = Number($('invoke-timeout').value) || 30;
+    const body = { capability: $('invoke-capability').value, input, timeout_ms: Math.round(timeoutS * 1000), async: false };
+    const submit = $('invoke-submit');
+    submit.disabled = true;
+    replace('invoke-result', el('p', { class: 'muted', text: `Running ${body.capability}…` }));
+    try {
+      let inv = (await api('POST', `/nodes/${enc(deviceId)}/invoke`, body)).data;
+      state.lastInvocation = inv;
+      renderInvokeResult(inv);
+      // 202: still running at the deadline of the request; follow it.
+      while (!isFinal(inv.state) && state.route.id === deviceId) {
+        await new Promise((r) => setTimeout(r, 1000));
+        inv = await get(`/invocations/${enc(inv.invocation_id)}`);
+        state.lastInvocation = inv;
+        renderInvokeResult(inv);
+      }
+      scheduleRefresh();
+    } catch (err) {
+      replace('invoke-result');
+      error.textContent = describe(err);
+      error.hidden = false;
+    } finally {
+      if ($('invoke-submit')) $('invoke-submit').disabled = false;
+    }
+  }
+
+  function isFinal(s) {
+    return s !== 'queued' && s !== 'dispatched';
+  }
+
+  function outputText(inv) {
+    if (inv.output === null || inv.output === undefined) return null;
+    return typeof inv.output === 'string' ? inv.output : JSON.stringify(inv.output, null, 2);
+  }
+
+  function renderInvokeResult(inv) {
+    const box = $('invoke-result');
+    if (!box) return;
+    const out = outputText(inv);
+    replace(box, el('div', { class: `result result-${inv.state}`, data: { invocationId: inv.invocation_id, state: inv.state } },
+      el('div', { class: 'result-head' },
+        el('span', { class: 'mono', text: inv.capability }), badge('inv', inv.state),
+        inv.duration_ms !== null && inv.duration_ms !== undefined ? el('span', { class: 'muted small', text: `${inv.duration_ms} ms on the node` }) : null,
+        inv.truncated ? el('span', { class: 'badge warn', text: 'output truncated' }) : null),
+      inv.error ? el('p', { class: 'bad', attrs: { id: 'invoke-error-text' }, text: inv.error }) : null,
+      out !== null ? el('pre', { class: 'output', attrs: { id: 'invoke-output', tabindex: 0 }, text: out }) : null));
+  }
+
+  function invocationsCard(invs) {
+    const card = el('div', { class: 'card' }, el('h2', { text: 'Recent invocations' }));
+    if (invs.note) {
+      card.append(el('p', { class: 'muted', text: `Invocations are not available: ${invs.note}` }));
+      return card;
+    }
+    if (!invs.list.length) {
+      card.append(el('p', { class: 'muted', text: 'None yet.' }));
+      return card;
+    }
+    card.append(el('table', { class: 'grid', attrs: { id: 'invocations' } },
+      el('thead', {}, el('tr', {}, ['When', 'Capability', 'State', 'Took', 'By', 'Output'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('tbody', {}, invs.list.map((i) => {
+        const out = outputText(i);
+        const detail = i.error || out;
+        return el('tr', { data: { invocationId: i.invocation_id } },
+          el('td', { data: { label: 'When' } }, timeEl(i.created_at)),
+          el('td', { data: { label: 'Capability' }, class: 'mono', text: i.capability }),
+          el('td', { data: { label: 'State' } }, badge('inv', i.state)),
+          el('td', { data: { label: 'Took' }, text: i.duration_ms === null || i.duration_ms === undefined ? '—' : `${i.duration_ms} ms` }),
+          el('td', { data: { label: 'By' }, text: i.requested_by }),
+          el('td', { data: { label: 'Output' } }, detail
+            ? el('details', {}, el('summary', { text: i.error ? 'error' : 'output' }), el('pre', { class: 'output', text: i.error ? i.error : out }))
+            : el('span', { class: 'muted', text: '—' })));
+      }))));
+    return card;
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Pairing
+
+  async function loadPairing() {
+    if (!state.inventory && can(PERM.read)) {
+      // For the anchor's address in the pairing command; not worth an error if it fails.
+      try {
+        state.inventory = (await fetchInventory()).inv;
+      } catch (_) {
+        // Shown as ANCHOR-HOST.
+      }
+    }
+    renderMinted();
+    if (!can(PERM.read)) {
+      replace('pending-requests', notice('This token cannot list pairing requests: it lacks observability.read.', 'warn'));
+      replace('decided-requests');
+      replace('codes');
+      return;
+    }
+    const [requests, codes] = await Promise.all([get('/pairing/requests'), get('/pairing/codes')]);
+    const pending = requests.filter((r) => r.state === 'pending_approval');
+    const decided = requests.filter((r) => r.state !== 'pending_approval').slice(0, 20);
+    replace('pending-requests', pending.length ? requestTable(pending, true) : el('p', { class: 'muted', text: 'No device is waiting.' }));
+    replace('decided-requests', decided.length ? requestTable(decided, false) : el('p', { class: 'muted', text: 'No decisions yet.' }));
+    replace('codes', codes.length ? codeTable(codes.slice(0, 20)) : el('p', { class: 'muted', text: 'No codes minted yet.' }));
+  }
+
+  function requestTable(list, pending) {
+    const cols = pending
+      ? ['Device', 'Platform', 'Code to compare', 'Asked', 'Expires', 'Decision']
+      : ['Device', 'Platform', 'State', 'Decided by', 'When', 'Reason'];
+    return el('table', { class: `grid requests ${pending ? 'pending' : 'decided'}` },
+      el('thead', {}, el('tr', {}, cols.map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('tbody', {}, list.map((r) => el('tr', { data: { requestId: r.request_id, deviceId: r.device_id } },
+        el('td', { data: { label: 'Device' } },
+          el('a', { attrs: { href: `#/device/${enc(r.device_id)}` }, text: r.device_name || '(unnamed)' }),
+          el('div', { class: 'mono small muted', text: r.device_id })),
+        el('td', { data: { label: 'Platform' }, text: r.platform }),
+        ...(pending ? [
+          el('td', { data: { label: 'Code to compare' } }, el('span', { class: 'sas', text: r.sas })),
+          el('td', { data: { label: 'Asked' } }, timeEl(r.requested_at)),
+          el('td', { data: { label: 'Expires' } }, timeEl(r.expires_at)),
+          el('td', { data: { label: 'Decision' } }, can(PERM.trust) ? el('div', { class: 'actions' },
+            button('Approve', (ev) => act(ev.currentTarget, () => api('POST', `/pairing/requests/${enc(r.request_id)}/approve`), `Approved ${r.device_name}.`), { class: 'approve', ariaLabel: `Approve ${r.device_name}` }),
+            button('Reject…', async (ev) => {
+              const answer = await confirmDialog({ title: `Reject ${r.device_name}?`, message: `The device is told it was refused. Request ${r.request_id}.`, ok: 'Reject', reason: true });
+              if (answer.ok) await act(ev.currentTarget, () => api('POST', `/pairing/requests/${enc(r.request_id)}/reject`, { reason: answer.reason || null }), `Rejected ${r.device_name}.`);
+            }, { class: 'danger', ariaLabel: `Reject ${r.device_name}` }))
+            : el('span', { class: 'muted', text: 'needs trust.operate' })),
+        ] : [
+          el('td', { data: { label: 'State' } }, badge('req', r.state)),
+          el('td', { data: { label: 'Decided by' }, text: r.decided_by || '—' }),
+          el('td', { data: { label: 'When' } }, timeEl(r.decided_at || r.requested_at)),
+          el('td', { data: { label: 'Reason' }, text: r.reason || '—' }),
+        ])))));
+  }
+
+  function codeTable(codes) {
+    return el('table', { class: 'grid codes' },
+      el('thead', {}, el('tr', {}, ['Code id', 'Method', 'State', 'Wrong tries', 'Minted', 'Expires', 'By'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('tbody', {}, codes.map((c) => el('tr', { data: { codeId: c.code_id } },
+        el('td', { data: { label: 'Code id' }, class: 'mono', text: c.code_id }),
+        el('td', { data: { label: 'Method' }, text: c.method.toUpperCase() }),
+        el('td', { data: { label: 'State' } }, badge('code', c.state)),
+        el('td', { data: { label: 'Wrong tries' }, text: String(c.failed_attempts) }),
+        el('td', { data: { label: 'Minted' } }, timeEl(c.created_at)),
+        el('td', { data: { label: 'Expires' } }, timeEl(c.expires_at)),
+        el('td', { data: { label: 'By' }, text: c.created_by })))));
+  }
+
+  async function mint(ev) {
+    ev.preventDefault();
+    const btn = $('mint-submit');
+    btn.disabled = true;
+    try {
+      const body = { method: $('mint-method').value, ttl_secs: Number($('mint-ttl').value) };
+      const minted = (await api('POST', '/pairing/codes', body)).data;
+      if (state.mintedQrUrl) URL.revokeObjectURL(state.mintedQrUrl);
+      state.mintedQrUrl = null;
+      state.minted = minted;
+      if (minted.uri) {
+        const blob = (await api('GET', `/qr?text=${enc(minted.uri)}`)).data;
+        state.mintedQrUrl = URL.createObjectURL(blob);
+      }
+      renderMinted();
+      scheduleRefresh(0);
+    } catch (err) {
+      showError(err, 'action');
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  /** The anchor's QUIC address as a node should dial it (a wildcard listen address becomes the
+   * host this page was loaded from). */
+  function quicAddress() {
+    const inst = state.inventory && state.inventory.instances && state.inventory.instances[0];
+    if (!inst || !inst.listen) return 'ANCHOR-HOST:7444';
+    const m = /^(.*):(\d+)$/.exec(inst.listen);
+    if (!m) return inst.listen;
+    const wildcard = m[1] === '0.0.0.0' || m[1] === '[::]' || m[1] === '::';
+    return wildcard ? `${location.hostname}:${m[2]}` : inst.listen;
+  }
+
+  function renderMinted() {
+    const m = state.minted;
+    if (!m || !can(PERM.trust)) {
+      replace('minted');
+      return;
+    }
+    const expires = parseTime(m.expires_at);
+    const anchorAddr = quicAddress();
+    const parts = m.method === 'qr'
+      ? [
+        state.mintedQrUrl ? el('img', { class: 'qr', attrs: { id: 'minted-qr', src: state.mintedQrUrl, alt: 'QR code of the pairing URI' } }) : null,
+        el('p', {}, 'Scan it, or on the device run:'),
+        el('pre', { class: 'command', text: `anchor-node pair --qr '${m.uri}'` }),
+      ]
+      : [
+        el('div', { class: 'pin', attrs: { id: 'minted-code', 'aria-label': 'Pairing PIN' }, text: m.code }),
+        el('p', {}, 'On the device run:'),
+        el('pre', { class: 'command', text: `anchor-node pair --anchor ${anchorAddr} --code ${m.code}` }),
+      ];
+    replace('minted', el('div', { class: 'minted', data: { codeId: m.code_id } },
+      ...parts,
+      el('p', { class: 'muted' }, `Code ${m.code_id}, single use, `, el('span', { class: 'countdown', data: { expires: String(expires) }, text: `expires in ${span(expires - Date.now())}` }), '. It is shown only now.'),
+      button('Hide code', () => {
+        state.minted = null;
+        renderMinted();
+      }, { class: 'secondary small' })));
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Tokens
+
+  async function loadTokens() {
+    if (!can(PERM.tokens)) {
+      replace('token-list', notice('This token cannot manage tokens: it lacks tokens.manage.', 'warn'));
+      $('token-form').hidden = true;
+      return;
+    }
+    $('token-form').hidden = false;
+    const tokens = await get('/tokens');
+    replace('token-list', el('table', { class: 'grid tokens', attrs: { id: 'tokens' } },
+      el('thead', {}, el('tr', {}, ['Name', 'Id', 'Permissions', 'Created', 'By', 'State', ''].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('tbody', {}, tokens.map((t) => {
+        const self = state.me && t.id === state.me.token_id;
+        return el('tr', { data: { tokenId: t.id } },
+          el('td', { data: { label: 'Name' } }, t.name, self ? el('span', { class: 'badge info', text: 'this session' }) : null),
+          el('td', { data: { label: 'Id' }, class: 'mono small', text: t.id }),
+          el('td', { data: { label: 'Permissions' } }, el('span', { class: 'badges' }, t.permissions.map((p) => el('span', { class: 'badge perm', text: p })))),
+          el('td', { data: { label: 'Created' } }, timeEl(t.created_at)),
+          el('td', { data: { label: 'By' }, text: t.created_by }),
+          el('td', { data: { label: 'State' } }, t.revoked_at ? el('span', {}, badge('token', 'revoked'), ' ', timeEl(t.revoked_at)) : badge('token', 'active')),
+          el('td', { data: { label: '' } }, t.revoked_at ? null : button('Revoke…', async (ev) => {
+            const answer = await confirmDialog({
+              title: `Revoke token ${t.name}?`,
+              message: self ? 'This is the token of this session: you will be signed out.' : `Anything using token ${t.id} loses access at once.`,
+              ok: 'Revoke',
+            });
+            if (answer.ok) await act(ev.currentTarget, () => api('DELETE', `/tokens/${enc(t.id)}`), `Token ${t.name} is revoked.`);
+          }, { class: 'danger small', ariaLabel: `Revoke token ${t.name}` })));
+      }))));
+  }
+
+  async function createToken(ev) {
+    ev.preventDefault();
+    const err = $('token-form-error');
+    err.hidden = true;
+    const permissions = [...document.querySelectorAll('#token-form input[type=checkbox]:checked')].map((c) => c.value);
+    if (!permissions.length) {
+      err.textContent = 'Choose at least one permission.';
+      err.hidden = false;
+      return;
+    }
+    const name = $('token-name').value.trim() || null;
+    const btn = $('token-submit');
+    btn.disabled = true;
+    try {
+      const created = (await api('POST', '/tokens', { name, permissions })).data;
+      $('token-name').value = '';
+      const secret = el('code', { class: 'secret', attrs: { id: 'created-secret', tabindex: 0 }, text: created.token });
+      replace('token-created', el('div', { class: 'minted', attrs: { role: 'status' } },
+        el('p', {}, el('strong', { text: `Token ${created.name} created.` }), ' Copy the secret now: it is shown only once and cannot be recovered.'),
+        secret,
+        el('div', { class: 'actions' },
+          button('Copy', async (e) => {
+            const b = e.currentTarget;
+            try {
+              await navigator.clipboard.writeText(created.token);
+              b.textContent = 'Copied';
+            } catch (_) {
+              const range = document.createRange();
+              range.selectNodeContents(secret);
+              const sel = getSelection();
+              sel.removeAllRanges();
+              sel.addRange(range);
+              b.textContent = 'Selected: press Ctrl+C';
+            }
+          }, { id: 'copy-secret' }),
+          button('Done', () => replace('token-created'), { class: 'secondary' }))));
+      scheduleRefresh(0);
+    } catch (e) {
+      err.textContent = describe(e);
+      err.hidden = false;
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Confirmation dialog
+
+  function confirmDialog({ title, message, ok, reason }) {
+    const dialog = $('confirm-dialog');
+    $('confirm-title').textContent = title;
+    $('confirm-message').textContent = message;
+    $('confirm-ok').textContent = ok || 'Confirm';
+    $('confirm-reason-row').hidden = !reason;
+    $('confirm-reason').value = '';
+    dialog.returnValue = 'cancel';
+    return new Promise((resolve) => {
+      dialog.addEventListener('close', () => {
+        resolve({ ok: dialog.returnValue === 'ok', reason: $('confirm-reason').value.trim() });
+      }, { once: true });
+      dialog.showModal();
+      (reason ? $('confirm-reason') : $('confirm-cancel')).focus();
+    });
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Live events: SSE over fetch() so the token goes in a header
+
+  function setStreamStatus(status, text) {
+    state.stream.status = status;
+    const node = $('stream-status');
+    node.className = `stream-status ${status}`;
+    node.textContent = text;
+  }
+
+  function stopStream() {
+    const s = state.stream;
+    clearTimeout(s.timer);
+    s.timer = null;
+    if (s.ctl) s.ctl.abort();
+    s.ctl = null;
+    setStreamStatus('off', '');
+  }
+
+  function startStream() {
+    stopStream();
+    if (!can(PERM.read)) {
+      setStreamStatus('off', '○ no live updates (needs observability.read)');
+      return;
+    }
+    connectStream();
+  }
+
+  function retryStream(why) {
+    const s = state.stream;
+    if (!state.token) return;
+    const delay = BACKOFF_SECS[Math.min(s.attempt, BACKOFF_SECS.length - 1)] * (0.8 + Math.random() * 0.4);
+    s.attempt += 1;
+    let left = Math.round(delay);
+    setStreamStatus('down', `○ reconnecting in ${left} s`);
+    if (why) $('stream-status').title = why;
+    const step = () => {
+      left -= 1;
+      if (left > 0) {
+        setStreamStatus('down', `○ reconnecting in ${left} s`);
+        s.timer = setTimeout(step, 1000);
+      } else {
+        connectStream();
+      }
+    };
+    s.timer = setTimeout(step, 1000);
+  }
+
+  async function connectStream() {
+    const s = state.stream;
+    const ctl = new AbortController();
+    s.ctl = ctl;
+    setStreamStatus('connecting', '○ connecting');
+    let watchdog = null;
+    try {
+      const res = await fetch(`${API}/events`, {
+        headers: { Authorization: `Bearer ${state.token}`, Accept: 'text/event-stream' },
+        cache: 'no-store',
+        credentials: 'omit',
+        signal: ctl.signal,
+      });
+      if (res.status === 401) {
+        signOut('The anchor refused the token (unauthorized). Sign in again.');
+        return;
+      }
+      if (res.status === 403) {
+        setStreamStatus('off', '○ no live updates (needs observability.read)');
+        return;
+      }
+      if (!res.ok || !res.body) throw new Error(`the event stream answered ${res.status}`);
+      s.attempt = 0;
+      s.lastByteAt = Date.now();
+      setStreamStatus('live', '● live');
+      $('stream-status').title = 'Receiving changes from the anchor';
+      // Whatever happened while disconnected is unknown: re-read.
+      scheduleRefresh(0);
+      watchdog = setInterval(() => {
+        if (Date.now() - s.lastByteAt > STREAM_SILENCE_MS) ctl.abort();
+      }, 5000);
+      await readSse(res.body, ctl, (type, data) => {
+        if (type === 'lagged') scheduleRefresh(0);
+        else onEvent(type, data);
+      });
+      if (s.ctl === ctl) retryStream('the anchor closed the event stream');
+    } catch (err) {
+      if (s.ctl !== ctl) return; // stopped on purpose (sign-out, restart)
+      retryStream(String(err && err.message ? err.message : err));
+    } finally {
+      clearInterval(watchdog);
+    }
+  }
+
+  /** Parses text/event-stream: `event:`, `data:` (joined with newlines), comments, blank line
+   * dispatch. */
+  async function readSse(body, ctl, dispatch) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = '';
+    let type = '';
+    let data = [];
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      state.stream.lastByteAt = Date.now();
+      buffer += decoder.decode(value, { stream: true });
+      let nl;
+      while ((nl = buffer.search(/\r\n|\r|\n/)) >= 0) {
+        // A lone \r at the very end may be the first half of \r\n: wait for more.
+        if (buffer[nl] === '\r' && nl === buffer.length - 1) break;
+        const line = buffer.slice(0, nl);
+        buffer = buffer.slice(nl + (buffer.startsWith('\r\n', nl) ? 2 : 1));
+        if (line === '') {
+          if (data.length) dispatch(type || 'message', data.join('\n'));
+          type = '';
+          data = [];
+          continue;
+        }
+        if (line.startsWith(':')) continue;
+        const colon = line.indexOf(':');
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let v = colon < 0 ? '' : line.slice(colon + 1);
+        if (v.startsWith(' ')) v = v.slice(1);
+        if (field === 'event') type = v;
+        else if (field === 'data') data.push(v);
+      }
+      if (buffer.length > 8 * 1024 * 1024) {
+        ctl.abort();
+        throw new Error('event stream line too long');
+      }
+    }
+  }
+
+  function onEvent(kind, raw) {
+    let ev;
+    try {
+      ev = JSON.parse(raw);
+    } catch (_) {
+      return;
+    }
+    const r = state.route;
+    if (kind === 'pairing.requested') {
+      const name = ev.data && (ev.data.device_name || ev.data.name);
+      if (r.view !== 'pairing') banner(`A device${name ? ` (${name})` : ''} asks to pair.`, 'info', 'pairing');
+    }
+    if (kind === 'token' && ev.data && ev.data.action === 'revoked' && state.me && ev.data.id === state.me.token_id) {
+      signOut('This token was revoked.');
+      return;
+    }
+    let relevant;
+    switch (r.view) {
+      case 'inventory': relevant = kind !== 'token' && kind !== 'invocation'; break;
+      case 'device': relevant = !ev.device_id || ev.device_id === r.id; break;
+      case 'pairing': relevant = kind.startsWith('pairing.') || kind.startsWith('device.'); break;
+      case 'tokens': relevant = kind === 'token'; break;
+      default: relevant = false;
+    }
+    if (relevant) scheduleRefresh();
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Start
+
+  function init() {
+    $('signin-form').addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      const token = $('signin-token').value.trim();
+      const err = $('signin-error');
+      err.hidden = true;
+      if (!token) return;
+      const btn = $('signin-submit');
+      btn.disabled = true;
+      try {
+        await signIn(token);
+      } catch (e) {
+        err.textContent = e instanceof ApiError && e.status === 401
+          ? 'The anchor does not know this token (or it was revoked).'
+          : describe(e);
+        err.hidden = false;
+      } finally {
+        btn.disabled = false;
+      }
+    });
+    $('signout').addEventListener('click', () => signOut());
+    $('filter-presence').addEventListener('change', (e) => setFilters({ ...state.filters, presence: e.target.value }));
+    $('filter-trust').addEventListener('change', (e) => setFilters({ ...state.filters, trust: e.target.value }));
+    $('filter-text').addEventListener('input', (e) => setFilters({ ...state.filters, text: e.target.value }));
+    $('filter-clear').addEventListener('click', () => setFilters({ presence: '', trust: '', text: '' }));
+    $('filters').addEventListener('submit', (e) => e.preventDefault());
+    $('mint-form').addEventListener('submit', mint);
+    $('token-form').addEventListener('submit', createToken);
+    window.addEventListener('hashchange', route);
+    setInterval(tick, 1000);
+    // Heartbeats are not events (only presence changes are): re-read ages and loss now and then.
+    setInterval(() => {
+      const v = state.route.view;
+      if (state.token && !document.hidden && (v === 'inventory' || v === 'device')) scheduleRefresh(0);
+    }, HEARTBEAT_REFRESH_MS);
+
+    const saved = sessionStorage.getItem(TOKEN_KEY);
+    if (!saved) {
+      signOut();
+      return;
+    }
+    signIn(saved).catch((e) => {
+      if (e instanceof ApiError && e.status === 401) signOut('The saved token was refused. Sign in again.');
+      else {
+        // The anchor may be restarting: keep the token, show why.
+        showView('signin');
+        $('signin-error').textContent = `Cannot reach the anchor: ${describe(e)}`;
+        $('signin-error').hidden = false;
+      }
+    });
+  }
+
+  init();
+})();

@@ -1,0 +1,1280 @@
+//! The web console in a real, headless Chromium, against the real binaries: `anchord` and two
+//! `anchor-node`s, each its own process.
+//!
+//! The page is driven through chromedriver's W3C WebDriver HTTP API (a small client below):
+//! sign in with the owner token, see the first node `online`, invoke `system.health` and read
+//! the result, mint a QR code (an image rendered by the anchor) and a PIN, pair a second node
+//! with that PIN and approve it from the page after comparing the SAS, revoke it and see it go
+//! `revoked`, create a read-only token and check what it hides, revoke that token. Along the
+//! way: no token in a URL, no CSP violation, no request to another origin, no horizontal
+//! overflow on a phone-sized window. The inventory's screenshot goes to
+//! `docs/console-inventory.png` when `ANCHORAGE_UPDATE_SCREENSHOT` is set (else in the temp dir).
+//!
+//! Needs `/usr/bin/chromium` and `chromedriver` (Debian: `apt-get install chromium
+//! chromium-driver`). Without them the test prints why and passes, unless
+//! `ANCHORAGE_BROWSER_TEST=1` (as in `.ci/run`), where it fails.
+//!
+//! The binaries are taken from the target directory of this test (`target/debug`) when they are
+//! newer than every source file their dep-info lists; otherwise the test builds them with
+//! `cargo build` into `target/browser-test-bins` (a separate directory: `cargo test` holds the
+//! lock of its own). `.ci/run` runs `cargo build --bins` first.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anchorage_console::ControlPlaneClient;
+use anchorage_console::api::{MintCodeRequest, PairMethod, Permission, RequestState};
+use serde_json::{Value, json};
+
+/// Where Debian puts Chromium.
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Chromium's switches: the issue's list (no background traffic on a closed network, no GPU, no
+/// sandbox as root), a fresh profile and a fixed window for a stable screenshot.
+const CHROMIUM_ARGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
+/// How long a step may take before the test fails and says which one.
+const STEP: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_console_in_a_headless_browser() {
+    let Some(chromedriver) = browser_available() else {
+        return;
+    };
+    let started = Instant::now();
+    let bins = binaries();
+    let tmp = tempfile::tempdir().unwrap();
+
+    let anchor_dir = tmp.path().join("anchor");
+    let (anchor, ready) = start_anchor(&bins, &anchor_dir, "127.0.0.1:0", "127.0.0.1:0").await;
+    let quic = ready["quic"].as_str().unwrap().to_string();
+    let console = ready["console"].as_str().unwrap().to_string();
+    let owner_token = std::fs::read_to_string(ready["owner_token"].as_str().unwrap())
+        .unwrap()
+        .trim()
+        .to_string();
+    println!("anchord: quic {quic}, console {console}");
+    let client = ControlPlaneClient::new(&console, owner_token.clone()).unwrap();
+    let me = client.whoami().await.unwrap();
+    assert_eq!(me.permissions.len(), Permission::ALL.len(), "{me:?}");
+
+    // The first node, paired outside the page, then running.
+    let node1_dir = tmp.path().join("node1");
+    let node1 = pair_with_client(&bins, &client, &quic, &node1_dir, "web-node-one").await;
+    let _node1_run = Proc::spawn(
+        "anchor-node run (one)",
+        Command::new(bins.join("anchor-node")).args(["run", "--state-dir", path_str(&node1_dir)]),
+    );
+
+    // The browser.
+    let driver_port = free_port();
+    let _driver = Proc::spawn(
+        "chromedriver",
+        Command::new(&chromedriver).arg(format!("--port={driver_port}")),
+    );
+    let profile = tmp.path().join("chromium-profile");
+    let mut wd = WebDriver::start(driver_port, &profile).await;
+
+    let setup = started.elapsed();
+    let page = Instant::now();
+    let step = |name: &str| println!("[{:5.1} s] {name}", page.elapsed().as_secs_f64());
+    step("sign in");
+    sign_in(&wd, &console, &owner_token).await;
+    step("see the first node online");
+    see_node_online(&wd, &node1).await;
+    step("invoke system.health");
+    invoke_system_health(&wd, &node1).await;
+    step("mint a QR code");
+    show_a_qr_code(&wd).await;
+    step("mint a PIN, pair the second node, approve it");
+    let node2 = pair_second_node_from_the_page(&wd, &bins, &quic, tmp.path()).await;
+    step("revoke the second node");
+    revoke_from_the_page(&wd, &node2).await;
+    step("tokens and permissions");
+    tokens_and_permissions(&wd, &client, &console, &owner_token).await;
+    step("restart the anchor: the page reconnects");
+    let _anchor = restart_anchor(&wd, anchor, &bins, &anchor_dir, &quic, &console, &node1).await;
+    step("narrow screen");
+    narrow_screen(&wd).await;
+    step("CSP and origins");
+    page_hygiene(&wd, &console).await;
+    step("screenshot");
+    screenshot_inventory(&wd, &node1, &node2).await;
+
+    wd.quit().await;
+    println!(
+        "browser test: setup {:.1} s, page {:.1} s, total {:.1} s",
+        setup.as_secs_f64(),
+        page.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steps
+
+/// Starts `anchord` (with a short heartbeat, so presence shows quickly) and waits for its
+/// `anchor ready` log line, whose fields it returns.
+async fn start_anchor(bins: &Path, data_dir: &Path, listen: &str, console: &str) -> (Proc, Value) {
+    let anchor = Proc::spawn(
+        "anchord",
+        Command::new(bins.join("anchord")).args([
+            "--data-dir",
+            path_str(data_dir),
+            "--listen",
+            listen,
+            "--console",
+            console,
+            "--heartbeat-interval",
+            "1s",
+            "--log-format",
+            "json",
+        ]),
+    );
+    let ready = anchor
+        .wait_for_line(STEP, |line| {
+            let v: Value = serde_json::from_str(line).ok()?;
+            let f = v.get("fields")?;
+            (f.get("message")?.as_str()? == "anchor ready").then(|| f.clone())
+        })
+        .await;
+    (anchor, ready)
+}
+
+async fn sign_in(wd: &WebDriver, console: &str, token: &str) {
+    wd.goto(&format!("{console}/")).await;
+    wd.wait_js(
+        "the sign-in form",
+        "return !document.getElementById('view-signin').hidden || null",
+    )
+    .await;
+    // Record CSP violations from here on (the page is one document: hash routes, no reloads).
+    wd.js(
+        "window.__csp = []; document.addEventListener('securitypolicyviolation', \
+         e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));",
+        json!([]),
+    )
+    .await;
+    wd.type_into("#signin-token", "not-a-token").await;
+    wd.click("#signin-submit").await;
+    let refused = wd
+        .wait_js(
+            "a refused token to be reported",
+            "const e = document.getElementById('signin-error'); return (!e.hidden && e.textContent) || null",
+        )
+        .await;
+    assert!(
+        refused.as_str().unwrap().contains("does not know"),
+        "{refused}"
+    );
+    wd.clear("#signin-token").await;
+    wd.type_into("#signin-token", token).await;
+    wd.click("#signin-submit").await;
+    wd.wait_js(
+        "the inventory after signing in",
+        "return (!document.getElementById('view-inventory').hidden \
+          && document.getElementById('whoami').textContent) || null",
+    )
+    .await;
+    let where_ = wd
+        .js(
+            "return [location.href, sessionStorage.getItem('anchorage.console.token'), \
+                     document.getElementById('signin-token').value]",
+            json!([]),
+        )
+        .await;
+    assert!(
+        !where_[0].as_str().unwrap().contains(token),
+        "token in the URL"
+    );
+    assert_eq!(where_[1], token, "the token is kept in sessionStorage");
+    assert_eq!(where_[2], "", "the token field is cleared");
+}
+
+async fn see_node_online(wd: &WebDriver, node: &NodeInfo) {
+    let id = &node.device_id;
+    let presence = wd
+        .wait_js_args(
+            &format!("{} to show online in the inventory", node.name),
+            "const r = document.querySelector(`#inventory tr[data-device-id=\"${arguments[0]}\"]`); \
+             const p = r && r.querySelector('[data-kind=presence]'); \
+             return (p && p.textContent === 'online') ? r.innerText : null",
+            json!([id]),
+            &[
+                ("row", "const r = document.querySelector(`#inventory tr[data-device-id=\"${arguments[0]}\"]`); return r && r.innerText"),
+                ("notice", "return document.getElementById('inventory-notice').innerText"),
+            ],
+        )
+        .await;
+    let row = presence.as_str().unwrap();
+    assert!(row.contains(&node.name), "{row}");
+    assert!(row.contains("trusted"), "{row}");
+    let online = wd
+        .js(
+            "return document.querySelector('[data-counter=online] .count').textContent",
+            json!([]),
+        )
+        .await;
+    assert_eq!(online, "1", "the summary counts the online node");
+}
+
+async fn invoke_system_health(wd: &WebDriver, node: &NodeInfo) {
+    let id = &node.device_id;
+    wd.click(&format!(
+        "#inventory tr[data-device-id=\"{id}\"] a.device-name"
+    ))
+    .await;
+    wd.wait_js_args(
+        "the device page with its capabilities",
+        "return (document.getElementById('device-id') \
+           && document.getElementById('device-id').textContent === arguments[0] \
+           && document.querySelector('#invoke-capability option[value=\"system.health\"]')) ? true : null",
+        json!([id]),
+        &[],
+    )
+    .await;
+    wd.click("#invoke-capability option[value=\"system.health\"]")
+        .await;
+    wd.clear("#invoke-input").await;
+    wd.type_into("#invoke-input", "{}").await;
+    wd.click("#invoke-submit").await;
+    let result = wd
+        .wait_js_args(
+            "the result of system.health",
+            "const r = document.querySelector('#invoke-result [data-state]'); \
+             if (!r || r.dataset.state === 'queued' || r.dataset.state === 'dispatched') return null; \
+             const o = document.getElementById('invoke-output'); \
+             return [r.dataset.state, r.dataset.invocationId, o ? o.textContent : null]",
+            json!([]),
+            &[(
+                "error",
+                "const e = document.getElementById('invoke-error'); return e && e.textContent",
+            )],
+        )
+        .await;
+    assert_eq!(result[0], "succeeded", "{result}");
+    let output: Value = serde_json::from_str(result[2].as_str().unwrap()).unwrap();
+    assert_eq!(output["status"], "ok", "{output}");
+    // The recent invocations list picks it up by itself.
+    wd.wait_js_args(
+        "the invocation in the recent list",
+        "const r = document.querySelector(`#invocations tr[data-invocation-id=\"${arguments[0]}\"]`); \
+         return r ? r.innerText : null",
+        json!([result[1]]),
+        &[],
+    )
+    .await;
+    wd.shot("device").await;
+}
+
+async fn show_a_qr_code(wd: &WebDriver) {
+    wd.click("[data-nav=pairing]").await;
+    wd.wait_js(
+        "the pairing page",
+        "return !document.getElementById('view-pairing').hidden || null",
+    )
+    .await;
+    wd.click("#mint-method option[value=qr]").await;
+    wd.click("#mint-submit").await;
+    let qr = wd
+        .wait_js(
+            "the QR code image",
+            "const i = document.getElementById('minted-qr'); \
+             return (i && i.complete && i.naturalWidth > 0) ? [i.src, i.naturalWidth] : null",
+        )
+        .await;
+    assert!(
+        qr[0].as_str().unwrap().starts_with("blob:"),
+        "the QR image is the anchor's SVG, fetched with the token: {qr}"
+    );
+}
+
+async fn pair_second_node_from_the_page(
+    wd: &WebDriver,
+    bins: &Path,
+    quic: &str,
+    tmp: &Path,
+) -> NodeInfo {
+    wd.click("#mint-method option[value=pin]").await;
+    wd.click("#mint-submit").await;
+    let pin = wd
+        .wait_js(
+            "the PIN",
+            "const p = document.getElementById('minted-code'); return p ? p.textContent : null",
+        )
+        .await;
+    let pin = pin.as_str().unwrap().to_string();
+    let large = wd
+        .js(
+            "return parseFloat(getComputedStyle(document.getElementById('minted-code')).fontSize)",
+            json!([]),
+        )
+        .await;
+    assert!(large.as_f64().unwrap() >= 30.0, "the PIN is shown large");
+
+    let name = "web-node-two";
+    let pairing = Proc::spawn(
+        "anchor-node pair (two)",
+        Command::new(bins.join("anchor-node")).args([
+            "pair",
+            "--anchor",
+            quic,
+            "--code",
+            &pin,
+            "--state-dir",
+            path_str(&tmp.join("node2")),
+            "--name",
+            name,
+        ]),
+    );
+    let sas = pairing
+        .wait_for_line(STEP, |line| {
+            line.split_once("Check that the console shows this code: ")
+                .map(|(_, sas)| sas.trim().to_string())
+        })
+        .await;
+    // The request appears without a reload (event stream), with the same SAS.
+    let row = wd
+        .wait_js_args(
+            "the pairing request in the page",
+            "for (const r of document.querySelectorAll('#pending-requests tr[data-request-id]')) \
+               if (r.innerText.includes(arguments[0])) \
+                 return [r.dataset.requestId, r.dataset.deviceId, r.querySelector('.sas').textContent]; \
+             return null",
+            json!([name]),
+            &[],
+        )
+        .await;
+    let request_id = row[0].as_str().unwrap().to_string();
+    let device_id = row[1].as_str().unwrap().to_string();
+    assert_eq!(
+        row[2],
+        sas.as_str(),
+        "the page shows the SAS the node shows"
+    );
+    wd.shot("pairing").await;
+    wd.click(&format!(
+        "#pending-requests tr[data-request-id=\"{request_id}\"] button.approve"
+    ))
+    .await;
+    let status = pairing.wait_exit(STEP).await;
+    assert!(status.success(), "anchor-node pair: {status}");
+    let paired = pairing
+        .wait_for_line(STEP, |line| {
+            line.strip_prefix("Paired as ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+        })
+        .await;
+    assert_eq!(paired, device_id);
+    wd.wait_js_args(
+        "the request among the decisions",
+        "const r = document.querySelector(`#decided-requests tr[data-request-id=\"${arguments[0]}\"]`); \
+         const s = r && r.querySelector('[data-kind=req]'); \
+         return (s && (s.textContent === 'approved' || s.textContent === 'completed')) ? s.textContent : null",
+        json!([request_id]),
+        &[],
+    )
+    .await;
+    NodeInfo {
+        device_id,
+        name: name.to_string(),
+    }
+}
+
+async fn revoke_from_the_page(wd: &WebDriver, node: &NodeInfo) {
+    let id = &node.device_id;
+    wd.click("[data-nav=inventory]").await;
+    wd.wait_js_args(
+        "the second node, trusted, in the inventory",
+        "const r = document.querySelector(`#inventory tr[data-device-id=\"${arguments[0]}\"]`); \
+         const t = r && r.querySelector('[data-kind=trust]'); \
+         return (t && t.textContent === 'trusted') || null",
+        json!([id]),
+        &[],
+    )
+    .await;
+    wd.click(&format!(
+        "#inventory tr[data-device-id=\"{id}\"] a.device-name"
+    ))
+    .await;
+    wd.wait_js_args(
+        "the revoke button",
+        "const b = document.getElementById('action-revoke'); \
+         return (b && !b.disabled && document.getElementById('device-id').textContent === arguments[0]) || null",
+        json!([id]),
+        &[],
+    )
+    .await;
+    wd.click("#action-revoke").await;
+    wd.wait_js(
+        "the confirmation",
+        "return document.getElementById('confirm-dialog').open || null",
+    )
+    .await;
+    // Cancelling changes nothing.
+    wd.click("#confirm-cancel").await;
+    wd.wait_js(
+        "the dialog to close",
+        "return !document.getElementById('confirm-dialog').open || null",
+    )
+    .await;
+    let trust = wd
+        .js(
+            "return document.querySelector('.device-head [data-kind=trust]').textContent",
+            json!([]),
+        )
+        .await;
+    assert_eq!(trust, "trusted");
+    wd.click("#action-revoke").await;
+    wd.wait_js(
+        "the confirmation",
+        "return document.getElementById('confirm-dialog').open || null",
+    )
+    .await;
+    wd.type_into("#confirm-reason", "browser test").await;
+    wd.click("#confirm-ok").await;
+    wd.wait_js(
+        "the device page to show revoked",
+        "const t = document.querySelector('.device-head [data-kind=trust]'); \
+         return (t && t.textContent === 'revoked') || null",
+    )
+    .await;
+    assert_eq!(
+        wd.js(
+            "return document.getElementById('action-revoke').disabled",
+            json!([])
+        )
+        .await,
+        true
+    );
+    wd.click("[data-nav=inventory]").await;
+    wd.wait_js_args(
+        "the inventory to show the second node revoked",
+        "const r = document.querySelector(`#inventory tr[data-device-id=\"${arguments[0]}\"]`); \
+         const t = r && r.querySelector('[data-kind=trust]'); \
+         return (t && t.textContent === 'revoked') || null",
+        json!([id]),
+        &[],
+    )
+    .await;
+}
+
+async fn tokens_and_permissions(
+    wd: &WebDriver,
+    client: &ControlPlaneClient,
+    console: &str,
+    owner_token: &str,
+) {
+    wd.click("[data-nav=tokens]").await;
+    wd.wait_js(
+        "the token list",
+        "return document.querySelector('#tokens tbody tr') ? true : null",
+    )
+    .await;
+    wd.type_into("#token-name", "viewer").await;
+    // observability.read is checked by default; nothing else.
+    wd.click("#token-submit").await;
+    let secret = wd
+        .wait_js(
+            "the new token's secret",
+            "const s = document.getElementById('created-secret'); return s ? s.textContent : null",
+        )
+        .await;
+    let secret = secret.as_str().unwrap().to_string();
+    wd.shot("tokens").await;
+    let viewer = ControlPlaneClient::new(console, secret.clone())
+        .unwrap()
+        .whoami()
+        .await
+        .unwrap();
+    assert_eq!(viewer.name, "viewer");
+    assert_eq!(viewer.permissions, [Permission::ObservabilityRead]);
+    wd.wait_js_args(
+        "the new token in the list",
+        "return document.querySelector(`#tokens tr[data-token-id=\"${arguments[0]}\"]`) ? true : null",
+        json!([viewer.token_id]),
+        &[],
+    )
+    .await;
+
+    // Signed in as the viewer, the page offers no action the token lacks.
+    wd.click("#signout").await;
+    wd.wait_js(
+        "the sign-in form",
+        "return !document.getElementById('view-signin').hidden || null",
+    )
+    .await;
+    assert_eq!(
+        wd.js("return sessionStorage.length", json!([])).await,
+        0,
+        "signing out forgets the token"
+    );
+    wd.type_into("#signin-token", &secret).await;
+    wd.click("#signin-submit").await;
+    wd.wait_js(
+        "the inventory as the viewer",
+        "return document.querySelector('#inventory tbody tr') ? true : null",
+    )
+    .await;
+    let hidden = wd
+        .js(
+            "return [document.querySelector('[data-nav=tokens]').hidden, \
+                     document.getElementById('pairing-mint').hidden]",
+            json!([]),
+        )
+        .await;
+    assert_eq!(hidden, json!([true, true]), "tokens tab and minting hidden");
+    wd.click("#inventory tbody tr a.device-name").await;
+    wd.wait_js(
+        "a device page as the viewer",
+        "return document.getElementById('device-name') ? true : null",
+    )
+    .await;
+    let actions = wd
+        .js(
+            "return ['action-revoke', 'action-rotate', 'action-remove', 'invoke-form'] \
+               .filter(id => document.getElementById(id))",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        actions,
+        json!([]),
+        "the viewer sees no trust or invoke action"
+    );
+    // And the API refuses them anyway.
+    let err = ControlPlaneClient::new(console, secret.clone())
+        .unwrap()
+        .mint_code(MintCodeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(403));
+
+    // Back as the owner: revoke the viewer from the page.
+    wd.click("#signout").await;
+    wd.type_into("#signin-token", owner_token).await;
+    wd.click("#signin-submit").await;
+    wd.wait_js(
+        "the tokens tab as the owner",
+        "return !document.querySelector('[data-nav=tokens]').hidden || null",
+    )
+    .await;
+    wd.click("[data-nav=tokens]").await;
+    let revoke = format!(
+        "#tokens tr[data-token-id=\"{}\"] button.danger",
+        viewer.token_id
+    );
+    wd.wait_js_args(
+        "the viewer's revoke button",
+        "return document.querySelector(arguments[0]) ? true : null",
+        json!([revoke]),
+        &[],
+    )
+    .await;
+    wd.click(&revoke).await;
+    wd.wait_js(
+        "the confirmation",
+        "return document.getElementById('confirm-dialog').open || null",
+    )
+    .await;
+    wd.click("#confirm-ok").await;
+    wd.wait_js_args(
+        "the viewer token to show revoked",
+        "const r = document.querySelector(`#tokens tr[data-token-id=\"${arguments[0]}\"]`); \
+         const s = r && r.querySelector('[data-kind=token]'); \
+         return (s && s.textContent === 'revoked') || null",
+        json!([viewer.token_id]),
+        &[],
+    )
+    .await;
+    let err = ControlPlaneClient::new(console, secret)
+        .unwrap()
+        .whoami()
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(401));
+    // The owner still works.
+    client.whoami().await.unwrap();
+}
+
+/// Stops the anchor cleanly (its event streams end), sees the page say it is reconnecting,
+/// starts it again on the same addresses, and sees the page live again with the node back.
+async fn restart_anchor(
+    wd: &WebDriver,
+    anchor: Proc,
+    bins: &Path,
+    data_dir: &Path,
+    quic: &str,
+    console: &str,
+    node: &NodeInfo,
+) -> Proc {
+    wd.click("[data-nav=inventory]").await;
+    wd.wait_js(
+        "the live event stream",
+        "return document.getElementById('stream-status').classList.contains('live') || null",
+    )
+    .await;
+    anchor.terminate();
+    let status = anchor.wait_exit(STEP).await;
+    assert!(status.success(), "anchord stopped with {status}");
+    drop(anchor);
+    let down = wd
+        .wait_js(
+            "the page to notice the anchor is gone",
+            "const s = document.getElementById('stream-status'); \
+             return s.classList.contains('down') ? s.textContent : null",
+        )
+        .await;
+    assert!(down.as_str().unwrap().contains("reconnecting"), "{down}");
+    let console_addr = console.strip_prefix("http://").unwrap();
+    let (anchor, _) = start_anchor(bins, data_dir, quic, console_addr).await;
+    wd.wait_js(
+        "the page to reconnect",
+        "return document.getElementById('stream-status').classList.contains('live') || null",
+    )
+    .await;
+    wd.wait_js_args(
+        "the node to show online again",
+        "const r = document.querySelector(`#inventory tr[data-device-id=\"${arguments[0]}\"]`); \
+         const p = r && r.querySelector('[data-kind=presence]'); \
+         return (p && p.textContent === 'online') || null",
+        json!([node.device_id]),
+        &[],
+    )
+    .await;
+    anchor
+}
+
+async fn narrow_screen(wd: &WebDriver) {
+    wd.click("[data-nav=inventory]").await;
+    wd.set_window(390, 844).await;
+    let widths = wd
+        .wait_js(
+            "the inventory on a narrow screen",
+            "const t = document.getElementById('inventory'); \
+             return (t && !document.getElementById('view-inventory').hidden) \
+               ? [document.documentElement.scrollWidth, window.innerWidth] : null",
+        )
+        .await;
+    assert!(
+        widths[0].as_f64().unwrap() <= widths[1].as_f64().unwrap(),
+        "no horizontal scrolling on a narrow screen: {widths}"
+    );
+    wd.js(
+        "document.getElementById('inventory').scrollIntoView()",
+        json!([]),
+    )
+    .await;
+    wd.shot("inventory-narrow").await;
+    wd.set_window(1280, 900).await;
+}
+
+async fn page_hygiene(wd: &WebDriver, console: &str) {
+    let violations = wd.js("return window.__csp", json!([])).await;
+    assert_eq!(violations, json!([]), "CSP violations");
+    let foreign = wd
+        .js(
+            "return performance.getEntriesByType('resource').map(e => e.name) \
+               .filter(n => !n.startsWith(arguments[0]) && !n.startsWith('blob:') && !n.startsWith('data:'))",
+            json!([console]),
+        )
+        .await;
+    assert_eq!(foreign, json!([]), "requests to another origin");
+}
+
+async fn screenshot_inventory(wd: &WebDriver, node1: &NodeInfo, node2: &NodeInfo) {
+    wd.click("[data-nav=inventory]").await;
+    wd.wait_js_args(
+        "the inventory with both nodes",
+        "const t = (id, k) => { const r = document.querySelector(`#inventory tr[data-device-id=\"${id}\"]`); \
+                                const b = r && r.querySelector(`[data-kind=${k}]`); return b && b.textContent; }; \
+         return (t(arguments[0], 'presence') === 'online' && t(arguments[1], 'trust') === 'revoked') || null",
+        json!([node1.device_id, node2.device_id]),
+        &[],
+    )
+    .await;
+    // Let relative times settle and banners fade from view.
+    wd.js(
+        "for (const b of document.querySelectorAll('#banners .banner')) b.remove(); \
+         document.activeElement && document.activeElement.blur()",
+        json!([]),
+    )
+    .await;
+    let png = wd.screenshot().await;
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // The committed screenshot in docs/ is refreshed on request, so a test run leaves the
+    // checkout clean; otherwise it lands in the target directory.
+    let path = if std::env::var_os("ANCHORAGE_UPDATE_SCREENSHOT").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console-inventory.png")
+    } else {
+        std::env::temp_dir().join("anchorage-console-inventory.png")
+    };
+    std::fs::write(&path, &png).unwrap();
+    println!("screenshot: {} ({} bytes)", path.display(), png.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+
+struct NodeInfo {
+    device_id: String,
+    name: String,
+}
+
+/// Pairs a node with a PIN minted and approved through the API (not the page).
+async fn pair_with_client(
+    bins: &Path,
+    client: &ControlPlaneClient,
+    quic: &str,
+    state_dir: &Path,
+    name: &str,
+) -> NodeInfo {
+    let code = client
+        .mint_code(MintCodeRequest {
+            method: PairMethod::Pin,
+            ttl_secs: None,
+        })
+        .await
+        .unwrap();
+    let pairing = Proc::spawn(
+        "anchor-node pair (one)",
+        Command::new(bins.join("anchor-node")).args([
+            "pair",
+            "--anchor",
+            quic,
+            "--code",
+            &code.code,
+            "--state-dir",
+            path_str(state_dir),
+            "--name",
+            name,
+            "--json",
+        ]),
+    );
+    let deadline = Instant::now() + STEP;
+    let request = loop {
+        let pending = client
+            .list_requests(Some(RequestState::PendingApproval))
+            .await
+            .unwrap();
+        if let Some(r) = pending.into_iter().find(|r| r.device_name == name) {
+            break r;
+        }
+        if Instant::now() > deadline {
+            panic!("no pairing request from {name}\n{}", pairing.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    client.approve(&request.request_id).await.unwrap();
+    let status = pairing.wait_exit(STEP).await;
+    assert!(status.success(), "{status}\n{}", pairing.log_tail());
+    let out: Value = serde_json::from_str(pairing.stdout().trim()).unwrap();
+    assert_eq!(out["device_id"], request.device_id.as_str());
+    NodeInfo {
+        device_id: request.device_id,
+        name: name.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Environment: browser, binaries, ports
+
+/// chromedriver's path, or `None` (and a line saying why) when the test is skipped.
+fn browser_available() -> Option<PathBuf> {
+    let required = std::env::var("ANCHORAGE_BROWSER_TEST").is_ok_and(|v| !v.is_empty() && v != "0");
+    let chromium = Path::new(CHROMIUM).is_file();
+    let driver = find_in_path("chromedriver");
+    match (chromium, driver) {
+        (true, Some(driver)) => Some(driver),
+        (chromium, driver) => {
+            let missing = [
+                (!chromium).then_some(CHROMIUM),
+                driver.is_none().then_some("chromedriver"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" and ");
+            if required {
+                panic!(
+                    "ANCHORAGE_BROWSER_TEST is set but {missing} is missing \
+                     (apt-get install chromium chromium-driver)"
+                );
+            }
+            println!(
+                "SKIPPED web_console_in_a_headless_browser: {missing} not found \
+                 (apt-get install chromium chromium-driver, or set ANCHORAGE_BROWSER_TEST=1 to \
+                 make this a failure)"
+            );
+            None
+        }
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The directory holding fresh `anchord` and `anchor-node` binaries.
+fn binaries() -> PathBuf {
+    const NAMES: [&str; 2] = ["anchord", "anchor-node"];
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/browser-<hash> → target/<profile>
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let fresh = |dir: &Path| NAMES.iter().all(|n| is_fresh(&dir.join(n)));
+    if fresh(&profile_dir) {
+        return profile_dir;
+    }
+    // `cargo test` holds the lock of its target directory while tests run: build elsewhere.
+    let target = profile_dir.parent().unwrap().join("browser-test-bins");
+    println!(
+        "building anchord and anchor-node into {}: those in {} are missing or older than their          sources (`cargo build --bins` before `cargo test` avoids this)",
+        target.display(),
+        profile_dir.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--bins",
+            "-p",
+            "anchorage-daemon",
+            "-p",
+            "anchorage-node",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cargo build --bins failed: {status}");
+    let built = target.join("debug");
+    assert!(fresh(&built), "cargo build did not produce fresh binaries");
+    built
+}
+
+/// Whether `binary` exists and is newer than every source file its cargo dep-info
+/// (`<binary>.d`) lists, as cargo itself would judge it.
+fn is_fresh(binary: &Path) -> bool {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(built) = mtime(binary) else {
+        return false;
+    };
+    let Ok(dep_info) = std::fs::read_to_string(binary.with_extension("d")) else {
+        return false;
+    };
+    // Makefile syntax: `target: dep dep ...`, spaces in paths escaped as `\ `.
+    let Some((_, deps)) = dep_info.lines().next().and_then(|l| l.split_once(": ")) else {
+        return false;
+    };
+    let deps = deps.replace("\\ ", "\u{0}");
+    deps.split_whitespace()
+        .map(|d| PathBuf::from(d.replace('\u{0}', " ")))
+        .all(|dep| mtime(&dep).is_some_and(|m| m <= built))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A child process whose output is collected; killed when dropped.
+struct Proc {
+    name: String,
+    child: Mutex<Child>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(child.stdout.take().unwrap(), stdout.clone());
+        collect(child.stderr.take().unwrap(), stderr.clone());
+        Proc {
+            name: name.to_string(),
+            child: Mutex::new(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// SIGTERM: a clean stop.
+    fn terminate(&self) {
+        let pid = self.child.lock().unwrap().id();
+        assert!(pid > 1);
+        // `--` and a positive pid: nothing `kill` could read as a process group or as `-1`.
+        let status = Command::new("kill")
+            .args(["-s", "TERM", "--", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn log_tail(&self) -> String {
+        let tail = |s: &str| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        format!(
+            "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
+            self.name,
+            tail(&self.stdout.lock().unwrap()),
+            self.name,
+            tail(&self.stderr.lock().unwrap())
+        )
+    }
+
+    /// Waits for a line of stdout or stderr that `f` maps to something.
+    async fn wait_for_line<T>(&self, timeout: Duration, f: impl Fn(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for buf in [&self.stdout, &self.stderr] {
+                let text = buf.lock().unwrap().clone();
+                if let Some(found) = text.lines().find_map(&f) {
+                    return found;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not print what was expected\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_exit(&self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let exited = self.child.lock().unwrap().try_wait().unwrap();
+            if let Some(status) = exited {
+                // Give the readers a moment to drain the pipes.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not exit\n{}", self.name, self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGKILL to this pid only (std's `kill(2)`; never a `kill` command with a negative
+        // pid, which procps may read as `-1`: every process). Chromium is closed through its
+        // WebDriver session, dropped before chromedriver.
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(&mut pipe);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            into.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small W3C WebDriver client
+
+/// The key of an element reference in WebDriver answers.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct WebDriver {
+    http: reqwest::Client,
+    base: String,
+    session: Option<String>,
+    port: u16,
+}
+
+impl WebDriver {
+    /// Waits for chromedriver on `port`, then opens a Chromium session.
+    async fn start(port: u16, profile: &Path) -> WebDriver {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + STEP;
+        loop {
+            let ready = match http.get(format!("{base}/status")).send().await {
+                Ok(r) => r
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["value"]["ready"] == true),
+                Err(_) => false,
+            };
+            if ready {
+                break;
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
+        args.push(format!("--user-data-dir={}", profile.display()));
+        args.push("--window-size=1280,900".into());
+        let caps = json!({
+            "capabilities": {
+                "alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": { "binary": CHROMIUM, "args": args },
+                }
+            }
+        });
+        let mut wd = WebDriver {
+            http,
+            base,
+            session: None,
+            port,
+        };
+        let created = wd.raw("POST", "/session", Some(caps)).await;
+        let id = created["sessionId"].as_str().unwrap().to_string();
+        println!(
+            "chromium {} via chromedriver on port {port}",
+            created["capabilities"]["browserVersion"]
+        );
+        wd.session = Some(id);
+        wd
+    }
+
+    async fn raw(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        match self.try_raw(method, path, body).await {
+            Ok(v) => v,
+            Err(e) => panic!("WebDriver {method} {path}: {e}"),
+        }
+    }
+
+    /// A command; `Err` holds the status and the WebDriver error.
+    async fn try_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
+        let url = format!("{}{path}", self.base);
+        let rb = match method {
+            "GET" => self.http.get(&url),
+            "DELETE" => self.http.delete(&url),
+            _ => self
+                .http
+                .post(&url)
+                .json(&body.unwrap_or_else(|| json!({}))),
+        };
+        let res = rb.send().await.map_err(|e| e.to_string())?;
+        let status = res.status();
+        let mut v: Value = res.json().await.map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(v["value"].take())
+        } else {
+            let error = &v["value"];
+            Err(format!("{status} {}: {}", error["error"], error["message"]))
+        }
+    }
+
+    async fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.raw(method, &self.session_path(path), body).await
+    }
+
+    fn session_path(&self, path: &str) -> String {
+        format!("/session/{}{path}", self.session.as_deref().unwrap())
+    }
+
+    async fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", Some(json!({ "url": url }))).await;
+    }
+
+    /// Finds the element at `css` and runs `action` on it (`click`, `clear`, `value`). The page
+    /// re-renders on live events; an element replaced between the two calls is looked up again.
+    async fn on_element(&self, css: &str, action: &str, body: Option<Value>) {
+        let mut attempts = 0;
+        loop {
+            let found = self
+                .cmd(
+                    "POST",
+                    "/element",
+                    Some(json!({ "using": "css selector", "value": css })),
+                )
+                .await;
+            let e = found[ELEMENT]
+                .as_str()
+                .unwrap_or_else(|| panic!("no element {css}: {found}"));
+            let path = self.session_path(&format!("/element/{e}/{action}"));
+            match self.try_raw("POST", &path, body.clone()).await {
+                Ok(_) => return,
+                Err(e) if e.contains("stale element") && attempts < 10 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("WebDriver {action} on {css}: {e}"),
+            }
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        self.on_element(css, "click", None).await;
+    }
+
+    async fn clear(&self, css: &str) {
+        self.on_element(css, "clear", None).await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        self.on_element(css, "value", Some(json!({ "text": text })))
+            .await;
+    }
+
+    async fn js(&self, script: &str, args: Value) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({ "script": script, "args": args })),
+        )
+        .await
+    }
+
+    async fn wait_js(&self, what: &str, script: &str) -> Value {
+        self.wait_js_args(what, script, json!([]), &[]).await
+    }
+
+    /// Polls `script` until it returns something other than `null`; on timeout fails with
+    /// `what`, the `context` scripts' answers and the page's banners.
+    async fn wait_js_args(
+        &self,
+        what: &str,
+        script: &str,
+        args: Value,
+        context: &[(&str, &str)],
+    ) -> Value {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let v = self.js(script, args.clone()).await;
+            if !v.is_null() {
+                return v;
+            }
+            if Instant::now() > deadline {
+                let mut why = format!("timed out waiting for {what}");
+                for (name, s) in context {
+                    let v = self.js(s, args.clone()).await;
+                    why.push_str(&format!("\n  {name}: {v}"));
+                }
+                let banners = self
+                    .js(
+                        "return document.getElementById('banners').innerText + ' | ' + \
+                         document.getElementById('stream-status').textContent + ' | ' + location.hash",
+                        json!([]),
+                    )
+                    .await;
+                why.push_str(&format!("\n  page: {banners}"));
+                panic!("{why}");
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    async fn set_window(&self, width: u32, height: u32) {
+        self.cmd(
+            "POST",
+            "/window/rect",
+            Some(json!({ "width": width, "height": height })),
+        )
+        .await;
+    }
+
+    async fn screenshot(&self) -> Vec<u8> {
+        let b64 = self.cmd("GET", "/screenshot", None).await;
+        data_encoding::BASE64
+            .decode(b64.as_str().unwrap().as_bytes())
+            .unwrap()
+    }
+
+    /// With `ANCHORAGE_BROWSER_SHOTS=<dir>`, saves a screenshot of the page as `<dir>/<name>.png`
+    /// (to look at the pages while changing them).
+    async fn shot(&self, name: &str) {
+        let Some(dir) = std::env::var_os("ANCHORAGE_BROWSER_SHOTS") else {
+            return;
+        };
+        let path = Path::new(&dir).join(format!("{name}.png"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&path, self.screenshot().await).unwrap();
+        println!("screenshot: {}", path.display());
+    }
+
+    async fn quit(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.raw("DELETE", &format!("/session/{session}"), None)
+                .await;
+        }
+    }
+}
+
+impl Drop for WebDriver {
+    /// A failed test still closes the browser: a blocking `DELETE /session/{id}`.
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = write!(
+            stream,
+            "DELETE /session/{session} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        );
+        let _ = stream.read(&mut [0u8; 1024]);
+    }
+}
