@@ -348,6 +348,20 @@ impl Anchor {
         let _ = self.shared.events.send(event);
     }
 
+    /// Takes the trust lock (see [`TrustGuard`]).
+    pub(crate) fn trust(&self) -> TrustGuard<'_> {
+        TrustGuard {
+            guard: Some(
+                self.shared
+                    .trust_lock
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            ),
+            store: &self.shared.store,
+            dirty: false,
+        }
+    }
+
     /// Current time.
     pub(crate) fn now_ms(&self) -> u64 {
         self.shared.clock.now_ms()
@@ -380,6 +394,47 @@ impl Anchor {
         write_private_file(&path, format!("{}\n", created.token).as_bytes())?;
         info!(path = %path.display(), "created owner token");
         Ok(())
+    }
+}
+
+/// Holds the trust lock for a read-modify-write of trust records.
+///
+/// Writes commit under the lock with a flush to the OS; the `fdatasync` that makes them
+/// survive a power loss happens after the lock is released ([`TrustGuard::release`]), so
+/// concurrent operations share disk syncs instead of queueing behind each other's (a group
+/// commit). Callers acknowledge only after `release` returns.
+pub(crate) struct TrustGuard<'a> {
+    guard: Option<std::sync::MutexGuard<'a, ()>>,
+    store: &'a Store,
+    dirty: bool,
+}
+
+impl TrustGuard<'_> {
+    /// Commits `batch` (flushed; synced at release).
+    pub fn commit(&mut self, batch: crate::store::Batch<'_>) -> Result<(), StoreError> {
+        batch.commit(crate::store::Durability::Flush)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Releases the lock, then syncs what was committed under it.
+    pub fn release(mut self) -> Result<(), StoreError> {
+        self.guard.take();
+        if std::mem::take(&mut self.dirty) {
+            self.store.sync()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TrustGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        if self.dirty
+            && let Err(e) = self.store.sync()
+        {
+            warn!(error = %e, "syncing trust records failed");
+        }
     }
 }
 

@@ -85,11 +85,7 @@ pub fn mint_code(
         )));
     }
     let pki = |e: anchorage_mesh::pairing::PairingCryptoError| TrustError::Pki(e.to_string());
-    let _guard = anchor
-        .shared
-        .trust_lock
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut trust = anchor.trust();
     let store = &anchor.shared.store;
     let mut code_id = CodeId::random().map_err(pki)?;
     for _ in 0..16 {
@@ -133,7 +129,8 @@ pub fn mint_code(
         code_id.as_str(),
         method_name,
     )?;
-    batch.commit(Durability::Sync)?;
+    trust.commit(batch)?;
+    trust.release()?;
     let (code, uri) = match method {
         CodeMethod::Pin => (format!("{code_id}-{}", secret.expose()), None),
         CodeMethod::Qr => {
@@ -204,11 +201,7 @@ pub fn approve(
     request_id: &str,
 ) -> Result<RequestRecord, TrustError> {
     let (record, replaced) = {
-        let _guard = anchor
-            .shared
-            .trust_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut trust = anchor.trust();
         let store = &anchor.shared.store;
         let mut req: RequestRecord = store
             .get(Space::Requests, request_id.as_bytes())?
@@ -285,10 +278,11 @@ pub fn approve(
             request_id,
             &req.device_id.to_string(),
         )?;
-        batch.commit(Durability::Sync)?;
+        trust.commit(batch)?;
         if let Some(old) = &replaced {
             anchor.shared.revocation.revoke_serial(old.clone());
         }
+        trust.release()?;
         (req, replaced)
     };
     if replaced.is_some() {
@@ -317,11 +311,7 @@ pub fn reject(
     reason: Option<String>,
 ) -> Result<RequestRecord, TrustError> {
     let record = {
-        let _guard = anchor
-            .shared
-            .trust_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut trust = anchor.trust();
         let store = &anchor.shared.store;
         let mut req: RequestRecord = store
             .get(Space::Requests, request_id.as_bytes())?
@@ -359,7 +349,8 @@ pub fn reject(
             request_id,
             &reason,
         )?;
-        batch.commit(Durability::Sync)?;
+        trust.commit(batch)?;
+        trust.release()?;
         req
     };
     wake(anchor, request_id);
@@ -631,11 +622,7 @@ fn check_code_usable(code: &CodeRecord, now_ms: u64) -> Result<(), Fail> {
 
 /// Counts a wrong secret (burning the code at the limit), or consumes the code.
 fn record_attempt(anchor: &Anchor, code_id: &CodeId, correct: bool) -> Result<(), Fail> {
-    let _guard = anchor
-        .shared
-        .trust_lock
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut trust = anchor.trust();
     let store = &anchor.shared.store;
     let mut code: CodeRecord = store
         .get(Space::Codes, code_id.as_str().as_bytes())
@@ -673,7 +660,8 @@ fn record_attempt(anchor: &Anchor, code_id: &CodeId, correct: bool) -> Result<()
     batch
         .put(Space::Codes, code_id.as_str().as_bytes(), &code)
         .map_err(Fail::internal)?;
-    batch.commit(Durability::Sync).map_err(Fail::internal)?;
+    trust.commit(batch).map_err(Fail::internal)?;
+    trust.release().map_err(Fail::internal)?;
     result
 }
 
@@ -687,11 +675,7 @@ fn create_request(
 ) -> Result<RequestRecord, Fail> {
     let device_id: DeviceId = csr_device_id_checked(&csr.csr_der)
         .map_err(|e| Fail::new(PairFailure::BadCsr, e.to_string()))?;
-    let _guard = anchor
-        .shared
-        .trust_lock
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut trust = anchor.trust();
     let store = &anchor.shared.store;
     if let Some(d) = store
         .get::<DeviceRecord>(Space::Devices, device_id.as_bytes())
@@ -745,7 +729,8 @@ fn create_request(
         &device_id.to_string(),
     )
     .map_err(Fail::internal)?;
-    batch.commit(Durability::Sync).map_err(Fail::internal)?;
+    trust.commit(batch).map_err(Fail::internal)?;
+    trust.release().map_err(Fail::internal)?;
     Ok(request)
 }
 
@@ -890,11 +875,7 @@ async fn wait_decision(
 }
 
 fn mark_completed(anchor: &Anchor, request_id: &str) -> Result<(), Fail> {
-    let _guard = anchor
-        .shared
-        .trust_lock
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _trust = anchor.trust();
     let store = &anchor.shared.store;
     if let Some(mut req) = store
         .get::<RequestRecord>(Space::Requests, request_id.as_bytes())

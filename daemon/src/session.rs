@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::anchor::Anchor;
 use crate::records::{DeviceRecord, DeviceTrust};
-use crate::store::{Durability, Space};
+use crate::store::Space;
 use crate::trust::audit;
 
 /// Time a node has to open its control stream and register.
@@ -334,11 +334,7 @@ fn renew_blocking(anchor: &Anchor, device: &DeviceId, csr_der: &[u8]) -> Result<
     if csr_device != *device {
         return Err("the CSR must use the device's own key".into());
     }
-    let _guard = anchor
-        .shared
-        .trust_lock
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut trust = anchor.trust();
     let store = &anchor.shared.store;
     let mut record: DeviceRecord = store
         .get(Space::Devices, device.as_bytes())
@@ -377,7 +373,8 @@ fn renew_blocking(anchor: &Anchor, device: &DeviceId, csr_der: &[u8]) -> Result<
         detail,
     )
     .map_err(|e| e.to_string())?;
-    batch.commit(Durability::Sync).map_err(|e| e.to_string())?;
+    trust.commit(batch).map_err(|e| e.to_string())?;
+    trust.release().map_err(|e| e.to_string())?;
     info!(device_id = %device, serial = %issued.info.serial_hex(), detail, "certificate renewed");
     Ok(Renewed {
         cert_der: issued.der.to_vec(),

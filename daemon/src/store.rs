@@ -47,7 +47,9 @@ pub enum StoreError {
         supported: u8,
     },
     /// The database could not be opened (damaged files, wrong format).
-    #[error("cannot open the store in {path}: {source}; restore the data directory from a backup or move it aside")]
+    #[error(
+        "cannot open the store in {path}: {source}; restore the data directory from a backup or move it aside"
+    )]
     Open {
         /// The directory.
         path: PathBuf,
@@ -288,6 +290,12 @@ impl Store {
     /// Bytes on disk.
     pub fn disk_space(&self) -> u64 {
         self.inner.db.disk_space().unwrap_or(0)
+    }
+
+    /// `fdatasync`s the journal: every write committed before is then safe from power loss.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.inner.db.persist(PersistMode::SyncData)?;
+        Ok(())
     }
 
     /// Flushes and fsyncs everything (at shutdown).
@@ -635,7 +643,9 @@ mod tests {
         }
         scramble(dir.path());
         match Store::open(dir.path()) {
-            Err(e @ (StoreError::Open { .. } | StoreError::Corrupt { .. } | StoreError::Fjall(_))) => {
+            Err(
+                e @ (StoreError::Open { .. } | StoreError::Corrupt { .. } | StoreError::Fjall(_)),
+            ) => {
                 let msg = e.to_string();
                 assert!(!msg.is_empty());
             }

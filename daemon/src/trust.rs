@@ -12,7 +12,7 @@ use ring::digest;
 
 use crate::anchor::Anchor;
 use crate::records::{AuditRecord, DeviceRecord, DeviceTrust, RevocationRecord, TokenRecord};
-use crate::store::{Batch, Durability, Space, StoreError};
+use crate::store::{Batch, Space, StoreError};
 
 /// Why a trust operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +151,7 @@ pub fn create_token_internal(
         revoked_at_ms: None,
     };
     let store = &anchor.shared.store;
+    let mut trust = anchor.trust();
     let mut batch = store.batch();
     batch.put(Space::Tokens, id.as_bytes(), &record)?;
     let perm_list = record.permissions.join(",");
@@ -162,13 +163,14 @@ pub fn create_token_internal(
         &id,
         &perm_list,
     )?;
-    batch.commit(Durability::Sync)?;
+    trust.commit(batch)?;
     anchor
         .shared
         .tokens
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id.clone(), record);
+    trust.release()?;
     Ok(CreatedToken {
         token: format!("{TOKEN_PREFIX}{id}_{secret}"),
         id,
@@ -179,11 +181,7 @@ pub fn create_token_internal(
 
 /// Revokes a token.
 pub fn revoke_token(anchor: &Anchor, who: &Principal, id: &str) -> Result<TokenRecord, TrustError> {
-    let _guard = anchor
-        .shared
-        .trust_lock
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut trust = anchor.trust();
     let store = &anchor.shared.store;
     let mut record: TokenRecord = store
         .get(Space::Tokens, id.as_bytes())?
@@ -193,7 +191,7 @@ pub fn revoke_token(anchor: &Anchor, who: &Principal, id: &str) -> Result<TokenR
         let mut batch = store.batch();
         batch.put(Space::Tokens, id.as_bytes(), &record)?;
         audit(anchor, &mut batch, &actor(who), "token.revoke", id, "")?;
-        batch.commit(Durability::Sync)?;
+        trust.commit(batch)?;
         anchor
             .shared
             .tokens
@@ -201,6 +199,7 @@ pub fn revoke_token(anchor: &Anchor, who: &Principal, id: &str) -> Result<TokenR
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_string(), record.clone());
     }
+    trust.release()?;
     Ok(record)
 }
 
@@ -232,11 +231,7 @@ pub fn revoke_device(
     reason: Option<String>,
 ) -> Result<DeviceRecord, TrustError> {
     let record = {
-        let _guard = anchor
-            .shared
-            .trust_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut trust = anchor.trust();
         let mut record = load_device(anchor, id)?;
         if record.trust != DeviceTrust::Revoked {
             let now = anchor.now_ms();
@@ -263,9 +258,10 @@ pub fn revoke_device(
                 &id.to_string(),
                 &reason,
             )?;
-            batch.commit(Durability::Sync)?;
+            trust.commit(batch)?;
             anchor.shared.revocation.revoke_device(*id);
         }
+        trust.release()?;
         record
     };
     crate::session::close_session(anchor, id, ErrorCode::Revoked, "device revoked");
@@ -284,11 +280,7 @@ pub fn rotate_device(
     id: &DeviceId,
 ) -> Result<DeviceRecord, TrustError> {
     let record = {
-        let _guard = anchor
-            .shared
-            .trust_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut trust = anchor.trust();
         let mut record = load_device(anchor, id)?;
         if record.trust != DeviceTrust::Trusted {
             return Err(TrustError::Conflict(format!("device {id} is revoked")));
@@ -304,7 +296,8 @@ pub fn rotate_device(
             &id.to_string(),
             "",
         )?;
-        batch.commit(Durability::Sync)?;
+        trust.commit(batch)?;
+        trust.release()?;
         record
     };
     crate::session::request_rotation(anchor, id);
@@ -315,11 +308,7 @@ pub fn rotate_device(
 /// brings it back.
 pub fn remove_device(anchor: &Anchor, who: &Principal, id: &DeviceId) -> Result<(), TrustError> {
     {
-        let _guard = anchor
-            .shared
-            .trust_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut trust = anchor.trust();
         let record = load_device(anchor, id)?;
         let now = anchor.now_ms();
         let mut batch = anchor.shared.store.batch();
@@ -343,13 +332,14 @@ pub fn remove_device(anchor: &Anchor, who: &Principal, id: &DeviceId) -> Result<
             &id.to_string(),
             "",
         )?;
-        batch.commit(Durability::Sync)?;
+        trust.commit(batch)?;
         anchor
             .shared
             .revocation
             .revoke_serial(record.cert_serial.clone());
         anchor.shared.revocation.forget_device(id);
         anchor.shared.runtime.forget(id);
+        trust.release()?;
     }
     crate::session::close_session(anchor, id, ErrorCode::Removed, "device removed");
     anchor.publish("device.removed", Some(id), serde_json::json!({}));
