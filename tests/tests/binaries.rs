@@ -1,0 +1,987 @@
+//! Enrollment end to end with the real binaries over real loopback, as a user runs them:
+//! `anchord` in a temporary data directory, `anchorctl` for the operator, `anchor-node` on the
+//! device (issue 4).
+//!
+//! The binaries are found next to this test's executable (`target/<profile>/`). Under cargo they
+//! are (re)built once with `cargo build --bins` first, which is a no-op when they are fresh:
+//! `cargo test -p anchorage-tests` alone does not build other packages' binaries, and stale
+//! binaries would test old code.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long anchord may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a pairing request may take to show up as pending.
+const PENDING_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a short-lived command may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Locating (and building) the binaries
+
+struct Bins {
+    anchord: PathBuf,
+    anchorctl: PathBuf,
+    anchor_node: PathBuf,
+}
+
+fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        // target/<profile>/deps/binaries-<hash> → target/<profile>
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or_else(|| panic!("unexpected test executable path {}", exe.display()))
+            .to_path_buf();
+        let names = ["anchord", "anchorctl", "anchor-node"];
+        let missing = || {
+            names
+                .iter()
+                .filter(|n| {
+                    !dir.join(format!("{n}{}", std::env::consts::EXE_SUFFIX))
+                        .is_file()
+                })
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        // Under cargo, build so the binaries match the code under test (a no-op when fresh).
+        if let Some(cargo) =
+            std::env::var_os("CARGO").or_else(|| (!missing().is_empty()).then(|| "cargo".into()))
+        {
+            build_bins(&cargo, &dir);
+        }
+        let missing = missing();
+        assert!(
+            missing.is_empty(),
+            "binaries {missing:?} are missing from {}; build them with `cargo build --bins`",
+            dir.display()
+        );
+        let path = |n: &str| dir.join(format!("{n}{}", std::env::consts::EXE_SUFFIX));
+        Bins {
+            anchord: path("anchord"),
+            anchorctl: path("anchorctl"),
+            anchor_node: path("anchor-node"),
+        }
+    })
+}
+
+fn build_bins(cargo: &std::ffi::OsStr, bin_dir: &Path) {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
+        .args(["build", "--bins", "--quiet"]);
+    // Cargo sets these for the test process. Some build scripts (ring's) track
+    // CARGO_MANIFEST_DIR, so inheriting them would rebuild half the dependency tree, twice.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(key);
+        }
+    }
+    // The profile and target directory this test was built in: target/<profile>.
+    match bin_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    if let Some(target_dir) = bin_dir.parent() {
+        cmd.arg("--target-dir").arg(target_dir);
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run `cargo build --bins`: {e}"));
+    assert!(status.success(), "`cargo build --bins` failed: {status}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A child process killed (and reaped) when dropped, so a failing test leaves nothing behind.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { name, child }
+    }
+
+    /// Waits for the process to exit (killing it after `limit`) and collects its output.
+    fn finish(mut self, limit: Duration) -> Output {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!(
+                    "{} did not exit within {limit:?}; stderr:\n{err}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            o.read_to_string(&mut stdout).unwrap();
+        }
+        if let Some(mut e) = self.child.stderr.take() {
+            e.read_to_string(&mut stderr).unwrap();
+        }
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// A command with a clean environment for our variables, run in a scratch directory so
+/// nothing is picked up from the current directory (e.g. `./anchorage-data/owner.token`).
+fn command(program: &Path, cwd: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.current_dir(cwd)
+        .env_remove("ANCHORAGE_URL")
+        .env_remove("ANCHORAGE_TOKEN")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+fn run(name: &'static str, cmd: &mut Command) -> Output {
+    Proc::spawn(name, cmd).finish(COMMAND_TIMEOUT)
+}
+
+/// Removes ANSI escape sequences (in case the log writer colours its output anyway).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The `quic=` and `console=` fields of anchord's `anchor ready` log line.
+fn parse_ready(line: &str) -> Option<(SocketAddr, String)> {
+    let line = strip_ansi(line);
+    let rest = &line[line.find("anchor ready")?..];
+    let field = |key: &str| {
+        rest.split_whitespace()
+            .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    Some((field("quic")?.parse().ok()?, field("console")?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// anchord
+
+/// A running `anchord`, killed on drop.
+struct Anchord {
+    proc: Proc,
+    quic: SocketAddr,
+    console: String,
+    data_dir: PathBuf,
+    scratch: tempfile::TempDir,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts anchord on `data_dir` with both sockets on 127.0.0.1 port 0 and waits for its
+/// ready line.
+fn start_anchord(data_dir: &Path) -> Anchord {
+    start_anchord_with(data_dir, &[])
+}
+
+/// Like [`start_anchord`], with extra flags.
+fn start_anchord_with(data_dir: &Path, extra: &[&str]) -> Anchord {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut proc = Proc::spawn(
+        "anchord",
+        command(&bins().anchord, scratch.path())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--console", "127.0.0.1:0"])
+            .args(extra),
+    );
+    let stderr = proc.child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    {
+        let log = log.clone();
+        // Reads stderr until anchord exits, so its pipe never fills up.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(ready) = parse_ready(&line) {
+                    let _ = tx.send(ready);
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+    }
+    let (quic, console) = match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(ready) => ready,
+        Err(_) => {
+            let status = proc.child.try_wait().unwrap();
+            panic!(
+                "anchord did not report `anchor ready` within {READY_TIMEOUT:?} (exit: {status:?}); \
+                 stderr:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        }
+    };
+    assert!(console.starts_with("http://127.0.0.1:"), "{console}");
+    Anchord {
+        proc,
+        quic,
+        console,
+        data_dir: data_dir.to_path_buf(),
+        scratch,
+        log,
+    }
+}
+
+impl Anchord {
+    /// Runs `anchorctl --url … --token-file <data>/owner.token --json <args>`.
+    fn ctl_output(&self, args: &[&str]) -> Output {
+        run(
+            "anchorctl",
+            command(&bins().anchorctl, self.scratch.path())
+                .args(["--url", &self.console, "--token-file"])
+                .arg(self.data_dir.join("owner.token"))
+                .arg("--json")
+                .args(args),
+        )
+    }
+
+    /// Like [`Anchord::ctl_output`], expecting success and JSON.
+    fn ctl(&self, args: &[&str]) -> Value {
+        let out = self.ctl_output(args);
+        assert!(
+            out.status.success(),
+            "anchorctl {args:?} failed: {}",
+            out.stderr
+        );
+        out.json()
+    }
+
+    /// Mints a PIN code and returns its `code`.
+    fn mint_pin(&self) -> String {
+        let code = self.ctl(&["pair", "code"]);
+        for key in ["code_id", "code", "method", "expires_at", "uri"] {
+            assert!(code.get(key).is_some(), "minted code lacks {key}: {code}");
+        }
+        assert_eq!(code["method"], "pin");
+        let text = code["code"].as_str().unwrap().to_string();
+        assert!(
+            text.starts_with(code["code_id"].as_str().unwrap()),
+            "{code}"
+        );
+        text
+    }
+
+    /// Starts `anchor-node pair` for a device named `name` in `state_dir`.
+    fn spawn_pair(&self, code: &str, state_dir: &Path, name: &str, json: bool) -> Proc {
+        spawn_pair(
+            &self.quic.to_string(),
+            code,
+            state_dir,
+            name,
+            json,
+            self.scratch.path(),
+        )
+    }
+
+    /// Waits until `anchorctl pair list --state pending_approval` shows `name`'s request.
+    fn wait_pending(&self, name: &str) -> Value {
+        let deadline = Instant::now() + PENDING_TIMEOUT;
+        loop {
+            let list = self.ctl(&["pair", "list", "--state", "pending_approval"]);
+            if let Some(req) = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["device_name"] == name)
+            {
+                return req.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no pending request from {name} after {PENDING_TIMEOUT:?}; anchord log:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.proc.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+fn spawn_pair(
+    anchor: &str,
+    code: &str,
+    state_dir: &Path,
+    name: &str,
+    json: bool,
+    cwd: &Path,
+) -> Proc {
+    let mut cmd = command(&bins().anchor_node, cwd);
+    cmd.args(["pair", "--anchor", anchor, "--code", code, "--name", name])
+        .arg("--state-dir")
+        .arg(state_dir);
+    if json {
+        cmd.arg("--json");
+    }
+    Proc::spawn("anchor-node pair", &mut cmd)
+}
+
+/// The one line `anchor-node` printed on stderr for a failure.
+fn one_line_reason(out: &Output) -> &str {
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one line on stderr: {:?}",
+        out.stderr
+    );
+    let line = lines[0];
+    assert!(line.starts_with("anchor-node: "), "{line}");
+    line
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+
+#[test]
+fn pin_pairing_revocation_and_re_pairing_with_the_real_binaries() {
+    let data = tempfile::tempdir().unwrap();
+    let anchord = start_anchord(&data.path().join("anchor"));
+    let node_dir = tempfile::tempdir().unwrap();
+    let state = node_dir.path().join("state");
+
+    // The operator mints a PIN; the device asks to join and waits for approval.
+    let code = anchord.mint_pin();
+    let pairing = anchord.spawn_pair(&code, &state, "laptop", true);
+    let req = anchord.wait_pending("laptop");
+    for key in [
+        "request_id",
+        "device_id",
+        "device_name",
+        "state",
+        "sas",
+        "requested_at",
+        "expires_at",
+    ] {
+        assert!(req.get(key).is_some(), "pending request lacks {key}: {req}");
+    }
+    assert_eq!(req["state"], "pending_approval");
+    let request_id = req["request_id"].as_str().unwrap();
+    let device_id = req["device_id"].as_str().unwrap().to_string();
+
+    let approved = anchord.ctl(&["pair", "approve", request_id]);
+    assert_eq!(approved["state"], "approved", "{approved}");
+    let out = pairing.finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let paired = out.json();
+    assert_eq!(paired["paired"], true, "{paired}");
+    assert_eq!(paired["device_id"], device_id.as_str());
+
+    // Key (0600), certificate and the anchor's CA; the certificate verifies with openssl.
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(state.join("ca.pem"))
+        .arg(state.join("cert.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "openssl verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(state.join("ca.pem")).unwrap(),
+        std::fs::read_to_string(anchord.data_dir.join("ca.pem")).unwrap(),
+        "the node pinned this anchor's CA"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(state.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "key.pem mode {mode:o}");
+    }
+
+    // What the node and the console say about it.
+    let status = run(
+        "anchor-node status",
+        command(&bins().anchor_node, node_dir.path())
+            .args(["status", "--json", "--state-dir"])
+            .arg(&state),
+    );
+    assert!(status.status.success(), "{status:?}");
+    let status = status.json();
+    assert_eq!(status["device_id"], device_id.as_str(), "{status}");
+    assert_eq!(
+        status["anchor"],
+        anchord.quic.to_string().as_str(),
+        "{status}"
+    );
+    assert_eq!(status["paired"], true, "{status}");
+    assert!(status["cert_expires_at"].is_string(), "{status}");
+
+    let device = anchord.ctl(&["device", "show", &device_id]);
+    assert_eq!(device["trust"], "trusted", "{device}");
+    assert_eq!(device["name"], "laptop", "{device}");
+    // The request ends completed once the node has its files.
+    let deadline = Instant::now() + PENDING_TIMEOUT;
+    loop {
+        let r = anchord.ctl(&["pair", "show", request_id]);
+        if r["state"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "request never completed: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Revoked: the console says so, and the same device cannot pair again with a new code.
+    let revoked = anchord.ctl(&["device", "revoke", &device_id, "--reason", "lost"]);
+    assert_eq!(revoked["trust"], "revoked", "{revoked}");
+    let device = anchord.ctl(&["device", "show", &device_id]);
+    assert_eq!(device["trust"], "revoked", "{device}");
+    assert_eq!(device["revoked_reason"], "lost", "{device}");
+    let code = anchord.mint_pin();
+    let out = anchord
+        .spawn_pair(&code, &state, "laptop", false)
+        .finish(COMMAND_TIMEOUT);
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    let reason = one_line_reason(&out);
+    assert!(reason.contains("revoked"), "{reason}");
+
+    // Removed: now it may pair again, keeping its device id. Without --json the node shows the
+    // SAS a person compares with the console.
+    let removed = anchord.ctl(&["device", "remove", &device_id]);
+    assert_eq!(removed["removed"], true, "{removed}");
+    let gone = anchord.ctl_output(&["device", "show", &device_id]);
+    assert_eq!(gone.code(), Some(1), "{gone:?}");
+    assert!(gone.stderr.contains("not_found"), "{gone:?}");
+    let code = anchord.mint_pin();
+    let pairing = anchord.spawn_pair(&code, &state, "laptop", false);
+    let req = anchord.wait_pending("laptop");
+    assert_eq!(
+        req["device_id"],
+        device_id.as_str(),
+        "same key, same device id"
+    );
+    let sas = req["sas"].as_str().unwrap().to_string();
+    anchord.ctl(&["pair", "approve", req["request_id"].as_str().unwrap()]);
+    let out = pairing.finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains(&sas),
+        "the node showed the console's SAS {sas}: {}",
+        out.stderr
+    );
+    assert!(out.stdout.contains(&device_id), "{}", out.stdout);
+    let device = anchord.ctl(&["device", "show", &device_id]);
+    assert_eq!(device["trust"], "trusted", "{device}");
+}
+
+#[test]
+fn wrong_pins_burn_the_code_and_a_rejection_reaches_the_node() {
+    let data = tempfile::tempdir().unwrap();
+    let anchord = start_anchord(&data.path().join("anchor"));
+    let node_dir = tempfile::tempdir().unwrap();
+    let state = node_dir.path().join("state");
+
+    let code = anchord.mint_pin();
+    let (code_id, digits) = code.split_once('-').unwrap();
+    let wrong = format!(
+        "{code_id}-{}",
+        if digits == "000000" {
+            "111111"
+        } else {
+            "000000"
+        }
+    );
+
+    // Two wrong guesses: refused with a one-line reason, the code still counts them.
+    for _ in 0..2 {
+        let out = anchord
+            .spawn_pair(&wrong, &state, "guesser", true)
+            .finish(COMMAND_TIMEOUT);
+        assert_eq!(out.code(), Some(1), "{out:?}");
+        assert_eq!(one_line_reason(&out), "anchor-node: wrong pairing code");
+        assert_eq!(out.json()["paired"], false);
+    }
+    let codes = anchord.ctl(&["pair", "codes"]);
+    let info = codes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["code_id"] == code_id)
+        .unwrap();
+    assert_eq!(info["failed_attempts"], 2, "{info}");
+    assert_eq!(info["state"], "active", "{info}");
+    // The third burns it; after that even the right PIN is refused.
+    let out = anchord
+        .spawn_pair(&wrong, &state, "guesser", false)
+        .finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(one_line_reason(&out).contains("burned"), "{out:?}");
+    let out = anchord
+        .spawn_pair(&code, &state, "guesser", false)
+        .finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(one_line_reason(&out).contains("burned"), "{out:?}");
+    assert!(
+        !state.join("cert.pem").exists(),
+        "no certificate without a pairing"
+    );
+
+    // A rejected request: the node exits non-zero with the operator's reason.
+    let code = anchord.mint_pin();
+    let pairing = anchord.spawn_pair(&code, &state, "stranger", false);
+    let req = anchord.wait_pending("stranger");
+    let rejected = anchord.ctl(&[
+        "pair",
+        "reject",
+        req["request_id"].as_str().unwrap(),
+        "--reason",
+        "not ours",
+    ]);
+    assert_eq!(rejected["state"], "rejected", "{rejected}");
+    let out = pairing.finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("anchor-node: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{out:?}");
+    assert!(
+        lines[0].contains("rejected") && lines[0].contains("not ours"),
+        "{out:?}"
+    );
+    assert!(
+        !state.join("cert.pem").exists(),
+        "no certificate after a rejection"
+    );
+    let status = run(
+        "anchor-node status",
+        command(&bins().anchor_node, node_dir.path())
+            .args(["status", "--json", "--state-dir"])
+            .arg(&state),
+    )
+    .json();
+    assert_eq!(status["paired"], false, "{status}");
+    assert!(status["pending_request"].is_null(), "{status}");
+}
+
+#[test]
+fn pairing_with_an_unreachable_anchor_fails_with_the_address() {
+    // A UDP port that swallows everything: no ICMP error, just silence.
+    let black_hole = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = black_hole.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    bins(); // a build, if one is needed, does not count
+    let started = Instant::now();
+    let out = spawn_pair(
+        &addr.to_string(),
+        "AAAA-123456",
+        &dir.path().join("state"),
+        "lonely",
+        false,
+        dir.path(),
+    )
+    .finish(Duration::from_secs(60));
+    let took = started.elapsed();
+    assert_eq!(out.code(), Some(69), "exit 69 (unavailable): {out:?}");
+    let reason = one_line_reason(&out);
+    assert!(
+        reason.contains(&format!("cannot reach the anchor at {addr}")),
+        "{reason}"
+    );
+    // The handshake timeout (30 s) plus a little; not minutes of retries.
+    assert!(took < Duration::from_secs(45), "took {took:?}");
+    drop(black_hole);
+}
+
+#[test]
+fn a_second_anchord_on_the_same_data_dir_is_refused_and_sigterm_stops_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("anchor");
+    let first = start_anchord(&dir);
+    for file in ["ca.pem", "ca.key", "owner.token"] {
+        assert!(dir.join(file).is_file(), "{file} created at first start");
+    }
+
+    let second = run(
+        "second anchord",
+        command(&bins().anchord, first.scratch.path())
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--listen", "127.0.0.1:0", "--console", "127.0.0.1:0"]),
+    );
+    assert!(!second.status.success(), "{second:?}");
+    assert_ne!(
+        second.code(),
+        Some(64),
+        "a locked store is not a usage error"
+    );
+    let message = strip_ansi(&second.stderr);
+    assert!(
+        message.contains("locked by another anchord"),
+        "clear error: {message}"
+    );
+
+    // The first is unharmed.
+    let health = first.ctl(&["health"]);
+    assert_eq!(health["status"], "ok", "{health}");
+
+    // SIGTERM: a clean stop, exit 0.
+    first.terminate();
+    let Anchord { proc, log, .. } = first;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut proc = proc;
+    let status = loop {
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "anchord did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    // The reader thread may still be draining the last lines.
+    std::thread::sleep(Duration::from_millis(100));
+    let log = log.lock().unwrap().join("\n");
+    assert!(log.contains("stopped"), "{log}");
+    // The store can be opened again at once.
+    let again = start_anchord(&dir);
+    assert_eq!(again.ctl(&["health"])["status"], "ok");
+}
+
+#[test]
+fn bad_configuration_exits_64_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "unknown-key.toml",
+            "listn = \"127.0.0.1:0\"\n",
+            "unknown field `listn`",
+        ),
+        ("bad-addr.toml", "listen = \"nowhere\"\n", "`listen`"),
+        (
+            "bad-duration.toml",
+            "heartbeat_interval = \"soon\"\n",
+            "`heartbeat_interval`",
+        ),
+        ("not-toml.toml", "listen = \n", "invalid config file"),
+    ];
+    for (file, text, expect) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        let out = run(
+            "anchord --config",
+            command(&bins().anchord, dir.path())
+                .arg("--config")
+                .arg(&path)
+                .arg("--data-dir")
+                .arg(dir.path().join("data")),
+        );
+        assert_eq!(out.code(), Some(64), "{file}: {out:?}");
+        assert!(out.stderr.contains(expect), "{file}: {}", out.stderr);
+        assert!(
+            out.stderr.starts_with("anchord: "),
+            "{file}: {}",
+            out.stderr
+        );
+    }
+    let missing = dir.path().join("missing.toml");
+    let out = run(
+        "anchord --config",
+        command(&bins().anchord, dir.path())
+            .arg("--config")
+            .arg(&missing),
+    );
+    assert_eq!(out.code(), Some(64), "{out:?}");
+    assert!(out.stderr.contains("missing.toml"), "{}", out.stderr);
+    // A bad flag value is the same kind of mistake.
+    let out = run(
+        "anchord --listen",
+        command(&bins().anchord, dir.path())
+            .args(["--listen", "nope", "--data-dir"])
+            .arg(dir.path().join("data")),
+    );
+    assert_eq!(out.code(), Some(64), "{out:?}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing written on a bad config"
+    );
+}
+
+#[test]
+fn qr_pairing_pins_the_anchor_ca() {
+    let data = tempfile::tempdir().unwrap();
+    let anchord = start_anchord(&data.path().join("anchor"));
+    let node_dir = tempfile::tempdir().unwrap();
+    let state = node_dir.path().join("state");
+    let minted = anchord.ctl(&["pair", "code", "--method", "qr"]);
+    assert_eq!(minted["method"], "qr", "{minted}");
+    let uri = minted["uri"].as_str().unwrap().to_string();
+    assert!(uri.starts_with("anchorage://pair?"), "{uri}");
+    assert!(
+        uri.contains(&anchord.quic.to_string()),
+        "the URI carries the anchor address: {uri}"
+    );
+
+    // The same code with another CA fingerprint: the handshake fails, nothing is consumed.
+    let fp = uri.rsplit("fp=").next().unwrap().to_string();
+    assert_eq!(fp.len(), 64, "{uri}");
+    let forged = uri.replace(&fp, &"0".repeat(64));
+    let out = Proc::spawn(
+        "anchor-node pair --qr",
+        command(&bins().anchor_node, node_dir.path())
+            .args(["pair", "--qr", &forged, "--state-dir"])
+            .arg(&state),
+    )
+    .finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(69), "{out:?}");
+    let reason = one_line_reason(&out);
+    assert!(reason.contains("invalid peer certificate"), "{reason}");
+
+    // The real URI needs no --anchor: it carries the address.
+    let pairing = Proc::spawn(
+        "anchor-node pair --qr",
+        command(&bins().anchor_node, node_dir.path())
+            .args([
+                "pair",
+                "--json",
+                "--name",
+                "kiosk",
+                "--qr",
+                &uri,
+                "--state-dir",
+            ])
+            .arg(&state),
+    );
+    let req = anchord.wait_pending("kiosk");
+    anchord.ctl(&["pair", "approve", req["request_id"].as_str().unwrap()]);
+    let out = pairing.finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(out.json()["paired"], true);
+    assert_eq!(
+        std::fs::read_to_string(state.join("ca.pem")).unwrap(),
+        std::fs::read_to_string(anchord.data_dir.join("ca.pem")).unwrap()
+    );
+}
+
+/// Issue 5 with the real binaries: `anchord`, one `anchor-node run`, and `anchorctl invoke …
+/// system.health` succeeds while `anchorctl inventory --json` shows the device online and
+/// trusted; a clean stop of the node shows it offline at once.
+#[test]
+fn a_running_node_answers_system_health_and_is_online_in_the_inventory() {
+    let data = tempfile::tempdir().unwrap();
+    let anchord = start_anchord_with(&data.path().join("anchor"), &["--heartbeat-interval", "1s"]);
+    let node_dir = tempfile::tempdir().unwrap();
+    let state = node_dir.path().join("state");
+    let code = anchord.mint_pin();
+    let pairing = anchord.spawn_pair(&code, &state, "worker", true);
+    let req = anchord.wait_pending("worker");
+    anchord.ctl(&["pair", "approve", req["request_id"].as_str().unwrap()]);
+    let out = pairing.finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let device_id = out.json()["device_id"].as_str().unwrap().to_string();
+
+    let mut run_cmd = command(&bins().anchor_node, node_dir.path());
+    run_cmd.arg("run").arg("--state-dir").arg(&state);
+    let node = Proc::spawn("anchor-node run", &mut run_cmd);
+
+    // The inventory shows the device online and trusted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let entry = loop {
+        let inv = anchord.ctl(&["inventory"]);
+        for key in ["summary", "devices", "instances"] {
+            assert!(inv.get(key).is_some(), "inventory lacks {key}: {inv}");
+        }
+        let found = inv["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == device_id.as_str())
+            .cloned();
+        if let Some(d) = found.filter(|d| d["presence"] == "online") {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "never online: {inv}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(entry["trust"], "trusted", "{entry}");
+    for key in [
+        "name",
+        "heartbeat_age_ms",
+        "loss_rate",
+        "rtt_ms",
+        "capabilities",
+        "warnings",
+    ] {
+        assert!(
+            entry.get(key).is_some(),
+            "inventory device lacks {key}: {entry}"
+        );
+    }
+    let caps = &entry["capabilities"];
+    assert!(
+        caps["total"].as_u64().unwrap() >= 4 && caps["unavailable"] == 0,
+        "{caps}"
+    );
+
+    // system.health runs on the node.
+    let out = anchord.ctl_output(&["invoke", &device_id, "system.health", "--timeout", "20s"]);
+    assert_eq!(out.code(), Some(0), "anchorctl invoke: {out:?}");
+    let inv = out.json();
+    for key in ["invocation_id", "state", "output", "error"] {
+        assert!(inv.get(key).is_some(), "invocation lacks {key}: {inv}");
+    }
+    assert_eq!(inv["state"], "succeeded", "{inv}");
+    assert_eq!(inv["output"]["status"], "ok", "{inv}");
+    let shown = anchord.ctl(&["invocation", "show", inv["invocation_id"].as_str().unwrap()]);
+    assert_eq!(shown["state"], "succeeded");
+    // An unknown capability is rejected at once, and anchorctl says so with its exit code.
+    let out = anchord.ctl_output(&["invoke", &device_id, "no.such.capability"]);
+    assert_ne!(out.code(), Some(0));
+    assert_eq!(out.json()["state"], "rejected");
+
+    // While it runs, `anchor-node status` shows the link (refreshed every 2 s by the agent).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let status = run(
+            "anchor-node status",
+            command(&bins().anchor_node, node_dir.path())
+                .args(["status", "--json", "--state-dir"])
+                .arg(&state),
+        )
+        .json();
+        if status["loss_rate"].is_f64() || Instant::now() >= deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(status["paired"], true, "{status}");
+    assert_eq!(status["running"], true, "{status}");
+    assert_eq!(status["connected"], true, "{status}");
+    assert!(status["rtt_ms"].as_f64().is_some(), "{status}");
+    assert!(status["loss_rate"].as_f64().is_some(), "{status}");
+
+    // A clean stop (SIGTERM) sends `stopping`: offline at once, not after the thresholds.
+    let term = Command::new("kill")
+        .args(["-s", "TERM", "--", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = node.finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(0), "anchor-node run exit: {out:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let shown = anchord.ctl(&["inventory", "show", &device_id]);
+        if shown["presence"] == "offline" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not offline after a clean stop: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
