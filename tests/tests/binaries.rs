@@ -985,3 +985,33 @@ fn a_running_node_answers_system_health_and_is_online_in_the_inventory() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A pairing whose `anchor-node pair` was stopped while it waited resumes when the command
+/// runs again without a code, and completes once approved.
+#[test]
+fn a_stopped_pairing_resumes_when_run_again_without_a_code() {
+    let data = tempfile::tempdir().unwrap();
+    let anchord = start_anchord(&data.path().join("anchor"));
+    let node_dir = tempfile::tempdir().unwrap();
+    let state = node_dir.path().join("state");
+    let code = anchord.mint_pin();
+    let mut first = anchord.spawn_pair(&code, &state, "impatient", true);
+    let req = anchord.wait_pending("impatient");
+    first.child.kill().unwrap();
+    let _ = first.child.wait();
+    anchord.ctl(&["pair", "approve", req["request_id"].as_str().unwrap()]);
+
+    let mut cmd = command(&bins().anchor_node, node_dir.path());
+    cmd.args(["pair", "--json", "--state-dir"]).arg(&state);
+    let out = Proc::spawn("anchor-node pair (resume)", &mut cmd).finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let paired = out.json();
+    assert_eq!(paired["paired"], true, "{paired}");
+    assert_eq!(paired["device_id"], req["device_id"], "{paired}");
+    assert!(state.join("cert.pem").exists());
+    // Nothing left to resume: without a code it is a usage error now.
+    let mut cmd = command(&bins().anchor_node, node_dir.path());
+    cmd.args(["pair", "--state-dir"]).arg(&state);
+    let out = Proc::spawn("anchor-node pair (nothing)", &mut cmd).finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(64), "{out:?}");
+}

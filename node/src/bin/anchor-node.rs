@@ -31,7 +31,8 @@ enum Command {
         /// The anchor's QUIC address, HOST:PORT.
         #[arg(long, value_name = "HOST:PORT")]
         anchor: Option<String>,
-        /// The pairing code, e.g. K7QF-482913.
+        /// The pairing code, e.g. K7QF-482913. Without any code, a pairing that was waiting
+        /// for approval when this command last stopped is resumed.
         #[arg(long, conflicts_with_all = ["code_stdin", "qr"])]
         code: Option<String>,
         /// Read the pairing code from standard input (keeps it out of shell history).
@@ -146,16 +147,35 @@ async fn cmd_pair(
     } else {
         code
     };
-    let parsed = match pair::parse_code(code.as_deref(), qr.as_deref()) {
-        Ok(c) => c,
-        Err(e) => return fail(json, &e, 64),
-    };
-    let anchor = match (&anchor, &parsed) {
-        (Some(a), _) => a.clone(),
-        (None, pair::PairCode::Qr(q)) => q.anchor.clone(),
-        (None, pair::PairCode::Pin(_)) => {
-            return fail(json, "--anchor HOST:PORT is required with a PIN code", 64);
+    let state = StateDir::new(&state_dir);
+    // No code: resume a pairing that was waiting for approval when this command last stopped.
+    let resume_from = if code.is_none() && qr.is_none() {
+        match state.pending() {
+            Ok(Some(p)) => Some(p),
+            Ok(None) => {
+                return fail(
+                    json,
+                    "give --code, --code-stdin or --qr (no pending pairing to resume in the state dir)",
+                    64,
+                );
+            }
+            Err(e) => return fail(json, &e.to_string(), 1),
         }
+    } else {
+        None
+    };
+    let parsed = match &resume_from {
+        Some(_) => None,
+        None => match pair::parse_code(code.as_deref(), qr.as_deref()) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(json, &e, 64),
+        },
+    };
+    let anchor = match (&anchor, &parsed, &resume_from) {
+        (Some(a), _, _) => a.clone(),
+        (None, _, Some(p)) => p.anchor.clone(),
+        (None, Some(pair::PairCode::Qr(q)), _) => q.anchor.clone(),
+        _ => return fail(json, "--anchor HOST:PORT is required with a PIN code", 64),
     };
     let addr = match anchorage_node::resolve(&anchor).await {
         Ok(a) => a,
@@ -165,19 +185,11 @@ async fn cmd_pair(
         Ok(e) => e,
         Err(e) => return fail(json, &format!("cannot open a UDP socket: {e}"), 1),
     };
-    let state = StateDir::new(&state_dir);
-    let opts = PairOptions {
-        anchor: anchor.clone(),
-        anchor_addr: addr,
-        code: parsed,
-        device_name: name.unwrap_or_else(hostname),
-        platform: pair::platform(),
-    };
     let interactive = !json && std::io::stderr().is_terminal();
     let (spin_stop, spin_rx) = tokio::sync::watch::channel(None::<String>);
     let spinner = tokio::spawn(spinner(spin_rx, interactive));
     let mut logged_retry = false;
-    let result = pair::pair(&endpoint, &state, &opts, |p| match p {
+    let progress = |p: PairProgress| match p {
         PairProgress::Pending {
             request_id, sas, ..
         } => {
@@ -196,8 +208,24 @@ async fn cmd_pair(
                 logged_retry = true;
             }
         }
-    })
-    .await;
+    };
+    let result = match parsed {
+        Some(code) => {
+            let opts = PairOptions {
+                anchor: anchor.clone(),
+                anchor_addr: addr,
+                code,
+                device_name: name.unwrap_or_else(hostname),
+                platform: pair::platform(),
+            };
+            pair::pair(&endpoint, &state, &opts, progress).await
+        }
+        None => match pair::resume(&endpoint, &state, addr, progress).await {
+            Ok(Some(paired)) => Ok(paired),
+            Ok(None) => Err(pair::PairError::Expired),
+            Err(e) => Err(e),
+        },
+    };
     spinner.abort();
     if interactive {
         eprint!("\r\x1b[2K");
