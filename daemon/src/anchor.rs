@@ -467,20 +467,10 @@ fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), StartError> {
-    std::fs::create_dir_all(dir).map_err(|source| StartError::File {
+    anchorage_mesh::os::create_private_dir(dir).map_err(|source| StartError::File {
         path: dir.to_path_buf(),
         source,
     })?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
-            |source| StartError::File {
-                path: dir.to_path_buf(),
-                source,
-            },
-        )?;
-    }
     // Prove we can write here before anything else does.
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"ok").map_err(|source| StartError::File {
@@ -491,27 +481,12 @@ fn create_private_dir(dir: &Path) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Writes a file readable only by its owner, atomically (temp file + rename + fsync).
+/// Writes a file readable only by its owner, atomically.
 pub(crate) fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), StartError> {
-    use std::io::Write;
-    let err = |source| StartError::File {
+    anchorage_mesh::os::write_private(path, contents).map_err(|source| StartError::File {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp).map_err(err)?;
-    f.write_all(contents).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(err)?;
-    Ok(())
+    })
 }
 
 fn load_or_create_ca(dir: &Path, now: SystemTime) -> Result<CertificateAuthority, StartError> {

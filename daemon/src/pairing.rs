@@ -194,6 +194,27 @@ pub fn qr_svg(text: &str) -> Option<String> {
     )
 }
 
+/// The request `request_id` if it still waits for a decision at `now_ms`.
+fn pending_request(
+    store: &crate::store::Store,
+    request_id: &str,
+    now_ms: u64,
+) -> Result<RequestRecord, TrustError> {
+    let req: RequestRecord = store
+        .get(Space::Requests, request_id.as_bytes())?
+        .ok_or_else(|| TrustError::NotFound(format!("pairing request {request_id}")))?;
+    match request_state(&req, now_ms) {
+        anchorage_console::api::RequestState::PendingApproval => Ok(req),
+        anchorage_console::api::RequestState::Expired => Err(TrustError::Expired(format!(
+            "pairing request {request_id} expired"
+        ))),
+        other => Err(TrustError::Conflict(format!(
+            "pairing request {request_id} is already {}",
+            other.as_str()
+        ))),
+    }
+}
+
 /// Approves a pending request: signs the CSR, records the device, wakes the node's stream.
 pub fn approve(
     anchor: &Anchor,
@@ -203,24 +224,8 @@ pub fn approve(
     let (record, replaced) = {
         let mut trust = anchor.trust();
         let store = &anchor.shared.store;
-        let mut req: RequestRecord = store
-            .get(Space::Requests, request_id.as_bytes())?
-            .ok_or_else(|| TrustError::NotFound(format!("pairing request {request_id}")))?;
         let now_ms = anchor.now_ms();
-        match request_state(&req, now_ms) {
-            anchorage_console::api::RequestState::PendingApproval => {}
-            anchorage_console::api::RequestState::Expired => {
-                return Err(TrustError::Expired(format!(
-                    "pairing request {request_id} expired"
-                )));
-            }
-            other => {
-                return Err(TrustError::Conflict(format!(
-                    "pairing request {request_id} is already {}",
-                    other.as_str()
-                )));
-            }
-        }
+        let mut req = pending_request(store, request_id, now_ms)?;
         let existing: Option<DeviceRecord> = store.get(Space::Devices, req.device_id.as_bytes())?;
         if matches!(&existing, Some(d) if d.trust == DeviceTrust::Revoked) {
             return Err(TrustError::Conflict(format!(
@@ -313,23 +318,7 @@ pub fn reject(
     let record = {
         let mut trust = anchor.trust();
         let store = &anchor.shared.store;
-        let mut req: RequestRecord = store
-            .get(Space::Requests, request_id.as_bytes())?
-            .ok_or_else(|| TrustError::NotFound(format!("pairing request {request_id}")))?;
-        match request_state(&req, anchor.now_ms()) {
-            anchorage_console::api::RequestState::PendingApproval => {}
-            anchorage_console::api::RequestState::Expired => {
-                return Err(TrustError::Expired(format!(
-                    "pairing request {request_id} expired"
-                )));
-            }
-            other => {
-                return Err(TrustError::Conflict(format!(
-                    "pairing request {request_id} is already {}",
-                    other.as_str()
-                )));
-            }
-        }
+        let mut req = pending_request(store, request_id, anchor.now_ms())?;
         let reason: String = reason
             .unwrap_or_else(|| "rejected by operator".into())
             .chars()

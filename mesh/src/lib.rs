@@ -12,6 +12,7 @@
 pub mod duration;
 pub mod framed;
 pub mod identity;
+pub mod os;
 pub mod pairing;
 pub mod pki;
 pub mod presence;

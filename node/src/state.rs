@@ -127,37 +127,15 @@ impl StateDir {
         }
     }
 
-    /// Writes a file atomically with mode 0600.
+    /// Writes a file atomically with mode 0600 (the directory is created 0700).
     pub fn write(&self, name: &str, contents: &[u8]) -> Result<(), StateError> {
-        use std::io::Write;
-        let path = self.file(name);
-        let err = |source| StateError::Io {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&self.dir).map_err(|source| StateError::Io {
+        anchorage_mesh::os::create_private_dir(&self.dir).map_err(|source| StateError::Io {
             path: self.dir.clone(),
             source,
         })?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700));
-        }
-        let tmp = self.file(&format!(".{name}.tmp"));
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp).map_err(err)?;
-        f.write_all(contents).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        Ok(())
+        let path = self.file(name);
+        anchorage_mesh::os::write_private(&path, contents)
+            .map_err(|source| StateError::Io { path, source })
     }
 
     fn remove(&self, name: &str) {

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
-    init_tracing(config.log_json);
+    anchorage_mesh::os::init_tracing(config.log_json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -103,7 +103,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => runtime.block_on(anchorage_daemon::run(config, shutdown_signal())),
+        Command::Run => runtime.block_on(anchorage_daemon::run(
+            config,
+            anchorage_mesh::os::shutdown_signal(),
+        )),
         Command::Demo {
             nodes,
             preset,
@@ -130,7 +133,11 @@ fn main() -> ExitCode {
                 preset,
                 seed,
             };
-            runtime.block_on(anchorage_daemon::demo::run(config, opts, shutdown_signal()))
+            runtime.block_on(anchorage_daemon::demo::run(
+                config,
+                opts,
+                anchorage_mesh::os::shutdown_signal(),
+            ))
         }
     };
     match result {
@@ -145,41 +152,4 @@ fn main() -> ExitCode {
 fn usage_error(e: &ConfigError) -> ExitCode {
     eprintln!("anchord: {e}");
     ExitCode::from(64)
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

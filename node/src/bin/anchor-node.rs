@@ -291,7 +291,7 @@ async fn spinner(mut rx: tokio::sync::watch::Receiver<Option<String>>, interacti
 }
 
 async fn cmd_run(state_dir: PathBuf, config: Option<PathBuf>, json_logs: bool) -> ExitCode {
-    init_tracing(json_logs);
+    anchorage_mesh::os::init_tracing(json_logs);
     let node_config = match &config {
         Some(path) => match NodeConfig::load(path) {
             Ok(c) => c,
@@ -361,7 +361,7 @@ async fn cmd_run(state_dir: PathBuf, config: Option<PathBuf>, json_logs: bool) -
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        shutdown_signal().await;
+        anchorage_mesh::os::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     tracing::info!(anchor = %anchor, device_id = %identity.cert_info.key_id, "starting the node agent");
@@ -458,39 +458,4 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            let _ = ctrl_c.await;
-            return;
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
