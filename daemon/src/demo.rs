@@ -79,23 +79,7 @@ pub async fn run(
         source,
     })?;
     anchor.set_bound(None, Some(console_addr));
-    let (http_stop, stop_rx) = watch::channel(false);
-    let app = anchorage_console::routes::router_with_options(
-        anchor.backend(),
-        anchorage_console::routes::RouterOptions {
-            shutdown: Some(stop_rx.clone()),
-            ..Default::default()
-        },
-    );
-    let mut http_rx = stop_rx.clone();
-    let http = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = http_rx.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            warn!(error = %e, "console server failed");
-        }
-    });
+    let (http, http_stop) = crate::serve_console(&anchor, listener);
 
     let token = anchor.owner_token()?;
     println!();

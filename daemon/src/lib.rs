@@ -112,22 +112,7 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
         ca_fingerprint = %anchor.shared.ca.fingerprint(),
         "anchor ready"
     );
-    let (http_stop, mut stop_rx) = tokio::sync::watch::channel(false);
-    let app = anchorage_console::routes::router_with_options(
-        anchor.backend(),
-        anchorage_console::routes::RouterOptions {
-            shutdown: Some(stop_rx.clone()),
-            ..Default::default()
-        },
-    );
-    let http = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            warn!(error = %e, "console server failed");
-        }
-    });
+    let (http, http_stop) = serve_console(&anchor, listener);
     let a = anchor.clone();
     let quic = tokio::spawn(async move { a.serve(endpoint).await });
     Ok(Running {
@@ -138,6 +123,32 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
         http,
         http_stop,
     })
+}
+
+/// Serves the console (API, events, web page) on `listener` until the returned sender is set
+/// to `true`; open event streams end then, so the graceful stop does not wait for them.
+pub fn serve_console(
+    anchor: &Anchor,
+    listener: tokio::net::TcpListener,
+) -> (JoinHandle<()>, tokio::sync::watch::Sender<bool>) {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let app = anchorage_console::routes::router_with_options(
+        anchor.backend(),
+        anchorage_console::routes::RouterOptions {
+            shutdown: Some(stop_rx.clone()),
+            ..Default::default()
+        },
+    );
+    let mut stop_rx = stop_rx;
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            warn!(error = %e, "console server failed");
+        }
+    });
+    (task, stop)
 }
 
 /// Runs the anchor until `shutdown` resolves, then stops cleanly.
