@@ -1,0 +1,1652 @@
+//! Benchmarks of the node runtime (issue 5), as one binary with a scenario per argument:
+//!
+//! ```sh
+//! CARGO_TARGET_DIR=/work/target-bench cargo bench -p anchorage-tests --bench runtime -- all
+//! ```
+//!
+//! - `rtt`: an `echo` invocation (64 bytes of JSON) through the real console backend of an
+//!   in-process anchor to one node agent over loopback UDP, beside a plain UDP echo and a bare
+//!   quinn stream round trip measured in the same run.
+//! - `heartbeats`: `anchord` as a separate process (so its CPU time is its own), 1,000 node
+//!   agents in this process, each on its own UDP socket, heartbeating at 1 Hz with jitter:
+//!   anchor CPU over a window and the fraction of heartbeats delivered.
+//! - `scale`: the same fleet: anchor memory per connected node, then a clean anchor restart on
+//!   the same data directory and port, timed until every node has registered again.
+//! - `loss`: `system.health` over netsim on the paused clock at 5 % loss / 50 ms RTT and 20 %
+//!   loss / 100 ms RTT, in simulated time, and whether the connection survived.
+//!
+//! Options: `--nodes N` (default 1000), `--window SECS` (heartbeat window, default 60),
+//! `--calls N` (rtt round trips, default 2000), `--perf DIR` (record `perf` profiles of the
+//! anchor while it works, for finding bottlenecks). The fleet needs about 1,100 file
+//! descriptors.
+//!
+//! Laid out top-down: `main` and the report, then one section per scenario, then the helpers
+//! they share (anchord as a child process, pairing, agents, /proc readers, percentiles).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: failing loudly is the point
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anchorage_console::Backend;
+use anchorage_console::ControlPlaneClient;
+use anchorage_console::api::{InvocationState, InvokeRequest, MintCodeRequest, PairMethod};
+use anchorage_daemon::AnchorConfig;
+use anchorage_netsim::{LinkConfig, Loss};
+use anchorage_node::agent::{self, AgentConfig, AgentStats};
+use anchorage_node::capability::{NodeFacts, Registry};
+use anchorage_node::pair::{PairOptions, PairProgress};
+use anchorage_node::state::StateDir;
+use anchorage_tests::Sim;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+/// Nodes of the fleet scenarios.
+const DEFAULT_NODES: usize = 1000;
+/// Heartbeat window of the CPU and delivery measurement.
+const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+/// Round trips of each kind in the rtt scenario.
+const DEFAULT_CALLS: usize = 2000;
+/// Round trips before measuring.
+const WARMUP: usize = 200;
+/// Pairings at once through the console API.
+const PAIR_CONCURRENCY: usize = 32;
+/// Calls per link in the loss scenario.
+const LOSS_CALLS: usize = 60;
+/// Seed of the loss scenario's network (printed, so a run replays).
+const LOSS_SEED: u64 = 0xbe7c_4a11;
+/// Seeds per link in the loss scenario (the first is the headline figure).
+const LOSS_SEEDS: u64 = 10;
+/// Receive buffer the anchor asks for (mirrors `anchorage_daemon::UDP_RECV_BUFFER`).
+const ANCHOR_RCVBUF: usize = anchorage_daemon::UDP_RECV_BUFFER;
+
+fn main() {
+    let opts = Options::parse();
+    println!(
+        "runtime benchmarks: {:?}, {} nodes, {} s window; {}",
+        opts.scenarios,
+        opts.nodes,
+        opts.window.as_secs(),
+        machine()
+    );
+    let mut report = Report::default();
+    let want = |s: &str| opts.scenarios.iter().any(|x| x == s || x == "all");
+    if want("rtt") {
+        runtime().block_on(rtt(&opts, &mut report));
+    }
+    if want("heartbeats") || want("scale") {
+        runtime().block_on(fleet(&opts, want("heartbeats"), want("scale"), &mut report));
+    }
+    if want("loss") {
+        loss(&mut report);
+    }
+    report.print();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Command-line options.
+struct Options {
+    scenarios: Vec<String>,
+    nodes: usize,
+    window: Duration,
+    calls: usize,
+    /// Where to write `perf record` profiles (anchord during the heartbeat window, this
+    /// process during an extra invocation loop), if anywhere.
+    perf: Option<PathBuf>,
+}
+
+impl Options {
+    fn parse() -> Options {
+        let mut o = Options {
+            scenarios: Vec::new(),
+            nodes: DEFAULT_NODES,
+            window: DEFAULT_WINDOW,
+            calls: DEFAULT_CALLS,
+            perf: None,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            let mut value = |name: &str| -> u64 {
+                args.next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{name} takes a number"))
+            };
+            match a.as_str() {
+                "--nodes" => o.nodes = value("--nodes") as usize,
+                "--window" => o.window = Duration::from_secs(value("--window")),
+                "--calls" => o.calls = value("--calls") as usize,
+                "--perf" => o.perf = Some(args.next().expect("--perf takes a directory").into()),
+                "rtt" | "heartbeats" | "scale" | "loss" | "all" => o.scenarios.push(a),
+                // `cargo bench` passes `--bench`; other harness flags mean nothing here.
+                s if s.starts_with("--") => {}
+                other => {
+                    eprintln!("unknown scenario {other:?}: expected rtt|heartbeats|scale|loss|all");
+                    std::process::exit(64);
+                }
+            }
+        }
+        if o.scenarios.is_empty() {
+            o.scenarios.push("all".into());
+        }
+        o
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<(String, String, String)>,
+    verdicts: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, scenario: &str, metric: impl Into<String>, value: impl Into<String>) {
+        let (metric, value) = (metric.into(), value.into());
+        println!("  {scenario:<11} {metric:<58} {value}");
+        self.rows.push((scenario.to_string(), metric, value));
+    }
+
+    fn verdict(&mut self, pass: bool, target: &str, figure: String) {
+        let line = format!("{} {target}: {figure}", if pass { "PASS" } else { "MISS" });
+        println!("  => {line}");
+        self.verdicts.push(line);
+    }
+
+    fn print(&self) {
+        let w0 = self
+            .rows
+            .iter()
+            .map(|r| r.0.len())
+            .max()
+            .unwrap_or(8)
+            .max(8);
+        let w1 = self
+            .rows
+            .iter()
+            .map(|r| r.1.len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        println!("\n{:<w0$} | {:<w1$} | value", "scenario", "metric");
+        println!(
+            "{}-|-{}-|-{}",
+            "-".repeat(w0),
+            "-".repeat(w1),
+            "-".repeat(30)
+        );
+        for (s, m, v) in &self.rows {
+            println!("{s:<w0$} | {m:<w1$} | {v}");
+        }
+        println!("\nload at the end: {}", loadavg());
+        for v in &self.verdicts {
+            println!("{v}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rtt: invocation round trip against UDP and quinn
+
+async fn rtt(opts: &Options, report: &mut Report) {
+    println!("\n[rtt] load {}", loadavg());
+    let work = tempfile::tempdir().unwrap();
+    let running = anchorage_daemon::start(AnchorConfig::for_tests(work.path().join("anchor")))
+        .await
+        .unwrap();
+    let backend = running.anchor.backend();
+    let owner = backend
+        .authenticate(&running.anchor.owner_token().unwrap())
+        .await
+        .unwrap();
+    let node = BenchNode::new(work.path(), 0);
+    let code = backend
+        .mint_code(
+            &owner,
+            MintCodeRequest {
+                method: PairMethod::Pin,
+                ttl_secs: None,
+            },
+        )
+        .await
+        .unwrap()
+        .code;
+    let device = node
+        .pair(running.quic_addr, &code, |request_id| {
+            let (backend, owner) = (backend.clone(), owner.clone());
+            async move {
+                backend.approve(&owner, &request_id).await.unwrap();
+            }
+        })
+        .await;
+    let agent = node.start_agent(running.quic_addr, 1);
+    assert!(
+        wait_until(Duration::from_secs(30), || agent
+            .stats
+            .connected
+            .load(Ordering::Relaxed))
+        .await,
+        "the node registers"
+    );
+
+    let input = serde_json::json!({ "p": "x".repeat(56) });
+    assert_eq!(serde_json::to_vec(&input).unwrap().len(), 64);
+    let invoke = {
+        let (backend, owner, input) = (backend.clone(), owner.clone(), input.clone());
+        move |capability: &'static str| {
+            let (backend, owner, device, input) = (
+                backend.clone(),
+                owner.clone(),
+                device.clone(),
+                input.clone(),
+            );
+            async move {
+                let req = InvokeRequest {
+                    capability: capability.into(),
+                    input,
+                    timeout_ms: Some(10_000),
+                    async_: false,
+                };
+                backend.invoke(&owner, &device, req).await.unwrap()
+            }
+        }
+    };
+    // Every loop runs in a task on the runtime's workers, as a console request would.
+    let calls = opts.calls;
+    // Context switches of this process per round trip, warm-up included: thread hand-offs are
+    // what the latency is made of on loopback.
+    let switches = || proc_context_switches("self");
+    let per = |before: u64, n: usize| (switches() - before) as f64 / (WARMUP + n) as f64;
+    let s0 = switches();
+    let echo = {
+        let (invoke, stats, input) = (invoke.clone(), agent.stats.clone(), input.clone());
+        tokio::spawn(async move {
+            let mut echo = Vec::with_capacity(calls);
+            for i in 0..WARMUP + calls {
+                let started = Instant::now();
+                let inv = invoke("echo").await;
+                let took = started.elapsed();
+                assert_eq!(
+                    inv.state,
+                    InvocationState::Succeeded,
+                    "call {i} after {took:?}: {inv:?}; node registrations {}, connected {}",
+                    stats.registrations.load(Ordering::Relaxed),
+                    stats.connected.load(Ordering::Relaxed),
+                );
+                if i == 0 {
+                    assert_eq!(inv.output.as_ref(), Some(&input));
+                }
+                if i >= WARMUP {
+                    echo.push(took);
+                }
+            }
+            echo
+        })
+        .await
+        .unwrap()
+    };
+    // The anchor's part without the node: an unknown capability is refused after the trust
+    // check and a durable record write, before any dispatch.
+    let echo_switches = per(s0, calls);
+    let refuse = invoke.clone();
+    let s0 = switches();
+    let refused = tokio::spawn(async move {
+        let mut refused = Vec::new();
+        for i in 0..WARMUP + calls / 4 {
+            let started = Instant::now();
+            let inv = refuse("no.such.capability").await;
+            let took = started.elapsed();
+            assert_eq!(inv.state, InvocationState::Rejected, "{inv:?}");
+            if i >= WARMUP {
+                refused.push(took);
+            }
+        }
+        refused
+    })
+    .await
+    .unwrap();
+    if let Some(dir) = &opts.perf {
+        let invoke = invoke.clone();
+        let profile = Perf::record(std::process::id(), &dir.join("rtt-invoke.data"));
+        tokio::spawn(async move {
+            for _ in 0..20 * calls {
+                invoke("echo").await;
+            }
+        })
+        .await
+        .unwrap();
+        profile.stop();
+    }
+    let refused_switches = per(s0, calls / 4);
+    let s0 = switches();
+    let udp = tokio::spawn(udp_echo(calls)).await.unwrap();
+    let udp_switches = per(s0, calls);
+    let s0 = switches();
+    let (quic, quic_one) = tokio::spawn(quinn_echo(calls)).await.unwrap();
+    // Both quinn loops, a handshake and a close: a rough figure.
+    let quic_switches = per(s0, 2 * calls);
+    let (hop, write) = tokio::spawn(anchor_steps(work.path().to_path_buf(), calls))
+        .await
+        .unwrap();
+    let _ = agent.stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), agent.task).await;
+    running.shutdown().await;
+
+    let (echo, refused, udp, quic, quic_one) = (
+        Percentiles::of(echo),
+        Percentiles::of(refused),
+        Percentiles::of(udp),
+        Percentiles::of(quic),
+        Percentiles::of(quic_one),
+    );
+    let n = opts.calls;
+    report.row(
+        "rtt",
+        format!("UDP echo, 64 B, {n} round trips"),
+        udp.show(),
+    );
+    report.row(
+        "rtt",
+        format!("bare quinn, new bidi stream each, 64 B, {n}"),
+        quic.show(),
+    );
+    report.row(
+        "rtt",
+        format!("bare quinn, one long-lived stream, 64 B, {n}"),
+        quic_one.show(),
+    );
+    report.row("rtt", format!("invoke echo, 64 B JSON, {n}"), echo.show());
+    report.row(
+        "rtt",
+        format!("invoke refused (no dispatch), {}", n / 4),
+        refused.show(),
+    );
+    report.row(
+        "rtt",
+        "  step: spawn_blocking no-op round trip",
+        Percentiles::of(hop).show(),
+    );
+    report.row(
+        "rtt",
+        "  step: store Writer put (64 B) + barrier",
+        Percentiles::of(write).show(),
+    );
+    report.row(
+        "rtt",
+        "context switches per round trip: UDP / quinn / invoke / refused",
+        format!(
+            "{udp_switches:.1} / {quic_switches:.1} / {echo_switches:.1} / {refused_switches:.1}"
+        ),
+    );
+    let ratio = |a: &Percentiles, b: &Percentiles| a.p50.as_secs_f64() / b.p50.as_secs_f64();
+    report.row(
+        "rtt",
+        "p50 ratio quinn (new stream / one stream) / UDP",
+        format!(
+            "{:.2}x / {:.2}x",
+            ratio(&quic, &udp),
+            ratio(&quic_one, &udp)
+        ),
+    );
+    report.row(
+        "rtt",
+        "p50 ratio invoke / quinn new stream",
+        format!("{:.2}x", ratio(&echo, &quic)),
+    );
+    report.row(
+        "rtt",
+        "p50 ratio invoke / UDP",
+        format!("{:.2}x", ratio(&echo, &udp)),
+    );
+    report.row(
+        "rtt",
+        "p99 ratio invoke / UDP",
+        format!("{:.2}x", echo.p99.as_secs_f64() / udp.p99.as_secs_f64()),
+    );
+    let r = ratio(&echo, &udp);
+    report.verdict(
+        r <= 3.0,
+        "invocation p50 within 3x of UDP echo",
+        format!("{:.2}x ({} vs {})", r, us(echo.p50), us(udp.p50)),
+    );
+}
+
+/// The anchor's per-invocation building blocks, alone: a hop to the blocking pool and back
+/// (the trust check, each store commit), and a queued write plus the barrier that makes it
+/// durable (the daemon awaits one when the invocation is created and one when it ends).
+async fn anchor_steps(dir: PathBuf, calls: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let mut hop = Vec::with_capacity(calls);
+    for i in 0..WARMUP + calls {
+        let started = Instant::now();
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+        if i >= WARMUP {
+            hop.push(started.elapsed());
+        }
+    }
+    let store = anchorage_daemon::store::Store::open(&dir.join("steps-store")).unwrap();
+    let writer = store.writer();
+    let value = vec![7u8; 64];
+    let mut write = Vec::with_capacity(calls);
+    for i in 0..WARMUP + calls {
+        let started = Instant::now();
+        let key = (i as u64).to_be_bytes();
+        writer
+            .put(anchorage_daemon::store::Space::Audit, &key, &value)
+            .await;
+        writer.barrier().await.unwrap();
+        if i >= WARMUP {
+            write.push(started.elapsed());
+        }
+    }
+    (hop, write)
+}
+
+/// Plain UDP round trips on loopback: one socket echoes, the other sends and waits.
+async fn udp_echo(calls: usize) -> Vec<Duration> {
+    let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(server.local_addr().unwrap()).await.unwrap();
+    let echo = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        loop {
+            let Ok((n, from)) = server.recv_from(&mut buf).await else {
+                return;
+            };
+            let _ = server.send_to(&buf[..n], from).await;
+        }
+    });
+    let payload = [7u8; 64];
+    let mut buf = [0u8; 2048];
+    let mut out = Vec::with_capacity(calls);
+    for i in 0..WARMUP + calls {
+        let started = Instant::now();
+        client.send(&payload).await.unwrap();
+        let n = client.recv(&mut buf).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(n, 64);
+        if i >= WARMUP {
+            out.push(took);
+        }
+    }
+    echo.abort();
+    out
+}
+
+/// Bare quinn, with the transport settings of the anchor and the node: a new bidirectional
+/// stream per round trip (as an invocation uses), then 64-byte ping-pongs on one stream.
+async fn quinn_echo(calls: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["bench.invalid".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let provider = anchorage_mesh::tls::crypto_provider();
+    let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    server_tls.alpn_protocols = vec![b"bench".to_vec()];
+    let mut server_config =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls).unwrap()));
+    server_config.transport_config(Arc::new(anchorage_mesh::transport::anchor_transport()));
+    let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client_tls.alpn_protocols = vec![b"bench".to_vec()];
+    let mut client_config =
+        quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls).unwrap()));
+    client_config.transport_config(Arc::new(anchorage_mesh::transport::node_transport()));
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(client_config);
+
+    let addr = server.local_addr().unwrap();
+    let serve = tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                // The first byte says which kind: 0 = one message, 1 = 64-byte ping-pong.
+                let mut kind = [0u8; 1];
+                recv.read_exact(&mut kind).await.unwrap();
+                if kind[0] == 0 {
+                    let data = recv.read_to_end(4096).await.unwrap();
+                    send.write_all(&data).await.unwrap();
+                    let _ = send.finish();
+                } else {
+                    let mut buf = [0u8; 64];
+                    while recv.read_exact(&mut buf).await.is_ok() {
+                        if send.write_all(&buf).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let conn = client
+        .connect(addr, "bench.invalid")
+        .unwrap()
+        .await
+        .unwrap();
+    let payload = [7u8; 64];
+    let mut each = Vec::with_capacity(calls);
+    for i in 0..WARMUP + calls {
+        let started = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        send.write_all(&payload).await.unwrap();
+        send.finish().unwrap();
+        let back = recv.read_to_end(4096).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(back.len(), 64);
+        if i >= WARMUP {
+            each.push(took);
+        }
+    }
+    let mut one = Vec::with_capacity(calls);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[1]).await.unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0..WARMUP + calls {
+        let started = Instant::now();
+        send.write_all(&payload).await.unwrap();
+        recv.read_exact(&mut buf).await.unwrap();
+        if i >= WARMUP {
+            one.push(started.elapsed());
+        }
+    }
+    let _ = send.finish();
+    conn.close(0u32.into(), b"done");
+    serve.abort();
+    client.wait_idle().await;
+    (each, one)
+}
+
+// ---------------------------------------------------------------------------------------------
+// heartbeats and scale: anchord in its own process, a fleet of agents in this one
+
+async fn fleet(opts: &Options, heartbeats: bool, scale: bool, report: &mut Report) {
+    let n = opts.nodes;
+    println!("\n[fleet] {n} nodes; load {}", loadavg());
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("anchor");
+    let bin = tokio::task::spawn_blocking(anchord_binary).await.unwrap();
+    let mut anchord = {
+        let (bin, data) = (bin.clone(), data.clone());
+        tokio::task::spawn_blocking(move || {
+            Anchord::spawn(&bin, &data, "127.0.0.1:0".parse().unwrap())
+        })
+        .await
+        .unwrap()
+    };
+    let token = std::fs::read_to_string(data.join("owner.token")).unwrap();
+    let client = ControlPlaneClient::new(&anchord.console, token.trim()).unwrap();
+    println!(
+        "  anchord pid {} quic {} console {}",
+        anchord.pid(),
+        anchord.quic,
+        anchord.console
+    );
+
+    // Pair every node through the anchor: PIN from the console API, SPAKE2 on the bootstrap
+    // ALPN, approval through the API.
+    let nodes: Vec<Arc<BenchNode>> = (0..n)
+        .map(|i| Arc::new(BenchNode::new(work.path(), i)))
+        .collect();
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(PAIR_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for node in &nodes {
+        let (node, client, permits, addr) =
+            (node.clone(), client.clone(), permits.clone(), anchord.quic);
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let code = client
+                .mint_code(MintCodeRequest {
+                    method: PairMethod::Pin,
+                    ttl_secs: None,
+                })
+                .await
+                .unwrap()
+                .code;
+            node.pair(addr, &code, |request_id| {
+                let client = client.clone();
+                async move {
+                    client.approve(&request_id).await.unwrap();
+                }
+            })
+            .await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let took = started.elapsed();
+    report.row(
+        "fleet",
+        format!("paired {n} nodes through the console API (32 at once)"),
+        format!(
+            "{:.1} s, {:.0} pairings/s",
+            took.as_secs_f64(),
+            n as f64 / took.as_secs_f64()
+        ),
+    );
+
+    // Baseline memory: paired devices, no connection.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_before = anchord.rss_kib();
+    let node_ports: HashSet<u16> = nodes.iter().map(|n| n.port()).collect();
+
+    // Everyone connects at once.
+    let started = Instant::now();
+    let agents: Vec<Agent> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| node.start_agent(anchord.quic, i as u64))
+        .collect();
+    let all_connected = wait_until(Duration::from_secs(120), || {
+        agents
+            .iter()
+            .all(|a| a.stats.connected.load(Ordering::Relaxed))
+    })
+    .await;
+    let connected = count_connected(&agents);
+    report.row(
+        "scale",
+        format!("{n} nodes connecting at once: all registered after"),
+        if all_connected {
+            format!("{:.2} s", started.elapsed().as_secs_f64())
+        } else {
+            format!("only {connected}/{n} after 120 s")
+        },
+    );
+    // Let heartbeats settle (each node starts at a random phase within the first second).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    if heartbeats {
+        heartbeat_window(opts, &anchord, &client, &agents, &node_ports, report).await;
+    }
+
+    let rss_after = anchord.rss_kib();
+    let connected = count_connected(&agents);
+    let per_node = (rss_after.saturating_sub(rss_before)) as f64 / connected.max(1) as f64;
+    if scale {
+        report.row(
+            "scale",
+            "anchord VmRSS paired-idle -> all connected",
+            format!(
+                "{:.1} MiB -> {:.1} MiB ({connected} connected; VmHWM {:.1} MiB)",
+                rss_before as f64 / 1024.0,
+                rss_after as f64 / 1024.0,
+                anchord.status_kib("VmHWM:") as f64 / 1024.0
+            ),
+        );
+        report.row(
+            "scale",
+            "anchor memory per connected node",
+            format!("{per_node:.1} KiB"),
+        );
+        report.verdict(
+            per_node <= 100.0 && connected == n,
+            &format!("anchor memory per connected node <= 100 KiB ({n} nodes)"),
+            format!("{per_node:.1} KiB with {connected}/{n} connected"),
+        );
+        anchord = restart(anchord, &bin, &data, &agents, report).await;
+    }
+
+    for a in &agents {
+        let _ = a.stop.send(true);
+    }
+    for a in agents {
+        let _ = tokio::time::timeout(Duration::from_secs(5), a.task).await;
+    }
+    tokio::task::spawn_blocking(move || anchord.terminate(Duration::from_secs(30)))
+        .await
+        .unwrap();
+}
+
+async fn heartbeat_window(
+    opts: &Options,
+    anchord: &Anchord,
+    client: &ControlPlaneClient,
+    agents: &[Agent],
+    node_ports: &HashSet<u16>,
+    report: &mut Report,
+) {
+    let n = agents.len();
+    let regs = |agents: &[Agent]| -> u64 {
+        agents
+            .iter()
+            .map(|a| a.stats.registrations.load(Ordering::Relaxed))
+            .sum()
+    };
+    let sums = |agents: &[Agent]| -> (u64, u64) {
+        agents.iter().fold((0, 0), |(s, k), a| {
+            (
+                s + a.stats.heartbeats_sent.load(Ordering::Relaxed),
+                k + a.stats.acks_received.load(Ordering::Relaxed),
+            )
+        })
+    };
+    let tick = clock_ticks_per_sec();
+    let regs0 = regs(agents);
+    // Node-side sums taken around each scrape of /metrics, so both count the same interval.
+    let scrape = || async {
+        let before = sums(agents);
+        let m = client.metrics().await.ok();
+        let after = sums(agents);
+        (m, (before.0 + after.0) / 2, (before.1 + after.1) / 2)
+    };
+    let drops0 = (
+        udp_drops(|p| p == anchord.quic.port()),
+        udp_drops(|p| node_ports.contains(&p)),
+    );
+    let switches0 = anchord.context_switches();
+    let (metrics0, sent0, acks0) = scrape().await;
+    let (cpu0, self0, t0) = (anchord.cpu_ticks(), proc_cpu_ticks("self"), Instant::now());
+    let profile = opts
+        .perf
+        .as_ref()
+        .map(|dir| Perf::record(anchord.pid(), &dir.join("anchord-heartbeats.data")));
+    tokio::time::sleep(opts.window).await;
+    let (cpu1, self1, elapsed) = (anchord.cpu_ticks(), proc_cpu_ticks("self"), t0.elapsed());
+    if let Some(p) = profile {
+        p.stop();
+    }
+    let (metrics1, sent1, acks1) = scrape().await;
+    let switches1 = anchord.context_switches();
+    let drops1 = (
+        udp_drops(|p| p == anchord.quic.port()),
+        udp_drops(|p| node_ports.contains(&p)),
+    );
+    let regs1 = regs(agents);
+    let secs = elapsed.as_secs_f64();
+    let anchor_cpu = (cpu1 - cpu0) as f64 / tick / secs * 100.0;
+    let nodes_cpu = (self1 - self0) as f64 / tick / secs * 100.0;
+    let sent = sent1 - sent0;
+    let acked = acks1 - acks0;
+    report.row(
+        "heartbeats",
+        format!("window, {n} nodes at 1 Hz (±10 % jitter, random phase)"),
+        format!("{secs:.1} s, load {}", loadavg()),
+    );
+    report.row(
+        "heartbeats",
+        "heartbeats sent / rate",
+        format!("{sent} ({:.0}/s)", sent as f64 / secs),
+    );
+    report.row(
+        "heartbeats",
+        "anchord CPU (utime+stime of its process)",
+        format!("{anchor_cpu:.1} % of one core"),
+    );
+    report.row(
+        "heartbeats",
+        "node agents' CPU (this process, for context)",
+        format!("{nodes_cpu:.1} % of one core"),
+    );
+    let acked_frac = acked as f64 / sent.max(1) as f64;
+    report.row(
+        "heartbeats",
+        "acked / sent (node side, round trip: a lower bound)",
+        format!("{acked}/{sent} = {:.4} %", acked_frac * 100.0),
+    );
+    // The anchor's own counters, when /metrics has them.
+    let counter = |m: &Option<String>, name: &str| -> Option<f64> {
+        m.as_deref()?
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+    };
+    let received = counter(&metrics1, "anchorage_heartbeats_received_total")
+        .zip(counter(&metrics0, "anchorage_heartbeats_received_total"))
+        .map(|(b, a)| b - a);
+    let lost = counter(&metrics1, "anchorage_heartbeats_lost_total")
+        .zip(counter(&metrics0, "anchorage_heartbeats_lost_total"))
+        .map(|(b, a)| b - a);
+    let delivered = match (received, lost) {
+        (Some(r), Some(l)) => {
+            report.row(
+                "heartbeats",
+                "received by the anchor (/metrics) / sent by the nodes",
+                format!("{r:.0}/{sent} = {:.4} %", r / sent.max(1) as f64 * 100.0),
+            );
+            report.row(
+                "heartbeats",
+                "lost by the anchor's count (sequence gaps, /metrics)",
+                format!("{l:.0}"),
+            );
+            // Conservative: the lower of the anchor's own count and the nodes' round trips.
+            (r / (r + l).max(1.0)).min(acked_frac)
+        }
+        _ => {
+            report.row(
+                "heartbeats",
+                "anchor heartbeat counters in /metrics",
+                "absent: delivery is the node-side round trip",
+            );
+            acked_frac
+        }
+    };
+    report.row(
+        "heartbeats",
+        "anchord CPU per heartbeat / context switches per heartbeat",
+        format!(
+            "{:.0} µs / {:.1}",
+            (cpu1 - cpu0) as f64 / tick * 1e6 / sent.max(1) as f64,
+            switches1.saturating_sub(switches0) as f64 / sent.max(1) as f64
+        ),
+    );
+    report.row(
+        "heartbeats",
+        "UDP receive-buffer drops: anchor socket / node sockets",
+        format!(
+            "{} / {}",
+            drops1.0.saturating_sub(drops0.0),
+            drops1.1.saturating_sub(drops0.1)
+        ),
+    );
+    report.row(
+        "heartbeats",
+        "reconnections during the window",
+        format!("{}", regs1 - regs0),
+    );
+    report.verdict(
+        anchor_cpu <= 15.0,
+        &format!("anchor CPU at {n} nodes x 1 Hz <= 15 % of one core"),
+        format!("{anchor_cpu:.1} %"),
+    );
+    report.verdict(
+        delivered >= 0.999,
+        "heartbeats delivered >= 99.9 % on loopback",
+        format!(
+            "{:.4} % ({})",
+            delivered * 100.0,
+            if received.is_some() {
+                "lower of anchor counters and node-side acks"
+            } else {
+                "node-side acks, a lower bound"
+            }
+        ),
+    );
+}
+
+/// Stops anchord cleanly, starts it again on the same data directory and port, and times the
+/// fleet's return. Returns the new anchord.
+async fn restart(
+    mut anchord: Anchord,
+    bin: &Path,
+    data: &Path,
+    agents: &[Agent],
+    report: &mut Report,
+) -> Anchord {
+    let n = agents.len();
+    let port = anchord.quic;
+    println!("  restarting anchord on {port}; load {}", loadavg());
+    let killed = Instant::now();
+    // Blocking waits go to the blocking pool: the agents keep running meanwhile.
+    let (bin, data) = (bin.to_path_buf(), data.to_path_buf());
+    let (exited, next) = tokio::task::spawn_blocking(move || {
+        anchord.terminate(Duration::from_secs(30));
+        let exited = killed.elapsed();
+        (exited, Anchord::spawn(&bin, &data, port))
+    })
+    .await
+    .unwrap();
+    let ready = killed.elapsed();
+    let ready_at = Instant::now();
+    // When each node registered again, relative to the new anchor being ready.
+    let mut back: Vec<Option<Duration>> = vec![None; n];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let mut missing = 0;
+        for (i, a) in agents.iter().enumerate() {
+            if back[i].is_none() {
+                if a.stats.registrations.load(Ordering::Relaxed) >= 2
+                    && a.stats.connected.load(Ordering::Relaxed)
+                {
+                    back[i] = Some(ready_at.elapsed());
+                } else {
+                    missing += 1;
+                }
+            }
+        }
+        if missing == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let done: Vec<Duration> = back.iter().flatten().copied().collect();
+    let all = done.len() == n;
+    let last = done.iter().max().copied().unwrap_or_default();
+    let total = ready + last;
+    let p = Percentiles::of(done.clone());
+    report.row(
+        "scale",
+        "restart: SIGTERM -> old anchord exited",
+        format!("{:.2} s", exited.as_secs_f64()),
+    );
+    report.row(
+        "scale",
+        "restart: SIGTERM -> new anchord ready (same data dir, port)",
+        format!("{:.2} s", ready.as_secs_f64()),
+    );
+    report.row(
+        "scale",
+        "restart: ready -> each node registered again (p50/p99/max)",
+        format!(
+            "{:.2} / {:.2} / {:.2} s ({}/{n})",
+            p.p50.as_secs_f64(),
+            p.p99.as_secs_f64(),
+            last.as_secs_f64(),
+            done.len()
+        ),
+    );
+    report.row(
+        "scale",
+        "restart: SIGTERM -> all registered again",
+        format!("{:.2} s", total.as_secs_f64()),
+    );
+    let rcvbuf = effective_rcvbuf();
+    report.row(
+        "scale",
+        "anchor SO_RCVBUF asked / rmem_max cap / read back (2x cap)",
+        format!(
+            "{} KiB / {} KiB / {} KiB",
+            ANCHOR_RCVBUF / 1024,
+            rmem_max() / 1024,
+            rcvbuf / 1024
+        ),
+    );
+    report.row(
+        "scale",
+        "UDP receive-buffer drops on the new anchor socket",
+        format!("{}", udp_drops(|p| p == port.port())),
+    );
+    report.verdict(
+        all && last < Duration::from_secs(5),
+        &format!("all {n} nodes reconnected < 5 s after the anchor restart"),
+        format!(
+            "{:.2} s after the new anchor was ready ({:.2} s after SIGTERM), {}/{n}",
+            last.as_secs_f64(),
+            total.as_secs_f64(),
+            done.len()
+        ),
+    );
+    next
+}
+
+// ---------------------------------------------------------------------------------------------
+// loss: system.health over netsim, in simulated time
+
+fn loss(report: &mut Report) {
+    println!("\n[loss] seeds {LOSS_SEED:#x}+; load {}", loadavg());
+    let links = [
+        ("5 % loss, 50 ms RTT", Duration::from_millis(25), 0.05),
+        ("20 % loss, 100 ms RTT", Duration::from_millis(50), 0.20),
+    ];
+    for (name, latency, loss_rate) in links {
+        let link = LinkConfig {
+            loss: Loss::Independent(loss_rate),
+            latency,
+            jitter: Duration::ZERO,
+            ..LinkConfig::ideal()
+        };
+        let real = Instant::now();
+        // The scenario as specified on the first seed, then more seeds for a steadier tail.
+        let runs: Vec<LossRun> = (0..LOSS_SEEDS)
+            .map(|k| loss_run(LOSS_SEED + k, link.clone()))
+            .collect();
+        let first = &runs[0];
+        let p = Percentiles::of(first.times.clone());
+        report.row(
+            "loss",
+            format!(
+                "system.health x{LOSS_CALLS}, {name}, seed {:#x}",
+                first.seed
+            ),
+            format!(
+                "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms (= max of {LOSS_CALLS}), simulated",
+                ms(p.p50),
+                ms(p.p90),
+                ms(p.p99),
+            ),
+        );
+        report.row(
+            "loss",
+            format!(
+                "  seed {:#x}: failed calls / node registrations",
+                first.seed
+            ),
+            format!(
+                "{} / {} (connected {})",
+                first.failed, first.registrations, first.connected
+            ),
+        );
+        let all = Percentiles::of(runs.iter().flat_map(|r| r.times.clone()).collect());
+        let failed: usize = runs.iter().map(|r| r.failed).sum();
+        let dropped = runs
+            .iter()
+            .filter(|r| r.registrations != 1 || !r.connected)
+            .count();
+        report.row(
+            "loss",
+            format!("  {LOSS_SEEDS} seeds x {LOSS_CALLS} calls"),
+            format!(
+                "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {failed} failed; \
+                 {dropped} runs re-registered; {:.1} s real",
+                ms(all.p50),
+                ms(all.p90),
+                ms(all.p99),
+                ms(all.max),
+                real.elapsed().as_secs_f64()
+            ),
+        );
+        report.verdict(
+            first.failed == 0,
+            &format!("system.health at {name}: every call succeeds (p50/p99 reported)"),
+            format!(
+                "p50 {:.0} ms, p99 {:.0} ms, {} failed",
+                ms(p.p50),
+                ms(p.p99),
+                first.failed
+            ),
+        );
+        if loss_rate > 0.1 {
+            report.verdict(
+                first.registrations == 1 && first.connected && first.failed == 0,
+                &format!("no connection drop over {LOSS_CALLS} calls at {name}"),
+                format!(
+                    "{} registration(s), connected {}; {dropped} of {LOSS_SEEDS} seeds dropped",
+                    first.registrations, first.connected
+                ),
+            );
+        }
+    }
+}
+
+/// One node on a lossy simulated link, `LOSS_CALLS` sequential `system.health` calls.
+struct LossRun {
+    seed: u64,
+    times: Vec<Duration>,
+    failed: usize,
+    registrations: u64,
+    connected: bool,
+}
+
+fn loss_run(seed: u64, link: LinkConfig) -> LossRun {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let sim = Sim::start(seed, link, |_| {}).await;
+        let node = sim.add_node("lossy");
+        let id = sim.pair(&node).await.device_id.to_string();
+        let agent = node.start_agent(sim.addr(), |_| {});
+        assert!(
+            agent.registered(1, Duration::from_secs(120)).await,
+            "seed {seed:#x}: the node registers"
+        );
+        let mut times = Vec::with_capacity(LOSS_CALLS);
+        let mut failed = 0;
+        for _ in 0..LOSS_CALLS {
+            let started = tokio::time::Instant::now();
+            let inv = sim
+                .backend()
+                .invoke(
+                    &sim.owner,
+                    &id,
+                    InvokeRequest {
+                        capability: "system.health".into(),
+                        input: serde_json::Value::Null,
+                        timeout_ms: Some(30_000),
+                        async_: false,
+                    },
+                )
+                .await
+                .unwrap();
+            times.push(started.elapsed());
+            if inv.state != InvocationState::Succeeded {
+                failed += 1;
+            }
+        }
+        let registrations = agent.stats.registrations.load(Ordering::Relaxed);
+        let connected = agent.stats.connected.load(Ordering::Relaxed);
+        let _ = agent.stop().await;
+        LossRun {
+            seed,
+            times,
+            failed,
+            registrations,
+            connected,
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes and agents
+
+/// A node: its own UDP socket and state directory.
+struct BenchNode {
+    name: String,
+    endpoint: quinn::Endpoint,
+    state: StateDir,
+}
+
+/// A running agent.
+struct Agent {
+    task: JoinHandle<Result<(), agent::AgentError>>,
+    stats: Arc<AgentStats>,
+    stop: watch::Sender<bool>,
+}
+
+impl BenchNode {
+    fn new(dir: &Path, i: usize) -> BenchNode {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())
+            .expect("a UDP socket (raise `ulimit -n` for large fleets)");
+        BenchNode {
+            name: format!("bench-{i:04}"),
+            endpoint,
+            state: StateDir::new(dir.join("nodes").join(format!("n{i:04}"))),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.endpoint.local_addr().unwrap().port()
+    }
+
+    /// Pairs with a PIN; `approve` is called with the request id once it is pending.
+    async fn pair<F, Fut>(&self, anchor: SocketAddr, code: &str, approve: F) -> String
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let opts = PairOptions {
+            anchor: anchor.to_string(),
+            anchor_addr: anchor,
+            code: anchorage_node::pair::parse_code(Some(code), None).unwrap(),
+            device_name: self.name.clone(),
+            platform: "bench".into(),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (endpoint, state) = (self.endpoint.clone(), self.state.clone());
+        let task = tokio::spawn(async move {
+            anchorage_node::pair::pair(&endpoint, &state, &opts, move |p| {
+                if let PairProgress::Pending { request_id, .. } = p {
+                    let _ = tx.send(request_id);
+                }
+            })
+            .await
+        });
+        if let Some(request_id) = rx.recv().await {
+            approve(request_id).await;
+        }
+        let paired = task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        paired.device_id.to_string()
+    }
+
+    fn start_agent(&self, anchor: SocketAddr, seed: u64) -> Agent {
+        let identity = self.state.identity().unwrap();
+        let facts = NodeFacts {
+            device_id: identity.cert_info.key_id.to_string(),
+            name: self.name.clone(),
+            platform: "bench".into(),
+            agent_version: "bench".into(),
+            started: std::time::Instant::now(),
+        };
+        let mut config = AgentConfig::new(
+            self.state.clone(),
+            self.name.clone(),
+            Registry::builtins(facts),
+        );
+        config.status_every = None;
+        config.seed = splitmix(seed ^ 0x5eed_beef);
+        let stats = Arc::new(AgentStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let (endpoint, s) = (self.endpoint.clone(), stats.clone());
+        let task = tokio::spawn(agent::run(endpoint, anchor, config, s, stop_rx));
+        Agent { task, stats, stop }
+    }
+}
+
+fn count_connected(agents: &[Agent]) -> usize {
+    agents
+        .iter()
+        .filter(|a| a.stats.connected.load(Ordering::Relaxed))
+        .count()
+}
+
+/// Polls `f` every 10 ms until it holds or `limit` passes.
+async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+// ---------------------------------------------------------------------------------------------
+// anchord as a child process
+
+/// A running `anchord`, killed when dropped.
+struct Anchord {
+    child: Option<Child>,
+    quic: SocketAddr,
+    console: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Anchord {
+    /// Starts anchord and waits for its ready line.
+    fn spawn(bin: &Path, data: &Path, listen: SocketAddr) -> Anchord {
+        let mut child = Command::new(bin)
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--listen", &listen.to_string()])
+            .args(["--console", "127.0.0.1:0"])
+            .args(["--heartbeat-interval", "1s"])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let keep = log.clone();
+        // Drain stderr for the process's whole life, so its log never blocks it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let line = strip_ansi(&line);
+                if line.contains("anchor ready") {
+                    let _ = ready_tx.send(line.clone());
+                }
+                let mut log = keep.lock().unwrap();
+                log.push(line);
+                if log.len() > 200 {
+                    log.drain(..100);
+                }
+            }
+        });
+        let line = match ready_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "anchord did not get ready; its log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+                .to_string()
+        };
+        Anchord {
+            child: Some(child),
+            quic: field("quic=").parse().unwrap(),
+            console: field("console="),
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn cpu_ticks(&self) -> u64 {
+        proc_cpu_ticks(&self.pid().to_string())
+    }
+
+    /// Voluntary and involuntary context switches of all its threads.
+    fn context_switches(&self) -> u64 {
+        proc_context_switches(&self.pid().to_string())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(field))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM (a clean stop), then waits; SIGKILL after `limit`.
+    fn terminate(&mut self, limit: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    if !status.success() {
+                        eprintln!(
+                            "anchord exited with {status}; its log:\n{}",
+                            self.log.lock().unwrap().join("\n")
+                        );
+                    }
+                    return;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Anchord {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `perf record` attached to a process until stopped.
+struct Perf(Child);
+
+impl Perf {
+    fn record(pid: u32, out: &Path) -> Perf {
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let child = Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
+            .arg(out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf (linux-tools) installed");
+        Perf(child)
+    }
+
+    /// SIGINT makes perf write its file and exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// The release `anchord` next to this benchmark (target/release/deps/runtime-* →
+/// target/release), rebuilt first so it matches the code under test (a no-op when fresh).
+fn anchord_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace).args([
+        "build",
+        "--quiet",
+        "-p",
+        "anchorage-daemon",
+        "--bin",
+        "anchord",
+    ]);
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    if let Some(target) = dir.parent() {
+        cmd.arg("--target-dir").arg(target);
+    }
+    let status = cmd.status().expect("cargo build of anchord");
+    assert!(status.success(), "building anchord failed: {status}");
+    dir.join(format!("anchord{}", std::env::consts::EXE_SUFFIX))
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc readers
+
+/// Voluntary and involuntary context switches of all threads of a process.
+fn proc_context_switches(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// utime + stime of a process (`self` or a pid), in clock ticks.
+fn proc_cpu_ticks(pid: &str) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the parenthesised command name start at field 3 (state); utime and stime
+    // are fields 14 and 15.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Datagrams dropped by the kernel (receive buffer full) on the IPv4 UDP sockets whose local
+/// port matches.
+fn udp_drops(port: impl Fn(u16) -> bool) -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/net/udp") else {
+        return 0;
+    };
+    s.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f
+                .get(1)?
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())?;
+            port(local_port)
+                .then(|| f.last()?.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+fn rmem_max() -> usize {
+    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What the kernel grants a UDP socket that asks for the anchor's receive buffer.
+fn effective_rcvbuf() -> usize {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .unwrap();
+    let _ = socket.set_recv_buffer_size(ANCHOR_RCVBUF);
+    socket.recv_buffer_size().unwrap_or(0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    format!(
+        "{cpu}, {cores} cores, {:.1} GiB RAM, load {}",
+        mem as f64 / 1024.0 / 1024.0,
+        loadavg()
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Percentiles
+
+struct Percentiles {
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    max: Duration,
+    mean: Duration,
+}
+
+impl Percentiles {
+    fn of(mut v: Vec<Duration>) -> Percentiles {
+        if v.is_empty() {
+            v.push(Duration::ZERO);
+        }
+        v.sort();
+        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Percentiles {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: v[v.len() - 1],
+            mean: v.iter().sum::<Duration>() / v.len() as u32,
+        }
+    }
+
+    fn show(&self) -> String {
+        format!(
+            "p50 {} p90 {} p99 {} (mean {}, max {})",
+            us(self.p50),
+            us(self.p90),
+            us(self.p99),
+            us(self.mean),
+            us(self.max)
+        )
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
