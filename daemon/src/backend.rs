@@ -406,8 +406,15 @@ impl Backend for AnchorBackend {
         let timeout = crate::runtime::invoke_timeout(req.timeout_ms);
         let anchor = self.anchor.clone();
         let d = device;
-        let trusted = self
-            .blocking(move |a| {
+        // A live session proves trust without a store read: its certificate passed the live
+        // revocation check at the handshake, and revoking or removing a device updates the
+        // in-memory set (or forgets the session) before the operator hears back.
+        let live = anchor.shared.runtime.is_live(&device)
+            && !anchor.shared.revocation.is_device_revoked(&device);
+        let trusted = if live {
+            Ok(true)
+        } else {
+            self.blocking(move |a| {
                 Ok(matches!(
                     a.device_record(&d).map_err(store_err)?,
                     Some(DeviceRecord {
@@ -416,7 +423,8 @@ impl Backend for AnchorBackend {
                     })
                 ))
             })
-            .await;
+            .await
+        };
         match trusted {
             Ok(true) => {}
             Ok(false) => {

@@ -79,6 +79,8 @@ pub struct FileConfig {
     pub invocation_max_records: Option<usize>,
     /// Log format: `text` or `json`.
     pub log_format: Option<String>,
+    /// Async worker threads (default: one less than the cores, at least one).
+    pub worker_threads: Option<usize>,
 }
 
 impl FileConfig {
@@ -146,6 +148,22 @@ pub struct AnchorConfig {
     pub invocation_max_records: usize,
     /// JSON logs.
     pub log_json: bool,
+    /// Async worker threads of the runtime `anchord` builds.
+    pub worker_threads: usize,
+}
+
+/// Async worker threads by default: one less than the cores, at least one.
+///
+/// The spare core serves the blocking pool (store commits, fsyncs, certificate signing) and
+/// the kernel's network work. A fleet heartbeating at a steady rate wakes the runtime about
+/// once per datagram; with every core a worker, each wake also unparks an idle worker that
+/// finds nothing to steal, which cost a third of the anchor's CPU at 1,000 nodes on two cores
+/// (docs/benchmarks.md, Heartbeats).
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
 }
 
 impl AnchorConfig {
@@ -249,7 +267,15 @@ impl FileConfig {
                 message: "must be between 1 and 100".into(),
             });
         }
+        let worker_threads = self.worker_threads.unwrap_or_else(default_worker_threads);
+        if worker_threads == 0 || worker_threads > 1024 {
+            return Err(ConfigError::Invalid {
+                key: "worker_threads",
+                message: "must be between 1 and 1024".into(),
+            });
+        }
         Ok(AnchorConfig {
+            worker_threads,
             data_dir: self
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -292,6 +318,8 @@ mod tests {
         assert_eq!(c.presence.offline_after, Duration::from_secs(1800));
         assert_eq!(c.cert_validity, Duration::from_secs(30 * 86400));
         assert_eq!(c.pairing_max_attempts, 3);
+        assert!(c.worker_threads >= 1);
+        assert_eq!(c.worker_threads, default_worker_threads());
     }
 
     #[test]
@@ -306,6 +334,16 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("stale_after"), "{err}");
+        let err = toml::from_str::<FileConfig>("worker_threads = 0")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("worker_threads"), "{err}");
+        let c = toml::from_str::<FileConfig>("worker_threads = 3")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.worker_threads, 3);
         assert!(
             toml::from_str::<FileConfig>("listn = \"x\"").is_err(),
             "unknown keys refused"

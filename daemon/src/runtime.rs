@@ -475,6 +475,13 @@ impl Runtime {
         }
     }
 
+    /// Whether the device has a registered, live session now.
+    pub(crate) fn is_live(&self, device: &DeviceId) -> bool {
+        lock(&self.nodes)
+            .get(device)
+            .is_some_and(|s| s.live.is_some())
+    }
+
     /// Live connections.
     pub fn connected(&self) -> usize {
         lock(&self.nodes)
@@ -549,11 +556,14 @@ impl Runtime {
             self.count(record.state, &record.capability);
         }
         self.writer.put(Space::Invocations, &id, &record).await;
-        self.writer.barrier().await?;
         self.publish_invocation(anchor, &record);
+        // Dispatch while the record is being committed: the writer is ordered, so every later
+        // state of this invocation lands after it, and the caller still learns the id only
+        // once it is on disk.
         if record.state == InvocationState::Queued {
             self.dispatch_queued(anchor, &device);
         }
+        self.writer.barrier().await?;
         Ok(record)
     }
 

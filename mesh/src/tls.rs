@@ -98,6 +98,11 @@ impl RevocationSet {
         self.write().serials.insert(serial);
     }
 
+    /// Whether every certificate of the device is revoked.
+    pub fn is_device_revoked(&self, device: &DeviceId) -> bool {
+        self.read().devices.contains(device)
+    }
+
     /// Number of revoked devices and serials.
     pub fn len(&self) -> (usize, usize) {
         let inner = self.read();

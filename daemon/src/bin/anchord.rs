@@ -43,6 +43,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_parser = ["text", "json"])]
     log_format: Option<String>,
+    /// Async worker threads. Default: one less than the cores, at least one.
+    #[arg(long, global = true, value_name = "N")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         offline_after: cli.offline_after.clone().or(file.offline_after),
         cert_validity: cli.cert_validity.clone().or(file.cert_validity),
         log_format: cli.log_format.clone().or(file.log_format),
+        worker_threads: cli.worker_threads.or(file.worker_threads),
         ..file
     };
     let config = match merged.validate() {
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
     };
     anchorage_mesh::os::init_tracing(config.log_json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
         .enable_all()
         .build()
     {
