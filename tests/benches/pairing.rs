@@ -27,6 +27,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use anchorage_console::Backend;
 use anchorage_console::api::{MintCodeRequest, PairMethod, Principal, RequestState};
 use anchorage_daemon::AnchorConfig;
@@ -104,6 +106,7 @@ fn options() -> Options {
 
 fn main() {
     let opts = options();
+    println!("pairing benchmark; {}", common::machine());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -201,8 +204,8 @@ async fn latency(b: &Bench, n: usize) {
         v.sort();
         println!(
             "    {name:<52} {:>9} {:>9} {:>9}",
-            ms(pct(&v, 50)),
-            ms(pct(&v, 99)),
+            ms(common::percentile(&v, 0.50)),
+            ms(common::percentile(&v, 0.99)),
             ms(v.last().copied().unwrap_or_default())
         );
     }
@@ -217,7 +220,7 @@ async fn throughput(b: &Arc<Bench>, total: usize, concurrency: usize) {
     }
     let mint_elapsed = mint_started.elapsed();
     let codes = Arc::new(Mutex::new(codes));
-    let cpu_before = process_cpu();
+    let cpu_before = common::cpu_time("self");
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..concurrency {
@@ -242,7 +245,7 @@ async fn throughput(b: &Arc<Bench>, total: usize, concurrency: usize) {
         latencies.extend(t.await.unwrap());
     }
     let elapsed = started.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu_before);
+    let cpu = common::cpu_time("self").saturating_sub(cpu_before);
     latencies.sort();
     println!();
     println!(
@@ -252,8 +255,8 @@ async fn throughput(b: &Arc<Bench>, total: usize, concurrency: usize) {
         concurrency,
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
-        ms(pct(&latencies, 50)),
-        ms(pct(&latencies, 99)),
+        ms(common::percentile(&latencies, 0.50)),
+        ms(common::percentile(&latencies, 0.99)),
     );
     println!(
         "    minting the {} codes beforehand, one at a time: {:.2} s ({:.1}/s)",
@@ -272,27 +275,6 @@ async fn throughput(b: &Arc<Bench>, total: usize, concurrency: usize) {
             cores as f64 / per.as_secs_f64()
         );
     }
-}
-
-/// User + system CPU time of this process so far (all threads, finished ones included), from
-/// `/proc/self/stat` in clock ticks of 10 ms (`USER_HZ` is 100 on Linux). Zero elsewhere.
-fn process_cpu() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
-    };
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Duration::ZERO;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line; after the name, field 3 is index 0.
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 /// Approves every request as soon as its `pairing.requested` event arrives.
@@ -405,13 +387,6 @@ async fn pair_with(b: &Bench, name: &str, code: &str) -> Sample {
         to_cert: done.saturating_duration_since(a.approved),
         total: done - start,
     }
-}
-
-fn pct(sorted: &[Duration], p: usize) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
 fn ms(d: Duration) -> String {

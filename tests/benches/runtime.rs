@@ -34,6 +34,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use anchorage_console::Backend;
 use anchorage_console::ControlPlaneClient;
 use anchorage_console::api::{InvocationState, InvokeRequest, MintCodeRequest, PairMethod};
@@ -75,7 +77,7 @@ fn main() {
         opts.scenarios,
         opts.nodes,
         opts.window.as_secs(),
-        machine()
+        common::machine()
     );
     let mut report = Report::default();
     let want = |s: &str| opts.scenarios.iter().any(|x| x == s || x == "all");
@@ -193,7 +195,7 @@ impl Report {
         for (s, m, v) in &self.rows {
             println!("{s:<w0$} | {m:<w1$} | {v}");
         }
-        println!("\nload at the end: {}", loadavg());
+        println!("\nload at the end: {}", common::loadavg());
         for v in &self.verdicts {
             println!("{v}");
         }
@@ -204,7 +206,7 @@ impl Report {
 // rtt: invocation round trip against UDP and quinn
 
 async fn rtt(opts: &Options, report: &mut Report) {
-    println!("\n[rtt] load {}", loadavg());
+    println!("\n[rtt] load {}", common::loadavg());
     let work = tempfile::tempdir().unwrap();
     let running = anchorage_daemon::start(AnchorConfig::for_tests(work.path().join("anchor")))
         .await
@@ -658,7 +660,7 @@ async fn quinn_echo(calls: usize) -> (Vec<Duration>, Vec<Duration>) {
 
 async fn fleet(opts: &Options, heartbeats: bool, scale: bool, report: &mut Report) {
     let n = opts.nodes;
-    println!("\n[fleet] {n} nodes; load {}", loadavg());
+    println!("\n[fleet] {n} nodes; load {}", common::loadavg());
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("anchor");
     let bin = tokio::task::spawn_blocking(anchord_binary).await.unwrap();
@@ -819,7 +821,6 @@ async fn heartbeat_window(
             )
         })
     };
-    let tick = clock_ticks_per_sec();
     let regs0 = regs(agents);
     // Node-side sums taken around each scrape of /metrics, so both count the same interval.
     let scrape = || async {
@@ -834,13 +835,13 @@ async fn heartbeat_window(
     );
     let switches0 = anchord.context_switches();
     let (metrics0, sent0, acks0) = scrape().await;
-    let (cpu0, self0, t0) = (anchord.cpu_ticks(), proc_cpu_ticks("self"), Instant::now());
+    let (cpu0, self0, t0) = (anchord.cpu_time(), common::cpu_time("self"), Instant::now());
     let profile = opts
         .perf
         .as_ref()
         .map(|dir| Perf::record(anchord.pid(), &dir.join("anchord-heartbeats.data")));
     tokio::time::sleep(opts.window).await;
-    let (cpu1, self1, elapsed) = (anchord.cpu_ticks(), proc_cpu_ticks("self"), t0.elapsed());
+    let (cpu1, self1, elapsed) = (anchord.cpu_time(), common::cpu_time("self"), t0.elapsed());
     if let Some(p) = profile {
         p.stop();
     }
@@ -852,14 +853,14 @@ async fn heartbeat_window(
     );
     let regs1 = regs(agents);
     let secs = elapsed.as_secs_f64();
-    let anchor_cpu = (cpu1 - cpu0) as f64 / tick / secs * 100.0;
-    let nodes_cpu = (self1 - self0) as f64 / tick / secs * 100.0;
+    let anchor_cpu = (cpu1 - cpu0).as_secs_f64() / secs * 100.0;
+    let nodes_cpu = (self1 - self0).as_secs_f64() / secs * 100.0;
     let sent = sent1 - sent0;
     let acked = acks1 - acks0;
     report.row(
         "heartbeats",
         format!("window, {n} nodes at 1 Hz (±10 % jitter, random phase)"),
-        format!("{secs:.1} s, load {}", loadavg()),
+        format!("{secs:.1} s, load {}", common::loadavg()),
     );
     report.row(
         "heartbeats",
@@ -884,11 +885,9 @@ async fn heartbeat_window(
     );
     // The anchor's own counters, when /metrics has them.
     let counter = |m: &Option<String>, name: &str| -> Option<f64> {
-        m.as_deref()?
-            .lines()
-            .find(|l| l.starts_with(name) && !l.starts_with('#'))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse().ok())
+        anchorage_tests::prom::parse(m.as_deref()?)
+            .ok()?
+            .value(name, &[])
     };
     let received = counter(&metrics1, "anchorage_heartbeats_received_total")
         .zip(counter(&metrics0, "anchorage_heartbeats_received_total"))
@@ -925,7 +924,7 @@ async fn heartbeat_window(
         "anchord CPU per heartbeat / context switches per heartbeat",
         format!(
             "{:.0} µs / {:.1}",
-            (cpu1 - cpu0) as f64 / tick * 1e6 / sent.max(1) as f64,
+            (cpu1 - cpu0).as_secs_f64() * 1e6 / sent.max(1) as f64,
             switches1.saturating_sub(switches0) as f64 / sent.max(1) as f64
         ),
     );
@@ -974,7 +973,7 @@ async fn restart(
 ) -> Anchord {
     let n = agents.len();
     let port = anchord.quic;
-    println!("  restarting anchord on {port}; load {}", loadavg());
+    println!("  restarting anchord on {port}; load {}", common::loadavg());
     let killed = Instant::now();
     // Blocking waits go to the blocking pool: the agents keep running meanwhile.
     let (bin, data) = (bin.to_path_buf(), data.to_path_buf());
@@ -1072,7 +1071,7 @@ async fn restart(
 // loss: system.health over netsim, in simulated time
 
 fn loss(report: &mut Report) {
-    println!("\n[loss] seeds {LOSS_SEED:#x}+; load {}", loadavg());
+    println!("\n[loss] seeds {LOSS_SEED:#x}+; load {}", common::loadavg());
     let links = [
         ("5 % loss, 50 ms RTT", Duration::from_millis(25), 0.05),
         ("20 % loss, 100 ms RTT", Duration::from_millis(50), 0.20),
@@ -1408,8 +1407,8 @@ impl Anchord {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    fn cpu_ticks(&self) -> u64 {
-        proc_cpu_ticks(&self.pid().to_string())
+    fn cpu_time(&self) -> Duration {
+        common::cpu_time(&self.pid().to_string())
     }
 
     /// Voluntary and involuntary context switches of all its threads.
@@ -1572,31 +1571,6 @@ fn proc_context_switches(pid: &str) -> u64 {
         .sum()
 }
 
-/// utime + stime of a process (`self` or a pid), in clock ticks.
-fn proc_cpu_ticks(pid: &str) -> u64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // Fields after the parenthesised command name start at field 3 (state); utime and stime
-    // are fields 14 and 15.
-    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    field(11) + field(12)
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 /// Datagrams dropped by the kernel (receive buffer full) on the IPv4 UDP sockets whose local
 /// port matches.
 fn udp_drops(port: impl Fn(u16) -> bool) -> u64 {
@@ -1638,39 +1612,6 @@ fn effective_rcvbuf() -> usize {
     socket.recv_buffer_size().unwrap_or(0)
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
-    format!(
-        "{cpu}, {cores} cores, {:.1} GiB RAM, load {}",
-        mem as f64 / 1024.0 / 1024.0,
-        loadavg()
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // Percentiles
 
@@ -1688,7 +1629,7 @@ impl Percentiles {
             v.push(Duration::ZERO);
         }
         v.sort();
-        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        let at = |q: f64| common::percentile(&v, q);
         Percentiles {
             p50: at(0.50),
             p90: at(0.90),

@@ -473,3 +473,42 @@ async fn command_capabilities_take_json_in_and_out_and_report_failures_and_timeo
         .unwrap();
     assert_eq!(r.state, InvocationState::TimedOut, "{r:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_or_removed_node_gets_no_invocation_even_while_still_connected() {
+    let sim = Sim::start(SEED + 9, lossy(0.0), |c| {
+        c.presence.heartbeat_interval = Duration::from_secs(1)
+    })
+    .await;
+    let (_a, revoked, agent_a) = paired_running(&sim, "to-revoke").await;
+    let (_b, removed, agent_b) = paired_running(&sim, "to-remove").await;
+    for id in [&revoked, &removed] {
+        assert!(wait_presence(&sim, id, Presence::Online, Duration::from_secs(10)).await);
+    }
+    // Invoking a live node is answered without a store read; revoking and removing must still
+    // take effect the moment the call returns, before the session has wound down.
+    let sim = &sim;
+    let refused = |id: String| async move {
+        let err = sim
+            .backend()
+            .invoke(
+                &sim.owner,
+                &id,
+                invoke_req("echo", serde_json::json!("hi"), 5_000, false),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.status.as_u16(), 404, "{err:?}");
+    };
+    sim.backend()
+        .revoke(&sim.owner, &revoked, Some("lost laptop".into()))
+        .await
+        .unwrap();
+    refused(revoked.clone()).await;
+    sim.backend().remove(&sim.owner, &removed).await.unwrap();
+    refused(removed.clone()).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for agent in [&agent_a, &agent_b] {
+        assert_eq!(agent.stats.invocations_run.load(Ordering::Relaxed), 0);
+    }
+}
