@@ -14,6 +14,10 @@
 //! chromium-driver`). Without them the test prints why and passes, unless
 //! `ANCHORAGE_BROWSER_TEST=1` (as in `.ci/run`), where it fails.
 //!
+//! `ANCHORAGE_BROWSER=firefox` drives Firefox instead, through geckodriver: `/usr/bin/firefox-esr`
+//! (Debian: `apt-get install firefox-esr`) and `geckodriver` on the `PATH` (Debian does not
+//! package it; `cargo install geckodriver` builds it from crates.io). CI runs Chromium only.
+//!
 //! The binaries are taken from the target directory of this test (`target/debug`) when they are
 //! newer than every source file their dep-info lists; otherwise the test builds them with
 //! `cargo build` into `target/browser-test-bins` (a separate directory: `cargo test` holds the
@@ -34,6 +38,107 @@ use serde_json::{Value, json};
 
 /// Where Debian puts Chromium.
 const CHROMIUM: &str = "/usr/bin/chromium";
+/// Where Debian puts Firefox ESR.
+const FIREFOX: &str = "/usr/bin/firefox-esr";
+
+/// Firefox preferences: the same intent as Chromium's switches (no updates, telemetry or
+/// background requests on a closed network).
+const FIREFOX_PREFS: &[(&str, bool)] = &[
+    ("app.update.auto", false),
+    ("browser.shell.checkDefaultBrowser", false),
+    ("datareporting.policy.dataSubmissionEnabled", false),
+    ("network.captive-portal-service.enabled", false),
+    ("network.connectivity-service.enabled", false),
+    ("toolkit.telemetry.enabled", false),
+    ("browser.safebrowsing.malware.enabled", false),
+    ("browser.safebrowsing.phishing.enabled", false),
+];
+
+/// The browser the test drives: Chromium, or Firefox with `ANCHORAGE_BROWSER=firefox`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Browser {
+    Chromium,
+    Firefox,
+}
+
+impl Browser {
+    fn from_env() -> Browser {
+        match std::env::var("ANCHORAGE_BROWSER").as_deref() {
+            Ok("firefox") => Browser::Firefox,
+            Ok("" | "chromium") | Err(_) => Browser::Chromium,
+            Ok(other) => panic!("ANCHORAGE_BROWSER={other:?}: expected chromium or firefox"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Browser::Chromium => "chromium",
+            Browser::Firefox => "firefox",
+        }
+    }
+
+    fn binary(self) -> &'static str {
+        match self {
+            Browser::Chromium => CHROMIUM,
+            Browser::Firefox => FIREFOX,
+        }
+    }
+
+    fn driver(self) -> &'static str {
+        match self {
+            Browser::Chromium => "chromedriver",
+            Browser::Firefox => "geckodriver",
+        }
+    }
+
+    /// How to get both.
+    fn install_hint(self) -> &'static str {
+        match self {
+            Browser::Chromium => "apt-get install chromium chromium-driver",
+            Browser::Firefox => "apt-get install firefox-esr; cargo install geckodriver",
+        }
+    }
+
+    fn driver_command(self, driver: &Path, port: u16) -> Command {
+        let mut cmd = Command::new(driver);
+        match self {
+            Browser::Chromium => cmd.arg(format!("--port={port}")),
+            Browser::Firefox => cmd.args(["--port", &port.to_string()]),
+        };
+        cmd
+    }
+
+    /// New-session capabilities: headless, a fresh profile in `profile`.
+    fn capabilities(self, profile: &Path) -> Value {
+        let always = match self {
+            Browser::Chromium => {
+                let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
+                args.push(format!("--user-data-dir={}", profile.display()));
+                args.push("--window-size=1280,900".into());
+                json!({
+                    "browserName": "chrome",
+                    "goog:chromeOptions": { "binary": CHROMIUM, "args": args },
+                })
+            }
+            Browser::Firefox => {
+                std::fs::create_dir_all(profile).unwrap();
+                let prefs: serde_json::Map<String, Value> = FIREFOX_PREFS
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Value::Bool(*v)))
+                    .collect();
+                json!({
+                    "browserName": "firefox",
+                    "moz:firefoxOptions": {
+                        "binary": FIREFOX,
+                        "args": ["-headless", "-profile", profile.display().to_string()],
+                        "prefs": prefs,
+                    },
+                })
+            }
+        };
+        json!({ "capabilities": { "alwaysMatch": always } })
+    }
+}
 
 /// Chromium's switches: the issue's list (no background traffic on a closed network, no GPU, no
 /// sandbox as root), a fresh profile and a fixed window for a stable screenshot.
@@ -52,7 +157,8 @@ const STEP: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_console_in_a_headless_browser() {
-    let Some(chromedriver) = browser_available() else {
+    let browser = Browser::from_env();
+    let Some(driver) = browser_available(browser) else {
         return;
     };
     let started = Instant::now();
@@ -83,11 +189,11 @@ async fn web_console_in_a_headless_browser() {
     // The browser.
     let driver_port = free_port();
     let _driver = Proc::spawn(
-        "chromedriver",
-        Command::new(&chromedriver).arg(format!("--port={driver_port}")),
+        browser.driver(),
+        &mut browser.driver_command(&driver, driver_port),
     );
-    let profile = tmp.path().join("chromium-profile");
-    let mut wd = WebDriver::start(driver_port, &profile).await;
+    let profile = tmp.path().join(format!("{}-profile", browser.name()));
+    let mut wd = WebDriver::start(browser, driver_port, &profile).await;
 
     let setup = started.elapsed();
     let page = Instant::now();
@@ -794,17 +900,17 @@ async fn pair_with_client(
 // ---------------------------------------------------------------------------------------------
 // Environment: browser, binaries, ports
 
-/// chromedriver's path, or `None` (and a line saying why) when the test is skipped.
-fn browser_available() -> Option<PathBuf> {
+/// The WebDriver server's path, or `None` (and a line saying why) when the test is skipped.
+fn browser_available(browser: Browser) -> Option<PathBuf> {
     let required = std::env::var("ANCHORAGE_BROWSER_TEST").is_ok_and(|v| !v.is_empty() && v != "0");
-    let chromium = Path::new(CHROMIUM).is_file();
-    let driver = find_in_path("chromedriver");
-    match (chromium, driver) {
+    let binary = Path::new(browser.binary()).is_file();
+    let driver = find_in_path(browser.driver());
+    match (binary, driver) {
         (true, Some(driver)) => Some(driver),
-        (chromium, driver) => {
+        (binary, driver) => {
             let missing = [
-                (!chromium).then_some(CHROMIUM),
-                driver.is_none().then_some("chromedriver"),
+                (!binary).then_some(browser.binary()),
+                driver.is_none().then_some(browser.driver()),
             ]
             .into_iter()
             .flatten()
@@ -812,14 +918,14 @@ fn browser_available() -> Option<PathBuf> {
             .join(" and ");
             if required {
                 panic!(
-                    "ANCHORAGE_BROWSER_TEST is set but {missing} is missing \
-                     (apt-get install chromium chromium-driver)"
+                    "ANCHORAGE_BROWSER_TEST is set but {missing} is missing ({})",
+                    browser.install_hint()
                 );
             }
             println!(
                 "SKIPPED web_console_in_a_headless_browser: {missing} not found \
-                 (apt-get install chromium chromium-driver, or set ANCHORAGE_BROWSER_TEST=1 to \
-                 make this a failure)"
+                 ({}, or set ANCHORAGE_BROWSER_TEST=1 to make this a failure)",
+                browser.install_hint()
             );
             None
         }
@@ -1041,8 +1147,8 @@ struct WebDriver {
 }
 
 impl WebDriver {
-    /// Waits for chromedriver on `port`, then opens a Chromium session.
-    async fn start(port: u16, profile: &Path) -> WebDriver {
+    /// Waits for the WebDriver server on `port`, then opens a session of `browser`.
+    async fn start(browser: Browser, port: u16, profile: &Path) -> WebDriver {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
@@ -1060,33 +1166,28 @@ impl WebDriver {
             if ready {
                 break;
             }
-            assert!(Instant::now() < deadline, "chromedriver did not start");
+            assert!(Instant::now() < deadline, "{} did not start", browser.driver());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
-        args.push(format!("--user-data-dir={}", profile.display()));
-        args.push("--window-size=1280,900".into());
-        let caps = json!({
-            "capabilities": {
-                "alwaysMatch": {
-                    "browserName": "chrome",
-                    "goog:chromeOptions": { "binary": CHROMIUM, "args": args },
-                }
-            }
-        });
         let mut wd = WebDriver {
             http,
             base,
             session: None,
             port,
         };
-        let created = wd.raw("POST", "/session", Some(caps)).await;
+        let created = wd
+            .raw("POST", "/session", Some(browser.capabilities(profile)))
+            .await;
         let id = created["sessionId"].as_str().unwrap().to_string();
         println!(
-            "chromium {} via chromedriver on port {port}",
-            created["capabilities"]["browserVersion"]
+            "{} {} via {} on port {port}",
+            browser.name(),
+            created["capabilities"]["browserVersion"],
+            browser.driver()
         );
         wd.session = Some(id);
+        // The same window everywhere, for a stable screenshot (Chromium also starts at it).
+        wd.set_window(1280, 900).await;
         wd
     }
 
