@@ -526,3 +526,136 @@ async fn anchorctl_events_prints_ndjson_until_shutdown() {
         vec![event(1, "presence"), event(2, "device.revoked")]
     );
 }
+
+/// Runs `anchorctl events --json` (plus `extra`) against `addr` until `stop`; returns its
+/// output and the task.
+fn events_cli(
+    addr: SocketAddr,
+    extra: &[&str],
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> (Shared, tokio::task::JoinHandle<Result<(), CliError>>) {
+    let url = format!("http://{addr}");
+    let mut args = vec![
+        "anchorctl",
+        "--url",
+        &url,
+        "--token",
+        "owner",
+        "events",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let cli = cli::parse_from(args).unwrap();
+    let out = Shared::default();
+    let mut writer = out.clone();
+    let task = tokio::spawn(async move {
+        cli::run(cli, &mut writer, async {
+            let _ = stop.await;
+        })
+        .await
+    });
+    (out, task)
+}
+
+/// A console server whose open event streams end while the switch is `true` (as when the
+/// anchor shuts down).
+async fn serve_with_stream_switch() -> (
+    SocketAddr,
+    Arc<TestBackend>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let backend = Arc::new(TestBackend::new());
+    let (drop_streams, rx) = tokio::sync::watch::channel(false);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = anchorage_console::router_with_options(
+        backend.clone(),
+        anchorage_console::RouterOptions {
+            public_metrics: false,
+            shutdown: Some(rx),
+        },
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, backend, drop_streams)
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+fn printed(out: &Shared) -> Vec<Event> {
+    String::from_utf8(out.0.lock().unwrap().clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn anchorctl_events_reconnects_when_the_stream_drops() {
+    let (addr, backend, drop_streams) = serve_with_stream_switch().await;
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (out, task) = events_cli(addr, &[], stop_rx);
+    until("the first subscription", || {
+        backend.events.receiver_count() == 1
+    })
+    .await;
+    backend.events.send(event(1, "presence")).unwrap();
+    until("the first event", || printed(&out).len() == 1).await;
+
+    // The anchor ends every stream (as on a restart); anchorctl keeps going.
+    drop_streams.send_replace(true);
+    until("the stream to end", || backend.events.receiver_count() == 0).await;
+    drop_streams.send_replace(false);
+    until("a new subscription", || {
+        backend.events.receiver_count() == 1
+    })
+    .await;
+    backend.events.send(event(2, "device.revoked")).unwrap();
+    until("the event after the reconnect", || printed(&out).len() == 2).await;
+    assert!(!task.is_finished());
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        printed(&out),
+        vec![event(1, "presence"), event(2, "device.revoked")]
+    );
+}
+
+#[tokio::test]
+async fn anchorctl_events_no_reconnect_exits_69_when_the_stream_drops() {
+    let (addr, backend, drop_streams) = serve_with_stream_switch().await;
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (_out, task) = events_cli(addr, &["--no-reconnect"], stop_rx);
+    until("the subscription", || backend.events.receiver_count() == 1).await;
+    drop_streams.send_replace(true);
+    let err = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("anchorctl exits")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.exit, exit::UNAVAILABLE, "{err:?}");
+}
+
+#[tokio::test]
+async fn anchorctl_events_does_not_retry_an_anchor_it_never_reached() {
+    // A port nothing listens on: the first connection fails, and that is an error at once.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (_out, task) = events_cli(addr, &[], stop_rx);
+    let err = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("anchorctl exits")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.exit, exit::UNAVAILABLE, "{err:?}");
+}

@@ -1166,7 +1166,11 @@ impl WebDriver {
             if ready {
                 break;
             }
-            assert!(Instant::now() < deadline, "{} did not start", browser.driver());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start",
+                browser.driver()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let mut wd = WebDriver {

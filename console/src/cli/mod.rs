@@ -17,7 +17,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -55,6 +55,11 @@ pub mod exit {
 }
 
 const GLOBAL: &str = "Global options";
+
+/// First pause before `events` reconnects; it doubles up to [`EVENTS_RETRY_MAX`].
+const EVENTS_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest pause between `events` reconnection attempts.
+const EVENTS_RETRY_MAX: Duration = Duration::from_secs(30);
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 success, 1 operation failed, 2 usage, 64 bad input, 69 anchor unreachable,
@@ -126,8 +131,8 @@ pub enum Command {
     /// Past and running invocations.
     #[command(subcommand)]
     Invocation(InvocationCommand),
-    /// Follow the anchor's event stream until Ctrl-C.
-    Events,
+    /// Follow the anchor's event stream until Ctrl-C, reconnecting when it drops.
+    Events(EventsArgs),
     /// List registered nodes (same as `node list`).
     Nodes,
     /// Registered nodes: list, show.
@@ -238,6 +243,14 @@ pub enum TokenCommand {
         /// Token id.
         id: String,
     },
+}
+
+/// `anchorctl events [--no-reconnect]`
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Exit (code 69) when the stream drops instead of reconnecting.
+    #[arg(long)]
+    pub no_reconnect: bool,
 }
 
 /// `anchorctl inventory [show ID]`
@@ -558,7 +571,7 @@ impl Ctx<'_> {
                     .await?;
                 self.emit(&list, |now| human_invocations(&list, now))
             }
-            Command::Events => self.events(shutdown).await,
+            Command::Events(args) => self.events(!args.no_reconnect, shutdown).await,
             Command::Nodes | Command::Node(NodeCommand::List) => {
                 let nodes = self.client.list_nodes().await?;
                 self.emit(&nodes, |now| human_nodes(&nodes, now))
@@ -741,13 +754,66 @@ impl Ctx<'_> {
         invocation_outcome(&invocation, args.async_)
     }
 
-    async fn events(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {
-        let stream = self.client.events().await?;
-        let mut stream = std::pin::pin!(stream);
+    /// Follows the event stream. A first connection that fails is an error; after that, with
+    /// `reconnect`, a dropped stream or an unreachable anchor is retried with capped backoff
+    /// (each attempt said on stderr) until Ctrl-C. Refused credentials always end it.
+    async fn events(
+        &mut self,
+        reconnect: bool,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), CliError> {
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut delay = EVENTS_RETRY_FIRST;
+        let mut connected_before = false;
+        loop {
+            let opened = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                opened = self.client.events() => opened,
+            };
+            let lost = match opened {
+                Ok(stream) => {
+                    if connected_before {
+                        eprintln!(
+                            "anchorctl: event stream reconnected; events published while it \
+                             was down were not received"
+                        );
+                    }
+                    connected_before = true;
+                    delay = EVENTS_RETRY_FIRST;
+                    match self.follow(stream, &mut shutdown).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => CliError::from(e),
+            };
+            if !reconnect || !connected_before || lost.exit != exit::UNAVAILABLE {
+                return Err(lost);
+            }
+            eprintln!(
+                "anchorctl: {}; reconnecting in {}s",
+                lost.message,
+                delay.as_secs()
+            );
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(EVENTS_RETRY_MAX);
+        }
+    }
+
+    /// Prints events from one connection of the stream until it ends (an `UNAVAILABLE`
+    /// error) or `shutdown` resolves (`Ok`).
+    async fn follow(
+        &mut self,
+        stream: impl Stream<Item = Result<Event, ClientError>>,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<(), CliError> {
+        let mut stream = std::pin::pin!(stream);
         loop {
             let item = tokio::select! {
-                () = &mut shutdown => return Ok(()),
+                () = shutdown.as_mut() => return Ok(()),
                 item = stream.next() => item,
             };
             match item {
