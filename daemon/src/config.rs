@@ -14,35 +14,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7444";
 /// Default console address.
 pub const DEFAULT_CONSOLE: &str = "127.0.0.1:7142";
 
-/// Errors in the configuration. `anchord` exits with code 64 on these.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for this schema.
-    #[error("invalid config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, with the line.
-        message: String,
-    },
-    /// A value is out of range or malformed.
-    #[error("invalid setting `{key}`: {message}")]
-    Invalid {
-        /// The setting.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use anchorage_mesh::config::ConfigError;
 
 /// The TOML file, every key optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -86,14 +58,7 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        anchorage_mesh::config::read_toml(path)
     }
 }
 
@@ -184,14 +149,13 @@ impl FileConfig {
     pub fn validate(self) -> Result<AnchorConfig, ConfigError> {
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let s = v.unwrap_or_else(|| default.to_string());
-            s.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid {
-                key,
-                message: format!("{s:?} is not an address like 0.0.0.0:7444"),
+            s.parse::<SocketAddr>().map_err(|_| {
+                ConfigError::invalid(key, format!("{s:?} is not an address like 0.0.0.0:7444"))
             })
         };
         let dur = |key: &'static str, v: Option<String>, default: Duration| match v {
             None => Ok(default),
-            Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid { key, message }),
+            Some(s) => parse_duration(&s).map_err(|message| ConfigError::invalid(key, message)),
         };
         let presence = PresenceConfig {
             heartbeat_interval: dur(
@@ -217,25 +181,25 @@ impl FileConfig {
             || presence.heartbeat_interval > Duration::from_secs(3600)
         {
             return Err(ConfigError::Invalid {
-                key: "heartbeat_interval",
+                key: "heartbeat_interval".into(),
                 message: "must be between 100ms and 1h".into(),
             });
         }
         if presence.stale_after <= presence.heartbeat_interval {
             return Err(ConfigError::Invalid {
-                key: "stale_after",
+                key: "stale_after".into(),
                 message: "must be longer than the heartbeat interval".into(),
             });
         }
         if presence.offline_after <= presence.stale_after {
             return Err(ConfigError::Invalid {
-                key: "offline_after",
+                key: "offline_after".into(),
                 message: "must be longer than stale_after".into(),
             });
         }
         if !(0.0..=1.0).contains(&presence.degraded_loss) {
             return Err(ConfigError::Invalid {
-                key: "degraded_loss",
+                key: "degraded_loss".into(),
                 message: "must be a fraction between 0 and 1".into(),
             });
         }
@@ -246,7 +210,7 @@ impl FileConfig {
         )?;
         if cert_validity < Duration::from_secs(60) {
             return Err(ConfigError::Invalid {
-                key: "cert_validity",
+                key: "cert_validity".into(),
                 message: "must be at least 1m".into(),
             });
         }
@@ -255,7 +219,7 @@ impl FileConfig {
             Some("json") => true,
             Some(other) => {
                 return Err(ConfigError::Invalid {
-                    key: "log_format",
+                    key: "log_format".into(),
                     message: format!("{other:?}: expected text or json"),
                 });
             }
@@ -263,14 +227,14 @@ impl FileConfig {
         let max_attempts = self.pairing_max_attempts.unwrap_or(3);
         if max_attempts == 0 || max_attempts > 100 {
             return Err(ConfigError::Invalid {
-                key: "pairing_max_attempts",
+                key: "pairing_max_attempts".into(),
                 message: "must be between 1 and 100".into(),
             });
         }
         let worker_threads = self.worker_threads.unwrap_or_else(default_worker_threads);
         if worker_threads == 0 || worker_threads > 1024 {
             return Err(ConfigError::Invalid {
-                key: "worker_threads",
+                key: "worker_threads".into(),
                 message: "must be between 1 and 1024".into(),
             });
         }

@@ -9,6 +9,7 @@
 //!
 //! Everything here that involves time takes `now` as an argument.
 
+pub mod config;
 pub mod duration;
 pub mod framed;
 pub mod identity;

@@ -17,7 +17,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -26,35 +26,7 @@ pub use anchorage_mesh::duration::parse_duration;
 
 use crate::capability::CommandSpec;
 
-/// Errors in the node configuration (`anchor-node` exits 64 on these).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid.
-    #[error("invalid config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// A value is invalid.
-    #[error("invalid setting `{key}`: {message}")]
-    Invalid {
-        /// The setting.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use anchorage_mesh::config::ConfigError;
 
 /// Desktop integration switches.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -88,14 +60,7 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let config: NodeConfig = anchorage_mesh::config::read_toml(path)?;
         config.check()?;
         Ok(config)
     }
