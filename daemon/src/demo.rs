@@ -68,16 +68,7 @@ pub async fn run(
     let a = anchor.clone();
     let quic = tokio::spawn(async move { a.serve(endpoint).await });
 
-    let listener = tokio::net::TcpListener::bind(config.console)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.console,
-            source,
-        })?;
-    let console_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.console,
-        source,
-    })?;
+    let (listener, console_addr) = crate::bind_console(config.console).await?;
     anchor.set_bound(None, Some(console_addr));
     let (http, http_stop) = crate::serve_console(&anchor, listener);
 

@@ -94,16 +94,7 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
         addr: config.listen,
         source,
     })?;
-    let listener = tokio::net::TcpListener::bind(config.console)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.console,
-            source,
-        })?;
-    let console_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.console,
-        source,
-    })?;
+    let (listener, console_addr) = bind_console(config.console).await?;
     anchor.set_bound(Some(quic_addr), Some(console_addr));
     info!(
         quic = %quic_addr,
@@ -167,6 +158,16 @@ pub async fn run(
 /// Receive buffer asked of the kernel for the QUIC socket: a reconnect storm of a thousand
 /// nodes overflows the default.
 pub const UDP_RECV_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Binds the console's TCP listener; returns it with the address it got (port 0 resolved).
+pub(crate) async fn bind_console(
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
 
 fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, StartError> {
     let err = |source| StartError::Bind { addr, source };

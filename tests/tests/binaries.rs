@@ -1,6 +1,6 @@
 //! Enrollment end to end with the real binaries over real loopback, as a user runs them:
 //! `anchord` in a temporary data directory, `anchorctl` for the operator, `anchor-node` on the
-//! device (issue 4).
+//! device (issue 4); one node running (issue 5); `anchord demo` (issue 6).
 //!
 //! The binaries are found next to this test's executable (`target/<profile>/`). Under cargo they
 //! are (re)built once with `cargo build --bins` first, which is a no-op when they are fresh:
@@ -1014,4 +1014,116 @@ fn a_stopped_pairing_resumes_when_run_again_without_a_code() {
     cmd.args(["pair", "--state-dir"]).arg(&state);
     let out = Proc::spawn("anchor-node pair (nothing)", &mut cmd).finish(COMMAND_TIMEOUT);
     assert_eq!(out.code(), Some(64), "{out:?}");
+}
+
+#[test]
+fn the_demo_runs_simulated_nodes_behind_a_live_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(&bins().anchord, dir.path());
+    cmd.args(["demo", "--nodes", "3", "--preset", "lan", "--data-dir"])
+        .arg(dir.path().join("demo-data"))
+        .args(["--console", "127.0.0.1:0"]);
+    let mut demo = Proc::spawn("anchord demo", &mut cmd);
+    // Both pipes drained for the process's whole life, so its output never blocks it.
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (tx, lines) = mpsc::channel();
+    for pipe in [
+        Box::new(demo.child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(demo.child.stderr.take().unwrap()),
+    ] {
+        let (tx, log) = (tx.clone(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
+                log.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let log_text = || log.lock().unwrap().join("\n");
+
+    // The console address and the owner token, as a newcomer reads them off the terminal.
+    let (mut console, mut token) = (None, None);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while console.is_none() || token.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            panic!(
+                "the demo printed no console and token; its output:\n{}",
+                log_text()
+            );
+        };
+        if let Some(v) = line.trim().strip_prefix("Console:") {
+            console = Some(v.trim().trim_end_matches('/').to_string());
+        }
+        if let Some(v) = line.trim().strip_prefix("Owner token:") {
+            token = Some(v.trim().to_string());
+        }
+    }
+    let (console, token) = (console.unwrap(), token.unwrap());
+    let ctl = |args: &[&str]| {
+        run(
+            "anchorctl",
+            command(&bins().anchorctl, dir.path())
+                .args(["--url", &console, "--token", &token, "--json"])
+                .args(args),
+        )
+    };
+
+    // Three paired, trusted nodes; the first offers a capability whose program is missing and
+    // shows `degraded`, the others `online`.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let devices = loop {
+        let out = ctl(&["inventory"]);
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        let devices = out.json()["devices"].as_array().unwrap().clone();
+        let presence = |p: &str| devices.iter().filter(|d| d["presence"] == p).count();
+        if devices.len() == 3 && presence("online") == 2 && presence("degraded") == 1 {
+            break devices;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo's nodes never came up: {devices:#?}\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        devices.iter().all(|d| d["trust"] == "trusted"),
+        "{devices:#?}"
+    );
+    let id = |presence: &str| {
+        devices.iter().find(|d| d["presence"] == presence).unwrap()["device_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // The nodes answer through the console.
+    let out = ctl(&["invoke", &id("online"), "system.health", "--timeout", "20s"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(out.json()["state"], "succeeded", "{out:?}");
+    let out = ctl(&["invoke", &id("degraded"), "camera.snapshot"]);
+    assert_eq!(out.json()["state"], "rejected", "{out:?}");
+    assert_ne!(out.code(), Some(0), "{out:?}");
+
+    // Ctrl-C (SIGTERM here) ends it cleanly.
+    let status = Command::new("kill")
+        .args(["-TERM", &demo.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = demo.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not stop:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}\n{}", log_text());
 }
