@@ -638,6 +638,34 @@ pub struct InvocationQuery {
     pub limit: Option<usize>,
 }
 
+/// One entry of the audit log (`GET /console/v1/audit`): a trust decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Who: `name (token id)`, or `anchor` for the anchor's own decisions.
+    pub actor: String,
+    /// What: `pairing.mint`, `pairing.approve`, `device.revoke`, `token.create`, ...
+    pub action: String,
+    /// What it was done to: a device id, a request id, a code id, a token id.
+    pub target: String,
+    /// Details (a reason, a permission list), possibly empty.
+    pub detail: String,
+}
+
+/// Query of `GET /console/v1/audit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AuditQuery {
+    /// Only entries about this id: its target, or its whole detail (an approval's target is
+    /// the request and its detail the device, so a device id finds its approvals too).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// At most this many, newest first (default 100, at most 1000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Events
 

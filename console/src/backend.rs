@@ -106,6 +106,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = ApiResult<Vec<Invocation>>> + Send;
     /// One invocation.
     fn invocation(&self, id: &str) -> impl Future<Output = ApiResult<Invocation>> + Send;
+    /// The audit log, newest first.
+    fn audit(&self, query: AuditQuery) -> impl Future<Output = ApiResult<Vec<AuditEntry>>> + Send;
     /// A receiver of every event published from now on.
     fn subscribe(&self) -> broadcast::Receiver<Event>;
 

@@ -294,6 +294,18 @@ impl ControlPlaneClient {
         self.json(rb).await
     }
 
+    /// The audit log, newest first (`GET /audit`).
+    pub async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEntry>, ClientError> {
+        let mut rb = self.api(Method::GET, &["audit"])?;
+        if let Some(target) = &query.target {
+            rb = rb.query(&[("target", target)]);
+        }
+        if let Some(limit) = query.limit {
+            rb = rb.query(&[("limit", limit)]);
+        }
+        self.json(rb).await
+    }
+
     /// One invocation (`GET /invocations/{id}`).
     pub async fn invocation(&self, id: &str) -> Result<Invocation, ClientError> {
         self.json(self.api(Method::GET, &["invocations", id])?)

@@ -616,6 +616,7 @@ fn runtime_routes<B: Backend>() -> Router<AppState<B>> {
         .route("/invocations", get(list_invocations::<B>))
         .route("/invocations/{id}", get(invocation::<B>))
         .route("/events", get(events::<B>))
+        .route("/audit", get(audit::<B>))
 }
 
 async fn inventory<B: Backend>(
@@ -683,6 +684,19 @@ async fn list_invocations<B: Backend>(
         q.device_id = None;
     }
     Ok(Json(st.backend.list_invocations(q).await?))
+}
+
+async fn audit<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    uri: Uri,
+) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    require(&auth, Permission::ObservabilityRead)?;
+    let mut q: AuditQuery = query(&uri)?;
+    if q.target.as_deref() == Some("") {
+        q.target = None;
+    }
+    Ok(Json(st.backend.audit(q).await?))
 }
 
 async fn invocation<B: Backend>(

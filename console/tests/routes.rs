@@ -70,6 +70,7 @@ const ROUTES: &[Case] = &[
     case("GET", "/console/v1/invocations?device_id=DEV-1&limit=5", None, Read, StatusCode::OK),
     case("GET", "/console/v1/invocations/INV-1", None, Read, StatusCode::OK),
     case("GET", "/console/v1/events", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/audit?target=DEV-1&limit=5", None, Read, StatusCode::OK),
     case("GET", "/console/v1/qr?text=anchorage%3A%2F%2Fpair", None, TrustOperate, StatusCode::OK),
     case("GET", "/metrics", None, Read, StatusCode::OK),
 ];

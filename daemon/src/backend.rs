@@ -497,6 +497,33 @@ impl Backend for AnchorBackend {
         .await
     }
 
+    async fn audit(&self, query: AuditQuery) -> ApiResult<Vec<AuditEntry>> {
+        let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+        self.blocking(move |a| {
+            let entries = a
+                .shared
+                .store
+                .scan_rev_matching(Space::Audit, limit, |r: &crate::records::AuditRecord| {
+                    query
+                        .target
+                        .as_deref()
+                        .is_none_or(|t| t == r.target || t == r.detail)
+                })
+                .map_err(store_err)?;
+            Ok(entries
+                .into_iter()
+                .map(|(_, r)| AuditEntry {
+                    at: crate::clock::to_odt(r.at_ms),
+                    actor: r.actor,
+                    action: r.action,
+                    target: r.target,
+                    detail: r.detail,
+                })
+                .collect())
+        })
+        .await
+    }
+
     async fn invocation(&self, id: &str) -> ApiResult<Invocation> {
         let parsed: anchorage_wire::invoke::InvocationId = id
             .parse()

@@ -266,10 +266,27 @@ impl Store {
         space: Space,
         n: usize,
     ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+        self.scan_rev_matching(space, n, |_: &T| true)
+    }
+
+    /// The last `n` records of a keyspace that `keep` accepts, in reverse key order; reads
+    /// only as far back as it needs to.
+    pub fn scan_rev_matching<T: DeserializeOwned>(
+        &self,
+        space: Space,
+        n: usize,
+        keep: impl Fn(&T) -> bool,
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.ks(space).iter().rev().take(n) {
+        for guard in self.ks(space).iter().rev() {
+            if out.len() >= n {
+                break;
+            }
             let (k, v) = guard.into_inner()?;
-            out.push((k.to_vec(), decode(space, &v)?));
+            let value: T = decode(space, &v)?;
+            if keep(&value) {
+                out.push((k.to_vec(), value));
+            }
         }
         Ok(out)
     }

@@ -576,6 +576,41 @@ fn pin_pairing_revocation_and_re_pairing_with_the_real_binaries() {
     assert!(out.stdout.contains(&device_id), "{}", out.stdout);
     let device = anchord.ctl(&["device", "show", &device_id]);
     assert_eq!(device["trust"], "trusted", "{device}");
+
+    // The audit log tells the device's story, newest first, each decision with its actor.
+    let audit = anchord.ctl(&["audit", "--target", &device_id]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "pairing.approve",
+            "pairing.request",
+            "device.remove",
+            "device.revoke",
+            "pairing.approve",
+            "pairing.request",
+        ],
+        "{audit:#}"
+    );
+    let revoke = &audit[3];
+    assert_eq!(revoke["detail"], "lost", "{revoke}");
+    assert!(
+        revoke["actor"].as_str().unwrap().starts_with("owner"),
+        "{revoke}"
+    );
+    for key in ["at", "actor", "action", "target", "detail"] {
+        assert!(
+            revoke.get(key).is_some(),
+            "audit entry lacks {key}: {revoke}"
+        );
+    }
+    let last = anchord.ctl(&["audit", "--limit", "1"]);
+    assert_eq!(last.as_array().unwrap().len(), 1, "{last}");
 }
 
 #[test]

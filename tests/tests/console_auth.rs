@@ -78,6 +78,7 @@ const ROUTES: &[Case] = &[
     case("GET", "/console/v1/invocations?device_id=DEV-1&limit=5", None, Read, RUNTIME),
     case("GET", "/console/v1/invocations/INV-1", None, Read, RUNTIME),
     case("GET", "/console/v1/events", None, Read, OK),
+    case("GET", "/console/v1/audit?target=DEV-1&limit=5", None, Read, OK),
     case("GET", "/console/v1/qr?text=anchorage%3A%2F%2Fpair", None, TrustOperate, OK),
     case("GET", "/metrics", None, Read, OK),
 ];

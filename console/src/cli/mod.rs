@@ -133,6 +133,8 @@ pub enum Command {
     Invocation(InvocationCommand),
     /// Follow the anchor's event stream until Ctrl-C, reconnecting when it drops.
     Events(EventsArgs),
+    /// The audit log: every trust decision, who made it and when, newest first.
+    Audit(AuditArgs),
     /// List registered nodes (same as `node list`).
     Nodes,
     /// Registered nodes: list, show.
@@ -243,6 +245,17 @@ pub enum TokenCommand {
         /// Token id.
         id: String,
     },
+}
+
+/// `anchorctl audit [--target ID] [--limit N]`
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only entries about this device, request, code or token id (a device's approvals too).
+    #[arg(long, value_name = "ID")]
+    pub target: Option<String>,
+    /// At most this many (the anchor's default is 100, its maximum 1000).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
 }
 
 /// `anchorctl events [--no-reconnect]`
@@ -572,6 +585,10 @@ impl Ctx<'_> {
                 self.emit(&list, |now| human_invocations(&list, now))
             }
             Command::Events(args) => self.events(!args.no_reconnect, shutdown).await,
+            Command::Audit(AuditArgs { target, limit }) => {
+                let list = self.client.audit(AuditQuery { target, limit }).await?;
+                self.emit(&list, |now| human_audit(&list, now))
+            }
             Command::Nodes | Command::Node(NodeCommand::List) => {
                 let nodes = self.client.list_nodes().await?;
                 self.emit(&nodes, |now| human_nodes(&nodes, now))
@@ -1313,6 +1330,23 @@ fn human_invocations(list: &[Invocation], now: OffsetDateTime) -> String {
             relative(i.created_at, now),
             duration_ms(i.duration_ms),
             i.requested_by.clone(),
+        ]);
+    }
+    t.render()
+}
+
+fn human_audit(list: &[AuditEntry], now: OffsetDateTime) -> String {
+    if list.is_empty() {
+        return "no audit entries\n".into();
+    }
+    let mut t = Table::new(&["WHEN", "ACTOR", "ACTION", "TARGET", "DETAIL"]);
+    for e in list {
+        t.row(vec![
+            relative(e.at, now),
+            e.actor.clone(),
+            e.action.clone(),
+            e.target.clone(),
+            truncate(&e.detail, 60),
         ]);
     }
     t.render()

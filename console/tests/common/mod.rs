@@ -439,6 +439,27 @@ impl Backend for TestBackend {
         Ok(inv)
     }
 
+    async fn audit(&self, query: AuditQuery) -> ApiResult<Vec<AuditEntry>> {
+        self.call("audit");
+        let all = vec![AuditEntry {
+            at: now(),
+            actor: "owner (TOK-1)".into(),
+            action: "device.revoke".into(),
+            target: DEVICE.into(),
+            detail: "lost".into(),
+        }];
+        Ok(all
+            .into_iter()
+            .filter(|e| {
+                query
+                    .target
+                    .as_deref()
+                    .is_none_or(|t| t == e.target || t == e.detail)
+            })
+            .take(query.limit.unwrap_or(100))
+            .collect())
+    }
+
     async fn list_invocations(&self, query: InvocationQuery) -> ApiResult<Vec<Invocation>> {
         self.call("list_invocations");
         let all = vec![invocation(InvocationState::Succeeded)];
