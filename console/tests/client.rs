@@ -474,55 +474,20 @@ impl std::io::Write for Shared {
 #[tokio::test]
 async fn anchorctl_events_prints_ndjson_until_shutdown() {
     let (addr, backend) = serve().await;
-    let url = format!("http://{addr}");
-    let cli = cli::parse_from([
-        "anchorctl",
-        "--url",
-        &url,
-        "--token",
-        "owner",
-        "events",
-        "--json",
-    ])
-    .unwrap();
-    let out = Shared::default();
-    let mut writer = out.clone();
-    let lines = |out: &Shared| {
-        out.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count()
-    };
-    let shutdown = {
-        let out = out.clone();
-        async move {
-            while lines(&out) < 2 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    let publish = async {
-        while backend.events.receiver_count() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        backend.events.send(event(1, "presence")).unwrap();
-        backend.events.send(event(2, "device.revoked")).unwrap();
-    };
-    let (result, ()) = tokio::time::timeout(Duration::from_secs(10), async {
-        tokio::join!(cli::run(cli, &mut writer, shutdown), publish)
-    })
-    .await
-    .expect("events ends at shutdown");
-    result.unwrap();
-    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-    let events: Vec<Event> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (out, task) = events_cli(addr, &[], stop_rx);
+    until("the subscription", || backend.events.receiver_count() == 1).await;
+    backend.events.send(event(1, "presence")).unwrap();
+    backend.events.send(event(2, "device.revoked")).unwrap();
+    until("both events", || printed(&out).len() == 2).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("events ends at shutdown")
+        .unwrap()
+        .unwrap();
     assert_eq!(
-        events,
+        printed(&out),
         vec![event(1, "presence"), event(2, "device.revoked")]
     );
 }
