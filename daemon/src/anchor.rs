@@ -1,40 +1,48 @@
-//! The anchor: state shared by the QUIC side and the console, start-up, and the accept loop.
+//! The anchor: the composition root.
 //!
-//! [`Anchor::open`] prepares everything from the data directory (store, CA, owner token,
-//! revocations) without binding sockets. [`Anchor::serve`] runs the accept loop on any quinn
-//! endpoint (a real UDP socket, or a netsim host in tests). [`crate::run`] binds the real
-//! sockets and the console and runs until shutdown.
+//! [`Anchor::open`] builds every service from the data directory (store, CA, owner token)
+//! without binding sockets. [`Anchor::serve`] runs the accept loop on any quinn endpoint (a
+//! real UDP socket, or a netsim host in tests) and hands each connection to its IO driver.
+//! Every task belongs to the services' tracker; [`Anchor::shutdown`] cancels them, and `serve`
+//! then stops in order: no new connections, sessions closed with `ShuttingDown`, tasks
+//! drained, last-seen times and the store flushed.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use anchorage_console::api::{Event, Permission};
+use anchorage_console::api::Permission;
+use anchorage_mesh::framed;
 use anchorage_mesh::pki::{
     CertificateAuthority, DEFAULT_CA_VALIDITY, DEFAULT_SERVER_CERT_VALIDITY,
 };
-use anchorage_mesh::tls::{self, AnchorTls, PeerKind, RevocationSet, ServerCertResolver};
-use anchorage_mesh::{DeviceId, framed};
+use anchorage_mesh::tls::{self, AnchorTls, PeerKind, ServerCertResolver};
 use anchorage_wire::ErrorCode;
-use tokio::sync::{Notify, broadcast, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::clock::Clock;
 use crate::config::AnchorConfig;
+use crate::events::EventBus;
+use crate::invocations::Invocations;
 use crate::metrics::Metrics;
-use crate::records::{DeviceRecord, RevocationRecord};
-use crate::store::{Space, Store, StoreError};
-use crate::{runtime, session};
+use crate::nodes::NodeTable;
+use crate::services::Services;
+use crate::store::{FjallStore, StoreError, Stores, Writer};
+use crate::trust::{Trust, TrustSettings};
 
 /// How long a handshake may take before the anchor gives up on it.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Events buffered per subscriber before it lags.
-pub const EVENT_BUFFER: usize = 1024;
 /// Connections handled at once; beyond this, new ones are refused (`Overloaded`).
 pub const MAX_CONNECTIONS: usize = 20_000;
+/// How often presence is evaluated and deadlines are swept.
+pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// How often buffered last-seen times are written.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+/// How often finished invocations are pruned.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// Longest wait at shutdown for tasks and close frames.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Errors starting the anchor. Each names the file or address involved.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +71,7 @@ pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
-        addr: SocketAddr,
+        addr: std::net::SocketAddr,
         /// Why (e.g. address in use).
         source: std::io::Error,
     },
@@ -75,53 +83,25 @@ pub enum StartError {
 /// The anchor. Cheap to clone.
 #[derive(Clone)]
 pub struct Anchor {
-    pub(crate) shared: Arc<Shared>,
+    services: Arc<Services>,
+    owner_token_path: PathBuf,
 }
 
 impl std::fmt::Debug for Anchor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Anchor")
-            .field("data_dir", &self.shared.config.data_dir)
+            .field("data_dir", &self.services.config.data_dir)
             .finish_non_exhaustive()
     }
 }
 
-/// State shared by every task of the anchor.
-pub(crate) struct Shared {
-    pub config: AnchorConfig,
-    pub clock: Clock,
-    pub store: Store,
-    pub ca: CertificateAuthority,
-    pub revocation: Arc<RevocationSet>,
-    pub server_cert: Arc<ServerCertResolver>,
-    pub events: broadcast::Sender<Event>,
-    event_seq: AtomicU64,
-    /// Live node sessions by device.
-    pub sessions: Mutex<HashMap<DeviceId, session::SessionHandle>>,
-    pub next_session: AtomicU64,
-    /// Tie-breaker of audit keys written in the same millisecond.
-    pub audit_seq: AtomicU64,
-    /// Serializes read-modify-write of codes, requests, devices and tokens.
-    pub trust_lock: Mutex<()>,
-    /// Bootstrap streams waiting for a decision on their request.
-    pub request_waiters: Mutex<HashMap<String, Arc<Notify>>>,
-    /// Token records by id, mirrored from the store for fast authentication.
-    pub tokens: Mutex<HashMap<String, crate::records::TokenRecord>>,
-    pub started_at_ms: u64,
-    pub owner_token_path: PathBuf,
-    pub metrics: Metrics,
-    pub runtime: runtime::Runtime,
-    /// Addresses actually bound (filled by `run`).
-    pub bound: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
-    pub shutdown: watch::Sender<bool>,
-}
-
 impl Anchor {
-    /// Opens the data directory: store, CA (created on first start), owner token, revocations.
+    /// Opens the data directory and builds the services: store, CA (created on first start),
+    /// owner token. Call it within a tokio runtime (the store's writer is a task); it blocks.
     pub fn open(config: AnchorConfig, clock: Clock) -> Result<Anchor, StartError> {
         let dir = config.data_dir.clone();
         create_private_dir(&dir)?;
-        let store = Store::open(&dir.join("store"))?;
+        let stores = Stores::from_backend(FjallStore::open(&dir.join("store"))?);
         let now = clock.now();
         let ca = load_or_create_ca(&dir, now)?;
         if let Some(left) = ca.expiry_warning(now) {
@@ -136,333 +116,284 @@ impl Anchor {
         let server_cert =
             Arc::new(ServerCertResolver::new(server).map_err(|e| StartError::Tls(e.to_string()))?);
 
-        let revocation = Arc::new(RevocationSet::new());
-        for (key, _) in store.scan::<RevocationRecord>(Space::Revocations)? {
-            match key.split_first() {
-                Some((b'd', rest)) => {
-                    if let Ok(id) = <[u8; anchorage_mesh::identity::DEVICE_ID_LEN]>::try_from(rest)
-                    {
-                        revocation.revoke_device(DeviceId::from_bytes(id));
-                    }
-                }
-                Some((b's', rest)) => revocation.revoke_serial(rest.to_vec()),
-                _ => {}
-            }
-        }
-        let tokens = store
-            .scan::<crate::records::TokenRecord>(Space::Tokens)?
-            .into_iter()
-            .map(|(_, t)| (t.id.clone(), t))
-            .collect();
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let (shutdown, _) = watch::channel(false);
-        let runtime = runtime::Runtime::new(&store, &config)?;
-        let shared = Arc::new(Shared {
-            owner_token_path: dir.join("owner.token"),
-            started_at_ms: clock.now_ms(),
+        let events = Arc::new(EventBus::new(clock));
+        let metrics = Arc::new(Metrics::new());
+        let trust = Trust::new(
+            stores.trust.clone(),
+            ca,
+            clock,
+            TrustSettings {
+                cert_validity: config.cert_validity,
+                pairing_max_attempts: config.pairing_max_attempts,
+            },
+            metrics.clone(),
+        )?;
+        let mut snapshot = stores.runtime.load()?;
+        let writer = Writer::start(stores.runtime.clone());
+        let nodes = NodeTable::new(
+            &config,
+            &mut snapshot,
+            clock,
+            events.clone(),
+            metrics.clone(),
+            writer.clone(),
+        );
+        let invocations = Invocations::new(
+            std::mem::take(&mut snapshot.unfinished),
+            config.invocation_output_limit as usize,
+            stores.runtime.clone(),
+            writer,
+            clock,
+            events.clone(),
+            metrics.clone(),
+        );
+        let services = Arc::new(Services::new(
             config,
             clock,
-            store,
-            ca,
-            revocation,
-            server_cert,
+            stores,
+            trust,
+            nodes,
+            invocations,
             events,
-            event_seq: AtomicU64::new(0),
-            sessions: Mutex::new(HashMap::new()),
-            next_session: AtomicU64::new(1),
-            audit_seq: AtomicU64::new(0),
-            trust_lock: Mutex::new(()),
-            request_waiters: Mutex::new(HashMap::new()),
-            tokens: Mutex::new(tokens),
-            metrics: Metrics::default(),
-            runtime,
-            bound: Mutex::new((None, None)),
-            shutdown,
-        });
-        let anchor = Anchor { shared };
+            metrics,
+            server_cert,
+        ));
+        let anchor = Anchor {
+            services,
+            owner_token_path: dir.join("owner.token"),
+        };
         anchor.ensure_owner_token()?;
         Ok(anchor)
     }
 
+    /// The services, for IO drivers and tests.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
     /// The quinn server configuration (both ALPNs, live revocation).
     pub fn server_config(&self) -> Result<quinn::ServerConfig, StartError> {
+        let s = &self.services;
         let tls = AnchorTls {
-            ca: self.shared.ca.cert_der().clone(),
-            server_cert: self.shared.server_cert.clone(),
-            revocation: self.shared.revocation.clone(),
-            renewal_grace: self.shared.config.renewal_grace,
+            ca: s.trust.ca().cert_der().clone(),
+            server_cert: s.server_cert.clone(),
+            revocation: s.trust.revocation().clone(),
+            renewal_grace: s.config.renewal_grace,
         };
         tls::anchor_server_config(&tls).map_err(|e| StartError::Tls(e.to_string()))
     }
 
     /// The CA certificate PEM.
     pub fn ca_pem(&self) -> &str {
-        self.shared.ca.cert_pem()
+        self.services.trust.ca().cert_pem()
     }
 
     /// The CA certificate DER.
     pub fn ca_der(&self) -> &rustls::pki_types::CertificateDer<'static> {
-        self.shared.ca.cert_der()
+        self.services.trust.ca().cert_der()
     }
 
     /// SHA-256 fingerprint of the CA (pinned by QR codes).
     pub fn ca_fingerprint(&self) -> anchorage_mesh::Fingerprint {
-        self.shared.ca.fingerprint()
+        self.services.trust.ca().fingerprint()
     }
 
-    /// Heartbeats received and estimated lost so far.
+    /// Heartbeats received and counted lost so far.
     pub fn shared_metrics(&self) -> (u64, u64) {
-        let rt = &self.shared.runtime;
-        (
-            rt.heartbeats_received.load(Ordering::Relaxed),
-            rt.heartbeats_lost.load(Ordering::Relaxed),
-        )
+        self.services.metrics.heartbeat_totals()
     }
 
     /// Path of the owner token file.
     pub fn owner_token_path(&self) -> &Path {
-        &self.shared.owner_token_path
+        &self.owner_token_path
     }
 
     /// The owner token's secret (read from its file).
     pub fn owner_token(&self) -> Result<String, StartError> {
-        std::fs::read_to_string(&self.shared.owner_token_path)
+        std::fs::read_to_string(&self.owner_token_path)
             .map(|s| s.trim().to_string())
             .map_err(|source| StartError::File {
-                path: self.shared.owner_token_path.clone(),
+                path: self.owner_token_path.clone(),
                 source,
             })
     }
 
     /// The console backend over this anchor.
     pub fn backend(&self) -> Arc<crate::backend::AnchorBackend> {
-        Arc::new(crate::backend::AnchorBackend::new(self.clone()))
+        Arc::new(crate::backend::AnchorBackend::new(self.services.clone()))
     }
 
     /// Records the addresses the anchor is reachable at (for QR codes and the inventory).
-    pub fn set_bound(&self, quic: Option<SocketAddr>, console: Option<SocketAddr>) {
-        let mut b = self.shared.bound.lock().unwrap_or_else(|e| e.into_inner());
-        if quic.is_some() {
-            b.0 = quic;
-        }
-        if console.is_some() {
-            b.1 = console;
-        }
+    pub fn set_bound(
+        &self,
+        quic: Option<std::net::SocketAddr>,
+        console: Option<std::net::SocketAddr>,
+    ) {
+        self.services.set_bound(quic, console);
     }
 
-    /// Runs the accept loop on `endpoint` until shutdown, then closes every connection with
-    /// `ShuttingDown` and waits for the closes to be sent.
+    /// Runs the accept loop on `endpoint` until shutdown, then stops in order: closes every
+    /// connection with `ShuttingDown`, waits for the anchor's tasks (bounded), flushes
+    /// last-seen times and persists the store.
     pub async fn serve(&self, endpoint: quinn::Endpoint) {
+        let s = &self.services;
         if let Ok(addr) = endpoint.local_addr() {
-            self.set_bound(Some(addr), None);
+            s.set_bound(Some(addr), None);
         }
-        let background = tokio::spawn(runtime::background(self.clone()));
-        let mut shutdown = self.shared.shutdown.subscribe();
-        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        s.spawn(housekeeping(s.clone()));
+        let active = Arc::new(AtomicUsize::new(0));
         loop {
             let incoming = tokio::select! {
                 i = endpoint.accept() => i,
-                _ = shutdown.wait_for(|s| *s) => break,
+                _ = s.cancel.cancelled() => break,
             };
             let Some(incoming) = incoming else { break };
             if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                self.shared.metrics.handshake_failure("overloaded");
+                s.metrics.handshake_failure("overloaded");
                 incoming.refuse();
                 continue;
             }
-            let anchor = self.clone();
+            let services = s.clone();
             let active = active.clone();
             active.fetch_add(1, Ordering::Relaxed);
             let remote = incoming.remote_address();
-            tokio::spawn(
+            s.spawn(
                 async move {
-                    anchor.handle_incoming(incoming).await;
+                    handle_incoming(services, incoming).await;
                     active.fetch_sub(1, Ordering::Relaxed);
                 }
                 .instrument(info_span!("conn", %remote)),
             );
         }
-        background.abort();
+        s.nodes
+            .close_all(ErrorCode::ShuttingDown, "anchor shutting down");
         endpoint.close(
             quinn::VarInt::from_u32(ErrorCode::ShuttingDown.as_u32()),
             b"anchor shutting down",
         );
-        self.shared.runtime.flush(&self.shared.store).await;
+        s.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, s.tasks.wait())
+            .await
+            .is_err()
+        {
+            debug!("some tasks were still running at shutdown");
+        }
+        s.nodes.flush().await;
+        if let Err(e) = s.invocations.barrier().await {
+            warn!(error = %e, "store flush at shutdown failed");
+        }
         // Give the close frames a moment to leave; bounded so shutdown never hangs.
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        if let Err(e) = self.shared.store.persist() {
-            warn!(error = %e, "store persist at shutdown failed");
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+        let runtime = s.stores.runtime.clone();
+        let persisted = tokio::task::spawn_blocking(move || runtime.persist()).await;
+        if !matches!(persisted, Ok(Ok(()))) {
+            warn!("store persist at shutdown failed");
         }
     }
 
     /// Asks every task to stop.
     pub fn shutdown(&self) {
-        let _ = self.shared.shutdown.send(true);
-    }
-
-    async fn handle_incoming(&self, incoming: quinn::Incoming) {
-        let connecting = match incoming.accept() {
-            Ok(c) => c,
-            Err(e) => {
-                debug!(error = %e, "incoming refused");
-                return;
-            }
-        };
-        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                let reason = handshake_failure_reason(&e);
-                self.shared.metrics.handshake_failure(reason);
-                debug!(error = %e, reason, "handshake failed");
-                return;
-            }
-            Err(_) => {
-                self.shared.metrics.handshake_failure("timeout");
-                return;
-            }
-        };
-        match tls::classify_connection(&conn, self.shared.clock.now()) {
-            Ok(PeerKind::Bootstrap) => crate::pairing::serve_bootstrap(self.clone(), conn).await,
-            Ok(PeerKind::Node(info)) => session::serve_node(self.clone(), conn, info, false).await,
-            Ok(PeerKind::NodeRenewalOnly(info)) => {
-                session::serve_node(self.clone(), conn, info, true).await
-            }
-            Err(code) => {
-                self.shared.metrics.handshake_failure(code.name());
-                framed::close(&conn, code, "client certificate required on this ALPN");
-            }
-        }
-    }
-
-    /// Publishes an event to every subscriber.
-    pub(crate) fn publish(&self, kind: &str, device: Option<&DeviceId>, data: serde_json::Value) {
-        let seq = self.shared.event_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let event = Event {
-            seq,
-            at: crate::clock::to_odt(self.shared.clock.now_ms()),
-            kind: kind.to_string(),
-            device_id: device.map(|d| d.to_string()),
-            data,
-        };
-        // No subscribers is fine.
-        let _ = self.shared.events.send(event);
-    }
-
-    /// Takes the trust lock (see [`TrustGuard`]).
-    pub(crate) fn trust(&self) -> TrustGuard<'_> {
-        TrustGuard {
-            guard: Some(
-                self.shared
-                    .trust_lock
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()),
-            ),
-            store: &self.shared.store,
-            dirty: false,
-        }
-    }
-
-    /// Current time.
-    pub(crate) fn now_ms(&self) -> u64 {
-        self.shared.clock.now_ms()
-    }
-
-    /// Now as SystemTime.
-    pub(crate) fn now(&self) -> SystemTime {
-        self.shared.clock.now()
-    }
-
-    /// The trust record of a device.
-    pub(crate) fn device_record(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        self.shared.store.get(Space::Devices, id.as_bytes())
+        self.services.cancel.cancel();
     }
 
     fn ensure_owner_token(&self) -> Result<(), StartError> {
-        let path = self.shared.owner_token_path.clone();
+        let path = self.owner_token_path.clone();
+        let trust = &self.services.trust;
         if let Ok(existing) = std::fs::read_to_string(&path)
-            && crate::trust::authenticate(self, existing.trim()).is_some()
+            && trust.authenticate(existing.trim()).is_some()
         {
             return Ok(());
         }
-        let created = crate::trust::create_token_internal(
-            self,
-            "anchor",
-            "owner".to_string(),
-            Permission::ALL.to_vec(),
-        )
-        .map_err(|e| StartError::Tls(format!("creating the owner token: {e:?}")))?;
+        let created = trust
+            .create_token("anchor", "owner".to_string(), Permission::ALL.to_vec())
+            .map_err(|e| StartError::Tls(format!("creating the owner token: {e:?}")))?;
         write_private_file(&path, format!("{}\n", created.token).as_bytes())?;
         info!(path = %path.display(), "created owner token");
         Ok(())
     }
 }
 
-/// Holds the trust lock for a read-modify-write of trust records.
-///
-/// Writes commit under the lock with a flush to the OS; the `fdatasync` that makes them
-/// survive a power loss happens after the lock is released ([`TrustGuard::release`]), so
-/// concurrent operations share disk syncs instead of queueing behind each other's (a group
-/// commit). Callers acknowledge only after `release` returns.
-pub(crate) struct TrustGuard<'a> {
-    guard: Option<std::sync::MutexGuard<'a, ()>>,
-    store: &'a Store,
-    dirty: bool,
-}
-
-impl TrustGuard<'_> {
-    /// Commits `batch` (flushed; synced at release).
-    pub fn commit(&mut self, batch: crate::store::Batch<'_>) -> Result<(), StoreError> {
-        batch.commit(crate::store::Durability::Flush)?;
-        self.dirty = true;
-        Ok(())
-    }
-
-    /// Releases the lock, then syncs what was committed under it.
-    pub fn release(mut self) -> Result<(), StoreError> {
-        self.guard.take();
-        if std::mem::take(&mut self.dirty) {
-            self.store.sync()?;
+async fn handle_incoming(services: Arc<Services>, incoming: quinn::Incoming) {
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, "incoming refused");
+            return;
         }
-        Ok(())
-    }
-}
-
-impl Drop for TrustGuard<'_> {
-    fn drop(&mut self) {
-        self.guard.take();
-        if self.dirty
-            && let Err(e) = self.store.sync()
-        {
-            warn!(error = %e, "syncing trust records failed");
+    };
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            let reason = handshake_failure_reason(&e);
+            services.metrics.handshake_failure(reason);
+            debug!(error = %e, reason, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            services.metrics.handshake_failure("timeout");
+            return;
+        }
+    };
+    match tls::classify_connection(&conn, services.clock.now()) {
+        Ok(PeerKind::Bootstrap) => crate::bootstrap::serve(services, conn).await,
+        Ok(PeerKind::Node(info)) => crate::session::serve(services, conn, info, false).await,
+        Ok(PeerKind::NodeRenewalOnly(info)) => {
+            crate::session::serve(services, conn, info, true).await
+        }
+        Err(code) => {
+            services.metrics.handshake_failure(code.name());
+            framed::close(&conn, code, "client certificate required on this ALPN");
         }
     }
 }
 
-fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
-    match e {
-        quinn::ConnectionError::TransportError(t) => {
-            let code = u64::from(t.code);
-            match code {
-                // TLS alerts travel as 0x100 + alert.
-                0x12a => "bad_certificate",
-                0x12c => "certificate_revoked",
-                0x12d => "certificate_expired",
-                0x130 => "unknown_ca",
-                0x178 => "no_application_protocol",
-                0x100..=0x1ff => "tls_alert",
-                _ => "transport_error",
+/// Background housekeeping: presence and half-open sessions, deadlines, last-seen flushes,
+/// pruning, server certificate renewal, and work left over from before a restart.
+async fn housekeeping(s: Arc<Services>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_flush = tokio::time::Instant::now();
+    let mut last_prune = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = s.cancel.cancelled() => return,
+        }
+        s.nodes.tick();
+        s.invocations.sweep().await;
+        if last_flush.elapsed() >= FLUSH_INTERVAL {
+            last_flush = tokio::time::Instant::now();
+            s.nodes.flush().await;
+        }
+        if last_prune.elapsed() >= PRUNE_INTERVAL {
+            last_prune = tokio::time::Instant::now();
+            let p = s.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = p.invocations.prune(
+                    p.config.invocation_retention,
+                    p.config.invocation_max_records,
+                ) {
+                    warn!(error = %e, "pruning invocations failed");
+                }
+            })
+            .await;
+        }
+        renew_server_cert(&s);
+    }
+}
+
+fn renew_server_cert(s: &Services) {
+    let info = s.server_cert.info();
+    let now = s.clock.now();
+    if info.renewal_due(now, 1.0 / 3.0) {
+        match s.trust.ca().issue_server(DEFAULT_SERVER_CERT_VALIDITY, now) {
+            Ok(identity) => {
+                if let Err(e) = s.server_cert.replace(identity) {
+                    warn!(error = %e, "server certificate renewal failed");
+                }
             }
+            Err(e) => warn!(error = %e, "server certificate renewal failed"),
         }
-        quinn::ConnectionError::ConnectionClosed(c) => match u64::from(c.error_code) {
-            0x12a => "bad_certificate",
-            0x12c => "certificate_revoked",
-            0x12d => "certificate_expired",
-            0x130 => "unknown_ca",
-            0x178 => "no_application_protocol",
-            _ => "closed_by_peer",
-        },
-        quinn::ConnectionError::TimedOut => "timeout",
-        _ => "other",
     }
 }
 
@@ -527,5 +458,33 @@ fn load_or_create_ca(dir: &Path, now: SystemTime) -> Result<CertificateAuthority
             path: cert_path,
             message: "ca.key exists but ca.pem is missing; restore it from backup".into(),
         }),
+    }
+}
+
+fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
+    match e {
+        quinn::ConnectionError::TransportError(t) => {
+            let code = u64::from(t.code);
+            match code {
+                // TLS alerts travel as 0x100 + alert.
+                0x12a => "bad_certificate",
+                0x12c => "certificate_revoked",
+                0x12d => "certificate_expired",
+                0x130 => "unknown_ca",
+                0x178 => "no_application_protocol",
+                0x100..=0x1ff => "tls_alert",
+                _ => "transport_error",
+            }
+        }
+        quinn::ConnectionError::ConnectionClosed(c) => match u64::from(c.error_code) {
+            0x12a => "bad_certificate",
+            0x12c => "certificate_revoked",
+            0x12d => "certificate_expired",
+            0x130 => "unknown_ca",
+            0x178 => "no_application_protocol",
+            _ => "closed_by_peer",
+        },
+        quinn::ConnectionError::TimedOut => "timeout",
+        _ => "other",
     }
 }

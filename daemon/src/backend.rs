@@ -1,43 +1,52 @@
-//! The console backend: the anchor as the console API sees it.
+//! The console backend (IO driver): the anchor as the console API sees it.
+//!
+//! Each method parses its input, calls the services (off the async runtime where they block)
+//! and shapes the answer; the side effects of a decision on other services (closing a
+//! session, publishing an event, dispatching work) are done here, in one place per operation.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anchorage_console::api::*;
 use anchorage_console::backend::{ApiResult, Backend};
 use anchorage_console::error::ApiError;
 use anchorage_mesh::DeviceId;
+use anchorage_wire::ErrorCode;
+use anchorage_wire::invoke::InvocationId;
 use tokio::sync::broadcast;
 use tracing::warn;
 
-use crate::anchor::Anchor;
 use crate::clock::to_odt;
-use crate::pairing::{self, code_state, request_state};
+use crate::events::AnchorEvent;
+use crate::invocations::invoke_timeout;
 use crate::records::{
-    CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, RequestRecord, TokenRecord,
+    CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord, InvocationState,
+    RequestRecord, TokenRecord,
 };
-use crate::store::{Space, StoreError};
-use crate::trust::{self, TrustError};
+use crate::services::Services;
+use crate::store::StoreError;
+use crate::trust::{self, TrustError, code_state, request_state};
 
-/// Implements [`Backend`] over an [`Anchor`].
+/// Implements [`Backend`] over the anchor's services.
 #[derive(Debug, Clone)]
 pub struct AnchorBackend {
-    anchor: Anchor,
+    services: Arc<Services>,
 }
 
 impl AnchorBackend {
-    /// A backend for `anchor`.
-    pub fn new(anchor: Anchor) -> AnchorBackend {
-        AnchorBackend { anchor }
+    /// A backend over `services`.
+    pub fn new(services: Arc<Services>) -> AnchorBackend {
+        AnchorBackend { services }
     }
 
     /// Runs blocking work (store, signing) off the runtime, mapping errors to API errors.
     async fn blocking<T, F>(&self, f: F) -> ApiResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Anchor) -> Result<T, TrustError> + Send + 'static,
+        F: FnOnce(&Services) -> Result<T, TrustError> + Send + 'static,
     {
-        let anchor = self.anchor.clone();
-        match tokio::task::spawn_blocking(move || f(&anchor)).await {
+        let services = self.services.clone();
+        match tokio::task::spawn_blocking(move || f(&services)).await {
             Ok(r) => r.map_err(api_error),
             Err(e) => {
                 warn!(error = %e, "backend task failed");
@@ -47,8 +56,31 @@ impl AnchorBackend {
     }
 }
 
+/// Renders text as a terminal QR code (Unicode half blocks).
+pub fn qr_text(text: &str) -> Option<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(
+        code.render::<qrcode::render::unicode::Dense1x2>()
+            .dark_color(qrcode::render::unicode::Dense1x2::Light)
+            .light_color(qrcode::render::unicode::Dense1x2::Dark)
+            .quiet_zone(true)
+            .build(),
+    )
+}
+
+/// Renders text as an SVG QR code.
+pub fn qr_svg(text: &str) -> Option<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(
+        code.render::<qrcode::render::svg::Color<'_>>()
+            .min_dimensions(256, 256)
+            .quiet_zone(true)
+            .build(),
+    )
+}
+
 /// Maps a trust error to the API.
-pub(crate) fn api_error(e: TrustError) -> ApiError {
+pub fn api_error(e: TrustError) -> ApiError {
     match e {
         TrustError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
         TrustError::Conflict(m) => ApiError::conflict(m),
@@ -65,12 +97,8 @@ pub(crate) fn api_error(e: TrustError) -> ApiError {
     }
 }
 
-fn store_err(e: StoreError) -> TrustError {
-    TrustError::Store(e)
-}
-
 /// Parses a device id from a URL.
-pub(crate) fn parse_device(id: &str) -> Result<DeviceId, TrustError> {
+pub fn parse_device(id: &str) -> Result<DeviceId, TrustError> {
     id.parse::<DeviceId>()
         .map_err(|_| TrustError::NotFound(format!("device {id}")))
 }
@@ -111,7 +139,7 @@ pub(crate) fn request_api(r: &RequestRecord, now_ms: u64) -> PairingRequest {
     }
 }
 
-fn code_api(c: &CodeRecord, now_ms: u64) -> PairingCodeInfo {
+pub(crate) fn code_api(c: &CodeRecord, now_ms: u64) -> PairingCodeInfo {
     PairingCodeInfo {
         code_id: c.code_id.clone(),
         method: match c.method {
@@ -126,7 +154,7 @@ fn code_api(c: &CodeRecord, now_ms: u64) -> PairingCodeInfo {
     }
 }
 
-fn token_api(t: &TokenRecord) -> TokenInfo {
+pub(crate) fn token_api(t: &TokenRecord) -> TokenInfo {
     TokenInfo {
         id: t.id.clone(),
         name: t.name.clone(),
@@ -142,34 +170,15 @@ fn token_api(t: &TokenRecord) -> TokenInfo {
 }
 
 /// All pairing requests, newest first.
-pub(crate) fn all_requests(anchor: &Anchor) -> Result<Vec<RequestRecord>, TrustError> {
-    let mut reqs: Vec<RequestRecord> = anchor
-        .shared
-        .store
-        .scan::<RequestRecord>(Space::Requests)
-        .map_err(store_err)?
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect();
+pub fn all_requests(s: &Services) -> Result<Vec<RequestRecord>, TrustError> {
+    let mut reqs = s.trust.requests()?;
     reqs.sort_by_key(|r| std::cmp::Reverse(r.requested_at_ms));
     Ok(reqs)
 }
 
-/// All devices.
-pub(crate) fn all_devices(anchor: &Anchor) -> Result<Vec<DeviceRecord>, TrustError> {
-    Ok(anchor
-        .shared
-        .store
-        .scan::<DeviceRecord>(Space::Devices)
-        .map_err(store_err)?
-        .into_iter()
-        .map(|(_, d)| d)
-        .collect())
-}
-
 impl Backend for AnchorBackend {
     async fn authenticate(&self, token: &str) -> Option<Principal> {
-        trust::authenticate(&self.anchor, token)
+        self.services.trust.authenticate(token)
     }
 
     async fn mint_code(&self, who: &Principal, req: MintCodeRequest) -> ApiResult<MintedCode> {
@@ -177,19 +186,17 @@ impl Backend for AnchorBackend {
             PairMethod::Pin => CodeMethod::Pin,
             PairMethod::Qr => CodeMethod::Qr,
         };
-        let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(pairing::DEFAULT_TTL.as_secs()));
+        let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(trust::DEFAULT_TTL.as_secs()));
         let who = who.clone();
         let minted = self
-            .blocking(move |a| pairing::mint_code(a, &who, method, ttl))
+            .blocking(move |s| s.trust.mint_code(&who, method, ttl, s.public_addr()))
             .await?;
-        self.anchor.publish(
-            "pairing.code",
-            None,
-            serde_json::json!({"code_id": minted.record.code_id}),
-        );
+        self.services.events.publish(AnchorEvent::CodeMinted {
+            code_id: minted.record.code_id.clone(),
+        });
         Ok(MintedCode {
             code_id: minted.record.code_id.clone(),
-            qr_text: minted.uri.as_deref().and_then(pairing::qr_text),
+            qr_text: minted.uri.as_deref().and_then(qr_text),
             code: minted.code,
             method: req.method,
             expires_at: to_odt(minted.record.expires_at_ms),
@@ -198,16 +205,9 @@ impl Backend for AnchorBackend {
     }
 
     async fn list_codes(&self) -> ApiResult<Vec<PairingCodeInfo>> {
-        self.blocking(|a| {
-            let now = a.now_ms();
-            let mut codes: Vec<CodeRecord> = a
-                .shared
-                .store
-                .scan::<CodeRecord>(Space::Codes)
-                .map_err(store_err)?
-                .into_iter()
-                .map(|(_, c)| c)
-                .collect();
+        self.blocking(|s| {
+            let now = s.clock.now_ms();
+            let mut codes: Vec<CodeRecord> = s.trust.codes()?;
             codes.sort_by_key(|c| std::cmp::Reverse(c.created_at_ms));
             Ok(codes.iter().map(|c| code_api(c, now)).collect())
         })
@@ -215,12 +215,12 @@ impl Backend for AnchorBackend {
     }
 
     async fn list_requests(&self, state: Option<RequestState>) -> ApiResult<Vec<PairingRequest>> {
-        self.blocking(move |a| {
-            let now = a.now_ms();
-            Ok(all_requests(a)?
+        self.blocking(move |s| {
+            let now = s.clock.now_ms();
+            Ok(all_requests(s)?
                 .iter()
                 .map(|r| request_api(r, now))
-                .filter(|r| state.is_none_or(|s| r.state == s))
+                .filter(|r| state.is_none_or(|st| r.state == st))
                 .collect())
         })
         .await
@@ -228,25 +228,30 @@ impl Backend for AnchorBackend {
 
     async fn request(&self, id: &str) -> ApiResult<PairingRequest> {
         let id = id.to_string();
-        self.blocking(move |a| {
-            let r: RequestRecord = a
-                .shared
-                .store
-                .get(Space::Requests, id.as_bytes())
-                .map_err(store_err)?
+        self.blocking(move |s| {
+            let r = s
+                .trust
+                .request(&id)?
                 .ok_or_else(|| TrustError::NotFound(format!("pairing request {id}")))?;
-            Ok(request_api(&r, a.now_ms()))
+            Ok(request_api(&r, s.clock.now_ms()))
         })
         .await
     }
 
     async fn approve(&self, who: &Principal, id: &str) -> ApiResult<PairingRequest> {
         let (who, id) = (who.clone(), id.to_string());
-        self.blocking(move |a| {
-            let r = pairing::approve(a, &who, &id)?;
-            Ok(request_api(&r, a.now_ms()))
-        })
-        .await
+        let (r, replaced) = self.blocking(move |s| s.trust.approve(&who, &id)).await?;
+        if replaced {
+            self.services
+                .nodes
+                .close(&r.device_id, ErrorCode::Replaced, "device paired again");
+        }
+        self.services.events.publish(AnchorEvent::PairingDecided {
+            device: r.device_id,
+            request_id: r.request_id.clone(),
+            approved: true,
+        });
+        Ok(request_api(&r, self.services.clock.now_ms()))
     }
 
     async fn reject(
@@ -256,25 +261,29 @@ impl Backend for AnchorBackend {
         reason: Option<String>,
     ) -> ApiResult<PairingRequest> {
         let (who, id) = (who.clone(), id.to_string());
-        self.blocking(move |a| {
-            let r = pairing::reject(a, &who, &id, reason)?;
-            Ok(request_api(&r, a.now_ms()))
-        })
-        .await
+        let r = self
+            .blocking(move |s| s.trust.reject(&who, &id, reason))
+            .await?;
+        self.services.events.publish(AnchorEvent::PairingDecided {
+            device: r.device_id,
+            request_id: r.request_id.clone(),
+            approved: false,
+        });
+        Ok(request_api(&r, self.services.clock.now_ms()))
     }
 
     async fn list_devices(&self) -> ApiResult<Vec<Device>> {
-        self.blocking(|a| Ok(all_devices(a)?.iter().map(device_api).collect()))
+        self.blocking(|s| Ok(s.trust.devices()?.iter().map(device_api).collect()))
             .await
     }
 
     async fn device(&self, id: &str) -> ApiResult<Device> {
         let id = id.to_string();
-        self.blocking(move |a| {
+        self.blocking(move |s| {
             let device = parse_device(&id)?;
-            let d = a
-                .device_record(&device)
-                .map_err(store_err)?
+            let d = s
+                .trust
+                .device(&device)?
                 .ok_or_else(|| TrustError::NotFound(format!("device {id}")))?;
             Ok(device_api(&d))
         })
@@ -282,30 +291,43 @@ impl Backend for AnchorBackend {
     }
 
     async fn revoke(&self, who: &Principal, id: &str, reason: Option<String>) -> ApiResult<Device> {
-        let (who, id) = (who.clone(), id.to_string());
-        self.blocking(move |a| {
-            let device = parse_device(&id)?;
-            Ok(device_api(&trust::revoke_device(a, &who, &device, reason)?))
-        })
-        .await
+        let device = parse_device(id).map_err(api_error)?;
+        let who = who.clone();
+        let record = self
+            .blocking(move |s| s.trust.revoke_device(&who, &device, reason))
+            .await?;
+        self.services
+            .nodes
+            .close(&device, ErrorCode::Revoked, "device revoked");
+        self.services.events.publish(AnchorEvent::DeviceRevoked {
+            device,
+            reason: record.revoked_reason.clone(),
+        });
+        Ok(device_api(&record))
     }
 
     async fn rotate(&self, who: &Principal, id: &str) -> ApiResult<Device> {
-        let (who, id) = (who.clone(), id.to_string());
-        self.blocking(move |a| {
-            let device = parse_device(&id)?;
-            Ok(device_api(&trust::rotate_device(a, &who, &device)?))
-        })
-        .await
+        let device = parse_device(id).map_err(api_error)?;
+        let who = who.clone();
+        let record = self
+            .blocking(move |s| s.trust.rotate_device(&who, &device))
+            .await?;
+        self.services.nodes.request_rotation(&device);
+        Ok(device_api(&record))
     }
 
     async fn remove(&self, who: &Principal, id: &str) -> ApiResult<()> {
-        let (who, id) = (who.clone(), id.to_string());
-        self.blocking(move |a| {
-            let device = parse_device(&id)?;
-            trust::remove_device(a, &who, &device)
-        })
-        .await
+        let device = parse_device(id).map_err(api_error)?;
+        let who = who.clone();
+        self.blocking(move |s| s.trust.remove_device(&who, &device))
+            .await?;
+        self.services
+            .nodes
+            .forget(&device, ErrorCode::Removed, "device removed");
+        self.services
+            .events
+            .publish(AnchorEvent::DeviceRemoved { device });
+        Ok(())
     }
 
     async fn create_token(
@@ -314,49 +336,41 @@ impl Backend for AnchorBackend {
         req: CreateTokenRequest,
     ) -> ApiResult<CreatedToken> {
         let actor = trust::actor(who);
-        self.blocking(move |a| {
-            let name = req.name.unwrap_or_else(|| "unnamed".into());
-            let created = trust::create_token_internal(a, &actor, name, req.permissions)?;
-            a.publish(
-                "token",
-                None,
-                serde_json::json!({"id": created.id, "action": "created"}),
-            );
-            Ok(created)
-        })
-        .await
+        let created = self
+            .blocking(move |s| {
+                let name = req.name.unwrap_or_else(|| "unnamed".into());
+                s.trust.create_token(&actor, name, req.permissions)
+            })
+            .await?;
+        self.services.events.publish(AnchorEvent::Token {
+            id: created.id.clone(),
+            action: "created",
+        });
+        Ok(created)
     }
 
     async fn list_tokens(&self) -> ApiResult<Vec<TokenInfo>> {
-        self.blocking(|a| {
-            let tokens = a.shared.tokens.lock().unwrap_or_else(|e| e.into_inner());
-            let mut list: Vec<TokenInfo> = tokens.values().map(token_api).collect();
-            list.sort_by_key(|t| t.created_at);
-            Ok(list)
-        })
-        .await
+        Ok(self.services.trust.tokens().iter().map(token_api).collect())
     }
 
     async fn revoke_token(&self, who: &Principal, id: &str) -> ApiResult<TokenInfo> {
         let (who, id) = (who.clone(), id.to_string());
-        self.blocking(move |a| {
-            let t = trust::revoke_token(a, &who, &id)?;
-            a.publish(
-                "token",
-                None,
-                serde_json::json!({"id": t.id, "action": "revoked"}),
-            );
-            Ok(token_api(&t))
-        })
-        .await
+        let t = self
+            .blocking(move |s| s.trust.revoke_token(&who, &id))
+            .await?;
+        self.services.events.publish(AnchorEvent::Token {
+            id: t.id.clone(),
+            action: "revoked",
+        });
+        Ok(token_api(&t))
     }
 
     async fn inventory(&self) -> ApiResult<Inventory> {
-        self.blocking(|a| {
+        self.blocking(|s| {
             Ok(crate::inventory::inventory(
-                a,
-                all_devices(a)?,
-                all_requests(a)?,
+                s,
+                s.trust.devices()?,
+                all_requests(s)?,
             ))
         })
         .await
@@ -364,22 +378,22 @@ impl Backend for AnchorBackend {
 
     async fn inventory_device(&self, id: &str) -> ApiResult<InventoryDevice> {
         let id = id.to_string();
-        self.blocking(move |a| {
+        self.blocking(move |s| {
             let device = parse_device(&id)?;
-            let record = a.device_record(&device).map_err(store_err)?;
-            crate::inventory::inventory_device(a, device, record, all_requests(a)?)
+            let record = s.trust.device(&device)?;
+            crate::inventory::inventory_device(s, device, record, all_requests(s)?)
                 .ok_or_else(|| TrustError::NotFound(format!("device {id}")))
         })
         .await
     }
 
     async fn list_nodes(&self) -> ApiResult<Vec<Node>> {
-        Ok(crate::inventory::nodes(&self.anchor))
+        Ok(crate::inventory::nodes(&self.services))
     }
 
     async fn node(&self, id: &str) -> ApiResult<Node> {
         let device = parse_device(id).map_err(api_error)?;
-        crate::inventory::node(&self.anchor, &device)
+        crate::inventory::node(&self.services, &device)
             .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))
     }
 
@@ -403,55 +417,68 @@ impl Backend for AnchorBackend {
                 anchorage_wire::limits::MAX_INVOKE_INPUT
             )));
         }
-        let timeout = crate::runtime::invoke_timeout(req.timeout_ms);
-        let anchor = self.anchor.clone();
-        let d = device;
+        let timeout = invoke_timeout(req.timeout_ms);
+        let s = &self.services;
         // A live session proves trust without a store read: its certificate passed the live
         // revocation check at the handshake, and revoking or removing a device updates the
-        // in-memory set (or forgets the session) before the operator hears back.
-        let live = anchor.shared.runtime.is_live(&device)
-            && !anchor.shared.revocation.is_device_revoked(&device);
-        let trusted = if live {
-            Ok(true)
-        } else {
-            self.blocking(move |a| {
-                Ok(matches!(
-                    a.device_record(&d).map_err(store_err)?,
-                    Some(DeviceRecord {
-                        trust: DeviceTrust::Trusted,
-                        ..
-                    })
-                ))
-            })
-            .await
-        };
-        match trusted {
-            Ok(true) => {}
-            Ok(false) => {
+        // in-memory set and closes the session before the operator hears back.
+        let live = s
+            .nodes
+            .live(&device)
+            .map(|(session, _)| session)
+            .filter(|_| !s.trust.revocation().is_device_revoked(&device));
+        if live.is_none() {
+            let trusted = self
+                .blocking(move |s| {
+                    Ok(matches!(
+                        s.trust.device(&device)?,
+                        Some(DeviceRecord {
+                            trust: DeviceTrust::Trusted,
+                            ..
+                        })
+                    ))
+                })
+                .await?;
+            if !trusted {
                 return Err(ApiError::not_found(format!(
                     "no trusted device {device_id}"
                 )));
             }
-            Err(e) => return Err(e),
         }
-        let rt = &anchor.shared.runtime;
-        let record = rt
-            .create_invocation(
-                &anchor,
-                device,
-                req.capability,
-                input,
-                timeout,
-                trust::actor(who),
-            )
+        let rejection = crate::inventory::rejection(s, &device, &req.capability);
+        let now = s.clock.now_ms();
+        let id = new_invocation_id(now).map_err(api_error)?;
+        let record = InvocationRecord {
+            id: id.0,
+            device_id: device,
+            capability: req.capability,
+            input,
+            state: InvocationState::Queued,
+            requested_by: trust::actor(who),
+            created_at_ms: now,
+            deadline_ms: now.saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            dispatched_at_ms: None,
+            finished_at_ms: None,
+            output: Vec::new(),
+            truncated: false,
+            error: None,
+            duration_ms: None,
+        };
+        let (record, next) = s.invocations.create(record, rejection, live).await;
+        // Dispatch while the record is being committed: the writer is ordered, so every later
+        // state lands after it, and the caller still learns the id only once it is on disk.
+        crate::dispatch::spawn(s, next);
+        s.invocations
+            .barrier()
             .await
             .map_err(|e| api_error(TrustError::Store(e)))?;
         if req.async_ || record.state.is_final() {
             return Ok(crate::inventory::invocation_api(&record));
         }
         // Wait for the end, up to the deadline and a little more for the answer to land.
-        let waited = rt
-            .wait_final(&anchor, record.id, timeout + Duration::from_secs(2))
+        let waited = s
+            .invocations
+            .wait_final(id, timeout + Duration::from_secs(2))
             .await
             .map_err(|e| api_error(TrustError::Store(e)))?;
         Ok(crate::inventory::invocation_api(
@@ -468,52 +495,28 @@ impl Backend for AnchorBackend {
             None => None,
         };
         let limit = query.limit.unwrap_or(100).clamp(1, 1000);
-        self.blocking(move |a| {
-            let rt = &a.shared.runtime;
-            let mut out = Vec::new();
-            // Newest first: keys start with the creation time.
-            for (_, r) in a
-                .shared
-                .store
-                .scan::<crate::records::InvocationRecord>(Space::Invocations)
-                .map_err(store_err)?
-                .into_iter()
-                .rev()
-            {
-                if device.is_some_and(|d| d != r.device_id) {
-                    continue;
-                }
-                let current = rt
-                    .invocation(&a.shared.store, &r.id)
-                    .map_err(store_err)?
-                    .unwrap_or(r);
-                out.push(crate::inventory::invocation_api(&current));
-                if out.len() >= limit {
-                    break;
-                }
-            }
-            Ok(out)
+        self.blocking(move |s| {
+            let list = s
+                .invocations
+                .newest(limit, &|r| device.is_none_or(|d| d == r.device_id))?;
+            Ok(list.iter().map(crate::inventory::invocation_api).collect())
         })
         .await
     }
 
     async fn audit(&self, query: AuditQuery) -> ApiResult<Vec<AuditEntry>> {
         let limit = query.limit.unwrap_or(100).clamp(1, 1000);
-        self.blocking(move |a| {
-            let entries = a
-                .shared
-                .store
-                .scan_rev_matching(Space::Audit, limit, |r: &crate::records::AuditRecord| {
-                    query
-                        .target
-                        .as_deref()
-                        .is_none_or(|t| t == r.target || t == r.detail)
-                })
-                .map_err(store_err)?;
+        self.blocking(move |s| {
+            let entries = s.trust.audit_log(limit, &|r| {
+                query
+                    .target
+                    .as_deref()
+                    .is_none_or(|t| t == r.target || t == r.detail)
+            })?;
             Ok(entries
                 .into_iter()
-                .map(|(_, r)| AuditEntry {
-                    at: crate::clock::to_odt(r.at_ms),
+                .map(|r| AuditEntry {
+                    at: to_odt(r.at_ms),
                     actor: r.actor,
                     action: r.action,
                     target: r.target,
@@ -525,15 +528,13 @@ impl Backend for AnchorBackend {
     }
 
     async fn invocation(&self, id: &str) -> ApiResult<Invocation> {
-        let parsed: anchorage_wire::invoke::InvocationId = id
+        let parsed: InvocationId = id
             .parse()
             .map_err(|_| ApiError::not_found(format!("invocation {id} not found")))?;
         let id = id.to_string();
-        self.blocking(move |a| {
-            a.shared
-                .runtime
-                .invocation(&a.shared.store, &parsed.0)
-                .map_err(store_err)?
+        self.blocking(move |s| {
+            s.invocations
+                .get(&parsed)?
                 .map(|r| crate::inventory::invocation_api(&r))
                 .ok_or_else(|| TrustError::NotFound(format!("invocation {id}")))
         })
@@ -541,21 +542,36 @@ impl Backend for AnchorBackend {
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.anchor.shared.events.subscribe()
+        self.services.events.subscribe()
     }
 
     async fn metrics(&self) -> String {
-        let anchor = self.anchor.clone();
-        tokio::task::spawn_blocking(move || crate::metrics_text(&anchor))
+        let s = self.services.clone();
+        tokio::task::spawn_blocking(move || crate::metrics_text(&s))
             .await
             .unwrap_or_default()
     }
 
     fn ready(&self) -> bool {
-        true
+        !self.services.cancel.is_cancelled()
     }
 
     fn qr_svg(&self, text: &str) -> ApiResult<String> {
-        pairing::qr_svg(text).ok_or_else(|| ApiError::bad_request("text too long for a QR code"))
+        qr_svg(text).ok_or_else(|| ApiError::bad_request("text too long for a QR code"))
     }
+}
+
+/// A new invocation id: the creation time first (keys sort by age), then a counter (ids made
+/// in the same millisecond keep their order), then randomness (unguessable, unique across
+/// restarts).
+fn new_invocation_id(now_ms: u64) -> Result<InvocationId, TrustError> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&now_ms.to_be_bytes());
+    id[8..12].copy_from_slice(&SEQ.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    let random =
+        anchorage_mesh::pairing::random_id::<4>().map_err(|e| TrustError::Pki(e.to_string()))?;
+    id[12..].copy_from_slice(&random);
+    Ok(InvocationId(id))
 }

@@ -10,13 +10,13 @@ use anchorage_mesh::DeviceId;
 use anchorage_mesh::presence::Presence;
 use anchorage_wire::invoke::InvocationId;
 
-use crate::anchor::Anchor;
 use crate::backend::{device_api, request_api};
 use crate::clock::to_odt;
+use crate::nodes::{Node as NodeState, SessionHandle};
 use crate::records::{
     DeviceRecord, DeviceTrust, InvocationRecord, InvocationState, RequestRecord, RequestState,
 };
-use crate::runtime::{NodeState, thresholds};
+use crate::services::Services;
 
 /// Certificates with less than this left are flagged.
 pub const CERT_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -31,23 +31,27 @@ fn presence_api(p: Presence) -> api::Presence {
     }
 }
 
-fn node_api(anchor: &Anchor, id: &DeviceId, s: &NodeState, now_ms: u64) -> Option<Node> {
+fn node_api(
+    t: &anchorage_mesh::presence::Thresholds,
+    id: &DeviceId,
+    s: &NodeState<SessionHandle>,
+    now_ms: u64,
+) -> Option<Node> {
     let record = s.record.as_ref()?;
-    let t = thresholds(&anchor.shared.config);
     let live = s.live.as_ref();
     Some(Node {
         device_id: id.to_string(),
         name: record.name.clone(),
         platform: record.platform.clone(),
         agent_version: record.agent_version.clone(),
-        presence: presence_api(s.presence(now_ms, &t)),
+        presence: presence_api(s.presence(now_ms, t)),
         connected: live.is_some(),
         connected_since: live.map(|l| to_odt(l.since_ms)),
         last_seen_at: s.last_seen_ms.map(to_odt),
         heartbeat_age_ms: s.last_seen_ms.map(|t| now_ms.saturating_sub(t)),
         loss_rate: live.and_then(|_| s.window.loss()),
-        rtt_ms: live.map(|l| l.conn.rtt().as_secs_f64() * 1000.0),
-        remote_addr: live.map(|l| l.conn.remote_address().to_string()),
+        rtt_ms: live.map(|l| l.handle.conn.rtt().as_secs_f64() * 1000.0),
+        remote_addr: live.map(|l| l.handle.conn.remote_address().to_string()),
         capabilities: record
             .capabilities
             .iter()
@@ -62,42 +66,34 @@ fn node_api(anchor: &Anchor, id: &DeviceId, s: &NodeState, now_ms: u64) -> Optio
 }
 
 /// Every registered node.
-pub fn nodes(anchor: &Anchor) -> Vec<Node> {
-    let now = anchor.now_ms();
-    let nodes = anchor
-        .shared
-        .runtime
-        .nodes
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+pub fn nodes(services: &Services) -> Vec<Node> {
+    let now = services.clock.now_ms();
+    let nodes = services.nodes.lock();
+    let t = nodes.settings().thresholds;
     let mut list: Vec<Node> = nodes
         .iter()
-        .filter_map(|(id, s)| node_api(anchor, id, s, now))
+        .filter_map(|(id, s)| node_api(&t, id, s, now))
         .collect();
     list.sort_by(|a, b| a.name.cmp(&b.name).then(a.device_id.cmp(&b.device_id)));
     list
 }
 
 /// One node.
-pub fn node(anchor: &Anchor, id: &DeviceId) -> Option<Node> {
-    let now = anchor.now_ms();
-    let nodes = anchor
-        .shared
-        .runtime
-        .nodes
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    nodes.get(id).and_then(|s| node_api(anchor, id, s, now))
+pub fn node(services: &Services, id: &DeviceId) -> Option<Node> {
+    let now = services.clock.now_ms();
+    let nodes = services.nodes.lock();
+    let t = nodes.settings().thresholds;
+    nodes.node(id).and_then(|s| node_api(&t, id, s, now))
 }
 
 fn entry(
-    anchor: &Anchor,
+    services: &Services,
     device_id: DeviceId,
     device: Option<&DeviceRecord>,
     pending: Vec<&RequestRecord>,
     now_ms: u64,
 ) -> InventoryDevice {
-    let node = node(anchor, &device_id);
+    let node = node(services, &device_id);
     let trust = match device {
         Some(d) if d.trust == DeviceTrust::Trusted => api::Trust::Trusted,
         Some(_) => api::Trust::Revoked,
@@ -128,7 +124,7 @@ fn entry(
     if node
         .as_ref()
         .and_then(|n| n.loss_rate)
-        .is_some_and(|l| l > anchor.shared.config.presence.degraded_loss)
+        .is_some_and(|l| l > services.config.presence.degraded_loss)
     {
         warnings.push("high_loss".into());
     }
@@ -193,11 +189,11 @@ fn pending_of<'a>(
 
 /// The whole inventory (blocking: reads the store).
 pub fn inventory(
-    anchor: &Anchor,
+    services: &Services,
     devices: Vec<DeviceRecord>,
     requests: Vec<RequestRecord>,
 ) -> Inventory {
-    let now = anchor.now_ms();
+    let now = services.clock.now_ms();
     let mut ids: Vec<DeviceId> = devices.iter().map(|d| d.device_id).collect();
     for r in &requests {
         if r.state == RequestState::PendingApproval
@@ -208,13 +204,8 @@ pub fn inventory(
         }
     }
     {
-        let nodes = anchor
-            .shared
-            .runtime
-            .nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for id in nodes.keys() {
+        let nodes = services.nodes.lock();
+        for (id, _) in nodes.iter() {
             if !ids.contains(id) && devices.iter().any(|d| d.device_id == *id) {
                 ids.push(*id);
             }
@@ -224,7 +215,7 @@ pub fn inventory(
         .iter()
         .map(|id| {
             let device = devices.iter().find(|d| d.device_id == *id);
-            entry(anchor, *id, device, pending_of(&requests, id, now), now)
+            entry(services, *id, device, pending_of(&requests, id, now), now)
         })
         .collect();
     let mut summary = InventorySummary {
@@ -256,52 +247,43 @@ pub fn inventory(
     Inventory {
         summary,
         devices: sorted,
-        instances: vec![instance(anchor)],
+        instances: vec![instance(services)],
     }
 }
 
 /// One device's inventory entry.
 pub fn inventory_device(
-    anchor: &Anchor,
+    services: &Services,
     id: DeviceId,
     device: Option<DeviceRecord>,
     requests: Vec<RequestRecord>,
 ) -> Option<InventoryDevice> {
-    let now = anchor.now_ms();
+    let now = services.clock.now_ms();
     let pending = pending_of(&requests, &id, now);
     let known = device.is_some() || !pending.is_empty();
-    known.then(|| entry(anchor, id, device.as_ref(), pending, now))
+    known.then(|| entry(services, id, device.as_ref(), pending, now))
 }
 
 /// The anchor instance record.
-pub fn instance(anchor: &Anchor) -> Instance {
-    let now = anchor.now_ms();
-    let (quic, console) = *anchor
-        .shared
-        .bound
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let ca = anchor.shared.ca.info();
+pub fn instance(services: &Services) -> Instance {
+    let now = services.clock.now_ms();
+    let (quic, console) = services.bound();
+    let ca_authority = services.trust.ca();
+    let ca = ca_authority.info();
     let mut warnings = Vec::new();
-    if anchor.shared.ca.expiry_warning(anchor.now()).is_some() {
+    if ca_authority.expiry_warning(services.clock.now()).is_some() {
         warnings.push("ca_near_expiry".to_string());
     }
     Instance {
         kind: "anchor".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        started_at: to_odt(anchor.shared.started_at_ms),
-        uptime_secs: now.saturating_sub(anchor.shared.started_at_ms) / 1000,
-        connected_nodes: anchor.shared.runtime.connected() as u64,
-        store_bytes: anchor.shared.store.disk_space(),
-        listen: quic.map_or_else(
-            || anchor.shared.config.listen.to_string(),
-            |a| a.to_string(),
-        ),
-        console: console.map_or_else(
-            || anchor.shared.config.console.to_string(),
-            |a| a.to_string(),
-        ),
-        ca_fingerprint: anchor.shared.ca.fingerprint().to_string(),
+        started_at: to_odt(services.started_at_ms),
+        uptime_secs: now.saturating_sub(services.started_at_ms) / 1000,
+        connected_nodes: services.nodes.counts().1,
+        store_bytes: services.stores.runtime.disk_space(),
+        listen: quic.map_or_else(|| services.config.listen.to_string(), |a| a.to_string()),
+        console: console.map_or_else(|| services.config.console.to_string(), |a| a.to_string()),
+        ca_fingerprint: ca_authority.fingerprint().to_string(),
         ca_expires_at: to_odt(crate::clock::to_ms(ca.not_after)),
         warnings,
     }
@@ -337,5 +319,20 @@ pub fn invocation_api(r: &InvocationRecord) -> Invocation {
         dispatched_at: r.dispatched_at_ms.map(to_odt),
         finished_at: r.finished_at_ms.map(to_odt),
         duration_ms: r.duration_ms,
+    }
+}
+
+/// Why `capability` cannot run on `device` now, if it cannot: the node registered without it,
+/// or reports it unavailable. (A node never seen registering gets the work queued.)
+pub fn rejection(services: &Services, device: &DeviceId, capability: &str) -> Option<String> {
+    let nodes = services.nodes.lock();
+    let record = nodes.node(device)?.record.as_ref()?;
+    match record.capabilities.iter().find(|c| c.name == capability) {
+        None => Some(format!("the node has no capability {capability}")),
+        Some(c) if !c.available => Some(format!(
+            "{capability} is unavailable on the node: {}",
+            c.reason.clone().unwrap_or_else(|| "no reason given".into())
+        )),
+        Some(_) => None,
     }
 }

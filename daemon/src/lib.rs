@@ -1,16 +1,20 @@
 //! The anchor daemon of Anchorage (`anchord`).
 //!
-//! - [`anchor`]: shared state, start-up from the data directory, the QUIC accept loop.
-//! - [`pairing`]: codes, the SPAKE2 bootstrap stream, approvals.
-//! - [`session`]: an enrolled node's connection (registration, renewal, rotation).
-//! - [`trust`]: tokens, audit, revoke / rotate / remove.
-//! - [`runtime`]: registrations, heartbeats, presence, invocations.
-//! - [`backend`]: the console backend.
-//! - [`store`], [`records`]: the fjall store and what it holds.
-//! - [`config`]: TOML and flags, validated.
+//! [`Anchor`] is the composition root: it builds the services and owns their tasks.
+//!
+//! - Services, each the one owner of its state: [`trust`] (codes, requests, devices, tokens,
+//!   revocations, audit), [`nodes`] (the node table), [`invocations`], [`events`] (the event
+//!   bus), [`metrics`]; held together in [`services::Services`].
+//! - Their rules, without IO, beside them: [`trust::rules`], [`nodes::table`],
+//!   [`invocations::machine`].
+//! - IO drivers, thin: [`bootstrap`] (the pairing stream), [`session`] (a node's
+//!   connection), [`dispatch`] (invocations on streams), [`backend`] (the console).
+//! - [`store`]: the transaction-level store interfaces, fjall behind them, and the
+//!   conformance suite; [`records`]: what it holds. [`config`]: TOML and flags, validated.
 //!
 //! [`start`] binds the real sockets and returns a handle; [`run`] runs until a shutdown
-//! signal. Tests call the same functions in-process on port 0.
+//! signal. Tests call the same functions in-process on port 0. `docs/architecture.md` follows
+//! a heartbeat and an invocation through all of it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,14 +25,18 @@ use tracing::{info, warn};
 
 pub mod anchor;
 pub mod backend;
+pub mod bootstrap;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod dispatch;
+pub mod events;
 pub mod inventory;
+pub mod invocations;
 pub mod metrics;
-pub mod pairing;
+pub mod nodes;
 pub mod records;
-pub mod runtime;
+pub mod services;
 pub mod session;
 pub mod store;
 pub mod trust;
@@ -100,7 +108,7 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
         quic = %quic_addr,
         console = %format!("http://{console_addr}"),
         owner_token = %anchor.owner_token_path().display(),
-        ca_fingerprint = %anchor.shared.ca.fingerprint(),
+        ca_fingerprint = %anchor.ca_fingerprint(),
         "anchor ready"
     );
     let (http, http_stop) = serve_console(&anchor, listener);
@@ -185,195 +193,32 @@ fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, StartError> {
     Ok(socket.into())
 }
 
-/// Escapes a Prometheus label value.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Prometheus text of the anchor's metrics (blocking: counts devices in the store).
-pub fn metrics_text(anchor: &Anchor) -> String {
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering;
-    let shared = &anchor.shared;
-    let rt = &shared.runtime;
-    let mut out = String::new();
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-    };
-
-    family(
-        &mut out,
-        "anchorage_up",
-        "gauge",
-        "1 while the anchor runs.",
-    );
-    let _ = writeln!(
-        out,
-        "anchorage_up{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
-
-    // Nodes by presence, devices by trust.
-    let now = anchor.now_ms();
-    let t = runtime::thresholds(&shared.config);
-    let mut by_presence: std::collections::BTreeMap<&'static str, u64> =
-        ["online", "degraded", "stale", "offline", "unknown"]
-            .into_iter()
-            .map(|p| (p, 0))
-            .collect();
-    let connected = {
-        let nodes = rt.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        for state in nodes.values() {
-            *by_presence
-                .entry(state.presence(now, &t).as_str())
-                .or_default() += 1;
-        }
-        nodes.values().filter(|s| s.live.is_some()).count()
-    };
-    family(
-        &mut out,
-        "anchorage_nodes",
-        "gauge",
-        "Registered nodes by presence.",
-    );
-    for (p, n) in &by_presence {
-        let _ = writeln!(out, "anchorage_nodes{{presence=\"{p}\"}} {n}");
-    }
-    family(
-        &mut out,
-        "anchorage_connected_nodes",
-        "gauge",
-        "Node connections open now.",
-    );
-    let _ = writeln!(out, "anchorage_connected_nodes {connected}");
-    let (mut trusted, mut revoked) = (0u64, 0u64);
-    if let Ok(devices) = shared
-        .store
-        .scan::<records::DeviceRecord>(store::Space::Devices)
-    {
-        for (_, d) in devices {
-            match d.trust {
-                records::DeviceTrust::Trusted => trusted += 1,
-                records::DeviceTrust::Revoked => revoked += 1,
+/// The metrics exposition, with the state gauges read from the services (blocking: counts
+/// devices in the store).
+pub fn metrics_text(services: &services::Services) -> String {
+    let (nodes_by_presence, connected) = services.nodes.counts();
+    let (mut trusted, mut revoked) = (0, 0);
+    match services.trust.devices() {
+        Ok(devices) => {
+            for d in devices {
+                match d.trust {
+                    records::DeviceTrust::Trusted => trusted += 1,
+                    records::DeviceTrust::Revoked => revoked += 1,
+                }
             }
         }
+        Err(e) => warn!(error = %e, "counting devices for the metrics failed"),
     }
-    family(&mut out, "anchorage_devices", "gauge", "Devices by trust.");
-    let _ = writeln!(out, "anchorage_devices{{trust=\"trusted\"}} {trusted}");
-    let _ = writeln!(out, "anchorage_devices{{trust=\"revoked\"}} {revoked}");
-
-    family(
-        &mut out,
-        "anchorage_heartbeats_received_total",
-        "counter",
-        "Heartbeat datagrams received.",
-    );
-    let _ = writeln!(
-        out,
-        "anchorage_heartbeats_received_total {}",
-        rt.heartbeats_received.load(Ordering::Relaxed)
-    );
-    family(
-        &mut out,
-        "anchorage_heartbeats_lost_total",
-        "counter",
-        "Heartbeats estimated lost from sequence gaps.",
-    );
-    let _ = writeln!(
-        out,
-        "anchorage_heartbeats_lost_total {}",
-        rt.heartbeats_lost.load(Ordering::Relaxed)
-    );
-
-    family(
-        &mut out,
-        "anchorage_invocations_total",
-        "counter",
-        "Invocation state transitions by state and capability.",
-    );
-    for ((state, cap), n) in rt
-        .invocation_counts
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
-        let _ = writeln!(
-            out,
-            "anchorage_invocations_total{{state=\"{state}\",capability=\"{}\"}} {n}",
-            label(cap)
-        );
-    }
-    family(
-        &mut out,
-        "anchorage_invocation_duration_seconds",
-        "histogram",
-        "Time from request to result of invocations that ran.",
-    );
-    let h = rt.latency.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let mut cumulative = 0;
-    for (bound, n) in runtime::LATENCY_BUCKETS.iter().zip(h.buckets.iter()) {
-        cumulative += n;
-        let _ = writeln!(
-            out,
-            "anchorage_invocation_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "anchorage_invocation_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-        h.count
-    );
-    let _ = writeln!(out, "anchorage_invocation_duration_seconds_sum {}", h.sum);
-    let _ = writeln!(
-        out,
-        "anchorage_invocation_duration_seconds_count {}",
-        h.count
-    );
-
-    family(
-        &mut out,
-        "anchorage_pairing_outcomes_total",
-        "counter",
-        "Pairing outcomes.",
-    );
-    for (outcome, n) in shared.metrics.pairing_outcomes() {
-        let _ = writeln!(
-            out,
-            "anchorage_pairing_outcomes_total{{outcome=\"{outcome}\"}} {n}"
-        );
-    }
-    family(
-        &mut out,
-        "anchorage_handshake_failures_total",
-        "counter",
-        "Failed or refused handshakes by reason.",
-    );
-    for (reason, n) in shared.metrics.handshake_failures() {
-        let _ = writeln!(
-            out,
-            "anchorage_handshake_failures_total{{reason=\"{reason}\"}} {n}"
-        );
-    }
-    family(
-        &mut out,
-        "anchorage_store_bytes",
-        "gauge",
-        "Bytes on disk of the store.",
-    );
-    let _ = writeln!(out, "anchorage_store_bytes {}", shared.store.disk_space());
-    family(
-        &mut out,
-        "anchorage_uptime_seconds",
-        "gauge",
-        "Seconds since the anchor started.",
-    );
-    let _ = writeln!(
-        out,
-        "anchorage_uptime_seconds {}",
-        now.saturating_sub(shared.started_at_ms) / 1000
-    );
-    out
+    services.metrics.encode(&metrics::Snapshot {
+        nodes_by_presence,
+        connected,
+        trusted,
+        revoked,
+        store_bytes: services.stores.runtime.disk_space(),
+        uptime_secs: services
+            .clock
+            .now_ms()
+            .saturating_sub(services.started_at_ms)
+            / 1000,
+    })
 }

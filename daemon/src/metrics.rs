@@ -1,50 +1,309 @@
-//! Counters of the anchor, exposed at `/metrics`.
+//! The anchor's metrics, exposed at `/metrics` in the OpenMetrics text format
+//! (prometheus-client).
+//!
+//! Counters and the latency histogram are updated where things happen (they are atomics; the
+//! heartbeat path pays one atomic add). Gauges that describe the whole state (nodes by presence,
+//! devices by trust, store size) are read from the services when scraped, by the console
+//! backend, and set just before encoding ([`Metrics::encode`]).
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-/// Labelled counters. Cheap enough for events that happen per connection or per pairing;
-/// per-heartbeat counters live in atomics elsewhere.
-#[derive(Debug, Default)]
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Buckets of the invocation latency histogram, seconds.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+/// Presence names, in the order the gauges are reported.
+pub const PRESENCES: [&str; 5] = ["online", "degraded", "stale", "offline", "unknown"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateCapability {
+    state: &'static str,
+    capability: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PresenceLabel {
+    presence: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values are written as the variants are named
+enum TrustValue {
+    trusted,
+    revoked,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TrustLabel {
+    trust: TrustValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Version {
+    version: &'static str,
+}
+
+/// What the whole state looks like at a scrape.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    /// Registered nodes by presence, in the order of [`PRESENCES`].
+    pub nodes_by_presence: [u64; 5],
+    /// Node connections open now.
+    pub connected: u64,
+    /// Trusted devices.
+    pub trusted: u64,
+    /// Revoked devices.
+    pub revoked: u64,
+    /// Bytes on disk of the store.
+    pub store_bytes: u64,
+    /// Seconds since the anchor started.
+    pub uptime_secs: u64,
+}
+
+/// The anchor's metrics.
+#[derive(Debug)]
 pub struct Metrics {
-    handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
-    pairing_outcomes: Mutex<BTreeMap<&'static str, u64>>,
+    registry: Mutex<Registry>,
+    handshake_failures: Family<Reason, Counter>,
+    pairing_outcomes: Family<Outcome, Counter>,
+    heartbeats_received: Counter,
+    heartbeats_lost: Counter,
+    invocations: Family<StateCapability, Counter>,
+    invocation_duration: Histogram,
+    half_open_closed: Counter,
+    up: Family<Version, Gauge>,
+    nodes: Family<PresenceLabel, Gauge>,
+    connected: Gauge,
+    devices: Family<TrustLabel, Gauge>,
+    store_bytes: Gauge,
+    uptime: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
+    /// Every family registered, at zero.
+    pub fn new() -> Metrics {
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            handshake_failures: Family::default(),
+            pairing_outcomes: Family::default(),
+            heartbeats_received: Counter::default(),
+            heartbeats_lost: Counter::default(),
+            invocations: Family::default(),
+            invocation_duration: Histogram::new(LATENCY_BUCKETS),
+            half_open_closed: Counter::default(),
+            up: Family::default(),
+            nodes: Family::default(),
+            connected: Gauge::default(),
+            devices: Family::default(),
+            store_bytes: Gauge::default(),
+            uptime: Gauge::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
+            r.register("anchorage_up", "1 while the anchor runs.", m.up.clone());
+            r.register(
+                "anchorage_nodes",
+                "Registered nodes by presence.",
+                m.nodes.clone(),
+            );
+            r.register(
+                "anchorage_connected_nodes",
+                "Node connections open now.",
+                m.connected.clone(),
+            );
+            r.register("anchorage_devices", "Devices by trust.", m.devices.clone());
+            r.register(
+                "anchorage_heartbeats_received",
+                "Heartbeat datagrams received.",
+                m.heartbeats_received.clone(),
+            );
+            r.register(
+                "anchorage_heartbeats_lost",
+                "Heartbeats counted lost: sequence numbers that never arrived within the loss window.",
+                m.heartbeats_lost.clone(),
+            );
+            r.register(
+                "anchorage_half_open_closed",
+                "Node connections the anchor closed because heartbeats stopped while they looked open.",
+                m.half_open_closed.clone(),
+            );
+            r.register(
+                "anchorage_invocations",
+                "Invocation state transitions by state and capability.",
+                m.invocations.clone(),
+            );
+            r.register(
+                "anchorage_invocation_duration_seconds",
+                "Time from request to result of invocations that ran.",
+                m.invocation_duration.clone(),
+            );
+            r.register(
+                "anchorage_pairing_outcomes",
+                "Pairing outcomes.",
+                m.pairing_outcomes.clone(),
+            );
+            r.register(
+                "anchorage_handshake_failures",
+                "Failed or refused handshakes by reason.",
+                m.handshake_failures.clone(),
+            );
+            r.register(
+                "anchorage_store_bytes",
+                "Bytes on disk of the store.",
+                m.store_bytes.clone(),
+            );
+            r.register(
+                "anchorage_uptime_seconds",
+                "Seconds since the anchor started.",
+                m.uptime.clone(),
+            );
+        }
+        m.up.get_or_create(&Version {
+            version: env!("CARGO_PKG_VERSION"),
+        })
+        .set(1);
+        m
+    }
+
     /// Counts a failed or refused handshake by reason.
     pub fn handshake_failure(&self, reason: &'static str) {
-        *self
-            .handshake_failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason)
-            .or_default() += 1;
+        self.handshake_failures
+            .get_or_create(&Reason { reason })
+            .inc();
     }
 
     /// Counts a pairing outcome.
     pub fn pairing_outcome(&self, outcome: &'static str) {
-        *self
-            .pairing_outcomes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(outcome)
-            .or_default() += 1;
-    }
-
-    /// Handshake failures by reason.
-    pub fn handshake_failures(&self) -> BTreeMap<&'static str, u64> {
-        self.handshake_failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Pairing outcomes.
-    pub fn pairing_outcomes(&self) -> BTreeMap<&'static str, u64> {
         self.pairing_outcomes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .get_or_create(&Outcome { outcome })
+            .inc();
+    }
+
+    /// Counts received heartbeats.
+    pub fn heartbeats_received(&self, n: u64) {
+        self.heartbeats_received.inc_by(n);
+    }
+
+    /// Counts heartbeats given up as lost.
+    pub fn heartbeats_lost(&self, n: u64) {
+        if n > 0 {
+            self.heartbeats_lost.inc_by(n);
+        }
+    }
+
+    /// Heartbeats received and counted lost so far.
+    pub fn heartbeat_totals(&self) -> (u64, u64) {
+        (self.heartbeats_received.get(), self.heartbeats_lost.get())
+    }
+
+    /// Counts a half-open connection closed by the anchor.
+    pub fn half_open_closed(&self) {
+        self.half_open_closed.inc();
+    }
+
+    /// Counts an invocation reaching `state`.
+    pub fn invocation(&self, state: &'static str, capability: &str) {
+        self.invocations
+            .get_or_create(&StateCapability {
+                state,
+                capability: capability.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records how long an invocation that ran took, request to result.
+    pub fn invocation_duration(&self, secs: f64) {
+        self.invocation_duration.observe(secs);
+    }
+
+    /// The exposition, with the state gauges set from `snapshot`.
+    pub fn encode(&self, snapshot: &Snapshot) -> String {
+        for (name, n) in PRESENCES.iter().zip(snapshot.nodes_by_presence) {
+            self.nodes
+                .get_or_create(&PresenceLabel { presence: name })
+                .set(gauge(n));
+        }
+        self.connected.set(gauge(snapshot.connected));
+        self.devices
+            .get_or_create(&TrustLabel {
+                trust: TrustValue::trusted,
+            })
+            .set(gauge(snapshot.trusted));
+        self.devices
+            .get_or_create(&TrustLabel {
+                trust: TrustValue::revoked,
+            })
+            .set(gauge(snapshot.revoked));
+        self.store_bytes.set(gauge(snapshot.store_bytes));
+        self.uptime.set(gauge(snapshot.uptime_secs));
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_family_with_its_labels() {
+        let m = Metrics::new();
+        m.handshake_failure("unknown_ca");
+        m.invocation("succeeded", "echo");
+        m.invocation_duration(0.003);
+        m.heartbeats_received(5);
+        let text = m.encode(&Snapshot {
+            nodes_by_presence: [2, 0, 1, 0, 0],
+            connected: 2,
+            trusted: 3,
+            ..Default::default()
+        });
+        for line in [
+            "anchorage_nodes{presence=\"online\"} 2",
+            "anchorage_nodes{presence=\"stale\"} 1",
+            "anchorage_connected_nodes 2",
+            "anchorage_devices{trust=\"trusted\"} 3",
+            "anchorage_heartbeats_received_total 5",
+            "anchorage_handshake_failures_total{reason=\"unknown_ca\"} 1",
+            "anchorage_invocations_total{state=\"succeeded\",capability=\"echo\"} 1",
+            "anchorage_invocation_duration_seconds_count 1",
+            "anchorage_invocation_duration_seconds_bucket{le=\"0.005\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        assert!(text.contains("anchorage_up{version=\""));
+        assert!(text.trim_end().ends_with("# EOF"));
     }
 }

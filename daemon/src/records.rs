@@ -238,6 +238,18 @@ pub enum InvocationState {
 }
 
 impl InvocationState {
+    /// The state's stable name (console, events, metrics).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            InvocationState::Queued => "queued",
+            InvocationState::Dispatched => "dispatched",
+            InvocationState::Succeeded => "succeeded",
+            InvocationState::Failed => "failed",
+            InvocationState::TimedOut => "timed_out",
+            InvocationState::Rejected => "rejected",
+        }
+    }
+
     /// Whether it has ended.
     pub fn is_final(self) -> bool {
         !matches!(self, InvocationState::Queued | InvocationState::Dispatched)

@@ -1,0 +1,127 @@
+//! Dispatch (IO driver): runs the invocation service's [`Next`] steps on nodes' connections.
+//!
+//! Each dispatch is one bidirectional stream: request, optional progress, result. What came
+//! of it goes back to the service as a [`Reply`]; the service says what to do next (another
+//! session, a retry in a moment, nothing). Every task is owned by the anchor's tracker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anchorage_mesh::framed::framed;
+use anchorage_wire::PROTOCOL_VERSION;
+use anchorage_wire::invoke::{InvokeReply, InvokeRequest, InvokeResult, Outcome};
+use tracing::{debug, warn};
+
+use crate::invocations::{Claim, Ending, Next, Reply};
+use crate::records::InvocationState;
+use crate::services::Services;
+
+/// Runs `steps` in tasks of their own.
+pub fn spawn(services: &Arc<Services>, steps: Vec<Next>) {
+    for step in steps {
+        let s = services.clone();
+        services.spawn(async move { run(s, step).await });
+    }
+}
+
+async fn run(services: Arc<Services>, first: Next) {
+    let mut pending = vec![first];
+    while let Some(step) = pending.pop() {
+        let next = match step {
+            Next::Dispatch(claim) => dispatch(&services, claim).await,
+            Next::RetryAt(id, at_ms) => {
+                let wait = at_ms.saturating_sub(services.clock.now_ms());
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    _ = services.cancel.cancelled() => return,
+                }
+                let live = services
+                    .invocations
+                    .device_of(&id)
+                    .and_then(|d| services.nodes.live(&d))
+                    .map(|(session, _)| session);
+                services.invocations.retry(&id, live).await
+            }
+        };
+        pending.extend(next);
+    }
+}
+
+async fn dispatch(services: &Arc<Services>, claim: Claim) -> Vec<Next> {
+    let reply = match services.nodes.session_conn(&claim.device, claim.session) {
+        None => Reply::Lost,
+        Some(conn) => {
+            let remaining = claim.deadline_ms.saturating_sub(services.clock.now_ms());
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(remaining);
+            let outcome = tokio::select! {
+                r = tokio::time::timeout_at(deadline, on_stream(services, &conn, &claim, remaining)) => r,
+                _ = services.cancel.cancelled() => return Vec::new(),
+            };
+            match outcome {
+                Err(_) => Reply::Done(Ending::because(
+                    InvocationState::TimedOut,
+                    "the deadline passed before the node answered",
+                )),
+                Ok(Err(reason)) => {
+                    debug!(invocation = %claim.id, %reason, "invocation stream broke");
+                    Reply::Lost
+                }
+                Ok(Ok(result)) => reply_of(result),
+            }
+        }
+    };
+    let live = services.nodes.live(&claim.device).map(|(s, _)| s);
+    services.invocations.reply(&claim, reply, live).await
+}
+
+fn reply_of(result: InvokeResult) -> Reply {
+    let state = match result.outcome {
+        Outcome::Succeeded => InvocationState::Succeeded,
+        Outcome::Failed => InvocationState::Failed,
+        Outcome::TimedOut | Outcome::Expired => InvocationState::TimedOut,
+        Outcome::Rejected => InvocationState::Rejected,
+        Outcome::Duplicate | Outcome::Busy => return Reply::Retry,
+        _ => InvocationState::Failed,
+    };
+    Reply::Done(Ending {
+        state,
+        output: result.output,
+        truncated: result.truncated,
+        error: result.error,
+        duration_ms: Some(u64::from(result.duration_ms)),
+    })
+}
+
+async fn on_stream(
+    services: &Services,
+    conn: &quinn::Connection,
+    claim: &Claim,
+    remaining_ms: u64,
+) -> Result<InvokeResult, String> {
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let (mut tx, mut rx) = framed::<InvokeRequest, InvokeReply>(send, recv);
+    tx.send(&InvokeRequest {
+        version: PROTOCOL_VERSION,
+        id: claim.id,
+        capability: claim.capability.clone(),
+        input: claim.input.clone(),
+        remaining_ms: u32::try_from(remaining_ms).unwrap_or(u32::MAX),
+        output_limit: services.config.invocation_output_limit,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    tx.finish().map_err(|e| e.to_string())?;
+    loop {
+        match rx.recv().await {
+            Ok(Some(InvokeReply::Progress(_))) => continue,
+            Ok(Some(InvokeReply::Result(r))) => return Ok(r),
+            Ok(None) => return Err("stream ended without a result".into()),
+            Err(e) => {
+                if e.is_peer_fault() {
+                    warn!(error = %e, "bad invocation reply");
+                }
+                return Err(e.to_string());
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The invocation service: the unfinished invocations and the driver of their rules.
+//!
+//! [`Invocations`] wraps the sans-IO [`machine::Queue`] and carries out its effects: records
+//! go to the ordered [`Writer`] (so every later state lands after an earlier one), events to
+//! the bus, counts to the metrics. Dispatches and retries are handed back to the caller as
+//! [`Next`] steps: the IO side (`crate::dispatch`) runs them on the node's connection.
+
+pub mod machine;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anchorage_mesh::DeviceId;
+use anchorage_wire::invoke::InvocationId;
+use tokio::sync::Notify;
+
+use crate::clock::Clock;
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::nodes::SessionId;
+use crate::records::{InvocationRecord, InvocationState};
+use crate::store::{RuntimeStore, RuntimeWrite, StoreError, Writer};
+
+pub use machine::{Claim, Ending, Reply};
+
+/// Default invocation timeout.
+pub const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest invocation timeout.
+pub const MAX_INVOKE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses a user-given invocation timeout, clamped to the allowed range.
+pub fn invoke_timeout(ms: Option<u64>) -> Duration {
+    ms.map_or(DEFAULT_INVOKE_TIMEOUT, Duration::from_millis)
+        .clamp(Duration::from_millis(1), MAX_INVOKE_TIMEOUT)
+}
+
+/// A step for the IO side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Send this on its session now.
+    Dispatch(Claim),
+    /// Offer this invocation again at this time (Unix ms).
+    RetryAt(InvocationId, u64),
+}
+
+/// The invocation service.
+#[derive(Debug)]
+pub struct Invocations {
+    queue: Mutex<machine::Queue>,
+    waiters: Mutex<HashMap<[u8; 16], Arc<Notify>>>,
+    store: Arc<dyn RuntimeStore>,
+    writer: Writer,
+    clock: Clock,
+    events: Arc<EventBus>,
+    metrics: Arc<Metrics>,
+}
+
+impl Invocations {
+    /// The service, holding again what was unfinished at the last stop.
+    pub fn new(
+        unfinished: Vec<InvocationRecord>,
+        output_limit: usize,
+        store: Arc<dyn RuntimeStore>,
+        writer: Writer,
+        clock: Clock,
+        events: Arc<EventBus>,
+        metrics: Arc<Metrics>,
+    ) -> Invocations {
+        let mut queue = machine::Queue::new(output_limit);
+        queue.restore(unfinished);
+        Invocations {
+            queue: Mutex::new(queue),
+            waiters: Mutex::new(HashMap::new()),
+            store,
+            writer,
+            clock,
+            events,
+            metrics,
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, machine::Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn apply(&self, effects: Vec<machine::Effect>) -> Vec<Next> {
+        let mut next = Vec::new();
+        for effect in effects {
+            match effect {
+                machine::Effect::Persist(r) => {
+                    let created =
+                        r.state == InvocationState::Queued && r.dispatched_at_ms.is_none();
+                    if created || r.state == InvocationState::Rejected {
+                        self.metrics.invocation(r.state.as_str(), &r.capability);
+                    }
+                    self.writer.put(RuntimeWrite::Invocation(r)).await;
+                }
+                machine::Effect::Publish(e) => self.events.publish(e),
+                machine::Effect::Dispatch(c) => next.push(Next::Dispatch(c)),
+                machine::Effect::RetryAt(id, at) => next.push(Next::RetryAt(id, at)),
+                machine::Effect::Finished(r) => self.finished(r).await,
+            }
+        }
+        next
+    }
+
+    /// The final record: counted, written and on disk before it leaves memory, then
+    /// published and its waiters told (readers fall back to the store only once it is there).
+    async fn finished(&self, r: InvocationRecord) {
+        self.metrics.invocation(r.state.as_str(), &r.capability);
+        if matches!(
+            r.state,
+            InvocationState::Succeeded | InvocationState::Failed
+        ) {
+            let now = self.clock.now_ms();
+            self.metrics
+                .invocation_duration(now.saturating_sub(r.created_at_ms) as f64 / 1000.0);
+        }
+        let id = InvocationId(r.id);
+        let event = crate::events::AnchorEvent::Invocation {
+            device: r.device_id,
+            id,
+            capability: r.capability.clone(),
+            state: r.state,
+        };
+        self.writer.put(RuntimeWrite::Invocation(r)).await;
+        if let Err(e) = self.writer.barrier().await {
+            tracing::warn!(error = %e, invocation = %id, "final invocation record not written");
+        }
+        self.queue().forget(&id);
+        self.events.publish(event);
+        let waiter = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id.0)
+            .cloned();
+        if let Some(n) = waiter {
+            n.notify_waiters();
+        }
+    }
+
+    /// Creates an invocation: `rejection` ends it `rejected` at once; otherwise it is queued
+    /// and, with `live`, dispatched. Returns the record as created and the steps to run. The
+    /// record is queued for the store; await [`Invocations::barrier`] before acknowledging.
+    pub async fn create(
+        &self,
+        record: InvocationRecord,
+        rejection: Option<String>,
+        live: Option<SessionId>,
+    ) -> (InvocationRecord, Vec<Next>) {
+        let now = self.clock.now_ms();
+        let (created, effects) = {
+            let mut q = self.queue();
+            let effects = q.create(record.clone(), rejection, live, now);
+            let created = match effects.first() {
+                Some(machine::Effect::Persist(r)) => r.clone(),
+                _ => record,
+            };
+            (created, effects)
+        };
+        (created, self.apply(effects).await)
+    }
+
+    /// Resolves once every record queued so far is on disk.
+    pub async fn barrier(&self) -> Result<(), StoreError> {
+        self.writer.barrier().await
+    }
+
+    /// A node's session is live: its waiting work goes there.
+    pub async fn session_up(&self, device: &DeviceId, session: SessionId) -> Vec<Next> {
+        let now = self.clock.now_ms();
+        let effects = self.queue().session_up(device, session, now);
+        self.apply(effects).await
+    }
+
+    /// The dispatcher's report on one attempt; `live` is the node's live session now.
+    pub async fn reply(&self, claim: &Claim, reply: Reply, live: Option<SessionId>) -> Vec<Next> {
+        let now = self.clock.now_ms();
+        let effects = self
+            .queue()
+            .reply(&claim.id, claim.attempt, reply, live, now);
+        self.apply(effects).await
+    }
+
+    /// Offers a queued invocation again on `live`.
+    pub async fn retry(&self, id: &InvocationId, live: Option<SessionId>) -> Vec<Next> {
+        let now = self.clock.now_ms();
+        let effects = self.queue().retry(id, live, now);
+        self.apply(effects).await
+    }
+
+    /// Times out what passed its deadline.
+    pub async fn sweep(&self) {
+        let now = self.clock.now_ms();
+        let effects = self.queue().sweep(now);
+        self.apply(effects).await;
+    }
+
+    /// The device an unfinished invocation is for.
+    pub fn device_of(&self, id: &InvocationId) -> Option<DeviceId> {
+        self.queue().get(id).map(|r| r.device_id)
+    }
+
+    /// Devices with unfinished work.
+    pub fn devices_with_work(&self) -> Vec<DeviceId> {
+        self.queue().devices()
+    }
+
+    /// The current record of an invocation (memory for unfinished ones, else the store).
+    /// Blocking when it reads the store.
+    pub fn get(&self, id: &InvocationId) -> Result<Option<InvocationRecord>, StoreError> {
+        if let Some(r) = self.queue().get(id) {
+            return Ok(Some(r.clone()));
+        }
+        self.store.invocation(id)
+    }
+
+    /// The newest `limit` invocations `keep` accepts, each in its current state (blocking).
+    pub fn newest(
+        &self,
+        limit: usize,
+        keep: &dyn Fn(&InvocationRecord) -> bool,
+    ) -> Result<Vec<InvocationRecord>, StoreError> {
+        let stored = self.store.invocations_newest(limit, keep)?;
+        let q = self.queue();
+        Ok(stored
+            .into_iter()
+            .map(|r| q.get(&InvocationId(r.id)).cloned().unwrap_or(r))
+            .collect())
+    }
+
+    /// Waits until the invocation ends or `limit` passes; returns its record then.
+    pub async fn wait_final(
+        &self,
+        id: InvocationId,
+        limit: Duration,
+    ) -> Result<Option<InvocationRecord>, StoreError> {
+        let notify = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.0)
+            .or_default()
+            .clone();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.queue().contains(&id) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id.0);
+        let store = self.store.clone();
+        let current = self.queue().get(&id).cloned();
+        match current {
+            Some(r) => Ok(Some(r)),
+            None => crate::store::blocking(move || store.invocation(&id)).await,
+        }
+    }
+
+    /// Deletes finished invocations past the retention or beyond the count limit (blocking).
+    pub fn prune(&self, retention: Duration, max_records: usize) -> Result<usize, StoreError> {
+        let now = self.clock.now_ms();
+        let before = now.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        self.store.prune_invocations(before, max_records)
+    }
+}

@@ -1,0 +1,647 @@
+//! The node table's rules, without IO: registration, heartbeats, presence, half-open sessions.
+//!
+//! [`Table`] is the one record of every node the anchor knows: its registration, its live
+//! session (if any), its heartbeat window and its last published presence. It takes `now`
+//! (Unix milliseconds) and inputs, and returns [`Effect`]s for its driver to carry out:
+//! persist this record, publish this event, close this connection. It is generic over the
+//! session handle `S` (a connection in the anchor, a plain value in tests).
+//!
+//! Session ids increase; every input about a session names it, and an input about a session
+//! that is no longer the live one is ignored, so a stale session can never mark a node online
+//! or offline.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anchorage_mesh::DeviceId;
+use anchorage_mesh::presence::{self, LossWindow, Observation, Presence, Thresholds};
+use anchorage_wire::ErrorCode;
+
+use crate::events::AnchorEvent;
+use crate::records::{CapabilityRecord, NodeRecord, PresenceRecord};
+use crate::store::RuntimeWrite;
+
+/// Identifies one session (connection) of a node; increases across the anchor's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+/// What the table's driver must do.
+#[derive(Debug)]
+pub enum Effect<S> {
+    /// Write this record (through the ordered writer).
+    Persist(RuntimeWrite),
+    /// Publish this event.
+    Publish(AnchorEvent),
+    /// Close this session's connection with `code`.
+    Close {
+        /// The session's handle.
+        handle: S,
+        /// Why, as a wire error code.
+        code: ErrorCode,
+        /// Why, for the node's logs.
+        reason: &'static str,
+    },
+}
+
+/// A node's registration as it arrived on its control stream.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// Name it registered with.
+    pub name: String,
+    /// Platform.
+    pub platform: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Capabilities with availability.
+    pub capabilities: Vec<CapabilityRecord>,
+}
+
+/// What the anchor knows of one node.
+#[derive(Debug)]
+pub struct Node<S> {
+    /// Last registration (none: known only from a last-seen record).
+    pub record: Option<NodeRecord>,
+    /// The live session.
+    pub live: Option<Live<S>>,
+    /// Last heartbeat or registration, Unix ms.
+    pub last_seen_ms: Option<u64>,
+    /// The last session ended with a clean `stopping`.
+    pub stopped_cleanly: bool,
+    /// Heartbeat sequence numbers of the live session.
+    pub window: LossWindow,
+    /// Highest `window.lost` already counted in the metrics (counters never go down).
+    lost_reported: u64,
+    /// Presence last published.
+    presence: Option<Presence>,
+    /// Last-seen changed since the last flush.
+    dirty: bool,
+}
+
+impl<S> Default for Node<S> {
+    fn default() -> Self {
+        Node {
+            record: None,
+            live: None,
+            last_seen_ms: None,
+            stopped_cleanly: false,
+            window: LossWindow::default(),
+            lost_reported: 0,
+            presence: None,
+            dirty: false,
+        }
+    }
+}
+
+/// A live session.
+#[derive(Debug, Clone)]
+pub struct Live<S> {
+    /// Its id.
+    pub session: SessionId,
+    /// When it registered, Unix ms.
+    pub since_ms: u64,
+    /// The driver's handle on it.
+    pub handle: S,
+}
+
+impl<S> Node<S> {
+    fn is_session(&self, session: SessionId) -> bool {
+        self.live.as_ref().is_some_and(|l| l.session == session)
+    }
+
+    fn observation(&self, now_ms: u64) -> Observation {
+        Observation {
+            registered: self.record.is_some(),
+            silent_for: self
+                .last_seen_ms
+                .map(|t| Duration::from_millis(now_ms.saturating_sub(t))),
+            stopped_cleanly: self.stopped_cleanly && self.live.is_none(),
+            capability_unavailable: self
+                .record
+                .as_ref()
+                .is_some_and(|r| r.capabilities.iter().any(|c| !c.available)),
+            loss: if self.live.is_some() {
+                self.window.loss()
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Presence at `now_ms`.
+    pub fn presence(&self, now_ms: u64, t: &Thresholds) -> Presence {
+        presence::evaluate(&self.observation(now_ms), t)
+    }
+
+    fn presence_record(&self) -> Option<PresenceRecord> {
+        self.last_seen_ms.map(|t| PresenceRecord {
+            last_seen_ms: t,
+            stopped_cleanly: self.stopped_cleanly,
+        })
+    }
+}
+
+/// A heartbeat taken in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ingested {
+    /// Heartbeats received on this session so far (echoed in the ack).
+    pub received: u64,
+    /// Heartbeats newly counted lost (for the metrics).
+    pub newly_lost: u64,
+}
+
+/// The rules' settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Presence thresholds.
+    pub thresholds: Thresholds,
+    /// A live session with no heartbeat for this long is half-open and is closed.
+    pub half_open_after: Duration,
+}
+
+/// Every node the anchor knows.
+#[derive(Debug)]
+pub struct Table<S> {
+    nodes: HashMap<DeviceId, Node<S>>,
+    settings: Settings,
+    next_session: u64,
+}
+
+impl<S: Clone> Table<S> {
+    /// An empty table.
+    pub fn new(settings: Settings) -> Table<S> {
+        Table {
+            nodes: HashMap::new(),
+            settings,
+            next_session: 1,
+        }
+    }
+
+    /// Loads what the store kept: registrations and last-seen times.
+    pub fn load(
+        &mut self,
+        records: impl IntoIterator<Item = NodeRecord>,
+        presence: impl IntoIterator<Item = (DeviceId, PresenceRecord)>,
+    ) {
+        for rec in records {
+            let id = rec.device_id;
+            self.nodes.entry(id).or_default().record = Some(rec);
+        }
+        for (id, p) in presence {
+            let node = self.nodes.entry(id).or_default();
+            node.last_seen_ms = Some(p.last_seen_ms);
+            node.stopped_cleanly = p.stopped_cleanly;
+        }
+    }
+
+    /// The rules' settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Changes the settings (presence thresholds) from the next evaluation on.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+    }
+
+    /// A node registered on a new session `handle`. A previous live session is closed
+    /// (`Replaced`): a device never has two.
+    pub fn register(
+        &mut self,
+        device: DeviceId,
+        handle: S,
+        reg: Registration,
+        now_ms: u64,
+    ) -> (SessionId, Vec<Effect<S>>) {
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        let mut effects = Vec::with_capacity(5);
+        let node = self.nodes.entry(device).or_default();
+        let first = node
+            .record
+            .as_ref()
+            .map_or(now_ms, |old| old.first_registered_at_ms);
+        let record = NodeRecord {
+            device_id: device,
+            name: reg.name.clone(),
+            platform: reg.platform.clone(),
+            agent_version: reg.agent_version.clone(),
+            capabilities: reg.capabilities,
+            first_registered_at_ms: first,
+            registered_at_ms: now_ms,
+        };
+        if let Some(old) = node.live.replace(Live {
+            session,
+            since_ms: now_ms,
+            handle,
+        }) {
+            effects.push(Effect::Close {
+                handle: old.handle,
+                code: ErrorCode::Replaced,
+                reason: "a newer connection replaced this one",
+            });
+        }
+        node.record = Some(record.clone());
+        node.last_seen_ms = Some(now_ms);
+        node.stopped_cleanly = false;
+        node.window = LossWindow::default();
+        node.lost_reported = 0;
+        node.dirty = false;
+        effects.push(Effect::Persist(RuntimeWrite::Node(record)));
+        effects.push(Effect::Persist(RuntimeWrite::Presence(
+            device,
+            PresenceRecord {
+                last_seen_ms: now_ms,
+                stopped_cleanly: false,
+            },
+        )));
+        effects.push(Effect::Publish(AnchorEvent::NodeRegistered {
+            device,
+            name: reg.name,
+            platform: reg.platform,
+            agent_version: reg.agent_version,
+        }));
+        self.update_presence(&device, now_ms, &mut effects);
+        (session, effects)
+    }
+
+    /// The node said it is stopping: offline at once.
+    pub fn stopping(
+        &mut self,
+        device: &DeviceId,
+        session: SessionId,
+        now_ms: u64,
+    ) -> Vec<Effect<S>> {
+        let mut effects = Vec::new();
+        let Some(node) = self.nodes.get_mut(device) else {
+            return effects;
+        };
+        if !node.is_session(session) {
+            return effects;
+        }
+        node.stopped_cleanly = true;
+        node.live = None;
+        node.last_seen_ms = Some(now_ms);
+        node.dirty = false;
+        effects.push(Effect::Persist(RuntimeWrite::Presence(
+            *device,
+            PresenceRecord {
+                last_seen_ms: now_ms,
+                stopped_cleanly: true,
+            },
+        )));
+        self.update_presence(device, now_ms, &mut effects);
+        effects
+    }
+
+    /// A capability changed availability.
+    pub fn capability_changed(
+        &mut self,
+        device: &DeviceId,
+        session: SessionId,
+        cap: CapabilityRecord,
+        now_ms: u64,
+    ) -> Vec<Effect<S>> {
+        let mut effects = Vec::new();
+        let Some(node) = self.nodes.get_mut(device) else {
+            return effects;
+        };
+        if !node.is_session(session) {
+            return effects;
+        }
+        let Some(record) = node.record.as_mut() else {
+            return effects;
+        };
+        match record.capabilities.iter_mut().find(|x| x.name == cap.name) {
+            Some(existing) => *existing = cap.clone(),
+            None => record.capabilities.push(cap.clone()),
+        }
+        effects.push(Effect::Persist(RuntimeWrite::Node(record.clone())));
+        effects.push(Effect::Publish(AnchorEvent::CapabilityChanged {
+            device: *device,
+            name: cap.name,
+            available: cap.available,
+            reason: cap.reason,
+        }));
+        self.update_presence(device, now_ms, &mut effects);
+        effects
+    }
+
+    /// Heartbeat `seq` arrived on `session`. `None`: not the live session, or a duplicate
+    /// (no ack is sent). The hot path: no allocation, no effect.
+    pub fn heartbeat(
+        &mut self,
+        device: &DeviceId,
+        session: SessionId,
+        seq: u64,
+        now_ms: u64,
+    ) -> Option<Ingested> {
+        let node = self.nodes.get_mut(device)?;
+        if !node.is_session(session) || !node.window.record(seq) {
+            return None;
+        }
+        node.last_seen_ms = Some(now_ms);
+        node.dirty = true;
+        let newly_lost = node.window.lost.saturating_sub(node.lost_reported);
+        node.lost_reported = node.lost_reported.max(node.window.lost);
+        Some(Ingested {
+            received: node.window.received,
+            newly_lost,
+        })
+    }
+
+    /// A session's connection ended.
+    pub fn disconnected(
+        &mut self,
+        device: &DeviceId,
+        session: SessionId,
+        now_ms: u64,
+    ) -> Vec<Effect<S>> {
+        let mut effects = Vec::new();
+        let Some(node) = self.nodes.get_mut(device) else {
+            return effects;
+        };
+        if !node.is_session(session) {
+            return effects;
+        }
+        node.live = None;
+        self.ended(device, now_ms, &mut effects);
+        effects
+    }
+
+    /// Ends the live session of `device` from the anchor's side (revoked, removed, paired
+    /// again): it is closed with `code` and the node is no longer connected.
+    pub fn close(
+        &mut self,
+        device: &DeviceId,
+        code: ErrorCode,
+        reason: &'static str,
+        now_ms: u64,
+    ) -> Vec<Effect<S>> {
+        let mut effects = Vec::new();
+        let Some(live) = self.nodes.get_mut(device).and_then(|n| n.live.take()) else {
+            return effects;
+        };
+        effects.push(Effect::Close {
+            handle: live.handle,
+            code,
+            reason,
+        });
+        self.ended(device, now_ms, &mut effects);
+        effects
+    }
+
+    fn ended(&mut self, device: &DeviceId, now_ms: u64, effects: &mut Vec<Effect<S>>) {
+        if let Some(p) = self.nodes.get_mut(device).and_then(|n| {
+            n.dirty = false;
+            n.presence_record()
+        }) {
+            effects.push(Effect::Persist(RuntimeWrite::Presence(*device, p)));
+        }
+        effects.push(Effect::Publish(AnchorEvent::NodeDisconnected {
+            device: *device,
+        }));
+        self.update_presence(device, now_ms, effects);
+    }
+
+    /// The periodic evaluation: presence transitions are published, and live sessions that
+    /// sent no heartbeat for [`Settings::half_open_after`] are closed as half-open (the node
+    /// may be gone without having closed its connection; work must not be dispatched into it).
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Effect<S>> {
+        let mut effects = Vec::new();
+        let half_open =
+            u64::try_from(self.settings.half_open_after.as_millis()).unwrap_or(u64::MAX);
+        let silent: Vec<DeviceId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| {
+                n.live.is_some()
+                    && n.last_seen_ms
+                        .is_some_and(|t| now_ms.saturating_sub(t) >= half_open)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            effects.extend(self.close(
+                &id,
+                ErrorCode::Timeout,
+                "no heartbeat: the connection is half-open",
+                now_ms,
+            ));
+        }
+        let t = self.settings.thresholds;
+        for (id, node) in self.nodes.iter_mut() {
+            let p = node.presence(now_ms, &t);
+            let old = node.presence.replace(p);
+            if old != Some(p) {
+                effects.push(Effect::Publish(AnchorEvent::Presence {
+                    device: *id,
+                    from: old,
+                    to: p,
+                }));
+            }
+        }
+        effects
+    }
+
+    /// Last-seen times changed since the last flush, to be written in one batch.
+    pub fn flush(&mut self) -> Vec<RuntimeWrite> {
+        self.nodes
+            .iter_mut()
+            .filter(|(_, n)| n.dirty)
+            .filter_map(|(id, n)| {
+                n.dirty = false;
+                n.presence_record().map(|p| RuntimeWrite::Presence(*id, p))
+            })
+            .collect()
+    }
+
+    /// Forgets a removed device.
+    pub fn forget(&mut self, device: &DeviceId) -> Option<Node<S>> {
+        self.nodes.remove(device)
+    }
+
+    /// The live session of `device`.
+    pub fn live(&self, device: &DeviceId) -> Option<&Live<S>> {
+        self.nodes.get(device)?.live.as_ref()
+    }
+
+    /// One node.
+    pub fn node(&self, device: &DeviceId) -> Option<&Node<S>> {
+        self.nodes.get(device)
+    }
+
+    /// Every node.
+    pub fn iter(&self) -> impl Iterator<Item = (&DeviceId, &Node<S>)> {
+        self.nodes.iter()
+    }
+
+    fn update_presence(&mut self, device: &DeviceId, now_ms: u64, effects: &mut Vec<Effect<S>>) {
+        let t = self.settings.thresholds;
+        let Some(node) = self.nodes.get_mut(device) else {
+            return;
+        };
+        let p = node.presence(now_ms, &t);
+        let old = node.presence.replace(p);
+        if old != Some(p) {
+            effects.push(Effect::Publish(AnchorEvent::Presence {
+                device: *device,
+                from: old,
+                to: p,
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SETTINGS: Settings = Settings {
+        thresholds: Thresholds {
+            stale_after: Duration::from_secs(3),
+            offline_after: Duration::from_secs(6),
+            degraded_loss: 0.25,
+        },
+        half_open_after: Duration::from_secs(3),
+    };
+
+    fn device(n: u8) -> DeviceId {
+        DeviceId::from_bytes([n; anchorage_mesh::identity::DEVICE_ID_LEN])
+    }
+
+    fn reg() -> Registration {
+        Registration {
+            name: "n".into(),
+            platform: "linux".into(),
+            agent_version: "0.1".into(),
+            capabilities: vec![CapabilityRecord {
+                name: "echo".into(),
+                available: true,
+                reason: None,
+                description: String::new(),
+            }],
+        }
+    }
+
+    fn presences(effects: &[Effect<u32>]) -> Vec<Presence> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Publish(AnchorEvent::Presence { to, .. }) => Some(*to),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn closed(effects: &[Effect<u32>]) -> Vec<(u32, ErrorCode)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Close { handle, code, .. } => Some((*handle, *code)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_session_replaces_the_old_and_old_inputs_are_ignored() {
+        let mut t = Table::new(SETTINGS);
+        let (first, fx) = t.register(device(1), 10u32, reg(), 0);
+        assert_eq!(presences(&fx), vec![Presence::Online]);
+        let (second, fx) = t.register(device(1), 11, reg(), 100);
+        assert!(second > first);
+        assert_eq!(closed(&fx), vec![(10, ErrorCode::Replaced)]);
+        // The old session's heartbeats, stop and disconnect change nothing.
+        assert_eq!(t.heartbeat(&device(1), first, 1, 200), None);
+        assert!(t.stopping(&device(1), first, 300).is_empty());
+        assert!(t.disconnected(&device(1), first, 300).is_empty());
+        assert_eq!(t.live(&device(1)).map(|l| l.handle), Some(11));
+        assert!(t.heartbeat(&device(1), second, 1, 400).is_some());
+    }
+
+    #[test]
+    fn presence_follows_heartbeats_and_a_clean_stop_is_offline_at_once() {
+        let mut t = Table::new(Settings {
+            half_open_after: Duration::from_secs(3600),
+            ..SETTINGS
+        });
+        let (s, _) = t.register(device(1), 1u32, reg(), 0);
+        assert!(presences(&t.tick(2_999)).is_empty());
+        assert_eq!(presences(&t.tick(3_000)), vec![Presence::Stale]);
+        t.heartbeat(&device(1), s, 1, 3_500);
+        assert_eq!(presences(&t.tick(3_600)), vec![Presence::Online]);
+        assert_eq!(presences(&t.tick(9_500)), vec![Presence::Offline]);
+        let (s, _) = t.register(device(1), 2, reg(), 10_000);
+        let fx = t.stopping(&device(1), s, 10_100);
+        assert_eq!(presences(&fx), vec![Presence::Offline]);
+        assert!(t.live(&device(1)).is_none());
+    }
+
+    #[test]
+    fn a_silent_session_is_closed_as_half_open_once() {
+        let mut t = Table::new(SETTINGS);
+        let (s, _) = t.register(device(1), 7u32, reg(), 0);
+        t.heartbeat(&device(1), s, 1, 1_000);
+        assert!(closed(&t.tick(3_999)).is_empty());
+        let fx = t.tick(4_000);
+        assert_eq!(closed(&fx), vec![(7, ErrorCode::Timeout)]);
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::Publish(AnchorEvent::NodeDisconnected { .. })))
+        );
+        assert!(
+            t.live(&device(1)).is_none(),
+            "nothing is dispatched into it"
+        );
+        assert!(closed(&t.tick(5_000)).is_empty());
+        // The session's own end, when quinn notices, changes nothing more.
+        assert!(t.disconnected(&device(1), s, 6_000).is_empty());
+    }
+
+    #[test]
+    fn heartbeats_count_loss_once_and_never_go_back() {
+        let mut t = Table::new(SETTINGS);
+        let (s, _) = t.register(device(1), 1u32, reg(), 0);
+        let a = t.heartbeat(&device(1), s, 1, 10).unwrap();
+        assert_eq!(a.received, 1);
+        // 2 and 3 skipped.
+        let b = t.heartbeat(&device(1), s, 4, 20).unwrap();
+        assert_eq!((b.received, b.newly_lost), (2, 2));
+        // 3 was only late: received, and the loss already counted is not counted again.
+        let c = t.heartbeat(&device(1), s, 3, 30).unwrap();
+        assert_eq!((c.received, c.newly_lost), (3, 0));
+        let d = t.heartbeat(&device(1), s, 6, 40).unwrap();
+        assert_eq!(d.newly_lost, 0, "the late 3 made room for the skipped 5");
+        assert_eq!(t.heartbeat(&device(1), s, 6, 50), None, "duplicate");
+    }
+
+    #[test]
+    fn last_seen_is_flushed_in_batches_only_when_it_changed() {
+        let mut t = Table::new(SETTINGS);
+        let (s, _) = t.register(device(1), 1u32, reg(), 0);
+        t.register(device(2), 2u32, reg(), 0);
+        assert!(t.flush().is_empty());
+        t.heartbeat(&device(1), s, 1, 500);
+        t.heartbeat(&device(1), s, 2, 600);
+        let writes = t.flush();
+        assert_eq!(writes.len(), 1);
+        assert!(matches!(
+            &writes[0],
+            RuntimeWrite::Presence(id, p) if *id == device(1) && p.last_seen_ms == 600
+        ));
+        assert!(t.flush().is_empty());
+    }
+
+    #[test]
+    fn closing_from_the_anchor_ends_the_session() {
+        let mut t = Table::new(SETTINGS);
+        t.register(device(1), 5u32, reg(), 0);
+        let fx = t.close(&device(1), ErrorCode::Revoked, "device revoked", 10);
+        assert_eq!(closed(&fx), vec![(5, ErrorCode::Revoked)]);
+        assert!(t.live(&device(1)).is_none());
+        assert!(
+            t.close(&device(1), ErrorCode::Revoked, "again", 20)
+                .is_empty()
+        );
+    }
+}
