@@ -24,7 +24,6 @@ use crate::records::{
     RequestRecord, TokenRecord,
 };
 use crate::services::Services;
-use crate::store::StoreError;
 use crate::trust::{self, TrustError, code_state, request_state};
 
 /// Implements [`Backend`] over the anchor's services.

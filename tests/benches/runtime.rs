@@ -471,15 +471,23 @@ async fn anchor_steps(dir: PathBuf, calls: usize) -> (Vec<Duration>, Vec<Duratio
             hop.push(started.elapsed());
         }
     }
-    let store = anchorage_daemon::store::Store::open(&dir.join("steps-store")).unwrap();
-    let writer = store.writer();
-    let value = vec![7u8; 64];
+    use anchorage_daemon::records::PresenceRecord;
+    use anchorage_daemon::store::{FjallStore, RuntimeWrite, Stores, Writer};
+    let stores = Stores::from_backend(FjallStore::open(&dir.join("steps-store")).unwrap());
+    let writer = Writer::start(stores.runtime.clone());
     let mut write = Vec::with_capacity(calls);
     for i in 0..WARMUP + calls {
         let started = Instant::now();
-        let key = (i as u64).to_be_bytes();
+        let mut id = [0u8; anchorage_mesh::identity::DEVICE_ID_LEN];
+        id[..8].copy_from_slice(&(i as u64).to_be_bytes());
         writer
-            .put(anchorage_daemon::store::Space::Audit, &key, &value)
+            .put(RuntimeWrite::Presence(
+                anchorage_mesh::DeviceId::from_bytes(id),
+                PresenceRecord {
+                    last_seen_ms: i as u64,
+                    stopped_cleanly: false,
+                },
+            ))
             .await;
         writer.barrier().await.unwrap();
         if i >= WARMUP {

@@ -176,10 +176,17 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
     }
     // Every sample belongs to a declared family (histogram samples carry suffixes).
     for s in &out.samples {
+        // Histogram samples carry suffixes; OpenMetrics counters are declared without the
+        // `_total` their samples carry.
         let base = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|suf| s.name.strip_suffix(suf))
             .filter(|b| out.types.get(*b).is_some_and(|t| t == "histogram"))
+            .or_else(|| {
+                s.name
+                    .strip_suffix("_total")
+                    .filter(|b| out.types.get(*b).is_some_and(|t| t == "counter"))
+            })
             .unwrap_or(&s.name);
         if !out.types.contains_key(base) {
             return Err(format!("sample {} has no # TYPE", s.name));

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anchorage_console::Backend;
 use anchorage_console::api::{CreatedToken, Permission};
 use anchorage_daemon::backend::AnchorBackend;
-use anchorage_daemon::{Anchor, AnchorConfig, Clock, trust};
+use anchorage_daemon::{Anchor, AnchorConfig, Clock};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{Request, Response, StatusCode, header};
@@ -110,7 +110,11 @@ impl Fixture {
     }
 
     fn token(&self, name: &str, permissions: Vec<Permission>) -> CreatedToken {
-        trust::create_token_internal(&self.anchor, "test", name.to_string(), permissions).unwrap()
+        self.anchor
+            .services()
+            .trust
+            .create_token("test", name.to_string(), permissions)
+            .unwrap()
     }
 
     async fn send(
@@ -349,12 +353,15 @@ async fn a_revoked_token_stops_working_at_once() {
     assert!(fx.backend.authenticate(&reader.token).await.is_none());
 
     // Revoking is idempotent and keeps the token listed as revoked; the owner still works.
-    let again = trust::revoke_token(
-        &fx.anchor,
-        &fx.backend.authenticate(&fx.owner).await.unwrap(),
-        &reader.id,
-    )
-    .unwrap();
+    let again = fx
+        .anchor
+        .services()
+        .trust
+        .revoke_token(
+            &fx.backend.authenticate(&fx.owner).await.unwrap(),
+            &reader.id,
+        )
+        .unwrap();
     assert!(again.revoked_at_ms.is_some());
     let res = fx
         .send("GET", "/console/v1/devices", Some(&bearer(&fx.owner)), None)
@@ -371,8 +378,11 @@ async fn a_revoked_token_stops_working_at_once() {
     drop(backend);
     drop(anchor);
     let reopened = reopen(dir.path()).await;
-    assert!(trust::authenticate(&reopened, &reader.token).is_none());
-    assert!(trust::authenticate(&reopened, &reopened.owner_token().unwrap()).is_some());
+    assert!(reopened.services().trust.authenticate(&reader.token).is_none());
+    assert!(reopened
+        .services()
+        .trust
+        .authenticate(&reopened.owner_token().unwrap()).is_some());
 }
 
 #[tokio::test]

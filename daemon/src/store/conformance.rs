@@ -5,6 +5,8 @@
 //! makes a fresh [`Backend`]; each check opens it, writes, drops it, opens it again and
 //! reads, as fjall's own tests do.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test suite: failing loudly is the point
+
 use std::sync::{Arc, Mutex};
 
 use anchorage_mesh::DeviceId;

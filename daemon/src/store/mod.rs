@@ -322,6 +322,8 @@ pub const WRITER_QUEUE: usize = 8192;
 /// Most writes committed in one batch.
 pub const WRITER_BATCH: usize = 1024;
 
+// Writes are the common case; boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum WriteOp {
     Write(RuntimeWrite),
     Barrier(tokio::sync::oneshot::Sender<Result<(), StoreError>>),
