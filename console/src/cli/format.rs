@@ -2,9 +2,8 @@
 
 use std::time::Duration;
 
+use anchorage_wire::duration::format_duration;
 use time::{OffsetDateTime, UtcOffset};
-
-use super::duration::format_duration;
 
 /// A table of aligned columns: two spaces between columns, no trailing spaces.
 #[derive(Debug, Clone, Default)]
