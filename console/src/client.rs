@@ -7,10 +7,10 @@
 //! Cancel safety: every method may be dropped at any await point; that drops the HTTP request.
 //! A mutation the server already received may still take effect.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
@@ -509,160 +509,77 @@ fn describe_http(e: &reqwest::Error) -> String {
 // ---------------------------------------------------------------------------------------------
 // Server-sent events
 
-/// One server-sent event as it arrived.
+/// One server-sent event as it arrived: a block with data (blocks without data are not
+/// dispatched, as in a browser).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SseMessage {
+struct SseMessage {
     /// The `event:` field (`message` when absent).
-    pub event: String,
-    /// The last `id:` seen on the stream.
-    pub id: Option<String>,
-    /// The `data:` lines, joined with `\n`.
-    pub data: String,
-}
-
-/// An incremental `text/event-stream` parser (the WHATWG rules: `\n`, `\r\n` or `\r` end a
-/// line, a blank line ends an event, `:` starts a comment, one space after the colon is
-/// dropped, an event without data is not dispatched).
-#[derive(Debug, Default)]
-pub struct SseParser {
-    line: Vec<u8>,
-    after_cr: bool,
-    started: bool,
     event: String,
-    data: String,
-    has_data: bool,
+    /// The block's `id:` field.
     id: Option<String>,
+    /// The `data:` lines, joined with `\n`.
+    data: String,
 }
 
-impl SseParser {
-    /// A parser at the start of a stream.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Feeds a chunk; returns the events it completed. Errs when a line exceeds
-    /// [`MAX_SSE_LINE`].
-    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<SseMessage>, String> {
-        let mut out = Vec::new();
-        for &b in chunk {
-            if self.after_cr {
-                self.after_cr = false;
-                if b == b'\n' {
-                    continue;
-                }
-            }
-            match b {
-                b'\r' => {
-                    self.after_cr = true;
-                    self.end_line(&mut out);
-                }
-                b'\n' => self.end_line(&mut out),
-                _ => {
-                    if self.line.len() >= MAX_SSE_LINE {
-                        return Err(format!(
-                            "event stream line longer than {MAX_SSE_LINE} bytes"
-                        ));
-                    }
-                    self.line.push(b);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn end_line(&mut self, out: &mut Vec<SseMessage>) {
-        let raw = std::mem::take(&mut self.line);
-        let mut line = String::from_utf8_lossy(&raw).into_owned();
-        if !self.started {
-            self.started = true;
-            if let Some(rest) = line.strip_prefix('\u{feff}') {
-                line = rest.to_owned();
-            }
-        }
-        if line.is_empty() {
-            if self.has_data {
-                let mut data = std::mem::take(&mut self.data);
-                if data.ends_with('\n') {
-                    data.pop();
-                }
-                let event = std::mem::take(&mut self.event);
-                out.push(SseMessage {
-                    event: if event.is_empty() {
-                        "message".into()
-                    } else {
-                        event
-                    },
-                    id: self.id.clone(),
-                    data,
-                });
-            }
-            self.event.clear();
-            self.data.clear();
-            self.has_data = false;
-            return;
-        }
-        if line.starts_with(':') {
-            return;
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line.as_str(), ""),
+/// Server-sent events from a byte stream, parsed by `sse-stream` (the WHATWG rules: `\n`,
+/// `\r\n` or `\r` end a line, a blank line ends an event, `:` starts a comment, one space after
+/// the colon is dropped). A line longer than [`MAX_SSE_LINE`] bytes is refused before the parser
+/// buffers it. Any error (transport, invalid UTF-8, an endless line) is the last item.
+fn sse_messages<S, E>(bytes: S) -> impl Stream<Item = Result<SseMessage, ClientError>> + Send
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Into<ClientError>,
+{
+    let mut line = 0usize;
+    let guarded = bytes.map(move |chunk| {
+        let chunk = chunk.map_err(Into::into)?;
+        line = match chunk.iter().rposition(|&b| b == b'\n' || b == b'\r') {
+            Some(end) => chunk.len() - end - 1,
+            None => line.saturating_add(chunk.len()),
         };
-        match field {
-            "event" => self.event = value.to_owned(),
-            "data" => {
-                self.data.push_str(value);
-                self.data.push('\n');
-                self.has_data = true;
-            }
-            "id" if !value.contains('\0') => self.id = Some(value.to_owned()),
-            _ => {}
+        if line > MAX_SSE_LINE {
+            return Err(ClientError::Decode(format!(
+                "event stream line longer than {MAX_SSE_LINE} bytes"
+            )));
         }
-    }
+        Ok(chunk)
+    });
+    // The parser stops at its first error, so an endless line ends the stream.
+    sse_stream::SseByteStream::new(guarded).filter_map(|block| {
+        std::future::ready(match block {
+            Ok(sse_stream::Sse {
+                event,
+                data: Some(data),
+                id,
+                ..
+            }) => Some(Ok(SseMessage {
+                event: event
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "message".into()),
+                id,
+                data,
+            })),
+            Ok(_) => None,
+            Err(sse_stream::Error::Body(e)) => Some(Err(match e.downcast::<ClientError>() {
+                Ok(e) => *e,
+                Err(e) => ClientError::Decode(format!("event stream: {e}")),
+            })),
+            Err(e) => Some(Err(ClientError::Decode(format!("event stream: {e}")))),
+        })
+    })
 }
 
 /// Console events from a byte stream of SSE.
-fn decode_events<S, B, E>(bytes: S) -> impl Stream<Item = Result<Event, ClientError>> + Send
+fn decode_events<S, E>(bytes: S) -> impl Stream<Item = Result<Event, ClientError>> + Send
 where
-    S: Stream<Item = Result<B, E>> + Send + 'static,
-    B: AsRef<[u8]>,
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Into<ClientError>,
 {
-    struct St<S> {
-        bytes: std::pin::Pin<Box<S>>,
-        parser: SseParser,
-        queue: VecDeque<Result<Event, ClientError>>,
-        done: bool,
-    }
-    let st = St {
-        bytes: Box::pin(bytes),
-        parser: SseParser::new(),
-        queue: VecDeque::new(),
-        done: false,
-    };
-    futures_util::stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(item) = st.queue.pop_front() {
-                return Some((item, st));
-            }
-            if st.done {
-                return None;
-            }
-            match st.bytes.next().await {
-                Some(Ok(chunk)) => match st.parser.push(chunk.as_ref()) {
-                    Ok(messages) => st.queue.extend(messages.into_iter().filter_map(to_event)),
-                    Err(e) => {
-                        st.queue.push_back(Err(ClientError::Decode(e)));
-                        st.done = true;
-                    }
-                },
-                Some(Err(e)) => {
-                    st.queue.push_back(Err(e.into()));
-                    st.done = true;
-                }
-                None => return None,
-            }
-        }
+    sse_messages(bytes).filter_map(|message| {
+        std::future::ready(match message {
+            Ok(message) => to_event(message),
+            Err(e) => Some(Err(e)),
+        })
     })
 }
 
@@ -687,14 +604,32 @@ fn to_event(message: SseMessage) -> Option<Result<Event, ClientError>> {
 mod tests {
     use super::*;
 
-    fn parse_all(chunks: &[&[u8]]) -> Vec<SseMessage> {
-        let mut p = SseParser::new();
-        chunks.iter().flat_map(|c| p.push(c).unwrap()).collect()
+    /// Every message the SSE layer reads from these chunks, then its error if it ended on one.
+    async fn parse(chunks: &[&[u8]]) -> (Vec<SseMessage>, Option<ClientError>) {
+        let chunks: Vec<Result<Bytes, ClientError>> = chunks
+            .iter()
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let mut items = std::pin::pin!(sse_messages(futures_util::stream::iter(chunks)));
+        let mut got = Vec::new();
+        while let Some(item) = items.next().await {
+            match item {
+                Ok(message) => got.push(message),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+        (got, None)
     }
 
-    #[test]
-    fn sse_parser_reads_fields_and_skips_comments() {
-        let got = parse_all(&[b": connected\n\nevent: presence\nid: 7\ndata: {\"a\":1}\n\n"]);
+    async fn parse_all(chunks: &[&[u8]]) -> Vec<SseMessage> {
+        let (got, err) = parse(chunks).await;
+        assert!(err.is_none(), "{err:?}");
+        got
+    }
+
+    #[tokio::test]
+    async fn sse_parser_reads_fields_and_skips_comments() {
+        let got = parse_all(&[b": connected\n\nevent: presence\nid: 7\ndata: {\"a\":1}\n\n"]).await;
         assert_eq!(
             got,
             vec![SseMessage {
@@ -705,14 +640,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sse_parser_handles_split_chunks_and_all_line_endings() {
+    #[tokio::test]
+    async fn sse_parser_handles_split_chunks_and_all_line_endings() {
         let got = parse_all(&[
             b"event: a\r",
             b"\ndata: x",
             b"\r\n\r",
             b"\ndata:y\rdata: z\r\r",
-        ]);
+        ])
+        .await;
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].event, "a");
         assert_eq!(got[0].data, "x");
@@ -723,17 +659,46 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sse_parser_ignores_events_without_data_and_incomplete_tail() {
-        let got = parse_all(&[b"event: nothing\n\n:keep-alive\n\ndata: tail"]);
+    #[tokio::test]
+    async fn sse_parser_ignores_events_without_data_and_incomplete_tail() {
+        let got = parse_all(&[b"event: nothing\n\n:keep-alive\n\ndata: tail"]).await;
         assert!(got.is_empty());
     }
 
-    #[test]
-    fn sse_parser_refuses_endless_lines() {
-        let mut p = SseParser::new();
+    #[tokio::test]
+    async fn sse_parser_refuses_endless_lines() {
         let big = vec![b'x'; MAX_SSE_LINE + 1];
-        assert!(p.push(&big).is_err());
+        let (got, err) = parse(&[b"data: ok\n\n", &big, b"\n\n"]).await;
+        assert_eq!(got.len(), 1, "what came before the endless line is read");
+        assert!(
+            matches!(&err, Some(ClientError::Decode(m)) if m.contains("longer than")),
+            "{err:?}"
+        );
+        // The limit counts one line across chunks, and a line end resets it.
+        let half = vec![b'x'; MAX_SSE_LINE / 2 + 1];
+        let (_, err) = parse(&[b"data: ", &half, &half]).await;
+        assert!(
+            err.is_some(),
+            "one line split over chunks is still one line"
+        );
+        let (got, err) = parse(&[b"data: ", &half, b"\n\ndata: ", &half, b"\n\n"]).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(got.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_transport_error_ends_the_stream_as_itself() {
+        let chunks: Vec<Result<Bytes, ClientError>> = vec![
+            Ok(Bytes::from_static(b"data: a\n\n")),
+            Err(ClientError::BadUrl("gone".into())),
+            Ok(Bytes::from_static(b"data: b\n\n")),
+        ];
+        let items: Vec<_> = sse_messages(futures_util::stream::iter(chunks))
+            .collect()
+            .await;
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert_eq!(items[0].as_ref().unwrap().data, "a");
+        assert!(matches!(items[1], Err(ClientError::BadUrl(_))), "{items:?}");
     }
 
     #[test]
@@ -793,7 +758,8 @@ mod tests {
              data: {json}\n\nevent: junk\ndata: nope\n\n"
         );
         let (a, b) = text.as_bytes().split_at(text.len() / 2);
-        let chunks: Vec<Result<Vec<u8>, ClientError>> = vec![Ok(a.to_vec()), Ok(b.to_vec())];
+        let chunks: Vec<Result<Bytes, ClientError>> =
+            vec![Ok(Bytes::copy_from_slice(a)), Ok(Bytes::copy_from_slice(b))];
         let items: Vec<_> = decode_events(futures_util::stream::iter(chunks))
             .collect()
             .await;

@@ -155,7 +155,7 @@ impl FileConfig {
         };
         let dur = |key: &'static str, v: Option<String>, default: Duration| match v {
             None => Ok(default),
-            Some(s) => parse_duration(&s).map_err(|message| ConfigError::invalid(key, message)),
+            Some(s) => parse_duration(&s).map_err(|e| ConfigError::invalid(key, e.to_string())),
         };
         let presence = PresenceConfig {
             heartbeat_interval: dur(
@@ -266,7 +266,7 @@ impl FileConfig {
     }
 }
 
-pub use anchorage_mesh::duration::parse_duration;
+pub use anchorage_mesh::config::parse_duration;
 
 #[cfg(test)]
 mod tests {
@@ -312,5 +312,21 @@ mod tests {
             toml::from_str::<FileConfig>("listn = \"x\"").is_err(),
             "unknown keys refused"
         );
+    }
+
+    #[test]
+    fn durations_take_sums_and_bad_ones_name_the_key() {
+        let c = toml::from_str::<FileConfig>("stale_after = \"1h30m\"\noffline_after = \"2h\"")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.presence.stale_after, Duration::from_secs(5400));
+        let err = toml::from_str::<FileConfig>("invocation_retention = \"7 parsecs\"")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`invocation_retention`"), "{err}");
+        assert!(err.contains("unknown unit \"parsecs\""), "{err}");
     }
 }

@@ -1,9 +1,12 @@
 //! What `anchord` and `anchor-node` share about their TOML configuration files: the error type
-//! (both exit with code 64 on it) and reading a file into a schema.
+//! (both exit with code 64 on it), reading a file into a schema, and the duration grammar of
+//! their settings and flags (the one `anchorctl` uses too).
 
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+
+pub use anchorage_wire::duration::{DurationError, parse_duration};
 
 /// Errors in a configuration file or setting.
 #[derive(Debug, thiserror::Error)]

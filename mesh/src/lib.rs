@@ -10,7 +10,6 @@
 //! Everything here that involves time takes `now` as an argument.
 
 pub mod config;
-pub mod duration;
 pub mod framed;
 pub mod identity;
 pub mod os;

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use anchorage_mesh::duration::parse_duration;
+pub use anchorage_mesh::config::parse_duration;
 
 use crate::capability::CommandSpec;
 
@@ -95,10 +95,9 @@ impl NodeConfig {
     pub fn reconnect_max(&self) -> Result<Duration, ConfigError> {
         match &self.reconnect_max {
             None => Ok(Duration::from_secs(30)),
-            Some(s) => parse_duration(s).map_err(|message| ConfigError::Invalid {
-                key: "reconnect_max".into(),
-                message,
-            }),
+            Some(s) => {
+                parse_duration(s).map_err(|e| ConfigError::invalid("reconnect_max", e.to_string()))
+            }
         }
     }
 }

@@ -14,6 +14,9 @@
 //! - [`invoke`]: one bidirectional stream per capability invocation, opened by the anchor.
 //! - [`datagram`]: heartbeats and their acks, sent as QUIC datagrams.
 //!
+//! Beside the protocol, the vocabulary every crate shares without any IO:
+//! - [`duration`]: the one duration grammar of flags and configuration files (`1h30m`).
+//!
 //! Compatibility rules (see `docs/protocol.md`): enum variants are only ever appended, never
 //! reordered; postcard is not self-describing, so a new field in an existing struct breaks old
 //! peers and needs a new variant or a new version; a change that breaks an old peer bumps
@@ -23,6 +26,7 @@
 pub mod bootstrap;
 pub mod control;
 pub mod datagram;
+pub mod duration;
 pub mod error;
 pub mod frame;
 pub mod invoke;

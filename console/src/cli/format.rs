@@ -2,59 +2,51 @@
 
 use std::time::Duration;
 
+use anchorage_wire::duration::format_duration;
 use time::{OffsetDateTime, UtcOffset};
 
-use super::duration::format_duration;
-
-/// A table of aligned columns: two spaces between columns, no trailing spaces.
-#[derive(Debug, Clone, Default)]
+/// A table of aligned columns: two spaces between columns, no borders, no trailing spaces.
+///
+/// Laid out by comfy-table, which measures cells by their display width.
+#[derive(Debug, Clone)]
 pub struct Table {
-    headers: Vec<String>,
-    rows: Vec<Vec<String>>,
+    inner: comfy_table::Table,
+    columns: usize,
 }
 
 impl Table {
     /// A table with these column headers.
     pub fn new(headers: &[&str]) -> Self {
+        let mut inner = comfy_table::Table::new();
+        inner
+            .load_style(comfy_table::presets::NOTHING)
+            .set_header(headers.to_vec());
+        for column in inner.column_iter_mut() {
+            // The gap after every column; the last one's is trimmed with the line's end.
+            column.set_padding((0, 2));
+        }
         Table {
-            headers: headers.iter().map(|h| h.to_string()).collect(),
-            rows: Vec::new(),
+            inner,
+            columns: headers.len(),
         }
     }
 
     /// Appends a row; missing cells are blank, extra cells are dropped.
     pub fn row(&mut self, cells: Vec<String>) {
         let mut cells = cells;
-        cells.resize(self.headers.len(), String::new());
-        self.rows.push(cells);
+        cells.resize(self.columns, String::new());
+        self.inner.add_row(cells);
     }
 
     /// Whether the table has no rows.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.inner.row_count() == 0
     }
 
     /// The table as lines, each ending in `\n`.
     pub fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| width(h)).collect();
-        for row in &self.rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(width(cell));
-            }
-        }
-        let mut out = String::new();
-        for line in std::iter::once(&self.headers).chain(&self.rows) {
-            let mut text = String::new();
-            for (i, (cell, w)) in line.iter().zip(&widths).enumerate() {
-                if i > 0 {
-                    text.push_str("  ");
-                }
-                text.push_str(cell);
-                text.extend(std::iter::repeat_n(' ', w - width(cell)));
-            }
-            out.push_str(text.trim_end());
-            out.push('\n');
-        }
+        let mut out = self.inner.trim_fmt();
+        out.push('\n');
         out
     }
 }

@@ -5,7 +5,6 @@
 //! (`events` prints one JSON object per line); without it, text for people. Errors go to
 //! stderr as `error: <code>: <message>`, and the process exits with one of [`exit`]'s codes.
 
-pub mod duration;
 pub mod format;
 
 use std::ffi::OsString;
@@ -14,6 +13,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anchorage_wire::duration::{format_duration, parse_duration};
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
@@ -23,7 +23,6 @@ use time::OffsetDateTime;
 
 use crate::api::*;
 use crate::client::{ClientError, ControlPlaneClient};
-use duration::{format_duration, parse_duration};
 use format::*;
 
 /// Console URL used when neither `--url` nor `ANCHORAGE_URL` is given.
@@ -509,9 +508,10 @@ pub fn parse_ttl(text: &str) -> Result<u64, String> {
 /// The invocation timeout in milliseconds (1 ms to [`MAX_INVOKE_TIMEOUT`]).
 pub fn parse_invoke_timeout(text: &str) -> Result<u64, String> {
     let timeout = parse_duration(text).map_err(|e| format!("--timeout: {e}"))?;
-    if timeout.is_zero() || timeout > MAX_INVOKE_TIMEOUT {
+    // Sub-millisecond units parse, but the API counts whole milliseconds.
+    if timeout < Duration::from_millis(1) || timeout > MAX_INVOKE_TIMEOUT {
         return Err(format!(
-            "--timeout {text} is out of range: above 0 and at most {}",
+            "--timeout {text} is out of range: at least 1ms and at most {}",
             format_duration(MAX_INVOKE_TIMEOUT)
         ));
     }
@@ -1399,6 +1399,8 @@ mod tests {
         assert_eq!(parse_invoke_timeout("30s"), Ok(30_000));
         assert_eq!(parse_invoke_timeout("500ms"), Ok(500));
         assert!(parse_invoke_timeout("0").is_err());
+        assert!(parse_invoke_timeout("500us").is_err());
+        assert_eq!(parse_invoke_timeout("1h30m"), Ok(5_400_000));
         assert!(parse_invoke_timeout("2d").is_err());
     }
 
