@@ -2,6 +2,8 @@
 //!
 //! - [`identity`]: device key pairs and [`DeviceId`]s.
 //! - [`pki`]: the anchor CA, server certificates, CSR signing, certificate facts.
+//! - [`conn_error`]: one classifier of connection and TLS errors ([`ConnFailure`]), for both
+//!   sides.
 //! - [`tls`]: rustls verifiers and the quinn client/server configurations, live revocation.
 //! - [`transport`]: quinn transport settings for lossy links.
 //! - [`framed`]: typed length-prefixed frames over quinn streams.
@@ -10,6 +12,7 @@
 //! Everything here that involves time takes `now` as an argument.
 
 pub mod config;
+pub mod conn_error;
 pub mod framed;
 pub mod identity;
 pub mod os;
@@ -19,5 +22,6 @@ pub mod presence;
 pub mod tls;
 pub mod transport;
 
+pub use conn_error::ConnFailure;
 pub use identity::{DeviceId, DeviceKey};
 pub use pki::{CertInfo, CertificateAuthority, Fingerprint};

@@ -358,3 +358,78 @@ fn issued_certificate_carries_the_device_id_and_ignores_csr_claims() {
     assert!(CertificateAuthority::from_pem(ca.cert_pem(), &other.key_pem()).is_err());
     let _: DeviceId = info.key_id;
 }
+
+/// The reason a refused connection ended, whether the handshake failed at the client or the
+/// anchor closed it right after (TLS 1.3 lets the client finish first).
+async fn refusal(res: Result<quinn::Connection, quinn::ConnectionError>) -> quinn::ConnectionError {
+    match res {
+        Err(e) => e,
+        Ok(conn) => {
+            let _ = echo(&conn).await;
+            conn.closed().await
+        }
+    }
+}
+
+/// The classifier on real handshakes: each way the anchor refuses a node maps to the reason
+/// the anchor counts and the action the node takes.
+#[tokio::test]
+async fn real_refusals_classify_as_node_and_anchor_expect() {
+    use anchorage_mesh::conn_error::{ConnFailure, NodeAction};
+    let anchor = start_anchor();
+    let now = SystemTime::now();
+
+    let key = DeviceKey::generate().unwrap();
+    let cert = issue(&anchor.ca, &key, 30 * DAY, now);
+    anchor.revocation.revoke_device(key.device_id());
+    let e = refusal(connect_node(&anchor, anchor.ca.cert_der(), &cert, &key).await).await;
+    let f = ConnFailure::classify(&e);
+    assert_eq!(f, ConnFailure::CertificateRevoked, "{e:?}");
+    assert!(ConnFailure::by_peer(&e), "the anchor raised it: {e:?}");
+    assert_eq!(f.node_action(), NodeAction::Revoked);
+
+    let key = DeviceKey::generate().unwrap();
+    let cert = issue(&anchor.ca, &key, 30 * DAY, now - 40 * DAY);
+    let e = refusal(connect_node(&anchor, anchor.ca.cert_der(), &cert, &key).await).await;
+    assert_eq!(
+        ConnFailure::classify(&e),
+        ConnFailure::CertificateExpired,
+        "{e:?}"
+    );
+    assert_eq!(ConnFailure::classify(&e).node_action(), NodeAction::Expired);
+
+    let rogue = CertificateAuthority::generate("rogue CA", 365 * DAY, now).unwrap();
+    let key = DeviceKey::generate().unwrap();
+    let cert = issue(&rogue, &key, 30 * DAY, now);
+    let e = refusal(connect_node(&anchor, anchor.ca.cert_der(), &cert, &key).await).await;
+    let f = ConnFailure::classify(&e);
+    assert!(f.is_tls(), "{e:?}");
+    assert_eq!(f.node_action(), NodeAction::Removed, "{e:?}");
+
+    // No ALPN in common: refused by the anchor with no_application_protocol.
+    let config = tls::rustls_client_config(anchor.ca.cert_der(), None, b"h3").unwrap();
+    let e = refusal(
+        client_endpoint()
+            .connect_with(config, anchor.addr, ANCHOR_SERVER_NAME)
+            .unwrap()
+            .await,
+    )
+    .await;
+    assert_eq!(
+        ConnFailure::classify(&e),
+        ConnFailure::NoApplicationProtocol,
+        "{e:?}"
+    );
+    assert_eq!(ConnFailure::classify(&e).name(), "no_application_protocol");
+
+    // A QR code pinning another CA: this side refuses the anchor's certificate.
+    let wrong = tls::bootstrap_client_config(Some(Fingerprint([0u8; 32]))).unwrap();
+    let e = client_endpoint()
+        .connect_with(wrong, anchor.addr, ANCHOR_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap_err();
+    let f = ConnFailure::classify(&e);
+    assert!(f.is_tls() && !ConnFailure::by_peer(&e), "{e:?}");
+    assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+}

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use anchorage_mesh::framed::{FramedRecv, FramedSend, close, close_code, framed};
+use anchorage_mesh::conn_error::{ConnFailure, NodeAction};
+use anchorage_mesh::framed::{FramedRecv, FramedSend, StreamError, close, framed};
 use anchorage_mesh::tls;
 use anchorage_wire::control::*;
 use anchorage_wire::datagram::{Datagram, Heartbeat};
@@ -48,6 +49,8 @@ pub struct AgentConfig {
     pub state: StateDir,
     /// Name to register with.
     pub name: String,
+    /// Platform to register with, e.g. `linux-x86_64`.
+    pub platform: String,
     /// Capabilities.
     pub capabilities: Registry,
     /// Invocations at once.
@@ -70,6 +73,7 @@ impl AgentConfig {
         AgentConfig {
             state,
             name,
+            platform: crate::pair::platform(),
             capabilities,
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             reconnect_max: Duration::from_secs(30),
@@ -102,6 +106,89 @@ pub enum AgentError {
     Unknown,
 }
 
+impl AgentError {
+    /// The error for a fatal [`NodeAction`]; `None` for one the agent recovers from.
+    pub fn from_action(action: NodeAction) -> Option<AgentError> {
+        match action {
+            NodeAction::Revoked => Some(AgentError::Revoked),
+            NodeAction::Removed => Some(AgentError::Removed),
+            NodeAction::Expired => Some(AgentError::Expired),
+            NodeAction::Unknown => Some(AgentError::Unknown),
+            NodeAction::Retry | NodeAction::Renew => None,
+        }
+    }
+}
+
+/// Why a connection to the anchor ended while the agent keeps going: it reconnects with
+/// backoff. The text is what `anchor-node status` shows as the last error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The endpoint refused to start a connection (bad address, endpoint closed).
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The handshake did not finish within 15 s.
+    #[error("handshake timed out")]
+    HandshakeTimedOut,
+    /// The connection failed or was closed, classified.
+    #[error("{error}")]
+    Connection {
+        /// What the classifier made of it.
+        failure: ConnFailure,
+        /// quinn's error, for its message.
+        error: quinn::ConnectionError,
+    },
+    /// The anchor did not answer the registration within 15 s.
+    #[error("registration timed out")]
+    RegistrationTimedOut,
+    /// The anchor's first message was neither a registration nor renewal-only answer.
+    #[error("unexpected first message")]
+    UnexpectedMessage,
+    /// The control stream ended while the connection looked open.
+    #[error("control stream ended")]
+    ControlStreamEnded,
+    /// Writing to the control stream failed.
+    #[error("control stream: {0}")]
+    Control(#[from] StreamError),
+    /// Renewing the certificate failed.
+    #[error(transparent)]
+    Renew(#[from] RenewError),
+}
+
+impl LinkError {
+    /// A classified connection error.
+    pub fn connection(error: quinn::ConnectionError) -> LinkError {
+        LinkError::Connection {
+            failure: ConnFailure::classify(&error),
+            error,
+        }
+    }
+}
+
+/// Why a certificate renewal failed (the agent keeps the old certificate and reconnects).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RenewError {
+    /// The state directory could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The state directory holds no key.
+    #[error("no key in the state directory")]
+    NoKey,
+    /// The certificate request could not be built (rcgen's message).
+    #[error("cannot build the certificate request: {0}")]
+    Csr(String),
+    /// Sending the request failed.
+    #[error("cannot send the renewal request: {0}")]
+    Send(#[from] StreamError),
+    /// The anchor refused, with its message.
+    #[error("renewal refused: {0}")]
+    Refused(String),
+    /// No answer within 30 s.
+    #[error("no answer to the renewal")]
+    NoAnswer,
+}
+
 /// Counters of the agent, for status and tests.
 #[derive(Debug, Default)]
 pub struct AgentStats {
@@ -127,7 +214,7 @@ pub struct AgentStats {
     pub connected_since_ms: AtomicU64,
     /// Heartbeat interval in ms.
     pub heartbeat_interval_ms: AtomicU64,
-    /// Last error.
+    /// The last error's message (a [`LinkError`] or [`AgentError`]), for `status.json`.
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -258,9 +345,23 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 
 enum SessionEnd {
     Shutdown,
-    Lost(String),
+    Lost(LinkError),
     Reconnect,
     Fatal(AgentError),
+}
+
+impl SessionEnd {
+    /// What a connection error means for the session: stop, renew at once, or retry.
+    fn from_conn_error(error: quinn::ConnectionError) -> SessionEnd {
+        let failure = ConnFailure::classify(&error);
+        match failure.node_action() {
+            NodeAction::Renew => SessionEnd::Reconnect,
+            action => match AgentError::from_action(action) {
+                Some(fatal) => SessionEnd::Fatal(fatal),
+                None => SessionEnd::Lost(LinkError::Connection { failure, error }),
+            },
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` becomes true or the device is revoked/removed.
@@ -308,13 +409,19 @@ pub async fn run(
         let attempt = async {
             let connecting = endpoint
                 .connect_with(client, anchor, ANCHOR_SERVER_NAME)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| SessionEnd::Lost(e.into()))?;
             match tokio::time::timeout(Duration::from_secs(15), connecting).await {
                 Ok(Ok(c)) => Ok(c),
-                Ok(Err(e)) => {
-                    Err(classify_error(&e).map_or_else(|| e.to_string(), |f| format!("fatal:{f}")))
+                // A failed handshake is fatal or retried with backoff; "renew" only means
+                // something on an established (renewal-only) connection.
+                Ok(Err(error)) => {
+                    let failure = ConnFailure::classify(&error);
+                    Err(match AgentError::from_action(failure.node_action()) {
+                        Some(fatal) => SessionEnd::Fatal(fatal),
+                        None => SessionEnd::Lost(LinkError::Connection { failure, error }),
+                    })
                 }
-                Err(_) => Err("handshake timed out".to_string()),
+                Err(_) => Err(SessionEnd::Lost(LinkError::HandshakeTimedOut)),
             }
         };
         let end = match attempt.await {
@@ -328,8 +435,7 @@ pub async fn run(
                 }
                 end
             }
-            Err(e) if e.starts_with("fatal:") => SessionEnd::Fatal(fatal_from(&e)),
-            Err(e) => SessionEnd::Lost(e),
+            Err(end) => end,
         };
         match end {
             SessionEnd::Shutdown => break Ok(()),
@@ -341,7 +447,7 @@ pub async fn run(
             SessionEnd::Lost(reason) => {
                 let delay = backoff.delay();
                 debug!(%reason, ?delay, "connection lost; reconnecting");
-                stats.set_error(reason);
+                stats.set_error(reason.to_string());
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stopped(&mut shutdown) => break Ok(()),
@@ -359,41 +465,6 @@ pub async fn run(
     result
 }
 
-/// A fatal reason from a connection error: the anchor refused this device for good.
-fn classify_error(e: &quinn::ConnectionError) -> Option<&'static str> {
-    let code = match e {
-        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
-        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
-        quinn::ConnectionError::ApplicationClosed(a) => {
-            return match ErrorCode::from_u32(
-                u32::try_from(a.error_code.into_inner()).unwrap_or(u32::MAX),
-            ) {
-                Some(ErrorCode::Revoked) => Some("revoked"),
-                Some(ErrorCode::Removed) => Some("removed"),
-                Some(ErrorCode::Unauthenticated) => Some("unknown"),
-                _ => None,
-            };
-        }
-        _ => return None,
-    };
-    match code {
-        0x12c => Some("revoked"),
-        0x12d => Some("expired"),
-        // bad_certificate / unknown_ca: a certificate the anchor no longer accepts (removed).
-        0x12a | 0x130 => Some("removed"),
-        _ => None,
-    }
-}
-
-fn fatal_from(s: &str) -> AgentError {
-    match s.trim_start_matches("fatal:") {
-        "revoked" => AgentError::Revoked,
-        "expired" => AgentError::Expired,
-        "unknown" => AgentError::Unknown,
-        _ => AgentError::Removed,
-    }
-}
-
 type Tx = FramedSend<ControlUp>;
 type Rx = FramedRecv<ControlDown>;
 
@@ -404,22 +475,21 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     jitter: &mut Jitter,
 ) -> SessionEnd {
-    let lost = |e: &dyn std::fmt::Display| SessionEnd::Lost(e.to_string());
     let (send, recv) = match conn.open_bi().await {
         Ok(s) => s,
-        Err(e) => return end_from_conn_error(&e),
+        Err(e) => return SessionEnd::from_conn_error(e),
     };
     let (mut tx, mut rx) = framed::<ControlUp, ControlDown>(send, recv);
     let mut caps = config.capabilities.infos();
     let register = ControlUp::Register(Register {
         version: PROTOCOL_VERSION,
         name: config.name.clone(),
-        platform: crate::pair::platform(),
+        platform: config.platform.clone(),
         agent_version: AGENT_VERSION.to_string(),
         capabilities: caps.clone(),
     });
     if let Err(e) = tx.send(&register).await {
-        return lost(&e);
+        return SessionEnd::Lost(e.into());
     }
     let registered = match tokio::time::timeout(Duration::from_secs(15), rx.recv()).await {
         Ok(Ok(Some(ControlDown::Registered(r)))) => r,
@@ -430,17 +500,12 @@ async fn session(
                     close(conn, ErrorCode::NoError, "renewed");
                     SessionEnd::Reconnect
                 }
-                Err(e) => SessionEnd::Lost(e),
+                Err(e) => SessionEnd::Lost(e.into()),
             };
         }
-        Ok(Ok(Some(_))) => return SessionEnd::Lost("unexpected first message".into()),
-        Ok(Ok(None)) | Ok(Err(_)) => {
-            return match conn.close_reason() {
-                Some(reason) => end_from_conn_error(&reason),
-                None => SessionEnd::Lost("control stream ended".into()),
-            };
-        }
-        Err(_) => return SessionEnd::Lost("registration timed out".into()),
+        Ok(Ok(Some(_))) => return SessionEnd::Lost(LinkError::UnexpectedMessage),
+        Ok(Ok(None)) | Ok(Err(_)) => return ended(conn),
+        Err(_) => return SessionEnd::Lost(LinkError::RegistrationTimedOut),
     };
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
     stats.registrations.fetch_add(1, Ordering::Relaxed);
@@ -490,7 +555,7 @@ async fn session(
                 Ok(Some(ControlDown::RotateNow)) => {
                     info!("the anchor asked for a certificate rotation");
                     if let Err(e) = send_renew(config, &mut tx).await {
-                        break SessionEnd::Lost(e);
+                        break SessionEnd::Lost(e.into());
                     }
                     renewing = true;
                 }
@@ -508,12 +573,7 @@ async fn session(
                     warn!(message = %r.message, "the anchor refused to renew the certificate");
                 }
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    break match conn.close_reason() {
-                        Some(reason) => end_from_conn_error(&reason),
-                        None => SessionEnd::Lost("control stream ended".into()),
-                    };
-                }
+                Ok(None) | Err(_) => break ended(conn),
             },
             _ = check.tick() => {
                 if !renewing
@@ -521,7 +581,7 @@ async fn session(
                     && info.renewal_due(SystemTime::now(), config.renew_fraction)
                 {
                     if let Err(e) = send_renew(config, &mut tx).await {
-                        break SessionEnd::Lost(e);
+                        break SessionEnd::Lost(e.into());
                     }
                     renewing = true;
                 }
@@ -530,42 +590,34 @@ async fn session(
                     if !caps.iter().any(|c| c == cap) {
                         let event = ControlUp::Event(NodeEvent::CapabilityChanged(cap.clone()));
                         if let Err(e) = tx.send(&event).await {
-                            return lost(&e);
+                            return SessionEnd::Lost(e.into());
                         }
                     }
                 }
                 caps = now;
             }
-            reason = conn.closed() => break end_from_conn_error(&reason),
+            reason = conn.closed() => break SessionEnd::from_conn_error(reason),
         }
     };
     tasks.abort_all();
     end
 }
 
-fn end_from_conn_error(e: &quinn::ConnectionError) -> SessionEnd {
-    match classify_error(e) {
-        Some(f) => SessionEnd::Fatal(fatal_from(f)),
-        None => {
-            let code = close_code(e);
-            match code.and_then(ErrorCode::from_u32) {
-                Some(ErrorCode::CertificateExpired) => SessionEnd::Reconnect,
-                _ => SessionEnd::Lost(e.to_string()),
-            }
-        }
+/// How a session ends when its control stream did: by the connection's close reason.
+fn ended(conn: &quinn::Connection) -> SessionEnd {
+    match conn.close_reason() {
+        Some(reason) => SessionEnd::from_conn_error(reason),
+        None => SessionEnd::Lost(LinkError::ControlStreamEnded),
     }
 }
 
-async fn send_renew(config: &AgentConfig, tx: &mut Tx) -> Result<(), String> {
-    let key = config
-        .state
-        .key()
-        .map_err(|e| e.to_string())?
-        .ok_or("no key")?;
-    let csr_der = key.csr_der(&config.name).map_err(|e| e.to_string())?;
-    tx.send(&ControlUp::Renew(RenewRequest { csr_der }))
-        .await
-        .map_err(|e| e.to_string())
+async fn send_renew(config: &AgentConfig, tx: &mut Tx) -> Result<(), RenewError> {
+    let key = config.state.key()?.ok_or(RenewError::NoKey)?;
+    let csr_der = key
+        .csr_der(&config.name)
+        .map_err(|e| RenewError::Csr(e.to_string()))?;
+    tx.send(&ControlUp::Renew(RenewRequest { csr_der })).await?;
+    Ok(())
 }
 
 async fn renew(
@@ -573,22 +625,17 @@ async fn renew(
     stats: &AgentStats,
     tx: &mut Tx,
     rx: &mut Rx,
-) -> Result<(), String> {
+) -> Result<(), RenewError> {
     send_renew(config, tx).await?;
     match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
         Ok(Ok(Some(ControlDown::Renewed(r)))) => {
-            config
-                .state
-                .save_certificate(&r.cert_der, &r.ca_der)
-                .map_err(|e| e.to_string())?;
+            config.state.save_certificate(&r.cert_der, &r.ca_der)?;
             stats.renewals.fetch_add(1, Ordering::Relaxed);
             info!("certificate renewed");
             Ok(())
         }
-        Ok(Ok(Some(ControlDown::RenewRefused(r)))) => {
-            Err(format!("renewal refused: {}", r.message))
-        }
-        _ => Err("no answer to the renewal".into()),
+        Ok(Ok(Some(ControlDown::RenewRefused(r)))) => Err(RenewError::Refused(r.message)),
+        _ => Err(RenewError::NoAnswer),
     }
 }
 
@@ -607,9 +654,7 @@ async fn heartbeats(
         let hb = Datagram::Heartbeat(Heartbeat {
             seq,
             node_time_ms: origin.elapsed().as_millis() as u64,
-            load_centi: crate::capability::system_snapshot()
-                .load
-                .map(|l| (l[0] * 100.0) as u32),
+            load_centi: crate::capability::load_average().map(|l| (l[0] * 100.0) as u32),
             running: 0,
         });
         if let Ok(bytes) = hb.encode() {

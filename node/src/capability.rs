@@ -222,55 +222,51 @@ impl Capability for Info {
     }
 }
 
-/// A snapshot of the machine (Linux `/proc`; `None` where unavailable).
+/// A snapshot of the machine, from the OS through `sysinfo` (`None` where the OS does not
+/// tell).
 #[derive(Debug, Clone, Default)]
 pub struct SystemSnapshot {
     /// Host name.
     pub hostname: Option<String>,
     /// Seconds since boot.
     pub uptime_secs: Option<u64>,
-    /// 1, 5, 15 minute load averages.
+    /// 1, 5, 15 minute load averages (Windows has none).
     pub load: Option<[f64; 3]>,
-    /// Total memory.
+    /// Total memory, bytes.
     pub mem_total: Option<u64>,
-    /// Available memory.
+    /// Memory available to new programs without swapping, bytes.
     pub mem_available: Option<u64>,
 }
 
-/// Reads the machine's facts.
+/// Reads the machine's facts (a few small reads of the OS, cheap enough per invocation).
 pub fn system_snapshot() -> SystemSnapshot {
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    let hostname = read("/proc/sys/kernel/hostname").map(|s| s.trim().to_string());
-    let uptime_secs = read("/proc/uptime").and_then(|s| {
-        s.split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|v| v as u64)
-    });
-    let load = read("/proc/loadavg").and_then(|s| {
-        let v: Vec<f64> = s
-            .split_whitespace()
-            .take(3)
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        (v.len() == 3).then(|| [v[0], v[1], v[2]])
-    });
-    let meminfo = read("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        meminfo
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    };
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    let known = |v: u64| (v > 0).then_some(v);
     SystemSnapshot {
-        hostname,
-        uptime_secs,
-        load,
-        mem_total: field("MemTotal:"),
-        mem_available: field("MemAvailable:"),
+        hostname: sysinfo::System::host_name().filter(|h| !h.is_empty()),
+        uptime_secs: known(sysinfo::System::uptime()),
+        load: load_average(),
+        mem_total: known(sys.total_memory()),
+        mem_available: known(sys.available_memory()),
     }
+}
+
+/// The 1, 5 and 15 minute load averages; `None` where the OS has none (Windows).
+pub fn load_average() -> Option<[f64; 3]> {
+    if cfg!(windows) {
+        return None;
+    }
+    let l = sysinfo::System::load_average();
+    Some([l.one, l.five, l.fifteen])
+}
+
+/// This machine's host name, or `anchorage-node` when it has none.
+pub fn hostname() -> String {
+    sysinfo::System::host_name()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "anchorage-node".into())
 }
 
 /// Opens an http(s) URL in the desktop's browser. Off unless the node config enables it.
@@ -642,5 +638,67 @@ mod tests {
         ] {
             assert!(parse_url_input(bad.as_bytes()).is_err(), "{bad}");
         }
+    }
+
+    fn facts() -> NodeFacts {
+        NodeFacts {
+            device_id: "dev".into(),
+            name: "kitchen".into(),
+            platform: "test-os".into(),
+            agent_version: "1.2.3".into(),
+            started: Instant::now(),
+        }
+    }
+
+    async fn run_builtin(name: &str) -> serde_json::Value {
+        let cap = Registry::builtins(facts()).get(name).unwrap();
+        match cap.run(b"{}".to_vec(), Duration::from_secs(5)).await {
+            RunOutcome::Succeeded(out) => serde_json::from_slice(&out).unwrap(),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn system_health_and_info_report_the_host_with_the_same_fields() {
+        let health = run_builtin("system.health").await;
+        assert_eq!(health["status"], "ok");
+        assert_eq!(health["agent_version"], "1.2.3");
+        for key in [
+            "agent_uptime_secs",
+            "system_uptime_secs",
+            "load_1m",
+            "memory_total_bytes",
+            "memory_available_bytes",
+        ] {
+            assert!(
+                health.get(key).is_some(),
+                "system.health lacks {key}: {health}"
+            );
+        }
+        // This machine has memory and has been up a while; the OS told us so.
+        let total = health["memory_total_bytes"].as_u64().unwrap();
+        let available = health["memory_available_bytes"].as_u64().unwrap();
+        assert!(total > 0 && available <= total, "{health}");
+        assert!(
+            health["system_uptime_secs"].as_u64().unwrap() > 0,
+            "{health}"
+        );
+
+        let info = run_builtin("system.info").await;
+        assert_eq!(info["os"], std::env::consts::OS);
+        assert_eq!(info["arch"], std::env::consts::ARCH);
+        assert!(!info["hostname"].as_str().unwrap().is_empty(), "{info}");
+        assert_eq!(info["memory"]["total_bytes"], total, "{info}");
+        assert!(info["cpus"].as_u64().unwrap() >= 1, "{info}");
+        if cfg!(unix) {
+            assert_eq!(info["load"].as_array().unwrap().len(), 3, "{info}");
+        }
+        for key in ["uptime_secs", "load", "memory"] {
+            assert!(info.get(key).is_some(), "system.info lacks {key}: {info}");
+        }
+
+        let identity = run_builtin("system.identity").await;
+        assert_eq!(identity["name"], "kitchen");
+        assert_eq!(identity["platform"], "test-os");
     }
 }

@@ -9,7 +9,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anchorage_mesh::framed::{FramedRecv, FramedSend, framed};
+use anchorage_mesh::conn_error::ConnFailure;
+use anchorage_mesh::framed::{FramedRecv, FramedSend, StreamError, framed};
 use anchorage_mesh::pairing::{EXPORTER_LABEL, EXPORTER_LEN, NodeHandshake, PinCode, QrPayload};
 use anchorage_mesh::{DeviceId, Fingerprint, tls};
 use anchorage_wire::bootstrap::*;
@@ -89,8 +90,12 @@ pub enum PairError {
         /// Address.
         addr: SocketAddr,
         /// Why.
-        reason: String,
+        reason: DialError,
     },
+    /// The connection was lost after it was established (retried while a request is
+    /// pending).
+    #[error("protocol error: connection lost: {0}")]
+    ConnectionLost(LostReason),
     /// The anchor refused: wrong code, expired, burned, rejected and so on.
     #[error("{}", describe(*.reason, .message))]
     Refused {
@@ -102,9 +107,18 @@ pub enum PairError {
     /// The anchor's key confirmation did not verify: wrong code, or someone in the middle.
     #[error("the anchor could not prove it knows the code (wrong code, or a relay in the middle)")]
     AnchorNotAuthenticated,
-    /// The anchor broke the protocol.
+    /// The anchor broke the protocol: what it did.
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(&'static str),
+    /// The anchor's handshake message did not verify (the SPAKE2 library's message).
+    #[error("protocol error: {0}")]
+    Handshake(String),
+    /// The certificate the anchor issued cannot be parsed.
+    #[error("protocol error: {0}")]
+    BadCertificate(anchorage_mesh::pki::PkiError),
+    /// The certificate request could not be built (rcgen's message).
+    #[error("protocol error: cannot make a CSR: {0}")]
+    Csr(String),
     /// The pending request expired while the anchor was unreachable.
     #[error("the pairing request expired before it was approved")]
     Expired,
@@ -136,11 +150,71 @@ fn describe(reason: PairFailure, message: &str) -> String {
     }
 }
 
+/// Why the anchor could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The endpoint refused to start the connection.
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
+    /// The handshake failed (classified; quinn's message shown).
+    #[error("{error}")]
+    Handshake {
+        /// What the classifier made of it.
+        failure: ConnFailure,
+        /// quinn's error.
+        error: quinn::ConnectionError,
+    },
+    /// No answer within [`STEP_TIMEOUT`].
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// How an established pairing connection was lost.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// The connection failed or was closed (classified).
+    #[error("{error}")]
+    Connection {
+        /// What the classifier made of it.
+        failure: ConnFailure,
+        /// quinn's error.
+        error: quinn::ConnectionError,
+    },
+    /// Reading or writing the bootstrap stream failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The anchor did not answer within [`STEP_TIMEOUT`].
+    #[error("the anchor did not answer")]
+    NoAnswer,
+    /// The anchor ended the stream.
+    #[error("stream ended")]
+    StreamEnded,
+    /// The anchor ended the connection while the request waited.
+    #[error("connection ended by the anchor")]
+    EndedByAnchor,
+}
+
+impl LostReason {
+    fn connection(error: quinn::ConnectionError) -> LostReason {
+        LostReason::Connection {
+            failure: ConnFailure::classify(&error),
+            error,
+        }
+    }
+}
+
 impl PairError {
     /// Whether trying again later (with the same code) could succeed.
     fn is_transient(&self) -> bool {
-        matches!(self, PairError::Unreachable { .. })
-            || matches!(self, PairError::Protocol(m) if m.contains("connection"))
+        matches!(
+            self,
+            PairError::Unreachable { .. } | PairError::ConnectionLost(_)
+        )
     }
 }
 
@@ -167,7 +241,7 @@ pub async fn pair(
     let (send_s, recv_s) = conn
         .open_bi()
         .await
-        .map_err(|e| PairError::Protocol(format!("connection lost: {e}")))?;
+        .map_err(|e| PairError::ConnectionLost(LostReason::connection(e)))?;
     let (mut tx, mut rx) = framed::<BootstrapRequest, BootstrapResponse>(send_s, recv_s);
 
     let (handshake, spake_msg) = NodeHandshake::start(&code_id, &secret);
@@ -181,11 +255,11 @@ pub async fn pair(
     )
     .await?;
     let BootstrapResponse::Challenge(challenge) = recv(&mut rx).await? else {
-        return Err(PairError::Protocol("expected Challenge".into()));
+        return Err(PairError::Protocol("expected Challenge"));
     };
     let keys = handshake
         .finish(&challenge.spake_msg, &exporter(&conn)?)
-        .map_err(|e| PairError::Protocol(e.to_string()))?;
+        .map_err(|e| PairError::Handshake(e.to_string()))?;
     send(
         &mut tx,
         BootstrapRequest::Confirm(KeyConfirm {
@@ -194,7 +268,7 @@ pub async fn pair(
     )
     .await?;
     let BootstrapResponse::Confirm(confirm) = recv(&mut rx).await? else {
-        return Err(PairError::Protocol("expected Confirm".into()));
+        return Err(PairError::Protocol("expected Confirm"));
     };
     if !keys.verify_anchor_confirmation(&confirm.mac) {
         anchorage_mesh::framed::close(&conn, ErrorCode::PairingFailed, "anchor not authenticated");
@@ -202,7 +276,7 @@ pub async fn pair(
     }
     let csr_der = key
         .csr_der(&opts.device_name)
-        .map_err(|e| PairError::Protocol(format!("cannot make a CSR: {e}")))?;
+        .map_err(|e| PairError::Csr(e.to_string()))?;
     // The request id is derived from the transcript: saved before the CSR goes out, a pairing
     // whose connection drops from here on can resume.
     let mut saved = PendingPairing {
@@ -228,7 +302,7 @@ pub async fn pair(
         .await?;
         match recv(&mut rx).await? {
             BootstrapResponse::Pending(p) => Ok(p),
-            _ => Err(PairError::Protocol("expected Pending".into())),
+            _ => Err(PairError::Protocol("expected Pending")),
         }
     }
     .await;
@@ -319,7 +393,7 @@ async fn resume_once(
     let (send_s, recv_s) = conn
         .open_bi()
         .await
-        .map_err(|e| PairError::Protocol(format!("connection lost: {e}")))?;
+        .map_err(|e| PairError::ConnectionLost(LostReason::connection(e)))?;
     let (mut tx, mut rx) = framed::<BootstrapRequest, BootstrapResponse>(send_s, recv_s);
     let proof = saved
         .keys
@@ -347,8 +421,8 @@ async fn wait_result(
         // The operator may take until the request expires; the anchor ends it then.
         let msg = match rx.recv().await {
             Ok(Some(m)) => m,
-            Ok(None) => return Err(PairError::Protocol("connection ended by the anchor".into())),
-            Err(e) => return Err(PairError::Protocol(format!("connection lost: {e}"))),
+            Ok(None) => return Err(PairError::ConnectionLost(LostReason::EndedByAnchor)),
+            Err(e) => return Err(PairError::ConnectionLost(e.into())),
         };
         match msg {
             BootstrapResponse::Pending(_) => continue,
@@ -359,26 +433,20 @@ async fn wait_result(
                     &approved.ca_der,
                     &approved.mac,
                 ) {
-                    return Err(PairError::Protocol(
-                        "the certificate's MAC does not verify".into(),
-                    ));
+                    return Err(PairError::Protocol("the certificate's MAC does not verify"));
                 }
                 if let Some(pin) = &saved.pinned_ca
                     && Fingerprint::of(&approved.ca_der).to_string() != *pin
                 {
-                    return Err(PairError::Protocol(
-                        "the CA does not match the QR code".into(),
-                    ));
+                    return Err(PairError::Protocol("the CA does not match the QR code"));
                 }
                 let info = anchorage_mesh::pki::parse_cert(&approved.cert_der)
-                    .map_err(|e| PairError::Protocol(e.to_string()))?;
+                    .map_err(PairError::BadCertificate)?;
                 let key = state
                     .key()?
                     .ok_or_else(|| StateError::NotPaired(state.path().into()))?;
                 if info.key_id != key.device_id() {
-                    return Err(PairError::Protocol(
-                        "the certificate is not for this key".into(),
-                    ));
+                    return Err(PairError::Protocol("the certificate is not for this key"));
                 }
                 state.save_certificate(&approved.cert_der, &approved.ca_der)?;
                 state.save_anchor(&saved.anchor)?;
@@ -421,45 +489,46 @@ async fn connect(
     addr: SocketAddr,
     pinned: Option<Fingerprint>,
 ) -> Result<quinn::Connection, PairError> {
-    let unreachable = |reason: String| PairError::Unreachable { addr, reason };
-    let config = tls::bootstrap_client_config(pinned).map_err(|e| unreachable(e.to_string()))?;
+    let unreachable = |reason: DialError| PairError::Unreachable { addr, reason };
+    let config = tls::bootstrap_client_config(pinned).map_err(|e| unreachable(e.into()))?;
     let connecting = endpoint
         .connect_with(config, addr, ANCHOR_SERVER_NAME)
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| unreachable(e.into()))?;
     match tokio::time::timeout(STEP_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Err(_) => Err(unreachable("timed out".into())),
+        Ok(Err(error)) => Err(unreachable(DialError::Handshake {
+            failure: ConnFailure::classify(&error),
+            error,
+        })),
+        Err(_) => Err(unreachable(DialError::TimedOut)),
     }
 }
 
 fn exporter(conn: &quinn::Connection) -> Result<[u8; EXPORTER_LEN], PairError> {
     let mut out = [0u8; EXPORTER_LEN];
     conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
-        .map_err(|_| PairError::Protocol("TLS exporter unavailable".into()))?;
+        .map_err(|_| PairError::Protocol("TLS exporter unavailable"))?;
     Ok(out)
 }
 
 async fn send(tx: &mut Tx, msg: BootstrapRequest) -> Result<(), PairError> {
     tx.send(&msg)
         .await
-        .map_err(|e| PairError::Protocol(format!("connection lost: {e}")))
+        .map_err(|e| PairError::ConnectionLost(e.into()))
 }
 
 async fn recv(rx: &mut Rx) -> Result<BootstrapResponse, PairError> {
     match tokio::time::timeout(STEP_TIMEOUT, rx.recv()).await {
-        Err(_) => Err(PairError::Protocol(
-            "connection lost: the anchor did not answer".into(),
-        )),
+        Err(_) => Err(PairError::ConnectionLost(LostReason::NoAnswer)),
         Ok(Ok(Some(BootstrapResponse::Failed(f)))) => Err(PairError::Refused {
             reason: f.reason,
             message: f.message,
         }),
         Ok(Ok(Some(m))) => Ok(m),
-        Ok(Ok(None)) => Err(PairError::Protocol("connection lost: stream ended".into())),
+        Ok(Ok(None)) => Err(PairError::ConnectionLost(LostReason::StreamEnded)),
         Ok(Err(e)) => {
             debug!(error = %e, "bootstrap read failed");
-            Err(PairError::Protocol(format!("connection lost: {e}")))
+            Err(PairError::ConnectionLost(e.into()))
         }
     }
 }

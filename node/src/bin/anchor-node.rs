@@ -6,14 +6,12 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anchorage_node::agent::{self, AgentConfig, AgentStats};
-use anchorage_node::capability::NodeFacts;
 use anchorage_node::config::NodeConfig;
 use anchorage_node::pair::{self, PairOptions, PairProgress};
 use anchorage_node::state::{DEFAULT_STATE_DIR, StateDir};
+use anchorage_node::{RunConfig, RunError};
 use clap::{Parser, Subcommand};
 
 /// The Anchorage node agent.
@@ -107,14 +105,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "anchorage-node".into())
-}
-
 fn fail(json: bool, message: &str, code: u8) -> ExitCode {
     if json {
         println!("{}", serde_json::json!({"paired": false, "error": message}));
@@ -179,7 +169,7 @@ async fn cmd_pair(
     };
     let addr = match anchorage_node::resolve(&anchor).await {
         Ok(a) => a,
-        Err(e) => return fail(json, &e, 69),
+        Err(e) => return fail(json, &e.to_string(), 69),
     };
     let endpoint = match anchorage_node::client_endpoint(addr) {
         Ok(e) => e,
@@ -215,7 +205,7 @@ async fn cmd_pair(
                 anchor: anchor.clone(),
                 anchor_addr: addr,
                 code,
-                device_name: name.unwrap_or_else(hostname),
+                device_name: name.unwrap_or_else(anchorage_node::capability::hostname),
                 platform: pair::platform(),
             };
             pair::pair(&endpoint, &state, &opts, progress).await
@@ -302,77 +292,21 @@ async fn cmd_run(state_dir: PathBuf, config: Option<PathBuf>, json_logs: bool) -
         },
         None => NodeConfig::default(),
     };
-    let state = StateDir::new(&state_dir);
-    let identity = match state.identity() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("anchor-node: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let anchor = node_config
-        .anchor
-        .clone()
-        .unwrap_or(identity.anchor.clone());
-    let addr = match anchorage_node::resolve(&anchor).await {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("anchor-node: {e}");
-            return ExitCode::from(69);
-        }
-    };
-    let name = node_config
-        .name
-        .clone()
-        .or_else(|| identity.cert_info.common_name.clone())
-        .unwrap_or_else(hostname);
-    let facts = NodeFacts {
-        device_id: identity.cert_info.key_id.to_string(),
-        name: name.clone(),
-        platform: pair::platform(),
-        agent_version: agent::AGENT_VERSION.to_string(),
-        started: std::time::Instant::now(),
-    };
-    let registry = match anchorage_node::registry(facts, &node_config) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("anchor-node: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    let reconnect_max = match node_config.reconnect_max() {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("anchor-node: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    let endpoint = match anchorage_node::client_endpoint(addr) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("anchor-node: cannot open a UDP socket: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut cfg = AgentConfig::new(state, name, registry);
-    cfg.reconnect_max = reconnect_max;
-    if let Some(n) = node_config.max_concurrent_invocations {
-        cfg.max_concurrent = n;
-    }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        anchorage_mesh::os::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    tracing::info!(anchor = %anchor, device_id = %identity.cert_info.key_id, "starting the node agent");
-    let stats = Arc::new(AgentStats::default());
-    let result = agent::run(endpoint.clone(), addr, cfg, stats, stop_rx).await;
-    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    let result = anchorage_node::run(
+        RunConfig::new(node_config),
+        StateDir::new(&state_dir),
+        anchorage_mesh::os::shutdown_signal(),
+    )
+    .await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("anchor-node: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(match e {
+                RunError::Config(_) => 64,
+                RunError::Resolve(_) => 69,
+                _ => 1,
+            })
         }
     }
 }

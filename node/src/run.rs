@@ -1,0 +1,312 @@
+//! The node's one entry point: [`run`] a paired node from its configuration until shutdown.
+//!
+//! `anchor-node run`, the simulated fleet (its demo, tests and benchmarks) all go through
+//! here, so the capability registry, the facts the built-ins report and the agent's settings
+//! are assembled in one place. The binary passes a real UDP socket or none; a simulation
+//! passes a netsim endpoint and the anchor's simulated address.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::agent::{self, AgentConfig, AgentError, AgentStats};
+use crate::capability::{self, Capability, CommandCap, NodeFacts, Registry};
+use crate::config::{ConfigError, NodeConfig};
+use crate::state::{StateDir, StateError};
+
+/// How long a node that opened its own socket waits for its connection to close cleanly.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// Everything a node runs with besides its state directory.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RunConfig {
+    /// The node's configuration file (name, anchor override, limits, command capabilities).
+    pub node: NodeConfig,
+    /// Where to dial. `None`: `node.anchor`, else the address saved at pairing, resolved.
+    pub anchor_addr: Option<SocketAddr>,
+    /// The QUIC endpoint to dial from. `None`: a new UDP socket of the anchor's family.
+    pub endpoint: Option<quinn::Endpoint>,
+    /// Platform reported at registration and by `system.identity` (default: `os-arch`).
+    pub platform: String,
+    /// Write `status.json` (for `anchor-node status`) this often; `None`: never.
+    pub status_every: Option<Duration>,
+    /// Seed of the agent's jitter (backoff, heartbeat phase). `None`: from the time and pid.
+    pub seed: Option<u64>,
+    /// Capabilities offered besides the built-ins and the configured commands.
+    pub extra_capabilities: Vec<Arc<dyn Capability>>,
+    /// Where the agent counts what it does; clone the `Arc` before `run` to read it.
+    pub stats: Arc<AgentStats>,
+}
+
+impl std::fmt::Debug for RunConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunConfig")
+            .field("node", &self.node)
+            .field("anchor_addr", &self.anchor_addr)
+            .field("platform", &self.platform)
+            .field("status_every", &self.status_every)
+            .field("seed", &self.seed)
+            .field(
+                "extra_capabilities",
+                &self
+                    .extra_capabilities
+                    .iter()
+                    .map(|c| c.name().to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunConfig {
+    /// The defaults of `anchor-node run` for a node configuration.
+    pub fn new(node: NodeConfig) -> RunConfig {
+        RunConfig {
+            node,
+            anchor_addr: None,
+            endpoint: None,
+            platform: crate::pair::platform(),
+            status_every: Some(Duration::from_secs(2)),
+            seed: None,
+            extra_capabilities: Vec::new(),
+            stats: Arc::new(AgentStats::default()),
+        }
+    }
+}
+
+/// Why a node did not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The configuration is invalid (`anchor-node run` exits 64).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state directory is unusable or the node is not paired.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The anchor's address does not resolve (`anchor-node run` exits 69).
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// No UDP socket could be opened.
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// The agent stopped: the device was revoked, removed or expired.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// Why `HOST:PORT` did not resolve.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// The resolver failed (or the text is not `HOST:PORT`).
+    #[error("cannot resolve {addr}: {source} (expected HOST:PORT)")]
+    Lookup {
+        /// What was given.
+        addr: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// The name resolved to nothing.
+    #[error("{0} resolved to no address")]
+    NoAddress(String),
+}
+
+/// Runs a paired node until `shutdown` resolves (then it says `stopping` to the anchor and
+/// closes) or the anchor refuses the device for good. Returns `Ok` after a clean stop.
+pub async fn run(
+    config: RunConfig,
+    state: StateDir,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    config.node.check()?;
+    let identity = state.identity()?;
+    let anchor = config
+        .node
+        .anchor
+        .clone()
+        .unwrap_or_else(|| identity.anchor.clone());
+    let addr = match config.anchor_addr {
+        Some(a) => a,
+        None => resolve(&anchor).await?,
+    };
+    let name = config
+        .node
+        .name
+        .clone()
+        .or_else(|| identity.cert_info.common_name.clone())
+        .unwrap_or_else(capability::hostname);
+    let facts = NodeFacts {
+        device_id: identity.cert_info.key_id.to_string(),
+        name: name.clone(),
+        platform: config.platform.clone(),
+        agent_version: agent::AGENT_VERSION.to_string(),
+        started: std::time::Instant::now(),
+    };
+    let mut registry = registry(facts, &config.node)?;
+    for cap in config.extra_capabilities {
+        registry.add(cap);
+    }
+    let (endpoint, own_socket) = match config.endpoint {
+        Some(e) => (e, false),
+        None => (client_endpoint(addr).map_err(RunError::Socket)?, true),
+    };
+    let mut cfg = AgentConfig::new(state, name, registry);
+    cfg.platform = config.platform;
+    cfg.reconnect_max = config.node.reconnect_max()?;
+    if let Some(n) = config.node.max_concurrent_invocations {
+        cfg.max_concurrent = n;
+    }
+    cfg.status_every = config.status_every;
+    if let Some(seed) = config.seed {
+        cfg.seed = seed;
+    }
+    info!(anchor = %anchor, device_id = %identity.cert_info.key_id, "starting the node agent");
+    let (stop, stop_rx) = watch::channel(false);
+    let agent = agent::run(endpoint.clone(), addr, cfg, config.stats, stop_rx);
+    tokio::pin!(agent);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut agent => r,
+        () = &mut shutdown => {
+            let _ = stop.send(true);
+            agent.await
+        }
+    };
+    if own_socket {
+        // Let the close frame reach the anchor; a caller's endpoint is the caller's to drain.
+        let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+    }
+    result.map_err(RunError::from)
+}
+
+/// Resolves `host:port` to one address (the first the system returns).
+pub async fn resolve(anchor: &str) -> Result<SocketAddr, ResolveError> {
+    match tokio::net::lookup_host(anchor).await {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| ResolveError::NoAddress(anchor.to_string())),
+        Err(source) => Err(ResolveError::Lookup {
+            addr: anchor.to_string(),
+            source,
+        }),
+    }
+}
+
+/// A client endpoint on a real UDP socket of the same family as `anchor`.
+pub fn client_endpoint(anchor: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if anchor.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind)
+}
+
+/// The capability registry of a node configuration: the built-ins, `desktop.open_url` when
+/// enabled, and the configured commands.
+pub fn registry(facts: NodeFacts, config: &NodeConfig) -> Result<Registry, ConfigError> {
+    let mut registry = Registry::builtins(facts);
+    if config.desktop.open_url {
+        let opener = if cfg!(target_os = "macos") {
+            "open"
+        } else {
+            "xdg-open"
+        };
+        registry.add(Arc::new(capability::OpenUrl {
+            opener: opener.into(),
+        }));
+    }
+    for (name, spec) in &config.capabilities {
+        let cap = CommandCap::new(name.clone(), spec.clone()).map_err(|message| {
+            ConfigError::Invalid {
+                key: format!("capabilities.{name}"),
+                message,
+            }
+        })?;
+        registry.add(Arc::new(cap));
+    }
+    Ok(registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unpaired_node_does_not_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let err = run(
+            RunConfig::new(NodeConfig::default()),
+            state,
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, RunError::State(StateError::NotPaired(_))),
+            "{err}"
+        );
+        assert!(err.to_string().contains("anchor-node pair"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_configuration_is_refused_before_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = NodeConfig::default();
+        node.reconnect_max = Some("soon".into());
+        let err = run(
+            RunConfig::new(node),
+            StateDir::new(dir.path()),
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, RunError::Config(_)), "{err}");
+        assert!(err.to_string().contains("reconnect_max"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn names_that_do_not_resolve_say_what_was_expected() {
+        let err = resolve("no-port-here").await.unwrap_err();
+        assert!(err.to_string().contains("expected HOST:PORT"), "{err}");
+    }
+
+    #[test]
+    fn the_registry_holds_builtins_and_configured_commands() {
+        let facts = NodeFacts {
+            device_id: "d".into(),
+            name: "n".into(),
+            platform: "p".into(),
+            agent_version: "v".into(),
+            started: std::time::Instant::now(),
+        };
+        let config: NodeConfig =
+            toml::from_str("[capabilities.backup]\ncommand = [\"/bin/true\"]\n").unwrap();
+        let names: Vec<String> = registry(facts, &config)
+            .unwrap()
+            .infos()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        for n in [
+            "backup",
+            "echo",
+            "system.health",
+            "system.identity",
+            "system.info",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
+        }
+        assert!(
+            !names.iter().any(|x| x == "desktop.open_url"),
+            "off by default"
+        );
+    }
+}
