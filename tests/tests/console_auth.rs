@@ -378,11 +378,20 @@ async fn a_revoked_token_stops_working_at_once() {
     drop(backend);
     drop(anchor);
     let reopened = reopen(dir.path()).await;
-    assert!(reopened.services().trust.authenticate(&reader.token).is_none());
-    assert!(reopened
-        .services()
-        .trust
-        .authenticate(&reopened.owner_token().unwrap()).is_some());
+    assert!(
+        reopened
+            .services()
+            .trust
+            .authenticate(&reader.token)
+            .is_none()
+    );
+    assert!(
+        reopened
+            .services()
+            .trust
+            .authenticate(&reopened.owner_token().unwrap())
+            .is_some()
+    );
 }
 
 #[tokio::test]
