@@ -512,3 +512,114 @@ async fn a_revoked_or_removed_node_gets_no_invocation_even_while_still_connected
         assert_eq!(agent.stats.invocations_run.load(Ordering::Relaxed), 0);
     }
 }
+
+/// The node's process dies without closing its connection (`kill -9`): its host goes down
+/// first, so not even quinn's close on drop leaves it. Then a new process starts on a new
+/// port, as `anchor-node run` would.
+async fn kill_and_restart(node: &mut SimNode, agent: anchorage_tests::RunningAgent) {
+    node.host.set_up(false);
+    agent.task.abort();
+    let _ = agent.task.await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    node.host.set_up(true);
+    node.endpoint = node.host.endpoint(0, None).unwrap();
+}
+
+fn killable_config(c: &mut anchorage_daemon::AnchorConfig) {
+    c.presence.heartbeat_interval = Duration::from_secs(1);
+    c.presence.stale_after = Duration::from_secs(3);
+    c.presence.offline_after = Duration::from_secs(6);
+}
+
+/// The reported bug, step by step: kill -9 the node, wait until the inventory says offline,
+/// invoke `--async`, start the node again at once. The invocation must reach the new session
+/// and succeed, not sit `queued` with `dispatched_at` set until its deadline.
+#[tokio::test(start_paused = true)]
+async fn work_queued_for_a_killed_node_reaches_it_when_it_comes_back() {
+    let sim = Sim::start(SEED + 20, lossy(0.0), killable_config).await;
+    let (mut node, id, agent) = paired_running(&sim, "killed").await;
+    assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(10)).await);
+    let killed = tokio::time::Instant::now();
+    node.host.set_up(false);
+    agent.task.abort();
+    let _ = agent.task.await;
+    assert!(wait_presence(&sim, &id, Presence::Offline, Duration::from_secs(30)).await);
+    // The anchor closed the half-open connection itself, within the documented bound.
+    let inventory = sim.backend().inventory_device(&id).await.unwrap();
+    assert!(!inventory.connected, "the dead connection is not held open");
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    let queued = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("echo", serde_json::json!({}), 60_000, true),
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued.state, InvocationState::Queued);
+    assert!(queued.dispatched_at.is_none(), "nothing dispatched into a dead session");
+    node.host.set_up(true);
+    node.endpoint = node.host.endpoint(0, None).unwrap();
+    let restarted = tokio::time::Instant::now();
+    let _agent = node.start_agent(sim.addr(), |_| {});
+    let done = eventually(Duration::from_secs(60), || async {
+        let r = sim
+            .backend()
+            .invocation(&queued.invocation_id)
+            .await
+            .unwrap();
+        r.state.is_final().then_some(r)
+    })
+    .await
+    .expect("the invocation ends");
+    assert_eq!(done.state, InvocationState::Succeeded, "{done:?}");
+    assert!(
+        restarted.elapsed() < Duration::from_secs(10),
+        "delivered as soon as the node registered, not at the deadline: {:?}",
+        restarted.elapsed()
+    );
+}
+
+/// The race underneath: work dispatched into the dead connection before the anchor noticed
+/// it was dead, then the node registers again on a new session. The new session takes the
+/// work over at once.
+#[tokio::test(start_paused = true)]
+async fn work_dispatched_into_a_dead_session_moves_to_the_new_one() {
+    let sim = Sim::start(SEED + 21, lossy(0.0), killable_config).await;
+    let (mut node, id, agent) = paired_running(&sim, "half-open").await;
+    assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(10)).await);
+    kill_and_restart(&mut node, agent).await;
+    // The anchor still believes the old session is live: the work goes into it.
+    let inflight = sim
+        .backend()
+        .invoke(
+            &sim.owner,
+            &id,
+            invoke_req("echo", serde_json::json!("to the dead"), 60_000, true),
+        )
+        .await
+        .unwrap();
+    assert_eq!(inflight.state, InvocationState::Dispatched);
+    let restarted = tokio::time::Instant::now();
+    let agent = node.start_agent(sim.addr(), |_| {});
+    assert!(agent.registered(1, Duration::from_secs(10)).await);
+    let done = eventually(Duration::from_secs(60), || async {
+        let r = sim
+            .backend()
+            .invocation(&inflight.invocation_id)
+            .await
+            .unwrap();
+        r.state.is_final().then_some(r)
+    })
+    .await
+    .expect("the invocation ends");
+    assert_eq!(done.state, InvocationState::Succeeded, "{done:?}");
+    assert_eq!(done.output, Some(serde_json::json!("to the dead")));
+    assert!(
+        restarted.elapsed() < Duration::from_secs(5),
+        "moved to the new session at once: {:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(agent.stats.invocations_run.load(Ordering::Relaxed), 1);
+}
