@@ -558,7 +558,10 @@ async fn work_queued_for_a_killed_node_reaches_it_when_it_comes_back() {
         .await
         .unwrap();
     assert_eq!(queued.state, InvocationState::Queued);
-    assert!(queued.dispatched_at.is_none(), "nothing dispatched into a dead session");
+    assert!(
+        queued.dispatched_at.is_none(),
+        "nothing dispatched into a dead session"
+    );
     node.host.set_up(true);
     node.endpoint = node.host.endpoint(0, None).unwrap();
     let restarted = tokio::time::Instant::now();
@@ -600,7 +603,13 @@ async fn work_dispatched_into_a_dead_session_moves_to_the_new_one() {
         )
         .await
         .unwrap();
-    assert_eq!(inflight.state, InvocationState::Dispatched);
+    let dispatched = sim
+        .backend()
+        .invocation(&inflight.invocation_id)
+        .await
+        .unwrap();
+    assert_eq!(dispatched.state, InvocationState::Dispatched);
+    assert!(dispatched.dispatched_at.is_some());
     let restarted = tokio::time::Instant::now();
     let agent = node.start_agent(sim.addr(), |_| {});
     assert!(agent.registered(1, Duration::from_secs(10)).await);
