@@ -18,13 +18,14 @@ use tracing::warn;
 
 use crate::clock::to_odt;
 use crate::events::AnchorEvent;
+use crate::inventory::{code_api, device_api, request_api, token_api};
 use crate::invocations::invoke_timeout;
 use crate::records::{
     CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord, InvocationState,
-    RequestRecord, TokenRecord,
+    RequestRecord,
 };
 use crate::services::Services;
-use crate::trust::{self, TrustError, code_state, request_state};
+use crate::trust::{self, TrustError};
 
 /// Implements [`Backend`] over the anchor's services.
 #[derive(Debug, Clone)]
@@ -100,72 +101,6 @@ pub fn api_error(e: TrustError) -> ApiError {
 pub fn parse_device(id: &str) -> Result<DeviceId, TrustError> {
     id.parse::<DeviceId>()
         .map_err(|_| TrustError::NotFound(format!("device {id}")))
-}
-
-pub(crate) fn device_api(d: &DeviceRecord) -> Device {
-    Device {
-        device_id: d.device_id.to_string(),
-        name: d.name.clone(),
-        trust: match d.trust {
-            DeviceTrust::Trusted => Trust::Trusted,
-            DeviceTrust::Revoked => Trust::Revoked,
-        },
-        platform: d.platform.clone(),
-        cert_serial: Some(anchorage_mesh::pki::hex(&d.cert_serial)),
-        cert_not_before: Some(to_odt(d.cert_not_before_ms)),
-        cert_expires_at: Some(to_odt(d.cert_not_after_ms)),
-        paired_at: to_odt(d.paired_at_ms),
-        revoked_at: d.revoked_at_ms.map(to_odt),
-        revoked_reason: d.revoked_reason.clone(),
-        rotation_pending: d.rotation_pending,
-    }
-}
-
-pub(crate) fn request_api(r: &RequestRecord, now_ms: u64) -> PairingRequest {
-    PairingRequest {
-        request_id: r.request_id.clone(),
-        device_id: r.device_id.to_string(),
-        device_name: r.device_name.clone(),
-        platform: r.platform.clone(),
-        state: request_state(r, now_ms),
-        sas: r.sas.clone(),
-        code_id: r.code_id.clone(),
-        requested_at: to_odt(r.requested_at_ms),
-        expires_at: to_odt(r.expires_at_ms),
-        decided_by: r.decided_by.clone(),
-        decided_at: r.decided_at_ms.map(to_odt),
-        reason: r.reason.clone(),
-    }
-}
-
-pub(crate) fn code_api(c: &CodeRecord, now_ms: u64) -> PairingCodeInfo {
-    PairingCodeInfo {
-        code_id: c.code_id.clone(),
-        method: match c.method {
-            CodeMethod::Pin => PairMethod::Pin,
-            CodeMethod::Qr => PairMethod::Qr,
-        },
-        state: code_state(c, now_ms),
-        failed_attempts: c.failed_attempts,
-        created_at: to_odt(c.created_at_ms),
-        expires_at: to_odt(c.expires_at_ms),
-        created_by: c.created_by.clone(),
-    }
-}
-
-pub(crate) fn token_api(t: &TokenRecord) -> TokenInfo {
-    TokenInfo {
-        id: t.id.clone(),
-        name: t.name.clone(),
-        permissions: t
-            .permissions
-            .iter()
-            .filter_map(|p| p.parse().ok())
-            .collect(),
-        created_at: to_odt(t.created_at_ms),
-        created_by: t.created_by.clone(),
-        revoked_at: t.revoked_at_ms.map(to_odt),
-    }
 }
 
 /// All pairing requests, newest first.

@@ -10,13 +10,14 @@ use anchorage_mesh::DeviceId;
 use anchorage_mesh::presence::Presence;
 use anchorage_wire::invoke::InvocationId;
 
-use crate::backend::{device_api, request_api};
 use crate::clock::to_odt;
 use crate::nodes::{Node as NodeState, SessionHandle};
 use crate::records::{
-    DeviceRecord, DeviceTrust, InvocationRecord, InvocationState, RequestRecord, RequestState,
+    CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord, InvocationState,
+    RequestRecord, RequestState, TokenRecord,
 };
 use crate::services::Services;
+use crate::trust::{code_state, request_state};
 
 /// Certificates with less than this left are flagged.
 pub const CERT_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -334,5 +335,75 @@ pub fn rejection(services: &Services, device: &DeviceId, capability: &str) -> Op
             c.reason.clone().unwrap_or_else(|| "no reason given".into())
         )),
         Some(_) => None,
+    }
+}
+
+/// A device as the API shows it.
+pub fn device_api(d: &DeviceRecord) -> api::Device {
+    api::Device {
+        device_id: d.device_id.to_string(),
+        name: d.name.clone(),
+        trust: match d.trust {
+            DeviceTrust::Trusted => api::Trust::Trusted,
+            DeviceTrust::Revoked => api::Trust::Revoked,
+        },
+        platform: d.platform.clone(),
+        cert_serial: Some(anchorage_mesh::pki::hex(&d.cert_serial)),
+        cert_not_before: Some(to_odt(d.cert_not_before_ms)),
+        cert_expires_at: Some(to_odt(d.cert_not_after_ms)),
+        paired_at: to_odt(d.paired_at_ms),
+        revoked_at: d.revoked_at_ms.map(to_odt),
+        revoked_reason: d.revoked_reason.clone(),
+        rotation_pending: d.rotation_pending,
+    }
+}
+
+/// A pairing request as the API shows it at `now_ms`.
+pub fn request_api(r: &RequestRecord, now_ms: u64) -> api::PairingRequest {
+    api::PairingRequest {
+        request_id: r.request_id.clone(),
+        device_id: r.device_id.to_string(),
+        device_name: r.device_name.clone(),
+        platform: r.platform.clone(),
+        state: request_state(r, now_ms),
+        sas: r.sas.clone(),
+        code_id: r.code_id.clone(),
+        requested_at: to_odt(r.requested_at_ms),
+        expires_at: to_odt(r.expires_at_ms),
+        decided_by: r.decided_by.clone(),
+        decided_at: r.decided_at_ms.map(to_odt),
+        reason: r.reason.clone(),
+    }
+}
+
+/// A pairing code as the API shows it at `now_ms`.
+pub fn code_api(c: &CodeRecord, now_ms: u64) -> api::PairingCodeInfo {
+    api::PairingCodeInfo {
+        code_id: c.code_id.clone(),
+        method: match c.method {
+            CodeMethod::Pin => api::PairMethod::Pin,
+            CodeMethod::Qr => api::PairMethod::Qr,
+        },
+        state: code_state(c, now_ms),
+        failed_attempts: c.failed_attempts,
+        created_at: to_odt(c.created_at_ms),
+        expires_at: to_odt(c.expires_at_ms),
+        created_by: c.created_by.clone(),
+    }
+}
+
+/// A token as the API shows it (never its secret).
+pub fn token_api(t: &TokenRecord) -> api::TokenInfo {
+    api::TokenInfo {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        permissions: t
+            .permissions
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        created_at: to_odt(t.created_at_ms),
+        created_by: t.created_by.clone(),
+        revoked_at: t.revoked_at_ms.map(to_odt),
     }
 }
