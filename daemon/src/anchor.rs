@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anchorage_console::api::Permission;
+use anchorage_mesh::conn_error::ConnFailure;
 use anchorage_mesh::framed;
 use anchorage_mesh::pki::{
     CertificateAuthority, DEFAULT_CA_VALIDITY, DEFAULT_SERVER_CERT_VALIDITY,
@@ -324,7 +325,7 @@ async fn handle_incoming(services: Arc<Services>, incoming: quinn::Incoming) {
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
-            let reason = handshake_failure_reason(&e);
+            let reason = ConnFailure::classify(&e).name();
             services.metrics.handshake_failure(reason);
             debug!(error = %e, reason, "handshake failed");
             return;
@@ -458,33 +459,5 @@ fn load_or_create_ca(dir: &Path, now: SystemTime) -> Result<CertificateAuthority
             path: cert_path,
             message: "ca.key exists but ca.pem is missing; restore it from backup".into(),
         }),
-    }
-}
-
-fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
-    match e {
-        quinn::ConnectionError::TransportError(t) => {
-            let code = u64::from(t.code);
-            match code {
-                // TLS alerts travel as 0x100 + alert.
-                0x12a => "bad_certificate",
-                0x12c => "certificate_revoked",
-                0x12d => "certificate_expired",
-                0x130 => "unknown_ca",
-                0x178 => "no_application_protocol",
-                0x100..=0x1ff => "tls_alert",
-                _ => "transport_error",
-            }
-        }
-        quinn::ConnectionError::ConnectionClosed(c) => match u64::from(c.error_code) {
-            0x12a => "bad_certificate",
-            0x12c => "certificate_revoked",
-            0x12d => "certificate_expired",
-            0x130 => "unknown_ca",
-            0x178 => "no_application_protocol",
-            _ => "closed_by_peer",
-        },
-        quinn::ConnectionError::TimedOut => "timeout",
-        _ => "other",
     }
 }
