@@ -37,6 +37,53 @@ fn cap_record(c: &CapabilityInfo) -> CapabilityRecord {
     }
 }
 
+/// Why the anchor refuses or ends a node's session: the one place where each maps to the
+/// QUIC application close code and reason the node sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The certificate is valid but the device is not in the registry.
+    UnknownDevice,
+    /// The device is revoked.
+    Revoked,
+    /// No control stream within [`REGISTER_TIMEOUT`].
+    NoControlStream,
+    /// No `Register` within [`REGISTER_TIMEOUT`].
+    NoRegistration,
+    /// The first message was not `Register`, or a second one came.
+    NotRegisterFirst,
+    /// A second `Register` on a registered session.
+    AlreadyRegistered,
+    /// A frame that does not decode (the framing layer's own code).
+    BadFrame(ErrorCode),
+    /// A protocol version this anchor does not speak.
+    UnsupportedVersion,
+    /// The anchor failed (store); not the node's fault.
+    Internal,
+}
+
+impl Refusal {
+    fn close(self, conn: &quinn::Connection) {
+        let (code, reason) = match self {
+            Refusal::UnknownDevice => (ErrorCode::Unauthenticated, "unknown device; pair it first"),
+            Refusal::Revoked => (ErrorCode::Revoked, "device revoked"),
+            Refusal::NoControlStream => (ErrorCode::Timeout, "no control stream"),
+            Refusal::NoRegistration => (ErrorCode::Timeout, "no registration"),
+            Refusal::NotRegisterFirst => (
+                ErrorCode::ProtocolViolation,
+                "the first message must be Register",
+            ),
+            Refusal::AlreadyRegistered => (ErrorCode::ProtocolViolation, "already registered"),
+            Refusal::BadFrame(code) => (code, "bad frame on the control stream"),
+            Refusal::UnsupportedVersion => (
+                ErrorCode::UnsupportedVersion,
+                "unsupported protocol version",
+            ),
+            Refusal::Internal => (ErrorCode::Internal, "internal error"),
+        };
+        close(conn, code, reason);
+    }
+}
+
 /// Serves an enrolled node's connection until it ends.
 pub async fn serve(
     services: Arc<Services>,
@@ -47,85 +94,67 @@ pub async fn serve(
     let device = cert.key_id;
     let span = info_span!("node", device_id = %device);
     async move {
-        let record = {
-            let s = services.clone();
-            blocking(move || s.trust.device(&device)).await
-        };
-        let record = match record {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                services.metrics.handshake_failure("unknown_device");
-                close(
-                    &conn,
-                    ErrorCode::Unauthenticated,
-                    "unknown device; pair it first",
-                );
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "store read failed");
-                close(&conn, ErrorCode::Internal, "internal error");
+        let accepted = accept(&services, &conn, &device).await;
+        let (rotation_pending, register, mut tx, mut rx) = match accepted {
+            Ok(a) => a,
+            Err(None) => return,
+            Err(Some(refusal)) => {
+                if refusal == Refusal::UnknownDevice {
+                    services.metrics.handshake_failure("unknown_device");
+                }
+                refusal.close(&conn);
                 return;
             }
         };
-        if record.trust != DeviceTrust::Trusted {
-            close(&conn, ErrorCode::Revoked, "device revoked");
-            return;
-        }
-        let (send, recv) = match tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(_)) => return,
-            Err(_) => {
-                close(&conn, ErrorCode::Timeout, "no control stream");
-                return;
-            }
-        };
-        let (mut tx, mut rx) = framed::<ControlDown, ControlUp>(send, recv);
-        let register = match tokio::time::timeout(REGISTER_TIMEOUT, rx.recv()).await {
-            Ok(Ok(Some(ControlUp::Register(r)))) => r,
-            Ok(Ok(Some(_))) => {
-                close(
-                    &conn,
-                    ErrorCode::ProtocolViolation,
-                    "the first message must be Register",
-                );
-                return;
-            }
-            Ok(Err(e)) if e.is_peer_fault() => {
-                close(&conn, e.code(), "bad frame");
-                return;
-            }
-            Ok(_) => return,
-            Err(_) => {
-                close(&conn, ErrorCode::Timeout, "no registration");
-                return;
-            }
-        };
-        if register.version != PROTOCOL_VERSION {
-            close(
-                &conn,
-                ErrorCode::UnsupportedVersion,
-                "unsupported protocol version",
-            );
-            return;
-        }
         if renewal_only {
             serve_renewal_only(&services, &conn, &mut tx, &mut rx, &cert).await;
             return;
         }
-        run_session(
-            services,
-            conn,
-            device,
-            record.rotation_pending,
-            register,
-            tx,
-            rx,
-        )
-        .await;
+        run_session(services, conn, device, rotation_pending, register, tx, rx).await;
     }
     .instrument(span)
     .await
+}
+
+/// Checks the device and takes its registration. `Err(None)`: the node went away.
+async fn accept(
+    services: &Arc<Services>,
+    conn: &quinn::Connection,
+    device: &anchorage_mesh::DeviceId,
+) -> Result<(bool, Register, Tx, Rx), Option<Refusal>> {
+    let record = {
+        let s = services.clone();
+        let d = *device;
+        blocking(move || s.trust.device(&d)).await
+    };
+    let record = match record {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(Some(Refusal::UnknownDevice)),
+        Err(e) => {
+            warn!(error = %e, "store read failed");
+            return Err(Some(Refusal::Internal));
+        }
+    };
+    if record.trust != DeviceTrust::Trusted {
+        return Err(Some(Refusal::Revoked));
+    }
+    let (send, recv) = match tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return Err(None),
+        Err(_) => return Err(Some(Refusal::NoControlStream)),
+    };
+    let (tx, mut rx) = framed::<ControlDown, ControlUp>(send, recv);
+    let register = match tokio::time::timeout(REGISTER_TIMEOUT, rx.recv()).await {
+        Ok(Ok(Some(ControlUp::Register(r)))) => r,
+        Ok(Ok(Some(_))) => return Err(Some(Refusal::NotRegisterFirst)),
+        Ok(Err(e)) if e.is_peer_fault() => return Err(Some(Refusal::BadFrame(e.code()))),
+        Ok(_) => return Err(None),
+        Err(_) => return Err(Some(Refusal::NoRegistration)),
+    };
+    if register.version != PROTOCOL_VERSION {
+        return Err(Some(Refusal::UnsupportedVersion));
+    }
+    Ok((record.rotation_pending, register, tx, rx))
 }
 
 async fn serve_renewal_only(
@@ -164,7 +193,7 @@ async fn serve_renewal_only(
             // Events are ignored: nothing but renewal is served here.
             Ok(Ok(Some(ControlUp::Event(_)))) => continue,
             Ok(Ok(Some(ControlUp::Register(_)))) => {
-                close(conn, ErrorCode::ProtocolViolation, "already registered");
+                Refusal::AlreadyRegistered.close(conn);
                 return;
             }
             _ => {
@@ -235,13 +264,13 @@ async fn run_session(
                     }
                 }
                 Ok(Some(ControlUp::Register(_))) => {
-                    close(&conn, ErrorCode::ProtocolViolation, "already registered");
+                    Refusal::AlreadyRegistered.close(&conn);
                     break "protocol violation";
                 }
                 Ok(None) => break "control stream finished",
                 Err(e) => {
                     if e.is_peer_fault() {
-                        close(&conn, e.code(), "bad frame on control stream");
+                        Refusal::BadFrame(e.code()).close(&conn);
                     }
                     break "control stream failed";
                 }
