@@ -195,28 +195,24 @@ pub fn inventory(
     requests: Vec<RequestRecord>,
 ) -> Inventory {
     let now = services.clock.now_ms();
-    let mut ids: Vec<DeviceId> = devices.iter().map(|d| d.device_id).collect();
+    // Every device, and every device with a pending request; each looked up once.
+    let mut pending: std::collections::HashMap<DeviceId, Vec<&RequestRecord>> =
+        std::collections::HashMap::new();
     for r in &requests {
-        if r.state == RequestState::PendingApproval
-            && r.expires_at_ms > now
-            && !ids.contains(&r.device_id)
-        {
-            ids.push(r.device_id);
+        if r.state == RequestState::PendingApproval && r.expires_at_ms > now {
+            pending.entry(r.device_id).or_default().push(r);
         }
     }
-    {
-        let nodes = services.nodes.lock();
-        for (id, _) in nodes.iter() {
-            if !ids.contains(id) && devices.iter().any(|d| d.device_id == *id) {
-                ids.push(*id);
-            }
-        }
-    }
+    let by_id: std::collections::HashMap<DeviceId, &DeviceRecord> =
+        devices.iter().map(|d| (d.device_id, d)).collect();
+    let mut ids: Vec<DeviceId> = devices.iter().map(|d| d.device_id).collect();
+    ids.extend(pending.keys().filter(|id| !by_id.contains_key(id)));
     let list: Vec<InventoryDevice> = ids
         .iter()
         .map(|id| {
-            let device = devices.iter().find(|d| d.device_id == *id);
-            entry(services, *id, device, pending_of(&requests, id, now), now)
+            let device = by_id.get(id).copied();
+            let p = pending.get(id).cloned().unwrap_or_default();
+            entry(services, *id, device, p, now)
         })
         .collect();
     let mut summary = InventorySummary {
