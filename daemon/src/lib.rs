@@ -23,7 +23,6 @@ pub mod anchor;
 pub mod backend;
 pub mod clock;
 pub mod config;
-pub mod demo;
 pub mod inventory;
 pub mod metrics;
 pub mod pairing;

@@ -45,7 +45,7 @@ use anchorage_node::agent::{self, AgentConfig, AgentStats};
 use anchorage_node::capability::{NodeFacts, Registry};
 use anchorage_node::pair::{PairOptions, PairProgress};
 use anchorage_node::state::StateDir;
-use anchorage_tests::Sim;
+use anchorage_sim::Sim;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::{Semaphore, watch};
@@ -885,7 +885,7 @@ async fn heartbeat_window(
     );
     // The anchor's own counters, when /metrics has them.
     let counter = |m: &Option<String>, name: &str| -> Option<f64> {
-        anchorage_tests::prom::parse(m.as_deref()?)
+        anchorage_sim::prom::parse(m.as_deref()?)
             .ok()?
             .value(name, &[])
     };
