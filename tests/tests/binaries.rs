@@ -854,3 +854,49 @@ fn the_demo_runs_simulated_nodes_behind_a_live_console() {
         format!("{}{}", demo.stdout(), demo.stderr())
     );
 }
+
+/// `anchord demo` is the sibling `anchord-demo`: its help shows the demo's flags, and without
+/// the sibling `anchord` says how to build it and exits 69 (unavailable).
+#[test]
+fn anchord_demo_runs_the_sibling_binary_and_says_how_to_build_it_when_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = run(
+        "anchord demo --help",
+        command(&bins().anchord, dir.path()).args(["demo", "--help"]),
+    );
+    assert_eq!(help.code(), Some(0), "{help:?}");
+    for flag in ["--nodes", "--preset", "--seed", "--data-dir", "--console"] {
+        assert!(help.stdout.contains(flag), "{flag} in {}", help.stdout);
+    }
+    assert!(help.stdout.contains("anchord demo"), "{}", help.stdout);
+    // A bad flag value of the demo is a usage error, as it was in anchord itself.
+    let bad = run(
+        "anchord demo --preset",
+        command(&bins().anchord, dir.path()).args(["--data-dir", "x", "demo", "--preset", "moon"]),
+    );
+    assert_eq!(bad.code(), Some(64), "{bad:?}");
+    assert!(bad.stderr.starts_with("anchord demo: "), "{}", bad.stderr);
+
+    // A copy of anchord alone in a directory.
+    let lonely = dir
+        .path()
+        .join(format!("anchord{}", std::env::consts::EXE_SUFFIX));
+    std::fs::copy(&bins().anchord, &lonely).unwrap();
+    let out = run(
+        "anchord demo (no sibling)",
+        command(&lonely, dir.path()).args(["demo", "--nodes", "2"]),
+    );
+    assert_eq!(out.code(), Some(69), "{out:?}");
+    assert!(
+        out.stderr.contains("anchord-demo")
+            && out
+                .stderr
+                .contains("cargo build --release -p anchorage-sim"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !dir.path().join("anchorage-demo-data").exists(),
+        "nothing started without the demo"
+    );
+}
