@@ -28,7 +28,6 @@ pub mod backend;
 pub mod bootstrap;
 pub mod clock;
 pub mod config;
-pub mod demo;
 pub mod dispatch;
 pub mod events;
 pub mod inventory;

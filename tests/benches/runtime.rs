@@ -21,17 +21,17 @@
 //! descriptors.
 //!
 //! Laid out top-down: `main` and the report, then one section per scenario, then the helpers
-//! they share (anchord as a child process, pairing, agents, /proc readers, percentiles).
+//! they share (anchord as a child process through `anchorage_sim::procs`, pairing, agents
+//! through `anchorage_sim::fleet::start_node`, /proc readers, percentiles).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: failing loudly is the point
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -41,15 +41,15 @@ use anchorage_console::ControlPlaneClient;
 use anchorage_console::api::{InvocationState, InvokeRequest, MintCodeRequest, PairMethod};
 use anchorage_daemon::AnchorConfig;
 use anchorage_netsim::{LinkConfig, Loss};
-use anchorage_node::agent::{self, AgentConfig, AgentStats};
-use anchorage_node::capability::{NodeFacts, Registry};
+use anchorage_node::RunConfig;
+use anchorage_node::config::NodeConfig;
 use anchorage_node::pair::{PairOptions, PairProgress};
 use anchorage_node::state::StateDir;
-use anchorage_tests::Sim;
+use anchorage_sim::fleet::start_node;
+use anchorage_sim::{RunningAgent, Sim, procs};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::Semaphore;
 
 /// Nodes of the fleet scenarios.
 const DEFAULT_NODES: usize = 1000;
@@ -671,14 +671,13 @@ async fn fleet(opts: &Options, heartbeats: bool, scale: bool, report: &mut Repor
     println!("\n[fleet] {n} nodes; load {}", common::loadavg());
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("anchor");
-    let bin = tokio::task::spawn_blocking(anchord_binary).await.unwrap();
+    // The release binaries, rebuilt first so they match the code under test.
+    tokio::task::spawn_blocking(procs::bins).await.unwrap();
     let mut anchord = {
-        let (bin, data) = (bin.clone(), data.clone());
-        tokio::task::spawn_blocking(move || {
-            Anchord::spawn(&bin, &data, "127.0.0.1:0".parse().unwrap())
-        })
-        .await
-        .unwrap()
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || Anchord::spawn(&data, "127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap()
     };
     let token = std::fs::read_to_string(data.join("owner.token")).unwrap();
     let client = ControlPlaneClient::new(&anchord.console, token.trim()).unwrap();
@@ -792,7 +791,7 @@ async fn fleet(opts: &Options, heartbeats: bool, scale: bool, report: &mut Repor
             &format!("anchor memory per connected node <= 100 KiB ({n} nodes)"),
             format!("{per_node:.1} KiB with {connected}/{n} connected"),
         );
-        anchord = restart(anchord, &bin, &data, &agents, report).await;
+        anchord = restart(anchord, &data, &agents, report).await;
     }
 
     for a in &agents {
@@ -893,7 +892,7 @@ async fn heartbeat_window(
     );
     // The anchor's own counters, when /metrics has them.
     let counter = |m: &Option<String>, name: &str| -> Option<f64> {
-        anchorage_tests::prom::parse(m.as_deref()?)
+        anchorage_sim::prom::parse(m.as_deref()?)
             .ok()?
             .value(name, &[])
     };
@@ -974,7 +973,6 @@ async fn heartbeat_window(
 /// fleet's return. Returns the new anchord.
 async fn restart(
     mut anchord: Anchord,
-    bin: &Path,
     data: &Path,
     agents: &[Agent],
     report: &mut Report,
@@ -984,11 +982,11 @@ async fn restart(
     println!("  restarting anchord on {port}; load {}", common::loadavg());
     let killed = Instant::now();
     // Blocking waits go to the blocking pool: the agents keep running meanwhile.
-    let (bin, data) = (bin.to_path_buf(), data.to_path_buf());
+    let data = data.to_path_buf();
     let (exited, next) = tokio::task::spawn_blocking(move || {
         anchord.terminate(Duration::from_secs(30));
         let exited = killed.elapsed();
-        (exited, Anchord::spawn(&bin, &data, port))
+        (exited, Anchord::spawn(&data, port))
     })
     .await
     .unwrap();
@@ -1235,11 +1233,7 @@ struct BenchNode {
 }
 
 /// A running agent.
-struct Agent {
-    task: JoinHandle<Result<(), agent::AgentError>>,
-    stats: Arc<AgentStats>,
-    stop: watch::Sender<bool>,
-}
+type Agent = RunningAgent;
 
 impl BenchNode {
     fn new(dir: &Path, i: usize) -> BenchNode {
@@ -1290,26 +1284,14 @@ impl BenchNode {
     }
 
     fn start_agent(&self, anchor: SocketAddr, seed: u64) -> Agent {
-        let identity = self.state.identity().unwrap();
-        let facts = NodeFacts {
-            device_id: identity.cert_info.key_id.to_string(),
-            name: self.name.clone(),
-            platform: "bench".into(),
-            agent_version: "bench".into(),
-            started: std::time::Instant::now(),
-        };
-        let mut config = AgentConfig::new(
-            self.state.clone(),
-            self.name.clone(),
-            Registry::builtins(facts),
-        );
+        let mut config = RunConfig::new(NodeConfig::default());
+        config.node.name = Some(self.name.clone());
+        config.anchor_addr = Some(anchor);
+        config.endpoint = Some(self.endpoint.clone());
+        config.platform = "bench".into();
         config.status_every = None;
-        config.seed = splitmix(seed ^ 0x5eed_beef);
-        let stats = Arc::new(AgentStats::default());
-        let (stop, stop_rx) = watch::channel(false);
-        let (endpoint, s) = (self.endpoint.clone(), stats.clone());
-        let task = tokio::spawn(agent::run(endpoint, anchor, config, s, stop_rx));
-        Agent { task, stats, stop }
+        config.seed = Some(splitmix(seed ^ 0x5eed_beef));
+        start_node(config, self.state.clone())
     }
 }
 
@@ -1346,73 +1328,31 @@ fn splitmix(x: u64) -> u64 {
 
 /// A running `anchord`, killed when dropped.
 struct Anchord {
-    child: Option<Child>,
+    inner: Option<procs::Anchord>,
     quic: SocketAddr,
     console: String,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Anchord {
-    /// Starts anchord and waits for its ready line.
-    fn spawn(bin: &Path, data: &Path, listen: SocketAddr) -> Anchord {
-        let mut child = Command::new(bin)
-            .arg("--data-dir")
-            .arg(data)
-            .args(["--listen", &listen.to_string()])
-            .args(["--console", "127.0.0.1:0"])
-            .args(["--heartbeat-interval", "1s"])
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let keep = log.clone();
-        // Drain stderr for the process's whole life, so its log never blocks it.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let line = strip_ansi(&line);
-                if line.contains("anchor ready") {
-                    let _ = ready_tx.send(line.clone());
-                }
-                let mut log = keep.lock().unwrap();
-                log.push(line);
-                if log.len() > 200 {
-                    log.drain(..100);
-                }
-            }
-        });
-        let line = match ready_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "anchord did not get ready; its log:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
-            }
-        };
-        let field = |key: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-                .to_string()
-        };
+    /// Starts anchord (heartbeats every second) and waits for its ready line.
+    fn spawn(data: &Path, listen: SocketAddr) -> Anchord {
+        let cwd = data.parent().unwrap_or(data);
+        let inner = procs::Anchord::start(
+            data,
+            &listen.to_string(),
+            "127.0.0.1:0",
+            &["--heartbeat-interval", "1s"],
+            cwd,
+        );
         Anchord {
-            child: Some(child),
-            quic: field("quic=").parse().unwrap(),
-            console: field("console="),
-            log,
+            quic: inner.ready.quic,
+            console: inner.ready.console.clone(),
+            inner: Some(inner),
         }
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.inner.as_ref().map_or(0, |a| a.proc.pid())
     }
 
     fn cpu_time(&self) -> Duration {
@@ -1442,42 +1382,26 @@ impl Anchord {
 
     /// SIGTERM (a clean stop), then waits; SIGKILL after `limit`.
     fn terminate(&mut self, limit: Duration) {
-        let Some(mut child) = self.child.take() else {
+        let Some(inner) = self.inner.take() else {
             return;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        inner.proc.terminate();
         let deadline = Instant::now() + limit;
         loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
+            match inner.proc.try_wait() {
+                Some(status) => {
                     if !status.success() {
                         eprintln!(
                             "anchord exited with {status}; its log:\n{}",
-                            self.log.lock().unwrap().join("\n")
+                            inner.proc.log_tail()
                         );
                     }
                     return;
                 }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return;
-                }
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                // Dropping it kills it.
+                None => return,
             }
-        }
-    }
-}
-
-impl Drop for Anchord {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
@@ -1509,60 +1433,6 @@ impl Perf {
     }
 }
 
-/// The release `anchord` next to this benchmark (target/release/deps/runtime-* →
-/// target/release), rebuilt first so it matches the code under test (a no-op when fresh).
-fn anchord_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace).args([
-        "build",
-        "--quiet",
-        "-p",
-        "anchorage-daemon",
-        "--bin",
-        "anchord",
-    ]);
-    match dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => {}
-        Some("release") => {
-            cmd.arg("--release");
-        }
-        Some(other) => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    if let Some(target) = dir.parent() {
-        cmd.arg("--target-dir").arg(target);
-    }
-    let status = cmd.status().expect("cargo build of anchord");
-    assert!(status.success(), "building anchord failed: {status}");
-    dir.join(format!("anchord{}", std::env::consts::EXE_SUFFIX))
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------------------------
-// /proc readers
-
-/// Voluntary and involuntary context switches of all threads of a process.
 fn proc_context_switches(pid: &str) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;

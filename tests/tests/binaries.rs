@@ -9,260 +9,33 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use anchorage_sim::procs::{self, Output, Proc, READY_TIMEOUT, bins, command, strip_ansi};
 use serde_json::Value;
 
-/// How long anchord may take to print its ready line.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a pairing request may take to show up as pending.
 const PENDING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a short-lived command may run.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 
-// ---------------------------------------------------------------------------------------------
-// Locating (and building) the binaries
-
-struct Bins {
-    anchord: PathBuf,
-    anchorctl: PathBuf,
-    anchor_node: PathBuf,
-}
-
-fn bins() -> &'static Bins {
-    static BINS: OnceLock<Bins> = OnceLock::new();
-    BINS.get_or_init(|| {
-        // target/<profile>/deps/binaries-<hash> → target/<profile>
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or_else(|| panic!("unexpected test executable path {}", exe.display()))
-            .to_path_buf();
-        let names = ["anchord", "anchorctl", "anchor-node"];
-        let missing = || {
-            names
-                .iter()
-                .filter(|n| {
-                    !dir.join(format!("{n}{}", std::env::consts::EXE_SUFFIX))
-                        .is_file()
-                })
-                .copied()
-                .collect::<Vec<_>>()
-        };
-        // Under cargo, build so the binaries match the code under test (a no-op when fresh).
-        if let Some(cargo) =
-            std::env::var_os("CARGO").or_else(|| (!missing().is_empty()).then(|| "cargo".into()))
-        {
-            build_bins(&cargo, &dir);
-        }
-        let missing = missing();
-        assert!(
-            missing.is_empty(),
-            "binaries {missing:?} are missing from {}; build them with `cargo build --bins`",
-            dir.display()
-        );
-        let path = |n: &str| dir.join(format!("{n}{}", std::env::consts::EXE_SUFFIX));
-        Bins {
-            anchord: path("anchord"),
-            anchorctl: path("anchorctl"),
-            anchor_node: path("anchor-node"),
-        }
-    })
-}
-
-fn build_bins(cargo: &std::ffi::OsStr, bin_dir: &Path) {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace)
-        .args(["build", "--bins", "--quiet"]);
-    // Cargo sets these for the test process. Some build scripts (ring's) track
-    // CARGO_MANIFEST_DIR, so inheriting them would rebuild half the dependency tree, twice.
-    for (key, _) in std::env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        if key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_")
-            || matches!(
-                key,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "CARGO_RUSTC_CURRENT_DIR"
-                    | "OUT_DIR"
-            )
-        {
-            cmd.env_remove(key);
-        }
-    }
-    // The profile and target directory this test was built in: target/<profile>.
-    match bin_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => {}
-        Some("release") => {
-            cmd.arg("--release");
-        }
-        Some(other) => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    if let Some(target_dir) = bin_dir.parent() {
-        cmd.arg("--target-dir").arg(target_dir);
-    }
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run `cargo build --bins`: {e}"));
-    assert!(status.success(), "`cargo build --bins` failed: {status}");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-/// A child process killed (and reaped) when dropped, so a failing test leaves nothing behind.
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// What a finished command printed.
-#[derive(Debug)]
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
-    }
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command) -> Proc {
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { name, child }
-    }
-
-    /// Waits for the process to exit (killing it after `limit`) and collects its output.
-    fn finish(mut self, limit: Duration) -> Output {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!(
-                    "{} did not exit within {limit:?}; stderr:\n{err}",
-                    self.name
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut stdout = String::new();
-        let mut stderr = String::new();
-        if let Some(mut o) = self.child.stdout.take() {
-            o.read_to_string(&mut stdout).unwrap();
-        }
-        if let Some(mut e) = self.child.stderr.take() {
-            e.read_to_string(&mut stderr).unwrap();
-        }
-        Output {
-            status,
-            stdout,
-            stderr,
-        }
-    }
-}
-
-/// A command with a clean environment for our variables, run in a scratch directory so
-/// nothing is picked up from the current directory (e.g. `./anchorage-data/owner.token`).
-fn command(program: &Path, cwd: &Path) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.current_dir(cwd)
-        .env_remove("ANCHORAGE_URL")
-        .env_remove("ANCHORAGE_TOKEN")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1");
-    cmd
-}
-
 fn run(name: &'static str, cmd: &mut Command) -> Output {
-    Proc::spawn(name, cmd).finish(COMMAND_TIMEOUT)
-}
-
-/// Removes ANSI escape sequences (in case the log writer colours its output anyway).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ ... final byte in @..~
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The `quic=` and `console=` fields of anchord's `anchor ready` log line.
-fn parse_ready(line: &str) -> Option<(SocketAddr, String)> {
-    let line = strip_ansi(line);
-    let rest = &line[line.find("anchor ready")?..];
-    let field = |key: &str| {
-        rest.split_whitespace()
-            .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
-            .map(|v| v.trim_matches('"').to_string())
-    };
-    Some((field("quic")?.parse().ok()?, field("console")?))
+    procs::run(name, cmd, COMMAND_TIMEOUT)
 }
 
 // ---------------------------------------------------------------------------------------------
 // anchord
 
-/// A running `anchord`, killed on drop.
+/// A running `anchord`, killed on drop, with the operator's CLI at hand.
 struct Anchord {
-    proc: Proc,
-    quic: SocketAddr,
+    inner: procs::Anchord,
+    quic: std::net::SocketAddr,
     console: String,
     data_dir: PathBuf,
     scratch: tempfile::TempDir,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 /// Starts anchord on `data_dir` with both sockets on 127.0.0.1 port 0 and waits for its
@@ -274,49 +47,21 @@ fn start_anchord(data_dir: &Path) -> Anchord {
 /// Like [`start_anchord`], with extra flags.
 fn start_anchord_with(data_dir: &Path, extra: &[&str]) -> Anchord {
     let scratch = tempfile::tempdir().unwrap();
-    let mut proc = Proc::spawn(
-        "anchord",
-        command(&bins().anchord, scratch.path())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--console", "127.0.0.1:0"])
-            .args(extra),
+    let inner = procs::Anchord::start(
+        data_dir,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        extra,
+        scratch.path(),
     );
-    let stderr = proc.child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = mpsc::channel();
-    {
-        let log = log.clone();
-        // Reads stderr until anchord exits, so its pipe never fills up.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(ready) = parse_ready(&line) {
-                    let _ = tx.send(ready);
-                }
-                log.lock().unwrap().push(line);
-            }
-        });
-    }
-    let (quic, console) = match rx.recv_timeout(READY_TIMEOUT) {
-        Ok(ready) => ready,
-        Err(_) => {
-            let status = proc.child.try_wait().unwrap();
-            panic!(
-                "anchord did not report `anchor ready` within {READY_TIMEOUT:?} (exit: {status:?}); \
-                 stderr:\n{}",
-                log.lock().unwrap().join("\n")
-            );
-        }
-    };
+    let (quic, console) = (inner.ready.quic, inner.ready.console.clone());
     assert!(console.starts_with("http://127.0.0.1:"), "{console}");
     Anchord {
-        proc,
+        inner,
         quic,
         console,
         data_dir: data_dir.to_path_buf(),
         scratch,
-        log,
     }
 }
 
@@ -387,7 +132,7 @@ impl Anchord {
             assert!(
                 Instant::now() < deadline,
                 "no pending request from {name} after {PENDING_TIMEOUT:?}; anchord log:\n{}",
-                self.log.lock().unwrap().join("\n")
+                self.inner.proc.stderr()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -395,11 +140,7 @@ impl Anchord {
 
     /// Sends SIGTERM.
     fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.proc.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.inner.proc.terminate();
     }
 }
 
@@ -767,20 +508,11 @@ fn a_second_anchord_on_the_same_data_dir_is_refused_and_sigterm_stops_cleanly() 
 
     // SIGTERM: a clean stop, exit 0.
     first.terminate();
-    let Anchord { proc, log, .. } = first;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut proc = proc;
-    let status = loop {
-        if let Some(status) = proc.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "anchord did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut proc = first.inner.proc;
+    // Panics if it has not stopped within 15 s; the log is read to its end when it returns.
+    let status = proc.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit after SIGTERM: {status}");
-    // The reader thread may still be draining the last lines.
-    std::thread::sleep(Duration::from_millis(100));
-    let log = log.lock().unwrap().join("\n");
+    let log = proc.stderr();
     assert!(log.contains("stopped"), "{log}");
     // The store can be opened again at once.
     let again = start_anchord(&dir);
@@ -1000,11 +732,7 @@ fn a_running_node_answers_system_health_and_is_online_in_the_inventory() {
     assert!(status["loss_rate"].as_f64().is_some(), "{status}");
 
     // A clean stop (SIGTERM) sends `stopping`: offline at once, not after the thresholds.
-    let term = Command::new("kill")
-        .args(["-s", "TERM", "--", &node.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    node.terminate();
     let out = node.finish(COMMAND_TIMEOUT);
     assert_eq!(out.code(), Some(0), "anchor-node run exit: {out:?}");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1030,10 +758,9 @@ fn a_stopped_pairing_resumes_when_run_again_without_a_code() {
     let node_dir = tempfile::tempdir().unwrap();
     let state = node_dir.path().join("state");
     let code = anchord.mint_pin();
-    let mut first = anchord.spawn_pair(&code, &state, "impatient", true);
+    let first = anchord.spawn_pair(&code, &state, "impatient", true);
     let req = anchord.wait_pending("impatient");
-    first.child.kill().unwrap();
-    let _ = first.child.wait();
+    first.kill();
     anchord.ctl(&["pair", "approve", req["request_id"].as_str().unwrap()]);
 
     let mut cmd = command(&bins().anchor_node, node_dir.path());
@@ -1058,44 +785,19 @@ fn the_demo_runs_simulated_nodes_behind_a_live_console() {
     cmd.args(["demo", "--nodes", "3", "--preset", "lan", "--data-dir"])
         .arg(dir.path().join("demo-data"))
         .args(["--console", "127.0.0.1:0"]);
+    // Both pipes are drained for the process's whole life, so its output never blocks it.
     let mut demo = Proc::spawn("anchord demo", &mut cmd);
-    // Both pipes drained for the process's whole life, so its output never blocks it.
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (tx, lines) = mpsc::channel();
-    for pipe in [
-        Box::new(demo.child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(demo.child.stderr.take().unwrap()),
-    ] {
-        let (tx, log) = (tx.clone(), log.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let line = strip_ansi(&line);
-                log.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let log_text = || log.lock().unwrap().join("\n");
+    let log_text = || format!("{}{}", demo.stdout(), demo.stderr());
 
-    // The console address and the owner token, as a newcomer reads them off the terminal.
-    let (mut console, mut token) = (None, None);
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while console.is_none() || token.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(line) = lines.recv_timeout(left) else {
-            panic!(
-                "the demo printed no console and token; its output:\n{}",
-                log_text()
-            );
-        };
-        if let Some(v) = line.trim().strip_prefix("Console:") {
-            console = Some(v.trim().trim_end_matches('/').to_string());
-        }
-        if let Some(v) = line.trim().strip_prefix("Owner token:") {
-            token = Some(v.trim().to_string());
-        }
-    }
-    let (console, token) = (console.unwrap(), token.unwrap());
+    // The console address and the owner token, as a newcomer reads them off the terminal
+    // (panics with the demo's output if they do not show within READY_TIMEOUT).
+    let console = demo.wait_line(READY_TIMEOUT, |line| {
+        let v = line.trim().strip_prefix("Console:")?;
+        Some(v.trim().trim_end_matches('/').to_string())
+    });
+    let token = demo.wait_line(READY_TIMEOUT, |line| {
+        Some(line.trim().strip_prefix("Owner token:")?.trim().to_string())
+    });
     let ctl = |args: &[&str]| {
         run(
             "anchorctl",
@@ -1142,23 +844,59 @@ fn the_demo_runs_simulated_nodes_behind_a_live_console() {
     assert_eq!(out.json()["state"], "rejected", "{out:?}");
     assert_ne!(out.code(), Some(0), "{out:?}");
 
-    // Ctrl-C (SIGTERM here) ends it cleanly.
-    let status = Command::new("kill")
-        .args(["-TERM", &demo.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = demo.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the demo did not stop:\n{}",
-            log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status}\n{}", log_text());
+    // Ctrl-C (SIGTERM here) ends it cleanly: `anchord` became the demo (exec), so the signal
+    // reaches it directly.
+    demo.terminate();
+    let status = demo.wait_exit(Duration::from_secs(15));
+    assert!(
+        status.success(),
+        "{status}\n{}",
+        format!("{}{}", demo.stdout(), demo.stderr())
+    );
+}
+
+/// `anchord demo` is the sibling `anchord-demo`: its help shows the demo's flags, and without
+/// the sibling `anchord` says how to build it and exits 69 (unavailable).
+#[test]
+fn anchord_demo_runs_the_sibling_binary_and_says_how_to_build_it_when_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = run(
+        "anchord demo --help",
+        command(&bins().anchord, dir.path()).args(["demo", "--help"]),
+    );
+    assert_eq!(help.code(), Some(0), "{help:?}");
+    for flag in ["--nodes", "--preset", "--seed", "--data-dir", "--console"] {
+        assert!(help.stdout.contains(flag), "{flag} in {}", help.stdout);
+    }
+    assert!(help.stdout.contains("anchord demo"), "{}", help.stdout);
+    // A bad flag value of the demo is a usage error, as it was in anchord itself.
+    let bad = run(
+        "anchord demo --preset",
+        command(&bins().anchord, dir.path()).args(["--data-dir", "x", "demo", "--preset", "moon"]),
+    );
+    assert_eq!(bad.code(), Some(64), "{bad:?}");
+    assert!(bad.stderr.starts_with("anchord demo: "), "{}", bad.stderr);
+
+    // A copy of anchord alone in a directory.
+    let lonely = dir
+        .path()
+        .join(format!("anchord{}", std::env::consts::EXE_SUFFIX));
+    std::fs::copy(&bins().anchord, &lonely).unwrap();
+    let out = run(
+        "anchord demo (no sibling)",
+        command(&lonely, dir.path()).args(["demo", "--nodes", "2"]),
+    );
+    assert_eq!(out.code(), Some(69), "{out:?}");
+    assert!(
+        out.stderr.contains("anchord-demo")
+            && out
+                .stderr
+                .contains("cargo build --release -p anchorage-sim"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !dir.path().join("anchorage-demo-data").exists(),
+        "nothing started without the demo"
+    );
 }

@@ -1,7 +1,7 @@
 //! The web console in a real, headless Chromium, against the real binaries: `anchord` and two
 //! `anchor-node`s, each its own process.
 //!
-//! The page is driven through chromedriver's W3C WebDriver HTTP API (a small client below):
+//! The page is driven through chromedriver's W3C WebDriver API with the `thirtyfour` client:
 //! sign in with the owner token, see the first node `online`, invoke `system.health` and read
 //! the result, mint a QR code (an image rendered by the anchor) and a PIN, pair a second node
 //! with that PIN and approve it from the page after comparing the SAS, revoke it and see it go
@@ -18,23 +18,23 @@
 //! (Debian: `apt-get install firefox-esr`) and `geckodriver` on the `PATH` (Debian does not
 //! package it; `cargo install geckodriver` builds it from crates.io). CI runs Chromium only.
 //!
-//! The binaries are taken from the target directory of this test (`target/debug`) when they are
-//! newer than every source file their dep-info lists; otherwise the test builds them with
-//! `cargo build` into `target/browser-test-bins` (a separate directory: `cargo test` holds the
-//! lock of its own). `.ci/run` runs `cargo build --bins` first.
+//! The binaries are those of this test's target directory (`target/debug`), rebuilt first with
+//! `cargo build --bins` under cargo (a no-op when fresh; see `anchorage_sim::procs`). `.ci/run`
+//! runs `cargo build --bins` first.
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anchorage_console::ControlPlaneClient;
 use anchorage_console::api::{MintCodeRequest, PairMethod, Permission, RequestState};
+use anchorage_sim::procs::{Anchord, Proc, bins, command, find_in_path, free_port};
 use serde_json::{Value, json};
+use thirtyfour::common::config::WebDriverConfig;
+use thirtyfour::error::WebDriverErrorInner;
+use thirtyfour::{By, WebDriver};
 
 /// Where Debian puts Chromium.
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -108,8 +108,9 @@ impl Browser {
         cmd
     }
 
-    /// New-session capabilities: headless, a fresh profile in `profile`.
-    fn capabilities(self, profile: &Path) -> Value {
+    /// New-session capabilities (what goes under `alwaysMatch`): headless, a fresh profile in
+    /// `profile`.
+    fn capabilities(self, profile: &Path) -> serde_json::Map<String, Value> {
         let always = match self {
             Browser::Chromium => {
                 let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
@@ -136,7 +137,10 @@ impl Browser {
                 })
             }
         };
-        json!({ "capabilities": { "alwaysMatch": always } })
+        match always {
+            Value::Object(map) => map,
+            _ => unreachable!("built as an object above"),
+        }
     }
 }
 
@@ -162,17 +166,14 @@ async fn web_console_in_a_headless_browser() {
         return;
     };
     let started = Instant::now();
-    let bins = binaries();
+    bins(); // a build, if one is needed, counts as setup
     let tmp = tempfile::tempdir().unwrap();
 
     let anchor_dir = tmp.path().join("anchor");
-    let (anchor, ready) = start_anchor(&bins, &anchor_dir, "127.0.0.1:0", "127.0.0.1:0").await;
-    let quic = ready["quic"].as_str().unwrap().to_string();
-    let console = ready["console"].as_str().unwrap().to_string();
-    let owner_token = std::fs::read_to_string(ready["owner_token"].as_str().unwrap())
-        .unwrap()
-        .trim()
-        .to_string();
+    let anchor = start_anchor(&anchor_dir, "127.0.0.1:0", "127.0.0.1:0", tmp.path()).await;
+    let quic = anchor.ready.quic.to_string();
+    let console = anchor.ready.console.clone();
+    let owner_token = anchor.owner_token();
     println!("anchord: quic {quic}, console {console}");
     let client = ControlPlaneClient::new(&console, owner_token.clone()).unwrap();
     let me = client.whoami().await.unwrap();
@@ -180,10 +181,10 @@ async fn web_console_in_a_headless_browser() {
 
     // The first node, paired outside the page, then running.
     let node1_dir = tmp.path().join("node1");
-    let node1 = pair_with_client(&bins, &client, &quic, &node1_dir, "web-node-one").await;
+    let node1 = pair_with_client(&client, &quic, &node1_dir, "web-node-one", tmp.path()).await;
     let _node1_run = Proc::spawn(
         "anchor-node run (one)",
-        Command::new(bins.join("anchor-node")).args(["run", "--state-dir", path_str(&node1_dir)]),
+        command(&bins().anchor_node, tmp.path()).args(["run", "--state-dir", path_str(&node1_dir)]),
     );
 
     // The browser.
@@ -193,7 +194,7 @@ async fn web_console_in_a_headless_browser() {
         &mut browser.driver_command(&driver, driver_port),
     );
     let profile = tmp.path().join(format!("{}-profile", browser.name()));
-    let mut wd = WebDriver::start(browser, driver_port, &profile).await;
+    let mut wd = Page::start(browser, driver_port, &profile).await;
 
     let setup = started.elapsed();
     let page = Instant::now();
@@ -207,13 +208,22 @@ async fn web_console_in_a_headless_browser() {
     step("mint a QR code");
     show_a_qr_code(&wd).await;
     step("mint a PIN, pair the second node, approve it");
-    let node2 = pair_second_node_from_the_page(&wd, &bins, &quic, tmp.path()).await;
+    let node2 = pair_second_node_from_the_page(&wd, &quic, tmp.path()).await;
     step("revoke the second node");
     revoke_from_the_page(&wd, &node2).await;
     step("tokens and permissions");
     tokens_and_permissions(&wd, &client, &console, &owner_token).await;
     step("restart the anchor: the page reconnects");
-    let _anchor = restart_anchor(&wd, anchor, &bins, &anchor_dir, &quic, &console, &node1).await;
+    let _anchor = restart_anchor(
+        &wd,
+        anchor,
+        &anchor_dir,
+        &quic,
+        &console,
+        &node1,
+        tmp.path(),
+    )
+    .await;
     step("narrow screen");
     narrow_screen(&wd).await;
     step("CSP and origins");
@@ -233,35 +243,20 @@ async fn web_console_in_a_headless_browser() {
 // ---------------------------------------------------------------------------------------------
 // Steps
 
-/// Starts `anchord` (with a short heartbeat, so presence shows quickly) and waits for its
-/// `anchor ready` log line, whose fields it returns.
-async fn start_anchor(bins: &Path, data_dir: &Path, listen: &str, console: &str) -> (Proc, Value) {
-    let anchor = Proc::spawn(
-        "anchord",
-        Command::new(bins.join("anchord")).args([
-            "--data-dir",
-            path_str(data_dir),
-            "--listen",
-            listen,
-            "--console",
-            console,
-            "--heartbeat-interval",
-            "1s",
-            "--log-format",
-            "json",
-        ]),
-    );
-    let ready = anchor
-        .wait_for_line(STEP, |line| {
-            let v: Value = serde_json::from_str(line).ok()?;
-            let f = v.get("fields")?;
-            (f.get("message")?.as_str()? == "anchor ready").then(|| f.clone())
-        })
-        .await;
-    (anchor, ready)
+/// Starts `anchord` (with a short heartbeat, so presence shows quickly, and JSON logs) and
+/// waits for its `anchor ready` log line.
+async fn start_anchor(data_dir: &Path, listen: &str, console: &str, cwd: &Path) -> Anchord {
+    Anchord::start_async(
+        data_dir,
+        listen,
+        console,
+        &["--heartbeat-interval", "1s", "--log-format", "json"],
+        cwd,
+    )
+    .await
 }
 
-async fn sign_in(wd: &WebDriver, console: &str, token: &str) {
+async fn sign_in(wd: &Page, console: &str, token: &str) {
     wd.goto(&format!("{console}/")).await;
     wd.wait_js(
         "the sign-in form",
@@ -311,7 +306,7 @@ async fn sign_in(wd: &WebDriver, console: &str, token: &str) {
     assert_eq!(where_[2], "", "the token field is cleared");
 }
 
-async fn see_node_online(wd: &WebDriver, node: &NodeInfo) {
+async fn see_node_online(wd: &Page, node: &NodeInfo) {
     let id = &node.device_id;
     let presence = wd
         .wait_js_args(
@@ -338,7 +333,7 @@ async fn see_node_online(wd: &WebDriver, node: &NodeInfo) {
     assert_eq!(online, "1", "the summary counts the online node");
 }
 
-async fn invoke_system_health(wd: &WebDriver, node: &NodeInfo) {
+async fn invoke_system_health(wd: &Page, node: &NodeInfo) {
     let id = &node.device_id;
     wd.click(&format!(
         "#inventory tr[data-device-id=\"{id}\"] a.device-name"
@@ -387,7 +382,7 @@ async fn invoke_system_health(wd: &WebDriver, node: &NodeInfo) {
     wd.shot("device").await;
 }
 
-async fn show_a_qr_code(wd: &WebDriver) {
+async fn show_a_qr_code(wd: &Page) {
     wd.click("[data-nav=pairing]").await;
     wd.wait_js(
         "the pairing page",
@@ -409,12 +404,7 @@ async fn show_a_qr_code(wd: &WebDriver) {
     );
 }
 
-async fn pair_second_node_from_the_page(
-    wd: &WebDriver,
-    bins: &Path,
-    quic: &str,
-    tmp: &Path,
-) -> NodeInfo {
+async fn pair_second_node_from_the_page(wd: &Page, quic: &str, tmp: &Path) -> NodeInfo {
     wd.click("#mint-method option[value=pin]").await;
     wd.click("#mint-submit").await;
     let pin = wd
@@ -433,9 +423,9 @@ async fn pair_second_node_from_the_page(
     assert!(large.as_f64().unwrap() >= 30.0, "the PIN is shown large");
 
     let name = "web-node-two";
-    let pairing = Proc::spawn(
+    let mut pairing = Proc::spawn(
         "anchor-node pair (two)",
-        Command::new(bins.join("anchor-node")).args([
+        command(&bins().anchor_node, tmp).args([
             "pair",
             "--anchor",
             quic,
@@ -448,7 +438,7 @@ async fn pair_second_node_from_the_page(
         ]),
     );
     let sas = pairing
-        .wait_for_line(STEP, |line| {
+        .wait_line_async(STEP, |line| {
             line.split_once("Check that the console shows this code: ")
                 .map(|(_, sas)| sas.trim().to_string())
         })
@@ -477,10 +467,10 @@ async fn pair_second_node_from_the_page(
         "#pending-requests tr[data-request-id=\"{request_id}\"] button.approve"
     ))
     .await;
-    let status = pairing.wait_exit(STEP).await;
+    let status = pairing.wait_exit_async(STEP).await;
     assert!(status.success(), "anchor-node pair: {status}");
     let paired = pairing
-        .wait_for_line(STEP, |line| {
+        .wait_line_async(STEP, |line| {
             line.strip_prefix("Paired as ")
                 .and_then(|rest| rest.split_whitespace().next())
                 .map(str::to_string)
@@ -502,7 +492,7 @@ async fn pair_second_node_from_the_page(
     }
 }
 
-async fn revoke_from_the_page(wd: &WebDriver, node: &NodeInfo) {
+async fn revoke_from_the_page(wd: &Page, node: &NodeInfo) {
     let id = &node.device_id;
     wd.click("[data-nav=inventory]").await;
     wd.wait_js_args(
@@ -581,7 +571,7 @@ async fn revoke_from_the_page(wd: &WebDriver, node: &NodeInfo) {
 }
 
 async fn tokens_and_permissions(
-    wd: &WebDriver,
+    wd: &Page,
     client: &ControlPlaneClient,
     console: &str,
     owner_token: &str,
@@ -721,22 +711,23 @@ async fn tokens_and_permissions(
 /// Stops the anchor cleanly (its event streams end), sees the page say it is reconnecting,
 /// starts it again on the same addresses, and sees the page live again with the node back.
 async fn restart_anchor(
-    wd: &WebDriver,
-    anchor: Proc,
-    bins: &Path,
+    wd: &Page,
+    anchor: Anchord,
     data_dir: &Path,
     quic: &str,
     console: &str,
     node: &NodeInfo,
-) -> Proc {
+    cwd: &Path,
+) -> Anchord {
     wd.click("[data-nav=inventory]").await;
     wd.wait_js(
         "the live event stream",
         "return document.getElementById('stream-status').classList.contains('live') || null",
     )
     .await;
-    anchor.terminate();
-    let status = anchor.wait_exit(STEP).await;
+    let mut anchor = anchor;
+    anchor.proc.terminate();
+    let status = anchor.proc.wait_exit_async(STEP).await;
     assert!(status.success(), "anchord stopped with {status}");
     drop(anchor);
     let down = wd
@@ -748,7 +739,7 @@ async fn restart_anchor(
         .await;
     assert!(down.as_str().unwrap().contains("reconnecting"), "{down}");
     let console_addr = console.strip_prefix("http://").unwrap();
-    let (anchor, _) = start_anchor(bins, data_dir, quic, console_addr).await;
+    let anchor = start_anchor(data_dir, quic, console_addr, cwd).await;
     wd.wait_js(
         "the page to reconnect",
         "return document.getElementById('stream-status').classList.contains('live') || null",
@@ -766,7 +757,7 @@ async fn restart_anchor(
     anchor
 }
 
-async fn narrow_screen(wd: &WebDriver) {
+async fn narrow_screen(wd: &Page) {
     wd.click("[data-nav=inventory]").await;
     wd.set_window(390, 844).await;
     let widths = wd
@@ -790,7 +781,7 @@ async fn narrow_screen(wd: &WebDriver) {
     wd.set_window(1280, 900).await;
 }
 
-async fn page_hygiene(wd: &WebDriver, console: &str) {
+async fn page_hygiene(wd: &Page, console: &str) {
     let violations = wd.js("return window.__csp", json!([])).await;
     assert_eq!(violations, json!([]), "CSP violations");
     let foreign = wd
@@ -803,7 +794,7 @@ async fn page_hygiene(wd: &WebDriver, console: &str) {
     assert_eq!(foreign, json!([]), "requests to another origin");
 }
 
-async fn screenshot_inventory(wd: &WebDriver, node1: &NodeInfo, node2: &NodeInfo) {
+async fn screenshot_inventory(wd: &Page, node1: &NodeInfo, node2: &NodeInfo) {
     wd.click("[data-nav=inventory]").await;
     wd.wait_js_args(
         "the inventory with both nodes",
@@ -844,11 +835,11 @@ struct NodeInfo {
 
 /// Pairs a node with a PIN minted and approved through the API (not the page).
 async fn pair_with_client(
-    bins: &Path,
     client: &ControlPlaneClient,
     quic: &str,
     state_dir: &Path,
     name: &str,
+    cwd: &Path,
 ) -> NodeInfo {
     let code = client
         .mint_code(MintCodeRequest {
@@ -857,9 +848,9 @@ async fn pair_with_client(
         })
         .await
         .unwrap();
-    let pairing = Proc::spawn(
+    let mut pairing = Proc::spawn(
         "anchor-node pair (one)",
-        Command::new(bins.join("anchor-node")).args([
+        command(&bins().anchor_node, cwd).args([
             "pair",
             "--anchor",
             quic,
@@ -887,7 +878,7 @@ async fn pair_with_client(
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     client.approve(&request.request_id).await.unwrap();
-    let status = pairing.wait_exit(STEP).await;
+    let status = pairing.wait_exit_async(STEP).await;
     assert!(status.success(), "{status}\n{}", pairing.log_tail());
     let out: Value = serde_json::from_str(pairing.stdout().trim()).unwrap();
     assert_eq!(out["device_id"], request.device_id.as_str());
@@ -932,362 +923,124 @@ fn browser_available(browser: Browser) -> Option<PathBuf> {
     }
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The directory holding fresh `anchord` and `anchor-node` binaries.
-fn binaries() -> PathBuf {
-    const NAMES: [&str; 2] = ["anchord", "anchor-node"];
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/browser-<hash> → target/<profile>
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let fresh = |dir: &Path| NAMES.iter().all(|n| is_fresh(&dir.join(n)));
-    if fresh(&profile_dir) {
-        return profile_dir;
-    }
-    // `cargo test` holds the lock of its target directory while tests run: build elsewhere.
-    let target = profile_dir.parent().unwrap().join("browser-test-bins");
-    println!(
-        "building anchord and anchor-node into {}: those in {} are missing or older than their          sources (`cargo build --bins` before `cargo test` avoids this)",
-        target.display(),
-        profile_dir.display()
-    );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--bins",
-            "-p",
-            "anchorage-daemon",
-            "-p",
-            "anchorage-node",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .status()
-        .unwrap();
-    assert!(status.success(), "cargo build --bins failed: {status}");
-    let built = target.join("debug");
-    assert!(fresh(&built), "cargo build did not produce fresh binaries");
-    built
-}
-
-/// Whether `binary` exists and is newer than every source file its cargo dep-info
-/// (`<binary>.d`) lists, as cargo itself would judge it.
-fn is_fresh(binary: &Path) -> bool {
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let Some(built) = mtime(binary) else {
-        return false;
-    };
-    let Ok(dep_info) = std::fs::read_to_string(binary.with_extension("d")) else {
-        return false;
-    };
-    // Makefile syntax: `target: dep dep ...`, spaces in paths escaped as `\ `.
-    let Some((_, deps)) = dep_info.lines().next().and_then(|l| l.split_once(": ")) else {
-        return false;
-    };
-    let deps = deps.replace("\\ ", "\u{0}");
-    deps.split_whitespace()
-        .map(|d| PathBuf::from(d.replace('\u{0}', " ")))
-        .all(|dep| mtime(&dep).is_some_and(|m| m <= built))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes
+// The page, through a WebDriver session
 
-/// A child process whose output is collected; killed when dropped.
-struct Proc {
-    name: String,
-    child: Mutex<Child>,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+/// A WebDriver session on the console page, with the waits and retries the steps need. A
+/// session not quit (a step panicked) is closed by the client when dropped.
+struct Page {
+    driver: Option<WebDriver>,
 }
 
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command) -> Proc {
-        let mut child = cmd
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stdout.take().unwrap(), stdout.clone());
-        collect(child.stderr.take().unwrap(), stderr.clone());
-        Proc {
-            name: name.to_string(),
-            child: Mutex::new(child),
-            stdout,
-            stderr,
-        }
-    }
-
-    /// SIGTERM: a clean stop.
-    fn terminate(&self) {
-        let pid = self.child.lock().unwrap().id();
-        assert!(pid > 1);
-        // `--` and a positive pid: nothing `kill` could read as a process group or as `-1`.
-        let status = Command::new("kill")
-            .args(["-s", "TERM", "--", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -TERM {pid}");
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    fn log_tail(&self) -> String {
-        let tail = |s: &str| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        };
-        format!(
-            "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
-            self.name,
-            tail(&self.stdout.lock().unwrap()),
-            self.name,
-            tail(&self.stderr.lock().unwrap())
-        )
-    }
-
-    /// Waits for a line of stdout or stderr that `f` maps to something.
-    async fn wait_for_line<T>(&self, timeout: Duration, f: impl Fn(&str) -> Option<T>) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
-            for buf in [&self.stdout, &self.stderr] {
-                let text = buf.lock().unwrap().clone();
-                if let Some(found) = text.lines().find_map(&f) {
-                    return found;
-                }
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{} did not print what was expected\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn wait_exit(&self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let exited = self.child.lock().unwrap().try_wait().unwrap();
-            if let Some(status) = exited {
-                // Give the readers a moment to drain the pipes.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                return status;
-            }
-            if Instant::now() > deadline {
-                panic!("{} did not exit\n{}", self.name, self.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SIGKILL to this pid only (std's `kill(2)`; never a `kill` command with a negative
-        // pid, which procps may read as `-1`: every process). Chromium is closed through its
-        // WebDriver session, dropped before chromedriver.
-        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(&mut pipe);
-        let mut line = String::new();
-        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-            into.lock().unwrap().push_str(&line);
-            line.clear();
-        }
-    });
-}
-
-// ---------------------------------------------------------------------------------------------
-// A small W3C WebDriver client
-
-/// The key of an element reference in WebDriver answers.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-struct WebDriver {
-    http: reqwest::Client,
-    base: String,
-    session: Option<String>,
-    port: u16,
-}
-
-impl WebDriver {
+impl Page {
     /// Waits for the WebDriver server on `port`, then opens a session of `browser`.
-    async fn start(browser: Browser, port: u16, profile: &Path) -> WebDriver {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
+    async fn start(browser: Browser, port: u16, profile: &Path) -> Page {
+        let url = format!("http://127.0.0.1:{port}");
+        let config = WebDriverConfig::builder()
+            .reqwest_timeout(Duration::from_secs(60))
             .build()
             .unwrap();
-        let base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + STEP;
-        loop {
-            let ready = match http.get(format!("{base}/status")).send().await {
-                Ok(r) => r
-                    .json::<Value>()
-                    .await
-                    .is_ok_and(|v| v["value"]["ready"] == true),
-                Err(_) => false,
-            };
-            if ready {
-                break;
+        let driver = loop {
+            match WebDriver::new_with_config(&url, browser.capabilities(profile), config.clone())
+                .await
+            {
+                Ok(d) => break d,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{} did not start a session: {e}",
+                        browser.driver()
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not start",
-                browser.driver()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let mut wd = WebDriver {
-            http,
-            base,
-            session: None,
-            port,
         };
-        let created = wd
-            .raw("POST", "/session", Some(browser.capabilities(profile)))
-            .await;
-        let id = created["sessionId"].as_str().unwrap().to_string();
         println!(
-            "{} {} via {} on port {port}",
+            "{} via {} on port {port}, session {}",
             browser.name(),
-            created["capabilities"]["browserVersion"],
-            browser.driver()
+            browser.driver(),
+            driver.session_id()
         );
-        wd.session = Some(id);
-        // The same window everywhere, for a stable screenshot (Chromium also starts at it).
-        wd.set_window(1280, 900).await;
-        wd
-    }
-
-    async fn raw(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        match self.try_raw(method, path, body).await {
-            Ok(v) => v,
-            Err(e) => panic!("WebDriver {method} {path}: {e}"),
-        }
-    }
-
-    /// A command; `Err` holds the status and the WebDriver error.
-    async fn try_raw(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, String> {
-        let url = format!("{}{path}", self.base);
-        let rb = match method {
-            "GET" => self.http.get(&url),
-            "DELETE" => self.http.delete(&url),
-            _ => self
-                .http
-                .post(&url)
-                .json(&body.unwrap_or_else(|| json!({}))),
+        let page = Page {
+            driver: Some(driver),
         };
-        let res = rb.send().await.map_err(|e| e.to_string())?;
-        let status = res.status();
-        let mut v: Value = res.json().await.map_err(|e| e.to_string())?;
-        if status.is_success() {
-            Ok(v["value"].take())
-        } else {
-            let error = &v["value"];
-            Err(format!("{status} {}: {}", error["error"], error["message"]))
-        }
+        // The same window everywhere, for a stable screenshot (Chromium also starts at it).
+        page.set_window(1280, 900).await;
+        page
     }
 
-    async fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        self.raw(method, &self.session_path(path), body).await
-    }
-
-    fn session_path(&self, path: &str) -> String {
-        format!("/session/{}{path}", self.session.as_deref().unwrap())
+    fn driver(&self) -> &WebDriver {
+        self.driver
+            .as_ref()
+            .expect("the session is open until quit")
     }
 
     async fn goto(&self, url: &str) {
-        self.cmd("POST", "/url", Some(json!({ "url": url }))).await;
+        self.driver()
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("WebDriver goto {url}: {e}"));
     }
 
-    /// Finds the element at `css` and runs `action` on it (`click`, `clear`, `value`). The page
-    /// re-renders on live events; an element replaced between the two calls is looked up again.
-    async fn on_element(&self, css: &str, action: &str, body: Option<Value>) {
+    /// Finds the element at `css` and runs `action` on it. The page re-renders on live
+    /// events; an element replaced between the two calls is looked up again.
+    async fn on_element<F, Fut>(&self, css: &str, what: &str, action: F)
+    where
+        F: Fn(thirtyfour::WebElement) -> Fut,
+        Fut: std::future::Future<Output = thirtyfour::error::WebDriverResult<()>>,
+    {
         let mut attempts = 0;
         loop {
-            let found = self
-                .cmd(
-                    "POST",
-                    "/element",
-                    Some(json!({ "using": "css selector", "value": css })),
-                )
-                .await;
-            let e = found[ELEMENT]
-                .as_str()
-                .unwrap_or_else(|| panic!("no element {css}: {found}"));
-            let path = self.session_path(&format!("/element/{e}/{action}"));
-            match self.try_raw("POST", &path, body.clone()).await {
-                Ok(_) => return,
-                Err(e) if e.contains("stale element") && attempts < 10 => {
+            let element = self
+                .driver()
+                .find(By::Css(css))
+                .await
+                .unwrap_or_else(|e| panic!("no element {css}: {e}"));
+            match action(element).await {
+                Ok(()) => return,
+                Err(e)
+                    if matches!(e.as_inner(), WebDriverErrorInner::StaleElementReference(_))
+                        && attempts < 10 =>
+                {
                     attempts += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => panic!("WebDriver {action} on {css}: {e}"),
+                Err(e) => panic!("WebDriver {what} on {css}: {e}"),
             }
         }
     }
 
     async fn click(&self, css: &str) {
-        self.on_element(css, "click", None).await;
+        self.on_element(css, "click", |e| async move { e.click().await })
+            .await;
     }
 
     async fn clear(&self, css: &str) {
-        self.on_element(css, "clear", None).await;
+        self.on_element(css, "clear", |e| async move { e.clear().await })
+            .await;
     }
 
     async fn type_into(&self, css: &str, text: &str) {
-        self.on_element(css, "value", Some(json!({ "text": text })))
+        self.on_element(css, "send keys", |e| async move { e.send_keys(text).await })
             .await;
     }
 
     async fn js(&self, script: &str, args: Value) -> Value {
-        self.cmd(
-            "POST",
-            "/execute/sync",
-            Some(json!({ "script": script, "args": args })),
-        )
-        .await
+        let args = match args {
+            Value::Array(a) => a,
+            other => vec![other],
+        };
+        self.driver()
+            .execute(script, args)
+            .await
+            .unwrap_or_else(|e| panic!("WebDriver execute {script:?}: {e}"))
+            .json()
+            .clone()
     }
 
     async fn wait_js(&self, what: &str, script: &str) -> Value {
@@ -1330,19 +1083,17 @@ impl WebDriver {
     }
 
     async fn set_window(&self, width: u32, height: u32) {
-        self.cmd(
-            "POST",
-            "/window/rect",
-            Some(json!({ "width": width, "height": height })),
-        )
-        .await;
+        self.driver()
+            .set_window_rect(0, 0, width, height)
+            .await
+            .unwrap_or_else(|e| panic!("WebDriver set window {width}x{height}: {e}"));
     }
 
     async fn screenshot(&self) -> Vec<u8> {
-        let b64 = self.cmd("GET", "/screenshot", None).await;
-        data_encoding::BASE64
-            .decode(b64.as_str().unwrap().as_bytes())
-            .unwrap()
+        self.driver()
+            .screenshot_as_png()
+            .await
+            .unwrap_or_else(|e| panic!("WebDriver screenshot: {e}"))
     }
 
     /// With `ANCHORAGE_BROWSER_SHOTS=<dir>`, saves a screenshot of the page as `<dir>/<name>.png`
@@ -1357,29 +1108,10 @@ impl WebDriver {
         println!("screenshot: {}", path.display());
     }
 
+    /// Ends the session: the browser closes.
     async fn quit(&mut self) {
-        if let Some(session) = self.session.take() {
-            self.raw("DELETE", &format!("/session/{session}"), None)
-                .await;
+        if let Some(driver) = self.driver.take() {
+            driver.quit().await.unwrap();
         }
-    }
-}
-
-impl Drop for WebDriver {
-    /// A failed test still closes the browser: a blocking `DELETE /session/{id}`.
-    fn drop(&mut self) {
-        let Some(session) = self.session.take() else {
-            return;
-        };
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-        let _ = write!(
-            stream,
-            "DELETE /session/{session} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        );
-        let _ = stream.read(&mut [0u8; 1024]);
     }
 }

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anchorage_console::Backend;
 use anchorage_console::api::{PairMethod, RequestState, Trust};
+use anchorage_node::RunError;
+use anchorage_node::agent::AgentError;
 use anchorage_node::pair::PairError;
-use anchorage_tests::{Sim, eventually, lossy};
+use anchorage_sim::{Sim, eventually, lossy};
 use anchorage_wire::bootstrap::PairFailure;
 
 const SEED: u64 = 0x4e0;
@@ -359,7 +361,7 @@ async fn revocation_closes_the_live_connection_and_refuses_the_next() {
         .expect("the agent stops")
         .unwrap();
     assert!(
-        matches!(result, Err(anchorage_node::agent::AgentError::Revoked)),
+        matches!(result, Err(RunError::Agent(AgentError::Revoked))),
         "{result:?}"
     );
     let took = revoked_at.elapsed();
@@ -375,7 +377,7 @@ async fn revocation_closes_the_live_connection_and_refuses_the_next() {
         .expect("refused")
         .unwrap();
     assert!(
-        matches!(result, Err(anchorage_node::agent::AgentError::Revoked)),
+        matches!(result, Err(RunError::Agent(AgentError::Revoked))),
         "{result:?}"
     );
     let code = sim.mint(PairMethod::Pin, None).await;
@@ -502,8 +504,8 @@ async fn anchor_restart_while_pending_then_approval_completes_the_node() {
 }
 
 /// Replaces the node's certificate with one that expired `ago` (signed by the anchor's CA).
-fn expire_certificate(sim: &Sim, node: &anchorage_tests::SimNode, ago: Duration) {
-    let dir = sim.data_dir.path();
+fn expire_certificate(sim: &Sim, node: &anchorage_sim::SimNode, ago: Duration) {
+    let dir = sim.data_dir.as_path();
     let ca = anchorage_mesh::pki::CertificateAuthority::from_pem(
         &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
         &std::fs::read_to_string(dir.join("ca.key")).unwrap(),
@@ -550,7 +552,7 @@ async fn an_expired_node_renews_inside_the_grace_period_and_not_after() {
         .expect("refused")
         .unwrap();
     assert!(
-        matches!(result, Err(anchorage_node::agent::AgentError::Expired)),
+        matches!(result, Err(RunError::Agent(AgentError::Expired))),
         "{result:?}"
     );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anchorage_console::Backend;
 use anchorage_console::api::InvokeRequest;
-use anchorage_tests::{Sim, lossy, prom};
+use anchorage_sim::{Sim, lossy, prom};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use tower::ServiceExt;

@@ -3,15 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anchorage_console::Backend;
 use anchorage_console::api::{InvocationState, InvokeRequest, Presence, Trust};
 use anchorage_netsim::LinkConfig;
-use anchorage_node::capability::{CommandCap, CommandSpec};
-use anchorage_tests::{Sim, SimNode, eventually, lossy};
+use anchorage_node::RunConfig;
+use anchorage_node::capability::CommandSpec;
+use anchorage_sim::{Sim, SimNode, eventually, lossy};
 
 const SEED: u64 = 0x5e0;
 
@@ -41,7 +41,7 @@ async fn wait_presence(sim: &Sim, id: &str, want: Presence, limit: Duration) -> 
     .is_some()
 }
 
-async fn paired_running(sim: &Sim, name: &str) -> (SimNode, String, anchorage_tests::RunningAgent) {
+async fn paired_running(sim: &Sim, name: &str) -> (SimNode, String, anchorage_sim::RunningAgent) {
     let node = sim.add_node(name);
     let id = sim.pair(&node).await.device_id.to_string();
     let agent = node.start_agent(sim.addr(), |_| {});
@@ -367,9 +367,9 @@ async fn unavailable_capabilities_degrade_and_reject_and_commands_report_failure
     let node = sim.add_node("tools");
     let id = sim.pair(&node).await.device_id.to_string();
     let agent = node.start_agent(sim.addr(), |c| {
-        let add = |c: &mut anchorage_node::agent::AgentConfig, name: &str, s: CommandSpec| {
-            c.capabilities
-                .add(Arc::new(CommandCap::new(name.into(), s).unwrap()));
+        // Through the node's configuration, as `[capabilities.NAME]` in its TOML file.
+        let add = |c: &mut RunConfig, name: &str, s: CommandSpec| {
+            c.node.capabilities.insert(name.into(), s);
         };
         add(c, "missing", spec(&["/opt/does-not-exist/tool"], "10s"));
     });
@@ -422,9 +422,9 @@ async fn command_capabilities_take_json_in_and_out_and_report_failures_and_timeo
     let node = sim.add_node("tools");
     let id = sim.pair(&node).await.device_id.to_string();
     let agent = node.start_agent(sim.addr(), |c| {
-        let add = |c: &mut anchorage_node::agent::AgentConfig, name: &str, s: CommandSpec| {
-            c.capabilities
-                .add(Arc::new(CommandCap::new(name.into(), s).unwrap()));
+        // Through the node's configuration, as `[capabilities.NAME]` in its TOML file.
+        let add = |c: &mut RunConfig, name: &str, s: CommandSpec| {
+            c.node.capabilities.insert(name.into(), s);
         };
         add(c, "jq.identity", spec(&["cat"], "10s"));
         add(

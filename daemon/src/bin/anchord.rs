@@ -2,12 +2,19 @@
 //!
 //! Parses flags over an optional TOML file, sets up logging, and runs the library's
 //! `anchorage_daemon::run` until SIGINT or SIGTERM.
+//!
+//! `anchord demo ...` executes the sibling binary `anchord-demo` (of the `anchorage-sim`
+//! package) with the same arguments: the simulated fleet is not part of the production daemon.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anchorage_daemon::config::{ConfigError, FileConfig};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+/// The demo's binary, found next to `anchord`.
+const DEMO_BINARY: &str = "anchord-demo";
 
 /// The Anchorage anchor: enrolls devices, keeps their QUIC connections, serves the console.
 #[derive(Debug, Parser)]
@@ -54,22 +61,36 @@ struct Cli {
 enum Command {
     /// Run the anchor (the default when no command is given).
     Run,
-    /// Run an anchor with simulated nodes on a simulated lossy network, for a first look.
+    /// Run an anchor with simulated nodes on a simulated lossy network, for a first look
+    /// (`anchord demo --help` shows its flags).
+    #[command(disable_help_flag = true)]
     Demo {
-        /// Number of simulated nodes.
-        #[arg(long, default_value_t = 5)]
-        nodes: usize,
-        /// Network preset: lan, wifi, lte, congested-3g, satellite, hostile.
-        #[arg(long, default_value = "lte")]
-        preset: String,
-        /// Seed of the simulated network (the same seed replays the same losses).
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        /// The demo's flags: --nodes N, --preset NAME, --seed N, and anchord's own.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        args: Vec<OsString>,
     },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // `anchord [FLAGS] demo [FLAGS]`: every flag goes to the demo, which takes anchord's too.
+    if let Some(pos) = subcommand_position(&args)
+        && args[pos] == "demo"
+    {
+        let mut demo_args = args[1..pos].to_vec();
+        demo_args.extend_from_slice(&args[pos + 1..]);
+        return exec_demo(demo_args);
+    }
+    let cli = Cli::parse_from(&args);
+    match &cli.command {
+        None | Some(Command::Run) => {}
+        // Found by the scan above already; should clap still see it, the flags after it go on.
+        Some(Command::Demo { args }) => return exec_demo(args.clone()),
+    }
     let file = match &cli.config {
         Some(path) => match FileConfig::load(path) {
             Ok(f) => f,
@@ -77,7 +98,6 @@ fn main() -> ExitCode {
         },
         None => FileConfig::default(),
     };
-    let file_data_dir = file.data_dir.clone();
     let merged = FileConfig {
         data_dir: cli.data_dir.clone().or(file.data_dir),
         listen: cli.listen.clone().or(file.listen),
@@ -107,49 +127,80 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => runtime.block_on(anchorage_daemon::run(
-            config,
-            anchorage_mesh::os::shutdown_signal(),
-        )),
-        Command::Demo {
-            nodes,
-            preset,
-            seed,
-        } => {
-            let preset = match preset.parse::<anchorage_netsim::Preset>() {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("anchord demo: {e}");
-                    return ExitCode::from(64);
-                }
-            };
-            if nodes == 0 || nodes > 500 {
-                eprintln!("anchord demo: --nodes must be between 1 and 500");
-                return ExitCode::from(64);
-            }
-            let mut config = config;
-            if cli.data_dir.is_none() && file_data_dir.is_none() {
-                // Keep demo state away from a real anchor's data.
-                config.data_dir = PathBuf::from("./anchorage-demo-data");
-            }
-            let opts = anchorage_daemon::demo::DemoOptions {
-                nodes,
-                preset,
-                seed,
-            };
-            runtime.block_on(anchorage_daemon::demo::run(
-                config,
-                opts,
-                anchorage_mesh::os::shutdown_signal(),
-            ))
-        }
-    };
+    let result = runtime.block_on(anchorage_daemon::run(
+        config,
+        anchorage_mesh::os::shutdown_signal(),
+    ));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("anchord: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where the subcommand is among `args` (`args[0]` is the program): the first argument that
+/// is neither a flag nor a flag's value. `None` without one.
+fn subcommand_position(args: &[OsString]) -> Option<usize> {
+    let cli = Cli::command();
+    let takes_value = |long: &str| {
+        cli.get_arguments()
+            .any(|a| a.get_long() == Some(long) && a.get_action().takes_values())
+    };
+    let mut i = 1;
+    while i < args.len() {
+        let arg = args[i].to_string_lossy();
+        if arg == "--" {
+            return None;
+        }
+        if let Some(long) = arg.strip_prefix("--") {
+            if !long.contains('=') && takes_value(long) {
+                i += 1;
+            }
+        } else if !arg.starts_with('-') {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Replaces this process with `anchord-demo` from the same directory, passing `args` on (so
+/// signals reach the demo directly). Exits 69 if it is not there.
+fn exec_demo(args: Vec<OsString>) -> ExitCode {
+    let name = format!("{DEMO_BINARY}{}", std::env::consts::EXE_SUFFIX);
+    let exe = std::env::current_exe();
+    let dir = exe.as_ref().ok().and_then(|e| e.parent());
+    let Some(path) = dir.map(|d| d.join(&name)).filter(|p| p.is_file()) else {
+        eprintln!(
+            "anchord: the demo is a separate binary, {name}, and it is not next to this anchord{}; \
+             build it with `cargo build --release -p anchorage-sim` \
+             (or everything with `cargo build --workspace --bins`)",
+            dir.map(|d| format!(" (in {})", d.display()))
+                .unwrap_or_default()
+        );
+        return ExitCode::from(69);
+    };
+    let mut cmd = std::process::Command::new(&path);
+    cmd.args(args);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // Its usage lines then read `anchord demo`, as the user typed it.
+        cmd.arg0("anchord demo");
+        let err = cmd.exec();
+        eprintln!("anchord: cannot run {}: {err}", path.display());
+        ExitCode::FAILURE
+    }
+    #[cfg(not(unix))]
+    {
+        match cmd.status() {
+            Ok(status) => ExitCode::from(status.code().map_or(1, |c| c as u8)),
+            Err(err) => {
+                eprintln!("anchord: cannot run {}: {err}", path.display());
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -6,8 +6,11 @@ use std::collections::BTreeMap;
 /// One sample: metric name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
+    /// The metric name, with any `_bucket`/`_sum`/`_count` suffix.
     pub name: String,
+    /// Its labels, unescaped.
     pub labels: BTreeMap<String, String>,
+    /// Its value (`+Inf`, `-Inf` and `NaN` included).
     pub value: f64,
 }
 
