@@ -516,7 +516,7 @@ async fn a_revoked_or_removed_node_gets_no_invocation_even_while_still_connected
 /// The node's process dies without closing its connection (`kill -9`): its host goes down
 /// first, so not even quinn's close on drop leaves it. Then a new process starts on a new
 /// port, as `anchor-node run` would.
-async fn kill_and_restart(node: &mut SimNode, agent: anchorage_tests::RunningAgent) {
+async fn kill_and_restart(node: &mut SimNode, agent: anchorage_sim::RunningAgent) {
     node.host.set_up(false);
     agent.task.abort();
     let _ = agent.task.await;
