@@ -476,9 +476,7 @@ async fn wait_result(
                 });
             }
             _ => {
-                return Err(PairError::Protocol(
-                    "unexpected message while pending".into(),
-                ));
+                return Err(PairError::Protocol("unexpected message while pending"));
             }
         }
     }

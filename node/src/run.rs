@@ -259,8 +259,10 @@ mod tests {
     #[tokio::test]
     async fn a_bad_configuration_is_refused_before_anything_else() {
         let dir = tempfile::tempdir().unwrap();
-        let mut node = NodeConfig::default();
-        node.reconnect_max = Some("soon".into());
+        let node = NodeConfig {
+            reconnect_max: Some("soon".into()),
+            ..NodeConfig::default()
+        };
         let err = run(
             RunConfig::new(node),
             StateDir::new(dir.path()),

@@ -158,9 +158,8 @@ pub async fn run(
         let _ = agent.stop.send(true);
     }
     for agent in agents {
-        match tokio::time::timeout(Duration::from_secs(3), agent.task).await {
-            Ok(Ok(Err(e))) => warn!(error = %e, "demo node stopped"),
-            Ok(_) | Err(_) => {}
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(3), agent.task).await {
+            warn!(error = %e, "demo node stopped");
         }
     }
     let mut sim = sim;

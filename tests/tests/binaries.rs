@@ -850,8 +850,9 @@ fn the_demo_runs_simulated_nodes_behind_a_live_console() {
     let status = demo.wait_exit(Duration::from_secs(15));
     assert!(
         status.success(),
-        "{status}\n{}",
-        format!("{}{}", demo.stdout(), demo.stderr())
+        "{status}\n{}{}",
+        demo.stdout(),
+        demo.stderr()
     );
 }
 
