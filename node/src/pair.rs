@@ -546,25 +546,60 @@ pub fn platform() -> String {
     format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH)
 }
 
-/// Parses what a user gave as `--code` (a PIN) or `--qr` (a URI).
-pub fn parse_code(pin: Option<&str>, qr: Option<&str>) -> Result<PairCode, String> {
+/// Why a pairing code given by a user was not accepted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodeError {
+    /// The PIN or QR URI is malformed.
+    #[error(transparent)]
+    Malformed(#[from] anchorage_mesh::pairing::PairingCryptoError),
+    /// Neither or both of a PIN and a QR URI were given.
+    #[error("give exactly one of --code, --code-stdin or --qr")]
+    OneOf,
+}
+
+/// Parses what a user gave as `--code` (a PIN, or a QR URI pasted there) or `--qr` (a URI).
+pub fn parse_code(pin: Option<&str>, qr: Option<&str>) -> Result<PairCode, CodeError> {
     match (pin, qr) {
-        (Some(p), None) => {
-            if p.trim().starts_with("anchorage://") {
-                return p
-                    .trim()
-                    .parse::<QrPayload>()
-                    .map(PairCode::Qr)
-                    .map_err(|e| e.to_string());
-            }
-            p.parse::<PinCode>()
-                .map(PairCode::Pin)
-                .map_err(|e| e.to_string())
+        (Some(p), None) if p.trim().starts_with("anchorage://") => {
+            Ok(PairCode::Qr(p.trim().parse::<QrPayload>()?))
         }
-        (None, Some(q)) => q
-            .parse::<QrPayload>()
-            .map(PairCode::Qr)
-            .map_err(|e| e.to_string()),
-        _ => Err("give exactly one of --code, --code-stdin or --qr".into()),
+        (Some(p), None) => Ok(PairCode::Pin(p.parse::<PinCode>()?)),
+        (None, Some(q)) => Ok(PairCode::Qr(q.parse::<QrPayload>()?)),
+        _ => Err(CodeError::OneOf),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_a_pin_or_a_qr_uri_and_exactly_one() {
+        assert!(matches!(
+            parse_code(Some("K7QF-482913"), None),
+            Ok(PairCode::Pin(_))
+        ));
+        assert!(matches!(
+            parse_code(Some("not a pin"), None),
+            Err(CodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_code(None, Some("anchorage://pair?nonsense")),
+            Err(CodeError::Malformed(_))
+        ));
+        // A QR URI pasted as --code is read as one.
+        assert!(matches!(
+            parse_code(Some(" anchorage://pair?x"), None),
+            Err(CodeError::Malformed(_))
+        ));
+        for (pin, qr) in [
+            (None, None),
+            (Some("K7QF-482913"), Some("anchorage://pair")),
+        ] {
+            let err = parse_code(pin, qr).unwrap_err();
+            assert!(matches!(err, CodeError::OneOf), "{err}");
+            assert!(err.to_string().contains("--code"), "{err}");
+        }
     }
 }

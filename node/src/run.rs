@@ -261,7 +261,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let node = NodeConfig {
             reconnect_max: Some("soon".into()),
-            ..Default::default()
+            ..NodeConfig::default()
         };
         let err = run(
             RunConfig::new(node),

@@ -68,6 +68,9 @@ pub enum SimError {
     /// The node's pairing failed.
     #[error(transparent)]
     Pair(#[from] PairError),
+    /// The pairing code is malformed.
+    #[error(transparent)]
+    Code(#[from] anchorage_node::pair::CodeError),
 }
 
 /// An anchor on a simulated network.
@@ -355,7 +358,7 @@ impl std::fmt::Debug for SimNode {
 impl SimNode {
     /// Pairing options for `code` (a PIN or a QR URI).
     pub fn try_opts(&self, anchor: SocketAddr, code: &str) -> Result<PairOptions, SimError> {
-        let code = anchorage_node::pair::parse_code(Some(code), None).map_err(SimError::Console)?;
+        let code = anchorage_node::pair::parse_code(Some(code), None)?;
         Ok(self.opts_with(anchor, code))
     }
 

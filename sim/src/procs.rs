@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 /// How long `anchord` may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long [`Proc::wait_exit`] waits for the output of an exited process to be read.
+pub const READER_GRACE: Duration = Duration::from_secs(2);
+
 /// Lines kept of each stream of a [`Proc`]; older ones are dropped (a benchmark's anchor logs
 /// for minutes).
 pub const KEEP_LINES: usize = 50_000;
@@ -386,10 +389,18 @@ impl Proc {
         }
     }
 
+    /// Lets the readers reach the end of the pipes. A grandchild that inherited them (a shell's
+    /// `sleep`) may keep them open after the process exited: past [`READER_GRACE`] the readers
+    /// are left to finish on their own.
     fn join_readers(&mut self) {
-        // The pipes close when the process (and any child holding them) is gone.
+        let deadline = Instant::now() + READER_GRACE;
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         for r in self.readers.drain(..) {
-            let _ = r.join();
+            if r.is_finished() {
+                let _ = r.join();
+            }
         }
     }
 
@@ -652,7 +663,14 @@ mod tests {
         );
         p.terminate();
         let mut p = p;
+        let stopped = Instant::now();
         let status = p.wait_exit(Duration::from_secs(10));
         assert!(!status.success(), "killed by SIGTERM: {status}");
+        // The shell's `sleep` still holds the pipes: waiting does not wait for it.
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            stopped.elapsed()
+        );
     }
 }

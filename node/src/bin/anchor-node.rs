@@ -158,7 +158,7 @@ async fn cmd_pair(
         Some(_) => None,
         None => match pair::parse_code(code.as_deref(), qr.as_deref()) {
             Ok(c) => Some(c),
-            Err(e) => return fail(json, &e, 64),
+            Err(e) => return fail(json, &e.to_string(), 64),
         },
     };
     let anchor = match (&anchor, &parsed, &resume_from) {
