@@ -341,7 +341,7 @@ impl Anchor {
             seq,
             at: crate::clock::to_odt(self.shared.clock.now_ms()),
             kind: kind.to_string(),
-            device_id: device.map(|d| d.to_string()),
+            device_id: device.copied(),
             data,
         };
         // No subscribers is fine.

@@ -69,19 +69,13 @@ fn store_err(e: StoreError) -> TrustError {
     TrustError::Store(e)
 }
 
-/// Parses a device id from a URL.
-pub(crate) fn parse_device(id: &str) -> Result<DeviceId, TrustError> {
-    id.parse::<DeviceId>()
-        .map_err(|_| TrustError::NotFound(format!("device {id}")))
-}
-
 pub(crate) fn device_api(d: &DeviceRecord) -> Device {
     Device {
-        device_id: d.device_id.to_string(),
+        device_id: d.device_id,
         name: d.name.clone(),
         trust: match d.trust {
-            DeviceTrust::Trusted => Trust::Trusted,
-            DeviceTrust::Revoked => Trust::Revoked,
+            DeviceTrust::Trusted => TrustState::Trusted,
+            DeviceTrust::Revoked => TrustState::Revoked,
         },
         platform: d.platform.clone(),
         cert_serial: Some(anchorage_mesh::pki::hex(&d.cert_serial)),
@@ -97,7 +91,7 @@ pub(crate) fn device_api(d: &DeviceRecord) -> Device {
 pub(crate) fn request_api(r: &RequestRecord, now_ms: u64) -> PairingRequest {
     PairingRequest {
         request_id: r.request_id.clone(),
-        device_id: r.device_id.to_string(),
+        device_id: r.device_id,
         device_name: r.device_name.clone(),
         platform: r.platform.clone(),
         state: request_state(r, now_ms),
@@ -268,44 +262,38 @@ impl Backend for AnchorBackend {
             .await
     }
 
-    async fn device(&self, id: &str) -> ApiResult<Device> {
-        let id = id.to_string();
+    async fn device(&self, device: DeviceId) -> ApiResult<Device> {
         self.blocking(move |a| {
-            let device = parse_device(&id)?;
             let d = a
                 .device_record(&device)
                 .map_err(store_err)?
-                .ok_or_else(|| TrustError::NotFound(format!("device {id}")))?;
+                .ok_or_else(|| TrustError::NotFound(format!("device {device}")))?;
             Ok(device_api(&d))
         })
         .await
     }
 
-    async fn revoke(&self, who: &Principal, id: &str, reason: Option<String>) -> ApiResult<Device> {
-        let (who, id) = (who.clone(), id.to_string());
-        self.blocking(move |a| {
-            let device = parse_device(&id)?;
-            Ok(device_api(&trust::revoke_device(a, &who, &device, reason)?))
-        })
-        .await
+    async fn revoke(
+        &self,
+        who: &Principal,
+        device: DeviceId,
+        reason: Option<String>,
+    ) -> ApiResult<Device> {
+        let who = who.clone();
+        self.blocking(move |a| Ok(device_api(&trust::revoke_device(a, &who, &device, reason)?)))
+            .await
     }
 
-    async fn rotate(&self, who: &Principal, id: &str) -> ApiResult<Device> {
-        let (who, id) = (who.clone(), id.to_string());
-        self.blocking(move |a| {
-            let device = parse_device(&id)?;
-            Ok(device_api(&trust::rotate_device(a, &who, &device)?))
-        })
-        .await
+    async fn rotate(&self, who: &Principal, device: DeviceId) -> ApiResult<Device> {
+        let who = who.clone();
+        self.blocking(move |a| Ok(device_api(&trust::rotate_device(a, &who, &device)?)))
+            .await
     }
 
-    async fn remove(&self, who: &Principal, id: &str) -> ApiResult<()> {
-        let (who, id) = (who.clone(), id.to_string());
-        self.blocking(move |a| {
-            let device = parse_device(&id)?;
-            trust::remove_device(a, &who, &device)
-        })
-        .await
+    async fn remove(&self, who: &Principal, device: DeviceId) -> ApiResult<()> {
+        let who = who.clone();
+        self.blocking(move |a| trust::remove_device(a, &who, &device))
+            .await
     }
 
     async fn create_token(
@@ -362,13 +350,11 @@ impl Backend for AnchorBackend {
         .await
     }
 
-    async fn inventory_device(&self, id: &str) -> ApiResult<InventoryDevice> {
-        let id = id.to_string();
+    async fn inventory_device(&self, device: DeviceId) -> ApiResult<InventoryDevice> {
         self.blocking(move |a| {
-            let device = parse_device(&id)?;
             let record = a.device_record(&device).map_err(store_err)?;
             crate::inventory::inventory_device(a, device, record, all_requests(a)?)
-                .ok_or_else(|| TrustError::NotFound(format!("device {id}")))
+                .ok_or_else(|| TrustError::NotFound(format!("device {device}")))
         })
         .await
     }
@@ -377,19 +363,17 @@ impl Backend for AnchorBackend {
         Ok(crate::inventory::nodes(&self.anchor))
     }
 
-    async fn node(&self, id: &str) -> ApiResult<Node> {
-        let device = parse_device(id).map_err(api_error)?;
+    async fn node(&self, device: DeviceId) -> ApiResult<Node> {
         crate::inventory::node(&self.anchor, &device)
-            .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))
+            .ok_or_else(|| ApiError::not_found(format!("node {device} not found")))
     }
 
     async fn invoke(
         &self,
         who: &Principal,
-        device_id: &str,
+        device: DeviceId,
         req: InvokeRequest,
     ) -> ApiResult<Invocation> {
-        let device = parse_device(device_id).map_err(api_error)?;
         if req.capability.is_empty() || req.capability.len() > anchorage_wire::limits::MAX_NAME_LEN
         {
             return Err(ApiError::bad_request("capability must be 1-128 bytes"));
@@ -428,9 +412,7 @@ impl Backend for AnchorBackend {
         match trusted {
             Ok(true) => {}
             Ok(false) => {
-                return Err(ApiError::not_found(format!(
-                    "no trusted device {device_id}"
-                )));
+                return Err(ApiError::not_found(format!("no trusted device {device}")));
             }
             Err(e) => return Err(e),
         }
@@ -460,13 +442,7 @@ impl Backend for AnchorBackend {
     }
 
     async fn list_invocations(&self, query: InvocationQuery) -> ApiResult<Vec<Invocation>> {
-        let device = match &query.device_id {
-            Some(d) => Some(
-                parse_device(d)
-                    .map_err(|_| ApiError::bad_request(format!("invalid device id {d:?}")))?,
-            ),
-            None => None,
-        };
+        let device = query.device_id;
         let limit = query.limit.unwrap_or(100).clamp(1, 1000);
         self.blocking(move |a| {
             let rt = &a.shared.runtime;
@@ -524,15 +500,11 @@ impl Backend for AnchorBackend {
         .await
     }
 
-    async fn invocation(&self, id: &str) -> ApiResult<Invocation> {
-        let parsed: anchorage_wire::invoke::InvocationId = id
-            .parse()
-            .map_err(|_| ApiError::not_found(format!("invocation {id} not found")))?;
-        let id = id.to_string();
+    async fn invocation(&self, id: InvocationId) -> ApiResult<Invocation> {
         self.blocking(move |a| {
             a.shared
                 .runtime
-                .invocation(&a.shared.store, &parsed.0)
+                .invocation(&a.shared.store, &id.0)
                 .map_err(store_err)?
                 .map(|r| crate::inventory::invocation_api(&r))
                 .ok_or_else(|| TrustError::NotFound(format!("invocation {id}")))
