@@ -1,8 +1,13 @@
 //! JSON types of the console API (`/console/v1`), shared by the server, the client library and
 //! `anchorctl`. Field names are a contract: scripts depend on them. Add fields; never rename.
 //!
-//! Timestamps are RFC 3339 strings in UTC. Device ids are in their grouped display form.
+//! Timestamps are RFC 3339 strings in UTC. Device ids are in their grouped display form,
+//! invocation ids 32 hex digits.
+//!
+//! The ids and state enums are `anchorage-wire`'s, re-exported here: the anchor's rules, its
+//! store and this API name them with one type each.
 
+pub use anchorage_wire::{DeviceId, InvocationId, InvocationState, Presence, TrustState};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -223,7 +228,7 @@ pub struct PairingRequest {
     /// Request id.
     pub request_id: String,
     /// The device id its CSR's key gives.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// The name the device asked for.
     pub device_name: String,
     /// Its platform.
@@ -260,31 +265,15 @@ pub struct ReasonBody {
 // ---------------------------------------------------------------------------------------------
 // Devices
 
-/// Trust state of a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Trust {
-    /// Has a valid certificate.
-    Trusted,
-    /// A pairing request waits for approval.
-    Pending,
-    /// Revoked; must be removed before pairing again.
-    Revoked,
-    /// Removed by an operator.
-    Removed,
-    /// Not known.
-    Unknown,
-}
-
 /// A device as the trust registry knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
     /// Device id.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Name.
     pub name: String,
     /// Trust state.
-    pub trust: Trust,
+    pub trust: TrustState,
     /// Platform reported at pairing.
     pub platform: String,
     /// Current certificate serial (hex).
@@ -355,22 +344,6 @@ pub struct TokenInfo {
 // ---------------------------------------------------------------------------------------------
 // Presence, nodes, inventory
 
-/// Presence of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Presence {
-    /// Heartbeats arrive, everything available.
-    Online,
-    /// Fresh, but a capability is unavailable or heartbeat loss is high.
-    Degraded,
-    /// No heartbeat for the stale threshold.
-    Stale,
-    /// No heartbeat for the offline threshold, or stopped cleanly.
-    Offline,
-    /// Never registered.
-    Unknown,
-}
-
 /// A capability a node offers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capability {
@@ -399,7 +372,7 @@ pub struct CapabilitySummary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Node {
     /// Device id.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Name it registered with.
     pub name: String,
     /// Platform.
@@ -432,11 +405,11 @@ pub struct Node {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InventoryDevice {
     /// Device id.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Name.
     pub name: String,
     /// Trust state.
-    pub trust: Trust,
+    pub trust: TrustState,
     /// Presence.
     pub presence: Presence,
     /// Milliseconds since the last heartbeat.
@@ -539,43 +512,6 @@ pub struct Inventory {
 // ---------------------------------------------------------------------------------------------
 // Invocations
 
-/// State of an invocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InvocationState {
-    /// Waiting for the node.
-    Queued,
-    /// Sent to the node.
-    Dispatched,
-    /// Ran and succeeded.
-    Succeeded,
-    /// Ran and failed.
-    Failed,
-    /// Deadline passed.
-    TimedOut,
-    /// Unknown or unavailable capability.
-    Rejected,
-}
-
-impl InvocationState {
-    /// Whether the invocation has ended.
-    pub fn is_final(self) -> bool {
-        !matches!(self, InvocationState::Queued | InvocationState::Dispatched)
-    }
-
-    /// Name as in JSON.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            InvocationState::Queued => "queued",
-            InvocationState::Dispatched => "dispatched",
-            InvocationState::Succeeded => "succeeded",
-            InvocationState::Failed => "failed",
-            InvocationState::TimedOut => "timed_out",
-            InvocationState::Rejected => "rejected",
-        }
-    }
-}
-
 /// `POST /console/v1/nodes/{id}/invoke`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InvokeRequest {
@@ -596,9 +532,9 @@ pub struct InvokeRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Invocation {
     /// Id (32 hex digits).
-    pub invocation_id: String,
+    pub invocation_id: InvocationId,
     /// Target device.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Capability.
     pub capability: String,
     /// State.
@@ -632,7 +568,7 @@ pub struct Invocation {
 pub struct InvocationQuery {
     /// Only this device's.
     #[serde(default)]
-    pub device_id: Option<String>,
+    pub device_id: Option<DeviceId>,
     /// At most this many, newest first (default 100).
     #[serde(default)]
     pub limit: Option<usize>,
@@ -683,7 +619,7 @@ pub struct Event {
     /// `invocation`, `token`.
     pub kind: String,
     /// The device concerned, if any.
-    pub device_id: Option<String>,
+    pub device_id: Option<DeviceId>,
     /// Details.
     pub data: serde_json::Value,
 }

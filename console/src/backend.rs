@@ -2,7 +2,9 @@
 //! never depends on the daemon.
 //!
 //! Every method that changes state takes the calling [`Principal`] for the audit log. The
-//! router checks permissions before calling; backends need not check them again.
+//! router checks permissions before calling; backends need not check them again. The router
+//! also parses device and invocation ids (a malformed one is a 404 before the backend is
+//! called), so backends get typed ids.
 
 use std::future::Future;
 
@@ -53,18 +55,22 @@ pub trait Backend: Send + Sync + 'static {
     /// Lists devices (not removed).
     fn list_devices(&self) -> impl Future<Output = ApiResult<Vec<Device>>> + Send;
     /// One device.
-    fn device(&self, id: &str) -> impl Future<Output = ApiResult<Device>> + Send;
+    fn device(&self, id: DeviceId) -> impl Future<Output = ApiResult<Device>> + Send;
     /// Revokes a device: closes its connection and refuses its next handshake.
     fn revoke(
         &self,
         who: &Principal,
-        id: &str,
+        id: DeviceId,
         reason: Option<String>,
     ) -> impl Future<Output = ApiResult<Device>> + Send;
     /// Asks the node to rotate its certificate now.
-    fn rotate(&self, who: &Principal, id: &str) -> impl Future<Output = ApiResult<Device>> + Send;
+    fn rotate(
+        &self,
+        who: &Principal,
+        id: DeviceId,
+    ) -> impl Future<Output = ApiResult<Device>> + Send;
     /// Removes a device (a revoked device can then pair again).
-    fn remove(&self, who: &Principal, id: &str) -> impl Future<Output = ApiResult<()>> + Send;
+    fn remove(&self, who: &Principal, id: DeviceId) -> impl Future<Output = ApiResult<()>> + Send;
 
     // Tokens
     /// Creates a token.
@@ -86,17 +92,19 @@ pub trait Backend: Send + Sync + 'static {
     /// The whole inventory.
     fn inventory(&self) -> impl Future<Output = ApiResult<Inventory>> + Send;
     /// One device's inventory entry.
-    fn inventory_device(&self, id: &str)
-    -> impl Future<Output = ApiResult<InventoryDevice>> + Send;
+    fn inventory_device(
+        &self,
+        id: DeviceId,
+    ) -> impl Future<Output = ApiResult<InventoryDevice>> + Send;
     /// Registered nodes.
     fn list_nodes(&self) -> impl Future<Output = ApiResult<Vec<Node>>> + Send;
     /// One node.
-    fn node(&self, id: &str) -> impl Future<Output = ApiResult<Node>> + Send;
+    fn node(&self, id: DeviceId) -> impl Future<Output = ApiResult<Node>> + Send;
     /// Creates an invocation; waits for its end unless `req.async_`, up to its deadline.
     fn invoke(
         &self,
         who: &Principal,
-        device_id: &str,
+        device_id: DeviceId,
         req: InvokeRequest,
     ) -> impl Future<Output = ApiResult<Invocation>> + Send;
     /// Invocations, newest first.
@@ -105,7 +113,7 @@ pub trait Backend: Send + Sync + 'static {
         query: InvocationQuery,
     ) -> impl Future<Output = ApiResult<Vec<Invocation>>> + Send;
     /// One invocation.
-    fn invocation(&self, id: &str) -> impl Future<Output = ApiResult<Invocation>> + Send;
+    fn invocation(&self, id: InvocationId) -> impl Future<Output = ApiResult<Invocation>> + Send;
     /// The audit log, newest first.
     fn audit(&self, query: AuditQuery) -> impl Future<Output = ApiResult<Vec<AuditEntry>>> + Send;
     /// A receiver of every event published from now on.

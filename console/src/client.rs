@@ -1,8 +1,12 @@
 //! [`ControlPlaneClient`]: a typed client of the console API, used by `anchorctl` and tests.
 //!
-//! One async method per route, with the [`api`](crate::api) types. Plain HTTP only: no TLS
-//! backend is compiled in, so an `https://` URL is refused up front (reach a remote anchor
-//! through an SSH tunnel or a TLS-terminating proxy on the same host).
+//! One async method per route, with the [`api`](crate::api) types. Methods that name a device
+//! or an invocation take anything that displays as its id: a [`DeviceId`] or [`InvocationId`],
+//! or the text an operator typed, which the console judges (a malformed id is a 404 there, as an
+//! unknown one).
+//!
+//! Plain HTTP only: no TLS backend is compiled in, so an `https://` URL is refused up front
+//! (reach a remote anchor through an SSH tunnel or a TLS-terminating proxy on the same host).
 //!
 //! Cancel safety: every method may be dropped at any await point; that drops the HTTP request.
 //! A mutation the server already received may still take effect.
@@ -189,27 +193,32 @@ impl ControlPlaneClient {
     }
 
     /// One device (`GET /devices/{id}`).
-    pub async fn device(&self, id: &str) -> Result<Device, ClientError> {
-        self.json(self.api(Method::GET, &["devices", id])?).await
+    pub async fn device(&self, id: &(impl fmt::Display + ?Sized)) -> Result<Device, ClientError> {
+        self.json(self.api(Method::GET, &["devices", &id.to_string()])?)
+            .await
     }
 
     /// Revokes a device (`POST /devices/{id}/revoke`).
-    pub async fn revoke(&self, id: &str, reason: Option<String>) -> Result<Device, ClientError> {
+    pub async fn revoke(
+        &self,
+        id: &(impl fmt::Display + ?Sized),
+        reason: Option<String>,
+    ) -> Result<Device, ClientError> {
         let rb = self
-            .api(Method::POST, &["devices", id, "revoke"])?
+            .api(Method::POST, &["devices", &id.to_string(), "revoke"])?
             .json(&ReasonBody { reason });
         self.json(rb).await
     }
 
     /// Asks a device to rotate its certificate (`POST /devices/{id}/rotate`).
-    pub async fn rotate(&self, id: &str) -> Result<Device, ClientError> {
-        self.json(self.api(Method::POST, &["devices", id, "rotate"])?)
+    pub async fn rotate(&self, id: &(impl fmt::Display + ?Sized)) -> Result<Device, ClientError> {
+        self.json(self.api(Method::POST, &["devices", &id.to_string(), "rotate"])?)
             .await
     }
 
     /// Removes a device (`DELETE /devices/{id}`).
-    pub async fn remove(&self, id: &str) -> Result<(), ClientError> {
-        self.send(self.api(Method::DELETE, &["devices", id])?)
+    pub async fn remove(&self, id: &(impl fmt::Display + ?Sized)) -> Result<(), ClientError> {
+        self.send(self.api(Method::DELETE, &["devices", &id.to_string()])?)
             .await
             .map(drop)
     }
@@ -240,8 +249,12 @@ impl ControlPlaneClient {
     }
 
     /// One device's inventory entry (`GET /inventory/{id}`).
-    pub async fn inventory_device(&self, id: &str) -> Result<InventoryDevice, ClientError> {
-        self.json(self.api(Method::GET, &["inventory", id])?).await
+    pub async fn inventory_device(
+        &self,
+        id: &(impl fmt::Display + ?Sized),
+    ) -> Result<InventoryDevice, ClientError> {
+        self.json(self.api(Method::GET, &["inventory", &id.to_string()])?)
+            .await
     }
 
     /// Registered nodes (`GET /nodes`).
@@ -250,8 +263,9 @@ impl ControlPlaneClient {
     }
 
     /// One node (`GET /nodes/{id}`).
-    pub async fn node(&self, id: &str) -> Result<Node, ClientError> {
-        self.json(self.api(Method::GET, &["nodes", id])?).await
+    pub async fn node(&self, id: &(impl fmt::Display + ?Sized)) -> Result<Node, ClientError> {
+        self.json(self.api(Method::GET, &["nodes", &id.to_string()])?)
+            .await
     }
 
     /// Invokes a capability (`POST /nodes/{id}/invoke`).
@@ -261,7 +275,7 @@ impl ControlPlaneClient {
     /// 202); check [`InvocationState::is_final`].
     pub async fn invoke(
         &self,
-        device_id: &str,
+        device_id: &(impl fmt::Display + ?Sized),
         req: InvokeRequest,
     ) -> Result<Invocation, ClientError> {
         let timeout = if req.async_ {
@@ -273,7 +287,7 @@ impl ControlPlaneClient {
                 .saturating_add(INVOKE_MARGIN)
         };
         let rb = self
-            .builder(Method::POST, &["nodes", device_id, "invoke"])?
+            .builder(Method::POST, &["nodes", &device_id.to_string(), "invoke"])?
             .timeout(timeout)
             .json(&req);
         self.json(rb).await
@@ -286,7 +300,7 @@ impl ControlPlaneClient {
     ) -> Result<Vec<Invocation>, ClientError> {
         let mut rb = self.api(Method::GET, &["invocations"])?;
         if let Some(device_id) = &query.device_id {
-            rb = rb.query(&[("device_id", device_id)]);
+            rb = rb.query(&[("device_id", device_id.to_string())]);
         }
         if let Some(limit) = query.limit {
             rb = rb.query(&[("limit", limit)]);
@@ -307,8 +321,11 @@ impl ControlPlaneClient {
     }
 
     /// One invocation (`GET /invocations/{id}`).
-    pub async fn invocation(&self, id: &str) -> Result<Invocation, ClientError> {
-        self.json(self.api(Method::GET, &["invocations", id])?)
+    pub async fn invocation(
+        &self,
+        id: &(impl fmt::Display + ?Sized),
+    ) -> Result<Invocation, ClientError> {
+        self.json(self.api(Method::GET, &["invocations", &id.to_string()])?)
             .await
     }
 
@@ -749,7 +766,7 @@ mod tests {
             seq: 3,
             at: time::OffsetDateTime::UNIX_EPOCH,
             kind: "presence".into(),
-            device_id: Some("D".into()),
+            device_id: Some(DeviceId::from_bytes([7; 20])),
             data: serde_json::json!({"presence": "online"}),
         };
         let json = serde_json::to_string(&event).unwrap();

@@ -345,6 +345,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
     }
 }
 
+/// The device a path names. Parsed after the permission check, like a body; a malformed id
+/// names no device, so it is a 404 like an unknown one.
+fn device_id(id: &str) -> Result<DeviceId, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::not_found(format!("device {id} not found")))
+}
+
+/// The query of `GET /invocations` as written: the device id is parsed by the handler, so a
+/// malformed one gets its own message.
+#[derive(Deserialize)]
+struct InvocationsQuery {
+    device_id: Option<String>,
+    limit: Option<usize>,
+}
+
 /// A request body, read but not yet parsed: handlers parse it after their permission check,
 /// so a caller without the permission learns nothing from a 400.
 struct RawBody {
@@ -528,7 +543,7 @@ async fn device<B: Backend>(
     Id(id): Id,
 ) -> Result<Json<Device>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.device(&id).await?))
+    Ok(Json(st.backend.device(device_id(&id)?).await?))
 }
 
 async fn revoke<B: Backend>(
@@ -538,8 +553,9 @@ async fn revoke<B: Backend>(
     body: RawBody,
 ) -> Result<Json<Device>, ApiError> {
     let who = require(&auth, Permission::TrustOperate)?;
+    let id = device_id(&id)?;
     let ReasonBody { reason } = body.json_or_default()?;
-    Ok(Json(st.backend.revoke(who, &id, reason).await?))
+    Ok(Json(st.backend.revoke(who, id, reason).await?))
 }
 
 async fn rotate<B: Backend>(
@@ -548,7 +564,7 @@ async fn rotate<B: Backend>(
     Id(id): Id,
 ) -> Result<Json<Device>, ApiError> {
     let who = require(&auth, Permission::TrustOperate)?;
-    Ok(Json(st.backend.rotate(who, &id).await?))
+    Ok(Json(st.backend.rotate(who, device_id(&id)?).await?))
 }
 
 async fn remove<B: Backend>(
@@ -557,7 +573,7 @@ async fn remove<B: Backend>(
     Id(id): Id,
 ) -> Result<StatusCode, ApiError> {
     let who = require(&auth, Permission::TrustOperate)?;
-    st.backend.remove(who, &id).await?;
+    st.backend.remove(who, device_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -633,7 +649,7 @@ async fn inventory_device<B: Backend>(
     Id(id): Id,
 ) -> Result<Json<InventoryDevice>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.inventory_device(&id).await?))
+    Ok(Json(st.backend.inventory_device(device_id(&id)?).await?))
 }
 
 async fn list_nodes<B: Backend>(
@@ -650,21 +666,22 @@ async fn node<B: Backend>(
     Id(id): Id,
 ) -> Result<Json<Node>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.node(&id).await?))
+    Ok(Json(st.backend.node(device_id(&id)?).await?))
 }
 
 async fn invoke<B: Backend>(
     State(st): State<AppState<B>>,
     auth: Auth,
-    Id(device_id): Id,
+    Id(id): Id,
     body: RawBody,
 ) -> Result<(StatusCode, Json<Invocation>), ApiError> {
     let who = require(&auth, Permission::NodesInvoke)?;
+    let device_id = device_id(&id)?;
     let req: InvokeRequest = body.json()?;
     if req.capability.is_empty() {
         return Err(ApiError::bad_request("capability must not be empty"));
     }
-    let invocation = st.backend.invoke(who, &device_id, req).await?;
+    let invocation = st.backend.invoke(who, device_id, req).await?;
     let status = if invocation.state.is_final() {
         StatusCode::OK
     } else {
@@ -679,10 +696,18 @@ async fn list_invocations<B: Backend>(
     uri: Uri,
 ) -> Result<Json<Vec<Invocation>>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
-    let mut q: InvocationQuery = query(&uri)?;
-    if q.device_id.as_deref() == Some("") {
-        q.device_id = None;
-    }
+    let q: InvocationsQuery = query(&uri)?;
+    let device_id = match q.device_id.as_deref() {
+        None | Some("") => None,
+        Some(d) => Some(
+            d.parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid device id {d:?}")))?,
+        ),
+    };
+    let q = InvocationQuery {
+        device_id,
+        limit: q.limit,
+    };
     Ok(Json(st.backend.list_invocations(q).await?))
 }
 
@@ -705,7 +730,10 @@ async fn invocation<B: Backend>(
     Id(id): Id,
 ) -> Result<Json<Invocation>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.invocation(&id).await?))
+    let parsed = id
+        .parse::<InvocationId>()
+        .map_err(|_| ApiError::not_found(format!("invocation {id} not found")))?;
+    Ok(Json(st.backend.invocation(parsed).await?))
 }
 
 async fn events<B: Backend>(

@@ -36,7 +36,7 @@ async fn client_round_trips_typed_calls() {
     let c = client(addr, "owner");
 
     let devices = c.list_devices().await.unwrap();
-    assert_eq!(devices[0].device_id, DEVICE);
+    assert_eq!(devices[0].device_id, device_id());
     assert_eq!(c.device(DEVICE).await.unwrap().name, "kitchen-pi");
 
     let code = c
@@ -75,7 +75,7 @@ async fn client_round_trips_typed_calls() {
 
     let list = c
         .list_invocations(InvocationQuery {
-            device_id: Some(DEVICE.into()),
+            device_id: Some(device_id()),
             limit: Some(1),
         })
         .await
@@ -394,12 +394,21 @@ async fn anchorctl_invoke_exit_status_follows_the_invocation() {
 async fn anchorctl_exit_codes_for_failures() {
     let (addr, _backend) = serve().await;
 
+    // A malformed id names no device: the console says so before asking the backend.
     let (r, _) = anchorctl(addr, "owner", &["device", "show", "NOPE"]).await;
     let err = r.unwrap_err();
     assert_eq!((err.exit, err.code.as_str()), (exit::FAILURE, "not_found"));
     assert_eq!(
         format!("error: {err}"),
-        "error: not_found: no such thing: NOPE"
+        "error: not_found: device NOPE not found"
+    );
+    // A well-formed id the backend does not know: its 404.
+    let (r, _) = anchorctl(addr, "owner", &["device", "show", OTHER_DEVICE]).await;
+    let err = r.unwrap_err();
+    assert_eq!((err.exit, err.code.as_str()), (exit::FAILURE, "not_found"));
+    assert_eq!(
+        format!("error: {err}"),
+        format!("error: not_found: no such thing: {OTHER_DEVICE}")
     );
 
     let (r, _) = anchorctl(addr, "wrong", &["device", "list"]).await;
@@ -436,7 +445,10 @@ async fn anchorctl_human_tables() {
     r.unwrap();
     let mut lines = out.lines();
     let header = lines.next().unwrap();
-    assert!(header.starts_with("DEVICE  NAME"), "{out}");
+    // The first two columns, the id column as wide as a device id.
+    assert!(header.starts_with("DEVICE "), "{out}");
+    assert_eq!(header.split_whitespace().nth(1), Some("NAME"), "{out}");
+    assert_eq!(header.find("NAME"), Some(DEVICE.len() + 2), "{out}");
     assert!(header.contains("TRUST"), "{out}");
     let row = lines.next().unwrap();
     assert!(

@@ -55,22 +55,22 @@ const ROUTES: &[Case] = &[
     case("POST", "/console/v1/pairing/requests/REQ-1/approve", None, TrustOperate, StatusCode::OK),
     case("POST", "/console/v1/pairing/requests/REQ-1/reject", None, TrustOperate, StatusCode::OK),
     case("GET", "/console/v1/devices", None, Read, StatusCode::OK),
-    case("GET", "/console/v1/devices/DEV-1", None, Read, StatusCode::OK),
-    case("POST", "/console/v1/devices/DEV-1/revoke", None, TrustOperate, StatusCode::OK),
-    case("POST", "/console/v1/devices/DEV-1/rotate", None, TrustOperate, StatusCode::OK),
-    case("DELETE", "/console/v1/devices/DEV-1", None, TrustOperate, StatusCode::NO_CONTENT),
+    case("GET", "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt", None, Read, StatusCode::OK),
+    case("POST", "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/revoke", None, TrustOperate, StatusCode::OK),
+    case("POST", "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/rotate", None, TrustOperate, StatusCode::OK),
+    case("DELETE", "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt", None, TrustOperate, StatusCode::NO_CONTENT),
     case("POST", "/console/v1/tokens", Some(r#"{"permissions":["observability.read"]}"#), TokensManage, StatusCode::CREATED),
     case("GET", "/console/v1/tokens", None, TokensManage, StatusCode::OK),
     case("DELETE", "/console/v1/tokens/TOK-1", None, TokensManage, StatusCode::OK),
     case("GET", "/console/v1/inventory", None, Read, StatusCode::OK),
-    case("GET", "/console/v1/inventory/DEV-1", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/inventory/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt", None, Read, StatusCode::OK),
     case("GET", "/console/v1/nodes", None, Read, StatusCode::OK),
-    case("GET", "/console/v1/nodes/DEV-1", None, Read, StatusCode::OK),
-    case("POST", "/console/v1/nodes/DEV-1/invoke", Some(r#"{"capability":"echo","input":1}"#), NodesInvoke, StatusCode::OK),
-    case("GET", "/console/v1/invocations?device_id=DEV-1&limit=5", None, Read, StatusCode::OK),
-    case("GET", "/console/v1/invocations/INV-1", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt", None, Read, StatusCode::OK),
+    case("POST", "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/invoke", Some(r#"{"capability":"echo","input":1}"#), NodesInvoke, StatusCode::OK),
+    case("GET", "/console/v1/invocations?device_id=aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt&limit=5", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/invocations/0123456789abcdef0123456789abcdef", None, Read, StatusCode::OK),
     case("GET", "/console/v1/events", None, Read, StatusCode::OK),
-    case("GET", "/console/v1/audit?target=DEV-1&limit=5", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/audit?target=aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt&limit=5", None, Read, StatusCode::OK),
     case("GET", "/console/v1/qr?text=anchorage%3A%2F%2Fpair", None, TrustOperate, StatusCode::OK),
     case("GET", "/metrics", None, Read, StatusCode::OK),
 ];
@@ -245,7 +245,7 @@ async fn answers_are_typed_as_the_api_promises() {
         app.clone(),
         build(
             "GET",
-            "/console/v1/devices/DEV-1",
+            "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt",
             Some("Bearer owner"),
             None,
         ),
@@ -253,7 +253,7 @@ async fn answers_are_typed_as_the_api_promises() {
     .await;
     assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
     let device: Device = serde_json::from_slice(&body_bytes(res).await).unwrap();
-    assert_eq!(device.device_id, DEVICE);
+    assert_eq!(device.device_id.to_string(), DEVICE);
 
     let res = send(
         app.clone(),
@@ -277,7 +277,7 @@ async fn answers_are_typed_as_the_api_promises() {
     )
     .await;
     let inventory: Inventory = serde_json::from_slice(&body_bytes(res).await).unwrap();
-    assert_eq!(inventory.devices[0].device_id, DEVICE);
+    assert_eq!(inventory.devices[0].device_id.to_string(), DEVICE);
 }
 
 #[tokio::test]
@@ -306,8 +306,14 @@ async fn bad_json_bodies_are_400_bad_request() {
         ("/console/v1/tokens", r#"{"permissions":["root"]}"#),
         ("/console/v1/tokens", r#"{"permissions":[]}"#),
         ("/console/v1/tokens", ""),
-        ("/console/v1/nodes/DEV-1/invoke", r#"{"input":1}"#),
-        ("/console/v1/nodes/DEV-1/invoke", r#"[1,2]"#),
+        (
+            "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/invoke",
+            r#"{"input":1}"#,
+        ),
+        (
+            "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/invoke",
+            r#"[1,2]"#,
+        ),
         (
             "/console/v1/pairing/codes",
             r#"{"method":"carrier-pigeon"}"#,
@@ -316,7 +322,10 @@ async fn bad_json_bodies_are_400_bad_request() {
             "/console/v1/pairing/requests/REQ-1/reject",
             r#"{"reason":5}"#,
         ),
-        ("/console/v1/devices/DEV-1/revoke", "not json"),
+        (
+            "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/revoke",
+            "not json",
+        ),
     ] {
         let (app, backend) = app();
         let res = send(app, build("POST", uri, Some("Bearer owner"), Some(body))).await;
@@ -372,7 +381,7 @@ async fn oversized_bodies_are_413_json() {
         app,
         build(
             "POST",
-            "/console/v1/nodes/DEV-1/invoke",
+            "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/invoke",
             Some("Bearer owner"),
             Some(&big),
         ),
@@ -418,7 +427,10 @@ async fn unknown_routes_are_404_json() {
     for (uri, auth) in [
         ("/console/v1/nope", Some("Bearer owner")),
         ("/console/v1/nope", None),
-        ("/console/v1/devices/DEV-1/explode", Some("Bearer owner")),
+        (
+            "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/explode",
+            Some("Bearer owner"),
+        ),
         ("/console/v2/devices", Some("Bearer owner")),
     ] {
         let (app, _) = app();
@@ -538,10 +550,65 @@ async fn unknown_ids_are_404_json_from_the_backend() {
 }
 
 #[tokio::test]
+async fn malformed_ids_are_404_or_400_before_the_backend_but_after_the_permission_check() {
+    for (method, uri, message) in [
+        ("GET", "/console/v1/devices/NOPE", "device NOPE not found"),
+        (
+            "POST",
+            "/console/v1/devices/NOPE/revoke",
+            "device NOPE not found",
+        ),
+        ("GET", "/console/v1/nodes/NOPE", "device NOPE not found"),
+        ("GET", "/console/v1/inventory/NOPE", "device NOPE not found"),
+        (
+            "GET",
+            "/console/v1/invocations/NOPE",
+            "invocation NOPE not found",
+        ),
+    ] {
+        let (router, backend) = app();
+        let res = send(router, build(method, uri, Some("Bearer owner"), None)).await;
+        let got = assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
+        assert!(got.contains(message), "{uri}: {got}");
+        assert!(backend.calls().is_empty(), "{uri}: {:?}", backend.calls());
+
+        let (router, _) = app();
+        let res = send(router, build(method, uri, Some("Bearer none"), None)).await;
+        assert_error(res, StatusCode::FORBIDDEN, "forbidden").await;
+    }
+    let (router, backend) = app();
+    let res = send(
+        router,
+        build(
+            "GET",
+            "/console/v1/invocations?device_id=NOPE",
+            Some("Bearer owner"),
+            None,
+        ),
+    )
+    .await;
+    let got = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+    assert!(got.contains("invalid device id \"NOPE\""), "{got}");
+    assert!(backend.calls().is_empty());
+
+    // Every accepted form of an id reaches the backend as the same device.
+    for form in [DEVICE.to_uppercase(), DEVICE.replace('-', "")] {
+        let (router, backend) = app();
+        let uri = format!("/console/v1/devices/{form}");
+        let res = send(router, build("GET", &uri, Some("Bearer owner"), None)).await;
+        assert_eq!(res.status(), StatusCode::OK, "{uri}");
+        assert_eq!(backend.calls(), ["device"]);
+    }
+}
+
+#[tokio::test]
 async fn wrong_methods_are_405_json() {
     for (method, uri) in [
         ("PUT", "/console/v1/devices"),
-        ("GET", "/console/v1/devices/DEV-1/revoke"),
+        (
+            "GET",
+            "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/revoke",
+        ),
         ("POST", "/console/v1/inventory"),
         ("DELETE", "/healthz"),
     ] {
@@ -587,7 +654,7 @@ async fn invoke_answers_200_when_final_and_202_while_running() {
             app,
             build(
                 "POST",
-                "/console/v1/nodes/DEV-1/invoke",
+                "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/invoke",
                 Some("Bearer owner"),
                 Some(body),
             ),
@@ -616,9 +683,13 @@ async fn reasons_are_optional_and_passed_through() {
             Some(r#"{"reason":"unknown box"}"#),
             Some("unknown box"),
         ),
-        ("/console/v1/devices/DEV-1/revoke", None, None),
         (
-            "/console/v1/devices/DEV-1/revoke",
+            "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/revoke",
+            None,
+            None,
+        ),
+        (
+            "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/revoke",
             Some(r#"{"reason":"stolen"}"#),
             Some("stolen"),
         ),

@@ -97,12 +97,6 @@ pub fn api_error(e: TrustError) -> ApiError {
     }
 }
 
-/// Parses a device id from a URL.
-pub fn parse_device(id: &str) -> Result<DeviceId, TrustError> {
-    id.parse::<DeviceId>()
-        .map_err(|_| TrustError::NotFound(format!("device {id}")))
-}
-
 /// All pairing requests, newest first.
 pub fn all_requests(s: &Services) -> Result<Vec<RequestRecord>, TrustError> {
     let mut reqs = s.trust.requests()?;
@@ -211,21 +205,23 @@ impl Backend for AnchorBackend {
             .await
     }
 
-    async fn device(&self, id: &str) -> ApiResult<Device> {
-        let id = id.to_string();
+    async fn device(&self, device: DeviceId) -> ApiResult<Device> {
         self.blocking(move |s| {
-            let device = parse_device(&id)?;
             let d = s
                 .trust
                 .device(&device)?
-                .ok_or_else(|| TrustError::NotFound(format!("device {id}")))?;
+                .ok_or_else(|| TrustError::NotFound(format!("device {device}")))?;
             Ok(device_api(&d))
         })
         .await
     }
 
-    async fn revoke(&self, who: &Principal, id: &str, reason: Option<String>) -> ApiResult<Device> {
-        let device = parse_device(id).map_err(api_error)?;
+    async fn revoke(
+        &self,
+        who: &Principal,
+        device: DeviceId,
+        reason: Option<String>,
+    ) -> ApiResult<Device> {
         let who = who.clone();
         let record = self
             .blocking(move |s| s.trust.revoke_device(&who, &device, reason))
@@ -240,8 +236,7 @@ impl Backend for AnchorBackend {
         Ok(device_api(&record))
     }
 
-    async fn rotate(&self, who: &Principal, id: &str) -> ApiResult<Device> {
-        let device = parse_device(id).map_err(api_error)?;
+    async fn rotate(&self, who: &Principal, device: DeviceId) -> ApiResult<Device> {
         let who = who.clone();
         let record = self
             .blocking(move |s| s.trust.rotate_device(&who, &device))
@@ -250,8 +245,7 @@ impl Backend for AnchorBackend {
         Ok(device_api(&record))
     }
 
-    async fn remove(&self, who: &Principal, id: &str) -> ApiResult<()> {
-        let device = parse_device(id).map_err(api_error)?;
+    async fn remove(&self, who: &Principal, device: DeviceId) -> ApiResult<()> {
         let who = who.clone();
         self.blocking(move |s| s.trust.remove_device(&who, &device))
             .await?;
@@ -310,13 +304,11 @@ impl Backend for AnchorBackend {
         .await
     }
 
-    async fn inventory_device(&self, id: &str) -> ApiResult<InventoryDevice> {
-        let id = id.to_string();
+    async fn inventory_device(&self, device: DeviceId) -> ApiResult<InventoryDevice> {
         self.blocking(move |s| {
-            let device = parse_device(&id)?;
             let record = s.trust.device(&device)?;
             crate::inventory::inventory_device(s, device, record, all_requests(s)?)
-                .ok_or_else(|| TrustError::NotFound(format!("device {id}")))
+                .ok_or_else(|| TrustError::NotFound(format!("device {device}")))
         })
         .await
     }
@@ -325,19 +317,17 @@ impl Backend for AnchorBackend {
         Ok(crate::inventory::nodes(&self.services))
     }
 
-    async fn node(&self, id: &str) -> ApiResult<Node> {
-        let device = parse_device(id).map_err(api_error)?;
+    async fn node(&self, device: DeviceId) -> ApiResult<Node> {
         crate::inventory::node(&self.services, &device)
-            .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))
+            .ok_or_else(|| ApiError::not_found(format!("node {device} not found")))
     }
 
     async fn invoke(
         &self,
         who: &Principal,
-        device_id: &str,
+        device: DeviceId,
         req: InvokeRequest,
     ) -> ApiResult<Invocation> {
-        let device = parse_device(device_id).map_err(api_error)?;
         if req.capability.is_empty() || req.capability.len() > anchorage_wire::limits::MAX_NAME_LEN
         {
             return Err(ApiError::bad_request("capability must be 1-128 bytes"));
@@ -374,9 +364,7 @@ impl Backend for AnchorBackend {
                 })
                 .await?;
             if !trusted {
-                return Err(ApiError::not_found(format!(
-                    "no trusted device {device_id}"
-                )));
+                return Err(ApiError::not_found(format!("no trusted device {device}")));
             }
         }
         let rejection = crate::inventory::rejection(s, &device, &req.capability);
@@ -421,13 +409,7 @@ impl Backend for AnchorBackend {
     }
 
     async fn list_invocations(&self, query: InvocationQuery) -> ApiResult<Vec<Invocation>> {
-        let device = match &query.device_id {
-            Some(d) => Some(
-                parse_device(d)
-                    .map_err(|_| ApiError::bad_request(format!("invalid device id {d:?}")))?,
-            ),
-            None => None,
-        };
+        let device = query.device_id;
         let limit = query.limit.unwrap_or(100).clamp(1, 1000);
         self.blocking(move |s| {
             let list = s
@@ -461,14 +443,10 @@ impl Backend for AnchorBackend {
         .await
     }
 
-    async fn invocation(&self, id: &str) -> ApiResult<Invocation> {
-        let parsed: InvocationId = id
-            .parse()
-            .map_err(|_| ApiError::not_found(format!("invocation {id} not found")))?;
-        let id = id.to_string();
+    async fn invocation(&self, id: InvocationId) -> ApiResult<Invocation> {
         self.blocking(move |s| {
             s.invocations
-                .get(&parsed)?
+                .get(&id)?
                 .map(|r| crate::inventory::invocation_api(&r))
                 .ok_or_else(|| TrustError::NotFound(format!("invocation {id}")))
         })

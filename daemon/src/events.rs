@@ -254,7 +254,7 @@ impl EventBus {
             seq,
             at: to_odt(self.clock.now_ms()),
             kind: event.kind().to_string(),
-            device_id: event.device().map(ToString::to_string),
+            device_id: event.device().copied(),
             data: event.data(),
         });
     }
@@ -287,7 +287,7 @@ mod tests {
         let first = rx.try_recv().unwrap();
         assert_eq!(first.seq, 1);
         assert_eq!(first.kind, "presence");
-        assert_eq!(first.device_id, Some(device.to_string()));
+        assert_eq!(first.device_id, Some(device));
         assert_eq!(first.data, json!({"from": "online", "to": "stale"}));
         let second = rx.try_recv().unwrap();
         assert_eq!(second.seq, 2);

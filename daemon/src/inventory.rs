@@ -7,7 +7,6 @@ use anchorage_console::api::{
     Invocation, Node,
 };
 use anchorage_mesh::DeviceId;
-use anchorage_mesh::presence::Presence;
 use anchorage_wire::invoke::InvocationId;
 
 use crate::clock::to_odt;
@@ -22,16 +21,6 @@ use crate::trust::{code_state, request_state};
 /// Certificates with less than this left are flagged.
 pub const CERT_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
-fn presence_api(p: Presence) -> api::Presence {
-    match p {
-        Presence::Online => api::Presence::Online,
-        Presence::Degraded => api::Presence::Degraded,
-        Presence::Stale => api::Presence::Stale,
-        Presence::Offline => api::Presence::Offline,
-        Presence::Unknown => api::Presence::Unknown,
-    }
-}
-
 fn node_api(
     t: &anchorage_mesh::presence::Thresholds,
     id: &DeviceId,
@@ -41,11 +30,11 @@ fn node_api(
     let record = s.record.as_ref()?;
     let live = s.live.as_ref();
     Some(Node {
-        device_id: id.to_string(),
+        device_id: *id,
         name: record.name.clone(),
         platform: record.platform.clone(),
         agent_version: record.agent_version.clone(),
-        presence: presence_api(s.presence(now_ms, t)),
+        presence: s.presence(now_ms, t),
         connected: live.is_some(),
         connected_since: live.map(|l| to_odt(l.since_ms)),
         last_seen_at: s.last_seen_ms.map(to_odt),
@@ -96,10 +85,10 @@ fn entry(
 ) -> InventoryDevice {
     let node = node(services, &device_id);
     let trust = match device {
-        Some(d) if d.trust == DeviceTrust::Trusted => api::Trust::Trusted,
-        Some(_) => api::Trust::Revoked,
-        None if !pending.is_empty() => api::Trust::Pending,
-        None => api::Trust::Unknown,
+        Some(d) if d.trust == DeviceTrust::Trusted => api::TrustState::Trusted,
+        Some(_) => api::TrustState::Revoked,
+        None if !pending.is_empty() => api::TrustState::Pending,
+        None => api::TrustState::Unknown,
     };
     let presence = node.as_ref().map_or(api::Presence::Unknown, |n| n.presence);
     let caps = node.as_ref().map(|n| {
@@ -114,7 +103,7 @@ fn entry(
     match presence {
         api::Presence::Stale => warnings.push("stale".to_string()),
         api::Presence::Offline => warnings.push("offline".to_string()),
-        api::Presence::Unknown if trust == api::Trust::Trusted => {
+        api::Presence::Unknown if trust == api::TrustState::Trusted => {
             warnings.push("not_registered".to_string())
         }
         _ => {}
@@ -140,8 +129,10 @@ fn entry(
     }
     let mut actions = Vec::new();
     match trust {
-        api::Trust::Trusted => actions.extend(["invoke", "rotate", "revoke"].map(String::from)),
-        api::Trust::Revoked => actions.push("remove".into()),
+        api::TrustState::Trusted => {
+            actions.extend(["invoke", "rotate", "revoke"].map(String::from))
+        }
+        api::TrustState::Revoked => actions.push("remove".into()),
         _ => {}
     }
     if !pending.is_empty() {
@@ -153,7 +144,7 @@ fn entry(
         .or_else(|| pending.first().map(|r| r.device_name.clone()))
         .unwrap_or_default();
     InventoryDevice {
-        device_id: device_id.to_string(),
+        device_id,
         name,
         trust,
         presence,
@@ -221,8 +212,8 @@ pub fn inventory(
     };
     for d in &list {
         match d.trust {
-            api::Trust::Trusted => summary.trusted += 1,
-            api::Trust::Revoked => summary.revoked += 1,
+            api::TrustState::Trusted => summary.trusted += 1,
+            api::TrustState::Revoked => summary.revoked += 1,
             _ => {}
         }
         match d.presence {
@@ -296,17 +287,10 @@ pub fn invocation_api(r: &InvocationRecord) -> Invocation {
             })
         });
     Invocation {
-        invocation_id: InvocationId(r.id).to_string(),
-        device_id: r.device_id.to_string(),
+        invocation_id: InvocationId(r.id),
+        device_id: r.device_id,
         capability: r.capability.clone(),
-        state: match r.state {
-            InvocationState::Queued => api::InvocationState::Queued,
-            InvocationState::Dispatched => api::InvocationState::Dispatched,
-            InvocationState::Succeeded => api::InvocationState::Succeeded,
-            InvocationState::Failed => api::InvocationState::Failed,
-            InvocationState::TimedOut => api::InvocationState::TimedOut,
-            InvocationState::Rejected => api::InvocationState::Rejected,
-        },
+        state: r.state,
         output,
         truncated: r.truncated,
         error: r.error.clone(),
@@ -337,11 +321,11 @@ pub fn rejection(services: &Services, device: &DeviceId, capability: &str) -> Op
 /// A device as the API shows it.
 pub fn device_api(d: &DeviceRecord) -> api::Device {
     api::Device {
-        device_id: d.device_id.to_string(),
+        device_id: d.device_id,
         name: d.name.clone(),
         trust: match d.trust {
-            DeviceTrust::Trusted => api::Trust::Trusted,
-            DeviceTrust::Revoked => api::Trust::Revoked,
+            DeviceTrust::Trusted => api::TrustState::Trusted,
+            DeviceTrust::Revoked => api::TrustState::Revoked,
         },
         platform: d.platform.clone(),
         cert_serial: Some(anchorage_mesh::pki::hex(&d.cert_serial)),
@@ -358,7 +342,7 @@ pub fn device_api(d: &DeviceRecord) -> api::Device {
 pub fn request_api(r: &RequestRecord, now_ms: u64) -> api::PairingRequest {
     api::PairingRequest {
         request_id: r.request_id.clone(),
-        device_id: r.device_id.to_string(),
+        device_id: r.device_id,
         device_name: r.device_name.clone(),
         platform: r.platform.clone(),
         state: request_state(r, now_ms),

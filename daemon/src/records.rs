@@ -220,41 +220,9 @@ pub struct PresenceRecord {
     pub stopped_cleanly: bool,
 }
 
-/// State of an invocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum InvocationState {
-    /// Waiting for the node.
-    Queued,
-    /// Sent.
-    Dispatched,
-    /// Succeeded.
-    Succeeded,
-    /// Failed.
-    Failed,
-    /// Deadline passed.
-    TimedOut,
-    /// Unknown or unavailable capability.
-    Rejected,
-}
-
-impl InvocationState {
-    /// The state's stable name (console, events, metrics).
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            InvocationState::Queued => "queued",
-            InvocationState::Dispatched => "dispatched",
-            InvocationState::Succeeded => "succeeded",
-            InvocationState::Failed => "failed",
-            InvocationState::TimedOut => "timed_out",
-            InvocationState::Rejected => "rejected",
-        }
-    }
-
-    /// Whether it has ended.
-    pub fn is_final(self) -> bool {
-        !matches!(self, InvocationState::Queued | InvocationState::Dispatched)
-    }
-}
+/// State of an invocation: the one definition in `anchorage-wire` (stored as its postcard
+/// variant index, which the wire crate's golden tests pin).
+pub use anchorage_wire::InvocationState;
 
 /// An invocation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

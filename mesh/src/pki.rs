@@ -162,7 +162,7 @@ impl CertificateAuthority {
         let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadPem(e.to_string()))?;
         let info = parse_cert(&cert_der)?;
         use rcgen::PublicKeyData;
-        if DeviceId::from_spki(&key.subject_public_key_info()) != info.key_id {
+        if crate::identity::device_id_from_spki(&key.subject_public_key_info()) != info.key_id {
             return Err(PkiError::KeyMismatch);
         }
         Ok(CertificateAuthority {
@@ -295,7 +295,7 @@ impl std::fmt::Debug for CertificateAuthority {
 /// The device id a CSR's public key gives, without checking the signature (the caller has).
 fn csr_device_id(csr: &CertificateSigningRequestParams) -> DeviceId {
     use rcgen::PublicKeyData;
-    DeviceId::from_spki(&csr.public_key.subject_public_key_info())
+    crate::identity::device_id_from_spki(&csr.public_key.subject_public_key_info())
 }
 
 /// Checks a CSR's signature and returns the device id of its key.
@@ -355,7 +355,7 @@ pub fn parse_cert(der: &[u8]) -> Result<CertInfo, PkiError> {
     if !rest.is_empty() {
         return Err(PkiError::BadCertificate("trailing bytes".into()));
     }
-    let key_id = DeviceId::from_spki(cert.public_key().raw);
+    let key_id = crate::identity::device_id_from_spki(cert.public_key().raw);
     let mut san_device_id = None;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {

@@ -9,33 +9,8 @@
 
 use std::time::Duration;
 
-/// Presence of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Presence {
-    /// Fresh and healthy.
-    Online,
-    /// Fresh but impaired.
-    Degraded,
-    /// Silent for the stale threshold.
-    Stale,
-    /// Silent for the offline threshold, or stopped cleanly.
-    Offline,
-    /// Never registered.
-    Unknown,
-}
-
-impl Presence {
-    /// Name as shown to operators.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Presence::Online => "online",
-            Presence::Degraded => "degraded",
-            Presence::Stale => "stale",
-            Presence::Offline => "offline",
-            Presence::Unknown => "unknown",
-        }
-    }
-}
+/// Presence of a node: defined once in `anchorage-wire` (the console's JSON uses it too).
+pub use anchorage_wire::Presence;
 
 /// Thresholds of the rules.
 #[derive(Debug, Clone, Copy, PartialEq)]

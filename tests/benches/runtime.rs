@@ -38,7 +38,9 @@ mod common;
 
 use anchorage_console::Backend;
 use anchorage_console::ControlPlaneClient;
-use anchorage_console::api::{InvocationState, InvokeRequest, MintCodeRequest, PairMethod};
+use anchorage_console::api::{
+    DeviceId, InvocationState, InvokeRequest, MintCodeRequest, PairMethod,
+};
 use anchorage_daemon::AnchorConfig;
 use anchorage_netsim::{LinkConfig, Loss};
 use anchorage_node::RunConfig;
@@ -251,12 +253,7 @@ async fn rtt(opts: &Options, report: &mut Report) {
     let invoke = {
         let (backend, owner, input) = (backend.clone(), owner.clone(), input.clone());
         move |capability: &'static str| {
-            let (backend, owner, device, input) = (
-                backend.clone(),
-                owner.clone(),
-                device.clone(),
-                input.clone(),
-            );
+            let (backend, owner, input) = (backend.clone(), owner.clone(), input.clone());
             async move {
                 let req = InvokeRequest {
                     capability: capability.into(),
@@ -264,7 +261,7 @@ async fn rtt(opts: &Options, report: &mut Report) {
                     timeout_ms: Some(10_000),
                     async_: false,
                 };
-                backend.invoke(&owner, &device, req).await.unwrap()
+                backend.invoke(&owner, device, req).await.unwrap()
             }
         }
     };
@@ -1180,7 +1177,7 @@ fn loss_run(seed: u64, link: LinkConfig) -> LossRun {
     rt.block_on(async move {
         let sim = Sim::start(seed, link, |_| {}).await;
         let node = sim.add_node("lossy");
-        let id = sim.pair(&node).await.device_id.to_string();
+        let id = sim.pair(&node).await.device_id;
         let agent = node.start_agent(sim.addr(), |_| {});
         assert!(
             agent.registered(1, Duration::from_secs(120)).await,
@@ -1194,7 +1191,7 @@ fn loss_run(seed: u64, link: LinkConfig) -> LossRun {
                 .backend()
                 .invoke(
                     &sim.owner,
-                    &id,
+                    id,
                     InvokeRequest {
                         capability: "system.health".into(),
                         input: serde_json::Value::Null,
@@ -1251,7 +1248,7 @@ impl BenchNode {
     }
 
     /// Pairs with a PIN; `approve` is called with the request id once it is pending.
-    async fn pair<F, Fut>(&self, anchor: SocketAddr, code: &str, approve: F) -> String
+    async fn pair<F, Fut>(&self, anchor: SocketAddr, code: &str, approve: F) -> DeviceId
     where
         F: FnOnce(String) -> Fut,
         Fut: std::future::Future<Output = ()>,
@@ -1280,7 +1277,7 @@ impl BenchNode {
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("{}: {e}", self.name));
-        paired.device_id.to_string()
+        paired.device_id
     }
 
     fn start_agent(&self, anchor: SocketAddr, seed: u64) -> Agent {

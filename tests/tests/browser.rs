@@ -881,9 +881,9 @@ async fn pair_with_client(
     let status = pairing.wait_exit_async(STEP).await;
     assert!(status.success(), "{status}\n{}", pairing.log_tail());
     let out: Value = serde_json::from_str(pairing.stdout().trim()).unwrap();
-    assert_eq!(out["device_id"], request.device_id.as_str());
+    assert_eq!(out["device_id"], request.device_id.to_string());
     NodeInfo {
-        device_id: request.device_id,
+        device_id: request.device_id.to_string(),
         name: name.to_string(),
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anchorage_console::Backend;
-use anchorage_console::api::{PairMethod, RequestState, Trust};
+use anchorage_console::api::{PairMethod, RequestState, TrustState};
 use anchorage_node::RunError;
 use anchorage_node::agent::AgentError;
 use anchorage_node::pair::PairError;
@@ -46,7 +46,7 @@ async fn pin_pairing_end_to_end_under_loss() {
         .await
         .unwrap();
     let paired = task.await.unwrap().expect("pairing completes");
-    assert_eq!(paired.device_id.to_string(), req.device_id);
+    assert_eq!(paired.device_id, req.device_id);
 
     // The node holds key (0600), certificate and CA; the certificate verifies with openssl.
     let dir = node.state.path();
@@ -76,8 +76,8 @@ async fn pin_pairing_end_to_end_under_loss() {
         "the node pinned this anchor's CA"
     );
 
-    let device = sim.backend().device(&req.device_id).await.unwrap();
-    assert_eq!(device.trust, Trust::Trusted);
+    let device = sim.backend().device(req.device_id).await.unwrap();
+    assert_eq!(device.trust, TrustState::Trusted);
     assert_eq!(device.name, "laptop");
     let done = eventually(Duration::from_secs(30), || async {
         let r = sim.backend().request(&req.request_id).await.unwrap();
@@ -349,11 +349,7 @@ async fn revocation_closes_the_live_connection_and_refuses_the_next() {
 
     let revoked_at = tokio::time::Instant::now();
     sim.backend()
-        .revoke(
-            &sim.owner,
-            &paired.device_id.to_string(),
-            Some("stolen".into()),
-        )
+        .revoke(&sim.owner, paired.device_id, Some("stolen".into()))
         .await
         .unwrap();
     let result = tokio::time::timeout(Duration::from_secs(5), agent.task)
@@ -388,25 +384,16 @@ async fn revocation_closes_the_live_connection_and_refuses_the_next() {
         ),
         PairFailure::DeviceRevoked
     );
-    let device = sim
-        .backend()
-        .device(&paired.device_id.to_string())
-        .await
-        .unwrap();
-    assert_eq!(device.trust, Trust::Revoked);
+    let device = sim.backend().device(paired.device_id).await.unwrap();
+    assert_eq!(device.trust, TrustState::Revoked);
     assert_eq!(device.revoked_reason.as_deref(), Some("stolen"));
 
     // After an operator removes it, the same device pairs again.
     sim.backend()
-        .remove(&sim.owner, &paired.device_id.to_string())
+        .remove(&sim.owner, paired.device_id)
         .await
         .unwrap();
-    assert!(
-        sim.backend()
-            .device(&paired.device_id.to_string())
-            .await
-            .is_err()
-    );
+    assert!(sim.backend().device(paired.device_id).await.is_err());
     let repaired = sim.pair(&node).await;
     assert_eq!(
         repaired.device_id, paired.device_id,
@@ -425,21 +412,15 @@ async fn operator_rotation_gives_the_node_a_new_certificate_without_repairing() 
     let sim = Sim::start(SEED + 7, lossy(0.10), |_| {}).await;
     let node = sim.add_node("rotor");
     let paired = sim.pair(&node).await;
-    let id = paired.device_id.to_string();
-    let old_serial = sim
-        .backend()
-        .device(&id)
-        .await
-        .unwrap()
-        .cert_serial
-        .unwrap();
+    let id = paired.device_id;
+    let old_serial = sim.backend().device(id).await.unwrap().cert_serial.unwrap();
     let agent = node.start_agent(sim.addr(), |_| {});
     assert!(agent.registered(1, Duration::from_secs(60)).await);
 
-    let d = sim.backend().rotate(&sim.owner, &id).await.unwrap();
+    let d = sim.backend().rotate(&sim.owner, id).await.unwrap();
     assert!(d.rotation_pending);
     let rotated = eventually(Duration::from_secs(30), || async {
-        let d = sim.backend().device(&id).await.unwrap();
+        let d = sim.backend().device(id).await.unwrap();
         let on_disk = node.state.cert_info().unwrap().unwrap().serial_hex();
         (!d.rotation_pending
             && d.cert_serial.as_deref() != Some(old_serial.as_str())
@@ -499,7 +480,7 @@ async fn anchor_restart_while_pending_then_approval_completes_the_node() {
         .expect("the node resumes and completes")
         .unwrap()
         .unwrap();
-    assert_eq!(paired.device_id.to_string(), req.device_id);
+    assert_eq!(paired.device_id, req.device_id);
     assert!(node.state.pending().unwrap().is_none());
 }
 

@@ -53,7 +53,7 @@ async fn metrics_parse_and_move_with_heartbeats_and_invocations() {
     );
 
     let node = sim.add_node("metered");
-    let id = sim.pair(&node).await.device_id.to_string();
+    let id = sim.pair(&node).await.device_id;
     let agent = node.start_agent(sim.addr(), |_| {});
     assert!(agent.registered(1, Duration::from_secs(30)).await);
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -62,7 +62,7 @@ async fn metrics_parse_and_move_with_heartbeats_and_invocations() {
             .backend()
             .invoke(
                 &sim.owner,
-                &id,
+                id,
                 InvokeRequest {
                     capability: "echo".into(),
                     input: serde_json::json!(1),

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anchorage_console::Backend;
-use anchorage_console::api::{InvocationState, InvokeRequest, Presence, Trust};
+use anchorage_console::api::{DeviceId, InvocationState, InvokeRequest, Presence, TrustState};
 use anchorage_netsim::LinkConfig;
 use anchorage_node::RunConfig;
 use anchorage_node::capability::CommandSpec;
@@ -29,11 +29,11 @@ fn invoke_req(
     }
 }
 
-async fn presence_of(sim: &Sim, id: &str) -> Presence {
+async fn presence_of(sim: &Sim, id: DeviceId) -> Presence {
     sim.backend().inventory_device(id).await.unwrap().presence
 }
 
-async fn wait_presence(sim: &Sim, id: &str, want: Presence, limit: Duration) -> bool {
+async fn wait_presence(sim: &Sim, id: DeviceId, want: Presence, limit: Duration) -> bool {
     eventually(limit, || async {
         (presence_of(sim, id).await == want).then_some(())
     })
@@ -41,9 +41,9 @@ async fn wait_presence(sim: &Sim, id: &str, want: Presence, limit: Duration) -> 
     .is_some()
 }
 
-async fn paired_running(sim: &Sim, name: &str) -> (SimNode, String, anchorage_sim::RunningAgent) {
+async fn paired_running(sim: &Sim, name: &str) -> (SimNode, DeviceId, anchorage_sim::RunningAgent) {
     let node = sim.add_node(name);
-    let id = sim.pair(&node).await.device_id.to_string();
+    let id = sim.pair(&node).await.device_id;
     let agent = node.start_agent(sim.addr(), |_| {});
     assert!(
         agent.registered(1, Duration::from_secs(60)).await,
@@ -59,20 +59,20 @@ async fn a_registered_node_is_online_and_answers_system_health() {
     })
     .await;
     let (_node, id, agent) = paired_running(&sim, "edge-1").await;
-    assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(10)).await);
+    assert!(wait_presence(&sim, id, Presence::Online, Duration::from_secs(10)).await);
     let inv = sim
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("system.health", serde_json::Value::Null, 10_000, false),
         )
         .await
         .unwrap();
     assert_eq!(inv.state, InvocationState::Succeeded, "{inv:?}");
     assert_eq!(inv.output.as_ref().unwrap()["status"], "ok");
-    let entry = sim.backend().inventory_device(&id).await.unwrap();
-    assert_eq!(entry.trust, Trust::Trusted);
+    let entry = sim.backend().inventory_device(id).await.unwrap();
+    assert_eq!(entry.trust, TrustState::Trusted);
     assert!(
         entry.capabilities.total >= 4 && entry.capabilities.unavailable == 0,
         "{:?}",
@@ -83,12 +83,12 @@ async fn a_registered_node_is_online_and_answers_system_health() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert!(agent.stats.acks_received.load(Ordering::Relaxed) >= 5);
     assert!(agent.stats.rtt_ms().is_some());
-    let entry = sim.backend().inventory_device(&id).await.unwrap();
+    let entry = sim.backend().inventory_device(id).await.unwrap();
     assert!(entry.heartbeat_age_ms.unwrap() <= 2_000, "{entry:?}");
     assert_eq!(entry.loss_rate, Some(0.0));
     // A clean stop is offline at once.
     agent.stop().await.unwrap();
-    assert!(wait_presence(&sim, &id, Presence::Offline, Duration::from_millis(500)).await);
+    assert!(wait_presence(&sim, id, Presence::Offline, Duration::from_millis(500)).await);
 }
 
 #[tokio::test(start_paused = true)]
@@ -117,7 +117,7 @@ async fn fifty_nodes_on_a_lossy_link_stay_online_for_an_hour() {
             .backend()
             .invoke(
                 &sim.owner,
-                id,
+                *id,
                 invoke_req("system.health", serde_json::Value::Null, 20_000, false),
             )
             .await
@@ -141,17 +141,17 @@ async fn a_partitioned_node_goes_stale_then_offline_then_comes_back() {
     })
     .await;
     let (node, id, agent) = paired_running(&sim, "cut-off").await;
-    assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(10)).await);
+    assert!(wait_presence(&sim, id, Presence::Online, Duration::from_secs(10)).await);
     sim.net
         .partition(&[node.host.id()], &[sim.anchor_host.id()]);
     let cut = tokio::time::Instant::now();
-    assert!(wait_presence(&sim, &id, Presence::Stale, Duration::from_secs(90)).await);
+    assert!(wait_presence(&sim, id, Presence::Stale, Duration::from_secs(90)).await);
     let stale_at = cut.elapsed();
     assert!(
         stale_at >= Duration::from_secs(55) && stale_at <= Duration::from_secs(70),
         "stale after {stale_at:?}"
     );
-    assert!(wait_presence(&sim, &id, Presence::Offline, Duration::from_secs(200)).await);
+    assert!(wait_presence(&sim, id, Presence::Offline, Duration::from_secs(200)).await);
     let offline_at = cut.elapsed();
     assert!(
         offline_at >= Duration::from_secs(175) && offline_at <= Duration::from_secs(190),
@@ -159,7 +159,7 @@ async fn a_partitioned_node_goes_stale_then_offline_then_comes_back() {
     );
     sim.net.heal();
     let healed = tokio::time::Instant::now();
-    assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(60)).await);
+    assert!(wait_presence(&sim, id, Presence::Online, Duration::from_secs(60)).await);
     let back = healed.elapsed();
     assert!(
         back <= Duration::from_secs(35),
@@ -184,7 +184,7 @@ async fn invocations_under_loss_offline_delivery_and_deadlines() {
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("echo", input.clone(), 30_000, false),
         )
         .await
@@ -198,7 +198,7 @@ async fn invocations_under_loss_offline_delivery_and_deadlines() {
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("echo", serde_json::json!("later"), 600_000, true),
         )
         .await
@@ -209,7 +209,7 @@ async fn invocations_under_loss_offline_delivery_and_deadlines() {
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("echo", serde_json::json!("too late"), 5_000, true),
         )
         .await
@@ -217,7 +217,7 @@ async fn invocations_under_loss_offline_delivery_and_deadlines() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let d = sim
         .backend()
-        .invocation(&doomed.invocation_id)
+        .invocation(doomed.invocation_id)
         .await
         .unwrap();
     assert_eq!(d.state, InvocationState::TimedOut);
@@ -225,7 +225,7 @@ async fn invocations_under_loss_offline_delivery_and_deadlines() {
     let done = eventually(Duration::from_secs(60), || async {
         let r = sim
             .backend()
-            .invocation(&queued.invocation_id)
+            .invocation(queued.invocation_id)
             .await
             .unwrap();
         r.state.is_final().then_some(r)
@@ -243,7 +243,7 @@ async fn invocations_under_loss_offline_delivery_and_deadlines() {
     let list = sim
         .backend()
         .list_invocations(anchorage_console::api::InvocationQuery {
-            device_id: Some(id.clone()),
+            device_id: Some(id),
             limit: None,
         })
         .await
@@ -261,21 +261,21 @@ async fn a_node_that_changes_address_keeps_its_connection() {
     )
     .await;
     let (node, id, agent) = paired_running(&sim, "roamer").await;
-    let before = sim.backend().node(&id).await.unwrap().remote_addr.unwrap();
+    let before = sim.backend().node(id).await.unwrap().remote_addr.unwrap();
     node.host.rebind();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let inv = sim
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("system.identity", serde_json::Value::Null, 20_000, false),
         )
         .await
         .unwrap();
     assert_eq!(inv.state, InvocationState::Succeeded);
     assert_eq!(inv.output.unwrap()["device_id"], serde_json::json!(id));
-    let after = sim.backend().node(&id).await.unwrap().remote_addr.unwrap();
+    let after = sim.backend().node(id).await.unwrap().remote_addr.unwrap();
     assert_ne!(before, after, "the anchor sees the new address");
     assert_eq!(
         agent.stats.registrations.load(Ordering::Relaxed),
@@ -296,7 +296,7 @@ async fn an_anchor_restart_keeps_presence_queued_work_and_results() {
         .backend()
         .invoke(
             &sim.owner,
-            &id_a,
+            id_a,
             invoke_req("echo", serde_json::json!(1), 20_000, false),
         )
         .await
@@ -307,7 +307,7 @@ async fn an_anchor_restart_keeps_presence_queued_work_and_results() {
         .backend()
         .invoke(
             &sim.owner,
-            &id_b,
+            id_b,
             invoke_req("echo", serde_json::json!(2), 3_600_000, true),
         )
         .await
@@ -315,30 +315,30 @@ async fn an_anchor_restart_keeps_presence_queued_work_and_results() {
 
     sim.restart().await;
     // Results and queued work survived; the stopped node is still known as offline.
-    let r = sim.backend().invocation(&done.invocation_id).await.unwrap();
+    let r = sim.backend().invocation(done.invocation_id).await.unwrap();
     assert_eq!(r.state, InvocationState::Succeeded);
     assert_eq!(r.output.unwrap(), serde_json::json!(1));
     assert_eq!(
         sim.backend()
-            .invocation(&queued.invocation_id)
+            .invocation(queued.invocation_id)
             .await
             .unwrap()
             .state,
         InvocationState::Queued
     );
-    assert_eq!(presence_of(&sim, &id_b).await, Presence::Offline);
+    assert_eq!(presence_of(&sim, id_b).await, Presence::Offline);
     // The running node comes back by itself.
     assert!(
         agent_a.registered(2, Duration::from_secs(60)).await,
         "reconnected after the restart"
     );
-    assert!(wait_presence(&sim, &id_a, Presence::Online, Duration::from_secs(10)).await);
+    assert!(wait_presence(&sim, id_a, Presence::Online, Duration::from_secs(10)).await);
     let node_b = &_b;
     let agent_b = node_b.start_agent(sim.addr(), |_| {});
     let delivered = eventually(Duration::from_secs(60), || async {
         let r = sim
             .backend()
-            .invocation(&queued.invocation_id)
+            .invocation(queued.invocation_id)
             .await
             .unwrap();
         r.state.is_final().then_some(r)
@@ -365,7 +365,7 @@ async fn unavailable_capabilities_degrade_and_reject_and_commands_report_failure
     })
     .await;
     let node = sim.add_node("tools");
-    let id = sim.pair(&node).await.device_id.to_string();
+    let id = sim.pair(&node).await.device_id;
     let agent = node.start_agent(sim.addr(), |c| {
         // Through the node's configuration, as `[capabilities.NAME]` in its TOML file.
         let add = |c: &mut RunConfig, name: &str, s: CommandSpec| {
@@ -375,10 +375,10 @@ async fn unavailable_capabilities_degrade_and_reject_and_commands_report_failure
     });
     assert!(agent.registered(1, Duration::from_secs(60)).await);
     assert!(
-        wait_presence(&sim, &id, Presence::Degraded, Duration::from_secs(5)).await,
+        wait_presence(&sim, id, Presence::Degraded, Duration::from_secs(5)).await,
         "an unavailable capability degrades the node"
     );
-    let entry = sim.backend().inventory_device(&id).await.unwrap();
+    let entry = sim.backend().inventory_device(id).await.unwrap();
     assert!(
         entry
             .warnings
@@ -392,7 +392,7 @@ async fn unavailable_capabilities_degrade_and_reject_and_commands_report_failure
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("missing", serde_json::Value::Null, 10_000, false),
         )
         .await
@@ -402,7 +402,7 @@ async fn unavailable_capabilities_degrade_and_reject_and_commands_report_failure
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("no.such.thing", serde_json::Value::Null, 10_000, false),
         )
         .await
@@ -420,7 +420,7 @@ async fn command_capabilities_take_json_in_and_out_and_report_failures_and_timeo
     })
     .await;
     let node = sim.add_node("tools");
-    let id = sim.pair(&node).await.device_id.to_string();
+    let id = sim.pair(&node).await.device_id;
     let agent = node.start_agent(sim.addr(), |c| {
         // Through the node's configuration, as `[capabilities.NAME]` in its TOML file.
         let add = |c: &mut RunConfig, name: &str, s: CommandSpec| {
@@ -440,7 +440,7 @@ async fn command_capabilities_take_json_in_and_out_and_report_failures_and_timeo
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("jq.identity", input.clone(), 10_000, false),
         )
         .await
@@ -451,7 +451,7 @@ async fn command_capabilities_take_json_in_and_out_and_report_failures_and_timeo
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("boom", serde_json::Value::Null, 10_000, false),
         )
         .await
@@ -466,7 +466,7 @@ async fn command_capabilities_take_json_in_and_out_and_report_failures_and_timeo
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("slow", serde_json::Value::Null, 10_000, false),
         )
         .await
@@ -482,18 +482,18 @@ async fn a_revoked_or_removed_node_gets_no_invocation_even_while_still_connected
     .await;
     let (_a, revoked, agent_a) = paired_running(&sim, "to-revoke").await;
     let (_b, removed, agent_b) = paired_running(&sim, "to-remove").await;
-    for id in [&revoked, &removed] {
+    for id in [revoked, removed] {
         assert!(wait_presence(&sim, id, Presence::Online, Duration::from_secs(10)).await);
     }
     // Invoking a live node is answered without a store read; revoking and removing must still
     // take effect the moment the call returns, before the session has wound down.
     let sim = &sim;
-    let refused = |id: String| async move {
+    let refused = |id: DeviceId| async move {
         let err = sim
             .backend()
             .invoke(
                 &sim.owner,
-                &id,
+                id,
                 invoke_req("echo", serde_json::json!("hi"), 5_000, false),
             )
             .await
@@ -501,12 +501,12 @@ async fn a_revoked_or_removed_node_gets_no_invocation_even_while_still_connected
         assert_eq!(err.status.as_u16(), 404, "{err:?}");
     };
     sim.backend()
-        .revoke(&sim.owner, &revoked, Some("lost laptop".into()))
+        .revoke(&sim.owner, revoked, Some("lost laptop".into()))
         .await
         .unwrap();
-    refused(revoked.clone()).await;
-    sim.backend().remove(&sim.owner, &removed).await.unwrap();
-    refused(removed.clone()).await;
+    refused(revoked).await;
+    sim.backend().remove(&sim.owner, removed).await.unwrap();
+    refused(removed).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     for agent in [&agent_a, &agent_b] {
         assert_eq!(agent.stats.invocations_run.load(Ordering::Relaxed), 0);
@@ -538,21 +538,21 @@ fn killable_config(c: &mut anchorage_daemon::AnchorConfig) {
 async fn work_queued_for_a_killed_node_reaches_it_when_it_comes_back() {
     let sim = Sim::start(SEED + 20, lossy(0.0), killable_config).await;
     let (mut node, id, agent) = paired_running(&sim, "killed").await;
-    assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(10)).await);
+    assert!(wait_presence(&sim, id, Presence::Online, Duration::from_secs(10)).await);
     let killed = tokio::time::Instant::now();
     node.host.set_up(false);
     agent.task.abort();
     let _ = agent.task.await;
-    assert!(wait_presence(&sim, &id, Presence::Offline, Duration::from_secs(30)).await);
+    assert!(wait_presence(&sim, id, Presence::Offline, Duration::from_secs(30)).await);
     // The anchor closed the half-open connection itself, within the documented bound.
-    let inventory = sim.backend().inventory_device(&id).await.unwrap();
+    let inventory = sim.backend().inventory_device(id).await.unwrap();
     assert!(!inventory.connected, "the dead connection is not held open");
     assert!(killed.elapsed() < Duration::from_secs(10));
     let queued = sim
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("echo", serde_json::json!({}), 60_000, true),
         )
         .await
@@ -569,7 +569,7 @@ async fn work_queued_for_a_killed_node_reaches_it_when_it_comes_back() {
     let done = eventually(Duration::from_secs(60), || async {
         let r = sim
             .backend()
-            .invocation(&queued.invocation_id)
+            .invocation(queued.invocation_id)
             .await
             .unwrap();
         r.state.is_final().then_some(r)
@@ -591,21 +591,21 @@ async fn work_queued_for_a_killed_node_reaches_it_when_it_comes_back() {
 async fn work_dispatched_into_a_dead_session_moves_to_the_new_one() {
     let sim = Sim::start(SEED + 21, lossy(0.0), killable_config).await;
     let (mut node, id, agent) = paired_running(&sim, "half-open").await;
-    assert!(wait_presence(&sim, &id, Presence::Online, Duration::from_secs(10)).await);
+    assert!(wait_presence(&sim, id, Presence::Online, Duration::from_secs(10)).await);
     kill_and_restart(&mut node, agent).await;
     // The anchor still believes the old session is live: the work goes into it.
     let inflight = sim
         .backend()
         .invoke(
             &sim.owner,
-            &id,
+            id,
             invoke_req("echo", serde_json::json!("to the dead"), 60_000, true),
         )
         .await
         .unwrap();
     let dispatched = sim
         .backend()
-        .invocation(&inflight.invocation_id)
+        .invocation(inflight.invocation_id)
         .await
         .unwrap();
     assert_eq!(dispatched.state, InvocationState::Dispatched);
@@ -616,7 +616,7 @@ async fn work_dispatched_into_a_dead_session_moves_to_the_new_one() {
     let done = eventually(Duration::from_secs(60), || async {
         let r = sim
             .backend()
-            .invocation(&inflight.invocation_id)
+            .invocation(inflight.invocation_id)
             .await
             .unwrap();
         r.state.is_final().then_some(r)

@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::{LimitError, check_lengths, limits::*};
 
 /// A 128-bit invocation id, unique per anchor. Shown as 32 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Serde: human-readable formats (the console's JSON) carry the hex text; postcard carries the
+/// 16 bare bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct InvocationId(pub [u8; 16]);
 
@@ -157,6 +160,27 @@ impl FromStr for InvocationId {
             out[i] = (hi << 4) | lo;
         }
         Ok(InvocationId(out))
+    }
+}
+
+impl Serialize for InvocationId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InvocationId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 16]>::deserialize(d).map(InvocationId)
+        }
     }
 }
 

@@ -14,7 +14,11 @@
 //! - [`invoke`]: one bidirectional stream per capability invocation, opened by the anchor.
 //! - [`datagram`]: heartbeats and their acks, sent as QUIC datagrams.
 //!
-//! Beside the protocol, the vocabulary every crate shares without any IO:
+//! Beside the protocol, the vocabulary every crate shares without any IO (the console's JSON
+//! API uses these types too, and reaches them without quinn or rustls):
+//! - [`device`]: [`DeviceId`] (its derivation from a public key is in `anchorage-mesh`).
+//! - [`state`]: [`Presence`], [`TrustState`], [`InvocationState`].
+//! - [`invoke::InvocationId`], re-exported here.
 //! - [`duration`]: the one duration grammar of flags and configuration files (`1h30m`).
 //!
 //! Compatibility rules (see `docs/protocol.md`): enum variants are only ever appended, never
@@ -26,13 +30,18 @@
 pub mod bootstrap;
 pub mod control;
 pub mod datagram;
+pub mod device;
 pub mod duration;
 pub mod error;
 pub mod frame;
 pub mod invoke;
+pub mod state;
 
+pub use device::DeviceId;
 pub use error::ErrorCode;
 pub use frame::{Decoded, FrameDecoder, FrameError, decode_frame, encode_frame};
+pub use invoke::InvocationId;
+pub use state::{InvocationState, Presence, TrustState};
 
 /// The protocol version carried in the first message of every stream.
 pub const PROTOCOL_VERSION: u16 = 1;

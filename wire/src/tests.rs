@@ -11,6 +11,7 @@
 //! - [`codes`]: the stable numbers and names of error codes and pairing failures, the
 //!   `FrameError` → close code mapping, and the protocol constants.
 //! - [`ids`]: `InvocationId` text form.
+//! - [`shared`]: `DeviceId`, and the JSON and postcard forms of ids and state enums.
 
 mod codes;
 mod golden;
@@ -18,6 +19,7 @@ mod ids;
 mod limits;
 mod robustness;
 mod roundtrip;
+mod shared;
 
 use std::fmt::Debug;
 

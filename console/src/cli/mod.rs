@@ -316,7 +316,7 @@ pub enum InvocationCommand {
     List {
         /// Only this device's.
         #[arg(long, value_name = "ID")]
-        device: Option<String>,
+        device: Option<DeviceId>,
         /// At most this many (the anchor's default is 100).
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
@@ -1009,7 +1009,7 @@ fn human_requests(list: &[PairingRequest], now: OffsetDateTime) -> String {
     for r in list {
         t.row(vec![
             r.request_id.clone(),
-            r.device_id.clone(),
+            r.device_id.to_string(),
             r.device_name.clone(),
             r.platform.clone(),
             name(&r.state),
@@ -1024,7 +1024,7 @@ fn human_requests(list: &[PairingRequest], now: OffsetDateTime) -> String {
 fn human_request(r: &PairingRequest, now: OffsetDateTime) -> String {
     key_values(&[
         ("request", r.request_id.clone()),
-        ("device", r.device_id.clone()),
+        ("device", r.device_id.to_string()),
         ("name", r.device_name.clone()),
         ("platform", r.platform.clone()),
         ("state", name(&r.state)),
@@ -1052,7 +1052,7 @@ fn human_devices(list: &[Device], now: OffsetDateTime) -> String {
     ]);
     for d in list {
         t.row(vec![
-            d.device_id.clone(),
+            d.device_id.to_string(),
             d.name.clone(),
             name(&d.trust),
             d.platform.clone(),
@@ -1065,7 +1065,7 @@ fn human_devices(list: &[Device], now: OffsetDateTime) -> String {
 
 fn human_device(d: &Device, now: OffsetDateTime) -> String {
     key_values(&[
-        ("device", d.device_id.clone()),
+        ("device", d.device_id.to_string()),
         ("name", d.name.clone()),
         ("trust", name(&d.trust)),
         ("platform", d.platform.clone()),
@@ -1151,7 +1151,7 @@ fn human_inventory(inv: &Inventory, now: OffsetDateTime) -> String {
     ]);
     for d in &inv.devices {
         t.row(vec![
-            d.device_id.clone(),
+            d.device_id.to_string(),
             d.name.clone(),
             name(&d.trust),
             name(&d.presence),
@@ -1168,7 +1168,7 @@ fn human_inventory(inv: &Inventory, now: OffsetDateTime) -> String {
 
 fn human_inventory_device(d: &InventoryDevice, now: OffsetDateTime) -> String {
     let mut out = key_values(&[
-        ("device", d.device_id.clone()),
+        ("device", d.device_id.to_string()),
         ("name", d.name.clone()),
         ("trust", name(&d.trust)),
         ("presence", name(&d.presence)),
@@ -1235,7 +1235,7 @@ fn human_nodes(list: &[Node], now: OffsetDateTime) -> String {
     for n in list {
         let available = n.capabilities.iter().filter(|c| c.available).count();
         t.row(vec![
-            n.device_id.clone(),
+            n.device_id.to_string(),
             n.name.clone(),
             name(&n.presence),
             if n.connected { "yes" } else { "no" }.into(),
@@ -1252,7 +1252,7 @@ fn human_nodes(list: &[Node], now: OffsetDateTime) -> String {
 
 fn human_node(n: &Node, now: OffsetDateTime) -> String {
     let mut out = key_values(&[
-        ("device", n.device_id.clone()),
+        ("device", n.device_id.to_string()),
         ("name", n.name.clone()),
         ("platform", n.platform.clone()),
         ("agent version", n.agent_version.clone()),
@@ -1323,8 +1323,8 @@ fn human_invocations(list: &[Invocation], now: OffsetDateTime) -> String {
     ]);
     for i in list {
         t.row(vec![
-            i.invocation_id.clone(),
-            i.device_id.clone(),
+            i.invocation_id.to_string(),
+            i.device_id.to_string(),
             i.capability.clone(),
             i.state.as_str().into(),
             relative(i.created_at, now),
@@ -1358,7 +1358,8 @@ fn human_event(e: &Event) -> String {
         "{} {} {} {}\n",
         clock(e.at),
         e.kind,
-        e.device_id.as_deref().unwrap_or("-"),
+        e.device_id
+            .map_or_else(|| "-".to_string(), |d| d.to_string()),
         truncate(&e.data.to_string(), 100)
     )
 }
@@ -1406,8 +1407,8 @@ mod tests {
 
     fn invocation(state: InvocationState) -> Invocation {
         Invocation {
-            invocation_id: "abc".into(),
-            device_id: "D".into(),
+            invocation_id: InvocationId([0xab; 16]),
+            device_id: DeviceId::from_bytes([0; 20]),
             capability: "echo".into(),
             state,
             output: None,
@@ -1432,7 +1433,10 @@ mod tests {
         assert_eq!((still.exit, still.code.as_str()), (1, "still_running"));
         let failed = invocation_outcome(&invocation(Failed), false).unwrap_err();
         assert_eq!(failed.exit, exit::FAILURE);
-        assert_eq!(failed.to_string(), "failed: invocation abc failed: boom");
+        assert_eq!(
+            failed.to_string(),
+            "failed: invocation abababababababababababababababab failed: boom"
+        );
         let timed_out = invocation_outcome(&invocation(TimedOut), true).unwrap_err();
         assert_eq!(timed_out.code, "timed_out");
         assert!(invocation_outcome(&invocation(Rejected), false).is_err());
@@ -1506,12 +1510,12 @@ mod tests {
             seq: 1,
             at: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(3_723),
             kind: "presence".into(),
-            device_id: Some("DEV-1".into()),
+            device_id: Some(DeviceId::from_bytes([0; 20])),
             data: serde_json::json!({"presence": "online"}),
         };
         assert_eq!(
             human_event(&e),
-            "01:02:03 presence DEV-1 {\"presence\":\"online\"}\n"
+            "01:02:03 presence aaaa-aaaa-aaaa-aaaa-aaaa-aaaa-aaaa-aaaa {\"presence\":\"online\"}\n"
         );
     }
 }

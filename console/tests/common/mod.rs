@@ -3,8 +3,8 @@
 //! end-to-end tests.
 //!
 //! Tokens: `owner` (all permissions), `none` (no permission), `only:<perm>` and
-//! `all-but:<perm>` for every permission. Fixtures: device and node `DEV-1`, pairing request
-//! `REQ-1`, token `TOK-1`, invocation `INV-1`. Invoke capabilities: `echo` (succeeds with its
+//! `all-but:<perm>` for every permission. Fixtures: device and node [`DEVICE`], pairing request
+//! `REQ-1`, token `TOK-1`, invocation [`INVOCATION`]. Invoke capabilities: `echo` (succeeds with its
 //! input), `fail` (fails), `slow` (still dispatched at the timeout), `missing` (rejected).
 
 #![allow(dead_code, clippy::unwrap_used)]
@@ -18,10 +18,22 @@ use anchorage_console::error::ApiError;
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
-pub const DEVICE: &str = "DEV-1";
+/// The fixture device's id, as it is shown (grouped base32 of bytes 0..20).
+pub const DEVICE: &str = "aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt";
 pub const REQUEST: &str = "REQ-1";
 pub const TOKEN: &str = "TOK-1";
-pub const INVOCATION: &str = "INV-1";
+/// The fixture invocation's id.
+pub const INVOCATION: &str = "0123456789abcdef0123456789abcdef";
+/// A well-formed device id the backend does not know.
+pub const OTHER_DEVICE: &str = "7777-7777-7777-7777-7777-7777-7777-7777";
+
+pub fn device_id() -> DeviceId {
+    DEVICE.parse().unwrap()
+}
+
+pub fn invocation_id() -> InvocationId {
+    INVOCATION.parse().unwrap()
+}
 
 pub struct TestBackend {
     pub events: broadcast::Sender<Event>,
@@ -65,7 +77,7 @@ pub fn event(seq: u64, kind: &str) -> Event {
         seq,
         at: now(),
         kind: kind.into(),
-        device_id: Some(DEVICE.into()),
+        device_id: Some(device_id()),
         data: serde_json::json!({ "seq": seq }),
     }
 }
@@ -92,9 +104,9 @@ pub fn principal_for(token: &str) -> Option<Principal> {
     })
 }
 
-pub fn device(trust: Trust) -> Device {
+pub fn device(trust: TrustState) -> Device {
     Device {
-        device_id: DEVICE.into(),
+        device_id: device_id(),
         name: "kitchen-pi".into(),
         trust,
         platform: "linux-aarch64".into(),
@@ -111,7 +123,7 @@ pub fn device(trust: Trust) -> Device {
 pub fn request(state: RequestState) -> PairingRequest {
     PairingRequest {
         request_id: REQUEST.into(),
-        device_id: DEVICE.into(),
+        device_id: device_id(),
         device_name: "kitchen-pi".into(),
         platform: "linux-aarch64".into(),
         state,
@@ -138,7 +150,7 @@ pub fn token_info() -> TokenInfo {
 
 pub fn node() -> Node {
     Node {
-        device_id: DEVICE.into(),
+        device_id: device_id(),
         name: "kitchen-pi".into(),
         platform: "linux-aarch64".into(),
         agent_version: "0.1.0".into(),
@@ -161,9 +173,9 @@ pub fn node() -> Node {
 
 pub fn inventory_device() -> InventoryDevice {
     InventoryDevice {
-        device_id: DEVICE.into(),
+        device_id: device_id(),
         name: "kitchen-pi".into(),
-        trust: Trust::Trusted,
+        trust: TrustState::Trusted,
         presence: Presence::Online,
         heartbeat_age_ms: Some(1200),
         loss_rate: Some(0.01),
@@ -179,7 +191,7 @@ pub fn inventory_device() -> InventoryDevice {
         connected_since: Some(now()),
         last_seen_at: Some(now()),
         cert_expires_at: Some(now() + time::Duration::days(30)),
-        device: Some(device(Trust::Trusted)),
+        device: Some(device(TrustState::Trusted)),
         node: Some(node()),
         pending_pairings: Vec::new(),
     }
@@ -187,8 +199,8 @@ pub fn inventory_device() -> InventoryDevice {
 
 pub fn invocation(state: InvocationState) -> Invocation {
     Invocation {
-        invocation_id: INVOCATION.into(),
-        device_id: DEVICE.into(),
+        invocation_id: invocation_id(),
+        device_id: device_id(),
         capability: "echo".into(),
         state,
         output: None,
@@ -203,7 +215,11 @@ pub fn invocation(state: InvocationState) -> Invocation {
     }
 }
 
-fn found<T>(id: &str, want: &str, value: impl FnOnce() -> T) -> ApiResult<T> {
+fn found<T, I: PartialEq + std::fmt::Display>(
+    id: I,
+    want: I,
+    value: impl FnOnce() -> T,
+) -> ApiResult<T> {
     if id == want {
         Ok(value())
     } else {
@@ -295,42 +311,42 @@ impl Backend for TestBackend {
 
     async fn list_devices(&self) -> ApiResult<Vec<Device>> {
         self.call("list_devices");
-        Ok(vec![device(Trust::Trusted)])
+        Ok(vec![device(TrustState::Trusted)])
     }
 
-    async fn device(&self, id: &str) -> ApiResult<Device> {
+    async fn device(&self, id: DeviceId) -> ApiResult<Device> {
         self.call("device");
-        found(id, DEVICE, || device(Trust::Trusted))
+        found(id, device_id(), || device(TrustState::Trusted))
     }
 
     async fn revoke(
         &self,
         _who: &Principal,
-        id: &str,
+        id: DeviceId,
         reason: Option<String>,
     ) -> ApiResult<Device> {
         self.call("revoke");
         *self.last_reason.lock().unwrap() = Some(reason.clone());
-        found(id, DEVICE, || {
-            let mut d = device(Trust::Revoked);
+        found(id, device_id(), || {
+            let mut d = device(TrustState::Revoked);
             d.revoked_at = Some(now());
             d.revoked_reason = reason;
             d
         })
     }
 
-    async fn rotate(&self, _who: &Principal, id: &str) -> ApiResult<Device> {
+    async fn rotate(&self, _who: &Principal, id: DeviceId) -> ApiResult<Device> {
         self.call("rotate");
-        found(id, DEVICE, || {
-            let mut d = device(Trust::Trusted);
+        found(id, device_id(), || {
+            let mut d = device(TrustState::Trusted);
             d.rotation_pending = true;
             d
         })
     }
 
-    async fn remove(&self, _who: &Principal, id: &str) -> ApiResult<()> {
+    async fn remove(&self, _who: &Principal, id: DeviceId) -> ApiResult<()> {
         self.call("remove");
-        found(id, DEVICE, || ())
+        found(id, device_id(), || ())
     }
 
     async fn create_token(
@@ -389,9 +405,9 @@ impl Backend for TestBackend {
         })
     }
 
-    async fn inventory_device(&self, id: &str) -> ApiResult<InventoryDevice> {
+    async fn inventory_device(&self, id: DeviceId) -> ApiResult<InventoryDevice> {
         self.call("inventory_device");
-        found(id, DEVICE, inventory_device)
+        found(id, device_id(), inventory_device)
     }
 
     async fn list_nodes(&self) -> ApiResult<Vec<Node>> {
@@ -399,19 +415,19 @@ impl Backend for TestBackend {
         Ok(vec![node()])
     }
 
-    async fn node(&self, id: &str) -> ApiResult<Node> {
+    async fn node(&self, id: DeviceId) -> ApiResult<Node> {
         self.call("node");
-        found(id, DEVICE, node)
+        found(id, device_id(), node)
     }
 
     async fn invoke(
         &self,
         who: &Principal,
-        device_id: &str,
+        device_id: DeviceId,
         req: InvokeRequest,
     ) -> ApiResult<Invocation> {
         self.call("invoke");
-        if device_id != DEVICE {
+        if device_id != self::device_id() {
             return Err(ApiError::not_found(format!("no device {device_id}")));
         }
         let mut inv = invocation(InvocationState::Queued);
@@ -465,14 +481,16 @@ impl Backend for TestBackend {
         let all = vec![invocation(InvocationState::Succeeded)];
         Ok(all
             .into_iter()
-            .filter(|i| query.device_id.as_deref().is_none_or(|d| d == i.device_id))
+            .filter(|i| query.device_id.is_none_or(|d| d == i.device_id))
             .take(query.limit.unwrap_or(100))
             .collect())
     }
 
-    async fn invocation(&self, id: &str) -> ApiResult<Invocation> {
+    async fn invocation(&self, id: InvocationId) -> ApiResult<Invocation> {
         self.call("invocation");
-        found(id, INVOCATION, || invocation(InvocationState::Succeeded))
+        found(id, invocation_id(), || {
+            invocation(InvocationState::Succeeded)
+        })
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {
