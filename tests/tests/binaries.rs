@@ -901,3 +901,91 @@ fn anchord_demo_runs_the_sibling_binary_and_says_how_to_build_it_when_missing() 
         "nothing started without the demo"
     );
 }
+
+/// The reported reconnect bug, as a user hit it: `kill -9` a running node, wait until the
+/// inventory says `offline`, `anchorctl invoke --async`, start `anchor-node run` again at once.
+/// The invocation must reach the node's new session and succeed, not stay `queued` until its
+/// deadline.
+#[test]
+fn work_queued_for_a_killed_node_reaches_it_when_it_runs_again() {
+    let data = tempfile::tempdir().unwrap();
+    let anchord = start_anchord_with(
+        &data.path().join("anchor"),
+        &[
+            "--heartbeat-interval",
+            "1s",
+            "--stale-after",
+            "3s",
+            "--offline-after",
+            "6s",
+        ],
+    );
+    let node_dir = tempfile::tempdir().unwrap();
+    let state = node_dir.path().join("state");
+    let code = anchord.mint_pin();
+    let pairing = anchord.spawn_pair(&code, &state, "killed", true);
+    let req = anchord.wait_pending("killed");
+    anchord.ctl(&["pair", "approve", req["request_id"].as_str().unwrap()]);
+    let out = pairing.finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let device_id = out.json()["device_id"].as_str().unwrap().to_string();
+    let run_node = || {
+        let mut cmd = command(&bins().anchor_node, node_dir.path());
+        cmd.arg("run").arg("--state-dir").arg(&state);
+        Proc::spawn("anchor-node run", &mut cmd)
+    };
+    let presence = || {
+        let shown = anchord.ctl(&["inventory", "show", &device_id]);
+        shown["presence"].as_str().unwrap_or_default().to_string()
+    };
+    let wait_for = |want: &str, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        loop {
+            let now = presence();
+            if now == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never {want}: {now}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    let node = run_node();
+    wait_for("online", Duration::from_secs(30));
+    node.kill();
+    wait_for("offline", Duration::from_secs(30));
+    let shown = anchord.ctl(&["inventory", "show", &device_id]);
+    assert_eq!(
+        shown["connected"], false,
+        "the dead connection is closed: {shown}"
+    );
+
+    let queued = anchord.ctl(&[
+        "invoke",
+        &device_id,
+        "echo",
+        "--input",
+        "{}",
+        "--async",
+        "--timeout",
+        "60s",
+    ]);
+    let id = queued["invocation_id"].as_str().unwrap().to_string();
+    let restarted = Instant::now();
+    let _node = run_node();
+    let deadline = restarted + Duration::from_secs(30);
+    let done = loop {
+        let shown = anchord.ctl(&["invocation", "show", &id]);
+        if shown["state"] != "queued" && shown["state"] != "dispatched" {
+            break shown;
+        }
+        assert!(Instant::now() < deadline, "still not done: {shown}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        restarted.elapsed() < Duration::from_secs(15),
+        "delivered once the node registered, not at the deadline: {:?}",
+        restarted.elapsed()
+    );
+}
