@@ -566,16 +566,7 @@ async fn work_queued_for_a_killed_node_reaches_it_when_it_comes_back() {
     node.endpoint = node.host.endpoint(0, None).unwrap();
     let restarted = tokio::time::Instant::now();
     let _agent = node.start_agent(sim.addr(), |_| {});
-    let done = eventually(Duration::from_secs(60), || async {
-        let r = sim
-            .backend()
-            .invocation(queued.invocation_id)
-            .await
-            .unwrap();
-        r.state.is_final().then_some(r)
-    })
-    .await
-    .expect("the invocation ends");
+    let done = final_state(&sim, queued.invocation_id).await;
     assert_eq!(done.state, InvocationState::Succeeded, "{done:?}");
     assert!(
         restarted.elapsed() < Duration::from_secs(10),
@@ -613,16 +604,7 @@ async fn work_dispatched_into_a_dead_session_moves_to_the_new_one() {
     let restarted = tokio::time::Instant::now();
     let agent = node.start_agent(sim.addr(), |_| {});
     assert!(agent.registered(1, Duration::from_secs(10)).await);
-    let done = eventually(Duration::from_secs(60), || async {
-        let r = sim
-            .backend()
-            .invocation(inflight.invocation_id)
-            .await
-            .unwrap();
-        r.state.is_final().then_some(r)
-    })
-    .await
-    .expect("the invocation ends");
+    let done = final_state(&sim, inflight.invocation_id).await;
     assert_eq!(done.state, InvocationState::Succeeded, "{done:?}");
     assert_eq!(done.output, Some(serde_json::json!("to the dead")));
     assert!(
@@ -631,4 +613,17 @@ async fn work_dispatched_into_a_dead_session_moves_to_the_new_one() {
         restarted.elapsed()
     );
     assert_eq!(agent.stats.invocations_run.load(Ordering::Relaxed), 1);
+}
+
+/// The invocation's record once it has ended (within a minute of simulated time).
+async fn final_state(
+    sim: &Sim,
+    id: anchorage_wire::invoke::InvocationId,
+) -> anchorage_console::api::Invocation {
+    eventually(Duration::from_secs(60), || async {
+        let r = sim.backend().invocation(id).await.unwrap();
+        r.state.is_final().then_some(r)
+    })
+    .await
+    .expect("the invocation ends")
 }

@@ -132,6 +132,19 @@ impl<S> Node<S> {
         presence::evaluate(&self.observation(now_ms), t)
     }
 
+    /// Evaluates presence and, if it changed since last published, the event to publish.
+    fn reevaluate<S2>(&mut self, id: &DeviceId, now_ms: u64, t: &Thresholds) -> Option<Effect<S2>> {
+        let p = self.presence(now_ms, t);
+        let old = self.presence.replace(p);
+        (old != Some(p)).then(|| {
+            Effect::Publish(AnchorEvent::Presence {
+                device: *id,
+                from: old,
+                to: p,
+            })
+        })
+    }
+
     fn presence_record(&self) -> Option<PresenceRecord> {
         self.last_seen_ms.map(|t| PresenceRecord {
             last_seen_ms: t,
@@ -430,15 +443,7 @@ impl<S: Clone> Table<S> {
         }
         let t = self.settings.thresholds;
         for (id, node) in self.nodes.iter_mut() {
-            let p = node.presence(now_ms, &t);
-            let old = node.presence.replace(p);
-            if old != Some(p) {
-                effects.push(Effect::Publish(AnchorEvent::Presence {
-                    device: *id,
-                    from: old,
-                    to: p,
-                }));
-            }
+            effects.extend(node.reevaluate(id, now_ms, &t));
         }
         effects
     }
@@ -477,17 +482,8 @@ impl<S: Clone> Table<S> {
 
     fn update_presence(&mut self, device: &DeviceId, now_ms: u64, effects: &mut Vec<Effect<S>>) {
         let t = self.settings.thresholds;
-        let Some(node) = self.nodes.get_mut(device) else {
-            return;
-        };
-        let p = node.presence(now_ms, &t);
-        let old = node.presence.replace(p);
-        if old != Some(p) {
-            effects.push(Effect::Publish(AnchorEvent::Presence {
-                device: *device,
-                from: old,
-                to: p,
-            }));
+        if let Some(node) = self.nodes.get_mut(device) {
+            effects.extend(node.reevaluate(device, now_ms, &t));
         }
     }
 }
