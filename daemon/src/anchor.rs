@@ -130,7 +130,7 @@ impl Anchor {
             metrics.clone(),
         )?;
         let mut snapshot = stores.runtime.load()?;
-        let writer = Writer::start(stores.runtime.clone());
+        let writer = Writer::start(stores.runtime.clone())?;
         let nodes = NodeTable::new(
             &config,
             &mut snapshot,

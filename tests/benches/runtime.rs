@@ -471,7 +471,7 @@ async fn anchor_steps(dir: PathBuf, calls: usize) -> (Vec<Duration>, Vec<Duratio
     use anchorage_daemon::records::PresenceRecord;
     use anchorage_daemon::store::{FjallStore, RuntimeWrite, Stores, Writer};
     let stores = Stores::from_backend(FjallStore::open(&dir.join("steps-store")).unwrap());
-    let writer = Writer::start(stores.runtime.clone());
+    let writer = Writer::start(stores.runtime.clone()).unwrap();
     let mut write = Vec::with_capacity(calls);
     for i in 0..WARMUP + calls {
         let started = Instant::now();

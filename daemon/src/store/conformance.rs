@@ -472,7 +472,7 @@ pub fn the_writer_keeps_order_and_barriers_wait(b: &dyn Backend) {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let writer = Writer::start(s.runtime.clone());
+        let writer = Writer::start(s.runtime.clone()).expect("a runtime");
         let states = [
             InvocationState::Queued,
             InvocationState::Dispatched,

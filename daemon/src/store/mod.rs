@@ -340,10 +340,14 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer on the current tokio runtime. It stops when every handle is dropped.
-    pub fn start(store: Arc<dyn RuntimeStore>) -> Writer {
+    /// Starts the writer on the current tokio runtime (an error outside one). It stops when
+    /// every handle is dropped.
+    pub fn start(store: Arc<dyn RuntimeStore>) -> Result<Writer, StoreError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            StoreError::Task("the store writer needs a tokio runtime to run on".into())
+        })?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteOp>(WRITER_QUEUE);
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let mut ops = Vec::with_capacity(WRITER_BATCH);
             while rx.recv_many(&mut ops, WRITER_BATCH).await > 0 {
                 let batch = std::mem::take(&mut ops);
@@ -375,7 +379,7 @@ impl Writer {
                 }
             }
         });
-        Writer { tx }
+        Ok(Writer { tx })
     }
 
     /// Queues a write (waits only while the queue is full).
