@@ -44,11 +44,19 @@ pub enum Next {
     RetryAt(InvocationId, u64),
 }
 
+/// Someone waiting for an invocation to end; handed the final record when it does, so the
+/// waiter need not read it back from the store.
+#[derive(Debug, Default)]
+struct Waiter {
+    notify: Notify,
+    done: Mutex<Option<InvocationRecord>>,
+}
+
 /// The invocation service.
 #[derive(Debug)]
 pub struct Invocations {
     queue: Mutex<machine::Queue>,
-    waiters: Mutex<HashMap<[u8; 16], Arc<Notify>>>,
+    waiters: Mutex<HashMap<[u8; 16], Arc<Waiter>>>,
     store: Arc<dyn RuntimeStore>,
     writer: Writer,
     clock: Clock,
@@ -124,7 +132,7 @@ impl Invocations {
             capability: r.capability.clone(),
             state: r.state,
         };
-        self.writer.put(RuntimeWrite::Invocation(r)).await;
+        self.writer.put(RuntimeWrite::Invocation(r.clone())).await;
         if let Err(e) = self.writer.barrier().await {
             tracing::warn!(error = %e, invocation = %id, "final invocation record not written");
         }
@@ -136,8 +144,9 @@ impl Invocations {
             .unwrap_or_else(|e| e.into_inner())
             .get(&id.0)
             .cloned();
-        if let Some(n) = waiter {
-            n.notify_waiters();
+        if let Some(w) = waiter {
+            *w.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            w.notify.notify_waiters();
         }
     }
 
@@ -237,7 +246,7 @@ impl Invocations {
         id: InvocationId,
         limit: Duration,
     ) -> Result<Option<InvocationRecord>, StoreError> {
-        let notify = self
+        let waiter = self
             .waiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -245,26 +254,36 @@ impl Invocations {
             .or_default()
             .clone();
         let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let notified = notify.notified();
+        let handed = loop {
+            let notified = waiter.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.queue().contains(&id) {
-                break;
+            let done = waiter
+                .done
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if done.is_some() || !self.queue().contains(&id) {
+                break done;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                break;
+                break None;
             }
-        }
+        };
         self.waiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id.0);
-        let store = self.store.clone();
+        if handed.is_some() {
+            return Ok(handed);
+        }
         let current = self.queue().get(&id).cloned();
         match current {
             Some(r) => Ok(Some(r)),
-            None => crate::store::blocking(move || store.invocation(&id)).await,
+            None => {
+                let store = self.store.clone();
+                crate::store::blocking(move || store.invocation(&id)).await
+            }
         }
     }
 
