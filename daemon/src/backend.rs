@@ -369,7 +369,7 @@ impl Backend for AnchorBackend {
         }
         let rejection = crate::inventory::rejection(s, &device, &req.capability);
         let now = s.clock.now_ms();
-        let id = new_invocation_id(now).map_err(api_error)?;
+        let id = new_invocation_id(now);
         let record = InvocationRecord {
             id: id.0,
             device_id: device,
@@ -473,17 +473,30 @@ impl Backend for AnchorBackend {
     }
 }
 
-/// A new invocation id: the creation time first (keys sort by age), then a counter (ids made
-/// in the same millisecond keep their order), then randomness (unguessable, unique across
-/// restarts).
-fn new_invocation_id(now_ms: u64) -> Result<InvocationId, TrustError> {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static SEQ: AtomicU32 = AtomicU32::new(0);
-    let mut id = [0u8; 16];
-    id[..8].copy_from_slice(&now_ms.to_be_bytes());
-    id[8..12].copy_from_slice(&SEQ.fetch_add(1, Ordering::Relaxed).to_be_bytes());
-    let random =
-        anchorage_mesh::pairing::random_id::<4>().map_err(|e| TrustError::Pki(e.to_string()))?;
-    id[12..].copy_from_slice(&random);
-    Ok(InvocationId(id))
+/// A new invocation id: a UUID v7 on the anchor's clock, so ids (and the store's keys) sort by
+/// creation time, ids made in the same millisecond keep their order (its counter), and the rest
+/// is random (unguessable, unique across restarts).
+fn new_invocation_id(now_ms: u64) -> InvocationId {
+    static CONTEXT: std::sync::Mutex<uuid::ContextV7> =
+        std::sync::Mutex::new(uuid::ContextV7::new());
+    let nanos = u32::try_from((now_ms % 1000) * 1_000_000).unwrap_or(0);
+    let ts = uuid::Timestamp::from_unix(&CONTEXT, now_ms / 1000, nanos);
+    InvocationId(*uuid::Uuid::new_v7(ts).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invocation_ids_sort_by_creation_time_and_differ_within_a_millisecond() {
+        let a = new_invocation_id(1_700_000_000_000);
+        let b = new_invocation_id(1_700_000_000_000);
+        let c = new_invocation_id(1_700_000_000_001);
+        assert!(a.0 < b.0 && b.0 < c.0, "{a} {b} {c}");
+        // The first 48 bits are the creation time in milliseconds.
+        let mut ms = [0u8; 8];
+        ms[2..].copy_from_slice(&c.0[..6]);
+        assert_eq!(u64::from_be_bytes(ms), 1_700_000_000_001);
+    }
 }

@@ -227,7 +227,8 @@ pub use anchorage_wire::InvocationState;
 /// An invocation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InvocationRecord {
-    /// Id (the first 8 bytes are the creation time, so keys sort by age).
+    /// Id: a UUID v7, whose first 48 bits are the creation time in ms, so keys sort by age (ids
+    /// written before the UUIDs carried the time in their first 8 bytes, and sort first).
     pub id: [u8; 16],
     /// Target.
     pub device_id: DeviceId,
