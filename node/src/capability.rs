@@ -366,7 +366,7 @@ impl CommandCap {
         }
         let timeout = match &spec.timeout {
             None => DEFAULT_COMMAND_TIMEOUT,
-            Some(t) => crate::config::parse_duration(t)
+            Some(t) => anchorage_mesh::config::parse_duration(t)
                 .map_err(|e| format!("capability {name}: timeout: {e}"))?,
         };
         Ok(CommandCap {
