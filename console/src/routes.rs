@@ -46,6 +46,11 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Interval of the keep-alive comments on the event stream.
 pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How often an open event stream checks that its token still holds `observability.read`;
+/// a stream of a revoked token ends within this (with a `stream.closed` event saying why).
+pub const SSE_TOKEN_RECHECK: Duration = Duration::from_millis(500);
+/// The `kind` of the last event of a stream the anchor ends itself.
+pub const STREAM_CLOSED: &str = "stream.closed";
 
 /// Longest text `GET /console/v1/qr` renders (a pairing URI is far shorter).
 pub const MAX_QR_TEXT: usize = 2048;
@@ -738,13 +743,19 @@ async fn invocation<B: Backend>(
 
 async fn events<B: Backend>(
     State(st): State<AppState<B>>,
+    headers: axum::http::HeaderMap,
     auth: Auth,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
     // Subscribe before answering: whatever is published after the client has the response
     // head reaches it.
     let receiver = st.backend.subscribe();
-    let stream = event_stream(BroadcastStream::new(receiver));
+    let token = bearer(&headers).unwrap_or_default().to_string();
+    let stream = until_token_lapses(
+        event_stream(BroadcastStream::new(receiver)),
+        st.backend.clone(),
+        token,
+    );
     let stream = match st.shutdown {
         Some(mut shutdown) => stream
             .take_until(async move {
@@ -756,6 +767,48 @@ async fn events<B: Backend>(
     };
     let opened = futures_util::stream::once(async { Ok(SseEvent::default().comment("connected")) });
     Ok(Sse::new(opened.chain(stream)).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE)))
+}
+
+/// Ends `events` once `token` no longer authenticates with `observability.read` (revoked,
+/// expired, or its permission gone), checked every [`SSE_TOKEN_RECHECK`]; the last event is a
+/// `stream.closed` whose data says why.
+fn until_token_lapses<B: Backend>(
+    events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+    backend: Arc<B>,
+    token: String,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<SseEvent>();
+    let lapsed = async move {
+        let mut tick = tokio::time::interval(SSE_TOKEN_RECHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let valid = backend
+                .authenticate(&token)
+                .await
+                .is_some_and(|p| p.can(Permission::ObservabilityRead));
+            if !valid {
+                break;
+            }
+        }
+        let closed = Event {
+            seq: 0,
+            at: time::OffsetDateTime::now_utc(),
+            kind: STREAM_CLOSED.into(),
+            device_id: None,
+            data: serde_json::json!({
+                "reason": "token_invalid",
+                "message": "the token was revoked, expired or lost observability.read",
+            }),
+        };
+        if let Some(event) = sse_event(&closed) {
+            let _ = closed_tx.send(event);
+        }
+    };
+    events.take_until(lapsed).chain(
+        futures_util::stream::once(async move { closed_rx.await.ok().map(Ok) })
+            .filter_map(std::future::ready),
+    )
 }
 
 /// Maps broadcast items to SSE events; a lagged receiver becomes an `event: lagged` whose data

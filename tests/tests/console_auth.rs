@@ -491,3 +491,67 @@ async fn whoami_needs_a_valid_token_but_no_permission() {
         );
     }
 }
+
+/// An open event stream ends within a second of its token being revoked, with a last
+/// `stream.closed` event that says why; other streams go on.
+#[tokio::test]
+async fn a_revoked_token_loses_its_open_event_stream() {
+    use futures_util::StreamExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let running = anchorage_daemon::start(AnchorConfig::for_tests(dir.path()))
+        .await
+        .unwrap();
+    let backend = running.anchor.backend();
+    let owner = backend
+        .authenticate(&running.anchor.owner_token().unwrap())
+        .await
+        .unwrap();
+    let reader = backend
+        .create_token(
+            &owner,
+            anchorage_console::api::CreateTokenRequest {
+                name: Some("reader".into()),
+                permissions: vec![Permission::ObservabilityRead],
+            },
+        )
+        .await
+        .unwrap();
+    let url = running.console_url();
+    let client = |token: &str| anchorage_console::ControlPlaneClient::new(&url, token).unwrap();
+    let revoked_stream = client(&reader.token).events().await.unwrap();
+    let owner_stream = client(&running.anchor.owner_token().unwrap())
+        .events()
+        .await
+        .unwrap();
+    let mut revoked_stream = std::pin::pin!(revoked_stream);
+    let mut owner_stream = std::pin::pin!(owner_stream);
+
+    backend.revoke_token(&owner, &reader.id).await.unwrap();
+    let revoked_at = std::time::Instant::now();
+    let mut kinds = Vec::new();
+    let last = loop {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), revoked_stream.next())
+            .await
+            .expect("the stream of a revoked token ends");
+        match next {
+            Some(Ok(event)) => kinds.push(event.kind.clone()),
+            Some(Err(e)) => panic!("stream error: {e}"),
+            None => break kinds.last().cloned(),
+        }
+    };
+    assert_eq!(last.as_deref(), Some("stream.closed"), "{kinds:?}");
+    assert!(
+        revoked_at.elapsed() < std::time::Duration::from_millis(1500),
+        "ended {:?} after the revocation",
+        revoked_at.elapsed()
+    );
+    // The owner's stream saw the revocation and goes on.
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(5), owner_stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.kind, "token");
+    running.shutdown().await;
+}
