@@ -6,7 +6,8 @@
 //! devices by trust, store size) are read from the services when scraped, by the console
 //! backend, and set just before encoding ([`Metrics::encode`]).
 
-use std::sync::Mutex;
+use std::collections::HashSet;
+use std::sync::{Mutex, RwLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -95,7 +96,13 @@ pub struct Metrics {
     devices: Family<TrustLabel, Gauge>,
     store_bytes: Gauge,
     uptime: Gauge,
+    /// Capability names some node reported: the only values the `capability` label takes
+    /// (anything else is `unknown`), so made-up names in requests cannot grow the exposition.
+    known_capabilities: RwLock<HashSet<String>>,
 }
+
+/// The `capability` label of invocations of a capability no node reported.
+pub const UNKNOWN_CAPABILITY: &str = "unknown";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -121,6 +128,7 @@ impl Metrics {
             devices: Family::default(),
             store_bytes: Gauge::default(),
             uptime: Gauge::default(),
+            known_capabilities: RwLock::new(HashSet::new()),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -225,13 +233,36 @@ impl Metrics {
         self.half_open_closed.inc();
     }
 
-    /// Counts an invocation reaching `state`.
+    /// A node reported `capability`: invocations of it are labelled with its name.
+    pub fn capability_reported(&self, capability: &str) {
+        let known = self
+            .known_capabilities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(capability);
+        if !known {
+            self.known_capabilities
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(capability.to_string());
+        }
+    }
+
+    /// Counts an invocation reaching `state`, labelled with its capability if some node
+    /// reported it, else [`UNKNOWN_CAPABILITY`].
     pub fn invocation(&self, state: &'static str, capability: &str) {
+        let known = self
+            .known_capabilities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(capability);
+        let capability = if known {
+            capability.to_string()
+        } else {
+            UNKNOWN_CAPABILITY.to_string()
+        };
         self.invocations
-            .get_or_create(&StateCapability {
-                state,
-                capability: capability.to_string(),
-            })
+            .get_or_create(&StateCapability { state, capability })
             .inc();
     }
 
@@ -281,6 +312,7 @@ mod tests {
     fn the_exposition_names_every_family_with_its_labels() {
         let m = Metrics::new();
         m.handshake_failure("unknown_ca");
+        m.capability_reported("echo");
         m.invocation("succeeded", "echo");
         m.invocation_duration(0.003);
         m.heartbeats_received(5);
@@ -305,5 +337,28 @@ mod tests {
         }
         assert!(text.contains("anchorage_up{version=\""));
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn made_up_capability_names_do_not_grow_the_exposition() {
+        let m = Metrics::new();
+        m.capability_reported("echo");
+        for i in 0..1000 {
+            m.invocation("rejected", &format!("made-up-{i}"));
+        }
+        m.invocation("succeeded", "echo");
+        let text = m.encode(&Snapshot::default());
+        let mut series = text
+            .lines()
+            .filter(|l| l.starts_with("anchorage_invocations_total"))
+            .collect::<Vec<_>>();
+        series.sort_unstable();
+        assert_eq!(
+            series,
+            vec![
+                "anchorage_invocations_total{state=\"rejected\",capability=\"unknown\"} 1000",
+                "anchorage_invocations_total{state=\"succeeded\",capability=\"echo\"} 1",
+            ]
+        );
     }
 }

@@ -555,3 +555,28 @@ async fn a_revoked_token_loses_its_open_event_stream() {
     assert_eq!(seen.kind, "token");
     running.shutdown().await;
 }
+
+/// A token name with a direction override (which can make a name show reversed) is refused
+/// with a clear 400, like control characters.
+#[tokio::test]
+async fn token_names_with_direction_controls_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = Anchor::open(AnchorConfig::for_tests(dir.path()), Clock::System).unwrap();
+    let backend = anchor.backend();
+    let owner = backend
+        .authenticate(&anchor.owner_token().unwrap())
+        .await
+        .unwrap();
+    let err = backend
+        .create_token(
+            &owner,
+            anchorage_console::api::CreateTokenRequest {
+                name: Some("ci\u{202E}nimda".into()),
+                permissions: vec![Permission::ObservabilityRead],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, StatusCode::BAD_REQUEST, "{err:?}");
+    assert!(err.to_string().contains("direction"), "{err}");
+}

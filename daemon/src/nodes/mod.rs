@@ -89,6 +89,9 @@ impl NodeTable {
         writer: Writer,
     ) -> NodeTable {
         let mut table = table::Table::new(settings(config));
+        for cap in snapshot.nodes.iter().flat_map(|n| &n.capabilities) {
+            metrics.capability_reported(&cap.name);
+        }
         table.load(
             std::mem::take(&mut snapshot.nodes),
             std::mem::take(&mut snapshot.presence),
@@ -138,6 +141,9 @@ impl NodeTable {
         reg: Registration,
     ) -> SessionId {
         let now = self.clock.now_ms();
+        for cap in &reg.capabilities {
+            self.metrics.capability_reported(&cap.name);
+        }
         let (session, effects) = self.lock().register(device, handle, reg, now);
         self.apply(effects);
         session
@@ -153,6 +159,7 @@ impl NodeTable {
     /// A capability changed availability.
     pub fn capability_changed(&self, device: &DeviceId, session: SessionId, cap: CapabilityRecord) {
         let now = self.clock.now_ms();
+        self.metrics.capability_reported(&cap.name);
         let effects = self.lock().capability_changed(device, session, cap, now);
         self.apply(effects);
     }

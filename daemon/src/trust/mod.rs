@@ -319,9 +319,14 @@ impl Trust {
                 "a token needs at least one permission".into(),
             ));
         }
-        if name.len() > 64 || name.chars().any(char::is_control) {
+        if name.len() > 64
+            || name
+                .chars()
+                .any(|c| c.is_control() || rules::is_bidi_control(c))
+        {
             return Err(TrustError::BadInput(
-                "token names are at most 64 printable characters".into(),
+                "token names are at most 64 printable characters, without direction controls"
+                    .into(),
             ));
         }
         let rand = |n: usize| -> Result<String, TrustError> {
@@ -664,8 +669,7 @@ impl Trust {
         let device_id: DeviceId =
             csr_device_id_checked(&csr.csr_der).map_err(|e| RequestError::BadCsr(e.to_string()))?;
         let now = self.now_ms();
-        let clean =
-            |s: &str| -> String { s.chars().filter(|c| !c.is_control()).take(64).collect() };
+        let clean = |s: &str| rules::display_name(s, 64);
         let request = RequestRecord {
             request_id: request_id.clone(),
             code_id: code.code_id.clone(),

@@ -10,6 +10,24 @@ use anchorage_console::api;
 
 use crate::records::*;
 
+/// Whether `c` reorders text on screen (bidirectional embedding, override and isolate
+/// controls, and the invisible direction marks): a name holding one can show reversed.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// A name as a node asked for it, made safe to show: control and bidirectional characters
+/// are dropped, and at most `max` characters kept.
+pub fn display_name(s: &str, max: usize) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() && !is_bidi_control(*c))
+        .take(max)
+        .collect()
+}
+
 /// Effective state of a code at `now_ms`.
 pub fn code_state(code: &CodeRecord, now_ms: u64) -> api::CodeState {
     match code.state {
@@ -335,5 +353,13 @@ mod tests {
     fn rejection_reasons_are_bounded() {
         let r = reject(&request(), &"x".repeat(2_000), "op", 10).unwrap();
         assert_eq!(r.reason.map(|s| s.len()), Some(512));
+    }
+
+    #[test]
+    fn names_lose_control_and_direction_characters() {
+        assert_eq!(display_name("cam\u{202E}gpj.exe", 64), "camgpj.exe");
+        assert_eq!(display_name("a\u{2066}b\u{2069}\n\u{7}c", 64), "abc");
+        assert_eq!(display_name("ünïcødé ok", 64), "ünïcødé ok");
+        assert_eq!(display_name(&"x".repeat(100), 64).len(), 64);
     }
 }
