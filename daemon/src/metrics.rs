@@ -233,14 +233,16 @@ impl Metrics {
         self.half_open_closed.inc();
     }
 
-    /// A node reported `capability`: invocations of it are labelled with its name.
-    pub fn capability_reported(&self, capability: &str) {
-        let known = self
-            .known_capabilities
+    fn is_known(&self, capability: &str) -> bool {
+        self.known_capabilities
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(capability);
-        if !known {
+            .contains(capability)
+    }
+
+    /// A node reported `capability`: invocations of it are labelled with its name.
+    pub fn capability_reported(&self, capability: &str) {
+        if !self.is_known(capability) {
             self.known_capabilities
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -251,12 +253,7 @@ impl Metrics {
     /// Counts an invocation reaching `state`, labelled with its capability if some node
     /// reported it, else [`UNKNOWN_CAPABILITY`].
     pub fn invocation(&self, state: &'static str, capability: &str) {
-        let known = self
-            .known_capabilities
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(capability);
-        let capability = if known {
+        let capability = if self.is_known(capability) {
             capability.to_string()
         } else {
             UNKNOWN_CAPABILITY.to_string()

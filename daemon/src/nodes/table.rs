@@ -277,6 +277,11 @@ impl<S: Clone> Table<S> {
         (session, effects)
     }
 
+    /// The node of `device` if `session` is its live session.
+    fn session_node(&mut self, device: &DeviceId, session: SessionId) -> Option<&mut Node<S>> {
+        self.nodes.get_mut(device).filter(|n| n.is_session(session))
+    }
+
     /// The node said it is stopping: offline at once.
     pub fn stopping(
         &mut self,
@@ -285,12 +290,9 @@ impl<S: Clone> Table<S> {
         now_ms: u64,
     ) -> Vec<Effect<S>> {
         let mut effects = Vec::new();
-        let Some(node) = self.nodes.get_mut(device) else {
+        let Some(node) = self.session_node(device, session) else {
             return effects;
         };
-        if !node.is_session(session) {
-            return effects;
-        }
         node.stopped_cleanly = true;
         node.live = None;
         node.last_seen_ms = Some(now_ms);
@@ -315,12 +317,9 @@ impl<S: Clone> Table<S> {
         now_ms: u64,
     ) -> Vec<Effect<S>> {
         let mut effects = Vec::new();
-        let Some(node) = self.nodes.get_mut(device) else {
+        let Some(node) = self.session_node(device, session) else {
             return effects;
         };
-        if !node.is_session(session) {
-            return effects;
-        }
         let Some(record) = node.record.as_mut() else {
             return effects;
         };
@@ -348,8 +347,8 @@ impl<S: Clone> Table<S> {
         seq: u64,
         now_ms: u64,
     ) -> Option<Ingested> {
-        let node = self.nodes.get_mut(device)?;
-        if !node.is_session(session) || !node.window.record(seq) {
+        let node = self.session_node(device, session)?;
+        if !node.window.record(seq) {
             return None;
         }
         node.last_seen_ms = Some(now_ms);
@@ -370,12 +369,9 @@ impl<S: Clone> Table<S> {
         now_ms: u64,
     ) -> Vec<Effect<S>> {
         let mut effects = Vec::new();
-        let Some(node) = self.nodes.get_mut(device) else {
+        let Some(node) = self.session_node(device, session) else {
             return effects;
         };
-        if !node.is_session(session) {
-            return effects;
-        }
         node.live = None;
         self.ended(device, now_ms, &mut effects);
         effects
