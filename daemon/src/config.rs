@@ -55,6 +55,72 @@ pub struct FileConfig {
     pub worker_threads: Option<usize>,
 }
 
+/// The flags `anchord` (and `anchord demo`) take over the TOML file: each one given wins
+/// over the file's key of the same name.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AnchorFlags {
+    /// Data directory (store, CA, owner token). Default: ./anchorage-data
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// QUIC (UDP) listen address. Default: 0.0.0.0:7444
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Console (HTTP) listen address. Default: 127.0.0.1:7142
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub console: Option<String>,
+    /// TOML configuration file; flags override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address nodes dial, written into QR pairing codes (e.g. anchor.example:7444).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub public_addr: Option<String>,
+    /// Heartbeat interval given to nodes (e.g. 15s).
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub heartbeat_interval: Option<String>,
+    /// A node without heartbeats for this long is stale (e.g. 5m).
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub stale_after: Option<String>,
+    /// A node without heartbeats for this long is offline (e.g. 30m).
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub offline_after: Option<String>,
+    /// Validity of node certificates (e.g. 30d).
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub cert_validity: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+    /// Async worker threads. Default: one less than the cores, at least one.
+    #[arg(long, global = true, value_name = "N")]
+    pub worker_threads: Option<usize>,
+}
+
+impl AnchorFlags {
+    /// The `--config` file, or an empty one without it.
+    pub fn file(&self) -> Result<FileConfig, ConfigError> {
+        match &self.config {
+            Some(path) => FileConfig::load(path),
+            None => Ok(FileConfig::default()),
+        }
+    }
+
+    /// `file` with every flag given put over its key.
+    pub fn over(&self, file: FileConfig) -> FileConfig {
+        FileConfig {
+            data_dir: self.data_dir.clone().or(file.data_dir),
+            listen: self.listen.clone().or(file.listen),
+            console: self.console.clone().or(file.console),
+            public_addr: self.public_addr.clone().or(file.public_addr),
+            heartbeat_interval: self.heartbeat_interval.clone().or(file.heartbeat_interval),
+            stale_after: self.stale_after.clone().or(file.stale_after),
+            offline_after: self.offline_after.clone().or(file.offline_after),
+            cert_validity: self.cert_validity.clone().or(file.cert_validity),
+            log_format: self.log_format.clone().or(file.log_format),
+            worker_threads: self.worker_threads.or(file.worker_threads),
+            ..file
+        }
+    }
+}
+
 impl FileConfig {
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -7,10 +7,9 @@
 //! package) with the same arguments: the simulated fleet is not part of the production daemon.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anchorage_daemon::config::{ConfigError, FileConfig};
+use anchorage_daemon::config::{AnchorFlags, ConfigError};
 use clap::{CommandFactory, Parser, Subcommand};
 
 /// The demo's binary, found next to `anchord`.
@@ -20,39 +19,8 @@ const DEMO_BINARY: &str = "anchord-demo";
 #[derive(Debug, Parser)]
 #[command(name = "anchord", version, about, long_about = None)]
 struct Cli {
-    /// Data directory (store, CA, owner token). Default: ./anchorage-data
-    #[arg(long, global = true, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// QUIC (UDP) listen address. Default: 0.0.0.0:7444
-    #[arg(long, global = true, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Console (HTTP) listen address. Default: 127.0.0.1:7142
-    #[arg(long, global = true, value_name = "ADDR")]
-    console: Option<String>,
-    /// TOML configuration file; flags override it.
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Address nodes dial, written into QR pairing codes (e.g. anchor.example:7444).
-    #[arg(long, global = true, value_name = "HOST:PORT")]
-    public_addr: Option<String>,
-    /// Heartbeat interval given to nodes (e.g. 15s).
-    #[arg(long, global = true, value_name = "DURATION")]
-    heartbeat_interval: Option<String>,
-    /// A node without heartbeats for this long is stale (e.g. 5m).
-    #[arg(long, global = true, value_name = "DURATION")]
-    stale_after: Option<String>,
-    /// A node without heartbeats for this long is offline (e.g. 30m).
-    #[arg(long, global = true, value_name = "DURATION")]
-    offline_after: Option<String>,
-    /// Validity of node certificates (e.g. 30d).
-    #[arg(long, global = true, value_name = "DURATION")]
-    cert_validity: Option<String>,
-    /// Log format.
-    #[arg(long, global = true, value_parser = ["text", "json"])]
-    log_format: Option<String>,
-    /// Async worker threads. Default: one less than the cores, at least one.
-    #[arg(long, global = true, value_name = "N")]
-    worker_threads: Option<usize>,
+    #[command(flatten)]
+    flags: AnchorFlags,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -91,25 +59,9 @@ fn main() -> ExitCode {
         // Found by the scan above already; should clap still see it, the flags after it go on.
         Some(Command::Demo { args }) => return exec_demo(args.clone()),
     }
-    let file = match &cli.config {
-        Some(path) => match FileConfig::load(path) {
-            Ok(f) => f,
-            Err(e) => return usage_error(&e),
-        },
-        None => FileConfig::default(),
-    };
-    let merged = FileConfig {
-        data_dir: cli.data_dir.clone().or(file.data_dir),
-        listen: cli.listen.clone().or(file.listen),
-        console: cli.console.clone().or(file.console),
-        public_addr: cli.public_addr.clone().or(file.public_addr),
-        heartbeat_interval: cli.heartbeat_interval.clone().or(file.heartbeat_interval),
-        stale_after: cli.stale_after.clone().or(file.stale_after),
-        offline_after: cli.offline_after.clone().or(file.offline_after),
-        cert_validity: cli.cert_validity.clone().or(file.cert_validity),
-        log_format: cli.log_format.clone().or(file.log_format),
-        worker_threads: cli.worker_threads.or(file.worker_threads),
-        ..file
+    let merged = match cli.flags.file() {
+        Ok(file) => cli.flags.over(file),
+        Err(e) => return usage_error(&e),
     };
     let config = match merged.validate() {
         Ok(c) => c,

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anchorage_daemon::config::{ConfigError, FileConfig};
+use anchorage_daemon::config::{AnchorFlags, ConfigError};
 use anchorage_sim::demo::{self, DemoOptions};
 use clap::Parser;
 
@@ -25,64 +25,20 @@ struct Cli {
     /// Seed of the simulated network (the same seed replays the same losses).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Data directory (store, CA, owner token, the nodes' state). Default: ./anchorage-demo-data
-    #[arg(long, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// QUIC listen address; only its port is used, on the simulated network. Default: 7444
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Console (HTTP) listen address. Default: 127.0.0.1:7142
-    #[arg(long, value_name = "ADDR")]
-    console: Option<String>,
-    /// TOML configuration file; flags override it.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Address nodes dial, written into QR pairing codes (e.g. anchor.example:7444).
-    #[arg(long, value_name = "HOST:PORT")]
-    public_addr: Option<String>,
-    /// Heartbeat interval (the demo shortens it to 2s).
-    #[arg(long, value_name = "DURATION")]
-    heartbeat_interval: Option<String>,
-    /// Staleness threshold (the demo shortens it to 15s).
-    #[arg(long, value_name = "DURATION")]
-    stale_after: Option<String>,
-    /// Offline threshold (the demo shortens it to 45s).
-    #[arg(long, value_name = "DURATION")]
-    offline_after: Option<String>,
-    /// Validity of node certificates (e.g. 30d).
-    #[arg(long, value_name = "DURATION")]
-    cert_validity: Option<String>,
-    /// Log format.
-    #[arg(long, value_parser = ["text", "json"])]
-    log_format: Option<String>,
-    /// Async worker threads. Default: one less than the cores, at least one.
-    #[arg(long, value_name = "N")]
-    worker_threads: Option<usize>,
+    /// anchord's own flags (the demo shortens the presence thresholds to 2s / 15s / 45s and
+    /// keeps its data in ./anchorage-demo-data unless told otherwise).
+    #[command(flatten)]
+    flags: AnchorFlags,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let file = match &cli.config {
-        Some(path) => match FileConfig::load(path) {
-            Ok(f) => f,
-            Err(e) => return usage_error(&e),
-        },
-        None => FileConfig::default(),
+    let file = match cli.flags.file() {
+        Ok(f) => f,
+        Err(e) => return usage_error(&e),
     };
     let file_data_dir = file.data_dir.clone();
-    let merged = FileConfig {
-        data_dir: cli.data_dir.clone().or(file.data_dir),
-        listen: cli.listen.clone().or(file.listen),
-        console: cli.console.clone().or(file.console),
-        public_addr: cli.public_addr.clone().or(file.public_addr),
-        heartbeat_interval: cli.heartbeat_interval.clone().or(file.heartbeat_interval),
-        stale_after: cli.stale_after.clone().or(file.stale_after),
-        offline_after: cli.offline_after.clone().or(file.offline_after),
-        cert_validity: cli.cert_validity.clone().or(file.cert_validity),
-        log_format: cli.log_format.clone().or(file.log_format),
-        worker_threads: cli.worker_threads.or(file.worker_threads),
-        ..file
-    };
+    let merged = cli.flags.over(file);
     let mut config = match merged.validate() {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
@@ -98,7 +54,7 @@ fn main() -> ExitCode {
         eprintln!("anchord demo: --nodes must be between 1 and 500");
         return ExitCode::from(64);
     }
-    if cli.data_dir.is_none() && file_data_dir.is_none() {
+    if cli.flags.data_dir.is_none() && file_data_dir.is_none() {
         // Keep demo state away from a real anchor's data.
         config.data_dir = PathBuf::from("./anchorage-demo-data");
     }
