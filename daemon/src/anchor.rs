@@ -36,6 +36,10 @@ use crate::trust::{Trust, TrustSettings};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connections handled at once; beyond this, new ones are refused (`Overloaded`).
 pub const MAX_CONNECTIONS: usize = 20_000;
+/// Handshakes in progress above which a client must first prove its address with a QUIC
+/// Retry (one more round trip), so a flood of spoofed Initial packets costs the anchor no
+/// handshake state or certificate signatures.
+pub const RETRY_ABOVE_HANDSHAKES: usize = 256;
 /// How often presence is evaluated and deadlines are swept.
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// How often buffered last-seen times are written.
@@ -243,6 +247,7 @@ impl Anchor {
         }
         s.spawn(housekeeping(s.clone()));
         let active = Arc::new(AtomicUsize::new(0));
+        let handshaking = Arc::new(AtomicUsize::new(0));
         loop {
             let incoming = tokio::select! {
                 i = endpoint.accept() => i,
@@ -254,17 +259,23 @@ impl Anchor {
                 incoming.refuse();
                 continue;
             }
-            let services = s.clone();
-            let active = active.clone();
-            active.fetch_add(1, Ordering::Relaxed);
-            let remote = incoming.remote_address();
-            s.spawn(
-                async move {
-                    handle_incoming(services, incoming).await;
-                    active.fetch_sub(1, Ordering::Relaxed);
+            if handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE_HANDSHAKES
+                && !incoming.remote_address_validated()
+            {
+                match incoming.retry() {
+                    Ok(()) => {
+                        s.metrics.handshake_retry();
+                        continue;
+                    }
+                    Err(e) => {
+                        // Retry is not possible for this one (already validated): go on.
+                        let incoming = e.into_incoming();
+                        spawn_incoming(s, &active, &handshaking, incoming);
+                        continue;
+                    }
                 }
-                .instrument(info_span!("conn", %remote)),
-            );
+            }
+            spawn_incoming(s, &active, &handshaking, incoming);
         }
         s.nodes
             .close_all(ErrorCode::ShuttingDown, "anchor shutting down");
@@ -314,15 +325,43 @@ impl Anchor {
     }
 }
 
-async fn handle_incoming(services: Arc<Services>, incoming: quinn::Incoming) {
+fn spawn_incoming(
+    s: &Arc<Services>,
+    active: &Arc<AtomicUsize>,
+    handshaking: &Arc<AtomicUsize>,
+    incoming: quinn::Incoming,
+) {
+    let services = s.clone();
+    let active = active.clone();
+    let handshaking = handshaking.clone();
+    active.fetch_add(1, Ordering::Relaxed);
+    handshaking.fetch_add(1, Ordering::Relaxed);
+    let remote = incoming.remote_address();
+    s.spawn(
+        async move {
+            handle_incoming(services, incoming, &handshaking).await;
+            active.fetch_sub(1, Ordering::Relaxed);
+        }
+        .instrument(info_span!("conn", %remote)),
+    );
+}
+
+async fn handle_incoming(
+    services: Arc<Services>,
+    incoming: quinn::Incoming,
+    handshaking: &AtomicUsize,
+) {
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
+            handshaking.fetch_sub(1, Ordering::Relaxed);
             debug!(error = %e, "incoming refused");
             return;
         }
     };
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await;
+    handshaking.fetch_sub(1, Ordering::Relaxed);
+    let conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             let reason = ConnFailure::classify(&e).name();

@@ -43,6 +43,10 @@ pub struct FileConfig {
     pub degraded_loss: Option<f64>,
     /// Wrong secrets before a code is burned.
     pub pairing_max_attempts: Option<u32>,
+    /// Failed pairing attempts one source address may make per minute.
+    pub pairing_failures_per_source: Option<u32>,
+    /// Failed pairing attempts all sources together may make per minute.
+    pub pairing_failures_total: Option<u32>,
     /// Stored invocation output limit in bytes.
     pub invocation_output_limit: Option<u32>,
     /// Keep finished invocations this long, e.g. `7d`.
@@ -171,6 +175,8 @@ pub struct AnchorConfig {
     pub presence: PresenceConfig,
     /// Wrong secrets before a code burns.
     pub pairing_max_attempts: u32,
+    /// Who may try to pair how often (docs/security.md).
+    pub pairing_limits: crate::bootstrap::limits::PairingLimits,
     /// Stored output limit.
     pub invocation_output_limit: u32,
     /// Retention of finished invocations.
@@ -297,6 +303,30 @@ impl FileConfig {
                 message: "must be between 1 and 100".into(),
             });
         }
+        let mut pairing_limits = crate::bootstrap::limits::PairingLimits::defaults(max_attempts);
+        for (key, value, field) in [
+            (
+                "pairing_failures_per_source",
+                self.pairing_failures_per_source,
+                &mut pairing_limits.failures_per_source_per_minute,
+            ),
+            (
+                "pairing_failures_total",
+                self.pairing_failures_total,
+                &mut pairing_limits.failures_per_minute,
+            ),
+        ] {
+            match value {
+                None => {}
+                Some(n) if (1..=1_000_000).contains(&n) => *field = n,
+                Some(_) => {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "must be between 1 and 1000000 (per minute)",
+                    ));
+                }
+            }
+        }
         let worker_threads = self.worker_threads.unwrap_or_else(default_worker_threads);
         if worker_threads == 0 || worker_threads > 1024 {
             return Err(ConfigError::Invalid {
@@ -320,6 +350,7 @@ impl FileConfig {
             )?,
             presence,
             pairing_max_attempts: max_attempts,
+            pairing_limits,
             invocation_output_limit: self.invocation_output_limit.unwrap_or(64 * 1024),
             invocation_retention: dur(
                 "invocation_retention",
@@ -348,6 +379,9 @@ mod tests {
         assert_eq!(c.presence.offline_after, Duration::from_secs(1800));
         assert_eq!(c.cert_validity, Duration::from_secs(30 * 86400));
         assert_eq!(c.pairing_max_attempts, 3);
+        assert_eq!(c.pairing_limits.failures_per_source_per_minute, 10);
+        assert_eq!(c.pairing_limits.failures_per_minute, 600);
+        assert_eq!(c.pairing_limits.guesses_per_code, 2);
         assert!(c.worker_threads >= 1);
         assert_eq!(c.worker_threads, default_worker_threads());
     }

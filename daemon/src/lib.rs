@@ -38,6 +38,7 @@ pub mod records;
 pub mod services;
 pub mod session;
 pub mod store;
+pub mod streams;
 pub mod trust;
 
 pub use anchor::{Anchor, StartError};

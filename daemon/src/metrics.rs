@@ -90,6 +90,9 @@ pub struct Metrics {
     invocations: Family<StateCapability, Counter>,
     invocation_duration: Histogram,
     half_open_closed: Counter,
+    streams_refused: Counter,
+    handshake_retries: Counter,
+    datagrams_dropped: Family<Reason, Counter>,
     up: Family<Version, Gauge>,
     nodes: Family<PresenceLabel, Gauge>,
     connected: Gauge,
@@ -100,6 +103,9 @@ pub struct Metrics {
     /// (anything else is `unknown`), so made-up names in requests cannot grow the exposition.
     known_capabilities: RwLock<HashSet<String>>,
 }
+
+/// Most distinct capability names the `capability` label takes.
+pub const MAX_CAPABILITY_LABELS: usize = 1024;
 
 /// The `capability` label of invocations of a capability no node reported.
 pub const UNKNOWN_CAPABILITY: &str = "unknown";
@@ -122,6 +128,9 @@ impl Metrics {
             invocations: Family::default(),
             invocation_duration: Histogram::new(LATENCY_BUCKETS),
             half_open_closed: Counter::default(),
+            streams_refused: Counter::default(),
+            handshake_retries: Counter::default(),
+            datagrams_dropped: Family::default(),
             up: Family::default(),
             nodes: Family::default(),
             connected: Gauge::default(),
@@ -158,6 +167,21 @@ impl Metrics {
                 "anchorage_half_open_closed",
                 "Node connections the anchor closed because heartbeats stopped while they looked open.",
                 m.half_open_closed.clone(),
+            );
+            r.register(
+                "anchorage_streams_refused",
+                "Streams peers opened that the protocol does not allow, refused with protocol_violation.",
+                m.streams_refused.clone(),
+            );
+            r.register(
+                "anchorage_handshake_retries",
+                "QUIC Retry packets sent to make clients prove their address while many handshakes were in progress.",
+                m.handshake_retries.clone(),
+            );
+            r.register(
+                "anchorage_datagrams_dropped",
+                "Datagrams from nodes dropped: malformed (did not decode) or unexpected (not a heartbeat).",
+                m.datagrams_dropped.clone(),
             );
             r.register(
                 "anchorage_invocations",
@@ -233,6 +257,23 @@ impl Metrics {
         self.half_open_closed.inc();
     }
 
+    /// Counts a Retry sent.
+    pub fn handshake_retry(&self) {
+        self.handshake_retries.inc();
+    }
+
+    /// Counts a refused stream.
+    pub fn stream_refused(&self) {
+        self.streams_refused.inc();
+    }
+
+    /// Counts a dropped datagram: `malformed` or `unexpected`.
+    pub fn datagram_dropped(&self, reason: &'static str) {
+        self.datagrams_dropped
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
     fn is_known(&self, capability: &str) -> bool {
         self.known_capabilities
             .read()
@@ -241,12 +282,18 @@ impl Metrics {
     }
 
     /// A node reported `capability`: invocations of it are labelled with its name.
+    ///
+    /// At most [`MAX_CAPABILITY_LABELS`] names are kept, so nodes reporting ever new names
+    /// cannot grow the exposition either; later names are `unknown`.
     pub fn capability_reported(&self, capability: &str) {
         if !self.is_known(capability) {
-            self.known_capabilities
+            let mut known = self
+                .known_capabilities
                 .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(capability.to_string());
+                .unwrap_or_else(|e| e.into_inner());
+            if known.len() < MAX_CAPABILITY_LABELS {
+                known.insert(capability.to_string());
+            }
         }
     }
 

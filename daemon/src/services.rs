@@ -14,6 +14,7 @@ use anchorage_mesh::tls::ServerCertResolver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bootstrap::limits::Limiter;
 use crate::clock::Clock;
 use crate::config::AnchorConfig;
 use crate::events::EventBus;
@@ -50,6 +51,8 @@ pub struct Services {
     pub cancel: CancellationToken,
     /// Unix ms at start-up.
     pub started_at_ms: u64,
+    /// Who may try to pair how often.
+    pub pairing_limiter: Mutex<Limiter>,
     bound: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
@@ -69,6 +72,7 @@ impl Services {
     ) -> Services {
         Services {
             started_at_ms: clock.now_ms(),
+            pairing_limiter: Mutex::new(Limiter::new(config.pairing_limits, clock.now_ms())),
             config,
             clock,
             stores,

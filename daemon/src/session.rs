@@ -287,6 +287,14 @@ async fn run_session(
                 Ok(bytes) => heartbeat(&services, &device, session, &conn, &bytes),
                 Err(_) => break "connection closed",
             },
+            // The control stream is the only one a node opens.
+            stream = conn.accept_bi() => match stream {
+                Ok(stream) => {
+                    debug!("refused an unexpected stream");
+                    crate::streams::refuse(&services, stream);
+                }
+                Err(_) => break "connection closed",
+            },
             _ = services.cancel.cancelled() => break "anchor shutting down",
         }
     };
@@ -302,9 +310,18 @@ fn heartbeat(
     conn: &quinn::Connection,
     bytes: &[u8],
 ) {
-    let Ok(Datagram::Heartbeat(hb)) = Datagram::decode(bytes) else {
-        debug!(device_id = %device, "ignored a datagram that is not a heartbeat");
-        return;
+    let hb = match Datagram::decode(bytes) {
+        Ok(Datagram::Heartbeat(hb)) => hb,
+        Ok(_) => {
+            debug!(device_id = %device, "dropped a datagram that is not a heartbeat");
+            services.metrics.datagram_dropped("unexpected");
+            return;
+        }
+        Err(_) => {
+            debug!(device_id = %device, "dropped a datagram that does not decode");
+            services.metrics.datagram_dropped("malformed");
+            return;
+        }
     };
     let Some(ingested) = services.nodes.heartbeat(device, session, hb.seq) else {
         return;

@@ -37,8 +37,16 @@ pub const EXPORTER_LEN: usize = 32;
 pub const ID_NODE: &[u8] = b"anchorage-node";
 /// SPAKE2 identity of the anchor (side B).
 pub const ID_ANCHOR: &[u8] = b"anchorage-anchor";
-/// Characters of a code id.
-pub const CODE_ID_LEN: usize = 4;
+/// Characters of the id of a PIN code (40 bits): typed by a person, as `K7QF-M2XA-482913`.
+///
+/// The id travels on the wire and an unknown id is answered like a wrong secret, so the id
+/// is not a secret; its length only makes sweeping for live codes hopeless at the rates
+/// the anchor allows (docs/security.md).
+pub const CODE_ID_LEN: usize = 8;
+/// Characters of the id of a QR code (80 bits): nobody types it.
+pub const QR_CODE_ID_LEN: usize = 16;
+/// Shortest code id accepted when parsing (ids minted by older anchors were 4 characters).
+pub const MIN_CODE_ID_LEN: usize = 4;
 /// Digits of a PIN secret.
 pub const PIN_DIGITS: usize = 6;
 /// Bytes of randomness in a QR secret.
@@ -63,18 +71,36 @@ pub enum PairingCryptoError {
     Random,
 }
 
-/// The public id of a pairing code (4 base32 characters, upper case).
+/// The public id of a pairing code: base32 characters, upper case, without dashes
+/// ([`CODE_ID_LEN`] for PIN codes, [`QR_CODE_ID_LEN`] for QR codes).
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 pub struct CodeId(String);
 
 impl CodeId {
-    /// A random code id.
+    /// A random id for a PIN code ([`CODE_ID_LEN`] characters).
     pub fn random() -> Result<CodeId, PairingCryptoError> {
         let bytes = random_bytes::<5>()?;
-        let s = BASE32_NOPAD.encode(&bytes);
-        Ok(CodeId(s[..CODE_ID_LEN].to_string()))
+        Ok(CodeId(BASE32_NOPAD.encode(&bytes)))
+    }
+
+    /// A random id for a QR code ([`QR_CODE_ID_LEN`] characters).
+    pub fn random_qr() -> Result<CodeId, PairingCryptoError> {
+        let bytes = random_bytes::<10>()?;
+        Ok(CodeId(BASE32_NOPAD.encode(&bytes)))
+    }
+
+    /// The id in groups of four, as a person reads and types it: `K7QF-M2XA`.
+    pub fn grouped(&self) -> String {
+        let mut out = String::with_capacity(self.0.len() + self.0.len() / 4);
+        for (i, c) in self.0.chars().enumerate() {
+            if i > 0 && i % 4 == 0 {
+                out.push('-');
+            }
+            out.push(c);
+        }
+        out
     }
 
     /// The id as text.
@@ -92,16 +118,20 @@ impl fmt::Display for CodeId {
 impl FromStr for CodeId {
     type Err = PairingCryptoError;
 
+    /// Accepts any case, with dashes or spaces between groups.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let up = s.trim().to_ascii_uppercase();
-        let ok = up.len() == CODE_ID_LEN
-            && up.len() <= MAX_CODE_ID_LEN
+        let up: String = s
+            .chars()
+            .filter(|c| *c != '-' && !c.is_whitespace())
+            .map(|c| c.to_ascii_uppercase())
+            .collect();
+        let ok = (MIN_CODE_ID_LEN..=MAX_CODE_ID_LEN).contains(&up.len())
             && up
                 .bytes()
                 .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
         if !ok {
             return Err(PairingCryptoError::BadCode(format!(
-                "code id must be {CODE_ID_LEN} characters A-Z or 2-7"
+                "a code id is {CODE_ID_LEN} characters A-Z or 2-7 (QR codes: {QR_CODE_ID_LEN})"
             )));
         }
         Ok(CodeId(up))
@@ -147,7 +177,8 @@ impl fmt::Debug for CodeSecret {
     }
 }
 
-/// A PIN code as a person types it: `K7QF-482913`.
+/// A PIN code as a person types it: `K7QF-M2XA-482913` (the id in groups of four, then the
+/// six digits; case and the dashes inside the id do not matter).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PinCode {
     /// Public id.
@@ -158,7 +189,7 @@ pub struct PinCode {
 
 impl fmt::Display for PinCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.code_id, self.secret.expose())
+        write!(f, "{}-{}", self.code_id.grouped(), self.secret.expose())
     }
 }
 
@@ -167,8 +198,10 @@ impl FromStr for PinCode {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let (id, digits) = s.split_once('-').ok_or_else(|| {
-            PairingCryptoError::BadCode("expected CODE-123456, for example K7QF-482913".into())
+        let (id, digits) = s.rsplit_once('-').ok_or_else(|| {
+            PairingCryptoError::BadCode(
+                "expected CODE-ID-123456, for example K7QF-M2XA-482913".into(),
+            )
         })?;
         let digits: String = digits.chars().filter(|c| !c.is_whitespace()).collect();
         if digits.len() != PIN_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -655,13 +688,24 @@ mod tests {
 
     #[test]
     fn pin_codes_parse() {
-        let pin: PinCode = "k7qf-482913".parse().unwrap();
-        assert_eq!(pin.code_id.as_str(), "K7QF");
+        let pin: PinCode = "k7qf-m2xa-482913".parse().unwrap();
+        assert_eq!(pin.code_id.as_str(), "K7QFM2XA");
         assert_eq!(pin.secret.expose(), "482913");
-        assert_eq!(pin.to_string(), "K7QF-482913");
+        assert_eq!(pin.to_string(), "K7QF-M2XA-482913");
+        assert_eq!(pin, "K7QFM2XA-482913".parse().unwrap(), "dashes in the id are optional");
+        // Ids minted before they grew to eight characters still parse.
+        assert_eq!(
+            "K7QF-482913".parse::<PinCode>().unwrap().code_id.as_str(),
+            "K7QF"
+        );
+        let minted = CodeId::random().unwrap();
+        assert_eq!(minted.as_str().len(), CODE_ID_LEN);
+        assert_eq!(minted.grouped().parse::<CodeId>().unwrap(), minted);
+        assert_eq!(CodeId::random_qr().unwrap().as_str().len(), QR_CODE_ID_LEN);
         for bad in [
             "",
             "K7QF",
+            "K7Q-123456",
             "K7QF-12345",
             "K7QF-1234567",
             "K1QF-123456",
@@ -678,7 +722,7 @@ mod tests {
     fn qr_uri_round_trip() {
         let payload = QrPayload {
             anchor: "anchor.example:7444".into(),
-            code_id: CodeId::random().unwrap(),
+            code_id: CodeId::random_qr().unwrap(),
             secret: CodeSecret::random_qr().unwrap(),
             ca_fingerprint: Fingerprint([0xab; 32]),
         };

@@ -86,11 +86,13 @@ impl LossWindow {
                 self.highest = Some(seq);
                 self.bits = 1;
                 // Heartbeats before the first one we saw were lost.
-                self.lost += seq.min(Self::SPAN);
+                self.lost = self.lost.saturating_add(seq.min(Self::SPAN));
             }
             Some(h) if seq > h => {
                 let shift = seq - h;
-                self.lost += shift - 1;
+                // A jump longer than the window counts as one window lost, whatever the
+                // sequence numbers claim: a peer cannot inflate the loss counters.
+                self.lost = self.lost.saturating_add((shift - 1).min(Self::SPAN));
                 self.bits = if shift >= Self::SPAN {
                     0
                 } else {
@@ -209,12 +211,25 @@ mod tests {
     }
 
     #[test]
-    fn a_long_gap_clears_the_window() {
+    fn a_long_gap_clears_the_window_and_counts_one_window_lost() {
         let mut w = LossWindow::default();
         w.record(0);
         w.record(1000);
-        assert_eq!(w.lost, 999);
+        // 999 numbers were skipped, but a gap counts at most the window: otherwise a node
+        // could send 0, 2^63, 2^64-1 and drive the loss counter to 2^64.
+        assert_eq!(w.lost, LossWindow::SPAN);
         assert_eq!(w.loss(), Some(1.0 - 1.0 / 64.0));
         assert!(!w.record(10), "too old to count");
+    }
+
+    #[test]
+    fn hostile_sequence_numbers_count_a_window_each_at_most() {
+        let mut w = LossWindow::default();
+        for seq in [0, 1 << 63, u64::MAX] {
+            w.record(seq);
+        }
+        assert_eq!(w.lost, 2 * LossWindow::SPAN);
+        assert_eq!(w.received, 3);
+        assert!(!w.record(u64::MAX), "a duplicate at the top is not counted");
     }
 }

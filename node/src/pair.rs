@@ -133,17 +133,19 @@ fn describe(reason: PairFailure, message: &str) -> String {
         PairFailure::CodeExpired => "the pairing code has expired",
         PairFailure::CodeConsumed => "the pairing code was already used",
         PairFailure::CodeBurned => "the pairing code is burned after too many wrong attempts",
-        PairFailure::WrongSecret => "wrong pairing code",
+        // The anchor answers an unknown, expired, used or burned code the same way, so that
+        // codes cannot be found by trying ids.
+        PairFailure::WrongSecret => "wrong pairing code (or not valid: check it, or ask for a new one)",
         PairFailure::Rejected => "an operator rejected the pairing",
         PairFailure::RequestExpired => "the pairing request expired before an operator approved it",
         PairFailure::UnknownRequest => "the anchor does not know this pairing request",
         PairFailure::DeviceRevoked => "this device is revoked; an operator must remove it first",
         PairFailure::BadCsr => "the anchor refused the certificate request",
         PairFailure::UnsupportedVersion => "the anchor does not support this protocol version",
-        PairFailure::Overloaded => "the anchor is busy; try again",
+        PairFailure::Overloaded => "the anchor refused for now",
         _ => "pairing failed",
     };
-    if message.is_empty() || head.contains(message) {
+    if reason == PairFailure::WrongSecret || message.is_empty() || head.contains(message) {
         head.to_string()
     } else {
         format!("{head}: {message}")
@@ -577,7 +579,7 @@ mod tests {
     #[test]
     fn codes_are_a_pin_or_a_qr_uri_and_exactly_one() {
         assert!(matches!(
-            parse_code(Some("K7QF-482913"), None),
+            parse_code(Some("K7QF-M2XA-482913"), None),
             Ok(PairCode::Pin(_))
         ));
         assert!(matches!(
@@ -595,7 +597,7 @@ mod tests {
         ));
         for (pin, qr) in [
             (None, None),
-            (Some("K7QF-482913"), Some("anchorage://pair")),
+            (Some("K7QF-M2XA-482913"), Some("anchorage://pair")),
         ] {
             let err = parse_code(pin, qr).unwrap_err();
             assert!(matches!(err, CodeError::OneOf), "{err}");

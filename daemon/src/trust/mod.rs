@@ -569,12 +569,16 @@ impl Trust {
             CodeMethod::Qr => "qr",
         };
         let (code_id, record) = transact(&*self.store, |txn| {
-            let mut code_id = CodeId::random().map_err(pki)?;
+            let random_id = || match method {
+                CodeMethod::Pin => CodeId::random(),
+                CodeMethod::Qr => CodeId::random_qr(),
+            };
+            let mut code_id = random_id().map_err(pki)?;
             for _ in 0..16 {
                 if txn.code(code_id.as_str())?.is_none() {
                     break;
                 }
-                code_id = CodeId::random().map_err(pki)?;
+                code_id = random_id().map_err(pki)?;
             }
             let record = CodeRecord {
                 code_id: code_id.to_string(),
@@ -592,7 +596,7 @@ impl Trust {
             Ok::<_, TrustError>((code_id, record))
         })?;
         let (code, uri) = match method {
-            CodeMethod::Pin => (format!("{code_id}-{}", secret.expose()), None),
+            CodeMethod::Pin => (format!("{}-{}", code_id.grouped(), secret.expose()), None),
             CodeMethod::Qr => {
                 let uri = QrPayload {
                     anchor: anchor_addr,

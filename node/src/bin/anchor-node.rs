@@ -29,7 +29,7 @@ enum Command {
         /// The anchor's QUIC address, HOST:PORT.
         #[arg(long, value_name = "HOST:PORT")]
         anchor: Option<String>,
-        /// The pairing code, e.g. K7QF-482913. Without any code, a pairing that was waiting
+        /// The pairing code, e.g. K7QF-M2XA-482913. Without any code, a pairing that was waiting
         /// for approval when this command last stopped is resumed.
         #[arg(long, conflicts_with_all = ["code_stdin", "qr"])]
         code: Option<String>,

@@ -1,19 +1,26 @@
 //! The bootstrap stream (IO driver): a node proves a pairing code with SPAKE2, sends its CSR,
 //! waits for an operator, and receives its certificate.
 //!
-//! The stream follows `wire::bootstrap`. The anchor never reveals its confirmation before
-//! checking the node's, so each wrong guess costs one online attempt; after
-//! `pairing_max_attempts` the code is burned. A successful confirmation consumes the code at
-//! once (single use), even if the node never sends its CSR. Every decision is the trust
-//! service's; this module only moves messages.
+//! The stream follows `wire::bootstrap`. Nothing about a code can be learnt without its
+//! secret: an unknown id, a code that can no longer be used and a wrong secret all get a
+//! challenge (from a random secret when there is no live code), then `wrong_secret`, no
+//! sooner than [`WRONG_SECRET_DELAY`] after the node's confirmation. The anchor never reveals
+//! its confirmation before checking the node's, so each wrong guess costs one online attempt;
+//! after `pairing_max_attempts` the code is burned. A successful confirmation consumes the
+//! code at once (single use), even if the node never sends its CSR. Who may try how often is
+//! [`limits`]'s; every decision about codes and requests is the trust service's; this module
+//! only moves messages.
+
+pub mod limits;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anchorage_mesh::framed::{self as fr, FramedRecv, FramedSend, framed};
+use anchorage_mesh::framed::{self as fr, FramedRecv, FramedSend, StreamError, framed};
 use anchorage_mesh::pairing::{CodeId, CodeSecret, EXPORTER_LABEL, EXPORTER_LEN, anchor_respond};
 use anchorage_wire::bootstrap::*;
 use anchorage_wire::{ErrorCode, PROTOCOL_VERSION};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::events::AnchorEvent;
@@ -21,52 +28,160 @@ use crate::records::RequestState;
 use crate::services::Services;
 use crate::store::blocking;
 use crate::trust::{AttemptError, AttemptFailure, CodeUnusable, RequestError, request_state};
+use limits::{Refused, Source};
 
 /// Time the node has for each step of the exchange.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A wrong secret is answered no sooner than this after the node's confirmation, so the time
+/// of the answer does not tell a live code (whose failure is written to the store) from an
+/// unknown one.
+pub const WRONG_SECRET_DELAY: Duration = Duration::from_millis(250);
+/// How long the anchor waits, after its last message, for the node to read it and close.
+pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Tx = FramedSend<BootstrapResponse>;
 type Rx = FramedRecv<BootstrapRequest>;
 
 /// Serves one bootstrap connection: a single pairing stream.
 pub async fn serve(services: Arc<Services>, conn: quinn::Connection) {
+    // Admitted (or not) before anything else, so connections held open count too.
+    let mut attempt = Attempt::new(&services, &conn);
+    let admitted = attempt.admit();
     let Ok(Ok((send, recv))) = tokio::time::timeout(STEP_TIMEOUT, conn.accept_bi()).await else {
-        fr::close(&conn, ErrorCode::Timeout, "no pairing stream");
+        attempt.finish(Some(&Fail::timed_out()));
+        fr::close(&conn, ErrorCode::Timeout, "timeout: no pairing stream");
         return;
     };
+    // The pairing stream is the only one this connection may open.
+    services.spawn(crate::streams::refuse_further(
+        services.clone(),
+        conn.clone(),
+    ));
     let (mut tx, mut rx) = framed::<BootstrapResponse, BootstrapRequest>(send, recv);
-    let outcome = match step(&mut rx).await {
-        Ok(BootstrapRequest::Hello(hello)) => {
-            fresh(&services, &conn, &mut tx, &mut rx, hello).await
-        }
-        Ok(BootstrapRequest::Resume(resume)) => {
-            resume_pairing(&services, &conn, &mut tx, &mut rx, resume).await
-        }
-        Ok(_) => Err(Fail::new(
-            PairFailure::ProtocolViolation,
-            "the first message must be Hello or Resume",
-        )),
-        Err(f) => Err(f),
+    let outcome = match admitted {
+        // Refused: told at once, without reading what the node sent.
+        Err(fail) => Err(fail),
+        Ok(()) => match step(&mut rx).await {
+            Ok(BootstrapRequest::Hello(hello)) => {
+                fresh(&services, &conn, &mut tx, &mut rx, &mut attempt, hello).await
+            }
+            Ok(BootstrapRequest::Resume(resume)) => {
+                resume_pairing(&services, &conn, &mut tx, &mut rx, &mut attempt, resume).await
+            }
+            Ok(_) => Err(Fail::new(
+                PairFailure::ProtocolViolation,
+                "the first message must be Hello or Resume",
+            )),
+            Err(f) => Err(f),
+        },
     };
+    attempt.finish(outcome.as_ref().err());
     match outcome {
         Ok(()) => fr::close(&conn, ErrorCode::NoError, "paired"),
         Err(fail) => {
-            services.metrics.pairing_outcome(fail.reason.name());
+            services.metrics.pairing_outcome(fail.outcome());
             debug!(reason = %fail.reason, message = %fail.message, "pairing failed");
-            if fail.reason != PairFailure::Internal || !fail.message.is_empty() {
-                let _ = tx
-                    .send(&BootstrapResponse::Failed(PairFailed {
-                        reason: fail.reason,
-                        message: fail.message.clone(),
-                    }))
-                    .await;
+            let close_code = fail.close_code();
+            match fail.kind {
+                FailKind::Close(_) | FailKind::Gone => {}
+                FailKind::Told => {
+                    let _ = tx
+                        .send(&BootstrapResponse::Failed(PairFailed {
+                            reason: fail.reason,
+                            message: fail.message.clone(),
+                        }))
+                        .await;
+                    let _ = tx.finish();
+                    // Let the node read the reason: until it acknowledged the stream or
+                    // closed, bounded.
+                    tokio::select! {
+                        _ = tokio::time::timeout(FAREWELL_TIMEOUT, tx.stopped()) => {}
+                        _ = conn.closed() => {}
+                    }
+                }
             }
-            let _ = tx.finish();
-            // Let the node read the reason and close first; bounded.
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-            fr::close(&conn, ErrorCode::PairingFailed, fail.reason.name());
+            let phrase = format!("{}: {}", close_code.name(), fail.reason.name());
+            fr::close(&conn, close_code, &phrase);
         }
     }
+}
+
+/// One admitted attempt from one source, as the limiter sees it.
+struct Attempt<'a> {
+    services: &'a Services,
+    source: Source,
+    admitted: bool,
+    /// The code id the attempt named, once it named one.
+    code_id: Option<String>,
+    /// Whether the attempt reached an operator (a request was recorded or resumed).
+    reached_operator: bool,
+}
+
+impl<'a> Attempt<'a> {
+    fn new(services: &'a Services, conn: &quinn::Connection) -> Attempt<'a> {
+        Attempt {
+            services,
+            source: Source::from(conn.remote_address().ip()),
+            admitted: false,
+            code_id: None,
+            reached_operator: false,
+        }
+    }
+
+    fn limiter(&self) -> std::sync::MutexGuard<'_, limits::Limiter> {
+        self.services
+            .pairing_limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn admit(&mut self) -> Result<(), Fail> {
+        let now = self.services.clock.now_ms();
+        self.limiter()
+            .admit(self.source, now)
+            .map_err(Fail::refused)?;
+        self.admitted = true;
+        Ok(())
+    }
+
+    /// Whether this source may try `code_id`; names the id for the failure count.
+    fn may_try(&mut self, code_id: &str) -> Result<(), Fail> {
+        self.code_id = Some(code_id.to_string());
+        let now = self.services.clock.now_ms();
+        self.limiter()
+            .may_try(self.source, code_id, now)
+            .map_err(Fail::refused)
+    }
+
+    fn finish(&mut self, failure: Option<&Fail>) {
+        if !self.admitted {
+            return;
+        }
+        let now = self.services.clock.now_ms();
+        let mut limiter = self.limiter();
+        // Refusals by the limiter itself are not charged again; an operator's decision
+        // (rejected, expired) is not the source's failure.
+        let charged = failure.is_some_and(|f| f.reason != PairFailure::Overloaded)
+            && !self.reached_operator;
+        if charged {
+            limiter.failed(self.source, self.code_id.as_deref(), now);
+        }
+        limiter.finish(self.source, now);
+        drop(limiter);
+        self.admitted = false;
+    }
+}
+
+/// How a failure ends the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailKind {
+    /// The node is told with `Failed`, then the connection is closed.
+    Told,
+    /// Nothing more can be said on the stream (a bad frame put it out of sync, or the node
+    /// stopped talking): close with this code at once.
+    Close(ErrorCode),
+    /// The node went away; nothing to tell it.
+    Gone,
 }
 
 /// A pairing failure to report to the node.
@@ -74,6 +189,7 @@ pub async fn serve(services: Arc<Services>, conn: quinn::Connection) {
 struct Fail {
     reason: PairFailure,
     message: String,
+    kind: FailKind,
 }
 
 impl Fail {
@@ -81,6 +197,7 @@ impl Fail {
         Fail {
             reason,
             message: message.into(),
+            kind: FailKind::Told,
         }
     }
 
@@ -91,7 +208,72 @@ impl Fail {
 
     /// The node went away; nothing to tell it.
     fn gone() -> Fail {
-        Fail::new(PairFailure::Internal, "")
+        Fail {
+            kind: FailKind::Gone,
+            ..Fail::new(PairFailure::Internal, "")
+        }
+    }
+
+    /// The node's bytes did not decode: `BAD_FRAME` (1) or `FRAME_TOO_LARGE` (9).
+    fn frame(e: &StreamError) -> Fail {
+        Fail {
+            kind: FailKind::Close(e.code()),
+            ..Fail::new(PairFailure::ProtocolViolation, "")
+        }
+    }
+
+    /// The node did not send the next message in time: `TIMEOUT` (14).
+    fn timed_out() -> Fail {
+        Fail {
+            kind: FailKind::Close(ErrorCode::Timeout),
+            ..Fail::new(PairFailure::ProtocolViolation, "")
+        }
+    }
+
+    /// What an unknown id, an unusable code and a wrong secret all get.
+    fn wrong_secret() -> Fail {
+        Fail::new(
+            PairFailure::WrongSecret,
+            "wrong pairing code, or a code that is unknown, expired, used or burned",
+        )
+    }
+
+    fn refused(r: Refused) -> Fail {
+        let message = match r {
+            Refused::Source { retry_after } => format!(
+                "too many failed pairing attempts from this address; try again in {} s",
+                retry_after.as_secs().max(1)
+            ),
+            Refused::CodeLocked { retry_after } => format!(
+                "too many wrong attempts at this code from this address; try again in {} s",
+                retry_after.as_secs().max(1)
+            ),
+            Refused::Busy => "the anchor is busy pairing; try again shortly".to_string(),
+        };
+        Fail::new(PairFailure::Overloaded, message)
+    }
+
+    /// The application code the connection closes with (docs/protocol.md, §4).
+    fn close_code(&self) -> ErrorCode {
+        match self.kind {
+            FailKind::Close(code) => code,
+            FailKind::Gone | FailKind::Told => match self.reason {
+                PairFailure::UnsupportedVersion => ErrorCode::UnsupportedVersion,
+                PairFailure::ProtocolViolation => ErrorCode::ProtocolViolation,
+                PairFailure::Overloaded => ErrorCode::Overloaded,
+                PairFailure::Internal => ErrorCode::Internal,
+                _ => ErrorCode::PairingFailed,
+            },
+        }
+    }
+
+    /// The `outcome` label of the pairing metric.
+    fn outcome(&self) -> &'static str {
+        match self.kind {
+            FailKind::Close(code) => code.name(),
+            FailKind::Gone => "abandoned",
+            FailKind::Told => self.reason.name(),
+        }
     }
 }
 
@@ -101,10 +283,13 @@ impl From<crate::store::StoreError> for Fail {
     }
 }
 
+/// A refusal for a code whose secret the node proved: only then is its state told.
 impl From<AttemptError> for Fail {
     fn from(e: AttemptError) -> Fail {
         match e {
-            AttemptError::Unknown => Fail::new(PairFailure::UnknownCode, "no such pairing code"),
+            AttemptError::Unknown | AttemptError::Wrong | AttemptError::Burned => {
+                Fail::wrong_secret()
+            }
             AttemptError::Unusable(CodeUnusable::Expired) => {
                 Fail::new(PairFailure::CodeExpired, "the pairing code has expired")
             }
@@ -116,26 +301,16 @@ impl From<AttemptError> for Fail {
                 PairFailure::CodeBurned,
                 "the pairing code was burned after too many wrong attempts",
             ),
-            AttemptError::Wrong => Fail::new(PairFailure::WrongSecret, "wrong pairing code"),
-            AttemptError::Burned => Fail::new(
-                PairFailure::CodeBurned,
-                "wrong code; too many attempts, the code is now burned",
-            ),
         }
     }
 }
 
 async fn step(rx: &mut Rx) -> Result<BootstrapRequest, Fail> {
     match tokio::time::timeout(STEP_TIMEOUT, rx.recv()).await {
-        Err(_) => Err(Fail::new(
-            PairFailure::ProtocolViolation,
-            "timed out waiting for the node",
-        )),
+        Err(_) => Err(Fail::timed_out()),
         Ok(Ok(Some(msg))) => Ok(msg),
         Ok(Ok(None)) => Err(Fail::gone()),
-        Ok(Err(e)) if e.is_peer_fault() => {
-            Err(Fail::new(PairFailure::ProtocolViolation, e.to_string()))
-        }
+        Ok(Err(e)) if e.is_peer_fault() => Err(Fail::frame(&e)),
         Ok(Err(_)) => Err(Fail::gone()),
     }
 }
@@ -156,6 +331,7 @@ async fn fresh(
     conn: &quinn::Connection,
     tx: &mut Tx,
     rx: &mut Rx,
+    attempt: &mut Attempt<'_>,
     hello: PairHello,
 ) -> Result<(), Fail> {
     if hello.version != PROTOCOL_VERSION {
@@ -164,23 +340,31 @@ async fn fresh(
             format!("protocol version {} is not supported", hello.version),
         ));
     }
-    let code_id: CodeId = hello
-        .code_id
-        .parse()
-        .map_err(|_| Fail::new(PairFailure::UnknownCode, "no such pairing code"))?;
-    let code = {
-        let s = services.clone();
-        let id = code_id.clone();
-        blocking(move || s.trust.usable_code(&id).map_err(Fail::from)).await?
+    // The id as typed names the attempt for the limiter, whether or not it parses.
+    let parsed: Option<CodeId> = hello.code_id.parse().ok();
+    let key = parsed
+        .as_ref()
+        .map_or(hello.code_id.clone(), |id| id.as_str().to_string());
+    attempt.may_try(&key)?;
+    let code = match &parsed {
+        Some(id) => {
+            let s = services.clone();
+            let id = id.clone();
+            blocking(move || Ok::<_, Fail>(s.trust.usable_code(&id).ok()))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    // With no live code the challenge comes from a random secret no node can know.
+    let secret = match &code {
+        Some(c) => CodeSecret::new(c.secret.clone()),
+        None => CodeSecret::random_qr().map_err(|e| Fail::internal(e.to_string()))?,
     };
     let ex = exporter(conn)?;
-    let (keys, spake_msg) = anchor_respond(
-        code_id.as_str(),
-        &CodeSecret::new(code.secret.clone()),
-        &hello.spake_msg,
-        &ex,
-    )
-    .map_err(|_| Fail::new(PairFailure::ProtocolViolation, "malformed SPAKE2 message"))?;
+    let (keys, spake_msg) = anchor_respond(&hello.code_id, &secret, &hello.spake_msg, &ex)
+        .map_err(|_| Fail::new(PairFailure::ProtocolViolation, "malformed SPAKE2 message"))?;
     send(
         tx,
         BootstrapResponse::Challenge(PairChallenge {
@@ -195,17 +379,32 @@ async fn fresh(
             "expected Confirm",
         ));
     };
+    let confirmed_at = Instant::now();
     let correct = keys.verify_node_confirmation(&confirm.mac);
-    {
-        let s = services.clone();
-        let id = code_id.clone();
-        blocking(move || match s.trust.record_attempt(&id, correct) {
-            Ok(()) => Ok(()),
-            Err(AttemptFailure::Refused(e)) => Err(Fail::from(e)),
-            Err(AttemptFailure::Store(e)) => Err(Fail::internal(e)),
-        })
-        .await?;
+    let counted = match (&code, &parsed) {
+        (Some(_), Some(id)) => {
+            let s = services.clone();
+            let id = id.clone();
+            blocking(move || match s.trust.record_attempt(&id, correct) {
+                Ok(()) => Ok(()),
+                // Its state is told only to a node that proved the secret.
+                Err(AttemptFailure::Refused(e)) if correct => Err(Fail::from(e)),
+                Err(AttemptFailure::Refused(_)) => Err(Fail::wrong_secret()),
+                Err(AttemptFailure::Store(e)) => Err(Fail::internal(e)),
+            })
+            .await
+        }
+        _ => Err(Fail::wrong_secret()),
+    };
+    if let Err(fail) = counted {
+        if fail.reason == PairFailure::WrongSecret {
+            tokio::time::sleep_until(confirmed_at + WRONG_SECRET_DELAY).await;
+        }
+        return Err(fail);
     }
+    let Some(code) = code else {
+        return Err(Fail::internal("a confirmed attempt without its code"));
+    };
     send(
         tx,
         BootstrapResponse::Confirm(KeyConfirm {
@@ -244,6 +443,7 @@ async fn fresh(
         })
         .await?
     };
+    attempt.reached_operator = true;
     info!(request_id = %request.request_id, device_id = %request.device_id, sas = %request.sas, "pairing request waits for approval");
     services.events.publish(AnchorEvent::PairingRequested {
         device: request.device_id,
@@ -268,6 +468,7 @@ async fn resume_pairing(
     conn: &quinn::Connection,
     tx: &mut Tx,
     rx: &mut Rx,
+    attempt: &mut Attempt<'_>,
     resume: PairResume,
 ) -> Result<(), Fail> {
     if resume.version != PROTOCOL_VERSION {
@@ -290,6 +491,7 @@ async fn resume_pairing(
     {
         return Err(unknown());
     }
+    attempt.reached_operator = true;
     // Tell the node where it stands, then wait as a fresh pairing would.
     if request_state(&req, services.clock.now_ms())
         == anchorage_console::api::RequestState::PendingApproval
@@ -337,6 +539,7 @@ async fn wait_decision(
                     msg = rx.recv() => match msg {
                         // The node has nothing to say while waiting.
                         Ok(Some(_)) => break Err(Fail::new(PairFailure::ProtocolViolation, "unexpected message while pending")),
+                        Err(e) if e.is_peer_fault() => break Err(Fail::frame(&e)),
                         _ => break Err(Fail::gone()),
                     },
                 }
