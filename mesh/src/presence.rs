@@ -121,7 +121,7 @@ impl LossWindow {
     /// Loss over the window, once it holds a few heartbeats.
     pub fn loss(&self) -> Option<f64> {
         let h = self.highest?;
-        let span = (h + 1).min(Self::SPAN);
+        let span = h.saturating_add(1).min(Self::SPAN);
         if span < 4 {
             return None;
         }
@@ -230,6 +230,7 @@ mod tests {
         }
         assert_eq!(w.lost, 2 * LossWindow::SPAN);
         assert_eq!(w.received, 3);
+        assert!(w.loss().is_some(), "the loss of a window at the top of u64 is defined");
         assert!(!w.record(u64::MAX), "a duplicate at the top is not counted");
     }
 }

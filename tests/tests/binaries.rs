@@ -98,8 +98,9 @@ impl Anchord {
         assert_eq!(code["method"], "pin");
         let text = code["code"].as_str().unwrap().to_string();
         assert!(
-            text.starts_with(code["code_id"].as_str().unwrap()),
-            "{code}"
+            text.replace('-', "")
+                .starts_with(code["code_id"].as_str().unwrap()),
+            "the PIN is the code id in groups of four, then the digits: {code}"
         );
         text
     }
@@ -362,9 +363,10 @@ fn wrong_pins_burn_the_code_and_a_rejection_reaches_the_node() {
     let state = node_dir.path().join("state");
 
     let code = anchord.mint_pin();
-    let (code_id, digits) = code.split_once('-').unwrap();
+    let (grouped_id, digits) = code.rsplit_once('-').unwrap();
+    let code_id = grouped_id.replace('-', "");
     let wrong = format!(
-        "{code_id}-{}",
+        "{grouped_id}-{}",
         if digits == "000000" {
             "111111"
         } else {
@@ -378,7 +380,10 @@ fn wrong_pins_burn_the_code_and_a_rejection_reaches_the_node() {
             .spawn_pair(&wrong, &state, "guesser", true)
             .finish(COMMAND_TIMEOUT);
         assert_eq!(out.code(), Some(1), "{out:?}");
-        assert_eq!(one_line_reason(&out), "anchor-node: wrong pairing code");
+        assert!(
+            one_line_reason(&out).starts_with("anchor-node: wrong pairing code"),
+            "{out:?}"
+        );
         assert_eq!(out.json()["paired"], false);
     }
     let codes = anchord.ctl(&["pair", "codes"]);
@@ -386,21 +391,30 @@ fn wrong_pins_burn_the_code_and_a_rejection_reaches_the_node() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["code_id"] == code_id)
+        .find(|c| c["code_id"] == code_id.as_str())
         .unwrap();
     assert_eq!(info["failed_attempts"], 2, "{info}");
     assert_eq!(info["state"], "active", "{info}");
-    // The third burns it; after that even the right PIN is refused.
+    // A third from the same address is refused before it counts: one place cannot burn a
+    // code (docs/security.md). The refusal says when to come back.
     let out = anchord
         .spawn_pair(&wrong, &state, "guesser", false)
         .finish(COMMAND_TIMEOUT);
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(one_line_reason(&out).contains("burned"), "{out:?}");
-    let out = anchord
-        .spawn_pair(&code, &state, "guesser", false)
-        .finish(COMMAND_TIMEOUT);
-    assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(one_line_reason(&out).contains("burned"), "{out:?}");
+    let reason = one_line_reason(&out);
+    assert!(
+        reason.contains("too many wrong attempts at this code from this address")
+            && reason.contains("try again in"),
+        "{out:?}"
+    );
+    let codes = anchord.ctl(&["pair", "codes"]);
+    let info = codes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["code_id"] == code_id.as_str())
+        .unwrap();
+    assert_eq!(info["failed_attempts"], 2, "not counted: {info}");
     assert!(
         !state.join("cert.pem").exists(),
         "no certificate without a pairing"

@@ -27,8 +27,8 @@ async fn pin_pairing_end_to_end_under_loss() {
     let node = sim.add_node("laptop");
     let code = sim.mint(PairMethod::Pin, None).await;
     assert!(
-        code.len() == 11 && code.as_bytes()[4] == b'-',
-        "PIN looks like K7QF-482913: {code}"
+        code.len() == 16 && code.as_bytes()[4] == b'-' && code.as_bytes()[9] == b'-',
+        "PIN looks like K7QF-M2XA-482913: {code}"
     );
     let task = node.spawn_pair(sim.addr(), &code);
     let req = sim.wait_pending("laptop").await;
@@ -212,15 +212,25 @@ async fn codes_and_requests_expire() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn three_wrong_pins_burn_the_code() {
-    let sim = Sim::start(SEED + 4, lossy(0.10), |_| {}).await;
-    let code = sim.mint(PairMethod::Pin, None).await;
-    let (id, digits) = code.split_once('-').unwrap();
-    let wrong = format!(
+fn wrong_pin(code: &str) -> String {
+    let (id, digits) = code.rsplit_once('-').unwrap();
+    format!(
         "{id}-{:06}",
         (digits.parse::<u32>().unwrap() + 1) % 1_000_000
-    );
+    )
+}
+
+async fn code_info(sim: &Sim, code: &str) -> anchorage_console::api::PairingCodeInfo {
+    let id = code.rsplit_once('-').unwrap().0.replace('-', "");
+    let codes = sim.backend().list_codes().await.unwrap();
+    codes.into_iter().find(|c| c.code_id == id).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_pins_from_one_place_cannot_burn_the_code() {
+    let sim = Sim::start(SEED + 4, lossy(0.10), |_| {}).await;
+    let code = sim.mint(PairMethod::Pin, None).await;
+    let wrong = wrong_pin(&code);
     let guesser = sim.add_node("guesser");
     let mut outcomes = Vec::new();
     for _ in 0..3 {
@@ -235,10 +245,45 @@ async fn three_wrong_pins_burn_the_code() {
         vec![
             PairFailure::WrongSecret,
             PairFailure::WrongSecret,
-            PairFailure::CodeBurned
-        ]
+            PairFailure::Overloaded
+        ],
+        "the third guess from the same address is not even looked at"
     );
-    // Even the right PIN is useless now.
+    let info = code_info(&sim, &code).await;
+    assert_eq!(info.state, anchorage_console::api::CodeState::Active);
+    assert_eq!(info.failed_attempts, 2);
+    // The person with the real PIN, elsewhere, still pairs.
+    let honest = sim.add_node("honest");
+    let task = honest.spawn_pair(sim.addr(), &code);
+    let req = sim.wait_pending("honest").await;
+    sim.backend()
+        .approve(&sim.owner, &req.request_id)
+        .await
+        .unwrap();
+    task.await.unwrap().expect("the honest node pairs");
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_pins_from_three_places_burn_the_code_and_it_then_looks_unknown() {
+    let sim = Sim::start(SEED + 14, lossy(0.10), |_| {}).await;
+    let code = sim.mint(PairMethod::Pin, None).await;
+    let wrong = wrong_pin(&code);
+    for i in 0..3 {
+        let guesser = sim.add_node(&format!("guesser-{i}"));
+        assert_eq!(
+            refused(
+                guesser
+                    .pair_with(sim.addr(), guesser.opts(sim.addr(), &wrong).code)
+                    .await
+            ),
+            PairFailure::WrongSecret,
+            "the guess that burns the code does not say so"
+        );
+    }
+    let info = code_info(&sim, &code).await;
+    assert_eq!(info.state, anchorage_console::api::CodeState::Burned);
+    assert_eq!(info.failed_attempts, 3);
+    // Even the right PIN is useless now, and the answer is the one an unknown code gets.
     let honest = sim.add_node("honest");
     assert_eq!(
         refused(
@@ -246,12 +291,8 @@ async fn three_wrong_pins_burn_the_code() {
                 .pair_with(sim.addr(), honest.opts(sim.addr(), &code).code)
                 .await
         ),
-        PairFailure::CodeBurned
+        PairFailure::WrongSecret
     );
-    let codes = sim.backend().list_codes().await.unwrap();
-    let c = codes.iter().find(|c| code.starts_with(&c.code_id)).unwrap();
-    assert_eq!(c.state, anchorage_console::api::CodeState::Burned);
-    assert_eq!(c.failed_attempts, 3);
 }
 
 /// A relay that terminates TLS on both sides and forwards the pairing stream byte for byte.
