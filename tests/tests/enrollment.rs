@@ -264,7 +264,7 @@ async fn wrong_pins_from_one_place_cannot_burn_the_code() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn wrong_pins_from_three_places_burn_the_code_and_it_then_looks_unknown() {
+async fn wrong_pins_from_three_places_burn_the_code_and_only_the_right_pin_learns_it() {
     let sim = Sim::start(SEED + 14, lossy(0.10), |_| {}).await;
     let code = sim.mint(PairMethod::Pin, None).await;
     let wrong = wrong_pin(&code);
@@ -283,12 +283,21 @@ async fn wrong_pins_from_three_places_burn_the_code_and_it_then_looks_unknown() 
     let info = code_info(&sim, &code).await;
     assert_eq!(info.state, anchorage_console::api::CodeState::Burned);
     assert_eq!(info.failed_attempts, 3);
-    // Even the right PIN is useless now, and the answer is the one an unknown code gets.
+    // Even the right PIN is useless now; its holder is told why, a guesser is not.
     let honest = sim.add_node("honest");
     assert_eq!(
         refused(
             honest
                 .pair_with(sim.addr(), honest.opts(sim.addr(), &code).code)
+                .await
+        ),
+        PairFailure::CodeBurned
+    );
+    let guesser = sim.add_node("guesser-3");
+    assert_eq!(
+        refused(
+            guesser
+                .pair_with(sim.addr(), guesser.opts(sim.addr(), &wrong).code)
                 .await
         ),
         PairFailure::WrongSecret

@@ -2,9 +2,10 @@
 //! waits for an operator, and receives its certificate.
 //!
 //! The stream follows `wire::bootstrap`. Nothing about a code can be learnt without its
-//! secret: an unknown id, a code that can no longer be used and a wrong secret all get a
-//! challenge (from a random secret when there is no live code), then `wrong_secret`, no
-//! sooner than [`WRONG_SECRET_DELAY`] after the node's confirmation. The anchor never reveals
+//! secret: an unknown id and a wrong secret (at a live or a dead code) both get a challenge
+//! (from a random secret when there is no code), then `wrong_secret`, no sooner than
+//! [`WRONG_SECRET_DELAY`] after the node's confirmation; only a node that proved the secret
+//! of an expired, used or burned code is told which. The anchor never reveals
 //! its confirmation before checking the node's, so each wrong guess costs one online attempt;
 //! after `pairing_max_attempts` the code is burned. A successful confirmation consumes the
 //! code at once (single use), even if the node never sends its CSR. Who may try how often is
@@ -350,14 +351,13 @@ async fn fresh(
         Some(id) => {
             let s = services.clone();
             let id = id.clone();
-            blocking(move || Ok::<_, Fail>(s.trust.usable_code(&id).ok()))
-                .await
-                .ok()
-                .flatten()
+            blocking(move || s.trust.code_for_pairing(&id).map_err(Fail::from)).await?
         }
         None => None,
     };
-    // With no live code the challenge comes from a random secret no node can know.
+    // Without a code the challenge comes from a random secret no node can know. A code that
+    // can no longer be used still answers with its own secret, so that the node that proves
+    // it learns what became of it; a wrong secret there is not counted.
     let secret = match &code {
         Some(c) => CodeSecret::new(c.secret.clone()),
         None => CodeSecret::random_qr().map_err(|e| Fail::internal(e.to_string()))?,

@@ -612,16 +612,13 @@ impl Trust {
         Ok(Minted { record, code, uri })
     }
 
-    /// The code `id` if it can be used now (the bootstrap stream's first look).
-    pub fn usable_code(&self, id: &CodeId) -> Result<CodeRecord, AttemptError> {
-        let code = self
+    /// The code `id`, in whatever state, if its secret is known (the bootstrap stream's first
+    /// look: records from before secrets were kept have none).
+    pub fn code_for_pairing(&self, id: &CodeId) -> Result<Option<CodeRecord>, StoreError> {
+        Ok(self
             .store
-            .code(id.as_str())
-            .ok()
-            .flatten()
-            .ok_or(AttemptError::Unknown)?;
-        rules::usable(&code, self.now_ms()).map_err(AttemptError::Unusable)?;
-        Ok(code)
+            .code(id.as_str())?
+            .filter(|c| !c.secret.is_empty()))
     }
 
     /// Counts an attempt at a code: a right secret consumes it, a wrong one counts against it

@@ -81,8 +81,11 @@ pub enum Attempt {
     Burned,
 }
 
-/// An attempt at `code`: the code as it must be stored next, and what happened. The secret
-/// is cleared once the code ends.
+/// An attempt at `code`: the code as it must be stored next, and what happened.
+///
+/// The secret outlives the code: a dead code's secret opens nothing, and keeping it lets the
+/// anchor tell the one node that proves it what became of the code (expired, used, burned)
+/// while everyone else gets the answer an unknown code gets.
 pub fn attempt(
     code: &CodeRecord,
     correct: bool,
@@ -103,9 +106,6 @@ pub fn attempt(
             Attempt::Wrong
         }
     };
-    if next.state != CodeState::Active {
-        next.secret.clear();
-    }
     Ok((next, outcome))
 }
 
@@ -281,14 +281,14 @@ mod tests {
     }
 
     #[test]
-    fn wrong_secrets_burn_a_code_at_the_limit_and_clear_its_secret() {
+    fn wrong_secrets_burn_a_code_at_the_limit() {
         let (c, a) = attempt(&code(), false, 3, 10).unwrap();
         assert_eq!((a, c.failed_attempts), (Attempt::Wrong, 1));
         let (c, a) = attempt(&c, false, 3, 20).unwrap();
         assert_eq!(a, Attempt::Wrong);
         let (c, a) = attempt(&c, false, 3, 30).unwrap();
         assert_eq!(a, Attempt::Burned);
-        assert!(c.secret.is_empty());
+        assert_eq!(c.state, CodeState::Burned);
         // Even the right secret is refused now.
         assert_eq!(attempt(&c, true, 3, 40).unwrap_err(), CodeUnusable::Burned);
     }
@@ -297,7 +297,7 @@ mod tests {
     fn a_code_is_consumed_once_and_expires_by_time() {
         let (c, a) = attempt(&code(), true, 3, 10).unwrap();
         assert_eq!(a, Attempt::Consumed);
-        assert!(c.secret.is_empty());
+        assert_eq!(c.state, CodeState::Consumed);
         assert_eq!(
             attempt(&c, true, 3, 20).unwrap_err(),
             CodeUnusable::Consumed
