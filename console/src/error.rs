@@ -68,6 +68,20 @@ impl ApiError {
         Self::new(StatusCode::GONE, "expired", message)
     }
 
+    /// 414: the request target is longer than the console reads.
+    pub fn uri_too_long(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::URI_TOO_LONG, "uri_too_long", message)
+    }
+
+    /// 431: too many header lines, or a header section larger than the console reads.
+    pub fn headers_too_large(message: impl Into<String>) -> ApiError {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            message,
+        )
+    }
+
     /// 503: shutting down or overloaded.
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
