@@ -82,6 +82,15 @@ impl ApiError {
         )
     }
 
+    /// 400: a free-text field is longer than [`MAX_TEXT_CHARS`](crate::api::MAX_TEXT_CHARS)
+    /// characters. The message names the field and the limit.
+    pub fn text_too_long(field: &str, chars: usize) -> ApiError {
+        Self::bad_request(format!(
+            "`{field}` is {chars} characters long; at most {} are allowed",
+            crate::api::MAX_TEXT_CHARS
+        ))
+    }
+
     /// 503: shutting down or overloaded.
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)

@@ -391,18 +391,21 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 }
 
 impl RawBody {
-    /// The body as JSON; required.
-    fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+    /// The body as JSON, [validated](Validate); required. An unknown field is a 400 whose
+    /// message names it (serde's "unknown field `x`, expected one of ...").
+    fn json<T: DeserializeOwned + Validate>(&self) -> Result<T, ApiError> {
         self.check_content_type()?;
         if self.bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::bad_request("a JSON body is required"));
         }
-        serde_json::from_slice(&self.bytes)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+        let body: T = serde_json::from_slice(&self.bytes)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+        body.validate()?;
+        Ok(body)
     }
 
     /// The body as JSON, or `T::default()` when it is empty.
-    fn json_or_default<T: DeserializeOwned + Default>(&self) -> Result<T, ApiError> {
+    fn json_or_default<T: DeserializeOwned + Validate + Default>(&self) -> Result<T, ApiError> {
         if self.bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(T::default());
         }
@@ -600,11 +603,6 @@ async fn create_token<B: Backend>(
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     let who = require(&auth, Permission::TokensManage)?;
     let req: CreateTokenRequest = body.json()?;
-    if req.permissions.is_empty() {
-        return Err(ApiError::bad_request(
-            "a token needs at least one permission",
-        ));
-    }
     let token = st.backend.create_token(who, req).await?;
     Ok((StatusCode::CREATED, Json(token)))
 }
@@ -685,9 +683,6 @@ async fn invoke<B: Backend>(
     let who = require(&auth, Permission::NodesInvoke)?;
     let device_id = device_id(&id)?;
     let req: InvokeRequest = body.json()?;
-    if req.capability.is_empty() {
-        return Err(ApiError::bad_request("capability must not be empty"));
-    }
     let invocation = st.backend.invoke(who, device_id, req).await?;
     let status = if invocation.state.is_final() {
         StatusCode::OK
