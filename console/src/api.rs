@@ -117,6 +117,39 @@ impl Principal {
     pub fn can(&self, p: Permission) -> bool {
         self.permissions.contains(&p)
     }
+
+    /// Whether the event stream may send `event` to this token: whether it holds every
+    /// permission of [`event_permissions`] for the event's kind. The one place that decides
+    /// what a subscriber sees; narrower (fleet-scoped) tokens extend it here.
+    pub fn may_see(&self, event: &Event) -> bool {
+        event_permissions(&event.kind).iter().all(|p| self.can(*p))
+    }
+}
+
+/// The permissions a token needs to receive events of `kind` on `GET /console/v1/events`:
+/// those of the REST route that reads the same data, so the stream never tells a token more
+/// than it could ask for.
+///
+/// A kind not listed here needs every permission (only owner-like tokens see it) until its
+/// route is stated, so a new kind cannot leak.
+pub fn event_permissions(kind: &str) -> &'static [Permission] {
+    match kind {
+        // GET /tokens.
+        "token" => &[Permission::TokensManage],
+        // GET /pairing/codes and GET /pairing/requests (which carry the SAS).
+        "pairing.code" | "pairing.requested" | "pairing.decided" | "pairing.completed" => {
+            &[Permission::ObservabilityRead]
+        }
+        // GET /devices.
+        "device.revoked" | "device.removed" | "device.rotated" => &[Permission::ObservabilityRead],
+        // GET /nodes and GET /inventory.
+        "node.registered" | "node.capability" | "node.disconnected" | "presence" => {
+            &[Permission::ObservabilityRead]
+        }
+        // GET /invocations.
+        "invocation" => &[Permission::ObservabilityRead],
+        _ => &Permission::ALL,
+    }
 }
 
 /// The JSON body of every error response: `{code, message}`.
@@ -701,6 +734,46 @@ pub struct Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn principal(permissions: &[Permission]) -> Principal {
+        Principal {
+            token_id: "t".into(),
+            name: "t".into(),
+            permissions: permissions.to_vec(),
+        }
+    }
+
+    fn event(kind: &str) -> Event {
+        Event {
+            seq: 1,
+            at: OffsetDateTime::UNIX_EPOCH,
+            kind: kind.into(),
+            device_id: None,
+            data: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn events_need_the_permission_of_their_read_route() {
+        let reader = principal(&[Permission::ObservabilityRead]);
+        let manager = principal(&[Permission::ObservabilityRead, Permission::TokensManage]);
+        let owner = principal(&Permission::ALL);
+        for kind in [
+            "presence",
+            "pairing.code",
+            "pairing.requested",
+            "invocation",
+        ] {
+            assert!(reader.may_see(&event(kind)), "{kind}");
+        }
+        assert!(!reader.may_see(&event("token")));
+        assert!(manager.may_see(&event("token")));
+        // A kind nobody listed yet: only a token holding everything sees it.
+        assert!(!manager.may_see(&event("fleet.moved")));
+        assert!(owner.may_see(&event("fleet.moved")));
+        // Operating trust is not reading it.
+        assert!(!principal(&[Permission::TrustOperate]).may_see(&event("pairing.code")));
+    }
 
     #[test]
     fn text_is_limited_in_characters() {

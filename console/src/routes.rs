@@ -743,13 +743,13 @@ async fn events<B: Backend>(
     headers: axum::http::HeaderMap,
     auth: Auth,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
+    let subscriber = require(&auth, Permission::ObservabilityRead)?.clone();
     // Subscribe before answering: whatever is published after the client has the response
     // head reaches it.
     let receiver = st.backend.subscribe();
     let token = bearer(&headers).unwrap_or_default().to_string();
     let stream = until_token_lapses(
-        event_stream(BroadcastStream::new(receiver)),
+        event_stream(BroadcastStream::new(receiver), subscriber),
         st.backend.clone(),
         token,
     );
@@ -808,13 +808,16 @@ fn until_token_lapses<B: Backend>(
     )
 }
 
-/// Maps broadcast items to SSE events; a lagged receiver becomes an `event: lagged` whose data
-/// is `{"skipped": n}`, and the stream goes on.
+/// Maps broadcast items to SSE events, keeping only those `subscriber` [may
+/// see](Principal::may_see); a lagged receiver becomes an `event: lagged` whose data is
+/// `{"skipped": n}`, and the stream goes on.
 fn event_stream(
     events: impl Stream<Item = Result<Event, BroadcastStreamRecvError>> + Send + 'static,
+    subscriber: Principal,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
-    events.filter_map(|item| async move {
-        match item {
+    events.filter_map(move |item| {
+        let item = match item {
+            Ok(event) if !subscriber.may_see(&event) => None,
             Ok(event) => sse_event(&event).map(Ok),
             Err(BroadcastStreamRecvError::Lagged(skipped)) => {
                 warn!(skipped, "event stream subscriber lagged");
@@ -822,7 +825,8 @@ fn event_stream(
                     .event("lagged")
                     .data(serde_json::json!({ "skipped": skipped }).to_string())))
             }
-        }
+        };
+        std::future::ready(item)
     })
 }
 

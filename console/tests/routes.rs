@@ -977,3 +977,42 @@ async fn free_text_over_the_limit_is_400_naming_field_and_limit() {
         Some(Some("é".repeat(MAX_TEXT_CHARS)))
     );
 }
+
+#[tokio::test]
+async fn token_events_reach_only_tokens_that_may_manage_tokens() {
+    let (app, backend) = app();
+    let open = |token: &'static str| {
+        let app = app.clone();
+        async move {
+            let res = send(
+                app,
+                build("GET", "/console/v1/events", Some(&bearer(token)), None),
+            )
+            .await;
+            assert_eq!(res.status(), StatusCode::OK);
+            SseReader::new(res.into_body())
+        }
+    };
+    let mut reader = open("only:observability.read").await;
+    // observability.read, nodes.invoke and tokens.manage.
+    let mut manager = open("all-but:trust.operate").await;
+    assert_eq!(backend.events.receiver_count(), 2);
+    backend.events.send(event(1, "token")).unwrap();
+    backend.events.send(event(2, "pairing.code")).unwrap();
+    backend.events.send(event(3, "presence")).unwrap();
+    let seen = |events: Vec<(String, Option<String>, String)>| {
+        events
+            .into_iter()
+            .map(|(kind, id, _)| format!("{kind}#{}", id.unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        seen(reader.next(2).await),
+        ["pairing.code#2", "presence#3"],
+        "a token without tokens.manage is not told about tokens"
+    );
+    assert_eq!(
+        seen(manager.next(3).await),
+        ["token#1", "pairing.code#2", "presence#3"]
+    );
+}
