@@ -44,6 +44,12 @@ use crate::error::ApiError;
 /// Largest request body the console accepts.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// Time a client has to send a whole request body once its head is read; a body still
+/// arriving after it is a 408 `request_timeout` (hyper's header read timeout covers only the
+/// head, and a request in flight is never idle, so without this a body sent a byte at a time
+/// would hold its connection for ever).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Interval of the keep-alive comments on the event stream.
 pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How often an open event stream checks that its token still holds `observability.read`;
@@ -317,6 +323,7 @@ fn code_for_status(status: StatusCode) -> &'static str {
         StatusCode::CONFLICT => "conflict",
         StatusCode::GONE => "expired",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
         StatusCode::URI_TOO_LONG => "uri_too_long",
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
@@ -379,10 +386,22 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let content_type = req.headers().get(CONTENT_TYPE).cloned();
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            let status = e.status();
-            ApiError::new(status, code_for_status(status), e.body_text())
-        })?;
+        let bytes = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {} s",
+                        BODY_READ_TIMEOUT.as_secs()
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                let status = e.status();
+                ApiError::new(status, code_for_status(status), e.body_text())
+            })?;
         Ok(RawBody {
             content_type,
             bytes,

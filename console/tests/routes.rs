@@ -1016,3 +1016,24 @@ async fn token_events_reach_only_tokens_that_may_manage_tokens() {
         ["token#1", "pairing.code#2", "presence#3"]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_never_finishes_is_408_json() {
+    let (app, backend) = app();
+    // A head, then a body that sends one byte and stops.
+    let body = Body::from_stream(
+        futures_util::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{")) })
+            .chain(futures_util::stream::pending()),
+    );
+    let req = Request::builder()
+        .method("POST")
+        .uri("/console/v1/tokens")
+        .header(header::AUTHORIZATION, "Bearer owner")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .unwrap();
+    let res = send(app, req).await;
+    let message = assert_error(res, StatusCode::REQUEST_TIMEOUT, "request_timeout").await;
+    assert!(message.contains("30 s"), "{message}");
+    assert!(backend.calls().is_empty());
+}
