@@ -6,10 +6,40 @@
 //!
 //! The ids and state enums are `anchorage-wire`'s, re-exported here: the anchor's rules, its
 //! store and this API name them with one type each.
+//!
+//! Request bodies are strict where answers are lenient: a request body with a field this
+//! version does not know is refused (400 naming the field), so a typo is not silently
+//! ignored, while answers may gain fields at any time and clients must ignore the ones they
+//! do not know. Every request body implements [`Validate`]; free text in it is at most
+//! [`MAX_TEXT_CHARS`] characters.
 
 pub use anchorage_wire::{DeviceId, InvocationId, InvocationState, Presence, TrustState};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+
+use crate::error::ApiError;
+
+/// Longest free text an operator may send in a request body (a reason, a token name, a
+/// capability name), in characters. Everything sent is stored or echoed to every reader of
+/// the devices, tokens and audit lists, so one limit keeps those answers small.
+pub const MAX_TEXT_CHARS: usize = 512;
+
+/// The checks of a request body beyond its JSON shape, run by the router after parsing and
+/// before the backend is called.
+pub trait Validate {
+    /// `Err` with a 400 naming the offending field.
+    fn validate(&self) -> Result<(), ApiError>;
+}
+
+/// Refuses free text longer than [`MAX_TEXT_CHARS`] characters, naming `field`.
+pub fn check_text(field: &str, text: &str) -> Result<(), ApiError> {
+    // Counting stops just past the limit: a megabyte of text is not walked to the end.
+    let chars = text.chars().take(MAX_TEXT_CHARS + 1).count();
+    if chars > MAX_TEXT_CHARS {
+        return Err(ApiError::text_too_long(field, text.chars().count()));
+    }
+    Ok(())
+}
 
 /// Permissions a bearer token can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -87,6 +117,39 @@ impl Principal {
     pub fn can(&self, p: Permission) -> bool {
         self.permissions.contains(&p)
     }
+
+    /// Whether the event stream may send `event` to this token: whether it holds every
+    /// permission of [`event_permissions`] for the event's kind. The one place that decides
+    /// what a subscriber sees; narrower (fleet-scoped) tokens extend it here.
+    pub fn may_see(&self, event: &Event) -> bool {
+        event_permissions(&event.kind).iter().all(|p| self.can(*p))
+    }
+}
+
+/// The permissions a token needs to receive events of `kind` on `GET /console/v1/events`:
+/// those of the REST route that reads the same data, so the stream never tells a token more
+/// than it could ask for.
+///
+/// A kind not listed here needs every permission (only owner-like tokens see it) until its
+/// route is stated, so a new kind cannot leak.
+pub fn event_permissions(kind: &str) -> &'static [Permission] {
+    match kind {
+        // GET /tokens.
+        "token" => &[Permission::TokensManage],
+        // GET /pairing/codes and GET /pairing/requests (which carry the SAS).
+        "pairing.code" | "pairing.requested" | "pairing.decided" | "pairing.completed" => {
+            &[Permission::ObservabilityRead]
+        }
+        // GET /devices.
+        "device.revoked" | "device.removed" | "device.rotated" => &[Permission::ObservabilityRead],
+        // GET /nodes and GET /inventory.
+        "node.registered" | "node.capability" | "node.disconnected" | "presence" => {
+            &[Permission::ObservabilityRead]
+        }
+        // GET /invocations.
+        "invocation" => &[Permission::ObservabilityRead],
+        _ => &Permission::ALL,
+    }
 }
 
 /// The JSON body of every error response: `{code, message}`.
@@ -114,6 +177,7 @@ pub enum PairMethod {
 
 /// `POST /console/v1/pairing/codes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct MintCodeRequest {
     /// PIN or QR.
     #[serde(default)]
@@ -121,6 +185,13 @@ pub struct MintCodeRequest {
     /// Time to live in seconds (default 600, allowed 30..=86400).
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+}
+
+impl Validate for MintCodeRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        // No free text; the TTL's range is the anchor's rule.
+        Ok(())
+    }
 }
 
 /// A freshly minted pairing code. The secret is only ever shown here.
@@ -256,10 +327,20 @@ pub struct PairingRequest {
 
 /// `POST /console/v1/pairing/requests/{id}/reject`, `POST /console/v1/devices/{id}/revoke`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ReasonBody {
-    /// Why, for the audit log (and, for rejections, the node).
+    /// Why, for the audit log (and, for rejections, the node); at most [`MAX_TEXT_CHARS`]
+    /// characters.
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+impl Validate for ReasonBody {
+    fn validate(&self) -> Result<(), ApiError> {
+        self.reason
+            .as_deref()
+            .map_or(Ok(()), |r| check_text("reason", r))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -301,12 +382,28 @@ pub struct Device {
 
 /// `POST /console/v1/tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateTokenRequest {
-    /// A name for people.
+    /// A name for people; at most [`MAX_TEXT_CHARS`] characters here, and the anchor holds
+    /// names to its own, shorter rule (printable, no direction controls).
     #[serde(default)]
     pub name: Option<String>,
     /// Permissions (at least one).
     pub permissions: Vec<Permission>,
+}
+
+impl Validate for CreateTokenRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        if let Some(name) = &self.name {
+            check_text("name", name)?;
+        }
+        if self.permissions.is_empty() {
+            return Err(ApiError::bad_request(
+                "a token needs at least one permission",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A created token; the secret is shown only here.
@@ -514,8 +611,9 @@ pub struct Inventory {
 
 /// `POST /console/v1/nodes/{id}/invoke`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InvokeRequest {
-    /// Capability name.
+    /// Capability name (not empty, at most [`MAX_TEXT_CHARS`] characters).
     pub capability: String,
     /// JSON input (default `null`).
     #[serde(default)]
@@ -526,6 +624,15 @@ pub struct InvokeRequest {
     /// Return at once instead of waiting for the result.
     #[serde(default, rename = "async")]
     pub async_: bool,
+}
+
+impl Validate for InvokeRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        if self.capability.is_empty() {
+            return Err(ApiError::bad_request("capability must not be empty"));
+        }
+        check_text("capability", &self.capability)
+    }
 }
 
 /// An invocation record.
@@ -622,4 +729,74 @@ pub struct Event {
     pub device_id: Option<DeviceId>,
     /// Details.
     pub data: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(permissions: &[Permission]) -> Principal {
+        Principal {
+            token_id: "t".into(),
+            name: "t".into(),
+            permissions: permissions.to_vec(),
+        }
+    }
+
+    fn event(kind: &str) -> Event {
+        Event {
+            seq: 1,
+            at: OffsetDateTime::UNIX_EPOCH,
+            kind: kind.into(),
+            device_id: None,
+            data: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn events_need_the_permission_of_their_read_route() {
+        let reader = principal(&[Permission::ObservabilityRead]);
+        let manager = principal(&[Permission::ObservabilityRead, Permission::TokensManage]);
+        let owner = principal(&Permission::ALL);
+        for kind in [
+            "presence",
+            "pairing.code",
+            "pairing.requested",
+            "invocation",
+        ] {
+            assert!(reader.may_see(&event(kind)), "{kind}");
+        }
+        assert!(!reader.may_see(&event("token")));
+        assert!(manager.may_see(&event("token")));
+        // A kind nobody listed yet: only a token holding everything sees it.
+        assert!(!manager.may_see(&event("fleet.moved")));
+        assert!(owner.may_see(&event("fleet.moved")));
+        // Operating trust is not reading it.
+        assert!(!principal(&[Permission::TrustOperate]).may_see(&event("pairing.code")));
+    }
+
+    #[test]
+    fn text_is_limited_in_characters() {
+        assert!(check_text("reason", &"ü".repeat(MAX_TEXT_CHARS)).is_ok());
+        let err = check_text("reason", &"a".repeat(1_000_000)).unwrap_err();
+        assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("`reason`"), "{}", err.message);
+        assert!(err.message.contains("1000000"), "{}", err.message);
+        assert!(err.message.contains("512"), "{}", err.message);
+    }
+
+    #[test]
+    fn request_bodies_refuse_unknown_fields_and_answers_accept_them() {
+        let err = serde_json::from_str::<ReasonBody>(r#"{"reason":"x","reasn":"y"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `reasn`"), "{err}");
+        assert!(
+            serde_json::from_str::<InvokeRequest>(r#"{"capability":"echo","async":true}"#).is_ok()
+        );
+        // Answers stay forward-compatible for clients.
+        let body: ErrorBody =
+            serde_json::from_str(r#"{"code":"c","message":"m","hint":"new"}"#).unwrap();
+        assert_eq!(body.code, "c");
+    }
 }

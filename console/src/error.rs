@@ -68,6 +68,29 @@ impl ApiError {
         Self::new(StatusCode::GONE, "expired", message)
     }
 
+    /// 414: the request target is longer than the console reads.
+    pub fn uri_too_long(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::URI_TOO_LONG, "uri_too_long", message)
+    }
+
+    /// 431: too many header lines, or a header section larger than the console reads.
+    pub fn headers_too_large(message: impl Into<String>) -> ApiError {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            message,
+        )
+    }
+
+    /// 400: a free-text field is longer than [`MAX_TEXT_CHARS`](crate::api::MAX_TEXT_CHARS)
+    /// characters. The message names the field and the limit.
+    pub fn text_too_long(field: &str, chars: usize) -> ApiError {
+        Self::bad_request(format!(
+            "`{field}` is {chars} characters long; at most {} are allowed",
+            crate::api::MAX_TEXT_CHARS
+        ))
+    }
+
     /// 503: shutting down or overloaded.
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)

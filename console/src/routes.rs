@@ -44,6 +44,12 @@ use crate::error::ApiError;
 /// Largest request body the console accepts.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// Time a client has to send a whole request body once its head is read; a body still
+/// arriving after it is a 408 `request_timeout` (hyper's header read timeout covers only the
+/// head, and a request in flight is never idle, so without this a body sent a byte at a time
+/// would hold its connection for ever).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Interval of the keep-alive comments on the event stream.
 pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How often an open event stream checks that its token still holds `observability.read`;
@@ -317,6 +323,9 @@ fn code_for_status(status: StatusCode) -> &'static str {
         StatusCode::CONFLICT => "conflict",
         StatusCode::GONE => "expired",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",
         s if s.is_server_error() => "internal",
@@ -377,10 +386,22 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let content_type = req.headers().get(CONTENT_TYPE).cloned();
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            let status = e.status();
-            ApiError::new(status, code_for_status(status), e.body_text())
-        })?;
+        let bytes = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {} s",
+                        BODY_READ_TIMEOUT.as_secs()
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                let status = e.status();
+                ApiError::new(status, code_for_status(status), e.body_text())
+            })?;
         Ok(RawBody {
             content_type,
             bytes,
@@ -389,18 +410,21 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 }
 
 impl RawBody {
-    /// The body as JSON; required.
-    fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+    /// The body as JSON, [validated](Validate); required. An unknown field is a 400 whose
+    /// message names it (serde's "unknown field `x`, expected one of ...").
+    fn json<T: DeserializeOwned + Validate>(&self) -> Result<T, ApiError> {
         self.check_content_type()?;
         if self.bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::bad_request("a JSON body is required"));
         }
-        serde_json::from_slice(&self.bytes)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+        let body: T = serde_json::from_slice(&self.bytes)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+        body.validate()?;
+        Ok(body)
     }
 
     /// The body as JSON, or `T::default()` when it is empty.
-    fn json_or_default<T: DeserializeOwned + Default>(&self) -> Result<T, ApiError> {
+    fn json_or_default<T: DeserializeOwned + Validate + Default>(&self) -> Result<T, ApiError> {
         if self.bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(T::default());
         }
@@ -598,11 +622,6 @@ async fn create_token<B: Backend>(
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     let who = require(&auth, Permission::TokensManage)?;
     let req: CreateTokenRequest = body.json()?;
-    if req.permissions.is_empty() {
-        return Err(ApiError::bad_request(
-            "a token needs at least one permission",
-        ));
-    }
     let token = st.backend.create_token(who, req).await?;
     Ok((StatusCode::CREATED, Json(token)))
 }
@@ -683,9 +702,6 @@ async fn invoke<B: Backend>(
     let who = require(&auth, Permission::NodesInvoke)?;
     let device_id = device_id(&id)?;
     let req: InvokeRequest = body.json()?;
-    if req.capability.is_empty() {
-        return Err(ApiError::bad_request("capability must not be empty"));
-    }
     let invocation = st.backend.invoke(who, device_id, req).await?;
     let status = if invocation.state.is_final() {
         StatusCode::OK
@@ -746,13 +762,13 @@ async fn events<B: Backend>(
     headers: axum::http::HeaderMap,
     auth: Auth,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
+    let subscriber = require(&auth, Permission::ObservabilityRead)?.clone();
     // Subscribe before answering: whatever is published after the client has the response
     // head reaches it.
     let receiver = st.backend.subscribe();
     let token = bearer(&headers).unwrap_or_default().to_string();
     let stream = until_token_lapses(
-        event_stream(BroadcastStream::new(receiver)),
+        event_stream(BroadcastStream::new(receiver), subscriber),
         st.backend.clone(),
         token,
     );
@@ -811,13 +827,16 @@ fn until_token_lapses<B: Backend>(
     )
 }
 
-/// Maps broadcast items to SSE events; a lagged receiver becomes an `event: lagged` whose data
-/// is `{"skipped": n}`, and the stream goes on.
+/// Maps broadcast items to SSE events, keeping only those `subscriber` [may
+/// see](Principal::may_see); a lagged receiver becomes an `event: lagged` whose data is
+/// `{"skipped": n}`, and the stream goes on.
 fn event_stream(
     events: impl Stream<Item = Result<Event, BroadcastStreamRecvError>> + Send + 'static,
+    subscriber: Principal,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
-    events.filter_map(|item| async move {
-        match item {
+    events.filter_map(move |item| {
+        let item = match item {
+            Ok(event) if !subscriber.may_see(&event) => None,
             Ok(event) => sse_event(&event).map(Ok),
             Err(BroadcastStreamRecvError::Lagged(skipped)) => {
                 warn!(skipped, "event stream subscriber lagged");
@@ -825,7 +844,8 @@ fn event_stream(
                     .event("lagged")
                     .data(serde_json::json!({ "skipped": skipped }).to_string())))
             }
-        }
+        };
+        std::future::ready(item)
     })
 }
 

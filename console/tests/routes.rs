@@ -902,3 +902,138 @@ async fn qr_is_svg_and_not_cached() {
     assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
     assert!(body_bytes(res).await.starts_with(b"<svg"));
 }
+
+#[tokio::test]
+async fn unknown_body_fields_are_400_naming_the_field() {
+    for (uri, body) in [
+        ("/console/v1/pairing/codes", r#"{"method":"pin","ttl":60}"#),
+        (
+            "/console/v1/pairing/requests/REQ-1/reject",
+            r#"{"reason":"no","ttl":60}"#,
+        ),
+        (
+            "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/revoke",
+            r#"{"ttl":60}"#,
+        ),
+        (
+            "/console/v1/tokens",
+            r#"{"permissions":["observability.read"],"ttl":60}"#,
+        ),
+        (
+            "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/invoke",
+            r#"{"capability":"echo","ttl":60}"#,
+        ),
+    ] {
+        let (app, backend) = app();
+        let res = send(app, build("POST", uri, Some("Bearer owner"), Some(body))).await;
+        let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+        assert!(message.contains("unknown field `ttl`"), "{uri}: {message}");
+        assert!(backend.calls().is_empty(), "{uri} reached the backend");
+    }
+}
+
+#[tokio::test]
+async fn free_text_over_the_limit_is_400_naming_field_and_limit() {
+    let long = "é".repeat(MAX_TEXT_CHARS + 1);
+    let device = "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt";
+    for (uri, field, body) in [
+        (
+            "/console/v1/pairing/requests/REQ-1/reject".to_string(),
+            "reason",
+            serde_json::json!({ "reason": long }),
+        ),
+        (
+            format!("{device}/revoke"),
+            "reason",
+            serde_json::json!({ "reason": long }),
+        ),
+        (
+            "/console/v1/tokens".to_string(),
+            "name",
+            serde_json::json!({ "name": long, "permissions": ["observability.read"] }),
+        ),
+        (
+            "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/invoke".to_string(),
+            "capability",
+            serde_json::json!({ "capability": long }),
+        ),
+    ] {
+        let (app, backend) = app();
+        let body = body.to_string();
+        let res = send(app, build("POST", &uri, Some("Bearer owner"), Some(&body))).await;
+        let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+        assert!(message.contains(&format!("`{field}`")), "{uri}: {message}");
+        assert!(message.contains("at most 512"), "{uri}: {message}");
+        assert!(backend.calls().is_empty(), "{uri} reached the backend");
+    }
+    // Exactly at the limit (in characters, not bytes) is fine.
+    let (app, backend) = app();
+    let body = serde_json::json!({ "reason": "é".repeat(MAX_TEXT_CHARS) }).to_string();
+    let uri = format!("{device}/revoke");
+    let res = send(app, build("POST", &uri, Some("Bearer owner"), Some(&body))).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        backend.last_reason.lock().unwrap().clone(),
+        Some(Some("é".repeat(MAX_TEXT_CHARS)))
+    );
+}
+
+#[tokio::test]
+async fn token_events_reach_only_tokens_that_may_manage_tokens() {
+    let (app, backend) = app();
+    let open = |token: &'static str| {
+        let app = app.clone();
+        async move {
+            let res = send(
+                app,
+                build("GET", "/console/v1/events", Some(&bearer(token)), None),
+            )
+            .await;
+            assert_eq!(res.status(), StatusCode::OK);
+            SseReader::new(res.into_body())
+        }
+    };
+    let mut reader = open("only:observability.read").await;
+    // observability.read, nodes.invoke and tokens.manage.
+    let mut manager = open("all-but:trust.operate").await;
+    assert_eq!(backend.events.receiver_count(), 2);
+    backend.events.send(event(1, "token")).unwrap();
+    backend.events.send(event(2, "pairing.code")).unwrap();
+    backend.events.send(event(3, "presence")).unwrap();
+    let seen = |events: Vec<(String, Option<String>, String)>| {
+        events
+            .into_iter()
+            .map(|(kind, id, _)| format!("{kind}#{}", id.unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        seen(reader.next(2).await),
+        ["pairing.code#2", "presence#3"],
+        "a token without tokens.manage is not told about tokens"
+    );
+    assert_eq!(
+        seen(manager.next(3).await),
+        ["token#1", "pairing.code#2", "presence#3"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_never_finishes_is_408_json() {
+    let (app, backend) = app();
+    // A head, then a body that sends one byte and stops.
+    let body = Body::from_stream(
+        futures_util::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{")) })
+            .chain(futures_util::stream::pending()),
+    );
+    let req = Request::builder()
+        .method("POST")
+        .uri("/console/v1/tokens")
+        .header(header::AUTHORIZATION, "Bearer owner")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .unwrap();
+    let res = send(app, req).await;
+    let message = assert_error(res, StatusCode::REQUEST_TIMEOUT, "request_timeout").await;
+    assert!(message.contains("30 s"), "{message}");
+    assert!(backend.calls().is_empty());
+}

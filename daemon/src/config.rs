@@ -57,6 +57,16 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// Async worker threads (default: one less than the cores, at least one).
     pub worker_threads: Option<usize>,
+
+    // Console server (docs/console.md, "Connections and limits").
+    /// Time a console client has to send a request head, e.g. `10s`.
+    pub console_header_read_timeout: Option<String>,
+    /// A console connection with no request in flight is closed after this, e.g. `5s`.
+    pub console_idle_timeout: Option<String>,
+    /// Most console connections open at once.
+    pub console_max_connections: Option<usize>,
+    /// Most console connections open at once from one IPv4 address or IPv6 /64.
+    pub console_max_connections_per_source: Option<usize>,
 }
 
 /// The flags `anchord` (and `anchord demo`) take over the TOML file: each one given wins
@@ -187,6 +197,8 @@ pub struct AnchorConfig {
     pub log_json: bool,
     /// Async worker threads of the runtime `anchord` builds.
     pub worker_threads: usize,
+    /// The console server's timeouts and connection caps.
+    pub console_serve: anchorage_console::ServeOptions,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -219,6 +231,7 @@ impl AnchorConfig {
 impl FileConfig {
     /// Validates into the runtime configuration.
     pub fn validate(self) -> Result<AnchorConfig, ConfigError> {
+        let console_serve = console_serve_options(&self)?;
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let s = v.unwrap_or_else(|| default.to_string());
             s.parse::<SocketAddr>().map_err(|_| {
@@ -359,8 +372,64 @@ impl FileConfig {
             )?,
             invocation_max_records: self.invocation_max_records.unwrap_or(10_000),
             log_json,
+            console_serve,
         })
     }
+}
+
+/// The `console_*` keys, validated into the console server's options.
+fn console_serve_options(
+    file: &FileConfig,
+) -> Result<anchorage_console::ServeOptions, ConfigError> {
+    let defaults = anchorage_console::ServeOptions::default();
+    let timeout = |key: &'static str, v: &Option<String>, default: Duration| {
+        let d = match v {
+            None => default,
+            Some(s) => parse_duration(s).map_err(|e| ConfigError::invalid(key, e.to_string()))?,
+        };
+        if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid(key, "must be between 100ms and 1h"));
+        }
+        Ok(d)
+    };
+    let count = |key: &'static str, v: Option<usize>, default: usize| {
+        let n = v.unwrap_or(default);
+        if n == 0 || n > 1_000_000 {
+            return Err(ConfigError::invalid(key, "must be between 1 and 1000000"));
+        }
+        Ok(n)
+    };
+    let max_connections = count(
+        "console_max_connections",
+        file.console_max_connections,
+        defaults.max_connections,
+    )?;
+    let max_connections_per_source = count(
+        "console_max_connections_per_source",
+        file.console_max_connections_per_source,
+        defaults.max_connections_per_source.min(max_connections),
+    )?;
+    if max_connections_per_source > max_connections {
+        return Err(ConfigError::invalid(
+            "console_max_connections_per_source",
+            "must not be more than console_max_connections",
+        ));
+    }
+    Ok(anchorage_console::ServeOptions {
+        header_read_timeout: timeout(
+            "console_header_read_timeout",
+            &file.console_header_read_timeout,
+            defaults.header_read_timeout,
+        )?,
+        idle_timeout: timeout(
+            "console_idle_timeout",
+            &file.console_idle_timeout,
+            defaults.idle_timeout,
+        )?,
+        max_connections,
+        max_connections_per_source,
+        ..defaults
+    })
 }
 
 pub use anchorage_mesh::config::parse_duration;
@@ -384,6 +453,51 @@ mod tests {
         assert_eq!(c.pairing_limits.guesses_per_code, 2);
         assert!(c.worker_threads >= 1);
         assert_eq!(c.worker_threads, default_worker_threads());
+        assert_eq!(c.console_serve, anchorage_console::ServeOptions::default());
+        assert_eq!(c.console_serve.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.console_serve.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.console_serve.max_connections, 512);
+        assert_eq!(c.console_serve.max_connections_per_source, 128);
+    }
+
+    #[test]
+    fn console_keys_are_read_and_checked() {
+        let c = toml::from_str::<FileConfig>(
+            "console_header_read_timeout = \"1s\"\nconsole_idle_timeout = \"500ms\"\n\
+             console_max_connections = 8\nconsole_max_connections_per_source = 4",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.console_serve.header_read_timeout, Duration::from_secs(1));
+        assert_eq!(c.console_serve.idle_timeout, Duration::from_millis(500));
+        assert_eq!(c.console_serve.max_connections, 8);
+        assert_eq!(c.console_serve.max_connections_per_source, 4);
+        // A total cap below the default per-source one lowers that one with it.
+        let c = toml::from_str::<FileConfig>("console_max_connections = 8")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.console_serve.max_connections_per_source, 8);
+        for (text, key) in [
+            (
+                "console_header_read_timeout = \"0s\"",
+                "console_header_read_timeout",
+            ),
+            ("console_idle_timeout = \"soon\"", "console_idle_timeout"),
+            ("console_max_connections = 0", "console_max_connections"),
+            (
+                "console_max_connections = 4\nconsole_max_connections_per_source = 5",
+                "console_max_connections_per_source",
+            ),
+        ] {
+            let err = toml::from_str::<FileConfig>(text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -124,8 +124,10 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
     })
 }
 
-/// Serves the console (API, events, web page) on `listener` until the returned sender is set
-/// to `true`; open event streams end then, so the graceful stop does not wait for them.
+/// Serves the console (API, events, web page) on `listener` with the configured
+/// [`ServeOptions`](anchorage_console::ServeOptions) (timeouts, connection caps) until the
+/// returned sender is set to `true`: accepting stops, open event streams end, requests in
+/// flight finish, and the task ends.
 pub fn serve_console(
     anchor: &Anchor,
     listener: tokio::net::TcpListener,
@@ -138,15 +140,8 @@ pub fn serve_console(
             ..Default::default()
         },
     );
-    let mut stop_rx = stop_rx;
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            warn!(error = %e, "console server failed");
-        }
-    });
+    let options = anchor.services().config.console_serve.clone();
+    let task = tokio::spawn(anchorage_console::serve(listener, app, options, stop_rx));
     (task, stop)
 }
 
