@@ -56,7 +56,10 @@ fn handle(msg: &BootstrapRequest) {
     }
     assert!(hello.spake_msg.len() <= MAX_SPAKE_LEN);
     if let Ok(id) = hello.code_id.parse::<CodeId>() {
-        assert_eq!(id.grouped().parse::<CodeId>().expect("grouped ids parse"), id);
+        assert_eq!(
+            id.grouped().parse::<CodeId>().expect("grouped ids parse"),
+            id
+        );
     }
     let exporter = [7u8; 32];
     let _ = anchor_respond(

@@ -11,10 +11,7 @@
 
 use anchorage_mesh::presence::LossWindow;
 use anchorage_wire::{
-    FrameDecoder,
-    control::ControlUp,
-    datagram::Datagram,
-    decode_frame, encode_frame, Decoded,
+    Decoded, FrameDecoder, control::ControlUp, datagram::Datagram, decode_frame, encode_frame,
 };
 use libfuzzer_sys::fuzz_target;
 
