@@ -36,10 +36,6 @@ use crate::trust::{Trust, TrustSettings};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connections handled at once; beyond this, new ones are refused (`Overloaded`).
 pub const MAX_CONNECTIONS: usize = 20_000;
-/// Handshakes in progress above which a client must first prove its address with a QUIC
-/// Retry (one more round trip), so a flood of spoofed Initial packets costs the anchor no
-/// handshake state or certificate signatures.
-pub const RETRY_ABOVE_HANDSHAKES: usize = 256;
 /// How often presence is evaluated and deadlines are swept.
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// How often buffered last-seen times are written.
@@ -259,7 +255,7 @@ impl Anchor {
                 incoming.refuse();
                 continue;
             }
-            if handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE_HANDSHAKES
+            if handshaking.load(Ordering::Relaxed) >= s.config.retry_above_handshakes
                 && !incoming.remote_address_validated()
             {
                 match incoming.retry() {

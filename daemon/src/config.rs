@@ -16,6 +16,9 @@ pub const DEFAULT_CONSOLE: &str = "127.0.0.1:7142";
 
 pub use anchorage_mesh::config::ConfigError;
 
+/// QUIC handshakes in progress above which clients must answer a Retry first.
+pub const DEFAULT_RETRY_ABOVE_HANDSHAKES: usize = 256;
+
 /// The TOML file, every key optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +50,8 @@ pub struct FileConfig {
     pub pairing_failures_per_source: Option<u32>,
     /// Failed pairing attempts all sources together may make per minute.
     pub pairing_failures_total: Option<u32>,
+    /// QUIC handshakes in progress above which new clients must answer a Retry first.
+    pub retry_above_handshakes: Option<usize>,
     /// Stored invocation output limit in bytes.
     pub invocation_output_limit: Option<u32>,
     /// Keep finished invocations this long, e.g. `7d`.
@@ -187,6 +192,10 @@ pub struct AnchorConfig {
     pub pairing_max_attempts: u32,
     /// Who may try to pair how often (docs/security.md).
     pub pairing_limits: crate::bootstrap::limits::PairingLimits,
+    /// QUIC handshakes in progress above which a client must first prove its address with a
+    /// Retry (one more round trip), so a flood of spoofed Initial packets costs the anchor no
+    /// handshake state or signatures. 0: always.
+    pub retry_above_handshakes: usize,
     /// Stored output limit.
     pub invocation_output_limit: u32,
     /// Retention of finished invocations.
@@ -364,6 +373,9 @@ impl FileConfig {
             presence,
             pairing_max_attempts: max_attempts,
             pairing_limits,
+            retry_above_handshakes: self
+                .retry_above_handshakes
+                .unwrap_or(DEFAULT_RETRY_ABOVE_HANDSHAKES),
             invocation_output_limit: self.invocation_output_limit.unwrap_or(64 * 1024),
             invocation_retention: dur(
                 "invocation_retention",

@@ -692,7 +692,11 @@ mod tests {
         assert_eq!(pin.code_id.as_str(), "K7QFM2XA");
         assert_eq!(pin.secret.expose(), "482913");
         assert_eq!(pin.to_string(), "K7QF-M2XA-482913");
-        assert_eq!(pin, "K7QFM2XA-482913".parse().unwrap(), "dashes in the id are optional");
+        assert_eq!(
+            pin,
+            "K7QFM2XA-482913".parse().unwrap(),
+            "dashes in the id are optional"
+        );
         // Ids minted before they grew to eight characters still parse.
         assert_eq!(
             "K7QF-482913".parse::<PinCode>().unwrap().code_id.as_str(),

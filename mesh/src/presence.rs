@@ -230,7 +230,10 @@ mod tests {
         }
         assert_eq!(w.lost, 2 * LossWindow::SPAN);
         assert_eq!(w.received, 3);
-        assert!(w.loss().is_some(), "the loss of a window at the top of u64 is defined");
+        assert!(
+            w.loss().is_some(),
+            "the loss of a window at the top of u64 is defined"
+        );
         assert!(!w.record(u64::MAX), "a duplicate at the top is not counted");
     }
 }

@@ -135,7 +135,9 @@ fn describe(reason: PairFailure, message: &str) -> String {
         PairFailure::CodeBurned => "the pairing code is burned after too many wrong attempts",
         // The anchor answers an unknown, expired, used or burned code the same way, so that
         // codes cannot be found by trying ids.
-        PairFailure::WrongSecret => "wrong pairing code (or not valid: check it, or ask for a new one)",
+        PairFailure::WrongSecret => {
+            "wrong pairing code (or not valid: check it, or ask for a new one)"
+        }
         PairFailure::Rejected => "an operator rejected the pairing",
         PairFailure::RequestExpired => "the pairing request expired before an operator approved it",
         PairFailure::UnknownRequest => "the anchor does not know this pairing request",

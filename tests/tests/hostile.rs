@@ -34,10 +34,14 @@ struct Anchor {
 
 impl Anchor {
     async fn start() -> Anchor {
+        Anchor::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut AnchorConfig)) -> Anchor {
         let dir = tempfile::tempdir().unwrap();
-        let running = anchorage_daemon::start(AnchorConfig::for_tests(dir.path()))
-            .await
-            .unwrap();
+        let mut config = AnchorConfig::for_tests(dir.path());
+        tweak(&mut config);
+        let running = anchorage_daemon::start(config).await.unwrap();
         let token = running.anchor.owner_token().unwrap();
         let client = Client::new(&running.console_url(), token).unwrap();
         Anchor {
@@ -139,7 +143,11 @@ async fn guess(from: IpAddr, anchor: SocketAddr, code_id: &str, secret: &str) ->
     .await
     .unwrap();
     let mut challenge_len = None;
-    let failed = match tokio::time::timeout(STEP, rx.recv()).await.unwrap().unwrap() {
+    let failed = match tokio::time::timeout(STEP, rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
         Some(BootstrapResponse::Challenge(c)) => {
             challenge_len = Some(c.spake_msg.len());
             let mut exporter = [0u8; EXPORTER_LEN];
@@ -151,7 +159,11 @@ async fn guess(from: IpAddr, anchor: SocketAddr, code_id: &str, secret: &str) ->
             }))
             .await
             .unwrap();
-            match tokio::time::timeout(STEP, rx.recv()).await.unwrap().unwrap() {
+            match tokio::time::timeout(STEP, rx.recv())
+                .await
+                .unwrap()
+                .unwrap()
+            {
                 Some(BootstrapResponse::Failed(f)) => f,
                 other => panic!("expected Failed after a wrong confirmation, got {other:?}"),
             }
@@ -183,12 +195,18 @@ async fn an_unknown_code_a_malformed_id_and_a_wrong_secret_get_the_same_answer()
     let unknown = guess(loopback(1), anchor.addr(), "ZZZZ2222", &digits).await;
     let malformed = guess(loopback(1), anchor.addr(), "not-an-id!", &digits).await;
     assert_eq!(wrong.reason, PairFailure::WrongSecret, "{wrong:?}");
-    assert!(wrong.challenge_len.is_some(), "a live code gets a challenge");
+    assert!(
+        wrong.challenge_len.is_some(),
+        "a live code gets a challenge"
+    );
     assert_eq!(unknown, wrong, "an unknown id looks like a wrong secret");
     assert_eq!(malformed, wrong, "so does an id that does not even parse");
     assert_eq!(
         wrong.close,
-        (ErrorCode::PairingFailed.as_u32(), "pairing_failed: wrong_secret".into())
+        (
+            ErrorCode::PairingFailed.as_u32(),
+            "pairing_failed: wrong_secret".into()
+        )
     );
     // Only the guess at the live code counted against it.
     assert_eq!(anchor.code(&id).await.failed_attempts, 1);
@@ -203,7 +221,13 @@ async fn a_flood_from_one_address_is_refused_and_cannot_burn_a_code_while_anothe
     // A sweep of made-up ids from 127.0.0.2: ten failures a minute, then refused at once.
     let mut reasons = Vec::new();
     for i in 0..12 {
-        let a = guess(loopback(2), anchor.addr(), &format!("SWEEP{i:03}"), "123456").await;
+        let a = guess(
+            loopback(2),
+            anchor.addr(),
+            &format!("SWEEP{i:03}"),
+            "123456",
+        )
+        .await;
         reasons.push((a.reason, a.close.0));
     }
     let wrong = (PairFailure::WrongSecret, ErrorCode::PairingFailed.as_u32());
@@ -271,7 +295,9 @@ async fn bootstrap_failures_close_with_the_codes_protocol_md_gives() {
     // Bytes that are no frame: BAD_FRAME (1), at once, with no postcard text anywhere.
     let (_ep, conn, tx, _rx) = bootstrap(from, anchor.addr()).await;
     let mut send = tx.into_inner();
-    send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();
+    send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
     let (code, reason) = closed(&conn).await;
     assert_eq!(code, ErrorCode::BadFrame.as_u32(), "{reason}");
     assert!(!reason.to_lowercase().contains("serde"), "{reason}");
@@ -296,7 +322,10 @@ async fn bootstrap_failures_close_with_the_codes_protocol_md_gives() {
         panic!("expected Failed");
     };
     assert_eq!(f.reason, PairFailure::UnsupportedVersion);
-    assert_eq!(closed(&conn).await.0, ErrorCode::UnsupportedVersion.as_u32());
+    assert_eq!(
+        closed(&conn).await.0,
+        ErrorCode::UnsupportedVersion.as_u32()
+    );
 
     // A Confirm first: Failed { ProtocolViolation }, then 8.
     let (_ep, conn, mut tx, mut rx) = bootstrap(from, anchor.addr()).await;
@@ -412,14 +441,19 @@ async fn a_node_session_refuses_extra_streams_and_counts_what_it_drops() {
     let metrics = anchorage_sim::eventually(STEP, || async {
         let m = anchor.scrape().await;
         (m.value("anchorage_heartbeats_received_total", &[]) == Some(3.0)
-            && m.value("anchorage_datagrams_dropped_total", &[("reason", "unexpected")])
-                == Some(1.0))
+            && m.value(
+                "anchorage_datagrams_dropped_total",
+                &[("reason", "unexpected")],
+            ) == Some(1.0))
         .then_some(m)
     })
     .await
     .expect("the heartbeats and the dropped datagrams are counted");
     assert_eq!(
-        metrics.value("anchorage_datagrams_dropped_total", &[("reason", "malformed")]),
+        metrics.value(
+            "anchorage_datagrams_dropped_total",
+            &[("reason", "malformed")]
+        ),
         Some(1.0)
     );
     assert_eq!(
@@ -433,7 +467,10 @@ async fn a_node_session_refuses_extra_streams_and_counts_what_it_drops() {
         lost <= 128.0,
         "at most one loss window per jump, not 2^64: {lost}"
     );
-    assert!(conn.close_reason().is_none(), "the session survived all of it");
+    assert!(
+        conn.close_reason().is_none(),
+        "the session survived all of it"
+    );
 
     // Invocations of made-up capabilities do not grow the exposition.
     let device = identity.cert_info.key_id;
@@ -469,5 +506,24 @@ async fn a_node_session_refuses_extra_streams_and_counts_what_it_drops() {
         after.samples.len()
     );
     conn.close(0u32.into(), b"");
+    anchor.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn under_handshake_load_clients_prove_their_address_with_a_retry_and_still_pair() {
+    // Threshold 0: every client is treated as arriving during a flood.
+    let anchor = Anchor::start_with(|c| c.retry_above_handshakes = 0).await;
+    let (_, _, pin) = anchor.mint().await;
+    let dir = tempfile::tempdir().unwrap();
+    pair(&anchor, loopback(5), &pin, &dir.path().join("node")).await;
+    let retries = anchor
+        .scrape()
+        .await
+        .value("anchorage_handshake_retries_total", &[])
+        .unwrap();
+    assert!(
+        retries >= 1.0,
+        "the pairing went through a Retry: {retries}"
+    );
     anchor.running.shutdown().await;
 }

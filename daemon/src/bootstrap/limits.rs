@@ -186,7 +186,9 @@ impl Limiter {
             failures: Bucket::full(l.failures_per_source_per_minute, now_ms),
             in_flight: 0,
         });
-        state.failures.refill(l.failures_per_source_per_minute, now_ms);
+        state
+            .failures
+            .refill(l.failures_per_source_per_minute, now_ms);
         if state.failures.tokens < 1.0 {
             return Err(Refused::Source {
                 retry_after: state.failures.wait(l.failures_per_source_per_minute),
@@ -223,7 +225,9 @@ impl Limiter {
         self.total.refill(l.failures_per_minute, now_ms);
         self.total.take();
         if let Some(state) = self.sources.get_mut(&source) {
-            state.failures.refill(l.failures_per_source_per_minute, now_ms);
+            state
+                .failures
+                .refill(l.failures_per_source_per_minute, now_ms);
             state.failures.take();
         }
         let Some(id) = code_id else { return };
@@ -248,7 +252,9 @@ impl Limiter {
         let l = self.limits;
         if let Some(state) = self.sources.get_mut(&source) {
             state.in_flight = state.in_flight.saturating_sub(1);
-            state.failures.refill(l.failures_per_source_per_minute, now_ms);
+            state
+                .failures
+                .refill(l.failures_per_source_per_minute, now_ms);
             if state.in_flight == 0 && state.failures.is_full(l.failures_per_source_per_minute) {
                 self.sources.remove(&source);
             }
@@ -336,7 +342,8 @@ mod tests {
         ));
         l.may_try(src(2), "K7QFM2XA", 2)
             .expect("another source may still try (and be the honest one)");
-        l.may_try(src(1), "OTHERID2", 2).expect("other ids are open");
+        l.may_try(src(1), "OTHERID2", 2)
+            .expect("other ids are open");
         let later = 1 + lockout_ms();
         l.may_try(src(1), "K7QFM2XA", later)
             .expect("the lockout ends");
@@ -359,7 +366,11 @@ mod tests {
         l.admit(src(1), 0).unwrap();
         assert_eq!(l.admit(src(1), 0), Err(Refused::Busy));
         l.admit(src(2), 0).unwrap();
-        assert_eq!(l.admit(src(3), 0), Err(Refused::Busy), "the total is reached");
+        assert_eq!(
+            l.admit(src(3), 0),
+            Err(Refused::Busy),
+            "the total is reached"
+        );
         l.finish(src(1), 0);
         l.admit(src(3), 0).unwrap();
         assert_eq!(l.in_flight(), 3);
@@ -388,7 +399,11 @@ mod tests {
         let mut l = limiter();
         l.admit(src(1), 0).unwrap();
         l.finish(src(1), 0);
-        assert_eq!(l.tracked().0, 0, "a source that never failed leaves nothing behind");
+        assert_eq!(
+            l.tracked().0,
+            0,
+            "a source that never failed leaves nothing behind"
+        );
         l.admit(src(1), 0).unwrap();
         l.failed(src(1), None, 0);
         l.finish(src(1), 0);

@@ -37,6 +37,8 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// of the answer does not tell a live code (whose failure is written to the store) from an
 /// unknown one.
 pub const WRONG_SECRET_DELAY: Duration = Duration::from_millis(250);
+/// How long a connection refused by the limits may take to open its stream and be told why.
+pub const REFUSED_STREAM_WAIT: Duration = Duration::from_secs(2);
 /// How long the anchor waits, after its last message, for the node to read it and close.
 pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -48,9 +50,20 @@ pub async fn serve(services: Arc<Services>, conn: quinn::Connection) {
     // Admitted (or not) before anything else, so connections held open count too.
     let mut attempt = Attempt::new(&services, &conn);
     let admitted = attempt.admit();
-    let Ok(Ok((send, recv))) = tokio::time::timeout(STEP_TIMEOUT, conn.accept_bi()).await else {
-        attempt.finish(Some(&Fail::timed_out()));
-        fr::close(&conn, ErrorCode::Timeout, "timeout: no pairing stream");
+    // A refused connection is not held for long: it is told if it opens its stream at once.
+    let wait = if admitted.is_ok() {
+        STEP_TIMEOUT
+    } else {
+        REFUSED_STREAM_WAIT
+    };
+    let Ok(Ok((send, recv))) = tokio::time::timeout(wait, conn.accept_bi()).await else {
+        if admitted.is_ok() {
+            attempt.finish(Some(&Fail::timed_out()));
+            fr::close(&conn, ErrorCode::Timeout, "timeout: no pairing stream");
+        } else {
+            services.metrics.pairing_outcome("overloaded");
+            fr::close(&conn, ErrorCode::Overloaded, "overloaded: try again later");
+        }
         return;
     };
     // The pairing stream is the only one this connection may open.
@@ -162,8 +175,8 @@ impl<'a> Attempt<'a> {
         let mut limiter = self.limiter();
         // Refusals by the limiter itself are not charged again; an operator's decision
         // (rejected, expired) is not the source's failure.
-        let charged = failure.is_some_and(|f| f.reason != PairFailure::Overloaded)
-            && !self.reached_operator;
+        let charged =
+            failure.is_some_and(|f| f.reason != PairFailure::Overloaded) && !self.reached_operator;
         if charged {
             limiter.failed(self.source, self.code_id.as_deref(), now);
         }
