@@ -35,6 +35,7 @@ pub mod duration;
 pub mod error;
 pub mod frame;
 pub mod invoke;
+pub mod labels;
 pub mod state;
 
 pub use device::DeviceId;
