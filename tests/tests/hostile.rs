@@ -386,37 +386,7 @@ async fn a_node_session_refuses_extra_streams_and_counts_what_it_drops() {
     let state = pair(&anchor, loopback(1), &pin, &dir.path().join("node")).await;
     let identity = state.identity().unwrap();
 
-    let endpoint = quinn::Endpoint::client(SocketAddr::new(loopback(1), 0)).unwrap();
-    let conn = endpoint
-        .connect_with(
-            anchorage_mesh::tls::node_client_config(
-                &identity.ca,
-                vec![identity.cert.clone()],
-                identity.key.private_key_der(),
-            )
-            .unwrap(),
-            anchor.addr(),
-            ANCHOR_SERVER_NAME,
-        )
-        .unwrap()
-        .await
-        .unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    let (mut tx, mut rx) = framed::framed::<ControlUp, ControlDown>(send, recv);
-    tx.send(&ControlUp::Register(Register {
-        version: PROTOCOL_VERSION,
-        name: "hostile".into(),
-        platform: "test".into(),
-        agent_version: "0".into(),
-        capabilities: Vec::new(),
-    }))
-    .await
-    .unwrap();
-    assert!(matches!(
-        rx.recv().await.unwrap(),
-        Some(ControlDown::Registered(_))
-    ));
-
+    let (_endpoint, conn, _tx, _rx) = node_session(&anchor, &identity).await;
     assert_refused(&conn).await;
 
     // Garbage and a datagram only the anchor sends: dropped and counted, never fatal.
@@ -525,5 +495,116 @@ async fn under_handshake_load_clients_prove_their_address_with_a_retry_and_still
         retries >= 1.0,
         "the pairing went through a Retry: {retries}"
     );
+    anchor.running.shutdown().await;
+}
+
+/// A node connection with `identity`, its control stream open and registered.
+async fn node_session(
+    anchor: &Anchor,
+    identity: &anchorage_node::state::Identity,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    FramedSend<ControlUp>,
+    FramedRecv<ControlDown>,
+) {
+    let (endpoint, conn, mut tx, mut rx) = node_connection(anchor, identity).await;
+    tx.send(&register()).await.unwrap();
+    assert!(matches!(
+        tokio::time::timeout(STEP, rx.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        Some(ControlDown::Registered(_))
+    ));
+    (endpoint, conn, tx, rx)
+}
+
+/// A node connection with `identity` and its control stream open, nothing sent.
+async fn node_connection(
+    anchor: &Anchor,
+    identity: &anchorage_node::state::Identity,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    FramedSend<ControlUp>,
+    FramedRecv<ControlDown>,
+) {
+    let endpoint = quinn::Endpoint::client(SocketAddr::new(loopback(1), 0)).unwrap();
+    let conn = endpoint
+        .connect_with(
+            anchorage_mesh::tls::node_client_config(
+                &identity.ca,
+                vec![identity.cert.clone()],
+                identity.key.private_key_der(),
+            )
+            .unwrap(),
+            anchor.addr(),
+            ANCHOR_SERVER_NAME,
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let (tx, rx) = framed::framed::<ControlUp, ControlDown>(send, recv);
+    (endpoint, conn, tx, rx)
+}
+
+fn register() -> ControlUp {
+    ControlUp::Register(Register {
+        version: PROTOCOL_VERSION,
+        name: "hostile".into(),
+        platform: "test".into(),
+        agent_version: "0".into(),
+        capabilities: Vec::new(),
+    })
+}
+
+#[tokio::test]
+async fn node_connections_close_with_the_codes_protocol_md_gives() {
+    let anchor = Anchor::start().await;
+    let (_, _, pin) = anchor.mint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = pair(&anchor, loopback(1), &pin, &dir.path().join("node")).await;
+    let identity = state.identity().unwrap();
+    let code = |(c, _): (u32, String)| c;
+
+    // A newer connection of the same device replaces the older: REPLACED (12).
+    let (_e1, first, _t1, _r1) = node_session(&anchor, &identity).await;
+    let (_e2, second, mut tx, _r2) = node_session(&anchor, &identity).await;
+    assert_eq!(code(closed(&first).await), ErrorCode::Replaced.as_u32());
+    // A second Register: PROTOCOL_VIOLATION (8).
+    tx.send(&register()).await.unwrap();
+    assert_eq!(
+        code(closed(&second).await),
+        ErrorCode::ProtocolViolation.as_u32()
+    );
+
+    // Something other than Register first: 8; a frame that does not decode: BAD_FRAME (1).
+    let (_e, conn, mut tx, _rx) = node_connection(&anchor, &identity).await;
+    tx.send(&ControlUp::Event(
+        anchorage_wire::control::NodeEvent::Stopping {
+            reason: "never registered".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        code(closed(&conn).await),
+        ErrorCode::ProtocolViolation.as_u32()
+    );
+    let (_e, conn, tx, _rx) = node_connection(&anchor, &identity).await;
+    let mut send = tx.into_inner();
+    send.write_all(&[0, 0, 0, 2, 0xff, 0xff]).await.unwrap();
+    assert_eq!(code(closed(&conn).await), ErrorCode::BadFrame.as_u32());
+
+    // Revoking the device closes its live connection: REVOKED (4).
+    let (_e, live, _tx, _rx) = node_session(&anchor, &identity).await;
+    anchor
+        .client
+        .revoke(&identity.cert_info.key_id, Some("hostile".into()))
+        .await
+        .unwrap();
+    assert_eq!(code(closed(&live).await), ErrorCode::Revoked.as_u32());
     anchor.running.shutdown().await;
 }

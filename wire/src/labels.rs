@@ -58,7 +58,9 @@ pub enum LabelError {
         why: &'static str,
     },
     /// The key is reserved for facts the node reports.
-    #[error("label key {0:?} is reserved: keys under {RESERVED_PREFIX}/ are set from what the node reports")]
+    #[error(
+        "label key {0:?} is reserved: keys under {RESERVED_PREFIX}/ are set from what the node reports"
+    )]
     Reserved(String),
     /// Too many labels.
     #[error("a device has at most {MAX_LABELS} labels")]
@@ -76,7 +78,10 @@ fn name_ok(s: &str) -> Result<(), &'static str> {
         return Err("longer than 63 characters");
     }
     let bytes = s.as_bytes();
-    if !bytes.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b)) {
+    if !bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+    {
         return Err("a character other than letters, digits, '-', '_', '.'");
     }
     if !bytes[0].is_ascii_alphanumeric() || !bytes[bytes.len() - 1].is_ascii_alphanumeric() {
@@ -93,7 +98,8 @@ fn prefix_ok(p: &str) -> Result<(), &'static str> {
         let b = part.as_bytes();
         let ok = !b.is_empty()
             && b.len() <= 63
-            && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
             && b[0] != b'-'
             && b[b.len() - 1] != b'-';
         if !ok {
@@ -569,10 +575,27 @@ mod tests {
 
     #[test]
     fn keys_and_values_are_checked_like_kubernetes() {
-        for ok in ["site", "a", "example.com/role", "node.anchorage/os", "a-b_c.d", "A1"] {
+        for ok in [
+            "site",
+            "a",
+            "example.com/role",
+            "node.anchorage/os",
+            "a-b_c.d",
+            "A1",
+        ] {
             validate_key(ok).unwrap();
         }
-        for bad in ["", "-site", "site-", "a b", "Example.com/x", "/x", "x/", "a/b/c", "é"] {
+        for bad in [
+            "",
+            "-site",
+            "site-",
+            "a b",
+            "Example.com/x",
+            "/x",
+            "x/",
+            "a/b/c",
+            "é",
+        ] {
             assert!(validate_key(bad).is_err(), "{bad:?}");
         }
         assert!(validate_key(&"k".repeat(64)).is_err());
@@ -633,7 +656,10 @@ mod tests {
         assert_eq!(e.expected, "a value");
         let e = "site=lab role=x".parse::<Selector>().unwrap_err();
         assert_eq!(e.position, 10);
-        assert_eq!(e.to_string(), "selector, at character 10: expected ',' or the end, found \"role\"");
+        assert_eq!(
+            e.to_string(),
+            "selector, at character 10: expected ',' or the end, found \"role\""
+        );
         let e = "site=l@b".parse::<Selector>().unwrap_err();
         assert_eq!(e.position, 7);
         let e = "-bad=x".parse::<Selector>().unwrap_err();
@@ -646,13 +672,15 @@ mod tests {
     }
 
     fn key() -> impl Strategy<Value = String> {
-        (proptest::option::of("[a-z0-9]{1,5}(\\.[a-z0-9]{1,5}){0,2}"), name()).prop_map(
-            |(prefix, name)| match prefix {
+        (
+            proptest::option::of("[a-z0-9]{1,5}(\\.[a-z0-9]{1,5}){0,2}"),
+            name(),
+        )
+            .prop_map(|(prefix, name)| match prefix {
                 Some(p) => format!("{p}/{name}"),
                 None => name,
-            },
-        )
-        .prop_filter("not a keyword", |k| k != "in" && k != "notin")
+            })
+            .prop_filter("not a keyword", |k| k != "in" && k != "notin")
     }
 
     fn value() -> impl Strategy<Value = String> {
