@@ -325,6 +325,86 @@ pub struct PairingRequest {
     pub reason: Option<String>,
 }
 
+/// `PATCH /console/v1/devices/{id}/labels`: labels to set, then keys to remove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRequest {
+    /// `key` → `value` to set (keys and values as Kubernetes labels; not `node.anchorage/`).
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, String>,
+    /// Keys to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+impl LabelRequest {
+    /// The changes, validated, sets first.
+    pub fn changes(&self) -> Result<Vec<anchorage_wire::labels::LabelChange>, ApiError> {
+        use anchorage_wire::labels::{
+            LabelChange, is_reserved, validate_key, validate_operator_label,
+        };
+        let bad = |e: anchorage_wire::labels::LabelError| ApiError::bad_request(e.to_string());
+        let mut out = Vec::with_capacity(self.set.len() + self.remove.len());
+        for (k, v) in &self.set {
+            validate_operator_label(k, v).map_err(bad)?;
+            out.push(LabelChange::Set(k.clone(), v.clone()));
+        }
+        for k in &self.remove {
+            validate_key(k).map_err(bad)?;
+            if is_reserved(k) {
+                return Err(bad(anchorage_wire::labels::LabelError::Reserved(k.clone())));
+            }
+            out.push(LabelChange::Remove(k.clone()));
+        }
+        if out.is_empty() {
+            return Err(ApiError::bad_request(
+                "nothing to change: give labels to set and/or keys to remove",
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl Validate for LabelRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        if self.set.len() + self.remove.len() > anchorage_wire::labels::MAX_LABELS {
+            return Err(ApiError::bad_request(format!(
+                "at most {} label changes at once",
+                anchorage_wire::labels::MAX_LABELS
+            )));
+        }
+        self.changes().map(drop)
+    }
+}
+
+impl InventorySummary {
+    /// The summary of `devices` (for a filtered inventory).
+    pub fn of(devices: &[InventoryDevice]) -> InventorySummary {
+        let mut s = InventorySummary {
+            devices: devices.len() as u64,
+            ..Default::default()
+        };
+        for d in devices {
+            match d.trust {
+                TrustState::Trusted => s.trusted += 1,
+                TrustState::Revoked => s.revoked += 1,
+                _ => {}
+            }
+            match d.presence {
+                Presence::Online => s.online += 1,
+                Presence::Degraded => s.degraded += 1,
+                Presence::Stale => s.stale += 1,
+                Presence::Offline => s.offline += 1,
+                Presence::Unknown => {}
+            }
+            s.connected += u64::from(d.connected);
+            s.with_warnings += u64::from(!d.warnings.is_empty());
+            s.pending_pairings += d.pending_pairings.len() as u64;
+        }
+        s
+    }
+}
+
 /// `POST /console/v1/pairing/requests/{id}/reject`, `POST /console/v1/devices/{id}/revoke`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -375,6 +455,10 @@ pub struct Device {
     pub revoked_reason: Option<String>,
     /// Whether an operator asked for a certificate rotation the node has not done yet.
     pub rotation_pending: bool,
+    /// Labels: the operator's, and the facts the device reported under
+    /// `node.anchorage/` (platform, os, arch).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -505,6 +589,9 @@ pub struct InventoryDevice {
     pub device_id: DeviceId,
     /// Name.
     pub name: String,
+    /// Labels (as on [`Device`]; empty for a device that is only pending).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Trust state.
     pub trust: TrustState,
     /// Presence.

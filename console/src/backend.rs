@@ -71,6 +71,13 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = ApiResult<Device>> + Send;
     /// Removes a device (a revoked device can then pair again).
     fn remove(&self, who: &Principal, id: DeviceId) -> impl Future<Output = ApiResult<()>> + Send;
+    /// Sets and removes a device's labels, in order (each change already validated).
+    fn label(
+        &self,
+        who: &Principal,
+        id: DeviceId,
+        changes: Vec<anchorage_wire::labels::LabelChange>,
+    ) -> impl Future<Output = ApiResult<Device>> + Send;
 
     // Tokens
     /// Creates a token.

@@ -189,7 +189,31 @@ impl ControlPlaneClient {
 
     /// Lists devices (`GET /devices`).
     pub async fn list_devices(&self) -> Result<Vec<Device>, ClientError> {
-        self.json(self.api(Method::GET, &["devices"])?).await
+        self.list_devices_matching(None).await
+    }
+
+    /// Devices whose labels match `selector` (`GET /devices?selector=`).
+    pub async fn list_devices_matching(
+        &self,
+        selector: Option<&str>,
+    ) -> Result<Vec<Device>, ClientError> {
+        let mut rb = self.api(Method::GET, &["devices"])?;
+        if let Some(s) = selector {
+            rb = rb.query(&[("selector", s)]);
+        }
+        self.json(rb).await
+    }
+
+    /// Sets and removes a device's labels (`PATCH /devices/{id}/labels`).
+    pub async fn label(
+        &self,
+        id: &(impl fmt::Display + ?Sized),
+        req: &crate::api::LabelRequest,
+    ) -> Result<Device, ClientError> {
+        let rb = self
+            .api(Method::PATCH, &["devices", &id.to_string(), "labels"])?
+            .json(req);
+        self.json(rb).await
     }
 
     /// One device (`GET /devices/{id}`).
@@ -245,7 +269,19 @@ impl ControlPlaneClient {
 
     /// The inventory (`GET /inventory`).
     pub async fn inventory(&self) -> Result<Inventory, ClientError> {
-        self.json(self.api(Method::GET, &["inventory"])?).await
+        self.inventory_matching(None).await
+    }
+
+    /// The inventory of the devices whose labels match `selector` (`GET /inventory?selector=`).
+    pub async fn inventory_matching(
+        &self,
+        selector: Option<&str>,
+    ) -> Result<Inventory, ClientError> {
+        let mut rb = self.api(Method::GET, &["inventory"])?;
+        if let Some(s) = selector {
+            rb = rb.query(&[("selector", s)]);
+        }
+        self.json(rb).await
     }
 
     /// One device's inventory entry (`GET /inventory/{id}`).

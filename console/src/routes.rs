@@ -556,14 +556,46 @@ fn device_routes<B: Backend>() -> Router<AppState<B>> {
         .route("/devices/{id}", get(device::<B>).delete(remove::<B>))
         .route("/devices/{id}/revoke", post(revoke::<B>))
         .route("/devices/{id}/rotate", post(rotate::<B>))
+        .route("/devices/{id}/labels", axum::routing::patch(label::<B>))
+}
+
+#[derive(Deserialize)]
+struct SelectorQuery {
+    selector: Option<String>,
+}
+
+/// The `?selector=` of a listing (none: everything), or a 400 saying where it is wrong.
+fn selector(uri: &Uri) -> Result<anchorage_wire::labels::Selector, ApiError> {
+    let q: SelectorQuery = query(uri)?;
+    q.selector
+        .as_deref()
+        .unwrap_or("")
+        .parse()
+        .map_err(|e: anchorage_wire::labels::SelectorError| ApiError::bad_request(e.to_string()))
 }
 
 async fn list_devices<B: Backend>(
     State(st): State<AppState<B>>,
     auth: Auth,
+    uri: Uri,
 ) -> Result<Json<Vec<Device>>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.list_devices().await?))
+    let sel = selector(&uri)?;
+    let mut devices = st.backend.list_devices().await?;
+    devices.retain(|d| sel.matches(&d.labels));
+    Ok(Json(devices))
+}
+
+async fn label<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+    body: RawBody,
+) -> Result<Json<Device>, ApiError> {
+    let who = require(&auth, Permission::TrustOperate)?;
+    let id = device_id(&id)?;
+    let req: crate::api::LabelRequest = body.json()?;
+    Ok(Json(st.backend.label(who, id, req.changes()?).await?))
 }
 
 async fn device<B: Backend>(
@@ -662,9 +694,16 @@ fn runtime_routes<B: Backend>() -> Router<AppState<B>> {
 async fn inventory<B: Backend>(
     State(st): State<AppState<B>>,
     auth: Auth,
+    uri: Uri,
 ) -> Result<Json<Inventory>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.inventory().await?))
+    let sel = selector(&uri)?;
+    let mut inventory = st.backend.inventory().await?;
+    if !sel.is_empty() {
+        inventory.devices.retain(|d| sel.matches(&d.labels));
+        inventory.summary = crate::api::InventorySummary::of(&inventory.devices);
+    }
+    Ok(Json(inventory))
 }
 
 async fn inventory_device<B: Backend>(

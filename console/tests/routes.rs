@@ -59,6 +59,9 @@ const ROUTES: &[Case] = &[
     case("POST", "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/revoke", None, TrustOperate, StatusCode::OK),
     case("POST", "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/rotate", None, TrustOperate, StatusCode::OK),
     case("DELETE", "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt", None, TrustOperate, StatusCode::NO_CONTENT),
+    case("PATCH", "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/labels", Some(r#"{"set":{"role":"camera"}}"#), TrustOperate, StatusCode::OK),
+    case("GET", "/console/v1/devices?selector=site%3Dlab", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/inventory?selector=site%3Dlab", None, Read, StatusCode::OK),
     case("POST", "/console/v1/tokens", Some(r#"{"permissions":["observability.read"]}"#), TokensManage, StatusCode::CREATED),
     case("GET", "/console/v1/tokens", None, TokensManage, StatusCode::OK),
     case("DELETE", "/console/v1/tokens/TOK-1", None, TokensManage, StatusCode::OK),
@@ -1036,4 +1039,102 @@ async fn a_body_that_never_finishes_is_408_json() {
     let message = assert_error(res, StatusCode::REQUEST_TIMEOUT, "request_timeout").await;
     assert!(message.contains("30 s"), "{message}");
     assert!(backend.calls().is_empty());
+}
+
+#[tokio::test]
+async fn labels_are_set_and_removed_and_bad_ones_are_400s_that_say_why() {
+    let (app, backend) = app();
+    let uri = "/console/v1/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/labels";
+    let res = send(
+        app.clone(),
+        build(
+            "PATCH",
+            uri,
+            Some(&bearer("owner")),
+            Some(r#"{"set":{"role":"camera"},"remove":["site"]}"#),
+        ),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let device: serde_json::Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
+    assert_eq!(device["labels"]["role"], "camera");
+    assert!(device["labels"].get("site").is_none(), "{device}");
+    assert_eq!(backend.calls(), vec!["label"]);
+    for (body, says) in [
+        (r#"{"set":{"node.anchorage/os":"beos"}}"#, "reserved"),
+        (r#"{"set":{"-bad":"x"}}"#, "label key"),
+        (r#"{"set":{"role":"has space"}}"#, "label value"),
+        (r#"{"remove":["node.anchorage/os"]}"#, "reserved"),
+        (r#"{}"#, "nothing to change"),
+        (r#"{"sett":{}}"#, "unknown field"),
+    ] {
+        let res = send(
+            app.clone(),
+            build("PATCH", uri, Some(&bearer("owner")), Some(body)),
+        )
+        .await;
+        let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+        assert!(message.contains(says), "{body}: {message}");
+    }
+}
+
+#[tokio::test]
+async fn listings_filter_by_selector_and_a_bad_one_says_where() {
+    let (app, _) = app();
+    for (selector, count) in [
+        ("site%3Dlab", 1),
+        ("site%21%3Dlab", 0),
+        ("node.anchorage%2Fos%20in%20(linux%2Cbsd)", 1),
+        ("%21site", 0),
+        ("", 1),
+    ] {
+        let res = send(
+            app.clone(),
+            build(
+                "GET",
+                &format!("/console/v1/devices?selector={selector}"),
+                Some(&bearer("owner")),
+                None,
+            ),
+        )
+        .await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&body_bytes(res).await).unwrap();
+        assert_eq!(list.len(), count, "{selector}");
+        let res = send(
+            app.clone(),
+            build(
+                "GET",
+                &format!("/console/v1/inventory?selector={selector}"),
+                Some(&bearer("owner")),
+                None,
+            ),
+        )
+        .await;
+        let inv: serde_json::Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
+        assert_eq!(
+            inv["devices"].as_array().unwrap().len(),
+            count,
+            "{selector}"
+        );
+        assert_eq!(
+            inv["summary"]["devices"], count,
+            "the summary follows the filter"
+        );
+    }
+    let res = send(
+        app,
+        build(
+            "GET",
+            "/console/v1/devices?selector=site%3Dlab%2C",
+            Some(&bearer("owner")),
+            None,
+        ),
+    )
+    .await;
+    let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+    assert!(
+        message.contains("at character 10") && message.contains("a label key"),
+        "{message}"
+    );
 }

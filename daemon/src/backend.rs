@@ -56,6 +56,17 @@ impl AnchorBackend {
     }
 }
 
+impl AnchorBackend {
+    /// A device record as the API shows it, with its labels.
+    async fn device_view(&self, record: crate::records::DeviceRecord) -> ApiResult<Device> {
+        self.blocking(move |s| {
+            let labels = s.trust.labels_of(&record.device_id)?;
+            Ok(device_api(&record, Some(&labels)))
+        })
+        .await
+    }
+}
+
 /// Renders text as a terminal QR code (Unicode half blocks).
 pub fn qr_text(text: &str) -> Option<String> {
     let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
@@ -201,8 +212,15 @@ impl Backend for AnchorBackend {
     }
 
     async fn list_devices(&self) -> ApiResult<Vec<Device>> {
-        self.blocking(|s| Ok(s.trust.devices()?.iter().map(device_api).collect()))
-            .await
+        self.blocking(|s| {
+            let labels = s.trust.all_labels()?;
+            Ok(s.trust
+                .devices()?
+                .iter()
+                .map(|d| device_api(d, labels.get(&d.device_id)))
+                .collect())
+        })
+        .await
     }
 
     async fn device(&self, device: DeviceId) -> ApiResult<Device> {
@@ -211,7 +229,7 @@ impl Backend for AnchorBackend {
                 .trust
                 .device(&device)?
                 .ok_or_else(|| TrustError::NotFound(format!("device {device}")))?;
-            Ok(device_api(&d))
+            Ok(device_api(&d, Some(&s.trust.labels_of(&device)?)))
         })
         .await
     }
@@ -233,7 +251,7 @@ impl Backend for AnchorBackend {
             device,
             reason: record.revoked_reason.clone(),
         });
-        Ok(device_api(&record))
+        self.device_view(record).await
     }
 
     async fn rotate(&self, who: &Principal, device: DeviceId) -> ApiResult<Device> {
@@ -242,7 +260,25 @@ impl Backend for AnchorBackend {
             .blocking(move |s| s.trust.rotate_device(&who, &device))
             .await?;
         self.services.nodes.request_rotation(&device);
-        Ok(device_api(&record))
+        self.device_view(record).await
+    }
+
+    async fn label(
+        &self,
+        who: &Principal,
+        device: DeviceId,
+        changes: Vec<anchorage_wire::labels::LabelChange>,
+    ) -> ApiResult<Device> {
+        let who = who.clone();
+        self.blocking(move |s| {
+            let labels = s.trust.label_device(&who, &device, &changes)?;
+            let record = s
+                .trust
+                .device(&device)?
+                .ok_or_else(|| TrustError::NotFound(format!("device {device}")))?;
+            Ok(device_api(&record, Some(&labels)))
+        })
+        .await
     }
 
     async fn remove(&self, who: &Principal, device: DeviceId) -> ApiResult<()> {
@@ -298,6 +334,7 @@ impl Backend for AnchorBackend {
             Ok(crate::inventory::inventory(
                 s,
                 s.trust.devices()?,
+                &s.trust.all_labels()?,
                 all_requests(s)?,
             ))
         })
@@ -307,7 +344,8 @@ impl Backend for AnchorBackend {
     async fn inventory_device(&self, device: DeviceId) -> ApiResult<InventoryDevice> {
         self.blocking(move |s| {
             let record = s.trust.device(&device)?;
-            crate::inventory::inventory_device(s, device, record, all_requests(s)?)
+            let labels = s.trust.labels_of(&device)?;
+            crate::inventory::inventory_device(s, device, record, &labels, all_requests(s)?)
                 .ok_or_else(|| TrustError::NotFound(format!("device {device}")))
         })
         .await

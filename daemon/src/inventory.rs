@@ -12,7 +12,7 @@ use anchorage_wire::invoke::InvocationId;
 use crate::clock::to_odt;
 use crate::nodes::{Node as NodeState, SessionHandle};
 use crate::records::{
-    CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord, InvocationState,
+    CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord, InvocationState, Labels,
     RequestRecord, RequestState, TokenRecord,
 };
 use crate::services::Services;
@@ -80,6 +80,7 @@ fn entry(
     services: &Services,
     device_id: DeviceId,
     device: Option<&DeviceRecord>,
+    labels: Option<&Labels>,
     pending: Vec<&RequestRecord>,
     now_ms: u64,
 ) -> InventoryDevice {
@@ -158,7 +159,8 @@ fn entry(
         connected_since: node.as_ref().and_then(|n| n.connected_since),
         last_seen_at: node.as_ref().and_then(|n| n.last_seen_at),
         cert_expires_at: device.map(|d| to_odt(d.cert_not_after_ms)),
-        device: device.map(device_api),
+        labels: device.map(|d| labels_api(d, labels)).unwrap_or_default(),
+        device: device.map(|d| device_api(d, labels)),
         pending_pairings: pending.iter().map(|r| request_api(r, now_ms)).collect(),
         node,
     }
@@ -183,6 +185,7 @@ fn pending_of<'a>(
 pub fn inventory(
     services: &Services,
     devices: Vec<DeviceRecord>,
+    labels: &std::collections::HashMap<DeviceId, Labels>,
     requests: Vec<RequestRecord>,
 ) -> Inventory {
     let now = services.clock.now_ms();
@@ -203,7 +206,7 @@ pub fn inventory(
         .map(|id| {
             let device = by_id.get(id).copied();
             let p = pending.get(id).cloned().unwrap_or_default();
-            entry(services, *id, device, p, now)
+            entry(services, *id, device, labels.get(id), p, now)
         })
         .collect();
     let mut summary = InventorySummary {
@@ -244,12 +247,13 @@ pub fn inventory_device(
     services: &Services,
     id: DeviceId,
     device: Option<DeviceRecord>,
+    labels: &Labels,
     requests: Vec<RequestRecord>,
 ) -> Option<InventoryDevice> {
     let now = services.clock.now_ms();
     let pending = pending_of(&requests, &id, now);
     let known = device.is_some() || !pending.is_empty();
-    known.then(|| entry(services, id, device.as_ref(), pending, now))
+    known.then(|| entry(services, id, device.as_ref(), Some(labels), pending, now))
 }
 
 /// The anchor instance record.
@@ -319,8 +323,29 @@ pub fn rejection(services: &Services, device: &DeviceId, capability: &str) -> Op
 }
 
 /// A device as the API shows it.
-pub fn device_api(d: &DeviceRecord) -> api::Device {
+/// A device's labels as the API shows them: the operator's, and the facts the device
+/// reported under the reserved prefix (`node.anchorage/platform`, `/os`, `/arch`).
+pub fn labels_api(d: &DeviceRecord, labels: Option<&Labels>) -> Labels {
+    use anchorage_wire::labels::{RESERVED_PREFIX, fact_value};
+    let mut out = labels.cloned().unwrap_or_default();
+    let mut fact = |name: &str, value: &str| {
+        let value = fact_value(value);
+        if !value.is_empty() {
+            out.insert(format!("{RESERVED_PREFIX}/{name}"), value);
+        }
+    };
+    fact("platform", &d.platform);
+    if let Some((os, arch)) = d.platform.split_once('-') {
+        fact("os", os);
+        fact("arch", arch);
+    }
+    out
+}
+
+/// A device as the API shows it, with its labels.
+pub fn device_api(d: &DeviceRecord, labels: Option<&Labels>) -> api::Device {
     api::Device {
+        labels: labels_api(d, labels),
         device_id: d.device_id,
         name: d.name.clone(),
         trust: match d.trust {

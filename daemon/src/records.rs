@@ -136,6 +136,9 @@ pub struct DeviceRecord {
     pub rotation_pending: bool,
 }
 
+/// Labels an operator set on a device (`key` → `value`, validated by `wire::labels`).
+pub type Labels = std::collections::BTreeMap<String, String>;
+
 /// A revocation: of a whole device (`d/` keys) or of one certificate serial (`s/` keys).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevocationRecord {

@@ -266,6 +266,32 @@ fn pin_pairing_revocation_and_re_pairing_with_the_real_binaries() {
     let device = anchord.ctl(&["device", "show", &device_id]);
     assert_eq!(device["trust"], "trusted", "{device}");
     assert_eq!(device["name"], "laptop", "{device}");
+
+    // Labels, kubectl-style: set, remove, select; reserved keys are the node's, not ours.
+    let labelled = anchord.ctl(&["device", "label", &device_id, "site=lab", "role=camera"]);
+    assert_eq!(labelled["labels"]["site"], "lab", "{labelled}");
+    let labelled = anchord.ctl(&["device", "label", &device_id, "role-"]);
+    assert!(labelled["labels"].get("role").is_none(), "{labelled}");
+    let refused = anchord.ctl_output(&["device", "label", &device_id, "node.anchorage/os=beos"]);
+    assert_eq!(refused.status.code(), Some(64), "{refused:?}");
+    assert!(refused.stderr.contains("reserved"), "{refused:?}");
+    let bad = anchord.ctl_output(&["device", "label", &device_id, "site"]);
+    assert_eq!(bad.status.code(), Some(64), "{bad:?}");
+    let inventory = anchord.ctl(&["inventory", "-l", "site=lab"]);
+    assert_eq!(
+        inventory["devices"].as_array().unwrap().len(),
+        1,
+        "{inventory}"
+    );
+    assert_eq!(
+        inventory["devices"][0]["labels"]["site"], "lab",
+        "{inventory}"
+    );
+    let none = anchord.ctl(&["device", "list", "-l", "site!=lab"]);
+    assert_eq!(none.as_array().unwrap().len(), 0, "{none}");
+    let bad = anchord.ctl_output(&["inventory", "-l", "site in lab"]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(bad.stderr.contains("at character 9"), "{bad:?}");
     // The request ends completed once the node has its files.
     let deadline = Instant::now() + PENDING_TIMEOUT;
     loop {
@@ -334,6 +360,8 @@ fn pin_pairing_revocation_and_re_pairing_with_the_real_binaries() {
             "pairing.request",
             "device.remove",
             "device.revoke",
+            "device.label",
+            "device.label",
             "pairing.approve",
             "pairing.request",
         ],

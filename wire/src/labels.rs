@@ -152,6 +152,26 @@ pub fn validate_operator_label(key: &str, value: &str) -> Result<(), LabelError>
     Ok(())
 }
 
+/// `text` made into a valid label value: characters outside the value alphabet become `_`,
+/// at most [`MAX_NAME_LEN`] characters, trimmed to start and end with a letter or digit
+/// (empty if nothing is left). For facts a node reports, which are free text.
+pub fn fact_value(text: &str) -> String {
+    let mapped: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_NAME_LEN)
+        .collect();
+    mapped
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
 /// One change an operator asks for: `key=value` sets, `key-` removes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LabelChange {
@@ -605,6 +625,18 @@ mod tests {
         assert!(validate_value("k", &"v".repeat(64)).is_err());
         let err = validate_operator_label("node.anchorage/os", "linux").unwrap_err();
         assert!(err.to_string().contains("reserved"), "{err}");
+    }
+
+    #[test]
+    fn reported_facts_become_valid_values() {
+        assert_eq!(fact_value("linux-x86_64"), "linux-x86_64");
+        assert_eq!(fact_value(" Debian 12 (bookworm) "), "Debian_12__bookworm");
+        assert_eq!(fact_value("---"), "");
+        let long = fact_value(&"x".repeat(100));
+        assert_eq!(long.len(), MAX_NAME_LEN);
+        for s in ["é", "a/b", "\u{202e}evil", ""] {
+            validate_value("k", &fact_value(s)).unwrap();
+        }
     }
 
     #[test]

@@ -198,7 +198,11 @@ pub enum PairCommand {
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// List devices.
-    List,
+    List {
+        /// Only devices whose labels match this selector, e.g. `site=lab,role in (camera)`.
+        #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+        selector: Option<String>,
+    },
     /// Show one device's trust record.
     Show {
         /// Device id.
@@ -221,6 +225,14 @@ pub enum DeviceCommand {
     Remove {
         /// Device id.
         id: String,
+    },
+    /// Set labels (`key=value`) and remove them (`key-`), e.g. `site=lab role-`.
+    Label {
+        /// Device id.
+        id: String,
+        /// `key=value` to set, `key-` to remove; applied in order.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        changes: Vec<String>,
     },
 }
 
@@ -271,6 +283,9 @@ pub struct InventoryArgs {
     /// Show one device instead of the whole inventory.
     #[command(subcommand)]
     pub show: Option<InventoryCommand>,
+    /// Only devices whose labels match this selector, e.g. `site=lab,!decommissioned`.
+    #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+    pub selector: Option<String>,
 }
 
 /// `anchorctl inventory show ID`
@@ -559,12 +574,16 @@ impl Ctx<'_> {
             Command::Pair(cmd) => self.pair(cmd).await,
             Command::Device(cmd) => self.device(cmd).await,
             Command::Token(cmd) => self.token(cmd).await,
-            Command::Inventory(InventoryArgs { show: None }) => {
-                let inventory = self.client.inventory().await?;
+            Command::Inventory(InventoryArgs {
+                show: None,
+                selector,
+            }) => {
+                let inventory = self.client.inventory_matching(selector.as_deref()).await?;
                 self.emit(&inventory, |now| human_inventory(&inventory, now))
             }
             Command::Inventory(InventoryArgs {
                 show: Some(InventoryCommand::Show { id }),
+                ..
             }) => {
                 let device = self.client.inventory_device(&id).await?;
                 self.emit(&device, |now| human_inventory_device(&device, now))
@@ -680,8 +699,11 @@ impl Ctx<'_> {
 
     async fn device(&mut self, cmd: DeviceCommand) -> Result<(), CliError> {
         match cmd {
-            DeviceCommand::List => {
-                let list = self.client.list_devices().await?;
+            DeviceCommand::List { selector } => {
+                let list = self
+                    .client
+                    .list_devices_matching(selector.as_deref())
+                    .await?;
                 self.emit(&list, |now| human_devices(&list, now))
             }
             DeviceCommand::Show { id } => {
@@ -700,6 +722,29 @@ impl Ctx<'_> {
                     format!(
                         "asked device {} ({}) to rotate its certificate\n",
                         device.device_id, device.name
+                    )
+                })
+            }
+            DeviceCommand::Label { id, changes } => {
+                let mut req = crate::api::LabelRequest::default();
+                for text in &changes {
+                    match text.parse::<anchorage_wire::labels::LabelChange>() {
+                        Ok(anchorage_wire::labels::LabelChange::Set(k, v)) => {
+                            req.set.insert(k, v);
+                        }
+                        Ok(anchorage_wire::labels::LabelChange::Remove(k)) => req.remove.push(k),
+                        Err(e) => {
+                            return Err(CliError::new(exit::BAD_INPUT, "bad_label", e.to_string()));
+                        }
+                    }
+                }
+                let device = self.client.label(&id, &req).await?;
+                self.emit(&device, |_| {
+                    format!(
+                        "labels of {} ({}): {}\n",
+                        device.device_id,
+                        device.name,
+                        labels_text(&device.labels)
                     )
                 })
             }
@@ -1079,7 +1124,20 @@ fn human_device(d: &Device, now: OffsetDateTime) -> String {
         ("paired", both_opt(Some(d.paired_at), now)),
         ("revoked", both_opt(d.revoked_at, now)),
         ("revoked reason", or_dash(d.revoked_reason.as_deref())),
+        ("labels", labels_text(&d.labels)),
     ])
+}
+
+/// Labels as `key=value` separated by commas (a selector that matches them), or `-`.
+fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn human_tokens(list: &[TokenInfo], now: OffsetDateTime) -> String {

@@ -117,6 +117,10 @@ pub fn device(trust: TrustState) -> Device {
         revoked_at: None,
         revoked_reason: None,
         rotation_pending: false,
+        labels: [("site", "lab"), ("node.anchorage/os", "linux")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     }
 }
 
@@ -175,6 +179,7 @@ pub fn inventory_device() -> InventoryDevice {
     InventoryDevice {
         device_id: device_id(),
         name: "kitchen-pi".into(),
+        labels: device(TrustState::Trusted).labels,
         trust: TrustState::Trusted,
         presence: Presence::Online,
         heartbeat_age_ms: Some(1200),
@@ -340,6 +345,29 @@ impl Backend for TestBackend {
         found(id, device_id(), || {
             let mut d = device(TrustState::Trusted);
             d.rotation_pending = true;
+            d
+        })
+    }
+
+    async fn label(
+        &self,
+        _who: &Principal,
+        id: DeviceId,
+        changes: Vec<anchorage_wire::labels::LabelChange>,
+    ) -> ApiResult<Device> {
+        self.call("label");
+        found(id, device_id(), || {
+            let mut d = device(TrustState::Trusted);
+            for c in changes {
+                match c {
+                    anchorage_wire::labels::LabelChange::Set(k, v) => {
+                        d.labels.insert(k, v);
+                    }
+                    anchorage_wire::labels::LabelChange::Remove(k) => {
+                        d.labels.remove(&k);
+                    }
+                }
+            }
             d
         })
     }

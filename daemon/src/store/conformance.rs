@@ -33,6 +33,7 @@ macro_rules! __store_conformance_suite {
             a_code_is_consumed_once,
             watchers_see_each_commit_in_order,
             removing_a_device_removes_its_runtime_records,
+            labels_are_kept_per_device_and_go_with_it,
             audit_is_newest_first_filtered_and_bounded,
             invocations_load_query_and_prune,
             the_writer_keeps_order_and_barriers_wait,
@@ -401,6 +402,48 @@ pub fn removing_a_device_removes_its_runtime_records(b: &dyn Backend) {
     let snap = s.runtime.load().unwrap();
     assert_eq!(snap.nodes, vec![node(2)]);
     assert!(snap.presence.is_empty());
+}
+
+/// Labels persist per device, an empty set deletes them, and removing the device removes them.
+pub fn labels_are_kept_per_device_and_go_with_it(b: &dyn Backend) {
+    let labels = |pairs: &[(&str, &str)]| -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    {
+        let s = open(b);
+        transact(&*s.trust, |txn| {
+            txn.put_device(&device_record(1))?;
+            txn.put_device(&device_record(2))?;
+            txn.put_device(&device_record(3))?;
+            txn.put_labels(&device(1), &labels(&[("site", "lab"), ("role", "camera")]))?;
+            txn.put_labels(&device(2), &labels(&[("site", "home")]))?;
+            txn.put_labels(&device(3), &labels(&[("x", "y")]))
+        })
+        .unwrap();
+        transact(&*s.trust, |txn| {
+            assert_eq!(
+                txn.labels(&device(2))?,
+                Some(labels(&[("site", "home")])),
+                "a transaction reads what is stored"
+            );
+            txn.put_labels(&device(3), &Labels::new())?;
+            txn.remove_device(&device(2))
+        })
+        .unwrap();
+    }
+    let s = open(b);
+    assert_eq!(
+        s.trust.all_labels().unwrap(),
+        vec![(device(1), labels(&[("role", "camera"), ("site", "lab")]))]
+    );
+    assert_eq!(
+        s.trust.device_labels(&device(1)).unwrap(),
+        Some(labels(&[("site", "lab"), ("role", "camera")]))
+    );
+    assert_eq!(s.trust.device_labels(&device(3)).unwrap(), None);
 }
 
 /// The audit log reads newest first, filtered, at most `limit`.

@@ -35,10 +35,11 @@ enum Space {
     Invocations,
     Tokens,
     Audit,
+    Labels,
 }
 
 impl Space {
-    const ALL: [Space; 10] = [
+    const ALL: [Space; 11] = [
         Space::Meta,
         Space::Codes,
         Space::Requests,
@@ -49,6 +50,7 @@ impl Space {
         Space::Invocations,
         Space::Tokens,
         Space::Audit,
+        Space::Labels,
     ];
 
     const fn name(self) -> &'static str {
@@ -63,6 +65,7 @@ impl Space {
             Space::Invocations => "invocations",
             Space::Tokens => "tokens",
             Space::Audit => "audit",
+            Space::Labels => "labels",
         }
     }
 }
@@ -301,8 +304,22 @@ impl TrustTxn for Txn<'_> {
         Ok(())
     }
 
+    fn labels(&mut self, id: &DeviceId) -> Result<Option<Labels>, StoreError> {
+        self.get(Space::Labels, id.as_bytes())
+    }
+
+    fn put_labels(&mut self, id: &DeviceId, labels: &Labels) -> Result<(), StoreError> {
+        if labels.is_empty() {
+            self.remove(Space::Labels, id.as_bytes());
+            Ok(())
+        } else {
+            self.put(Space::Labels, id.as_bytes(), labels)
+        }
+    }
+
     fn remove_device(&mut self, id: &DeviceId) -> Result<(), StoreError> {
         self.remove(Space::Devices, id.as_bytes());
+        self.remove(Space::Labels, id.as_bytes());
         self.remove(Space::Nodes, id.as_bytes());
         self.remove(Space::Presence, id.as_bytes());
         self.changes.push(TrustChange::Device(*id, None));
@@ -430,6 +447,21 @@ impl TrustStore for FjallStore {
 
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         self.get(Space::Devices, id.as_bytes())
+    }
+
+    fn device_labels(&self, id: &DeviceId) -> Result<Option<Labels>, StoreError> {
+        self.get(Space::Labels, id.as_bytes())
+    }
+
+    fn all_labels(&self) -> Result<Vec<(DeviceId, Labels)>, StoreError> {
+        Ok(self
+            .scan::<Labels>(Space::Labels)?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let id = <[u8; DEVICE_ID_LEN]>::try_from(k.as_slice()).ok()?;
+                Some((DeviceId::from_bytes(id), v))
+            })
+            .collect())
     }
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {

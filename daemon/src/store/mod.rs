@@ -151,7 +151,11 @@ pub trait TrustTxn {
     fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
     /// Writes a device.
     fn put_device(&mut self, device: &DeviceRecord) -> Result<(), StoreError>;
-    /// Removes a device with its node registration and last-seen record.
+    /// The labels an operator set on a device.
+    fn labels(&mut self, id: &DeviceId) -> Result<Option<Labels>, StoreError>;
+    /// Writes a device's labels (empty: none).
+    fn put_labels(&mut self, id: &DeviceId, labels: &Labels) -> Result<(), StoreError>;
+    /// Removes a device with its labels, node registration and last-seen record.
     fn remove_device(&mut self, id: &DeviceId) -> Result<(), StoreError>;
     /// A token by id.
     fn token(&mut self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
@@ -189,6 +193,10 @@ pub trait TrustStore: Send + Sync + 'static {
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
     /// One device.
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
+    /// One device's labels.
+    fn device_labels(&self, id: &DeviceId) -> Result<Option<Labels>, StoreError>;
+    /// The labels of every device that has some.
+    fn all_labels(&self) -> Result<Vec<(DeviceId, Labels)>, StoreError>;
     /// Every token.
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Every revocation.

@@ -395,6 +395,64 @@ impl Trust {
         self.store.devices()
     }
 
+    /// One device's labels (none: empty).
+    pub fn labels_of(&self, id: &DeviceId) -> Result<Labels, StoreError> {
+        Ok(self.store.device_labels(id)?.unwrap_or_default())
+    }
+
+    /// The labels of every device that has some.
+    pub fn all_labels(&self) -> Result<std::collections::HashMap<DeviceId, Labels>, StoreError> {
+        Ok(self.store.all_labels()?.into_iter().collect())
+    }
+
+    /// Applies label changes to a device (each already validated: no reserved keys), in
+    /// order; audited as `device.label`. Returns the device's labels after.
+    pub fn label_device(
+        &self,
+        who: &Principal,
+        id: &DeviceId,
+        changes: &[anchorage_wire::labels::LabelChange],
+    ) -> Result<Labels, TrustError> {
+        use anchorage_wire::labels::{LabelChange, MAX_LABELS};
+        let detail: Vec<String> = changes
+            .iter()
+            .map(|c| match c {
+                LabelChange::Set(k, v) => format!("{k}={v}"),
+                LabelChange::Remove(k) => format!("{k}-"),
+            })
+            .collect();
+        let audit = self.audit(
+            &actor(who),
+            "device.label",
+            &id.to_string(),
+            &detail.join(" "),
+        );
+        transact(&*self.store, |txn| {
+            txn.device(id)?
+                .ok_or_else(|| TrustError::NotFound(format!("device {id}")))?;
+            let mut labels = txn.labels(id)?.unwrap_or_default();
+            for change in changes {
+                match change {
+                    LabelChange::Set(k, v) => {
+                        labels.insert(k.clone(), v.clone());
+                    }
+                    LabelChange::Remove(k) => {
+                        labels.remove(k);
+                    }
+                }
+            }
+            if labels.len() > MAX_LABELS {
+                return Err(TrustError::BadInput(format!(
+                    "a device has at most {MAX_LABELS} labels; this would make {}",
+                    labels.len()
+                )));
+            }
+            txn.put_labels(id, &labels)?;
+            txn.audit(&audit)?;
+            Ok(labels)
+        })
+    }
+
     /// Revokes a device: once this returns, the live check refuses it. The caller closes its
     /// session.
     pub fn revoke_device(
