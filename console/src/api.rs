@@ -185,12 +185,46 @@ pub struct MintCodeRequest {
     /// Time to live in seconds (default 600, allowed 30..=86400).
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// Labels the device gets when its pairing is approved (like a tagged auth key).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Validate for MintCodeRequest {
     fn validate(&self) -> Result<(), ApiError> {
         // No free text; the TTL's range is the anchor's rule.
-        Ok(())
+        validate_labels(&self.labels)
+    }
+}
+
+/// Checks labels an operator sets: valid keys and values, none reserved, not too many.
+pub fn validate_labels(
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    use anchorage_wire::labels::{MAX_LABELS, validate_operator_label};
+    if labels.len() > MAX_LABELS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_LABELS} labels"
+        )));
+    }
+    for (k, v) in labels {
+        validate_operator_label(k, v).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// `POST /console/v1/pairing/requests/{id}/approve` (optional body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveRequest {
+    /// Labels the device gets, besides its code's.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Validate for ApproveRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        validate_labels(&self.labels)
     }
 }
 
@@ -199,6 +233,9 @@ impl Validate for MintCodeRequest {
 pub struct MintedCode {
     /// Public code id.
     pub code_id: String,
+    /// Labels the device will get.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// What a person types (PIN) or scans (the QR URI).
     pub code: String,
     /// PIN or QR.

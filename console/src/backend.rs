@@ -42,6 +42,15 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         who: &Principal,
         id: &str,
+    ) -> impl Future<Output = ApiResult<PairingRequest>> + Send {
+        self.approve_labelled(who, id, std::collections::BTreeMap::new())
+    }
+    /// Approves a pending request; the device gets the code's labels and `labels` (validated).
+    fn approve_labelled(
+        &self,
+        who: &Principal,
+        id: &str,
+        labels: std::collections::BTreeMap<String, String>,
     ) -> impl Future<Output = ApiResult<PairingRequest>> + Send;
     /// Rejects a pending request.
     fn reject(

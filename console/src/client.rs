@@ -169,8 +169,20 @@ impl ControlPlaneClient {
 
     /// Approves a pairing request (`POST /pairing/requests/{id}/approve`).
     pub async fn approve(&self, id: &str) -> Result<PairingRequest, ClientError> {
-        self.json(self.api(Method::POST, &["pairing", "requests", id, "approve"])?)
-            .await
+        self.approve_labelled(id, Default::default()).await
+    }
+
+    /// Approves a pairing request, giving the device `labels` besides its code's.
+    pub async fn approve_labelled(
+        &self,
+        id: &str,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<PairingRequest, ClientError> {
+        let mut rb = self.api(Method::POST, &["pairing", "requests", id, "approve"])?;
+        if !labels.is_empty() {
+            rb = rb.json(&crate::api::ApproveRequest { labels });
+        }
+        self.json(rb).await
     }
 
     /// Rejects a pairing request (`POST /pairing/requests/{id}/reject`).

@@ -531,9 +531,11 @@ async fn approve<B: Backend>(
     State(st): State<AppState<B>>,
     auth: Auth,
     Id(id): Id,
+    body: RawBody,
 ) -> Result<Json<PairingRequest>, ApiError> {
     let who = require(&auth, Permission::TrustOperate)?;
-    Ok(Json(st.backend.approve(who, &id).await?))
+    let crate::api::ApproveRequest { labels } = body.json_or_default()?;
+    Ok(Json(st.backend.approve_labelled(who, &id, labels).await?))
 }
 
 async fn reject<B: Backend>(

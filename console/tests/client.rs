@@ -43,6 +43,7 @@ async fn client_round_trips_typed_calls() {
         .mint_code(MintCodeRequest {
             method: PairMethod::Qr,
             ttl_secs: Some(120),
+            labels: Default::default(),
         })
         .await
         .unwrap();
@@ -635,4 +636,87 @@ async fn anchorctl_events_does_not_retry_an_anchor_it_never_reached() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.exit, exit::UNAVAILABLE, "{err:?}");
+}
+
+#[tokio::test]
+async fn anchorctl_labels_codes_approvals_and_devices() {
+    let (addr, backend) = serve().await;
+    let (result, out) = anchorctl(
+        addr,
+        "owner",
+        &[
+            "--json",
+            "pair",
+            "code",
+            "--label",
+            "site=lab",
+            "--label",
+            "role=camera",
+        ],
+    )
+    .await;
+    result.unwrap();
+    assert_eq!(json(&out)["labels"]["site"], "lab", "{out}");
+    let (result, _) = anchorctl(
+        addr,
+        "owner",
+        &["pair", "approve", "REQ-1", "--label", "rack=r1"],
+    )
+    .await;
+    result.unwrap();
+    let (result, out) = anchorctl(
+        addr,
+        "owner",
+        &[
+            "--json",
+            "device",
+            "label",
+            "aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt",
+            "role=camera",
+            "site-",
+        ],
+    )
+    .await;
+    result.unwrap();
+    let device = json(&out);
+    assert_eq!(device["labels"]["role"], "camera", "{device}");
+    assert!(device["labels"].get("site").is_none(), "{device}");
+    assert!(backend.calls().contains(&"label"), "{:?}", backend.calls());
+    // Reserved keys and malformed labels are refused before anything is sent.
+    let url = format!("http://{addr}");
+    for bad in [
+        vec![
+            "anchorctl",
+            "--url",
+            &url,
+            "pair",
+            "code",
+            "--label",
+            "node.anchorage/os=x",
+        ],
+        vec![
+            "anchorctl",
+            "--url",
+            &url,
+            "pair",
+            "code",
+            "--label",
+            "site",
+        ],
+    ] {
+        let err = cli::parse_from(bad.clone()).unwrap_err();
+        assert!(err.to_string().contains("label"), "{bad:?}: {err}");
+    }
+    let (result, _) = anchorctl(
+        addr,
+        "owner",
+        &[
+            "device",
+            "label",
+            "aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt",
+            "node.anchorage/os=x",
+        ],
+    )
+    .await;
+    assert_eq!(result.unwrap_err().exit, cli::exit::BAD_INPUT);
 }

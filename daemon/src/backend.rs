@@ -127,14 +127,19 @@ impl Backend for AnchorBackend {
         };
         let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(trust::DEFAULT_TTL.as_secs()));
         let who = who.clone();
+        let labels = req.labels.clone();
         let minted = self
-            .blocking(move |s| s.trust.mint_code(&who, method, ttl, s.public_addr()))
+            .blocking(move |s| {
+                s.trust
+                    .mint_code(&who, method, ttl, s.public_addr(), &labels)
+            })
             .await?;
         self.services.events.publish(AnchorEvent::CodeMinted {
             code_id: minted.record.code_id.clone(),
         });
         Ok(MintedCode {
             code_id: minted.record.code_id.clone(),
+            labels: req.labels,
             qr_text: minted.uri.as_deref().and_then(qr_text),
             code: minted.code,
             method: req.method,
@@ -177,9 +182,16 @@ impl Backend for AnchorBackend {
         .await
     }
 
-    async fn approve(&self, who: &Principal, id: &str) -> ApiResult<PairingRequest> {
+    async fn approve_labelled(
+        &self,
+        who: &Principal,
+        id: &str,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> ApiResult<PairingRequest> {
         let (who, id) = (who.clone(), id.to_string());
-        let (r, replaced) = self.blocking(move |s| s.trust.approve(&who, &id)).await?;
+        let (r, replaced) = self
+            .blocking(move |s| s.trust.approve(&who, &id, &labels))
+            .await?;
         if replaced {
             self.services
                 .nodes

@@ -231,7 +231,14 @@ impl Sim {
     ) -> Result<String, SimError> {
         let minted = self
             .backend()
-            .mint_code(&self.owner, MintCodeRequest { method, ttl_secs })
+            .mint_code(
+                &self.owner,
+                MintCodeRequest {
+                    method,
+                    ttl_secs,
+                    labels: Default::default(),
+                },
+            )
             .await
             .map_err(|e| SimError::Console(e.message))?;
         Ok(minted.code)

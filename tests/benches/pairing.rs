@@ -328,6 +328,7 @@ async fn mint(b: &Bench) -> String {
             MintCodeRequest {
                 method: PairMethod::Pin,
                 ttl_secs: None,
+                labels: Default::default(),
             },
         )
         .await

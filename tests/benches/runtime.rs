@@ -225,6 +225,7 @@ async fn rtt(opts: &Options, report: &mut Report) {
             MintCodeRequest {
                 method: PairMethod::Pin,
                 ttl_secs: None,
+                labels: Default::default(),
             },
         )
         .await
@@ -702,6 +703,7 @@ async fn fleet(opts: &Options, heartbeats: bool, scale: bool, report: &mut Repor
                 .mint_code(MintCodeRequest {
                     method: PairMethod::Pin,
                     ttl_secs: None,
+                    labels: Default::default(),
                 })
                 .await
                 .unwrap()

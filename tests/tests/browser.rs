@@ -845,6 +845,7 @@ async fn pair_with_client(
         .mint_code(MintCodeRequest {
             method: PairMethod::Pin,
             ttl_secs: None,
+            labels: Default::default(),
         })
         .await
         .unwrap();

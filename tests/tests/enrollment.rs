@@ -204,6 +204,7 @@ async fn codes_and_requests_expire() {
                 anchorage_console::api::MintCodeRequest {
                     method: PairMethod::Pin,
                     ttl_secs: Some(ttl),
+                    labels: Default::default(),
                 },
             )
             .await

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use anchorage_console::Backend;
-use anchorage_console::api::AuditQuery;
+use anchorage_console::api::{AuditQuery, MintCodeRequest, PairMethod};
 use anchorage_sim::{Sim, lossy};
 use anchorage_wire::labels::LabelChange;
 use axum::body::Body;
@@ -132,4 +132,88 @@ async fn labels_select_devices_survive_a_restart_are_audited_and_leave_with_the_
         .await
         .unwrap_err();
     assert_eq!(err.code, "not_found");
+}
+
+fn labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_gets_its_codes_labels_and_the_approvers_when_approved() {
+    let sim = Sim::start(0xf1ee8, lossy(0.05), |_| {}).await;
+    let minted = sim
+        .backend()
+        .mint_code(
+            &sim.owner,
+            MintCodeRequest {
+                method: PairMethod::Pin,
+                ttl_secs: None,
+                labels: labels(&[("site", "lab"), ("role", "camera")]),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(minted.labels["site"], "lab");
+    let node = sim.add_node("cam-1");
+    let task = node.spawn_pair(sim.addr(), &minted.code);
+    let req = sim.wait_pending("cam-1").await;
+    sim.backend()
+        .approve_labelled(
+            &sim.owner,
+            &req.request_id,
+            labels(&[("rack", "r1"), ("role", "ptz")]),
+        )
+        .await
+        .unwrap();
+    let paired = task.await.unwrap().unwrap();
+    let device = sim.backend().device(paired.device_id).await.unwrap();
+    assert_eq!(device.labels["site"], "lab", "{:?}", device.labels);
+    assert_eq!(device.labels["rack"], "r1");
+    assert_eq!(
+        device.labels["role"], "ptz",
+        "the approver's label wins over the code's"
+    );
+
+    // Reserved keys are refused at every door.
+    for err in [
+        sim.backend()
+            .mint_code(
+                &sim.owner,
+                MintCodeRequest {
+                    method: PairMethod::Pin,
+                    ttl_secs: None,
+                    labels: labels(&[("node.anchorage/os", "beos")]),
+                },
+            )
+            .await
+            .unwrap_err(),
+        sim.backend()
+            .label(
+                &sim.owner,
+                paired.device_id,
+                vec![set("node.anchorage/os", "beos")],
+            )
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(err.code, "bad_request");
+        assert!(err.message.contains("reserved"), "{}", err.message);
+    }
+    let audit = sim
+        .backend()
+        .audit(AuditQuery {
+            target: Some(paired.device_id.to_string()),
+            limit: Some(20),
+        })
+        .await
+        .unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.action == "device.label" && a.detail == "rack=r1 role=ptz site=lab"),
+        "{audit:?}"
+    );
 }

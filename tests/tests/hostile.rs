@@ -62,6 +62,7 @@ impl Anchor {
             .mint_code(MintCodeRequest {
                 method: PairMethod::Pin,
                 ttl_secs: None,
+                labels: Default::default(),
             })
             .await
             .unwrap();

@@ -347,6 +347,7 @@ async fn pair_one(
         .mint_code(MintCodeRequest {
             method: PairMethod::Pin,
             ttl_secs: None,
+            labels: Default::default(),
         })
         .await
         .unwrap();
@@ -490,6 +491,7 @@ async fn token_events_reach_only_tokens_that_manage_tokens() {
         .mint_code(MintCodeRequest {
             method: PairMethod::Pin,
             ttl_secs: None,
+            labels: Default::default(),
         })
         .await
         .unwrap();

@@ -165,6 +165,9 @@ pub enum PairCommand {
         /// How long the code works: 30s to 24h, e.g. 90, 30s, 10m, 2h, 1d (default 10m).
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
+        /// A label the device gets when approved, `key=value`; repeat for several.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
+        labels: Vec<(String, String)>,
     },
     /// List pairing requests, newest first.
     List {
@@ -183,6 +186,9 @@ pub enum PairCommand {
     Approve {
         /// Request id.
         request_id: String,
+        /// A label the device gets besides its code's, `key=value`; repeat for several.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
+        labels: Vec<(String, String)>,
     },
     /// Reject a pending request.
     Reject {
@@ -506,6 +512,11 @@ fn parse_permission(s: &str) -> Result<Permission, String> {
     s.parse()
 }
 
+/// Parses `--label key=value`.
+pub fn parse_label_arg(text: &str) -> Result<(String, String), String> {
+    anchorage_wire::labels::parse_label(text).map_err(|e| e.to_string())
+}
+
 /// The pairing code lifetime in whole seconds, checked against [`TTL_RANGE`].
 pub fn parse_ttl(text: &str) -> Result<u64, String> {
     let ttl = parse_duration(text).map_err(|e| format!("--ttl: {e}"))?;
@@ -645,7 +656,11 @@ impl Ctx<'_> {
 
     async fn pair(&mut self, cmd: PairCommand) -> Result<(), CliError> {
         match cmd {
-            PairCommand::Code { method, ttl } => {
+            PairCommand::Code {
+                method,
+                ttl,
+                labels,
+            } => {
                 let ttl_secs = ttl
                     .as_deref()
                     .map(parse_ttl)
@@ -657,7 +672,11 @@ impl Ctx<'_> {
                 };
                 let code = self
                     .client
-                    .mint_code(MintCodeRequest { method, ttl_secs })
+                    .mint_code(MintCodeRequest {
+                        method,
+                        ttl_secs,
+                        labels: labels.into_iter().collect(),
+                    })
                     .await?;
                 self.emit(&code, |now| human_code(&code, now))
             }
@@ -673,8 +692,11 @@ impl Ctx<'_> {
                 let codes = self.client.list_codes().await?;
                 self.emit(&codes, |now| human_codes(&codes, now))
             }
-            PairCommand::Approve { request_id } => {
-                let req = self.client.approve(&request_id).await?;
+            PairCommand::Approve { request_id, labels } => {
+                let req = self
+                    .client
+                    .approve_labelled(&request_id, labels.into_iter().collect())
+                    .await?;
                 self.emit(&req, |_| {
                     format!(
                         "approved pairing request {} for {} ({}); state {}\n",

@@ -252,6 +252,7 @@ impl Backend for TestBackend {
         };
         Ok(MintedCode {
             code_id: "K7QF".into(),
+            labels: req.labels.clone(),
             code,
             method: req.method,
             expires_at: now() + time::Duration::seconds(ttl as i64),
@@ -287,7 +288,12 @@ impl Backend for TestBackend {
         found(id, REQUEST, || request(RequestState::PendingApproval))
     }
 
-    async fn approve(&self, who: &Principal, id: &str) -> ApiResult<PairingRequest> {
+    async fn approve_labelled(
+        &self,
+        who: &Principal,
+        id: &str,
+        _labels: std::collections::BTreeMap<String, String>,
+    ) -> ApiResult<PairingRequest> {
         self.call("approve");
         found(id, REQUEST, || {
             let mut r = request(RequestState::Approved);

@@ -418,32 +418,53 @@ pub fn labels_are_kept_per_device_and_go_with_it(b: &dyn Backend) {
             txn.put_device(&device_record(1))?;
             txn.put_device(&device_record(2))?;
             txn.put_device(&device_record(3))?;
-            txn.put_labels(&device(1), &labels(&[("site", "lab"), ("role", "camera")]))?;
-            txn.put_labels(&device(2), &labels(&[("site", "home")]))?;
-            txn.put_labels(&device(3), &labels(&[("x", "y")]))
+            txn.put_labels(
+                &LabelOwner::Device(device(1)),
+                &labels(&[("site", "lab"), ("role", "camera")]),
+            )?;
+            txn.put_labels(&LabelOwner::Device(device(2)), &labels(&[("site", "home")]))?;
+            txn.put_labels(&LabelOwner::Device(device(3)), &labels(&[("x", "y")]))?;
+            txn.put_labels(
+                &LabelOwner::Code("K7QFM2XA".into()),
+                &labels(&[("site", "lab")]),
+            )
         })
         .unwrap();
         transact(&*s.trust, |txn| {
             assert_eq!(
-                txn.labels(&device(2))?,
+                txn.labels(&LabelOwner::Device(device(2)))?,
                 Some(labels(&[("site", "home")])),
                 "a transaction reads what is stored"
             );
-            txn.put_labels(&device(3), &Labels::new())?;
+            txn.put_labels(&LabelOwner::Device(device(3)), &Labels::new())?;
             txn.remove_device(&device(2))
         })
         .unwrap();
     }
     let s = open(b);
+    let mut all = s.trust.all_labels().unwrap();
+    all.sort_by_key(|(owner, _)| format!("{owner:?}"));
     assert_eq!(
-        s.trust.all_labels().unwrap(),
-        vec![(device(1), labels(&[("role", "camera"), ("site", "lab")]))]
+        all,
+        vec![
+            (
+                LabelOwner::Code("K7QFM2XA".into()),
+                labels(&[("site", "lab")])
+            ),
+            (
+                LabelOwner::Device(device(1)),
+                labels(&[("role", "camera"), ("site", "lab")])
+            ),
+        ]
     );
     assert_eq!(
-        s.trust.device_labels(&device(1)).unwrap(),
+        s.trust.labels_of(&LabelOwner::Device(device(1))).unwrap(),
         Some(labels(&[("site", "lab"), ("role", "camera")]))
     );
-    assert_eq!(s.trust.device_labels(&device(3)).unwrap(), None);
+    assert_eq!(
+        s.trust.labels_of(&LabelOwner::Device(device(3))).unwrap(),
+        None
+    );
 }
 
 /// The audit log reads newest first, filtered, at most `limit`.

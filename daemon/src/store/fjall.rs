@@ -238,6 +238,31 @@ fn revocation_key(key: &Revoked) -> Vec<u8> {
     }
 }
 
+fn label_key(owner: &LabelOwner) -> Vec<u8> {
+    match owner {
+        LabelOwner::Device(id) => {
+            let mut k = vec![b'd'];
+            k.extend_from_slice(id.as_bytes());
+            k
+        }
+        LabelOwner::Code(id) => {
+            let mut k = vec![b'c'];
+            k.extend_from_slice(id.as_bytes());
+            k
+        }
+    }
+}
+
+fn parse_label_key(key: &[u8]) -> Option<LabelOwner> {
+    match key.split_first()? {
+        (b'd', rest) => Some(LabelOwner::Device(DeviceId::from_bytes(
+            <[u8; DEVICE_ID_LEN]>::try_from(rest).ok()?,
+        ))),
+        (b'c', rest) => Some(LabelOwner::Code(String::from_utf8(rest.to_vec()).ok()?)),
+        _ => None,
+    }
+}
+
 fn parse_revocation_key(key: &[u8]) -> Option<Revoked> {
     match key.split_first()? {
         (b'd', rest) => Some(Revoked::Device(DeviceId::from_bytes(
@@ -304,22 +329,22 @@ impl TrustTxn for Txn<'_> {
         Ok(())
     }
 
-    fn labels(&mut self, id: &DeviceId) -> Result<Option<Labels>, StoreError> {
-        self.get(Space::Labels, id.as_bytes())
+    fn labels(&mut self, owner: &LabelOwner) -> Result<Option<Labels>, StoreError> {
+        self.get(Space::Labels, &label_key(owner))
     }
 
-    fn put_labels(&mut self, id: &DeviceId, labels: &Labels) -> Result<(), StoreError> {
+    fn put_labels(&mut self, owner: &LabelOwner, labels: &Labels) -> Result<(), StoreError> {
         if labels.is_empty() {
-            self.remove(Space::Labels, id.as_bytes());
+            self.remove(Space::Labels, &label_key(owner));
             Ok(())
         } else {
-            self.put(Space::Labels, id.as_bytes(), labels)
+            self.put(Space::Labels, &label_key(owner), labels)
         }
     }
 
     fn remove_device(&mut self, id: &DeviceId) -> Result<(), StoreError> {
         self.remove(Space::Devices, id.as_bytes());
-        self.remove(Space::Labels, id.as_bytes());
+        self.remove(Space::Labels, &label_key(&LabelOwner::Device(*id)));
         self.remove(Space::Nodes, id.as_bytes());
         self.remove(Space::Presence, id.as_bytes());
         self.changes.push(TrustChange::Device(*id, None));
@@ -449,18 +474,15 @@ impl TrustStore for FjallStore {
         self.get(Space::Devices, id.as_bytes())
     }
 
-    fn device_labels(&self, id: &DeviceId) -> Result<Option<Labels>, StoreError> {
-        self.get(Space::Labels, id.as_bytes())
+    fn labels_of(&self, owner: &LabelOwner) -> Result<Option<Labels>, StoreError> {
+        self.get(Space::Labels, &label_key(owner))
     }
 
-    fn all_labels(&self) -> Result<Vec<(DeviceId, Labels)>, StoreError> {
+    fn all_labels(&self) -> Result<Vec<(LabelOwner, Labels)>, StoreError> {
         Ok(self
             .scan::<Labels>(Space::Labels)?
             .into_iter()
-            .filter_map(|(k, v)| {
-                let id = <[u8; DEVICE_ID_LEN]>::try_from(k.as_slice()).ok()?;
-                Some((DeviceId::from_bytes(id), v))
-            })
+            .filter_map(|(k, v)| Some((parse_label_key(&k)?, v)))
             .collect())
     }
 

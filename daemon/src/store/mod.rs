@@ -100,6 +100,15 @@ pub enum Revoked {
     Serial(Vec<u8>),
 }
 
+/// What labels belong to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LabelOwner {
+    /// A device.
+    Device(DeviceId),
+    /// A pairing code (by id): its labels go to the device it pairs.
+    Code(String),
+}
+
 /// A change committed to the trust state, as watchers see it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrustChange {
@@ -151,10 +160,10 @@ pub trait TrustTxn {
     fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
     /// Writes a device.
     fn put_device(&mut self, device: &DeviceRecord) -> Result<(), StoreError>;
-    /// The labels an operator set on a device.
-    fn labels(&mut self, id: &DeviceId) -> Result<Option<Labels>, StoreError>;
-    /// Writes a device's labels (empty: none).
-    fn put_labels(&mut self, id: &DeviceId, labels: &Labels) -> Result<(), StoreError>;
+    /// The labels an operator set on a device or a pairing code.
+    fn labels(&mut self, owner: &LabelOwner) -> Result<Option<Labels>, StoreError>;
+    /// Writes the labels of a device or a pairing code (empty: none).
+    fn put_labels(&mut self, owner: &LabelOwner, labels: &Labels) -> Result<(), StoreError>;
     /// Removes a device with its labels, node registration and last-seen record.
     fn remove_device(&mut self, id: &DeviceId) -> Result<(), StoreError>;
     /// A token by id.
@@ -193,10 +202,10 @@ pub trait TrustStore: Send + Sync + 'static {
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
     /// One device.
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
-    /// One device's labels.
-    fn device_labels(&self, id: &DeviceId) -> Result<Option<Labels>, StoreError>;
-    /// The labels of every device that has some.
-    fn all_labels(&self) -> Result<Vec<(DeviceId, Labels)>, StoreError>;
+    /// The labels of one device or pairing code.
+    fn labels_of(&self, owner: &LabelOwner) -> Result<Option<Labels>, StoreError>;
+    /// The labels of every device and pairing code that has some.
+    fn all_labels(&self) -> Result<Vec<(LabelOwner, Labels)>, StoreError>;
     /// Every token.
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Every revocation.

@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use crate::clock::{Clock, to_ms};
 use crate::metrics::Metrics;
 use crate::records::*;
-use crate::store::{Revision, Revoked, StoreError, TrustChange, TrustStore, transact};
+use crate::store::{LabelOwner, Revision, Revoked, StoreError, TrustChange, TrustStore, transact};
 
 pub use rules::{Attempt, CodeUnusable, DecisionRefused, code_state, request_state};
 
@@ -397,23 +397,55 @@ impl Trust {
 
     /// One device's labels (none: empty).
     pub fn labels_of(&self, id: &DeviceId) -> Result<Labels, StoreError> {
-        Ok(self.store.device_labels(id)?.unwrap_or_default())
+        Ok(self
+            .store
+            .labels_of(&LabelOwner::Device(*id))?
+            .unwrap_or_default())
     }
 
     /// The labels of every device that has some.
-    pub fn all_labels(&self) -> Result<std::collections::HashMap<DeviceId, Labels>, StoreError> {
-        Ok(self.store.all_labels()?.into_iter().collect())
+    pub fn all_labels(&self) -> Result<HashMap<DeviceId, Labels>, StoreError> {
+        Ok(self
+            .store
+            .all_labels()?
+            .into_iter()
+            .filter_map(|(owner, labels)| match owner {
+                LabelOwner::Device(id) => Some((id, labels)),
+                LabelOwner::Code(_) => None,
+            })
+            .collect())
     }
 
-    /// Applies label changes to a device (each already validated: no reserved keys), in
-    /// order; audited as `device.label`. Returns the device's labels after.
+    /// The labels of every pairing code that has some, by code id.
+    pub fn code_labels(&self) -> Result<HashMap<String, Labels>, StoreError> {
+        Ok(self
+            .store
+            .all_labels()?
+            .into_iter()
+            .filter_map(|(owner, labels)| match owner {
+                LabelOwner::Code(id) => Some((id, labels)),
+                LabelOwner::Device(_) => None,
+            })
+            .collect())
+    }
+
+    /// Applies label changes to a device in order (refusing bad and reserved keys, whoever
+    /// calls); audited as `device.label`. Returns the device's labels after.
     pub fn label_device(
         &self,
         who: &Principal,
         id: &DeviceId,
         changes: &[anchorage_wire::labels::LabelChange],
     ) -> Result<Labels, TrustError> {
-        use anchorage_wire::labels::{LabelChange, MAX_LABELS};
+        use anchorage_wire::labels::{LabelChange, LabelError, MAX_LABELS, is_reserved};
+        for change in changes {
+            let checked = match change {
+                LabelChange::Set(k, v) => anchorage_wire::labels::validate_operator_label(k, v),
+                LabelChange::Remove(k) if is_reserved(k) => Err(LabelError::Reserved(k.clone())),
+                LabelChange::Remove(k) => anchorage_wire::labels::validate_key(k),
+            };
+            checked.map_err(|e| TrustError::BadInput(e.to_string()))?;
+        }
         let detail: Vec<String> = changes
             .iter()
             .map(|c| match c {
@@ -430,7 +462,8 @@ impl Trust {
         transact(&*self.store, |txn| {
             txn.device(id)?
                 .ok_or_else(|| TrustError::NotFound(format!("device {id}")))?;
-            let mut labels = txn.labels(id)?.unwrap_or_default();
+            let owner = LabelOwner::Device(*id);
+            let mut labels = txn.labels(&owner)?.unwrap_or_default();
             for change in changes {
                 match change {
                     LabelChange::Set(k, v) => {
@@ -447,7 +480,7 @@ impl Trust {
                     labels.len()
                 )));
             }
-            txn.put_labels(id, &labels)?;
+            txn.put_labels(&owner, &labels)?;
             txn.audit(&audit)?;
             Ok(labels)
         })
@@ -607,7 +640,9 @@ impl Trust {
         method: CodeMethod,
         ttl: Duration,
         anchor_addr: String,
+        labels: &Labels,
     ) -> Result<Minted, TrustError> {
+        check_labels(labels)?;
         if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
             return Err(TrustError::BadInput(format!(
                 "ttl must be between 30s and 24h, got {}s",
@@ -650,7 +685,13 @@ impl Trust {
                 created_by: actor(who),
             };
             txn.put_code(&record)?;
-            txn.audit(&self.audit(&actor(who), "pairing.mint", code_id.as_str(), method_name))?;
+            txn.put_labels(&LabelOwner::Code(code_id.to_string()), labels)?;
+            let detail = if labels.is_empty() {
+                method_name.to_string()
+            } else {
+                format!("{method_name} {}", labels_detail(labels))
+            };
+            txn.audit(&self.audit(&actor(who), "pairing.mint", code_id.as_str(), &detail))?;
             Ok::<_, TrustError>((code_id, record))
         })?;
         let (code, uri) = match method {
@@ -775,7 +816,9 @@ impl Trust {
         &self,
         who: &Principal,
         request_id: &str,
+        extra_labels: &Labels,
     ) -> Result<(RequestRecord, bool), TrustError> {
+        check_labels(extra_labels)?;
         let now_ms = self.now_ms();
         let now = self.clock.now();
         let validity = self.settings.cert_validity;
@@ -825,6 +868,31 @@ impl Trust {
                 request_id,
                 &req.device_id.to_string(),
             ))?;
+            // The device gets its code's labels (like a tagged auth key) and the approver's.
+            let owner = LabelOwner::Device(req.device_id);
+            let mut labels = txn.labels(&owner)?.unwrap_or_default();
+            let before = labels.clone();
+            labels.extend(
+                txn.labels(&LabelOwner::Code(req.code_id.clone()))?
+                    .unwrap_or_default(),
+            );
+            labels.extend(extra_labels.clone());
+            if labels != before {
+                if labels.len() > anchorage_wire::labels::MAX_LABELS {
+                    return Err(TrustError::BadInput(format!(
+                        "a device has at most {} labels; this would make {}",
+                        anchorage_wire::labels::MAX_LABELS,
+                        labels.len()
+                    )));
+                }
+                txn.put_labels(&owner, &labels)?;
+                txn.audit(&self.audit(
+                    &actor(who),
+                    "device.label",
+                    &req.device_id.to_string(),
+                    &labels_detail(&labels),
+                ))?;
+            }
             Ok((approval.request, approval.replaced.is_some()))
         })?;
         self.metrics.pairing_outcome("approved");
@@ -906,6 +974,25 @@ pub enum AttemptFailure {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Refuses labels an operator may not set (the API checks first; this holds for every
+/// caller).
+fn check_labels(labels: &Labels) -> Result<(), TrustError> {
+    for (k, v) in labels {
+        anchorage_wire::labels::validate_operator_label(k, v)
+            .map_err(|e| TrustError::BadInput(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Labels as the audit log shows them: `key=value` separated by spaces.
+fn labels_detail(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn refused(request_id: &str, req: &RequestRecord, r: DecisionRefused) -> TrustError {
