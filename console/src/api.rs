@@ -282,6 +282,9 @@ pub struct PairingCodeInfo {
     pub expires_at: OffsetDateTime,
     /// Who minted it.
     pub created_by: String,
+    /// Labels the device it pairs will get.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// State of a pairing request.

@@ -152,8 +152,12 @@ impl Backend for AnchorBackend {
         self.blocking(|s| {
             let now = s.clock.now_ms();
             let mut codes: Vec<CodeRecord> = s.trust.codes()?;
+            let labels = s.trust.code_labels()?;
             codes.sort_by_key(|c| std::cmp::Reverse(c.created_at_ms));
-            Ok(codes.iter().map(|c| code_api(c, now)).collect())
+            Ok(codes
+                .iter()
+                .map(|c| code_api(c, labels.get(&c.code_id), now))
+                .collect())
         })
         .await
     }

@@ -382,8 +382,9 @@ pub fn request_api(r: &RequestRecord, now_ms: u64) -> api::PairingRequest {
 }
 
 /// A pairing code as the API shows it at `now_ms`.
-pub fn code_api(c: &CodeRecord, now_ms: u64) -> api::PairingCodeInfo {
+pub fn code_api(c: &CodeRecord, labels: Option<&Labels>, now_ms: u64) -> api::PairingCodeInfo {
     api::PairingCodeInfo {
+        labels: labels.cloned().unwrap_or_default(),
         code_id: c.code_id.clone(),
         method: match c.method {
             CodeMethod::Pin => api::PairMethod::Pin,

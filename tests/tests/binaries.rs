@@ -414,13 +414,17 @@ fn wrong_pins_burn_the_code_and_a_rejection_reaches_the_node() {
         );
         assert_eq!(out.json()["paired"], false);
     }
-    let codes = anchord.ctl(&["pair", "codes"]);
-    let info = codes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["code_id"] == code_id.as_str())
-        .unwrap();
+    let code_info = || {
+        anchord
+            .ctl(&["pair", "codes"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["code_id"] == code_id.as_str())
+            .unwrap()
+            .clone()
+    };
+    let info = code_info();
     assert_eq!(info["failed_attempts"], 2, "{info}");
     assert_eq!(info["state"], "active", "{info}");
     // A third from the same address is refused before it counts: one place cannot burn a
@@ -435,13 +439,7 @@ fn wrong_pins_burn_the_code_and_a_rejection_reaches_the_node() {
             && reason.contains("try again in"),
         "{out:?}"
     );
-    let codes = anchord.ctl(&["pair", "codes"]);
-    let info = codes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["code_id"] == code_id.as_str())
-        .unwrap();
+    let info = code_info();
     assert_eq!(info["failed_attempts"], 2, "not counted: {info}");
     assert!(
         !state.join("cert.pem").exists(),

@@ -157,6 +157,12 @@ async fn a_device_gets_its_codes_labels_and_the_approvers_when_approved() {
         .await
         .unwrap();
     assert_eq!(minted.labels["site"], "lab");
+    let codes = sim.backend().list_codes().await.unwrap();
+    let listed = codes.iter().find(|c| c.code_id == minted.code_id).unwrap();
+    assert_eq!(
+        listed.labels, minted.labels,
+        "pair codes shows what the code carries"
+    );
     let node = sim.add_node("cam-1");
     let task = node.spawn_pair(sim.addr(), &minted.code);
     let req = sim.wait_pending("cam-1").await;

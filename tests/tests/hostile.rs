@@ -95,19 +95,30 @@ async fn bootstrap(
     FramedSend<BootstrapRequest>,
     FramedRecv<BootstrapResponse>,
 ) {
-    let endpoint = quinn::Endpoint::client(SocketAddr::new(from, 0)).unwrap();
-    let conn = endpoint
-        .connect_with(
-            anchorage_mesh::tls::bootstrap_client_config(None).unwrap(),
-            anchor,
-            ANCHOR_SERVER_NAME,
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let (endpoint, conn) = connect(
+        from,
+        anchor,
+        anchorage_mesh::tls::bootstrap_client_config(None).unwrap(),
+    )
+    .await;
     let (send, recv) = conn.open_bi().await.unwrap();
     let (tx, rx) = framed::framed::<BootstrapRequest, BootstrapResponse>(send, recv);
     (endpoint, conn, tx, rx)
+}
+
+/// A QUIC connection from `from` to the anchor with `client`.
+async fn connect(
+    from: IpAddr,
+    anchor: SocketAddr,
+    client: quinn::ClientConfig,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let endpoint = quinn::Endpoint::client(SocketAddr::new(from, 0)).unwrap();
+    let conn = endpoint
+        .connect_with(client, anchor, ANCHOR_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    (endpoint, conn)
 }
 
 /// How the anchor closed a connection: (code, reason phrase).
@@ -531,21 +542,13 @@ async fn node_connection(
     FramedSend<ControlUp>,
     FramedRecv<ControlDown>,
 ) {
-    let endpoint = quinn::Endpoint::client(SocketAddr::new(loopback(1), 0)).unwrap();
-    let conn = endpoint
-        .connect_with(
-            anchorage_mesh::tls::node_client_config(
-                &identity.ca,
-                vec![identity.cert.clone()],
-                identity.key.private_key_der(),
-            )
-            .unwrap(),
-            anchor.addr(),
-            ANCHOR_SERVER_NAME,
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let client = anchorage_mesh::tls::node_client_config(
+        &identity.ca,
+        vec![identity.cert.clone()],
+        identity.key.private_key_der(),
+    )
+    .unwrap();
+    let (endpoint, conn) = connect(loopback(1), anchor.addr(), client).await;
     let (send, recv) = conn.open_bi().await.unwrap();
     let (tx, rx) = framed::framed::<ControlUp, ControlDown>(send, recv);
     (endpoint, conn, tx, rx)

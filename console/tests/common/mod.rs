@@ -264,6 +264,7 @@ impl Backend for TestBackend {
     async fn list_codes(&self) -> ApiResult<Vec<PairingCodeInfo>> {
         self.call("list_codes");
         Ok(vec![PairingCodeInfo {
+            labels: Default::default(),
             code_id: "K7QF".into(),
             method: PairMethod::Pin,
             state: CodeState::Active,
