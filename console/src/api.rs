@@ -36,7 +36,11 @@ pub fn check_text(field: &str, text: &str) -> Result<(), ApiError> {
     // Counting stops just past the limit: a megabyte of text is not walked to the end.
     let chars = text.chars().take(MAX_TEXT_CHARS + 1).count();
     if chars > MAX_TEXT_CHARS {
-        return Err(ApiError::text_too_long(field, text.chars().count()));
+        return Err(ApiError::text_too_long(
+            field,
+            text.chars().count(),
+            MAX_TEXT_CHARS,
+        ));
     }
     Ok(())
 }
@@ -152,14 +156,7 @@ pub fn event_permissions(kind: &str) -> &'static [Permission] {
     }
 }
 
-/// The JSON body of every error response: `{code, message}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// Stable machine code, e.g. `unauthorized`, `forbidden`, `not_found`.
-    pub code: String,
-    /// Human-readable message (never internals).
-    pub message: String,
-}
+pub use crate::error::ErrorBody;
 
 // ---------------------------------------------------------------------------------------------
 // Pairing

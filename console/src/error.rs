@@ -3,8 +3,16 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 
-use crate::api::ErrorBody;
+/// The JSON body of every error response: `{code, message}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine code, e.g. `unauthorized`, `forbidden`, `not_found`.
+    pub code: String,
+    /// Human-readable message (never internals).
+    pub message: String,
+}
 
 /// An error answered by the console API.
 ///
@@ -40,7 +48,7 @@ impl ApiError {
     }
 
     /// 403: the token lacks `permission`.
-    pub fn forbidden(permission: crate::api::Permission) -> ApiError {
+    pub fn forbidden(permission: impl std::fmt::Display) -> ApiError {
         Self::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -82,12 +90,11 @@ impl ApiError {
         )
     }
 
-    /// 400: a free-text field is longer than [`MAX_TEXT_CHARS`](crate::api::MAX_TEXT_CHARS)
-    /// characters. The message names the field and the limit.
-    pub fn text_too_long(field: &str, chars: usize) -> ApiError {
+    /// 400: a free-text field is longer than `limit` characters. The message names the field
+    /// and the limit.
+    pub fn text_too_long(field: &str, chars: usize, limit: usize) -> ApiError {
         Self::bad_request(format!(
-            "`{field}` is {chars} characters long; at most {} are allowed",
-            crate::api::MAX_TEXT_CHARS
+            "`{field}` is {chars} characters long; at most {limit} are allowed"
         ))
     }
 

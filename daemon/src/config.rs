@@ -191,7 +191,7 @@ pub struct AnchorConfig {
     /// Wrong secrets before a code burns.
     pub pairing_max_attempts: u32,
     /// Who may try to pair how often (docs/security.md).
-    pub pairing_limits: crate::bootstrap::limits::PairingLimits,
+    pub pairing_limits: crate::admission::PairingLimits,
     /// QUIC handshakes in progress above which a client must first prove its address with a
     /// Retry (one more round trip), so a flood of spoofed Initial packets costs the anchor no
     /// handshake state or signatures. 0: always.
@@ -325,7 +325,7 @@ impl FileConfig {
                 message: "must be between 1 and 100".into(),
             });
         }
-        let mut pairing_limits = crate::bootstrap::limits::PairingLimits::defaults(max_attempts);
+        let mut pairing_limits = crate::admission::PairingLimits::defaults(max_attempts);
         for (key, value, field) in [
             (
                 "pairing_failures_per_source",

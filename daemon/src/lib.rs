@@ -23,6 +23,7 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+pub mod admission;
 pub mod anchor;
 pub mod backend;
 pub mod bootstrap;

@@ -14,7 +14,7 @@ use anchorage_mesh::tls::ServerCertResolver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bootstrap::limits::Limiter;
+use crate::admission::Limiter;
 use crate::clock::Clock;
 use crate::config::AnchorConfig;
 use crate::events::EventBus;

@@ -291,7 +291,7 @@ async fn run_session(
             stream = conn.accept_bi() => match stream {
                 Ok(stream) => {
                     debug!("refused an unexpected stream");
-                    crate::streams::refuse(&services, stream);
+                    crate::streams::refuse(&services.metrics, stream);
                 }
                 Err(_) => break "connection closed",
             },

@@ -10,20 +10,20 @@ use std::sync::Arc;
 use anchorage_wire::ErrorCode;
 use quinn::VarInt;
 
-use crate::services::Services;
+use crate::metrics::Metrics;
 
 /// Refuses one unexpected stream.
-pub fn refuse(services: &Services, (mut send, mut recv): (quinn::SendStream, quinn::RecvStream)) {
+pub fn refuse(metrics: &Metrics, (mut send, mut recv): (quinn::SendStream, quinn::RecvStream)) {
     let code = VarInt::from_u32(ErrorCode::ProtocolViolation.as_u32());
     let _ = send.reset(code);
     let _ = recv.stop(code);
-    services.metrics.stream_refused();
+    metrics.stream_refused();
 }
 
 /// Refuses every further bidirectional stream on `conn` until it closes.
-pub async fn refuse_further(services: Arc<Services>, conn: quinn::Connection) {
+pub async fn refuse_further(metrics: Arc<Metrics>, conn: quinn::Connection) {
     while let Ok(stream) = conn.accept_bi().await {
         tracing::debug!("refused an unexpected stream");
-        refuse(&services, stream);
+        refuse(&metrics, stream);
     }
 }

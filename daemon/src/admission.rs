@@ -1,4 +1,5 @@
-//! Who may try to pair, how often (sans-IO: every call takes the time).
+//! Who may try to pair, how often (sans-IO: every call takes the time). The bootstrap driver
+//! asks; the configuration holds the numbers.
 //!
 //! The UDP port is public, so anyone can open bootstrap connections. Three limits keep one
 //! place from burning or starving codes for everyone (docs/security.md has the numbers):

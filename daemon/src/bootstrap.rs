@@ -9,10 +9,8 @@
 //! its confirmation before checking the node's, so each wrong guess costs one online attempt;
 //! after `pairing_max_attempts` the code is burned. A successful confirmation consumes the
 //! code at once (single use), even if the node never sends its CSR. Who may try how often is
-//! [`limits`]'s; every decision about codes and requests is the trust service's; this module
+//! [`crate::admission`]'s; every decision about codes and requests is the trust service's; this module
 //! only moves messages.
-
-pub mod limits;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,12 +22,12 @@ use anchorage_wire::{ErrorCode, PROTOCOL_VERSION};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Refused, Source};
 use crate::events::AnchorEvent;
 use crate::records::RequestState;
 use crate::services::Services;
 use crate::store::blocking;
 use crate::trust::{AttemptError, AttemptFailure, CodeUnusable, RequestError, request_state};
-use limits::{Refused, Source};
 
 /// Time the node has for each step of the exchange.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,7 +66,7 @@ pub async fn serve(services: Arc<Services>, conn: quinn::Connection) {
     };
     // The pairing stream is the only one this connection may open.
     services.spawn(crate::streams::refuse_further(
-        services.clone(),
+        services.metrics.clone(),
         conn.clone(),
     ));
     let (mut tx, mut rx) = framed::<BootstrapResponse, BootstrapRequest>(send, recv);
@@ -142,7 +140,7 @@ impl<'a> Attempt<'a> {
         }
     }
 
-    fn limiter(&self) -> std::sync::MutexGuard<'_, limits::Limiter> {
+    fn limiter(&self) -> std::sync::MutexGuard<'_, crate::admission::Limiter> {
         self.services
             .pairing_limiter
             .lock()
