@@ -414,6 +414,35 @@ impl Validate for LabelRequest {
     }
 }
 
+/// Which devices a listing shows (`GET /devices`, `GET /inventory`): all of these that are
+/// given must hold. Query parameters `selector`, `presence` (inventory only) and `trust`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceFilter {
+    /// A label selector (Kubernetes grammar).
+    pub selector: Option<String>,
+    /// Only devices with this presence.
+    pub presence: Option<Presence>,
+    /// Only devices with this trust state.
+    pub trust: Option<TrustState>,
+}
+
+impl DeviceFilter {
+    /// The query parameters, for a client.
+    pub fn query_pairs(&self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        if let Some(s) = &self.selector {
+            q.push(("selector", s.clone()));
+        }
+        if let Some(p) = self.presence {
+            q.push(("presence", p.to_string()));
+        }
+        if let Some(t) = self.trust {
+            q.push(("trust", t.to_string()));
+        }
+        q
+    }
+}
+
 impl InventorySummary {
     /// The summary of `devices` (for a filtered inventory).
     pub fn of(devices: &[InventoryDevice]) -> InventorySummary {

@@ -201,18 +201,17 @@ impl ControlPlaneClient {
 
     /// Lists devices (`GET /devices`).
     pub async fn list_devices(&self) -> Result<Vec<Device>, ClientError> {
-        self.list_devices_matching(None).await
+        self.list_devices_filtered(&DeviceFilter::default()).await
     }
 
-    /// Devices whose labels match `selector` (`GET /devices?selector=`).
-    pub async fn list_devices_matching(
+    /// The devices `filter` keeps (`GET /devices?selector=&trust=`).
+    pub async fn list_devices_filtered(
         &self,
-        selector: Option<&str>,
+        filter: &DeviceFilter,
     ) -> Result<Vec<Device>, ClientError> {
-        let mut rb = self.api(Method::GET, &["devices"])?;
-        if let Some(s) = selector {
-            rb = rb.query(&[("selector", s)]);
-        }
+        let rb = self
+            .api(Method::GET, &["devices"])?
+            .query(&filter.query_pairs());
         self.json(rb).await
     }
 
@@ -281,18 +280,17 @@ impl ControlPlaneClient {
 
     /// The inventory (`GET /inventory`).
     pub async fn inventory(&self) -> Result<Inventory, ClientError> {
-        self.inventory_matching(None).await
+        self.inventory_filtered(&DeviceFilter::default()).await
     }
 
-    /// The inventory of the devices whose labels match `selector` (`GET /inventory?selector=`).
-    pub async fn inventory_matching(
+    /// The inventory of the devices `filter` keeps (`GET /inventory?selector=&presence=&trust=`).
+    pub async fn inventory_filtered(
         &self,
-        selector: Option<&str>,
+        filter: &DeviceFilter,
     ) -> Result<Inventory, ClientError> {
-        let mut rb = self.api(Method::GET, &["inventory"])?;
-        if let Some(s) = selector {
-            rb = rb.query(&[("selector", s)]);
-        }
+        let rb = self
+            .api(Method::GET, &["inventory"])?
+            .query(&filter.query_pairs());
         self.json(rb).await
     }
 

@@ -562,18 +562,56 @@ fn device_routes<B: Backend>() -> Router<AppState<B>> {
 }
 
 #[derive(Deserialize)]
-struct SelectorQuery {
+struct FilterQuery {
     selector: Option<String>,
+    presence: Option<String>,
+    trust: Option<String>,
 }
 
-/// The `?selector=` of a listing (none: everything), or a 400 saying where it is wrong.
-fn selector(uri: &Uri) -> Result<anchorage_wire::labels::Selector, ApiError> {
-    let q: SelectorQuery = query(uri)?;
-    q.selector
-        .as_deref()
-        .unwrap_or("")
-        .parse()
-        .map_err(|e: anchorage_wire::labels::SelectorError| ApiError::bad_request(e.to_string()))
+/// What a listing's `?selector=&presence=&trust=` keeps, parsed once.
+struct Filter {
+    selector: anchorage_wire::labels::Selector,
+    presence: Option<Presence>,
+    trust: Option<TrustState>,
+}
+
+impl Filter {
+    /// The filter of `uri`'s query (nothing given: everything), or a 400 saying what is wrong.
+    fn of(uri: &Uri) -> Result<Filter, ApiError> {
+        let q: FilterQuery = query(uri)?;
+        let bad = |e: &dyn std::fmt::Display| ApiError::bad_request(e.to_string());
+        let given = |v: Option<String>| v.filter(|s| !s.is_empty());
+        Ok(Filter {
+            selector: q
+                .selector
+                .as_deref()
+                .unwrap_or("")
+                .parse()
+                .map_err(|e| bad(&e))?,
+            presence: given(q.presence)
+                .map(|p| p.parse::<Presence>())
+                .transpose()
+                .map_err(|e| bad(&e))?,
+            trust: given(q.trust)
+                .map(|t| t.parse::<TrustState>())
+                .transpose()
+                .map_err(|e| bad(&e))?,
+        })
+    }
+
+    fn is_everything(&self) -> bool {
+        self.selector.is_empty() && self.presence.is_none() && self.trust.is_none()
+    }
+
+    fn keeps_device(&self, d: &Device) -> bool {
+        self.selector.matches(&d.labels) && self.trust.is_none_or(|t| t == d.trust)
+    }
+
+    fn keeps_entry(&self, d: &InventoryDevice) -> bool {
+        self.selector.matches(&d.labels)
+            && self.trust.is_none_or(|t| t == d.trust)
+            && self.presence.is_none_or(|p| p == d.presence)
+    }
 }
 
 async fn list_devices<B: Backend>(
@@ -582,9 +620,14 @@ async fn list_devices<B: Backend>(
     uri: Uri,
 ) -> Result<Json<Vec<Device>>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
-    let sel = selector(&uri)?;
+    let filter = Filter::of(&uri)?;
+    if filter.presence.is_some() {
+        return Err(ApiError::bad_request(
+            "presence filters the inventory (GET /inventory?presence=...), not the device list",
+        ));
+    }
     let mut devices = st.backend.list_devices().await?;
-    devices.retain(|d| sel.matches(&d.labels));
+    devices.retain(|d| filter.keeps_device(d));
     Ok(Json(devices))
 }
 
@@ -699,10 +742,10 @@ async fn inventory<B: Backend>(
     uri: Uri,
 ) -> Result<Json<Inventory>, ApiError> {
     require(&auth, Permission::ObservabilityRead)?;
-    let sel = selector(&uri)?;
+    let filter = Filter::of(&uri)?;
     let mut inventory = st.backend.inventory().await?;
-    if !sel.is_empty() {
-        inventory.devices.retain(|d| sel.matches(&d.labels));
+    if !filter.is_everything() {
+        inventory.devices.retain(|d| filter.keeps_entry(d));
         inventory.summary = crate::api::InventorySummary::of(&inventory.devices);
     }
     Ok(Json(inventory))

@@ -1138,3 +1138,54 @@ async fn listings_filter_by_selector_and_a_bad_one_says_where() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn presence_and_trust_filters_combine_with_the_selector() {
+    let (app, _) = app();
+    let count = |v: &serde_json::Value| v["devices"].as_array().unwrap().len();
+    for (q, want) in [
+        ("trust=trusted", 1),
+        ("trust=revoked", 0),
+        ("presence=online&selector=site%3Dlab", 1),
+        ("presence=offline&selector=site%3Dlab", 0),
+        ("presence=online&trust=revoked", 0),
+    ] {
+        let res = send(
+            app.clone(),
+            build(
+                "GET",
+                &format!("/console/v1/inventory?{q}"),
+                Some(&bearer("owner")),
+                None,
+            ),
+        )
+        .await;
+        assert_eq!(res.status(), StatusCode::OK, "{q}");
+        let inv: serde_json::Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
+        assert_eq!(count(&inv), want, "{q}");
+    }
+    let res = send(
+        app.clone(),
+        build(
+            "GET",
+            "/console/v1/inventory?presence=sleepy",
+            Some(&bearer("owner")),
+            None,
+        ),
+    )
+    .await;
+    let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+    assert!(message.contains("online"), "names the presences: {message}");
+    let res = send(
+        app,
+        build(
+            "GET",
+            "/console/v1/devices?presence=online",
+            Some(&bearer("owner")),
+            None,
+        ),
+    )
+    .await;
+    let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+    assert!(message.contains("inventory"), "{message}");
+}

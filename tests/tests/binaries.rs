@@ -289,6 +289,10 @@ fn pin_pairing_revocation_and_re_pairing_with_the_real_binaries() {
     );
     let none = anchord.ctl(&["device", "list", "-l", "site!=lab"]);
     assert_eq!(none.as_array().unwrap().len(), 0, "{none}");
+    let trusted = anchord.ctl(&["inventory", "-l", "site=lab", "--trust", "trusted"]);
+    assert_eq!(trusted["devices"].as_array().unwrap().len(), 1, "{trusted}");
+    let revoked = anchord.ctl(&["device", "list", "-l", "site=lab", "--trust", "revoked"]);
+    assert_eq!(revoked.as_array().unwrap().len(), 0, "{revoked}");
     let bad = anchord.ctl_output(&["inventory", "-l", "site in lab"]);
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
     assert!(bad.stderr.contains("at character 9"), "{bad:?}");

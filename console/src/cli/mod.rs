@@ -208,6 +208,9 @@ pub enum DeviceCommand {
         /// Only devices whose labels match this selector, e.g. `site=lab,role in (camera)`.
         #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
         selector: Option<String>,
+        /// Only devices in this trust state: trusted, revoked.
+        #[arg(long, value_name = "TRUST")]
+        trust: Option<TrustState>,
     },
     /// Show one device's trust record.
     Show {
@@ -292,6 +295,12 @@ pub struct InventoryArgs {
     /// Only devices whose labels match this selector, e.g. `site=lab,!decommissioned`.
     #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
     pub selector: Option<String>,
+    /// Only devices with this presence: online, degraded, stale, offline, unknown.
+    #[arg(long, value_name = "PRESENCE")]
+    pub presence: Option<Presence>,
+    /// Only devices in this trust state: trusted, revoked, pending, unknown.
+    #[arg(long, value_name = "TRUST")]
+    pub trust: Option<TrustState>,
 }
 
 /// `anchorctl inventory show ID`
@@ -588,8 +597,17 @@ impl Ctx<'_> {
             Command::Inventory(InventoryArgs {
                 show: None,
                 selector,
+                presence,
+                trust,
             }) => {
-                let inventory = self.client.inventory_matching(selector.as_deref()).await?;
+                let inventory = self
+                    .client
+                    .inventory_filtered(&DeviceFilter {
+                        selector,
+                        presence,
+                        trust,
+                    })
+                    .await?;
                 self.emit(&inventory, |now| human_inventory(&inventory, now))
             }
             Command::Inventory(InventoryArgs {
@@ -721,10 +739,14 @@ impl Ctx<'_> {
 
     async fn device(&mut self, cmd: DeviceCommand) -> Result<(), CliError> {
         match cmd {
-            DeviceCommand::List { selector } => {
+            DeviceCommand::List { selector, trust } => {
                 let list = self
                     .client
-                    .list_devices_matching(selector.as_deref())
+                    .list_devices_filtered(&DeviceFilter {
+                        selector,
+                        presence: None,
+                        trust,
+                    })
                     .await?;
                 self.emit(&list, |now| human_devices(&list, now))
             }
