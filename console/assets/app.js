@@ -510,7 +510,8 @@
     const all = state.inventory.devices;
     const rows = all
       .filter((d) => (!presence || d.presence === presence) && (!trust || d.trust === trust))
-      .filter((d) => !needle || d.name.toLowerCase().includes(needle) || d.device_id.toLowerCase().includes(needle))
+      .filter((d) => !needle || d.name.toLowerCase().includes(needle) || d.device_id.toLowerCase().includes(needle)
+        || labelPairs(d.labels).some((l) => l.toLowerCase().includes(needle)))
       .sort((a, b) => PRESENCE_ORDER.indexOf(a.presence) - PRESENCE_ORDER.indexOf(b.presence) || a.name.localeCompare(b.name));
     if (!all.length) {
       replace('inventory-table', el('p', { class: 'empty' }, 'No devices yet. ', el('a', { attrs: { href: '#/pairing' }, text: 'Pair one.' })));
@@ -520,7 +521,8 @@
     const body = rows.map((d) => el('tr', { data: { deviceId: d.device_id } },
       cell('Device',
         el('a', { class: 'device-name', attrs: { href: `#/device/${enc(d.device_id)}` }, text: d.name || '(unnamed)' }),
-        el('div', { class: 'mono small muted device-id', text: d.device_id })),
+        el('div', { class: 'mono small muted device-id', text: d.device_id }),
+        labelChips(d.labels)),
       cell('Presence', badge('presence', d.presence), d.connected ? el('span', { class: 'small muted', text: ' connected' }) : null),
       cell('Trust', badge('trust', d.trust)),
       cell('Heartbeat', ageEl(d.heartbeat_age_ms, state.inventoryAt)),
@@ -534,6 +536,19 @@
       el('tbody', {}, body));
     replace('inventory-table', table,
       rows.length < all.length ? el('p', { class: 'muted small', text: `${rows.length} of ${all.length} devices match the filters.` }) : null);
+  }
+
+  /** `key=value` of each label, operators' first, then the facts the node reported. */
+  function labelPairs(labels) {
+    const pairs = Object.entries(labels || {}).map(([k, v]) => `${k}=${v}`);
+    const reported = (p) => p.startsWith('node.anchorage/');
+    return pairs.filter((p) => !reported(p)).concat(pairs.filter(reported));
+  }
+
+  function labelChips(labels) {
+    const pairs = labelPairs(labels).filter((p) => !p.startsWith('node.anchorage/'));
+    if (!pairs.length) return null;
+    return el('div', { class: 'badges labels' }, pairs.map((p) => el('span', { class: 'badge label', text: p })));
   }
 
   function renderInstances() {
@@ -655,6 +670,7 @@
       dev ? el('dl', { class: 'facts' },
         fact('Trust', badge('trust', dev.trust)),
         fact('Platform', dev.platform),
+        fact('Labels', labelPairs(dev.labels).join(', ') || null, 'mono wrap'),
         fact('Paired', timeEl(dev.paired_at)),
         fact('Certificate serial', dev.cert_serial, 'mono wrap'),
         fact('Valid from', absolute(dev.cert_not_before)),

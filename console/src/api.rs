@@ -145,7 +145,9 @@ pub fn event_permissions(kind: &str) -> &'static [Permission] {
             &[Permission::ObservabilityRead]
         }
         // GET /devices.
-        "device.revoked" | "device.removed" | "device.rotated" => &[Permission::ObservabilityRead],
+        "device.revoked" | "device.removed" | "device.rotated" | "device.labels" => {
+            &[Permission::ObservabilityRead]
+        }
         // GET /nodes and GET /inventory.
         "node.registered" | "node.capability" | "node.disconnected" | "presence" => {
             &[Permission::ObservabilityRead]

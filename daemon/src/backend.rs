@@ -286,15 +286,21 @@ impl Backend for AnchorBackend {
         changes: Vec<anchorage_wire::labels::LabelChange>,
     ) -> ApiResult<Device> {
         let who = who.clone();
-        self.blocking(move |s| {
-            let labels = s.trust.label_device(&who, &device, &changes)?;
-            let record = s
-                .trust
-                .device(&device)?
-                .ok_or_else(|| TrustError::NotFound(format!("device {device}")))?;
-            Ok(device_api(&record, Some(&labels)))
-        })
-        .await
+        let view = self
+            .blocking(move |s| {
+                let labels = s.trust.label_device(&who, &device, &changes)?;
+                let record = s
+                    .trust
+                    .device(&device)?
+                    .ok_or_else(|| TrustError::NotFound(format!("device {device}")))?;
+                Ok(device_api(&record, Some(&labels)))
+            })
+            .await?;
+        self.services.events.publish(AnchorEvent::DeviceLabelled {
+            device,
+            labels: view.labels.clone(),
+        });
+        Ok(view)
     }
 
     async fn remove(&self, who: &Principal, device: DeviceId) -> ApiResult<()> {

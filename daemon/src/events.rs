@@ -73,6 +73,13 @@ pub enum AnchorEvent {
         /// The device.
         device: DeviceId,
     },
+    /// `device.labels`: an operator changed the device's labels.
+    DeviceLabelled {
+        /// The device.
+        device: DeviceId,
+        /// Its labels after the change (the operator's and the reported facts).
+        labels: std::collections::BTreeMap<String, String>,
+    },
     /// `token`: a token was created or revoked.
     Token {
         /// The token's id.
@@ -140,6 +147,7 @@ impl AnchorEvent {
             AnchorEvent::DeviceRevoked { .. } => "device.revoked",
             AnchorEvent::DeviceRemoved { .. } => "device.removed",
             AnchorEvent::DeviceRotated { .. } => "device.rotated",
+            AnchorEvent::DeviceLabelled { .. } => "device.labels",
             AnchorEvent::Token { .. } => "token",
             AnchorEvent::NodeRegistered { .. } => "node.registered",
             AnchorEvent::CapabilityChanged { .. } => "node.capability",
@@ -159,6 +167,7 @@ impl AnchorEvent {
             | AnchorEvent::DeviceRevoked { device, .. }
             | AnchorEvent::DeviceRemoved { device }
             | AnchorEvent::DeviceRotated { device }
+            | AnchorEvent::DeviceLabelled { device, .. }
             | AnchorEvent::NodeRegistered { device, .. }
             | AnchorEvent::CapabilityChanged { device, .. }
             | AnchorEvent::NodeDisconnected { device }
@@ -189,6 +198,7 @@ impl AnchorEvent {
                 json!({ "request_id": request_id })
             }
             AnchorEvent::DeviceRevoked { reason, .. } => json!({ "reason": reason }),
+            AnchorEvent::DeviceLabelled { labels, .. } => json!({ "labels": labels }),
             AnchorEvent::DeviceRemoved { .. }
             | AnchorEvent::DeviceRotated { .. }
             | AnchorEvent::NodeDisconnected { .. } => json!({}),

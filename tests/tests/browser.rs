@@ -203,6 +203,8 @@ async fn web_console_in_a_headless_browser() {
     sign_in(&wd, &console, &owner_token).await;
     step("see the first node online");
     see_node_online(&wd, &node1).await;
+    step("labels: shown, and found by the search");
+    labels_show_and_filter(&wd, &client, &node1).await;
     step("invoke system.health");
     invoke_system_health(&wd, &node1).await;
     step("mint a QR code");
@@ -331,6 +333,36 @@ async fn see_node_online(wd: &Page, node: &NodeInfo) {
         )
         .await;
     assert_eq!(online, "1", "the summary counts the online node");
+}
+
+async fn labels_show_and_filter(wd: &Page, client: &ControlPlaneClient, node: &NodeInfo) {
+    let mut req = anchorage_console::api::LabelRequest::default();
+    req.set.insert("site".into(), "lab".into());
+    client.label(&node.device_id, &req).await.unwrap();
+    // The `device.labels` event makes the page re-read the inventory.
+    let chips = wd
+        .wait_js_args(
+            "the label to show on the device's row",
+            "const r = document.querySelector(`#inventory tr[data-device-id=\"${arguments[0]}\"]`); \
+             const c = r && r.querySelector('.labels'); \
+             return c ? c.innerText : null",
+            json!([node.device_id]),
+            &[],
+        )
+        .await;
+    assert!(chips.as_str().unwrap().contains("site=lab"), "{chips}");
+    let rows = "return document.querySelectorAll('#inventory tbody tr').length";
+    wd.type_into("#filter-text", "site=elsewhere").await;
+    wd.wait_js(
+        "no row to match another site",
+        "return document.querySelectorAll('#inventory tbody tr').length === 0 || null",
+    )
+    .await;
+    wd.clear("#filter-text").await;
+    wd.type_into("#filter-text", "site=lab").await;
+    let kept = wd.js(rows, json!([])).await;
+    assert_eq!(kept, 1, "the labelled device matches its label");
+    wd.click("#filter-clear").await;
 }
 
 async fn invoke_system_health(wd: &Page, node: &NodeInfo) {
