@@ -639,7 +639,13 @@
       el('div', { class: 'badges' }, badge('presence', d.presence), badge('trust', d.trust), d.warnings.map(warningBadge)),
       el('div', { class: 'mono small muted wrap', attrs: { id: 'device-id' }, text: d.device_id })));
     replace('device-notice', fallbackNote && node === null ? notice(fallbackNote, 'info') : null);
-    replace('device-actions', deviceActions(d));
+    // Rebuilt only when what it offers changes, so text typed into it survives a refresh.
+    const actionsKey = JSON.stringify([d.device_id, d.actions, can(PERM.trust), !!dev]);
+    const actionsBox = $('device-actions');
+    if (actionsBox.dataset.key !== actionsKey) {
+      actionsBox.dataset.key = actionsKey;
+      replace(actionsBox, deviceActions(d));
+    }
 
     const caps = node ? node.capabilities : [];
     // Rebuilt only when what it offers changes.
@@ -725,7 +731,30 @@
           if (!answer.ok) return;
           const ok = await act(ev.currentTarget, () => api('DELETE', `/devices/${enc(id)}`), `${name} was removed.`);
           if (ok) location.hash = '#/inventory';
-        }, { class: 'danger', id: 'action-remove', disabled: !allowed('remove'), title: allowed('remove') ? 'Delete this device' : 'Revoke it first' })));
+        }, { class: 'danger', id: 'action-remove', disabled: !allowed('remove'), title: allowed('remove') ? 'Delete this device' : 'Revoke it first' })),
+      d.device ? labelEditor(id, name) : null);
+  }
+
+  /** Set labels with `key=value`, remove them with `key-`, several at once. */
+  function labelEditor(id, name) {
+    const input = el('input', { attrs: { id: 'label-changes', type: 'text', placeholder: 'site=lab role-', autocomplete: 'off', 'aria-label': 'Label changes' } });
+    return el('div', { class: 'actions label-editor' },
+      input,
+      button('Apply labels', async (ev) => {
+        const set = {};
+        const remove = [];
+        for (const word of input.value.trim().split(/\s+/).filter(Boolean)) {
+          const eq = word.indexOf('=');
+          if (eq > 0) set[word.slice(0, eq)] = word.slice(eq + 1);
+          else if (word.endsWith('-') && word.length > 1) remove.push(word.slice(0, -1));
+          else {
+            banner(`"${word}": write key=value to set a label, key- to remove one.`, 'error', 'action');
+            return;
+          }
+        }
+        const ok = await act(ev.currentTarget, () => api('PATCH', `/devices/${enc(id)}/labels`, { set, remove }), `Labels of ${name} changed.`);
+        if (ok) input.value = '';
+      }, { id: 'action-label', title: 'Set key=value, remove key-' }));
   }
 
   /** Runs an action with its button disabled; shows the outcome; re-reads the view. */

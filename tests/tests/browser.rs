@@ -207,6 +207,8 @@ async fn web_console_in_a_headless_browser() {
     labels_show_and_filter(&wd, &client, &node1).await;
     step("invoke system.health");
     invoke_system_health(&wd, &node1).await;
+    step("edit labels on the device page");
+    edit_labels(&wd, &client, &node1).await;
     step("mint a QR code");
     show_a_qr_code(&wd).await;
     step("mint a PIN, pair the second node, approve it");
@@ -363,6 +365,31 @@ async fn labels_show_and_filter(wd: &Page, client: &ControlPlaneClient, node: &N
     let kept = wd.js(rows, json!([])).await;
     assert_eq!(kept, 1, "the labelled device matches its label");
     wd.click("#filter-clear").await;
+}
+
+/// On the device page (where the invoke step left it): set one label, remove another.
+async fn edit_labels(wd: &Page, client: &ControlPlaneClient, node: &NodeInfo) {
+    wd.type_into("#label-changes", "role=camera site-").await;
+    wd.click("#action-label").await;
+    let shown = wd
+        .wait_js(
+            "the device's labels to show the change",
+            "const dd = [...document.querySelectorAll('.facts dt')] \
+               .find((dt) => dt.textContent === 'Labels'); \
+             const t = dd && dd.nextElementSibling.textContent; \
+             return (t && t.includes('role=camera') && !t.includes('site=lab')) ? t : null",
+        )
+        .await;
+    assert!(
+        shown.as_str().unwrap().contains("node.anchorage/platform"),
+        "{shown}"
+    );
+    let device = client.device(&node.device_id).await.unwrap();
+    assert_eq!(
+        device.labels.get("role").map(String::as_str),
+        Some("camera")
+    );
+    assert!(!device.labels.contains_key("site"), "{:?}", device.labels);
 }
 
 async fn invoke_system_health(wd: &Page, node: &NodeInfo) {
