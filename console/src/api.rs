@@ -105,6 +105,89 @@ impl std::str::FromStr for Permission {
     }
 }
 
+/// Which part of the fleet a token may see and touch, beyond its permissions: the devices its
+/// selector matches, and the capabilities one of its patterns matches. The default scope
+/// limits nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Scope {
+    /// Devices whose labels this selector matches (empty: every device).
+    #[serde(default, skip_serializing_if = "Selector::is_empty")]
+    pub selector: Selector,
+    /// Capability patterns, `*` matching any run of characters (`system.*`); empty: every
+    /// capability.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+}
+
+pub use anchorage_wire::labels::Selector;
+
+impl Scope {
+    /// Whether the scope limits nothing.
+    pub fn is_unlimited(&self) -> bool {
+        self.selector.is_empty() && self.capabilities.is_empty()
+    }
+
+    /// Whether the scope limits which devices the token sees.
+    pub fn limits_devices(&self) -> bool {
+        !self.selector.is_empty()
+    }
+
+    /// Whether a device with `labels` is in scope.
+    pub fn covers(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.selector.matches(labels)
+    }
+
+    /// Whether the token may run `capability`.
+    pub fn allows_capability(&self, capability: &str) -> bool {
+        self.capabilities.is_empty()
+            || self
+                .capabilities
+                .iter()
+                .any(|p| wildcard_match(p, capability))
+    }
+}
+
+/// Whether `text` matches `pattern`, where `*` matches any run of characters (also none)
+/// and every other character matches itself.
+pub fn wildcard_match(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    // `split` yields at least one part; the first is anchored at the start.
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        // No `*` at all: the whole text must be the pattern.
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// Checks a capability pattern given for a token: 1 to 128 bytes of the characters capability
+/// names use (letters, digits, `.`, `_`, `-`, `/`, `:`) and `*`.
+pub fn check_capability_pattern(pattern: &str) -> Result<(), ApiError> {
+    let ok = !pattern.is_empty()
+        && pattern.len() <= 128
+        && pattern
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:*".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "capability pattern {pattern:?} must be 1-128 characters of letters, digits, \
+             . _ - / : and * (any run of characters)"
+        )))
+    }
+}
+
 /// Who is calling: the authenticated token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Principal {
@@ -114,6 +197,9 @@ pub struct Principal {
     pub name: String,
     /// What it may do.
     pub permissions: Vec<Permission>,
+    /// Where it may do it.
+    #[serde(default)]
+    pub scope: Scope,
 }
 
 impl Principal {
@@ -122,11 +208,61 @@ impl Principal {
         self.permissions.contains(&p)
     }
 
+    /// 403 unless a device with `labels` is in the token's scope; the message names the rule.
+    pub fn check_device(
+        &self,
+        device: &DeviceId,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), ApiError> {
+        if self.scope.covers(labels) {
+            Ok(())
+        } else {
+            Err(ApiError::out_of_scope(format!(
+                "token {} is limited to devices matching the selector {:?}; device {device} \
+                 does not match",
+                self.name,
+                self.scope.selector.to_string()
+            )))
+        }
+    }
+
+    /// 403 unless the token may run `capability`; the message names the rule.
+    pub fn check_capability(&self, capability: &str) -> Result<(), ApiError> {
+        if self.scope.allows_capability(capability) {
+            Ok(())
+        } else {
+            Err(ApiError::out_of_scope(format!(
+                "token {} may run only capabilities matching {}; {capability:?} does not match",
+                self.name,
+                self.scope.capabilities.join(", ")
+            )))
+        }
+    }
+
+    /// How the audit log and batches name this token: `name (id)`.
+    pub fn actor(&self) -> String {
+        format!("{} ({})", self.name, self.token_id)
+    }
+
     /// Whether the event stream may send `event` to this token: whether it holds every
-    /// permission of [`event_permissions`] for the event's kind. The one place that decides
-    /// what a subscriber sees; narrower (fleet-scoped) tokens extend it here.
-    pub fn may_see(&self, event: &Event) -> bool {
-        event_permissions(&event.kind).iter().all(|p| self.can(*p))
+    /// permission of [`event_permissions`] for the event's kind and, for a token limited to a
+    /// selector, whether the event is about a device `in_scope` says is its own (or is the
+    /// progress of a batch it created). The one place that decides what a subscriber sees.
+    pub fn may_see(&self, event: &Event, in_scope: &dyn Fn(&DeviceId) -> bool) -> bool {
+        if !event_permissions(&event.kind).iter().all(|p| self.can(*p)) {
+            return false;
+        }
+        if !self.scope.limits_devices() {
+            return true;
+        }
+        match &event.device_id {
+            Some(device) => in_scope(device),
+            None => {
+                event.kind == "batch"
+                    && event.data.get("requested_by").and_then(|v| v.as_str())
+                        == Some(self.actor().as_str())
+            }
+        }
     }
 }
 
@@ -154,6 +290,8 @@ pub fn event_permissions(kind: &str) -> &'static [Permission] {
         }
         // GET /invocations.
         "invocation" => &[Permission::ObservabilityRead],
+        // GET /batches.
+        "batch" => &[Permission::ObservabilityRead],
         _ => &Permission::ALL,
     }
 }
@@ -533,7 +671,7 @@ pub struct Device {
 // Tokens
 
 /// `POST /console/v1/tokens`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenRequest {
     /// A name for people; at most [`MAX_TEXT_CHARS`] characters here, and the anchor holds
@@ -542,6 +680,29 @@ pub struct CreateTokenRequest {
     pub name: Option<String>,
     /// Permissions (at least one).
     pub permissions: Vec<Permission>,
+    /// Only devices this label selector matches (default: every device).
+    #[serde(default)]
+    pub selector: Selector,
+    /// Only capabilities matching one of these patterns, `*` matching any run of characters
+    /// (default: every capability).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// The token stops working this many seconds after it is created (default: never).
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// Longest lifetime a token can be given: ten years.
+pub const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
+
+impl CreateTokenRequest {
+    /// The scope the token would have.
+    pub fn scope(&self) -> Scope {
+        Scope {
+            selector: self.selector.clone(),
+            capabilities: self.capabilities.clone(),
+        }
+    }
 }
 
 impl Validate for CreateTokenRequest {
@@ -554,7 +715,25 @@ impl Validate for CreateTokenRequest {
                 "a token needs at least one permission",
             ));
         }
-        Ok(())
+        if self.capabilities.len() > 32 {
+            return Err(ApiError::bad_request("at most 32 capability patterns"));
+        }
+        for p in &self.capabilities {
+            check_capability_pattern(p)?;
+        }
+        if !self.scope().is_unlimited() && self.permissions.contains(&Permission::TokensManage) {
+            return Err(ApiError::bad_request(
+                "a token limited by --selector or --capability cannot carry tokens.manage \
+                 (it could make tokens without its limits)",
+            ));
+        }
+        match self.expires_in_secs {
+            Some(0) => Err(ApiError::bad_request("expires_in_secs must be at least 1")),
+            Some(s) if s > MAX_TOKEN_LIFETIME_SECS => Err(ApiError::bad_request(format!(
+                "expires_in_secs is at most {MAX_TOKEN_LIFETIME_SECS} (ten years)"
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -569,6 +748,12 @@ pub struct CreatedToken {
     pub name: String,
     /// Its permissions.
     pub permissions: Vec<Permission>,
+    /// Where it may use them.
+    #[serde(default)]
+    pub scope: Scope,
+    /// When it stops working, if ever.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// A token as listed (never its secret).
@@ -580,6 +765,15 @@ pub struct TokenInfo {
     pub name: String,
     /// Permissions.
     pub permissions: Vec<Permission>,
+    /// Where it may use them.
+    #[serde(default)]
+    pub scope: Scope,
+    /// When it stops working, if ever.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// When it last authenticated a request (to the minute), if ever.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
     /// Created.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -865,6 +1059,132 @@ pub struct AuditQuery {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Batches
+
+/// A batch's id: 32 hex digits, like an invocation's.
+pub type BatchId = InvocationId;
+
+/// `POST /console/v1/batches`: run one capability on every trusted device a selector matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// Label selector of the devices (matched once, when the batch is created).
+    pub selector: Selector,
+    /// Capability name.
+    pub capability: String,
+    /// JSON input for every invocation (default `null`).
+    #[serde(default)]
+    pub input: serde_json::Value,
+    /// Deadline of the whole batch from now, milliseconds (default 30000): an invocation not
+    /// finished by then times out, also one never started.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// At most this many invocations unfinished at once (default: all at once).
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+}
+
+impl Validate for BatchRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        if self.capability.is_empty() {
+            return Err(ApiError::bad_request("capability must not be empty"));
+        }
+        check_text("capability", &self.capability)?;
+        if self.max_concurrency == Some(0) {
+            return Err(ApiError::bad_request("max_concurrency must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// One device's invocation in a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchInvocation {
+    /// Device.
+    pub device_id: DeviceId,
+    /// Its name when the batch was created.
+    pub name: String,
+    /// The invocation (`GET /console/v1/invocations/{id}` once it started).
+    pub invocation_id: InvocationId,
+    /// Its state (`queued` also while the batch has not started it).
+    pub state: InvocationState,
+    /// Output, once finished.
+    pub output: Option<serde_json::Value>,
+    /// Error detail when it did not succeed.
+    pub error: Option<String>,
+}
+
+/// A batch without its invocations (`GET /console/v1/batches`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchInfo {
+    /// Id.
+    pub batch_id: BatchId,
+    /// The selector it was created with.
+    pub selector: String,
+    /// Capability.
+    pub capability: String,
+    /// Devices it covers.
+    pub total: u32,
+    /// Invocations that succeeded.
+    pub succeeded: u32,
+    /// That failed.
+    pub failed: u32,
+    /// That timed out (also those never started before the deadline).
+    pub timed_out: u32,
+    /// That the node or the anchor refused (unknown or unavailable capability).
+    pub rejected: u32,
+    /// Not finished yet.
+    pub pending: u32,
+    /// Whether every invocation has finished.
+    pub done: bool,
+    /// Who created it.
+    pub requested_by: String,
+    /// Created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Deadline.
+    #[serde(with = "time::serde::rfc3339")]
+    pub deadline_at: OffsetDateTime,
+    /// Limit of invocations unfinished at once, if any.
+    pub max_concurrency: Option<u32>,
+}
+
+impl BatchInfo {
+    /// Recounts `succeeded` .. `pending` and `done` from the invocations' states.
+    pub fn tally(&mut self, states: impl IntoIterator<Item = InvocationState>) {
+        let (mut total, mut ok, mut failed, mut timed_out, mut rejected) = (0, 0, 0, 0, 0);
+        for s in states {
+            total += 1;
+            match s {
+                InvocationState::Succeeded => ok += 1,
+                InvocationState::Failed => failed += 1,
+                InvocationState::TimedOut => timed_out += 1,
+                InvocationState::Rejected => rejected += 1,
+                _ => {}
+            }
+        }
+        self.total = total;
+        self.succeeded = ok;
+        self.failed = failed;
+        self.timed_out = timed_out;
+        self.rejected = rejected;
+        self.pending = total - ok - failed - timed_out - rejected;
+        self.done = self.pending == 0;
+    }
+}
+
+/// A batch with every device's invocation (`POST /console/v1/batches`,
+/// `GET /console/v1/batches/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Id, counts and when.
+    #[serde(flatten)]
+    pub info: BatchInfo,
+    /// One per device, in device id order.
+    pub invocations: Vec<BatchInvocation>,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Events
 
 /// A change published on `GET /console/v1/events` (server-sent events; the SSE `event:` field
@@ -895,6 +1215,7 @@ mod tests {
             token_id: "t".into(),
             name: "t".into(),
             permissions: permissions.to_vec(),
+            scope: Scope::default(),
         }
     }
 
@@ -919,15 +1240,153 @@ mod tests {
             "pairing.requested",
             "invocation",
         ] {
-            assert!(reader.may_see(&event(kind)), "{kind}");
+            assert!(reader.may_see(&event(kind), &|_| true), "{kind}");
         }
-        assert!(!reader.may_see(&event("token")));
-        assert!(manager.may_see(&event("token")));
+        assert!(!reader.may_see(&event("token"), &|_| true));
+        assert!(manager.may_see(&event("token"), &|_| true));
         // A kind nobody listed yet: only a token holding everything sees it.
-        assert!(!manager.may_see(&event("fleet.moved")));
-        assert!(owner.may_see(&event("fleet.moved")));
+        assert!(!manager.may_see(&event("fleet.moved"), &|_| true));
+        assert!(owner.may_see(&event("fleet.moved"), &|_| true));
         // Operating trust is not reading it.
-        assert!(!principal(&[Permission::TrustOperate]).may_see(&event("pairing.code")));
+        assert!(!principal(&[Permission::TrustOperate]).may_see(&event("pairing.code"), &|_| true));
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn scoped(selector: &str, capabilities: &[&str]) -> Principal {
+        Principal {
+            scope: Scope {
+                selector: selector.parse().unwrap(),
+                capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+            },
+            ..principal(&[Permission::ObservabilityRead, Permission::NodesInvoke])
+        }
+    }
+
+    #[test]
+    fn wildcards_match_runs_of_characters() {
+        assert!(wildcard_match("system.*", "system.health"));
+        assert!(wildcard_match("system.*", "system."));
+        assert!(!wildcard_match("system.*", "systemd"));
+        assert!(!wildcard_match("system.*", "my.system.health"));
+        assert!(wildcard_match("*", ""));
+        assert!(wildcard_match("echo", "echo"));
+        assert!(!wildcard_match("echo", "echo2"));
+        assert!(wildcard_match("*.read", "files.read"));
+        assert!(!wildcard_match("*.read", "files.write"));
+        assert!(wildcard_match("a*b*c", "aXXbYYc"));
+        assert!(!wildcard_match("a*b*c", "aXXcYYb"));
+        // The last part must not overlap the one before it.
+        assert!(!wildcard_match("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn a_scope_limits_devices_and_capabilities_and_says_which_rule_refused() {
+        let lab = scoped("site=lab", &["system.*"]);
+        let id = DeviceId::from_bytes([7; 20]);
+        assert!(lab.check_device(&id, &labels(&[("site", "lab")])).is_ok());
+        let err = lab
+            .check_device(&id, &labels(&[("site", "home")]))
+            .unwrap_err();
+        assert_eq!(err.status, axum::http::StatusCode::FORBIDDEN);
+        assert_eq!(err.code, "out_of_scope");
+        assert!(err.message.contains("site=lab"), "{}", err.message);
+        assert!(lab.check_capability("system.health").is_ok());
+        let err = lab.check_capability("shell").unwrap_err();
+        assert!(err.message.contains("system.*"), "{}", err.message);
+        // No scope: everything.
+        let owner = principal(&Permission::ALL);
+        assert!(owner.check_device(&id, &labels(&[])).is_ok());
+        assert!(owner.check_capability("anything").is_ok());
+    }
+
+    #[test]
+    fn a_scoped_token_sees_only_events_of_its_devices_and_its_own_batches() {
+        let lab = scoped("site=lab", &[]);
+        let ours = DeviceId::from_bytes([1; 20]);
+        let theirs = DeviceId::from_bytes([2; 20]);
+        let in_scope = |d: &DeviceId| *d == ours;
+        let about = |d: DeviceId| Event {
+            device_id: Some(d),
+            ..event("presence")
+        };
+        assert!(lab.may_see(&about(ours), &in_scope));
+        assert!(!lab.may_see(&about(theirs), &in_scope));
+        // Events about no device: only the progress of its own batches.
+        assert!(!lab.may_see(&event("pairing.code"), &in_scope));
+        let batch = |by: &str| Event {
+            data: serde_json::json!({ "requested_by": by }),
+            ..event("batch")
+        };
+        assert!(lab.may_see(&batch(&lab.actor()), &in_scope));
+        assert!(!lab.may_see(&batch("owner (x)"), &in_scope));
+    }
+
+    #[test]
+    fn token_requests_check_their_limits() {
+        let req = |selector: &str, perms: &[Permission], caps: &[&str], secs: Option<u64>| {
+            CreateTokenRequest {
+                name: None,
+                permissions: perms.to_vec(),
+                selector: selector.parse().unwrap(),
+                capabilities: caps.iter().map(|c| c.to_string()).collect(),
+                expires_in_secs: secs,
+            }
+        };
+        let read = [Permission::ObservabilityRead];
+        assert!(
+            req("site=lab", &read, &["system.*"], Some(60))
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            req("site=lab", &[Permission::TokensManage], &[], None)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            req("", &[Permission::TokensManage], &[], None)
+                .validate()
+                .is_ok()
+        );
+        assert!(req("", &read, &["bad pattern"], None).validate().is_err());
+        assert!(req("", &read, &[], Some(0)).validate().is_err());
+        assert!(req("", &read, &[], Some(u64::MAX)).validate().is_err());
+    }
+
+    #[test]
+    fn batch_counts_come_from_the_states() {
+        let mut info: BatchInfo = serde_json::from_value(serde_json::json!({
+            "batch_id": "0123456789abcdef0123456789abcdef",
+            "selector": "", "capability": "echo", "total": 0, "succeeded": 0, "failed": 0,
+            "timed_out": 0, "rejected": 0, "pending": 0, "done": true, "requested_by": "x",
+            "created_at": "2026-12-01T00:00:00Z", "deadline_at": "2026-12-01T00:00:30Z",
+            "max_concurrency": null
+        }))
+        .unwrap();
+        use InvocationState::*;
+        info.tally([
+            Succeeded, Succeeded, Failed, TimedOut, Rejected, Queued, Dispatched,
+        ]);
+        assert_eq!(
+            (
+                info.total,
+                info.succeeded,
+                info.failed,
+                info.timed_out,
+                info.rejected
+            ),
+            (7, 2, 1, 1, 1)
+        );
+        assert_eq!(info.pending, 2);
+        assert!(!info.done);
+        info.tally([Succeeded]);
+        assert!(info.done);
     }
 
     #[test]

@@ -130,6 +130,19 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = ApiResult<Vec<Invocation>>> + Send;
     /// One invocation.
     fn invocation(&self, id: InvocationId) -> impl Future<Output = ApiResult<Invocation>> + Send;
+    /// Creates a batch: one invocation of `req.capability` on every trusted device that
+    /// `req.selector` and the caller's scope selector both match now (offline ones included:
+    /// theirs wait for them until the deadline). Returns once the batch is on disk, with
+    /// every invocation `queued`.
+    fn create_batch(
+        &self,
+        who: &Principal,
+        req: BatchRequest,
+    ) -> impl Future<Output = ApiResult<Batch>> + Send;
+    /// Batches, newest first.
+    fn list_batches(&self, limit: usize) -> impl Future<Output = ApiResult<Vec<BatchInfo>>> + Send;
+    /// One batch with its invocations.
+    fn batch(&self, id: BatchId) -> impl Future<Output = ApiResult<Batch>> + Send;
     /// The audit log, newest first.
     fn audit(&self, query: AuditQuery) -> impl Future<Output = ApiResult<Vec<AuditEntry>>> + Send;
     /// A receiver of every event published from now on.

@@ -354,6 +354,28 @@ impl ControlPlaneClient {
         self.json(rb).await
     }
 
+    /// Creates a batch (`POST /batches`): answers at once, every invocation `queued`; follow
+    /// it with [`ControlPlaneClient::batch`].
+    pub async fn create_batch(&self, req: &BatchRequest) -> Result<Batch, ClientError> {
+        let rb = self.api(Method::POST, &["batches"])?.json(req);
+        self.json(rb).await
+    }
+
+    /// One batch with its invocations (`GET /batches/{id}`).
+    pub async fn batch(&self, id: &(impl fmt::Display + ?Sized)) -> Result<Batch, ClientError> {
+        self.json(self.api(Method::GET, &["batches", &id.to_string()])?)
+            .await
+    }
+
+    /// Batches, newest first (`GET /batches`).
+    pub async fn list_batches(&self, limit: Option<usize>) -> Result<Vec<BatchInfo>, ClientError> {
+        let mut rb = self.api(Method::GET, &["batches"])?;
+        if let Some(limit) = limit {
+            rb = rb.query(&[("limit", limit)]);
+        }
+        self.json(rb).await
+    }
+
     /// The audit log, newest first (`GET /audit`).
     pub async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEntry>, ClientError> {
         let mut rb = self.api(Method::GET, &["audit"])?;

@@ -56,6 +56,12 @@ impl ApiError {
         )
     }
 
+    /// 403: the token's scope (selector or capability patterns) does not cover the request;
+    /// `message` says which rule refused it.
+    pub fn out_of_scope(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::FORBIDDEN, "out_of_scope", message)
+    }
+
     /// 404.
     pub fn not_found(what: impl Into<String>) -> ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", what)

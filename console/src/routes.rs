@@ -8,6 +8,12 @@
 //! answer replaced by a 500 and a logged error, so a route added without a check cannot leak.
 //! The one route any valid token may call, `GET /whoami`, says so with [`any_permission`].
 //!
+//! A token may also be limited to part of the fleet (a label selector) and to capability
+//! patterns ([`Scope`]). The same handlers check that after the permission: a route about one
+//! device answers 403 `out_of_scope` for a device outside the selector (naming the rule),
+//! a listing leaves those devices out, and the event stream does not send their events. See
+//! [`InScope`] and [`check_device`].
+//!
 //! Errors are always `{code, message}` JSON, also for axum's own rejections (bad body, unknown
 //! route, wrong method): see [`ApiError`].
 
@@ -55,6 +61,8 @@ pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How often an open event stream checks that its token still holds `observability.read`;
 /// a stream of a revoked token ends within this (with a `stream.closed` event saying why).
 pub const SSE_TOKEN_RECHECK: Duration = Duration::from_millis(500);
+/// Every how many token rechecks a scoped event stream re-reads which devices it covers.
+pub const SSE_SCOPE_REFRESH_TICKS: u32 = 4;
 /// The `kind` of the last event of a stream the anchor ends itself.
 pub const STREAM_CLOSED: &str = "stream.closed";
 
@@ -96,6 +104,7 @@ pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) 
         .merge(device_routes())
         .merge(token_routes())
         .merge(runtime_routes())
+        .merge(batch_routes())
         .route("/qr", get(qr::<B>))
         .route("/whoami", get(whoami))
         .route_layer(middleware::from_fn(enforce_permission_check));
@@ -199,6 +208,80 @@ impl<B: Backend> FromRequestParts<AppState<B>> for Auth {
             .cloned()
             .unwrap_or_default();
         Ok(Auth { principal, check })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scope: the part of the fleet a token limited to a selector sees
+
+/// The devices a caller may see: every device, or those its selector matches.
+#[derive(Debug, Clone, Default)]
+pub struct InScope(Option<std::collections::HashSet<DeviceId>>);
+
+impl InScope {
+    /// The devices `who` sees, read from the backend only when its scope limits devices.
+    async fn of<B: Backend>(backend: &B, who: &Principal) -> Result<InScope, ApiError> {
+        if !who.scope.limits_devices() {
+            return Ok(InScope(None));
+        }
+        let devices = backend.list_devices().await?;
+        Ok(InScope(Some(
+            devices
+                .into_iter()
+                .filter(|d| who.scope.covers(&d.labels))
+                .map(|d| d.device_id)
+                .collect(),
+        )))
+    }
+
+    /// Whether the caller sees `device`.
+    pub fn has(&self, device: &DeviceId) -> bool {
+        self.0.as_ref().is_none_or(|set| set.contains(device))
+    }
+}
+
+/// 403 `out_of_scope` unless `device` is in `who`'s scope (404 if there is no such device
+/// and the scope limits devices). Returns the device's labels when it looked them up.
+pub async fn check_device<B: Backend>(
+    backend: &B,
+    who: &Principal,
+    device: DeviceId,
+) -> Result<(), ApiError> {
+    if !who.scope.limits_devices() {
+        return Ok(());
+    }
+    let found = backend.device(device).await?;
+    who.check_device(&device, &found.labels)
+}
+
+/// 403 `out_of_scope` for a token limited to a selector, on a route that shows the whole
+/// fleet at once (metrics).
+fn refuse_scoped(who: &Principal, what: &str) -> Result<(), ApiError> {
+    if who.scope.limits_devices() {
+        return Err(ApiError::out_of_scope(format!(
+            "token {} is limited to devices matching {:?}; {what} covers the whole fleet",
+            who.name,
+            who.scope.selector.to_string()
+        )));
+    }
+    Ok(())
+}
+
+/// 403 `out_of_scope` unless a pairing code with `labels` pairs devices into `who`'s scope.
+fn check_code_labels(
+    who: &Principal,
+    code: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    if who.scope.covers(labels) {
+        Ok(())
+    } else {
+        Err(ApiError::out_of_scope(format!(
+            "token {} is limited to devices matching {:?}; the labels of {code} do not match \
+             it (a code it mints must carry labels its selector matches)",
+            who.name,
+            who.scope.selector.to_string()
+        )))
     }
 }
 
@@ -482,6 +565,7 @@ async fn mint_code<B: Backend>(
 ) -> Result<(StatusCode, Json<MintedCode>), ApiError> {
     let who = require(&auth, Permission::TrustOperate)?;
     let req: MintCodeRequest = body.json_or_default()?;
+    check_code_labels(who, "the new code", &req.labels)?;
     let code = st.backend.mint_code(who, req).await?;
     Ok((StatusCode::CREATED, Json(code)))
 }
@@ -490,8 +574,10 @@ async fn list_codes<B: Backend>(
     State(st): State<AppState<B>>,
     auth: Auth,
 ) -> Result<Json<Vec<PairingCodeInfo>>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.list_codes().await?))
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let mut codes = st.backend.list_codes().await?;
+    codes.retain(|c| who.scope.covers(&c.labels));
+    Ok(Json(codes))
 }
 
 #[derive(Deserialize)]
@@ -504,7 +590,7 @@ async fn list_requests<B: Backend>(
     auth: Auth,
     uri: Uri,
 ) -> Result<Json<Vec<PairingRequest>>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
+    let who = require(&auth, Permission::ObservabilityRead)?;
     let q: RequestsQuery = query(&uri)?;
     let state = match q.state.as_deref() {
         None | Some("") => None,
@@ -515,7 +601,15 @@ async fn list_requests<B: Backend>(
             ))
         })?),
     };
-    Ok(Json(st.backend.list_requests(state).await?))
+    let mut requests = st.backend.list_requests(state).await?;
+    if who.scope.limits_devices() {
+        let codes = code_labels(&*st.backend).await?;
+        requests.retain(|r| {
+            who.scope
+                .covers(codes.get(&r.code_id).unwrap_or(&Default::default()))
+        });
+    }
+    Ok(Json(requests))
 }
 
 async fn request<B: Backend>(
@@ -523,8 +617,42 @@ async fn request<B: Backend>(
     auth: Auth,
     Id(id): Id,
 ) -> Result<Json<PairingRequest>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.request(&id).await?))
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let request = st.backend.request(&id).await?;
+    check_request(&*st.backend, who, &request, &Default::default()).await?;
+    Ok(Json(request))
+}
+
+/// The labels of every pairing code, by code id.
+async fn code_labels<B: Backend>(
+    backend: &B,
+) -> Result<std::collections::HashMap<String, std::collections::BTreeMap<String, String>>, ApiError>
+{
+    Ok(backend
+        .list_codes()
+        .await?
+        .into_iter()
+        .map(|c| (c.code_id, c.labels))
+        .collect())
+}
+
+/// 403 `out_of_scope` unless the device of `request`, with its code's labels and `extra`,
+/// would be in `who`'s scope.
+async fn check_request<B: Backend>(
+    backend: &B,
+    who: &Principal,
+    request: &PairingRequest,
+    extra: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    if !who.scope.limits_devices() {
+        return Ok(());
+    }
+    let mut labels = code_labels(backend)
+        .await?
+        .remove(&request.code_id)
+        .unwrap_or_default();
+    labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    check_code_labels(who, &format!("request {}", request.request_id), &labels)
 }
 
 async fn approve<B: Backend>(
@@ -535,6 +663,10 @@ async fn approve<B: Backend>(
 ) -> Result<Json<PairingRequest>, ApiError> {
     let who = require(&auth, Permission::TrustOperate)?;
     let crate::api::ApproveRequest { labels } = body.json_or_default()?;
+    if who.scope.limits_devices() {
+        let request = st.backend.request(&id).await?;
+        check_request(&*st.backend, who, &request, &labels).await?;
+    }
     Ok(Json(st.backend.approve_labelled(who, &id, labels).await?))
 }
 
@@ -546,6 +678,10 @@ async fn reject<B: Backend>(
 ) -> Result<Json<PairingRequest>, ApiError> {
     let who = require(&auth, Permission::TrustOperate)?;
     let ReasonBody { reason } = body.json_or_default()?;
+    if who.scope.limits_devices() {
+        let request = st.backend.request(&id).await?;
+        check_request(&*st.backend, who, &request, &Default::default()).await?;
+    }
     Ok(Json(st.backend.reject(who, &id, reason).await?))
 }
 
@@ -619,7 +755,7 @@ async fn list_devices<B: Backend>(
     auth: Auth,
     uri: Uri,
 ) -> Result<Json<Vec<Device>>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
+    let who = require(&auth, Permission::ObservabilityRead)?;
     let filter = Filter::of(&uri)?;
     if filter.presence.is_some() {
         return Err(ApiError::bad_request(
@@ -627,7 +763,7 @@ async fn list_devices<B: Backend>(
         ));
     }
     let mut devices = st.backend.list_devices().await?;
-    devices.retain(|d| filter.keeps_device(d));
+    devices.retain(|d| filter.keeps_device(d) && who.scope.covers(&d.labels));
     Ok(Json(devices))
 }
 
@@ -640,7 +776,23 @@ async fn label<B: Backend>(
     let who = require(&auth, Permission::TrustOperate)?;
     let id = device_id(&id)?;
     let req: crate::api::LabelRequest = body.json()?;
-    Ok(Json(st.backend.label(who, id, req.changes()?).await?))
+    let changes = req.changes()?;
+    if who.scope.limits_devices() {
+        let mut labels = st.backend.device(id).await?.labels;
+        who.check_device(&id, &labels)?;
+        for change in &changes {
+            change.apply(&mut labels);
+        }
+        if !who.scope.covers(&labels) {
+            return Err(ApiError::out_of_scope(format!(
+                "token {} is limited to devices matching {:?}; these changes would take \
+                 device {id} out of it",
+                who.name,
+                who.scope.selector.to_string()
+            )));
+        }
+    }
+    Ok(Json(st.backend.label(who, id, changes).await?))
 }
 
 async fn device<B: Backend>(
@@ -648,8 +800,10 @@ async fn device<B: Backend>(
     auth: Auth,
     Id(id): Id,
 ) -> Result<Json<Device>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.device(device_id(&id)?).await?))
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let device = st.backend.device(device_id(&id)?).await?;
+    who.check_device(&device.device_id, &device.labels)?;
+    Ok(Json(device))
 }
 
 async fn revoke<B: Backend>(
@@ -661,6 +815,7 @@ async fn revoke<B: Backend>(
     let who = require(&auth, Permission::TrustOperate)?;
     let id = device_id(&id)?;
     let ReasonBody { reason } = body.json_or_default()?;
+    check_device(&*st.backend, who, id).await?;
     Ok(Json(st.backend.revoke(who, id, reason).await?))
 }
 
@@ -670,7 +825,9 @@ async fn rotate<B: Backend>(
     Id(id): Id,
 ) -> Result<Json<Device>, ApiError> {
     let who = require(&auth, Permission::TrustOperate)?;
-    Ok(Json(st.backend.rotate(who, device_id(&id)?).await?))
+    let id = device_id(&id)?;
+    check_device(&*st.backend, who, id).await?;
+    Ok(Json(st.backend.rotate(who, id).await?))
 }
 
 async fn remove<B: Backend>(
@@ -679,7 +836,9 @@ async fn remove<B: Backend>(
     Id(id): Id,
 ) -> Result<StatusCode, ApiError> {
     let who = require(&auth, Permission::TrustOperate)?;
-    st.backend.remove(who, device_id(&id)?).await?;
+    let id = device_id(&id)?;
+    check_device(&*st.backend, who, id).await?;
+    st.backend.remove(who, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -741,11 +900,13 @@ async fn inventory<B: Backend>(
     auth: Auth,
     uri: Uri,
 ) -> Result<Json<Inventory>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
+    let who = require(&auth, Permission::ObservabilityRead)?;
     let filter = Filter::of(&uri)?;
     let mut inventory = st.backend.inventory().await?;
-    if !filter.is_everything() {
-        inventory.devices.retain(|d| filter.keeps_entry(d));
+    if !filter.is_everything() || who.scope.limits_devices() {
+        inventory
+            .devices
+            .retain(|d| filter.keeps_entry(d) && who.scope.covers(&d.labels));
         inventory.summary = crate::api::InventorySummary::of(&inventory.devices);
     }
     Ok(Json(inventory))
@@ -756,16 +917,21 @@ async fn inventory_device<B: Backend>(
     auth: Auth,
     Id(id): Id,
 ) -> Result<Json<InventoryDevice>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.inventory_device(device_id(&id)?).await?))
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let entry = st.backend.inventory_device(device_id(&id)?).await?;
+    who.check_device(&entry.device_id, &entry.labels)?;
+    Ok(Json(entry))
 }
 
 async fn list_nodes<B: Backend>(
     State(st): State<AppState<B>>,
     auth: Auth,
 ) -> Result<Json<Vec<Node>>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.list_nodes().await?))
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let scope = InScope::of(&*st.backend, who).await?;
+    let mut nodes = st.backend.list_nodes().await?;
+    nodes.retain(|n| scope.has(&n.device_id));
+    Ok(Json(nodes))
 }
 
 async fn node<B: Backend>(
@@ -773,8 +939,10 @@ async fn node<B: Backend>(
     auth: Auth,
     Id(id): Id,
 ) -> Result<Json<Node>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
-    Ok(Json(st.backend.node(device_id(&id)?).await?))
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let id = device_id(&id)?;
+    check_device(&*st.backend, who, id).await?;
+    Ok(Json(st.backend.node(id).await?))
 }
 
 async fn invoke<B: Backend>(
@@ -786,6 +954,8 @@ async fn invoke<B: Backend>(
     let who = require(&auth, Permission::NodesInvoke)?;
     let device_id = device_id(&id)?;
     let req: InvokeRequest = body.json()?;
+    who.check_capability(&req.capability)?;
+    check_device(&*st.backend, who, device_id).await?;
     let invocation = st.backend.invoke(who, device_id, req).await?;
     let status = if invocation.state.is_final() {
         StatusCode::OK
@@ -800,7 +970,7 @@ async fn list_invocations<B: Backend>(
     auth: Auth,
     uri: Uri,
 ) -> Result<Json<Vec<Invocation>>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
+    let who = require(&auth, Permission::ObservabilityRead)?;
     let q: InvocationsQuery = query(&uri)?;
     let device_id = match q.device_id.as_deref() {
         None | Some("") => None,
@@ -813,7 +983,11 @@ async fn list_invocations<B: Backend>(
         device_id,
         limit: q.limit,
     };
-    Ok(Json(st.backend.list_invocations(q).await?))
+    let scope = InScope::of(&*st.backend, who).await?;
+    let mut list = st.backend.list_invocations(q).await?;
+    // A scoped token's list may come out shorter than `limit`: the filter runs after it.
+    list.retain(|i| scope.has(&i.device_id));
+    Ok(Json(list))
 }
 
 async fn audit<B: Backend>(
@@ -821,12 +995,22 @@ async fn audit<B: Backend>(
     auth: Auth,
     uri: Uri,
 ) -> Result<Json<Vec<AuditEntry>>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
+    let who = require(&auth, Permission::ObservabilityRead)?;
     let mut q: AuditQuery = query(&uri)?;
     if q.target.as_deref() == Some("") {
         q.target = None;
     }
-    Ok(Json(st.backend.audit(q).await?))
+    let mut entries = st.backend.audit(q).await?;
+    if who.scope.limits_devices() {
+        // Only entries about the token's own devices (their target or detail is the id).
+        let scope = InScope::of(&*st.backend, who).await?;
+        entries.retain(|e| {
+            [&e.target, &e.detail]
+                .iter()
+                .any(|t| t.parse::<DeviceId>().is_ok_and(|d| scope.has(&d)))
+        });
+    }
+    Ok(Json(entries))
 }
 
 async fn invocation<B: Backend>(
@@ -834,11 +1018,15 @@ async fn invocation<B: Backend>(
     auth: Auth,
     Id(id): Id,
 ) -> Result<Json<Invocation>, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
+    let who = require(&auth, Permission::ObservabilityRead)?;
     let parsed = id
         .parse::<InvocationId>()
         .map_err(|_| ApiError::not_found(format!("invocation {id} not found")))?;
-    Ok(Json(st.backend.invocation(parsed).await?))
+    let invocation = st.backend.invocation(parsed).await?;
+    if who.scope.limits_devices() {
+        check_device(&*st.backend, who, invocation.device_id).await?;
+    }
+    Ok(Json(invocation))
 }
 
 async fn events<B: Backend>(
@@ -850,11 +1038,15 @@ async fn events<B: Backend>(
     // Subscribe before answering: whatever is published after the client has the response
     // head reaches it.
     let receiver = st.backend.subscribe();
+    let scope = Arc::new(std::sync::RwLock::new(
+        InScope::of(&*st.backend, &subscriber).await?,
+    ));
     let token = bearer(&headers).unwrap_or_default().to_string();
     let stream = until_token_lapses(
-        event_stream(BroadcastStream::new(receiver), subscriber),
+        event_stream(BroadcastStream::new(receiver), subscriber, scope.clone()),
         st.backend.clone(),
         token,
+        scope,
     );
     let stream = match st.shutdown {
         Some(mut shutdown) => stream
@@ -876,19 +1068,30 @@ fn until_token_lapses<B: Backend>(
     events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
     backend: Arc<B>,
     token: String,
+    scope: Arc<std::sync::RwLock<InScope>>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
     let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<SseEvent>();
     let lapsed = async move {
         let mut tick = tokio::time::interval(SSE_TOKEN_RECHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checks: u32 = 0;
         loop {
             tick.tick().await;
-            let valid = backend
+            let Some(principal) = backend
                 .authenticate(&token)
                 .await
-                .is_some_and(|p| p.can(Permission::ObservabilityRead));
-            if !valid {
+                .filter(|p| p.can(Permission::ObservabilityRead))
+            else {
                 break;
+            };
+            // A scoped stream re-reads which devices are its own now and then (label changes
+            // it sees update it at once; this catches devices paired or changed unseen).
+            checks = checks.wrapping_add(1);
+            if principal.scope.limits_devices()
+                && checks.is_multiple_of(SSE_SCOPE_REFRESH_TICKS)
+                && let Ok(fresh) = InScope::of(&*backend, &principal).await
+            {
+                *scope.write().unwrap_or_else(|e| e.into_inner()) = fresh;
             }
         }
         let closed = Event {
@@ -917,10 +1120,20 @@ fn until_token_lapses<B: Backend>(
 fn event_stream(
     events: impl Stream<Item = Result<Event, BroadcastStreamRecvError>> + Send + 'static,
     subscriber: Principal,
+    scope: Arc<std::sync::RwLock<InScope>>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
     events.filter_map(move |item| {
+        if let Ok(event) = &item {
+            follow_labels(&subscriber, &scope, event);
+        }
         let item = match item {
-            Ok(event) if !subscriber.may_see(&event) => None,
+            Ok(event)
+                if !subscriber.may_see(&event, &|d| {
+                    scope.read().unwrap_or_else(|e| e.into_inner()).has(d)
+                }) =>
+            {
+                None
+            }
             Ok(event) => sse_event(&event).map(Ok),
             Err(BroadcastStreamRecvError::Lagged(skipped)) => {
                 warn!(skipped, "event stream subscriber lagged");
@@ -934,6 +1147,29 @@ fn event_stream(
 }
 
 /// One event as SSE: `event: <kind>`, `id: <seq>`, `data: <Event JSON>`.
+/// A `device.labels` event moves its device into or out of a scoped subscriber's set at once.
+fn follow_labels(subscriber: &Principal, scope: &std::sync::RwLock<InScope>, event: &Event) {
+    if event.kind != "device.labels" || !subscriber.scope.limits_devices() {
+        return;
+    }
+    let (Some(device), Some(labels)) = (event.device_id, event.data.get("labels")) else {
+        return;
+    };
+    let Ok(labels) =
+        serde_json::from_value::<std::collections::BTreeMap<String, String>>(labels.clone())
+    else {
+        return;
+    };
+    let mut scope = scope.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(set) = scope.0.as_mut() {
+        if subscriber.scope.covers(&labels) {
+            set.insert(device);
+        } else {
+            set.remove(&device);
+        }
+    }
+}
+
 fn sse_event(event: &Event) -> Option<SseEvent> {
     // `SseEvent::event` panics on line breaks; a kind never has them, but it is not ours.
     let kind: String = event
@@ -952,6 +1188,72 @@ fn sse_event(event: &Event) -> Option<SseEvent> {
             None
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batches: one capability on many devices
+
+fn batch_routes<B: Backend>() -> Router<AppState<B>> {
+    Router::new()
+        .route("/batches", post(create_batch::<B>).get(list_batches::<B>))
+        .route("/batches/{id}", get(batch::<B>))
+}
+
+async fn create_batch<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    body: RawBody,
+) -> Result<(StatusCode, Json<Batch>), ApiError> {
+    let who = require(&auth, Permission::NodesInvoke)?;
+    let req: BatchRequest = body.json()?;
+    who.check_capability(&req.capability)?;
+    let batch = st.backend.create_batch(who, req).await?;
+    Ok((StatusCode::CREATED, Json(batch)))
+}
+
+#[derive(Deserialize)]
+struct BatchesQuery {
+    limit: Option<usize>,
+}
+
+/// Whether `who` sees a batch: a token limited to a selector sees the batches it created.
+fn sees_batch(who: &Principal, batch: &BatchInfo) -> bool {
+    !who.scope.limits_devices() || batch.requested_by == who.actor()
+}
+
+async fn list_batches<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    uri: Uri,
+) -> Result<Json<Vec<BatchInfo>>, ApiError> {
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let q: BatchesQuery = query(&uri)?;
+    let mut list = st
+        .backend
+        .list_batches(q.limit.unwrap_or(50).clamp(1, 1000))
+        .await?;
+    list.retain(|b| sees_batch(who, b));
+    Ok(Json(list))
+}
+
+async fn batch<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+) -> Result<Json<Batch>, ApiError> {
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let parsed = id
+        .parse::<BatchId>()
+        .map_err(|_| ApiError::not_found(format!("batch {id} not found")))?;
+    let batch = st.backend.batch(parsed).await?;
+    if !sees_batch(who, &batch.info) {
+        return Err(ApiError::out_of_scope(format!(
+            "token {} is limited to devices matching {:?}; it sees only the batches it created",
+            who.name,
+            who.scope.selector.to_string()
+        )));
+    }
+    Ok(Json(batch))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -994,7 +1296,8 @@ async fn metrics<B: Backend>(
     State(st): State<AppState<B>>,
     auth: Auth,
 ) -> Result<Response, ApiError> {
-    require(&auth, Permission::ObservabilityRead)?;
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    refuse_scoped(who, "/metrics")?;
     Ok(metrics_response(st.backend.metrics().await))
 }
 

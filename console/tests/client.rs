@@ -87,6 +87,7 @@ async fn client_round_trips_typed_calls() {
         .create_token(CreateTokenRequest {
             name: Some("ci".into()),
             permissions: vec![Permission::ObservabilityRead],
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -75,6 +75,9 @@ const ROUTES: &[Case] = &[
     case("GET", "/console/v1/events", None, Read, StatusCode::OK),
     case("GET", "/console/v1/audit?target=aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt&limit=5", None, Read, StatusCode::OK),
     case("GET", "/console/v1/qr?text=anchorage%3A%2F%2Fpair", None, TrustOperate, StatusCode::OK),
+    case("POST", "/console/v1/batches", Some(r#"{"selector":"site=lab","capability":"echo"}"#), NodesInvoke, StatusCode::CREATED),
+    case("GET", "/console/v1/batches?limit=5", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/batches/0123456789abcdef0123456789abcdef", None, Read, StatusCode::OK),
     case("GET", "/metrics", None, Read, StatusCode::OK),
 ];
 
@@ -131,6 +134,159 @@ async fn assert_error(res: Response<Body>, status: StatusCode, code: &str) -> St
 
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
+}
+
+/// What a token limited to `site=home` (the one device is `site=lab`) gets on a route.
+enum OutOfScope {
+    /// 403 `out_of_scope`.
+    Refused,
+    /// The usual answer, without the device (a listing).
+    Hidden,
+    /// The usual answer (nothing about devices in it, or the route refuses scoped tokens
+    /// anyway).
+    Same,
+}
+
+fn out_of_scope(c: &Case) -> OutOfScope {
+    let path = c.uri.split('?').next().unwrap();
+    let one_device = path.contains("aaaq-") || path.starts_with("/console/v1/invocations/");
+    let request = path.starts_with("/console/v1/pairing/requests/");
+    if one_device || request || path == "/metrics" || c.method == "POST" && path.ends_with("/codes")
+    {
+        OutOfScope::Refused
+    } else if path.starts_with("/console/v1/batches/") {
+        // Created by the owner: a scoped token sees only its own batches.
+        OutOfScope::Refused
+    } else if matches!(
+        path,
+        "/console/v1/devices"
+            | "/console/v1/inventory"
+            | "/console/v1/nodes"
+            | "/console/v1/invocations"
+            | "/console/v1/audit"
+            | "/console/v1/pairing/codes"
+            | "/console/v1/pairing/requests"
+            | "/console/v1/batches"
+    ) && c.method == "GET"
+    {
+        OutOfScope::Hidden
+    } else {
+        OutOfScope::Same
+    }
+}
+
+#[tokio::test]
+async fn every_route_checks_a_scoped_token_inside_and_outside_its_scope() {
+    let device = "aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt";
+    for c in ROUTES {
+        if c.uri.ends_with("/events") {
+            continue; // a stream: tests/tests/fleet.rs follows one with a scoped token
+        }
+        // Inside: the device and the code are site=lab, the capability echo matches `ec*`.
+        let expected_inside = match c.permission {
+            TokensManage => StatusCode::FORBIDDEN,
+            _ if c.uri == "/metrics" => StatusCode::FORBIDDEN,
+            // The scoped token did not create the owner's batch.
+            _ if c.uri.starts_with("/console/v1/batches/") => StatusCode::FORBIDDEN,
+            _ => c.ok,
+        };
+        // A code minted by a scoped token must carry labels its selector matches.
+        let inside_body = if c.method == "POST" && c.uri.ends_with("/pairing/codes") {
+            Some(r#"{"method":"pin","labels":{"site":"lab"}}"#)
+        } else {
+            c.body
+        };
+        let (router, _) = app();
+        let res = send(
+            router,
+            build(
+                c.method,
+                c.uri,
+                Some(&bearer("scoped:site=lab")),
+                inside_body,
+            ),
+        )
+        .await;
+        assert_eq!(
+            res.status(),
+            expected_inside,
+            "inside: {} {}",
+            c.method,
+            c.uri
+        );
+        if expected_inside.is_success() && c.method == "GET" && c.uri.contains("devices") {
+            let body = body_bytes(res).await;
+            assert!(
+                String::from_utf8_lossy(&body).contains(device),
+                "inside: {} {} leaves out the device",
+                c.method,
+                c.uri
+            );
+        }
+
+        // Outside.
+        if c.permission == TokensManage {
+            continue; // refused for the permission already
+        }
+        let (router, _) = app();
+        let res = send(
+            router,
+            build(c.method, c.uri, Some(&bearer("scoped:site=home")), c.body),
+        )
+        .await;
+        let what = format!("outside: {} {}", c.method, c.uri);
+        match out_of_scope(c) {
+            OutOfScope::Refused => {
+                let message = assert_error(res, StatusCode::FORBIDDEN, "out_of_scope").await;
+                assert!(message.contains("site=home"), "{what}: {message}");
+            }
+            OutOfScope::Hidden => {
+                assert_eq!(res.status(), StatusCode::OK, "{what}");
+                let body = String::from_utf8_lossy(&body_bytes(res).await).into_owned();
+                assert!(!body.contains(device), "{what} shows the device: {body}");
+                assert!(!body.contains("K7QF"), "{what} shows the code: {body}");
+            }
+            OutOfScope::Same => {
+                if c.uri == "/console/v1/batches" {
+                    // A batch covers only the token's devices: none here.
+                    assert_eq!(res.status(), StatusCode::CREATED, "{what}");
+                    let batch: Batch = serde_json::from_slice(&body_bytes(res).await).unwrap();
+                    assert_eq!(batch.info.total, 0, "{what}");
+                } else {
+                    assert_eq!(res.status(), c.ok, "{what}");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_scoped_token_may_run_only_its_capabilities() {
+    let (router, _) = app();
+    let res = send(
+        router,
+        build(
+            "POST",
+            "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/invoke",
+            Some(&bearer("scoped:site=lab")),
+            Some(r#"{"capability":"fail"}"#),
+        ),
+    )
+    .await;
+    let message = assert_error(res, StatusCode::FORBIDDEN, "out_of_scope").await;
+    assert!(message.contains("ec*"), "{message}");
+    let (router, _) = app();
+    let res = send(
+        router,
+        build(
+            "POST",
+            "/console/v1/batches",
+            Some(&bearer("scoped:site=lab")),
+            Some(r#"{"selector":"","capability":"shell"}"#),
+        ),
+    )
+    .await;
+    assert_error(res, StatusCode::FORBIDDEN, "out_of_scope").await;
 }
 
 #[tokio::test]
@@ -468,7 +624,11 @@ async fn whoami_answers_any_valid_token_with_itself() {
         let object = value.as_object().unwrap();
         let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["name", "permissions", "token_id"], "{value}");
+        assert_eq!(
+            keys,
+            ["name", "permissions", "scope", "token_id"],
+            "{value}"
+        );
         let principal: Principal = serde_json::from_value(value).unwrap();
         assert_eq!(principal, principal_for(&token).unwrap());
         assert!(backend.calls().is_empty(), "whoami needs only the token");

@@ -130,6 +130,8 @@ impl Anchor {
             metrics.clone(),
         )?;
         let mut snapshot = stores.runtime.load()?;
+        trust.restore_token_use(std::mem::take(&mut snapshot.token_use));
+        let unfinished_batches = std::mem::take(&mut snapshot.batches);
         let writer = Writer::start(stores.runtime.clone())?;
         let nodes = NodeTable::new(
             &config,
@@ -143,7 +145,7 @@ impl Anchor {
             std::mem::take(&mut snapshot.unfinished),
             config.invocation_output_limit as usize,
             stores.runtime.clone(),
-            writer,
+            writer.clone(),
             clock,
             events.clone(),
             metrics.clone(),
@@ -158,6 +160,8 @@ impl Anchor {
             events,
             metrics,
             server_cert,
+            writer,
+            unfinished_batches,
         ));
         let anchor = Anchor {
             services,
@@ -242,6 +246,7 @@ impl Anchor {
             s.set_bound(Some(addr), None);
         }
         s.spawn(housekeeping(s.clone()));
+        crate::batches::resume(s);
         let active = Arc::new(AtomicUsize::new(0));
         let handshaking = Arc::new(AtomicUsize::new(0));
         loop {
@@ -313,7 +318,13 @@ impl Anchor {
             return Ok(());
         }
         let created = trust
-            .create_token("anchor", "owner".to_string(), Permission::ALL.to_vec())
+            .create_token(
+                "anchor",
+                "owner".to_string(),
+                Permission::ALL.to_vec(),
+                Default::default(),
+                None,
+            )
             .map_err(|e| StartError::Tls(format!("creating the owner token: {e:?}")))?;
         write_private_file(&path, format!("{}\n", created.token).as_bytes())?;
         info!(path = %path.display(), "created owner token");
@@ -410,6 +421,9 @@ async fn housekeeping(s: Arc<Services>) {
                     p.config.invocation_max_records,
                 ) {
                     warn!(error = %e, "pruning invocations failed");
+                }
+                if let Err(e) = crate::batches::prune(&p) {
+                    warn!(error = %e, "pruning batches failed");
                 }
             })
             .await;

@@ -21,10 +21,11 @@ use crate::events::AnchorEvent;
 use crate::inventory::{code_api, device_api, request_api, token_api};
 use crate::invocations::invoke_timeout;
 use crate::records::{
-    CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord, InvocationState,
-    RequestRecord,
+    BatchMember, BatchRecord, CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord,
+    InvocationState, RequestRecord,
 };
 use crate::services::Services;
+use crate::store::RuntimeWrite;
 use crate::trust::{self, TrustError};
 
 /// Implements [`Backend`] over the anchor's services.
@@ -117,7 +118,14 @@ pub fn all_requests(s: &Services) -> Result<Vec<RequestRecord>, TrustError> {
 
 impl Backend for AnchorBackend {
     async fn authenticate(&self, token: &str) -> Option<Principal> {
-        self.services.trust.authenticate(token)
+        let principal = self.services.trust.authenticate(token)?;
+        if let Some(at) = self.services.trust.note_use(&principal.token_id) {
+            // Best effort: a full write queue skips one note of a token's last use.
+            self.services
+                .writer
+                .try_put(RuntimeWrite::TokenUsed(principal.token_id.clone(), at));
+        }
+        Some(principal)
     }
 
     async fn mint_code(&self, who: &Principal, req: MintCodeRequest) -> ApiResult<MintedCode> {
@@ -324,8 +332,11 @@ impl Backend for AnchorBackend {
         let actor = trust::actor(who);
         let created = self
             .blocking(move |s| {
+                let scope = req.scope();
+                let lifetime = req.expires_in_secs.map(Duration::from_secs);
                 let name = req.name.unwrap_or_else(|| "unnamed".into());
-                s.trust.create_token(&actor, name, req.permissions)
+                s.trust
+                    .create_token(&actor, name, req.permissions, scope, lifetime)
             })
             .await?;
         self.services.events.publish(AnchorEvent::Token {
@@ -345,7 +356,7 @@ impl Backend for AnchorBackend {
             .blocking(move |s| s.trust.revoke_token(&who, &id))
             .await?;
         self.services.events.publish(AnchorEvent::Token {
-            id: t.id.clone(),
+            id: t.record.id.clone(),
             action: "revoked",
         });
         Ok(token_api(&t))
@@ -388,28 +399,13 @@ impl Backend for AnchorBackend {
         device: DeviceId,
         req: InvokeRequest,
     ) -> ApiResult<Invocation> {
-        if req.capability.is_empty() || req.capability.len() > anchorage_wire::limits::MAX_NAME_LEN
-        {
-            return Err(ApiError::bad_request("capability must be 1-128 bytes"));
-        }
-        let input = serde_json::to_vec(&req.input)
-            .map_err(|_| ApiError::bad_request("input is not JSON"))?;
-        if input.len() > anchorage_wire::limits::MAX_INVOKE_INPUT {
-            return Err(ApiError::bad_request(format!(
-                "input is {} bytes; the limit is {}",
-                input.len(),
-                anchorage_wire::limits::MAX_INVOKE_INPUT
-            )));
-        }
+        let input = check_invocation(&req.capability, &req.input)?;
         let timeout = invoke_timeout(req.timeout_ms);
         let s = &self.services;
-        // A live session proves trust without a store read: its certificate passed the live
-        // revocation check at the handshake, and revoking or removing a device updates the
-        // in-memory set and closes the session before the operator hears back.
+        // A live session proves trust without a store read (see `dispatch::create`).
         let live = s
             .nodes
             .live(&device)
-            .map(|(session, _)| session)
             .filter(|_| !s.trust.revocation().is_device_revoked(&device));
         if live.is_none() {
             let trusted = self
@@ -427,7 +423,6 @@ impl Backend for AnchorBackend {
                 return Err(ApiError::not_found(format!("no trusted device {device}")));
             }
         }
-        let rejection = crate::inventory::rejection(s, &device, &req.capability);
         let now = s.clock.now_ms();
         let id = new_invocation_id(now);
         let record = InvocationRecord {
@@ -446,10 +441,8 @@ impl Backend for AnchorBackend {
             error: None,
             duration_ms: None,
         };
-        let (record, next) = s.invocations.create(record, rejection, live).await;
-        // Dispatch while the record is being committed: the writer is ordered, so every later
-        // state lands after it, and the caller still learns the id only once it is on disk.
-        crate::dispatch::spawn(s, next);
+        // The caller learns the id only once the record is on disk.
+        let record = crate::dispatch::create(s, record).await;
         s.invocations
             .barrier()
             .await
@@ -466,6 +459,74 @@ impl Backend for AnchorBackend {
         Ok(crate::inventory::invocation_api(
             waited.as_ref().unwrap_or(&record),
         ))
+    }
+
+    async fn create_batch(&self, who: &Principal, req: BatchRequest) -> ApiResult<Batch> {
+        let input = check_invocation(&req.capability, &req.input)?;
+        let timeout = invoke_timeout(req.timeout_ms);
+        let devices = self.list_devices().await?;
+        let s = &self.services;
+        let now = s.clock.now_ms();
+        let mut members: Vec<BatchMember> = devices
+            .into_iter()
+            .filter(|d| {
+                d.trust == TrustState::Trusted
+                    && req.selector.matches(&d.labels)
+                    && who.scope.covers(&d.labels)
+            })
+            .map(|d| BatchMember {
+                device_id: d.device_id,
+                name: d.name,
+                invocation_id: new_invocation_id(now).0,
+            })
+            .collect();
+        if members.len() > crate::batches::MAX_BATCH_DEVICES {
+            return Err(ApiError::bad_request(format!(
+                "the selector matches {} devices; a batch covers at most {}",
+                members.len(),
+                crate::batches::MAX_BATCH_DEVICES
+            )));
+        }
+        members.sort_by_key(|m| m.device_id);
+        let record = BatchRecord {
+            id: new_invocation_id(now).0,
+            selector: req.selector.to_string(),
+            capability: req.capability,
+            input,
+            requested_by: trust::actor(who),
+            created_at_ms: now,
+            deadline_ms: now.saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            max_concurrency: req.max_concurrency,
+            members,
+            finished_at_ms: None,
+        };
+        crate::batches::create(s, record.clone())
+            .await
+            .map_err(|e| api_error(TrustError::Store(e)))?;
+        Ok(crate::batches::view_new(&record))
+    }
+
+    async fn list_batches(&self, limit: usize) -> ApiResult<Vec<BatchInfo>> {
+        self.blocking(move |s| {
+            let mut out = Vec::new();
+            for b in s.stores.runtime.batches_newest(limit)? {
+                out.push(crate::batches::view(s, &b)?.info);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn batch(&self, id: BatchId) -> ApiResult<Batch> {
+        self.blocking(move |s| {
+            let record = s
+                .stores
+                .runtime
+                .batch(&id.0)?
+                .ok_or_else(|| TrustError::NotFound(format!("batch {id}")))?;
+            Ok(crate::batches::view(s, &record)?)
+        })
+        .await
     }
 
     async fn list_invocations(&self, query: InvocationQuery) -> ApiResult<Vec<Invocation>> {
@@ -531,6 +592,23 @@ impl Backend for AnchorBackend {
     fn qr_svg(&self, text: &str) -> ApiResult<String> {
         qr_svg(text).ok_or_else(|| ApiError::bad_request("text too long for a QR code"))
     }
+}
+
+/// Checks a capability name and input for an invocation; returns the input encoded.
+fn check_invocation(capability: &str, input: &serde_json::Value) -> ApiResult<Vec<u8>> {
+    if capability.is_empty() || capability.len() > anchorage_wire::limits::MAX_NAME_LEN {
+        return Err(ApiError::bad_request("capability must be 1-128 bytes"));
+    }
+    let input =
+        serde_json::to_vec(input).map_err(|_| ApiError::bad_request("input is not JSON"))?;
+    if input.len() > anchorage_wire::limits::MAX_INVOKE_INPUT {
+        return Err(ApiError::bad_request(format!(
+            "input is {} bytes; the limit is {}",
+            input.len(),
+            anchorage_wire::limits::MAX_INVOKE_INPUT
+        )));
+    }
+    Ok(input)
 }
 
 /// A new invocation id: a UUID v7 on the anchor's clock, so ids (and the store's keys) sort by

@@ -13,8 +13,31 @@ use anchorage_wire::invoke::{InvokeReply, InvokeRequest, InvokeResult, Outcome};
 use tracing::{debug, warn};
 
 use crate::invocations::{Claim, Ending, Next, Reply};
-use crate::records::InvocationState;
+use crate::records::{InvocationRecord, InvocationState};
 use crate::services::Services;
+
+/// Creates `record` on the invocation service and starts it: dispatched on the node's live
+/// session now (unless the device is revoked), or queued until it registers; `rejected` at
+/// once when the node's last registration says it cannot run the capability. The record is
+/// queued for the store: await [`crate::invocations::Invocations::barrier`] before telling
+/// anyone it exists.
+pub async fn create(s: &Arc<Services>, record: InvocationRecord) -> InvocationRecord {
+    // A live session proves trust without a store read: its certificate passed the live
+    // revocation check at the handshake, and revoking or removing a device updates the
+    // in-memory set and closes the session before the operator hears back.
+    let device = record.device_id;
+    let live = s
+        .nodes
+        .live(&device)
+        .map(|(session, _)| session)
+        .filter(|_| !s.trust.revocation().is_device_revoked(&device));
+    let rejection = crate::inventory::rejection(s, &device, &record.capability);
+    let (record, next) = s.invocations.create(record, rejection, live).await;
+    // Dispatch while the record is being committed: the writer is ordered, so every later
+    // state lands after it.
+    spawn(s, next);
+    record
+}
 
 /// Runs `steps` in tasks of their own.
 pub fn spawn(services: &Arc<Services>, steps: Vec<Next>) {

@@ -134,6 +134,8 @@ pub enum AnchorEvent {
         /// Its new state.
         state: InvocationState,
     },
+    /// `batch`: a batch was created, made progress, or ended (its counts now).
+    Batch(anchorage_console::api::BatchInfo),
 }
 
 impl AnchorEvent {
@@ -154,13 +156,16 @@ impl AnchorEvent {
             AnchorEvent::NodeDisconnected { .. } => "node.disconnected",
             AnchorEvent::Presence { .. } => "presence",
             AnchorEvent::Invocation { .. } => "invocation",
+            AnchorEvent::Batch(_) => "batch",
         }
     }
 
     /// The device the event is about, if any.
     pub fn device(&self) -> Option<&DeviceId> {
         match self {
-            AnchorEvent::CodeMinted { .. } | AnchorEvent::Token { .. } => None,
+            AnchorEvent::CodeMinted { .. } | AnchorEvent::Token { .. } | AnchorEvent::Batch(_) => {
+                None
+            }
             AnchorEvent::PairingRequested { device, .. }
             | AnchorEvent::PairingDecided { device, .. }
             | AnchorEvent::PairingCompleted { device, .. }
@@ -228,6 +233,7 @@ impl AnchorEvent {
                 "capability": capability,
                 "state": state.as_str(),
             }),
+            AnchorEvent::Batch(info) => serde_json::to_value(info).unwrap_or_default(),
         }
     }
 }

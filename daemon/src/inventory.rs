@@ -13,7 +13,7 @@ use crate::clock::to_odt;
 use crate::nodes::{Node as NodeState, SessionHandle};
 use crate::records::{
     CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord, InvocationState, Labels,
-    RequestRecord, RequestState, TokenRecord,
+    RequestRecord, RequestState,
 };
 use crate::services::Services;
 use crate::trust::{code_state, request_state};
@@ -399,17 +399,24 @@ pub fn code_api(c: &CodeRecord, labels: Option<&Labels>, now_ms: u64) -> api::Pa
 }
 
 /// A token as the API shows it (never its secret).
-pub fn token_api(t: &TokenRecord) -> api::TokenInfo {
+pub fn token_api(t: &crate::trust::TokenEntry) -> api::TokenInfo {
+    let r = &t.record;
     api::TokenInfo {
-        id: t.id.clone(),
-        name: t.name.clone(),
-        permissions: t
+        id: r.id.clone(),
+        name: r.name.clone(),
+        permissions: r
             .permissions
             .iter()
             .filter_map(|p| p.parse().ok())
             .collect(),
-        created_at: to_odt(t.created_at_ms),
-        created_by: t.created_by.clone(),
-        revoked_at: t.revoked_at_ms.map(to_odt),
+        scope: api::Scope {
+            selector: t.limits.selector.parse().unwrap_or_default(),
+            capabilities: t.limits.capabilities.clone(),
+        },
+        expires_at: t.limits.expires_at_ms.map(to_odt),
+        last_used_at: t.last_used_ms.map(to_odt),
+        created_at: to_odt(r.created_at_ms),
+        created_by: r.created_by.clone(),
+        revoked_at: r.revoked_at_ms.map(to_odt),
     }
 }

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 pub mod admission;
 pub mod anchor;
 pub mod backend;
+pub mod batches;
 pub mod bootstrap;
 pub mod clock;
 pub mod config;

@@ -260,3 +260,52 @@ pub struct InvocationRecord {
     /// Time on the node.
     pub duration_ms: Option<u64>,
 }
+
+/// One device of a batch: its invocation id is chosen when the batch is created, so the batch
+/// is written once and an invocation started after a restart keeps the same id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchMember {
+    /// Device.
+    pub device_id: DeviceId,
+    /// Its name then.
+    pub name: String,
+    /// Its invocation.
+    pub invocation_id: [u8; 16],
+}
+
+/// A batch: one capability on every device a selector matched at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    /// Id (a UUID v7, so keys sort by age).
+    pub id: [u8; 16],
+    /// Selector, as given.
+    pub selector: String,
+    /// Capability.
+    pub capability: String,
+    /// Input JSON of every invocation.
+    pub input: Vec<u8>,
+    /// Who asked (`name (token id)`).
+    pub requested_by: String,
+    /// Created.
+    pub created_at_ms: u64,
+    /// Deadline of every invocation.
+    pub deadline_ms: u64,
+    /// At most this many unfinished at once.
+    pub max_concurrency: Option<u32>,
+    /// The devices, in device id order.
+    pub members: Vec<BatchMember>,
+    /// When the last invocation ended (then the batch is not resumed at start-up).
+    pub finished_at_ms: Option<u64>,
+}
+
+/// What limits a token beyond its permissions, and when it ends. Kept beside the
+/// [`TokenRecord`] (tokens written before scopes existed have none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TokenLimits {
+    /// Label selector, as given (empty: every device).
+    pub selector: String,
+    /// Capability patterns (empty: every capability).
+    pub capabilities: Vec<String>,
+    /// Stops working then.
+    pub expires_at_ms: Option<u64>,
+}

@@ -21,7 +21,8 @@ use crate::events::EventBus;
 use crate::invocations::Invocations;
 use crate::metrics::Metrics;
 use crate::nodes::NodeTable;
-use crate::store::Stores;
+use crate::records::BatchRecord;
+use crate::store::{Stores, Writer};
 use crate::trust::Trust;
 
 /// Every service of one anchor.
@@ -53,6 +54,10 @@ pub struct Services {
     pub started_at_ms: u64,
     /// Who may try to pair how often.
     pub pairing_limiter: Mutex<Limiter>,
+    /// The ordered writer of runtime state (shared with the node table and invocations).
+    pub writer: Writer,
+    /// Batches unfinished at the last stop, until the anchor serves and resumes them.
+    pub unfinished_batches: Mutex<Vec<BatchRecord>>,
     bound: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
@@ -69,6 +74,8 @@ impl Services {
         events: Arc<EventBus>,
         metrics: Arc<Metrics>,
         server_cert: Arc<ServerCertResolver>,
+        writer: Writer,
+        unfinished_batches: Vec<BatchRecord>,
     ) -> Services {
         Services {
             started_at_ms: clock.now_ms(),
@@ -82,6 +89,8 @@ impl Services {
             events,
             metrics,
             server_cert,
+            writer,
+            unfinished_batches: Mutex::new(unfinished_batches),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             bound: Mutex::new((None, None)),

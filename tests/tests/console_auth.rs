@@ -113,7 +113,13 @@ impl Fixture {
         self.anchor
             .services()
             .trust
-            .create_token("test", name.to_string(), permissions)
+            .create_token(
+                "test",
+                name.to_string(),
+                permissions,
+                Default::default(),
+                None,
+            )
             .unwrap()
     }
 
@@ -362,7 +368,7 @@ async fn a_revoked_token_stops_working_at_once() {
             &reader.id,
         )
         .unwrap();
-    assert!(again.revoked_at_ms.is_some());
+    assert!(again.record.revoked_at_ms.is_some());
     let res = fx
         .send("GET", "/console/v1/devices", Some(&bearer(&fx.owner)), None)
         .await;
@@ -513,6 +519,7 @@ async fn a_revoked_token_loses_its_open_event_stream() {
             anchorage_console::api::CreateTokenRequest {
                 name: Some("reader".into()),
                 permissions: vec![Permission::ObservabilityRead],
+                ..Default::default()
             },
         )
         .await
@@ -573,6 +580,7 @@ async fn token_names_with_direction_controls_are_refused() {
             anchorage_console::api::CreateTokenRequest {
                 name: Some("ci\u{202E}nimda".into()),
                 permissions: vec![Permission::ObservabilityRead],
+                ..Default::default()
             },
         )
         .await

@@ -468,6 +468,7 @@ async fn token_events_reach_only_tokens_that_manage_tokens() {
                 .create_token(CreateTokenRequest {
                     name: Some(name),
                     permissions,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

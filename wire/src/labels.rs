@@ -181,6 +181,20 @@ pub enum LabelChange {
     Remove(String),
 }
 
+impl LabelChange {
+    /// Applies the change to `labels`.
+    pub fn apply(&self, labels: &mut BTreeMap<String, String>) {
+        match self {
+            LabelChange::Set(k, v) => {
+                labels.insert(k.clone(), v.clone());
+            }
+            LabelChange::Remove(k) => {
+                labels.remove(k);
+            }
+        }
+    }
+}
+
 impl FromStr for LabelChange {
     type Err = LabelError;
 

@@ -125,8 +125,12 @@ pub enum Command {
     Token(TokenCommand),
     /// The inventory: every device with trust, presence, link quality and warnings.
     Inventory(InventoryArgs),
-    /// Run a capability on a node and print its result.
+    /// Run a capability on a node, or with -l on every device a selector matches, and print
+    /// the result.
     Invoke(InvokeArgs),
+    /// Batches (invocations on many devices): show, list.
+    #[command(subcommand)]
+    Batch(BatchCommand),
     /// Past and running invocations.
     #[command(subcommand)]
     Invocation(InvocationCommand),
@@ -257,8 +261,19 @@ pub enum TokenCommand {
         /// A name for people.
         #[arg(long)]
         name: Option<String>,
+        /// Limit the token to devices this label selector matches, e.g. site=lab (it sees
+        /// and acts on no other device).
+        #[arg(long, value_name = "SELECTOR")]
+        selector: Option<String>,
+        /// Limit the token to capabilities matching this pattern (`*` matches anything, e.g.
+        /// 'system.*'); repeat for several.
+        #[arg(long = "capability", value_name = "PATTERN")]
+        capabilities: Vec<String>,
+        /// The token stops working after this long, e.g. 12h, 30d (default: never).
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
     },
-    /// List tokens (never their secrets).
+    /// List tokens (never their secrets), with their limits, expiry and last use.
     List,
     /// Revoke a token.
     Revoke {
@@ -313,13 +328,25 @@ pub enum InventoryCommand {
     },
 }
 
-/// `anchorctl invoke DEVICE_ID CAPABILITY ...`
+/// `anchorctl invoke DEVICE_ID CAPABILITY ...`, `anchorctl invoke -l SELECTOR CAPABILITY ...`
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  anchorctl invoke 3F2K-... system.health
+  anchorctl invoke -l site=lab,role=camera system.health --timeout 1m --max-concurrency 50
+
+With -l the exit code is 0 only if every device's invocation succeeded.")]
 pub struct InvokeArgs {
-    /// Device id of the node.
-    pub device_id: String,
-    /// Capability name, e.g. echo, system.health.
-    pub capability: String,
+    /// Run on every trusted device this label selector matches now (a batch), offline ones
+    /// included: theirs wait for them until the deadline.
+    #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+    pub selector: Option<String>,
+    /// DEVICE_ID CAPABILITY, or with -l only CAPABILITY (e.g. echo, system.health).
+    #[arg(value_name = "DEVICE_ID|CAPABILITY", num_args = 1..=2, required = true)]
+    pub targets: Vec<String>,
+    /// With -l: at most this many invocations unfinished at once (default: all at once).
+    #[arg(long, value_name = "N", requires = "selector")]
+    pub max_concurrency: Option<u32>,
     /// Input as JSON (default null).
     #[arg(long, value_name = "JSON", conflicts_with = "input_file")]
     pub input: Option<String>,
@@ -332,6 +359,22 @@ pub struct InvokeArgs {
     /// Return at once with the queued invocation instead of waiting for its result.
     #[arg(long = "async")]
     pub async_: bool,
+}
+
+/// `anchorctl batch ...`
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Show one batch: its counts and every device's invocation.
+    Show {
+        /// Batch id.
+        id: String,
+    },
+    /// List batches, newest first.
+    List {
+        /// At most this many (default 50).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
 }
 
 /// `anchorctl invocation ...`
@@ -389,6 +432,18 @@ impl CliError {
 
     fn bad_input(message: impl Into<String>) -> Self {
         Self::new(exit::BAD_INPUT, "bad_input", message)
+    }
+
+    fn usage(message: impl Into<String>) -> Self {
+        Self::new(exit::USAGE, "usage", message)
+    }
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
     }
 }
 
@@ -617,7 +672,17 @@ impl Ctx<'_> {
                 let device = self.client.inventory_device(&id).await?;
                 self.emit(&device, |now| human_inventory_device(&device, now))
             }
+            Command::Invoke(args) if args.selector.is_some() => self.invoke_batch(args).await,
             Command::Invoke(args) => self.invoke(args).await,
+            Command::Batch(BatchCommand::Show { id }) => {
+                let batch = self.client.batch(&id).await?;
+                self.emit(&batch, |now| human_batch(&batch, now))?;
+                batch_outcome(&batch, false)
+            }
+            Command::Batch(BatchCommand::List { limit }) => {
+                let list = self.client.list_batches(limit).await?;
+                self.emit(&list, |now| human_batches(&list, now))
+            }
             Command::Invocation(InvocationCommand::Show { id }) => {
                 let invocation = self.client.invocation(&id).await?;
                 self.emit(&invocation, |now| human_invocation(&invocation, now))
@@ -804,21 +869,57 @@ impl Ctx<'_> {
 
     async fn token(&mut self, cmd: TokenCommand) -> Result<(), CliError> {
         match cmd {
-            TokenCommand::Create { perms, name } => {
+            TokenCommand::Create {
+                perms,
+                name,
+                selector,
+                capabilities,
+                expires,
+            } => {
                 let mut permissions = perms;
                 permissions.sort();
                 permissions.dedup();
+                let selector = selector
+                    .as_deref()
+                    .unwrap_or("")
+                    .parse::<Selector>()
+                    .map_err(|e| CliError::bad_input(format!("--selector: {e}")))?;
+                let expires_in_secs = expires
+                    .as_deref()
+                    .map(|text| {
+                        parse_duration(text)
+                            .map_err(|e| format!("--expires: {e}"))
+                            .and_then(|d| match d.as_secs() {
+                                0 => Err(format!("--expires {text} is shorter than a second")),
+                                s => Ok(s),
+                            })
+                    })
+                    .transpose()
+                    .map_err(CliError::bad_input)?;
                 let token = self
                     .client
-                    .create_token(CreateTokenRequest { name, permissions })
+                    .create_token(CreateTokenRequest {
+                        name,
+                        permissions,
+                        selector,
+                        capabilities,
+                        expires_in_secs,
+                    })
                     .await?;
-                self.emit(&token, |_| {
+                self.emit(&token, |now| {
                     format!(
-                        "created token {} ({}) with {}\n\n    {}\n\nThe secret is shown only \
-                         this once; store it now.\n",
+                        "created token {} ({}) with {}{}{}\n\n    {}\n\nThe secret is shown \
+                         only this once; store it now.\n",
                         token.id,
                         token.name,
                         permissions_text(&token.permissions),
+                        scope_text(&token.scope)
+                            .map(|s| format!(", limited to {s}"))
+                            .unwrap_or_default(),
+                        token
+                            .expires_at
+                            .map(|at| format!(", expires {}", relative(at, now)))
+                            .unwrap_or_default(),
                         token.token
                     )
                 })
@@ -844,12 +945,18 @@ impl Ctx<'_> {
             .map(parse_invoke_timeout)
             .transpose()
             .map_err(CliError::bad_input)?;
+        let [device_id, capability] =
+            <[String; 2]>::try_from(args.targets.clone()).map_err(|_| {
+                CliError::usage(
+                    "give DEVICE_ID CAPABILITY, or -l SELECTOR CAPABILITY to run on many devices",
+                )
+            })?;
         let invocation = self
             .client
             .invoke(
-                &args.device_id,
+                &device_id,
                 InvokeRequest {
-                    capability: args.capability,
+                    capability,
                     input,
                     timeout_ms,
                     async_: args.async_,
@@ -858,6 +965,85 @@ impl Ctx<'_> {
             .await?;
         self.emit(&invocation, |now| human_invocation(&invocation, now))?;
         invocation_outcome(&invocation, args.async_)
+    }
+
+    /// `invoke -l`: creates a batch, then (unless `--async`) follows it to its end with a
+    /// progress bar on a terminal, and prints every device's result.
+    async fn invoke_batch(&mut self, args: InvokeArgs) -> Result<(), CliError> {
+        let input = invoke_input(&args)?;
+        let timeout_ms = args
+            .timeout
+            .as_deref()
+            .map(parse_invoke_timeout)
+            .transpose()
+            .map_err(CliError::bad_input)?;
+        let [capability] = <[String; 1]>::try_from(args.targets.clone()).map_err(|_| {
+            CliError::usage("with -l SELECTOR give only the CAPABILITY, not a device id")
+        })?;
+        let selector: Selector = args
+            .selector
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| CliError::bad_input(format!("-l: {e}")))?;
+        let mut batch = self
+            .client
+            .create_batch(&BatchRequest {
+                selector,
+                capability,
+                input,
+                timeout_ms,
+                max_concurrency: args.max_concurrency,
+            })
+            .await?;
+        if !args.async_ && !batch.info.done {
+            batch = self.follow_batch(batch).await?;
+        }
+        self.emit(&batch, |now| human_batch(&batch, now))?;
+        batch_outcome(&batch, args.async_)
+    }
+
+    /// Polls a batch until it is done, drawing a progress bar on stderr when it is a terminal
+    /// (and not with --json).
+    async fn follow_batch(&mut self, batch: Batch) -> Result<Batch, CliError> {
+        use std::io::IsTerminal;
+        let bar = (!self.json && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(u64::from(batch.info.total));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {bar:30} {pos}/{len} done · {msg} · {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        let id = batch.info.batch_id;
+        let mut current = batch;
+        // The deadline bounds the wait; past it, the anchor ends what is left within a sweep.
+        let give_up = tokio::time::Instant::now()
+            + (current.info.deadline_at - OffsetDateTime::now_utc())
+                .try_into()
+                .unwrap_or(Duration::ZERO)
+            + BATCH_FOLLOW_MARGIN;
+        loop {
+            if let Some(bar) = &bar {
+                let i = &current.info;
+                bar.set_position(u64::from(i.total - i.pending));
+                bar.set_message(format!(
+                    "{} succeeded, {} failed, {} timed out, {} rejected",
+                    i.succeeded, i.failed, i.timed_out, i.rejected
+                ));
+            }
+            if current.info.done || tokio::time::Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(BATCH_POLL).await;
+            current = self.client.batch(&id).await?;
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        Ok(current)
     }
 
     /// Follows the event stream. A first connection that fails is an error; after that, with
@@ -982,6 +1168,33 @@ impl Ctx<'_> {
 fn encode_error(e: serde_json::Error) -> CliError {
     CliError::new(exit::FAILURE, "output", format!("cannot encode JSON: {e}"))
 }
+
+/// The exit of `invoke -l` and `batch show`: 0 only if every invocation succeeded (with
+/// `--async`, once the batch is created).
+pub fn batch_outcome(batch: &Batch, async_: bool) -> Result<(), CliError> {
+    let i = &batch.info;
+    if async_ || (i.done && i.succeeded == i.total) {
+        return Ok(());
+    }
+    let code = if i.done {
+        "batch_failed"
+    } else {
+        "still_running"
+    };
+    Err(CliError::new(
+        exit::FAILURE,
+        code,
+        format!(
+            "batch {}: {} of {} succeeded, {} failed, {} timed out, {} rejected, {} pending",
+            i.batch_id, i.succeeded, i.total, i.failed, i.timed_out, i.rejected, i.pending
+        ),
+    ))
+}
+
+/// How often `invoke -l` asks for a batch's progress.
+const BATCH_POLL: Duration = Duration::from_millis(250);
+/// How long past its deadline `invoke -l` waits for a batch's last results.
+const BATCH_FOLLOW_MARGIN: Duration = Duration::from_secs(5);
 
 /// Success unless the invocation did not succeed (or, with `--async`, is not under way).
 pub fn invocation_outcome(invocation: &Invocation, async_: bool) -> Result<(), CliError> {
@@ -1188,18 +1401,135 @@ fn human_tokens(list: &[TokenInfo], now: OffsetDateTime) -> String {
     if list.is_empty() {
         return "no tokens\n".into();
     }
-    let mut t = Table::new(&["ID", "NAME", "PERMISSIONS", "CREATED", "BY", "REVOKED"]);
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "PERMISSIONS",
+        "LIMITED TO",
+        "CREATED",
+        "BY",
+        "LAST USED",
+        "EXPIRES",
+        "REVOKED",
+    ]);
     for tok in list {
         t.row(vec![
             tok.id.clone(),
             tok.name.clone(),
             permissions_text(&tok.permissions),
+            scope_text(&tok.scope).unwrap_or_else(|| "-".into()),
             relative(tok.created_at, now),
             tok.created_by.clone(),
+            rel_opt(tok.last_used_at, now),
+            rel_opt(tok.expires_at, now),
             rel_opt(tok.revoked_at, now),
         ]);
     }
     t.render()
+}
+
+/// A token's limits for people (`None`: it has none).
+fn scope_text(scope: &Scope) -> Option<String> {
+    let mut parts = Vec::new();
+    if !scope.selector.is_empty() {
+        parts.push(format!("devices {}", scope.selector));
+    }
+    if !scope.capabilities.is_empty() {
+        parts.push(format!("capabilities {}", scope.capabilities.join(",")));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+fn human_batch(b: &Batch, now: OffsetDateTime) -> String {
+    let i = &b.info;
+    let mut out = format!(
+        "batch {} · {} on {} ({}) · {} of {} done · {} succeeded · {} failed · {} timed out · \
+         {} rejected{}\n",
+        i.batch_id,
+        i.capability,
+        if i.selector.is_empty() {
+            "every device"
+        } else {
+            &i.selector
+        },
+        plural(i.total as usize, "device"),
+        i.total - i.pending,
+        i.total,
+        i.succeeded,
+        i.failed,
+        i.timed_out,
+        i.rejected,
+        if i.done {
+            String::new()
+        } else {
+            format!(" · deadline {}", relative(i.deadline_at, now))
+        }
+    );
+    if b.invocations.is_empty() {
+        return out;
+    }
+    let mut t = Table::new(&["DEVICE", "NAME", "STATE", "RESULT"]);
+    for inv in &b.invocations {
+        let result = match (&inv.error, &inv.output) {
+            (Some(e), _) => e.clone(),
+            (None, Some(serde_json::Value::String(s))) => s.clone(),
+            (None, Some(v)) => v.to_string(),
+            (None, None) => String::new(),
+        };
+        t.row(vec![
+            inv.device_id.to_string(),
+            inv.name.clone(),
+            inv.state.as_str().to_string(),
+            one_line(&result, 60),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+    out
+}
+
+fn human_batches(list: &[BatchInfo], now: OffsetDateTime) -> String {
+    if list.is_empty() {
+        return "no batches\n".into();
+    }
+    let mut t = Table::new(&[
+        "BATCH",
+        "CAPABILITY",
+        "SELECTOR",
+        "DONE",
+        "OK",
+        "FAILED",
+        "TIMED OUT",
+        "REJECTED",
+        "CREATED",
+        "BY",
+    ]);
+    for b in list {
+        t.row(vec![
+            b.batch_id.to_string(),
+            b.capability.clone(),
+            b.selector.clone(),
+            format!("{}/{}", b.total - b.pending, b.total),
+            b.succeeded.to_string(),
+            b.failed.to_string(),
+            b.timed_out.to_string(),
+            b.rejected.to_string(),
+            relative(b.created_at, now),
+            b.requested_by.clone(),
+        ]);
+    }
+    t.render()
+}
+
+/// The first line of `text`, cut to `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    if line.chars().count() > max || text.lines().nth(1).is_some() {
+        let cut: String = line.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    } else {
+        line.to_string()
+    }
 }
 
 fn human_inventory(inv: &Inventory, now: OffsetDateTime) -> String {

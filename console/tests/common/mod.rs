@@ -83,6 +83,21 @@ pub fn event(seq: u64, kind: &str) -> Event {
 }
 
 pub fn principal_for(token: &str) -> Option<Principal> {
+    // `scoped:SELECTOR`: every permission but tokens.manage, on the devices SELECTOR matches.
+    if let Some(selector) = token.strip_prefix("scoped:") {
+        return Some(Principal {
+            token_id: format!("id-{token}"),
+            name: token.into(),
+            permissions: Permission::ALL
+                .into_iter()
+                .filter(|p| *p != Permission::TokensManage)
+                .collect(),
+            scope: Scope {
+                selector: selector.parse().ok()?,
+                capabilities: vec!["ec*".into()],
+            },
+        });
+    }
     let permissions = match token {
         "owner" => Permission::ALL.to_vec(),
         "none" => Vec::new(),
@@ -101,6 +116,7 @@ pub fn principal_for(token: &str) -> Option<Principal> {
         token_id: format!("id-{token}"),
         name: token.into(),
         permissions,
+        scope: Scope::default(),
     })
 }
 
@@ -141,6 +157,36 @@ pub fn request(state: RequestState) -> PairingRequest {
     }
 }
 
+/// The one batch: the one device, queued, created by the owner.
+pub fn batch() -> Batch {
+    let mut info = BatchInfo {
+        batch_id: invocation_id(),
+        selector: "site=lab".into(),
+        capability: "echo".into(),
+        total: 0,
+        succeeded: 0,
+        failed: 0,
+        timed_out: 0,
+        rejected: 0,
+        pending: 0,
+        done: false,
+        requested_by: "owner (id-owner)".into(),
+        created_at: now(),
+        deadline_at: now() + time::Duration::seconds(30),
+        max_concurrency: None,
+    };
+    let invocations = vec![BatchInvocation {
+        device_id: device_id(),
+        name: "kitchen-pi".into(),
+        invocation_id: invocation_id(),
+        state: InvocationState::Queued,
+        output: None,
+        error: None,
+    }];
+    info.tally(invocations.iter().map(|i| i.state));
+    Batch { info, invocations }
+}
+
 pub fn token_info() -> TokenInfo {
     TokenInfo {
         id: TOKEN.into(),
@@ -149,6 +195,9 @@ pub fn token_info() -> TokenInfo {
         created_at: now(),
         created_by: "owner".into(),
         revoked_at: None,
+        scope: Scope::default(),
+        expires_at: None,
+        last_used_at: None,
     }
 }
 
@@ -264,7 +313,7 @@ impl Backend for TestBackend {
     async fn list_codes(&self) -> ApiResult<Vec<PairingCodeInfo>> {
         self.call("list_codes");
         Ok(vec![PairingCodeInfo {
-            labels: Default::default(),
+            labels: [("site".to_string(), "lab".to_string())].into(),
             code_id: "K7QF".into(),
             method: PairMethod::Pin,
             state: CodeState::Active,
@@ -393,8 +442,12 @@ impl Backend for TestBackend {
         Ok(CreatedToken {
             id: "TOK-2".into(),
             token: "secret-token-value".into(),
+            scope: req.scope(),
             name: req.name.unwrap_or_else(|| "unnamed".into()),
             permissions: req.permissions,
+            expires_at: req
+                .expires_in_secs
+                .map(|s| now() + time::Duration::seconds(s as i64)),
         })
     }
 
@@ -519,6 +572,31 @@ impl Backend for TestBackend {
             .filter(|i| query.device_id.is_none_or(|d| d == i.device_id))
             .take(query.limit.unwrap_or(100))
             .collect())
+    }
+
+    async fn create_batch(&self, who: &Principal, req: BatchRequest) -> ApiResult<Batch> {
+        self.call("create_batch");
+        let mut b = batch();
+        b.info.capability = req.capability;
+        b.info.selector = req.selector.to_string();
+        b.info.requested_by = who.actor();
+        // The one device is in the batch if both selectors match it.
+        let labels = device(TrustState::Trusted).labels;
+        if !(req.selector.matches(&labels) && who.scope.covers(&labels)) {
+            b.invocations.clear();
+        }
+        b.info.tally(b.invocations.iter().map(|i| i.state));
+        Ok(b)
+    }
+
+    async fn list_batches(&self, _limit: usize) -> ApiResult<Vec<BatchInfo>> {
+        self.call("list_batches");
+        Ok(vec![batch().info])
+    }
+
+    async fn batch(&self, id: BatchId) -> ApiResult<Batch> {
+        self.call("batch");
+        found(id, invocation_id(), batch)
     }
 
     async fn invocation(&self, id: InvocationId) -> ApiResult<Invocation> {

@@ -172,6 +172,13 @@ impl Invocations {
         (created, self.apply(effects).await)
     }
 
+    /// Ends an invocation that was never started (a batch reached its deadline before its
+    /// turn): the final record is written and published like any other.
+    pub async fn record_final(&self, record: InvocationRecord) {
+        debug_assert!(record.state.is_final());
+        self.finished(record).await;
+    }
+
     /// Resolves once every record queued so far is on disk.
     pub async fn barrier(&self) -> Result<(), StoreError> {
         self.writer.barrier().await

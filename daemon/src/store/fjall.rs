@@ -36,10 +36,13 @@ enum Space {
     Tokens,
     Audit,
     Labels,
+    TokenLimits,
+    TokenUse,
+    Batches,
 }
 
 impl Space {
-    const ALL: [Space; 11] = [
+    const ALL: [Space; 14] = [
         Space::Meta,
         Space::Codes,
         Space::Requests,
@@ -51,6 +54,9 @@ impl Space {
         Space::Tokens,
         Space::Audit,
         Space::Labels,
+        Space::TokenLimits,
+        Space::TokenUse,
+        Space::Batches,
     ];
 
     const fn name(self) -> &'static str {
@@ -66,6 +72,9 @@ impl Space {
             Space::Tokens => "tokens",
             Space::Audit => "audit",
             Space::Labels => "labels",
+            Space::TokenLimits => "token_limits",
+            Space::TokenUse => "token_use",
+            Space::Batches => "batches",
         }
     }
 }
@@ -361,6 +370,13 @@ impl TrustTxn for Txn<'_> {
         Ok(())
     }
 
+    fn put_token_limits(&mut self, id: &str, limits: &TokenLimits) -> Result<(), StoreError> {
+        self.put(Space::TokenLimits, id.as_bytes(), limits)?;
+        self.changes
+            .push(TrustChange::TokenLimits(id.to_string(), limits.clone()));
+        Ok(())
+    }
+
     fn revoke(&mut self, key: &Revoked, record: &RevocationRecord) -> Result<(), StoreError> {
         self.put(Space::Revocations, &revocation_key(key), record)?;
         self.changes
@@ -494,6 +510,14 @@ impl TrustStore for FjallStore {
             .collect())
     }
 
+    fn token_limits(&self) -> Result<Vec<(String, TokenLimits)>, StoreError> {
+        Ok(self
+            .scan::<TokenLimits>(Space::TokenLimits)?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect())
+    }
+
     fn revocations(&self) -> Result<Vec<(Revoked, RevocationRecord)>, StoreError> {
         Ok(self
             .scan::<RevocationRecord>(Space::Revocations)?
@@ -532,10 +556,23 @@ impl RuntimeStore for FjallStore {
             .map(|(_, v)| v)
             .filter(|r| !r.state.is_final())
             .collect();
+        let batches = self
+            .scan::<BatchRecord>(Space::Batches)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .filter(|b| b.finished_at_ms.is_none())
+            .collect();
+        let token_use = self
+            .scan::<u64>(Space::TokenUse)?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect();
         Ok(RuntimeSnapshot {
             nodes,
             presence,
             unfinished,
+            batches,
+            token_use,
         })
     }
 
@@ -558,6 +595,16 @@ impl RuntimeStore for FjallStore {
                     r.id.to_vec(),
                     encode(Space::Invocations.name(), r)?,
                 ),
+                RuntimeWrite::Batch(b) => (
+                    Space::Batches,
+                    b.id.to_vec(),
+                    encode(Space::Batches.name(), b)?,
+                ),
+                RuntimeWrite::TokenUsed(id, at) => (
+                    Space::TokenUse,
+                    id.as_bytes().to_vec(),
+                    encode(Space::TokenUse.name(), at)?,
+                ),
             };
             batch.insert(self.ks(space).inner(), key, value);
         }
@@ -577,6 +624,33 @@ impl RuntimeStore for FjallStore {
         keep: &dyn Fn(&InvocationRecord) -> bool,
     ) -> Result<Vec<InvocationRecord>, StoreError> {
         self.newest(Space::Invocations, limit, keep)
+    }
+
+    fn batch(&self, id: &[u8; 16]) -> Result<Option<BatchRecord>, StoreError> {
+        self.get(Space::Batches, id)
+    }
+
+    fn batches_newest(&self, limit: usize) -> Result<Vec<BatchRecord>, StoreError> {
+        self.newest(Space::Batches, limit, &|_| true)
+    }
+
+    fn prune_batches(&self, finished_before_ms: u64) -> Result<usize, StoreError> {
+        let all: Vec<(Vec<u8>, BatchRecord)> = self.scan(Space::Batches)?;
+        let mut batch = self.inner.db.inner().batch();
+        let mut n = 0;
+        for (key, b) in &all {
+            if b.finished_at_ms.is_some_and(|at| at < finished_before_ms) {
+                batch.remove(self.ks(Space::Batches).inner(), key.clone());
+                n += 1;
+            }
+        }
+        if n > 0 {
+            batch
+                .durability(Some(PersistMode::Buffer))
+                .commit()
+                .map_err(backend)?;
+        }
+        Ok(n)
     }
 
     fn prune_invocations(

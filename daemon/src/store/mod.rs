@@ -114,6 +114,8 @@ pub enum LabelOwner {
 pub enum TrustChange {
     /// A token was created or changed (revoked).
     Token(TokenRecord),
+    /// A token's limits were written (with the token, when it is created).
+    TokenLimits(String, TokenLimits),
     /// A revocation was added (`Some`) or lifted (`None`).
     Revocation(Revoked, Option<RevocationRecord>),
     /// A pairing request was created or changed state.
@@ -170,6 +172,8 @@ pub trait TrustTxn {
     fn token(&mut self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Writes a token.
     fn put_token(&mut self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// Writes a token's limits.
+    fn put_token_limits(&mut self, id: &str, limits: &TokenLimits) -> Result<(), StoreError>;
     /// Adds a revocation.
     fn revoke(&mut self, key: &Revoked, record: &RevocationRecord) -> Result<(), StoreError>;
     /// Lifts a revocation.
@@ -208,6 +212,8 @@ pub trait TrustStore: Send + Sync + 'static {
     fn all_labels(&self) -> Result<Vec<(LabelOwner, Labels)>, StoreError>;
     /// Every token.
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// The limits of every token that has some, by token id.
+    fn token_limits(&self) -> Result<Vec<(String, TokenLimits)>, StoreError>;
     /// Every revocation.
     fn revocations(&self) -> Result<Vec<(Revoked, RevocationRecord)>, StoreError>;
     /// The newest `limit` audit records that `keep` accepts, newest first; reads only as far
@@ -250,6 +256,10 @@ pub struct RuntimeSnapshot {
     pub presence: Vec<(DeviceId, PresenceRecord)>,
     /// Invocations not finished yet, oldest first.
     pub unfinished: Vec<InvocationRecord>,
+    /// Batches not finished yet, oldest first.
+    pub batches: Vec<BatchRecord>,
+    /// When each token last authenticated a request.
+    pub token_use: Vec<(String, u64)>,
 }
 
 /// One write of runtime state.
@@ -261,6 +271,10 @@ pub enum RuntimeWrite {
     Presence(DeviceId, PresenceRecord),
     /// An invocation's current record.
     Invocation(InvocationRecord),
+    /// A batch (written at creation and once more when it ends).
+    Batch(BatchRecord),
+    /// A token was last used then (Unix ms).
+    TokenUsed(String, u64),
 }
 
 /// Runtime state: registrations, last-seen, invocations.
@@ -277,6 +291,12 @@ pub trait RuntimeStore: Send + Sync + 'static {
         limit: usize,
         keep: &dyn Fn(&InvocationRecord) -> bool,
     ) -> Result<Vec<InvocationRecord>, StoreError>;
+    /// One batch.
+    fn batch(&self, id: &[u8; 16]) -> Result<Option<BatchRecord>, StoreError>;
+    /// The newest `limit` batches, newest first.
+    fn batches_newest(&self, limit: usize) -> Result<Vec<BatchRecord>, StoreError>;
+    /// Deletes finished batches that ended before `finished_before_ms`. Returns how many went.
+    fn prune_batches(&self, finished_before_ms: u64) -> Result<usize, StoreError>;
     /// Deletes finished invocations that ended before `finished_before_ms`, and the oldest
     /// finished ones beyond `keep_at_most`. Returns how many went.
     fn prune_invocations(

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use anchorage_console::api::{CreatedToken, Permission, Principal};
+use anchorage_console::api::{CreatedToken, Permission, Principal, Scope, Selector};
 use anchorage_mesh::DeviceId;
 use anchorage_mesh::pairing::{AfterKeys, CodeId, CodeSecret, QrPayload, random_id};
 use anchorage_mesh::pki::{CertificateAuthority, csr_device_id_checked};
@@ -68,7 +68,7 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
 
 /// The actor string of a principal in audit records.
 pub fn actor(who: &Principal) -> String {
-    format!("{} ({})", who.name, who.token_id)
+    who.actor()
 }
 
 fn hash_secret(secret: &str) -> [u8; 32] {
@@ -124,6 +124,8 @@ pub enum RequestError {
 struct Mirrors {
     /// Tokens by id, with the revision they were last written at.
     tokens: RwLock<HashMap<String, (u64, TokenRecord)>>,
+    /// Limits of the tokens that have some, by token id, with the scope parsed.
+    limits: RwLock<HashMap<String, (TokenLimits, Scope)>>,
     /// Revision of the last change applied per revocation key.
     revocation_revs: Mutex<HashMap<Revoked, u64>>,
     /// Bootstrap streams waiting for a decision on a request.
@@ -169,9 +171,50 @@ impl Mirrors {
                     n.notify_waiters();
                 }
             }
+            TrustChange::TokenLimits(id, limits) => {
+                self.limits
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), (limits.clone(), scope_of(limits)));
+            }
             TrustChange::Device(..) => {}
         }
     }
+}
+
+/// The scope a token's stored limits give. A selector that no longer parses (a stored value
+/// from a later grammar) matches nothing rather than everything.
+fn scope_of(limits: &TokenLimits) -> Scope {
+    let selector = limits.selector.parse().unwrap_or_else(|_| {
+        "node.anchorage/invalid-selector"
+            .parse()
+            .unwrap_or_else(|_| Selector::everything())
+    });
+    Scope {
+        selector,
+        capabilities: limits.capabilities.clone(),
+    }
+}
+
+/// A token with what is kept beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEntry {
+    /// The token.
+    pub record: TokenRecord,
+    /// Its limits and expiry.
+    pub limits: TokenLimits,
+    /// When it last authenticated a request.
+    pub last_used_ms: Option<u64>,
+}
+
+/// How often a token's last use is written to the store, at most.
+pub const TOKEN_USE_WRITE_INTERVAL_MS: u64 = 60_000;
+
+/// When each token was last used, and when that was last written.
+#[derive(Debug, Default)]
+struct TokenUse {
+    used: HashMap<String, u64>,
+    written: HashMap<String, u64>,
 }
 
 /// Settings of the trust service.
@@ -192,6 +235,7 @@ pub struct Trust {
     clock: Clock,
     settings: TrustSettings,
     metrics: Arc<Metrics>,
+    token_use: Mutex<TokenUse>,
 }
 
 impl std::fmt::Debug for Trust {
@@ -229,6 +273,11 @@ impl Trust {
             for t in store.tokens()? {
                 tokens.entry(t.id.clone()).or_insert((0, t));
             }
+            let mut limits = mirrors.limits.write().unwrap_or_else(|e| e.into_inner());
+            for (id, l) in store.token_limits()? {
+                let scope = scope_of(&l);
+                limits.entry(id).or_insert((l, scope));
+            }
         }
         Ok(Trust {
             store,
@@ -238,7 +287,36 @@ impl Trust {
             clock,
             settings,
             metrics,
+            token_use: Mutex::new(TokenUse::default()),
         })
+    }
+
+    /// Takes back when each token was last used, as stored.
+    pub fn restore_token_use(&self, used: impl IntoIterator<Item = (String, u64)>) {
+        let mut u = self.token_use.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, at) in used {
+            u.written.insert(id.clone(), at);
+            u.used.insert(id, at);
+        }
+    }
+
+    /// Notes that token `id` was used now. Returns the time to write to the store when the
+    /// last written use is older than [`TOKEN_USE_WRITE_INTERVAL_MS`] (so a busy token costs
+    /// one write a minute).
+    pub fn note_use(&self, id: &str) -> Option<u64> {
+        let now = self.now_ms();
+        let mut u = self.token_use.lock().unwrap_or_else(|e| e.into_inner());
+        u.used.insert(id.to_string(), now);
+        let due = u
+            .written
+            .get(id)
+            .is_none_or(|at| now.saturating_sub(*at) >= TOKEN_USE_WRITE_INTERVAL_MS);
+        if due {
+            u.written.insert(id.to_string(), now);
+            Some(now)
+        } else {
+            None
+        }
     }
 
     /// The CA.
@@ -284,6 +362,15 @@ impl Trust {
         if !bool::from(hash_secret(secret).ct_eq(&record.secret_hash)) {
             return None;
         }
+        let limits = self
+            .mirrors
+            .limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let (stored, scope) = limits.get(id).cloned().unwrap_or_default();
+        if stored.expires_at_ms.is_some_and(|at| self.now_ms() >= at) {
+            return None;
+        }
         Some(Principal {
             token_id: record.id.clone(),
             name: record.name.clone(),
@@ -292,28 +379,63 @@ impl Trust {
                 .iter()
                 .filter_map(|p| p.parse::<Permission>().ok())
                 .collect(),
+            scope,
         })
     }
 
-    /// Every token, as mirrored.
-    pub fn tokens(&self) -> Vec<TokenRecord> {
+    /// Every token, as mirrored, oldest first.
+    pub fn tokens(&self) -> Vec<TokenEntry> {
         let tokens = self
             .mirrors
             .tokens
             .read()
             .unwrap_or_else(|e| e.into_inner());
-        let mut list: Vec<TokenRecord> = tokens.values().map(|(_, t)| t.clone()).collect();
-        list.sort_by_key(|t| t.created_at_ms);
+        let mut list: Vec<TokenEntry> = tokens
+            .values()
+            .map(|(_, t)| self.token_entry(t.clone()))
+            .collect();
+        list.sort_by_key(|t| t.record.created_at_ms);
         list
     }
 
-    /// Creates a token; only its hash is stored.
+    fn token_entry(&self, record: TokenRecord) -> TokenEntry {
+        let limits = self
+            .mirrors
+            .limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&record.id)
+            .map(|(l, _)| l.clone())
+            .unwrap_or_default();
+        let last_used_ms = self
+            .token_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .used
+            .get(&record.id)
+            .copied();
+        TokenEntry {
+            record,
+            limits,
+            last_used_ms,
+        }
+    }
+
+    /// Creates a token; only its hash is stored. `scope` limits it to part of the fleet,
+    /// `lifetime` ends it (a token with a scope cannot manage tokens).
     pub fn create_token(
         &self,
         actor_name: &str,
         name: String,
         permissions: Vec<Permission>,
+        scope: Scope,
+        lifetime: Option<Duration>,
     ) -> Result<CreatedToken, TrustError> {
+        if !scope.is_unlimited() && permissions.contains(&Permission::TokensManage) {
+            return Err(TrustError::BadInput(
+                "a token limited to a selector or capabilities cannot carry tokens.manage".into(),
+            ));
+        }
         if permissions.is_empty() {
             return Err(TrustError::BadInput(
                 "a token needs at least one permission".into(),
@@ -347,13 +469,34 @@ impl Trust {
             created_by: actor_name.to_string(),
             revoked_at_ms: None,
         };
-        let audit = self.audit(
-            actor_name,
-            "token.create",
-            &id,
-            &record.permissions.join(","),
-        );
+        let limits = TokenLimits {
+            selector: scope.selector.to_string(),
+            capabilities: scope.capabilities.clone(),
+            expires_at_ms: lifetime.map(|l| {
+                record
+                    .created_at_ms
+                    .saturating_add(u64::try_from(l.as_millis()).unwrap_or(u64::MAX))
+            }),
+        };
+        let mut detail = record.permissions.join(",");
+        if !limits.selector.is_empty() {
+            detail.push_str(&format!(" selector={}", limits.selector));
+        }
+        if !limits.capabilities.is_empty() {
+            detail.push_str(&format!(" capabilities={}", limits.capabilities.join(",")));
+        }
+        if let Some(l) = lifetime {
+            detail.push_str(&format!(
+                " expires_in={}",
+                anchorage_wire::duration::format_duration(l)
+            ));
+        }
+        let audit = self.audit(actor_name, "token.create", &id, &detail);
+        let has_limits = limits != TokenLimits::default();
         transact(&*self.store, |txn| {
+            if has_limits {
+                txn.put_token_limits(&record.id, &limits)?;
+            }
             txn.put_token(&record)?;
             txn.audit(&audit)
         })?;
@@ -362,11 +505,13 @@ impl Trust {
             id,
             name,
             permissions: perms,
+            scope,
+            expires_at: limits.expires_at_ms.map(crate::clock::to_odt),
         })
     }
 
     /// Revokes a token (a no-op if it is revoked already).
-    pub fn revoke_token(&self, who: &Principal, id: &str) -> Result<TokenRecord, TrustError> {
+    pub fn revoke_token(&self, who: &Principal, id: &str) -> Result<TokenEntry, TrustError> {
         let now = self.now_ms();
         let audit = self.audit(&actor(who), "token.revoke", id, "");
         transact(&*self.store, |txn| {
@@ -380,6 +525,7 @@ impl Trust {
             }
             Ok(record)
         })
+        .map(|record| self.token_entry(record))
     }
 
     // -----------------------------------------------------------------------------------
@@ -465,14 +611,7 @@ impl Trust {
             let owner = LabelOwner::Device(*id);
             let mut labels = txn.labels(&owner)?.unwrap_or_default();
             for change in changes {
-                match change {
-                    LabelChange::Set(k, v) => {
-                        labels.insert(k.clone(), v.clone());
-                    }
-                    LabelChange::Remove(k) => {
-                        labels.remove(k);
-                    }
-                }
+                change.apply(&mut labels);
             }
             if labels.len() > MAX_LABELS {
                 return Err(TrustError::BadInput(format!(
