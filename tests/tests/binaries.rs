@@ -754,6 +754,120 @@ fn a_running_node_answers_system_health_and_is_online_in_the_inventory() {
     assert_ne!(out.code(), Some(0));
     assert_eq!(out.json()["state"], "rejected");
 
+    // A batch on a selector, with the `--json` fields scripts read.
+    anchord.ctl(&["device", "label", &device_id, "site=lab", "role=worker"]);
+    let out = anchord.ctl_output(&[
+        "invoke",
+        "-l",
+        "site=lab",
+        "system.health",
+        "--timeout",
+        "20s",
+    ]);
+    assert_eq!(out.code(), Some(0), "anchorctl invoke -l: {out:?}");
+    let batch = out.json();
+    for key in [
+        "batch_id",
+        "selector",
+        "capability",
+        "total",
+        "succeeded",
+        "failed",
+        "timed_out",
+        "rejected",
+        "pending",
+        "invocations",
+    ] {
+        assert!(batch.get(key).is_some(), "batch lacks {key}: {batch}");
+    }
+    assert_eq!(
+        (batch["total"].as_u64(), batch["succeeded"].as_u64()),
+        (Some(1), Some(1)),
+        "{batch}"
+    );
+    assert_eq!(batch["selector"], "site=lab");
+    let member = &batch["invocations"][0];
+    for key in [
+        "device_id",
+        "name",
+        "invocation_id",
+        "state",
+        "output",
+        "error",
+    ] {
+        assert!(
+            member.get(key).is_some(),
+            "batch invocation lacks {key}: {member}"
+        );
+    }
+    assert_eq!(member["device_id"], device_id.as_str());
+    assert_eq!(member["output"]["status"], "ok", "{member}");
+    let batch_id = batch["batch_id"].as_str().unwrap();
+    let shown = anchord.ctl(&["batch", "show", batch_id]);
+    assert_eq!(shown["succeeded"], 1);
+    let listed = anchord.ctl(&["batch", "list"]);
+    assert_eq!(listed[0]["batch_id"], batch_id);
+    // Exit code 1 unless every invocation succeeded; --async returns at once with 0.
+    let out = anchord.ctl_output(&["invoke", "-l", "role=worker", "no.such.capability"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert_eq!(out.json()["rejected"], 1);
+    let out = anchord.ctl_output(&["invoke", "-l", "site=lab", "echo", "--async"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(out.json()["pending"], 1);
+    // A device id with -l is a usage error, named.
+    let out = anchord.ctl_output(&["invoke", "-l", "site=lab", &device_id, "echo"]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("only the CAPABILITY"), "{}", out.stderr);
+
+    // A scoped token runs what its patterns allow on its devices, and is told why not.
+    let made = anchord.ctl(&[
+        "token",
+        "create",
+        "--perm",
+        "observability.read",
+        "--perm",
+        "nodes.invoke",
+        "--selector",
+        "site=lab",
+        "--capability",
+        "system.*",
+        "--name",
+        "lab-ops",
+        "--expires",
+        "30d",
+    ]);
+    assert_eq!(made["scope"]["selector"], "site=lab", "{made}");
+    let token_file = node_dir.path().join("lab-ops.token");
+    std::fs::write(&token_file, made["token"].as_str().unwrap()).unwrap();
+    let scoped = |args: &[&str]| {
+        run(
+            "anchorctl (scoped)",
+            command(&bins().anchorctl, node_dir.path())
+                .args(["--url", &anchord.console, "--json", "--token-file"])
+                .arg(&token_file)
+                .args(args),
+        )
+    };
+    let out = scoped(&["invoke", &device_id, "system.health"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let out = scoped(&["invoke", &device_id, "echo"]);
+    assert_eq!(out.code(), Some(77), "{out:?}");
+    assert!(
+        out.stderr.contains("out_of_scope") && out.stderr.contains("system.*"),
+        "{}",
+        out.stderr
+    );
+    let tokens = anchord.ctl(&["token", "list"]);
+    let lab_ops = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "lab-ops")
+        .unwrap();
+    assert!(lab_ops["expires_at"].is_string(), "{lab_ops}");
+    assert!(lab_ops["last_used_at"].is_string(), "{lab_ops}");
+    assert_eq!(lab_ops["scope"]["capabilities"][0], "system.*");
+
     // While it runs, `anchor-node status` shows the link (refreshed every 2 s by the agent).
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
