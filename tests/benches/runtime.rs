@@ -12,6 +12,9 @@
 //!   anchor CPU over a window and the fraction of heartbeats delivered.
 //! - `scale`: the same fleet: anchor memory per connected node, then a clean anchor restart on
 //!   the same data directory and port, timed until every node has registered again.
+//! - `batch`: the same fleet: 1,000 single `system.health` invocations one after another,
+//!   then one batch of `system.health` over every node (wall time to the last result, anchor
+//!   CPU, an operator's `echo` meanwhile, whether any node went stale).
 //! - `loss`: `system.health` over netsim on the paused clock at 5 % loss / 50 ms RTT and 20 %
 //!   loss / 100 ms RTT, in simulated time, and whether the connection survived.
 //!
@@ -86,8 +89,13 @@ fn main() {
     if want("rtt") {
         runtime().block_on(rtt(&opts, &mut report));
     }
-    if want("heartbeats") || want("scale") {
-        runtime().block_on(fleet(&opts, want("heartbeats"), want("scale"), &mut report));
+    if want("heartbeats") || want("scale") || want("batch") {
+        let parts = FleetParts {
+            heartbeats: want("heartbeats"),
+            scale: want("scale"),
+            batch: want("batch"),
+        };
+        runtime().block_on(fleet(&opts, parts, &mut report));
     }
     if want("loss") {
         loss(&mut report);
@@ -134,11 +142,13 @@ impl Options {
                 "--window" => o.window = Duration::from_secs(value("--window")),
                 "--calls" => o.calls = value("--calls") as usize,
                 "--perf" => o.perf = Some(args.next().expect("--perf takes a directory").into()),
-                "rtt" | "heartbeats" | "scale" | "loss" | "all" => o.scenarios.push(a),
+                "rtt" | "heartbeats" | "scale" | "batch" | "loss" | "all" => o.scenarios.push(a),
                 // `cargo bench` passes `--bench`; other harness flags mean nothing here.
                 s if s.starts_with("--") => {}
                 other => {
-                    eprintln!("unknown scenario {other:?}: expected rtt|heartbeats|scale|loss|all");
+                    eprintln!(
+                        "unknown scenario {other:?}: expected rtt|heartbeats|scale|batch|loss|all"
+                    );
                     std::process::exit(64);
                 }
             }
@@ -664,7 +674,19 @@ async fn quinn_echo(calls: usize) -> (Vec<Duration>, Vec<Duration>) {
 // ---------------------------------------------------------------------------------------------
 // heartbeats and scale: anchord in its own process, a fleet of agents in this one
 
-async fn fleet(opts: &Options, heartbeats: bool, scale: bool, report: &mut Report) {
+/// Which parts of the fleet scenario run.
+struct FleetParts {
+    heartbeats: bool,
+    scale: bool,
+    batch: bool,
+}
+
+async fn fleet(opts: &Options, parts: FleetParts, report: &mut Report) {
+    let FleetParts {
+        heartbeats,
+        scale,
+        batch,
+    } = parts;
     let n = opts.nodes;
     println!("\n[fleet] {n} nodes; load {}", common::loadavg());
     let work = tempfile::tempdir().unwrap();
@@ -762,6 +784,9 @@ async fn fleet(opts: &Options, heartbeats: bool, scale: bool, report: &mut Repor
     // Let heartbeats settle (each node starts at a random phase within the first second).
     tokio::time::sleep(Duration::from_secs(5)).await;
 
+    if batch {
+        batch_scenario(&anchord, &client, n, report).await;
+    }
     if heartbeats {
         heartbeat_window(opts, &anchord, &client, &agents, &node_ports, report).await;
     }
@@ -802,6 +827,174 @@ async fn fleet(opts: &Options, heartbeats: bool, scale: bool, report: &mut Repor
     tokio::task::spawn_blocking(move || anchord.terminate(Duration::from_secs(30)))
         .await
         .unwrap();
+}
+
+/// 1,000 single invocations one after another against one batch over the same nodes, with the
+/// anchor's CPU for each and an operator's `echo` during the batch.
+async fn batch_scenario(
+    anchord: &Anchord,
+    client: &ControlPlaneClient,
+    n: usize,
+    report: &mut Report,
+) {
+    use futures_util::StreamExt;
+    let devices: Vec<DeviceId> = client
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|node| node.device_id)
+        .collect();
+    let health = |async_| InvokeRequest {
+        capability: "system.health".into(),
+        input: serde_json::Value::Null,
+        timeout_ms: Some(30_000),
+        async_,
+    };
+
+    // Baseline: one after another, each waited for.
+    let cpu = anchord.cpu_time();
+    let started = Instant::now();
+    let mut ok = 0;
+    for d in &devices {
+        let r = client.invoke(d, health(false)).await.unwrap();
+        ok += usize::from(r.state == InvocationState::Succeeded);
+    }
+    let took = started.elapsed();
+    let cpu_single = anchord.cpu_time() - cpu;
+    report.row(
+        "batch",
+        format!(
+            "{} single system.health invokes, one after another",
+            devices.len()
+        ),
+        format!(
+            "{:.2} s ({:.2} ms each), anchor CPU {:.2} s, {ok} succeeded",
+            took.as_secs_f64(),
+            ms(took) / devices.len().max(1) as f64,
+            cpu_single.as_secs_f64()
+        ),
+    );
+
+    // One batch over every node, followed on the event stream.
+    let mut events = client.events().await.unwrap();
+    let idle_echo = {
+        let t = Instant::now();
+        client
+            .invoke(
+                &devices[0],
+                InvokeRequest {
+                    capability: "echo".into(),
+                    ..health(false)
+                },
+            )
+            .await
+            .unwrap();
+        t.elapsed()
+    };
+    let cpu = anchord.cpu_time();
+    let started = Instant::now();
+    let batch = client
+        .create_batch(&anchorage_console::api::BatchRequest {
+            selector: Default::default(),
+            capability: "system.health".into(),
+            input: serde_json::Value::Null,
+            timeout_ms: Some(60_000),
+            max_concurrency: None,
+        })
+        .await
+        .unwrap();
+    let accepted = started.elapsed();
+    // Another operator's call while the batch runs.
+    let operator = {
+        let (client, device) = (client.clone(), devices[devices.len() / 2]);
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = client
+                .invoke(
+                    &device,
+                    InvokeRequest {
+                        capability: "echo".into(),
+                        input: serde_json::json!("during the batch"),
+                        timeout_ms: Some(30_000),
+                        async_: false,
+                    },
+                )
+                .await
+                .unwrap();
+            (t.elapsed(), r.state)
+        })
+    };
+    let done = tokio::time::timeout(Duration::from_secs(90), async {
+        while let Some(e) = events.next().await {
+            let e = e.unwrap();
+            if e.kind == "batch"
+                && e.data["batch_id"] == batch.info.batch_id.to_string()
+                && e.data["done"] == true
+            {
+                return Some(e.data);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    let took = started.elapsed();
+    let cpu_batch = anchord.cpu_time() - cpu;
+    let (during, during_state) = operator.await.unwrap();
+    let summary = match &done {
+        Some(d) => format!(
+            "{} of {} succeeded, {} failed, {} timed out",
+            d["succeeded"], d["total"], d["failed"], d["timed_out"]
+        ),
+        None => "not done after 90 s".into(),
+    };
+    report.row(
+        "batch",
+        format!(
+            "one batch of system.health over {} nodes: last result after",
+            batch.info.total
+        ),
+        format!(
+            "{:.0} ms (created in {:.1} ms), anchor CPU {:.2} s, {summary}",
+            ms(took),
+            ms(accepted),
+            cpu_batch.as_secs_f64()
+        ),
+    );
+    report.row(
+        "batch",
+        "invocations/s through one anchor in the batch",
+        format!("{:.0}", batch.info.total as f64 / took.as_secs_f64()),
+    );
+    report.row(
+        "batch",
+        "ratio anchor CPU batch / one after another",
+        format!(
+            "{:.2}",
+            cpu_batch.as_secs_f64() / cpu_single.as_secs_f64().max(1e-9)
+        ),
+    );
+    report.row(
+        "batch",
+        "an operator's invoke echo: idle -> during the batch",
+        format!(
+            "{:.1} ms -> {:.1} ms ({})",
+            ms(idle_echo),
+            ms(during),
+            during_state.as_str()
+        ),
+    );
+    let inventory = client.inventory().await.unwrap();
+    report.row(
+        "batch",
+        "nodes stale or offline right after the batch",
+        format!(
+            "{} of {n}",
+            inventory.summary.stale + inventory.summary.offline
+        ),
+    );
 }
 
 async fn heartbeat_window(
