@@ -1230,7 +1230,7 @@ async fn list_batches<B: Backend>(
     let q: BatchesQuery = query(&uri)?;
     let mut list = st
         .backend
-        .list_batches(q.limit.unwrap_or(50).clamp(1, 1000))
+        .list_batches(q.limit.unwrap_or(50).clamp(1, 200))
         .await?;
     list.retain(|b| sees_batch(who, b));
     Ok(Json(list))

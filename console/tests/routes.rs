@@ -1349,3 +1349,38 @@ async fn presence_and_trust_filters_combine_with_the_selector() {
     let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
     assert!(message.contains("inventory"), "{message}");
 }
+
+#[tokio::test]
+async fn a_bad_batch_request_is_a_400_that_says_what_is_wrong() {
+    for (body, needle) in [
+        (
+            r#"{"selector":"site in (lab","capability":"echo"}"#,
+            "at character",
+        ),
+        (r#"{"selector":"site=lab","capability":""}"#, "capability"),
+        (
+            r#"{"selector":"site=lab","capability":"echo","max_concurrency":0}"#,
+            "max_concurrency",
+        ),
+        (
+            r#"{"selector":"site=lab","capability":"echo","devices":["x"]}"#,
+            "devices",
+        ),
+        (r#"{"capability":"echo"}"#, "selector"),
+    ] {
+        let (router, backend) = app();
+        let res = send(
+            router,
+            build(
+                "POST",
+                "/console/v1/batches",
+                Some(&bearer("owner")),
+                Some(body),
+            ),
+        )
+        .await;
+        let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+        assert!(message.contains(needle), "{body}: {message}");
+        assert!(backend.calls().is_empty(), "{body} reached the backend");
+    }
+}

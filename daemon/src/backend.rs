@@ -62,7 +62,8 @@ impl AnchorBackend {
     async fn device_view(&self, record: crate::records::DeviceRecord) -> ApiResult<Device> {
         self.blocking(move |s| {
             let labels = s.trust.labels_of(&record.device_id)?;
-            Ok(device_api(&record, Some(&labels)))
+            let version = crate::inventory::agent_version(s, &record.device_id);
+            Ok(device_api(&record, Some(&labels), version.as_deref()))
         })
         .await
     }
@@ -241,7 +242,10 @@ impl Backend for AnchorBackend {
             Ok(s.trust
                 .devices()?
                 .iter()
-                .map(|d| device_api(d, labels.get(&d.device_id)))
+                .map(|d| {
+                    let version = crate::inventory::agent_version(s, &d.device_id);
+                    device_api(d, labels.get(&d.device_id), version.as_deref())
+                })
                 .collect())
         })
         .await
@@ -253,7 +257,12 @@ impl Backend for AnchorBackend {
                 .trust
                 .device(&device)?
                 .ok_or_else(|| TrustError::NotFound(format!("device {device}")))?;
-            Ok(device_api(&d, Some(&s.trust.labels_of(&device)?)))
+            let version = crate::inventory::agent_version(s, &device);
+            Ok(device_api(
+                &d,
+                Some(&s.trust.labels_of(&device)?),
+                version.as_deref(),
+            ))
         })
         .await
     }
@@ -301,7 +310,8 @@ impl Backend for AnchorBackend {
                     .trust
                     .device(&device)?
                     .ok_or_else(|| TrustError::NotFound(format!("device {device}")))?;
-                Ok(device_api(&record, Some(&labels)))
+                let version = crate::inventory::agent_version(s, &device);
+                Ok(device_api(&record, Some(&labels), version.as_deref()))
             })
             .await?;
         self.services.events.publish(AnchorEvent::DeviceLabelled {
@@ -485,6 +495,18 @@ impl Backend for AnchorBackend {
                 "the selector matches {} devices; a batch covers at most {}",
                 members.len(),
                 crate::batches::MAX_BATCH_DEVICES
+            )));
+        }
+        // Each invocation keeps its own copy of the input (in memory until it ends, then in
+        // the store), so the batch as a whole is bounded, not only each input.
+        let copies = input.len().saturating_mul(members.len());
+        if copies > crate::batches::MAX_BATCH_INPUT_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "the input ({} bytes) times the {} devices matched is over {} MiB; send a \
+                 smaller input or address fewer devices",
+                input.len(),
+                members.len(),
+                crate::batches::MAX_BATCH_INPUT_BYTES >> 20
             )));
         }
         members.sort_by_key(|m| m.device_id);

@@ -29,6 +29,8 @@ use crate::store::{RuntimeWrite, StoreError};
 
 /// Most devices one batch may cover.
 pub const MAX_BATCH_DEVICES: usize = 100_000;
+/// Most bytes of input one batch may copy into its invocations (input size × devices).
+pub const MAX_BATCH_INPUT_BYTES: usize = 64 << 20;
 /// Least time between two progress events of one batch.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a waiter sleeps between looks at one invocation (it is woken when it ends).

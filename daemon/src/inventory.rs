@@ -144,6 +144,7 @@ fn entry(
         .or_else(|| node.as_ref().map(|n| n.name.clone()))
         .or_else(|| pending.first().map(|r| r.device_name.clone()))
         .unwrap_or_default();
+    let version = node.as_ref().map(|n| n.agent_version.as_str());
     InventoryDevice {
         device_id,
         name,
@@ -159,8 +160,10 @@ fn entry(
         connected_since: node.as_ref().and_then(|n| n.connected_since),
         last_seen_at: node.as_ref().and_then(|n| n.last_seen_at),
         cert_expires_at: device.map(|d| to_odt(d.cert_not_after_ms)),
-        labels: device.map(|d| labels_api(d, labels)).unwrap_or_default(),
-        device: device.map(|d| device_api(d, labels)),
+        labels: device
+            .map(|d| labels_api(d, labels, version))
+            .unwrap_or_default(),
+        device: device.map(|d| device_api(d, labels, version)),
         pending_pairings: pending.iter().map(|r| request_api(r, now_ms)).collect(),
         node,
     }
@@ -322,10 +325,14 @@ pub fn rejection(services: &Services, device: &DeviceId, capability: &str) -> Op
     }
 }
 
-/// A device as the API shows it.
 /// A device's labels as the API shows them: the operator's, and the facts the device
-/// reported under the reserved prefix (`node.anchorage/platform`, `/os`, `/arch`).
-pub fn labels_api(d: &DeviceRecord, labels: Option<&Labels>) -> Labels {
+/// reported under the reserved prefix (`node.anchorage/platform`, `/os`, `/arch` from its
+/// pairing, `/agent-version` from its last registration).
+pub fn labels_api(
+    d: &DeviceRecord,
+    labels: Option<&Labels>,
+    agent_version: Option<&str>,
+) -> Labels {
     use anchorage_wire::labels::{RESERVED_PREFIX, fact_value};
     let mut out = labels.cloned().unwrap_or_default();
     let mut fact = |name: &str, value: &str| {
@@ -339,13 +346,26 @@ pub fn labels_api(d: &DeviceRecord, labels: Option<&Labels>) -> Labels {
         fact("os", os);
         fact("arch", arch);
     }
+    if let Some(v) = agent_version {
+        fact("agent-version", v);
+    }
     out
 }
 
+/// The agent version a device's node last registered with, if it ever did.
+pub fn agent_version(s: &Services, device: &DeviceId) -> Option<String> {
+    let nodes = s.nodes.lock();
+    Some(nodes.node(device)?.record.as_ref()?.agent_version.clone())
+}
+
 /// A device as the API shows it, with its labels.
-pub fn device_api(d: &DeviceRecord, labels: Option<&Labels>) -> api::Device {
+pub fn device_api(
+    d: &DeviceRecord,
+    labels: Option<&Labels>,
+    agent_version: Option<&str>,
+) -> api::Device {
     api::Device {
-        labels: labels_api(d, labels),
+        labels: labels_api(d, labels, agent_version),
         device_id: d.device_id,
         name: d.name.clone(),
         trust: match d.trust {

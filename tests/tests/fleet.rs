@@ -575,6 +575,11 @@ async fn a_scoped_token_cannot_see_or_touch_a_device_outside_its_scope_anywhere(
     let (_, devices) = call(&sim, &token, "GET", "/console/v1/devices", None).await;
     assert_eq!(devices.as_array().unwrap().len(), 1);
     assert_eq!(devices[0]["device_id"], lab_s.as_str());
+    assert_eq!(
+        devices[0]["labels"]["node.anchorage/agent-version"],
+        env!("CARGO_PKG_VERSION"),
+        "the agent version the node registered with is a label: {devices}"
+    );
     let (_, inventory) = call(&sim, &token, "GET", "/console/v1/inventory", None).await;
     assert_eq!(
         inventory["summary"]["devices"], 1,
