@@ -22,7 +22,7 @@ use crate::inventory::{code_api, device_api, request_api, token_api};
 use crate::invocations::invoke_timeout;
 use crate::records::{
     BatchMember, BatchRecord, CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord,
-    InvocationState, RequestRecord,
+    RequestRecord,
 };
 use crate::services::Services;
 use crate::store::RuntimeWrite;
@@ -435,22 +435,15 @@ impl Backend for AnchorBackend {
         }
         let now = s.clock.now_ms();
         let id = new_invocation_id(now);
-        let record = InvocationRecord {
-            id: id.0,
-            device_id: device,
-            capability: req.capability,
+        let record = InvocationRecord::queued(
+            id.0,
+            device,
+            req.capability,
             input,
-            state: InvocationState::Queued,
-            requested_by: trust::actor(who),
-            created_at_ms: now,
-            deadline_ms: now.saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
-            dispatched_at_ms: None,
-            finished_at_ms: None,
-            output: Vec::new(),
-            truncated: false,
-            error: None,
-            duration_ms: None,
-        };
+            trust::actor(who),
+            now,
+            now.saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        );
         // The caller learns the id only once the record is on disk.
         let record = crate::dispatch::create(s, record).await;
         s.invocations

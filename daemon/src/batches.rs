@@ -70,22 +70,15 @@ pub fn prune(s: &Services) -> Result<usize, StoreError> {
 
 /// The invocation record a batch creates for `member`.
 fn invocation_of(batch: &BatchRecord, member: &BatchMember, now_ms: u64) -> InvocationRecord {
-    InvocationRecord {
-        id: member.invocation_id,
-        device_id: member.device_id,
-        capability: batch.capability.clone(),
-        input: batch.input.clone(),
-        state: InvocationState::Queued,
-        requested_by: batch.requested_by.clone(),
-        created_at_ms: now_ms,
-        deadline_ms: batch.deadline_ms,
-        dispatched_at_ms: None,
-        finished_at_ms: None,
-        output: Vec::new(),
-        truncated: false,
-        error: None,
-        duration_ms: None,
-    }
+    InvocationRecord::queued(
+        member.invocation_id,
+        member.device_id,
+        batch.capability.clone(),
+        batch.input.clone(),
+        batch.requested_by.clone(),
+        now_ms,
+        batch.deadline_ms,
+    )
 }
 
 /// The counts of a batch as its driver sees them, and when they were last published.

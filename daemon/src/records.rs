@@ -261,6 +261,36 @@ pub struct InvocationRecord {
     pub duration_ms: Option<u64>,
 }
 
+impl InvocationRecord {
+    /// A new invocation, `queued`, created at `now_ms` and due by `deadline_ms`.
+    pub fn queued(
+        id: [u8; 16],
+        device_id: DeviceId,
+        capability: String,
+        input: Vec<u8>,
+        requested_by: String,
+        now_ms: u64,
+        deadline_ms: u64,
+    ) -> InvocationRecord {
+        InvocationRecord {
+            id,
+            device_id,
+            capability,
+            input,
+            state: InvocationState::Queued,
+            requested_by,
+            created_at_ms: now_ms,
+            deadline_ms,
+            dispatched_at_ms: None,
+            finished_at_ms: None,
+            output: Vec::new(),
+            truncated: false,
+            error: None,
+            duration_ms: None,
+        }
+    }
+}
+
 /// One device of a batch: its invocation id is chosen when the batch is created, so the batch
 /// is written once and an invocation started after a restart keeps the same id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

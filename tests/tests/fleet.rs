@@ -13,22 +13,8 @@ use tower::ServiceExt;
 
 /// `GET path` through the console router with the owner token: (status, JSON).
 async fn get(sim: &Sim, path: &str) -> (StatusCode, serde_json::Value) {
-    let router = anchorage_console::router(sim.anchor().backend());
     let token = sim.anchor().owner_token().unwrap();
-    let resp = router
-        .oneshot(
-            Request::get(path)
-                .header("authorization", format!("Bearer {token}"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap())
+    call(sim, &token, "GET", path, None).await
 }
 
 fn set(k: &str, v: &str) -> LabelChange {

@@ -223,6 +223,27 @@ impl FjallStore {
         Ok(out)
     }
 
+    /// Deletes `keys` of `space` in one batch, flushed to the OS; returns how many.
+    fn remove_all(
+        &self,
+        space: Space,
+        keys: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<usize, StoreError> {
+        let mut batch = self.inner.db.inner().batch();
+        let mut n = 0;
+        for key in keys {
+            batch.remove(self.ks(space).inner(), key);
+            n += 1;
+        }
+        if n > 0 {
+            batch
+                .durability(Some(PersistMode::Buffer))
+                .commit()
+                .map_err(backend)?;
+        }
+        Ok(n)
+    }
+
     /// Writes raw bytes under a key, bypassing the record types (tests of corrupt data).
     #[cfg(test)]
     fn put_raw(&self, space: Space, key: &[u8], value: Vec<u8>) {
@@ -636,21 +657,11 @@ impl RuntimeStore for FjallStore {
 
     fn prune_batches(&self, finished_before_ms: u64) -> Result<usize, StoreError> {
         let all: Vec<(Vec<u8>, BatchRecord)> = self.scan(Space::Batches)?;
-        let mut batch = self.inner.db.inner().batch();
-        let mut n = 0;
-        for (key, b) in &all {
-            if b.finished_at_ms.is_some_and(|at| at < finished_before_ms) {
-                batch.remove(self.ks(Space::Batches).inner(), key.clone());
-                n += 1;
-            }
-        }
-        if n > 0 {
-            batch
-                .durability(Some(PersistMode::Buffer))
-                .commit()
-                .map_err(backend)?;
-        }
-        Ok(n)
+        let old = all
+            .into_iter()
+            .filter(|(_, b)| b.finished_at_ms.is_some_and(|at| at < finished_before_ms))
+            .map(|(key, _)| key);
+        self.remove_all(Space::Batches, old)
     }
 
     fn prune_invocations(
@@ -662,23 +673,15 @@ impl RuntimeStore for FjallStore {
         let finished: Vec<&(Vec<u8>, InvocationRecord)> =
             all.iter().filter(|(_, r)| r.state.is_final()).collect();
         let over = finished.len().saturating_sub(keep_at_most);
-        let mut batch = self.inner.db.inner().batch();
-        let mut n = 0;
         // Keys sort by creation time: the first `over` are the oldest.
-        for (i, (key, rec)) in finished.iter().enumerate() {
-            let old = rec.finished_at_ms.unwrap_or(rec.created_at_ms) < finished_before_ms;
-            if i < over || old {
-                batch.remove(self.ks(Space::Invocations).inner(), key.clone());
-                n += 1;
-            }
-        }
-        if n > 0 {
-            batch
-                .durability(Some(PersistMode::Buffer))
-                .commit()
-                .map_err(backend)?;
-        }
-        Ok(n)
+        let gone = finished
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, rec))| {
+                *i < over || rec.finished_at_ms.unwrap_or(rec.created_at_ms) < finished_before_ms
+            })
+            .map(|(_, (key, _))| key.clone());
+        self.remove_all(Space::Invocations, gone)
     }
 
     fn disk_space(&self) -> u64 {
