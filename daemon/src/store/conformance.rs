@@ -36,6 +36,8 @@ macro_rules! __store_conformance_suite {
             labels_are_kept_per_device_and_go_with_it,
             audit_is_newest_first_filtered_and_bounded,
             invocations_load_query_and_prune,
+            batches_load_query_and_prune,
+            token_limits_and_uses_are_kept_and_watched,
             the_writer_keeps_order_and_barriers_wait,
         );
     };
@@ -527,6 +529,103 @@ pub fn invocations_load_query_and_prune(b: &dyn Backend) {
         vec![1_009, 1_008, 1_007, 1_006, 1_005, 1_004]
     );
     assert_eq!(s.runtime.load().unwrap().unfinished.len(), 2);
+}
+
+fn batch(n: u8, created_at_ms: u64, finished_at_ms: Option<u64>) -> BatchRecord {
+    BatchRecord {
+        id: invocation(n, InvocationState::Queued, created_at_ms).id,
+        selector: "site=lab".into(),
+        capability: "echo".into(),
+        input: b"null".to_vec(),
+        requested_by: "owner (t)".into(),
+        created_at_ms,
+        deadline_ms: created_at_ms + 30_000,
+        max_concurrency: Some(2),
+        members: (0..3)
+            .map(|i| BatchMember {
+                device_id: device(i),
+                name: format!("d{i}"),
+                invocation_id: [n.wrapping_add(i); 16],
+            })
+            .collect(),
+        finished_at_ms,
+    }
+}
+
+/// A batch reads back whole; only unfinished ones load at start-up; finished ones past the
+/// cut are pruned.
+pub fn batches_load_query_and_prune(b: &dyn Backend) {
+    let s = open(b);
+    let writes = vec![
+        RuntimeWrite::Batch(batch(1, 1_000, Some(2_000))),
+        RuntimeWrite::Batch(batch(2, 1_100, None)),
+        RuntimeWrite::Batch(batch(3, 1_200, Some(9_000))),
+    ];
+    s.runtime.apply(&writes).unwrap();
+    drop(s);
+    let s = open(b);
+    assert_eq!(
+        s.runtime.batch(&batch(2, 1_100, None).id).unwrap(),
+        Some(batch(2, 1_100, None))
+    );
+    let newest = s.runtime.batches_newest(2).unwrap();
+    assert_eq!(
+        newest.iter().map(|b| b.created_at_ms).collect::<Vec<_>>(),
+        vec![1_200, 1_100]
+    );
+    let loaded = s.runtime.load().unwrap().batches;
+    assert_eq!(loaded, vec![batch(2, 1_100, None)]);
+    // Ending is a rewrite of the same key.
+    s.runtime
+        .apply(&[RuntimeWrite::Batch(batch(2, 1_100, Some(3_000)))])
+        .unwrap();
+    assert!(s.runtime.load().unwrap().batches.is_empty());
+    assert_eq!(s.runtime.prune_batches(5_000).unwrap(), 2);
+    let left = s.runtime.batches_newest(10).unwrap();
+    assert_eq!(left, vec![batch(3, 1_200, Some(9_000))]);
+}
+
+/// A token's limits are written with it in one transaction and reach watchers; its last use
+/// is runtime state that loads at start-up.
+pub fn token_limits_and_uses_are_kept_and_watched(b: &dyn Backend) {
+    let s = open(b);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        s.trust.watch(Arc::new(move |c| {
+            seen.lock().unwrap().push(c.change.clone());
+        }));
+    }
+    let limits = TokenLimits {
+        selector: "site=lab".into(),
+        capabilities: vec!["system.*".into()],
+        expires_at_ms: Some(5_000),
+    };
+    transact(&*s.trust, |txn| {
+        txn.put_token_limits("tok1", &limits)?;
+        txn.put_token(&token("tok1"))
+    })
+    .unwrap();
+    assert_eq!(
+        seen.lock().unwrap().first(),
+        Some(&TrustChange::TokenLimits("tok1".into(), limits.clone()))
+    );
+    s.runtime
+        .apply(&[
+            RuntimeWrite::TokenUsed("tok1".into(), 4_000),
+            RuntimeWrite::TokenUsed("tok1".into(), 4_500),
+        ])
+        .unwrap();
+    drop(s);
+    let s = open(b);
+    assert_eq!(
+        s.trust.token_limits().unwrap(),
+        vec![("tok1".to_string(), limits)]
+    );
+    assert_eq!(
+        s.runtime.load().unwrap().token_use,
+        vec![("tok1".to_string(), 4_500)]
+    );
 }
 
 /// Writes through the [`Writer`] land in order; a barrier resolves after they are committed.
