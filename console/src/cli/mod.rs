@@ -1875,6 +1875,112 @@ mod tests {
     }
 
     #[test]
+    fn invoke_takes_a_device_or_a_selector() {
+        let cli = parse_from(["anchorctl", "invoke", "DEV", "echo"]).unwrap();
+        let Command::Invoke(args) = cli.command else {
+            panic!("not invoke")
+        };
+        assert_eq!((args.selector, args.targets.len()), (None, 2));
+        let cli = parse_from([
+            "anchorctl",
+            "invoke",
+            "-l",
+            "site=lab",
+            "system.health",
+            "--max-concurrency",
+            "5",
+        ])
+        .unwrap();
+        let Command::Invoke(args) = cli.command else {
+            panic!("not invoke")
+        };
+        assert_eq!(args.selector.as_deref(), Some("site=lab"));
+        assert_eq!(args.targets, ["system.health"]);
+        assert_eq!(args.max_concurrency, Some(5));
+        // A concurrency limit means nothing for one device.
+        assert!(
+            parse_from(["anchorctl", "invoke", "D", "echo", "--max-concurrency", "5"]).is_err()
+        );
+        assert!(parse_from(["anchorctl", "invoke"]).is_err());
+    }
+
+    fn batch(states: &[InvocationState]) -> Batch {
+        let mut info = BatchInfo {
+            batch_id: InvocationId([0xba; 16]),
+            selector: "site=lab".into(),
+            capability: "system.health".into(),
+            total: 0,
+            succeeded: 0,
+            failed: 0,
+            timed_out: 0,
+            rejected: 0,
+            pending: 0,
+            done: false,
+            requested_by: "owner (t)".into(),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            deadline_at: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(30),
+            max_concurrency: None,
+        };
+        info.tally(states.iter().copied());
+        let invocations = states
+            .iter()
+            .enumerate()
+            .map(|(i, state)| BatchInvocation {
+                device_id: DeviceId::from_bytes([i as u8; 20]),
+                name: format!("cam-{i}"),
+                invocation_id: InvocationId([i as u8; 16]),
+                state: *state,
+                output: Some(serde_json::json!({ "status": "ok" })),
+                error: (*state != InvocationState::Succeeded).then(|| "no answer".into()),
+            })
+            .collect();
+        Batch { info, invocations }
+    }
+
+    #[test]
+    fn a_batch_exits_zero_only_if_every_invocation_succeeded() {
+        use InvocationState::*;
+        assert!(batch_outcome(&batch(&[Succeeded, Succeeded]), false).is_ok());
+        let err = batch_outcome(&batch(&[Succeeded, TimedOut]), false).unwrap_err();
+        assert_eq!(
+            (err.exit, err.code.as_str()),
+            (exit::FAILURE, "batch_failed")
+        );
+        assert!(err.message.contains("1 of 2 succeeded"), "{}", err.message);
+        let err = batch_outcome(&batch(&[Succeeded, Queued]), false).unwrap_err();
+        assert_eq!(err.code, "still_running");
+        assert!(batch_outcome(&batch(&[Queued]), true).is_ok());
+        assert!(batch_outcome(&batch(&[]), false).is_ok());
+    }
+
+    #[test]
+    fn a_batch_reads_as_counts_then_one_row_per_device() {
+        use InvocationState::*;
+        let text = human_batch(
+            &batch(&[Succeeded, Failed]),
+            OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1),
+        );
+        let mut lines = text.lines();
+        let head = lines.next().unwrap();
+        assert!(
+            head.contains("system.health on site=lab (2 devices)"),
+            "{head}"
+        );
+        assert!(
+            head.contains("2 of 2 done · 1 succeeded · 1 failed"),
+            "{head}"
+        );
+        assert!(
+            text.contains("cam-0") && text.contains("succeeded"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cam-1") && text.contains("no answer"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn global_flags_work_anywhere_and_token_sources_are_told_apart() {
         let cli = parse_from(["anchorctl", "device", "list", "--json", "--token", "t"]).unwrap();
         assert!(cli.json);
