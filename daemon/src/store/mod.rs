@@ -30,8 +30,9 @@ use crate::records::*;
 
 pub mod conformance;
 mod fjall;
+pub mod kv;
 
-pub use self::fjall::FjallStore;
+pub use self::fjall::{FjallKv, FjallStore};
 
 /// Schema version of every value written by this build.
 pub const SCHEMA_VERSION: u8 = 1;
