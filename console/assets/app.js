@@ -8,6 +8,9 @@
 //   stream parsed here; each change re-reads the view it concerns. Reconnects with backoff.
 // - What the token may do comes from GET /console/v1/whoami; actions it lacks are hidden or
 //   disabled (the API refuses them anyway).
+// - Batches: the inventory's selector is evaluated by the anchor (GET /inventory?selector=),
+//   so the trusted devices listed are those POST /batches picks; a batch's page follows its
+//   `batch` events and re-reads it every second until it is done.
 'use strict';
 
 (() => {
@@ -27,6 +30,13 @@
   // How often the inventory and device pages re-read heartbeat ages, loss and RTT.
   const HEARTBEAT_REFRESH_MS = 10000;
   const SUCCESS_BANNER_MS = 6000;
+  // How long the selector field waits after a keystroke before asking the anchor.
+  const SELECTOR_DEBOUNCE_MS = 300;
+  // How often a running batch's page re-reads it (its events carry counts, not outputs).
+  const BATCH_POLL_MS = 1000;
+  // Longest output shown inline in a batch's table; longer ones fold into a <details>.
+  const INLINE_OUTPUT_CHARS = 400;
+  const DAY_SECS = 86400;
 
   const state = {
     token: null,
@@ -35,7 +45,15 @@
     inventory: null,
     inventoryAt: 0,
     inventoryNotice: null,
-    filters: { presence: '', trust: '', text: '' },
+    filters: { presence: '', trust: '', text: '', selector: '' },
+    // The selector the shown inventory was read with, and the anchor's word on a bad one.
+    inventorySelector: '',
+    selectorError: null,
+    batchSubmitting: false,
+    // The batch whose page is open (from POST /batches, then GET /batches/{id}).
+    batch: null,
+    // Whether the batches list shown has one not done yet.
+    batchesRunning: false,
     stream: { ctl: null, attempt: 0, timer: null, lastByteAt: 0, status: 'off' },
     refreshTimer: null,
     refreshing: false,
@@ -279,13 +297,15 @@
     state.me = null;
     state.inventory = null;
     state.minted = null;
+    state.batch = null;
     stopStream();
     if (state.mintedQrUrl) URL.revokeObjectURL(state.mintedQrUrl);
     state.mintedQrUrl = null;
     replace('banners');
-    for (const id of ['inventory-table', 'summary', 'device-body', 'pending-requests', 'decided-requests', 'codes', 'token-list', 'token-created', 'minted']) {
+    for (const id of ['inventory-table', 'summary', 'device-body', 'pending-requests', 'decided-requests', 'codes', 'token-list', 'token-created', 'minted', 'batch-list', 'batch-body']) {
       replace(id);
     }
+    $('batch-card').hidden = true;
     $('nav').hidden = true;
     $('session').hidden = true;
     if (location.hash && location.hash !== '#/') history.replaceState(null, '', '#/');
@@ -303,9 +323,10 @@
     $('nav').hidden = false;
     $('session').hidden = false;
     $('whoami').textContent = state.me.name;
-    $('whoami').title = `token ${state.me.token_id}: ${state.me.permissions.join(', ') || 'no permissions'}`;
+    $('whoami').title = `token ${state.me.token_id}: ${state.me.permissions.join(', ') || 'no permissions'}${scopeText(state.me.scope, '; ')}`;
     // Hide what this token cannot reach.
     document.querySelector('[data-nav="tokens"]').hidden = !can(PERM.tokens);
+    document.querySelector('[data-nav="batches"]').hidden = !can(PERM.read);
     document.querySelector('[data-nav="pairing"]').hidden = !(can(PERM.read) || can(PERM.trust));
     $('pairing-mint').hidden = !can(PERM.trust);
     startStream();
@@ -313,20 +334,22 @@
   }
 
   // ---------------------------------------------------------------------------------------
-  // Routing: #/inventory, #/device/<id>, #/pairing, #/tokens
+  // Routing: #/inventory, #/device/<id>, #/batches, #/batch/<id>, #/pairing, #/tokens
 
   function parseRoute() {
     const h = location.hash.replace(/^#\/?/, '');
     const [view, ...rest] = h.split('/');
-    if (view === 'device' && rest.length) return { view: 'device', id: decodeURIComponent(rest.join('/')) };
-    if (view === 'pairing' || view === 'tokens' || view === 'inventory') return { view };
+    if ((view === 'device' || view === 'batch') && rest.length) return { view, id: decodeURIComponent(rest.join('/')) };
+    if (view === 'pairing' || view === 'tokens' || view === 'inventory' || view === 'batches') return { view };
     return { view: 'inventory' };
   }
 
   function showView(name) {
     for (const v of document.querySelectorAll('.view')) v.hidden = v.id !== `view-${name}`;
+    // A batch's page belongs to the Batches tab.
+    const tab = name === 'batch' ? 'batches' : name;
     for (const a of document.querySelectorAll('[data-nav]')) {
-      if (a.dataset.nav === name) a.setAttribute('aria-current', 'page');
+      if (a.dataset.nav === tab) a.setAttribute('aria-current', 'page');
       else a.removeAttribute('aria-current');
     }
   }
@@ -344,7 +367,15 @@
       replace('device-body', el('p', { class: 'muted', text: 'Loading…' }));
       state.lastInvocation = null;
     }
-    document.title = `${{ inventory: 'Inventory', device: 'Device', pairing: 'Pairing', tokens: 'Tokens' }[r.view]} — Anchorage`;
+    if (changed && r.view === 'batch') {
+      // Just created from the inventory: show it at once, then follow it.
+      if (state.batch && state.batch.batch_id === r.id) renderBatch(state.batch);
+      else {
+        state.batch = null;
+        replace('batch-body', el('p', { class: 'muted', text: 'Loading…' }));
+      }
+    }
+    document.title = `${{ inventory: 'Inventory', device: 'Device', batches: 'Batches', batch: 'Batch', pairing: 'Pairing', tokens: 'Tokens' }[r.view]} — Anchorage`;
     refresh();
   }
 
@@ -360,6 +391,8 @@
       const r = state.route;
       if (r.view === 'inventory') await loadInventory();
       else if (r.view === 'device') await loadDevice(r.id);
+      else if (r.view === 'batches') await loadBatches();
+      else if (r.view === 'batch') await loadBatch(r.id);
       else if (r.view === 'pairing') await loadPairing();
       else if (r.view === 'tokens') await loadTokens();
       clearBanner('refresh');
@@ -382,17 +415,19 @@
   // ---------------------------------------------------------------------------------------
   // Inventory
 
-  /** The inventory, or one built from /devices and pending requests when the anchor cannot
-   * give presence yet (503). */
-  async function fetchInventory() {
+  /** The inventory of the devices `selector` matches (all with none), or one built from
+   * /devices and pending requests when the anchor cannot give presence yet (503). */
+  async function fetchInventory(selector) {
+    const q = selector ? `?selector=${enc(selector)}` : '';
     try {
-      const inv = await get('/inventory');
+      const inv = await get(`/inventory${q}`);
       return { inv, note: null };
     } catch (err) {
       if (!(err instanceof ApiError) || err.status !== 503) throw err;
       const [devices, pending] = await Promise.all([
-        get('/devices'),
-        get('/pairing/requests?state=pending_approval'),
+        get(`/devices${q}`),
+        // A pairing request has no labels yet: a selector leaves them out.
+        selector ? [] : get('/pairing/requests?state=pending_approval'),
       ]);
       return { inv: fallbackInventory(devices, pending), note: `Presence, heartbeats and capabilities are not available from this anchor (${err.code}: ${err.message}); showing trust only.` };
     }
@@ -457,14 +492,40 @@
       replace('inventory-table');
       return;
     }
-    const { inv, note } = await fetchInventory();
+    const selector = state.filters.selector.trim();
+    let fetched;
+    try {
+      fetched = await fetchInventory(selector);
+    } catch (err) {
+      // The only query is the selector: a 400 is the anchor saying where it does not parse.
+      if (!(selector && err instanceof ApiError && err.status === 400)) throw err;
+      state.selectorError = err.message;
+      state.inventorySelector = null;
+      renderSelectorError();
+      replace('summary');
+      renderInventoryTable();
+      renderBatchCard();
+      return;
+    }
+    const { inv, note } = fetched;
     state.inventory = inv;
     state.inventoryAt = Date.now();
+    state.inventorySelector = selector;
+    state.selectorError = null;
+    renderSelectorError();
     replace('inventory-notice', note ? notice(note, 'info') : null);
     $('inventory-updated').textContent = `updated ${new Date().toLocaleTimeString()}`;
     renderSummary();
     renderInventoryTable();
     renderInstances();
+    renderBatchCard();
+  }
+
+  function renderSelectorError() {
+    const box = $('filter-selector-error');
+    box.textContent = state.selectorError ? `The selector does not parse: ${state.selectorError}` : '';
+    box.hidden = !state.selectorError;
+    $('filter-selector').setAttribute('aria-invalid', state.selectorError ? 'true' : 'false');
   }
 
   function renderSummary() {
@@ -476,7 +537,8 @@
       data: { counter: key },
       on: { click: apply || (() => {}) },
     }, el('span', { class: 'count', text: f && ['online', 'degraded', 'stale', 'offline', 'connected'].includes(key) ? '—' : String(value) }), el('span', { class: 'label', text: label }));
-    const filter = (presence, trust) => () => setFilters({ presence, trust, text: '' });
+    // Counters count the devices the selector matches: they keep it.
+    const filter = (presence, trust) => () => setFilters({ ...state.filters, presence, trust, text: '' });
     replace('summary',
       card('devices', 'Devices', s.devices, filter('', '')),
       card('online', 'Online', s.online, filter('online', ''), 'c-online'),
@@ -491,11 +553,17 @@
   }
 
   function setFilters(f) {
+    const selectorChanged = f.selector !== state.filters.selector;
     state.filters = f;
-    $('filter-presence').value = f.presence;
-    $('filter-trust').value = f.trust;
-    $('filter-text').value = f.text;
-    if (state.inventory) renderInventoryTable();
+    for (const [id, v] of [['filter-presence', f.presence], ['filter-trust', f.trust], ['filter-text', f.text], ['filter-selector', f.selector]]) {
+      if ($(id).value !== v) $(id).value = v;
+    }
+    if (state.inventory || state.selectorError) renderInventoryTable();
+    if (selectorChanged) {
+      // The anchor evaluates the selector: ask it once typing pauses.
+      renderBatchCard();
+      scheduleRefresh(SELECTOR_DEBOUNCE_MS);
+    }
   }
 
   function capabilitySummary(c) {
@@ -505,6 +573,10 @@
   }
 
   function renderInventoryTable() {
+    if (state.selectorError) {
+      replace('inventory-table', el('p', { class: 'empty', text: 'Fix the selector to see the devices it matches.' }));
+      return;
+    }
     const { presence, trust, text } = state.filters;
     const needle = text.trim().toLowerCase();
     const all = state.inventory.devices;
@@ -514,7 +586,9 @@
         || labelPairs(d.labels).some((l) => l.toLowerCase().includes(needle)))
       .sort((a, b) => PRESENCE_ORDER.indexOf(a.presence) - PRESENCE_ORDER.indexOf(b.presence) || a.name.localeCompare(b.name));
     if (!all.length) {
-      replace('inventory-table', el('p', { class: 'empty' }, 'No devices yet. ', el('a', { attrs: { href: '#/pairing' }, text: 'Pair one.' })));
+      replace('inventory-table', state.inventorySelector
+        ? el('p', { class: 'empty', text: `No device matches the selector ${state.inventorySelector}.` })
+        : el('p', { class: 'empty' }, 'No devices yet. ', el('a', { attrs: { href: '#/pairing' }, text: 'Pair one.' })));
       return;
     }
     const cell = (label, ...content) => el('td', { data: { label } }, ...content);
@@ -534,8 +608,240 @@
       el('caption', { class: 'sr-only', text: 'Devices' }),
       el('thead', {}, el('tr', {}, ['Device', 'Presence', 'Trust', 'Heartbeat', 'Loss', 'RTT', 'Capabilities', 'Warnings'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
       el('tbody', {}, body));
+    const matched = state.inventorySelector ? ` the selector ${state.inventorySelector} matches` : '';
     replace('inventory-table', table,
-      rows.length < all.length ? el('p', { class: 'muted small', text: `${rows.length} of ${all.length} devices match the filters.` }) : null);
+      rows.length < all.length ? el('p', { class: 'muted small', text: `${rows.length} of the ${all.length} devices${matched} match the filters.` }) : null);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Batches: one capability on the devices the inventory's selector matches
+
+  /** The devices a batch created now would cover: the trusted ones among those the selector
+   * matched (online or not), or null while the inventory shown is not the selector's. */
+  function batchTargets() {
+    if (!state.inventory || state.selectorError) return null;
+    if (state.inventorySelector !== state.filters.selector.trim()) return null;
+    return state.inventory.devices.filter((d) => d.trust === 'trusted');
+  }
+
+  function renderBatchCard() {
+    const card = $('batch-card');
+    // Following a batch needs observability.read; an anchor without the node runtime (the
+    // fallback inventory) cannot run one.
+    card.hidden = !(can(PERM.invoke) && can(PERM.read) && state.inventory && !state.inventory.fallback);
+    if (card.hidden) return;
+    const targets = batchTargets();
+    const btn = $('batch-submit');
+    const n = targets ? targets.length : null;
+    btn.disabled = state.batchSubmitting || !n;
+    if (n === null) btn.textContent = state.selectorError ? 'Run' : 'Run (reading the selector…)';
+    else if (n === 0) btn.textContent = 'No trusted device matches';
+    else if (!state.inventorySelector) btn.textContent = `Run on every device (${n})`;
+    else btn.textContent = `Run on ${n} device${n === 1 ? '' : 's'}`;
+  }
+
+  async function submitBatch(ev) {
+    ev.preventDefault();
+    const error = $('batch-error');
+    error.hidden = true;
+    const fail = (text, field) => {
+      error.textContent = text;
+      error.hidden = false;
+      if (field) field.focus();
+    };
+    const targets = batchTargets();
+    if (!targets || !targets.length) return;
+    const selector = state.inventorySelector;
+    const capability = $('batch-capability').value.trim();
+    if (!capability) return fail('Name the capability to run.', $('batch-capability'));
+    let input = null;
+    const raw = $('batch-input').value.trim();
+    if (raw) {
+      try {
+        input = JSON.parse(raw);
+      } catch (e) {
+        return fail(`The input is not valid JSON: ${e.message}`, $('batch-input'));
+      }
+    }
+    const timeoutS = Number($('batch-timeout').value) || 30;
+    const concurrency = $('batch-concurrency').value.trim();
+    const maxConcurrency = concurrency === '' ? null : Number(concurrency);
+    if (maxConcurrency !== null && !(Number.isInteger(maxConcurrency) && maxConcurrency >= 1)) {
+      return fail('At most at once: a whole number from 1, or empty for all at once.', $('batch-concurrency'));
+    }
+    if (!selector) {
+      const answer = await confirmDialog({
+        title: `Run ${capability} on every device?`,
+        message: `No selector is set: this runs ${capability} on all ${targets.length} trusted devices.`,
+        ok: 'Run on all',
+      });
+      if (!answer.ok) return;
+    }
+    state.batchSubmitting = true;
+    renderBatchCard();
+    try {
+      const body = { selector, capability, input, timeout_ms: Math.round(timeoutS * 1000), max_concurrency: maxConcurrency };
+      const batch = (await api('POST', '/batches', body)).data;
+      state.batch = batch;
+      location.hash = `#/batch/${enc(batch.batch_id)}`;
+    } catch (err) {
+      fail(describe(err));
+    } finally {
+      state.batchSubmitting = false;
+      renderBatchCard();
+    }
+  }
+
+  async function loadBatches() {
+    if (!can(PERM.read)) {
+      replace('batch-list', notice('This token cannot read batches: it lacks observability.read.', 'warn'));
+      return;
+    }
+    const list = await get('/batches?limit=50');
+    state.batchesRunning = list.some((b) => !b.done);
+    if (!list.length) {
+      replace('batch-list', el('p', { class: 'empty' }, 'No batches yet. Run one from the ', el('a', { attrs: { href: '#/inventory' }, text: 'inventory' }), '.'));
+      return;
+    }
+    replace('batch-list', el('table', { class: 'grid batches', attrs: { id: 'batches' } },
+      el('thead', {}, el('tr', {}, ['Created', 'Capability', 'Selector', 'Progress', 'Results', 'By'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('tbody', {}, list.map((b) => el('tr', { data: { batchId: b.batch_id, done: String(b.done) } },
+        el('td', { data: { label: 'Created' } }, timeEl(b.created_at)),
+        el('td', { data: { label: 'Capability' } }, el('a', { class: 'mono batch-link', attrs: { href: `#/batch/${enc(b.batch_id)}` }, text: b.capability })),
+        el('td', { data: { label: 'Selector' } }, selectorText(b.selector)),
+        el('td', { data: { label: 'Progress' } }, progressBar(b, true)),
+        el('td', { data: { label: 'Results' } }, resultBadges(b)),
+        el('td', { data: { label: 'By' }, text: b.requested_by }))))));
+  }
+
+  function selectorText(selector) {
+    return selector ? el('code', { class: 'wrap', text: selector }) : el('span', { class: 'muted', text: 'every device' });
+  }
+
+  /** The counts that are not zero, as badges (`2 succeeded`, `1 timed out`). */
+  function resultBadges(b) {
+    const parts = [['succeeded', 'succeeded', b.succeeded], ['failed', 'failed', b.failed], ['timed_out', 'timed out', b.timed_out],
+      ['rejected', 'rejected', b.rejected], ['pending', 'pending', b.pending]]
+      .filter(([, , n]) => n > 0)
+      // Pending ones look like queued invocations.
+      .map(([k, label, n]) => el('span', { class: `badge inv-${k === 'pending' ? 'queued' : k}`, data: { count: k }, text: `${n} ${label}` }));
+    return parts.length ? el('span', { class: 'badges' }, parts) : el('span', { class: 'muted', text: 'no device' });
+  }
+
+  /** A bar with one segment per outcome, sized with the CSSOM (no inline style attribute,
+   * which the page's CSP refuses). */
+  function progressBar(b, small) {
+    const finished = b.total - b.pending;
+    const bar = el('div', {
+      class: `bar${small ? ' small' : ''}`,
+      attrs: { role: 'progressbar', 'aria-valuemin': 0, 'aria-valuemax': b.total, 'aria-valuenow': finished, 'aria-label': `${finished} of ${b.total} finished` },
+    });
+    for (const [k, n] of [['succeeded', b.succeeded], ['failed', b.failed], ['timed_out', b.timed_out], ['rejected', b.rejected]]) {
+      if (!n) continue;
+      const seg = el('span', { class: `seg seg-${k}` });
+      seg.style.width = `${(100 * n) / b.total}%`;
+      bar.append(seg);
+    }
+    return el('div', { class: 'progress' }, bar, el('span', { class: 'progress-text small', text: `${finished}/${b.total}${b.done ? '' : ' …'}` }));
+  }
+
+  async function loadBatch(id) {
+    if (!can(PERM.read)) {
+      replace('batch-body', notice('This token cannot read batches: it lacks observability.read.', 'warn'));
+      return;
+    }
+    let batch;
+    try {
+      batch = await get(`/batches/${enc(id)}`);
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) {
+        state.batch = null;
+        replace('batch-body', el('h1', { text: 'No such batch' }), notice(`${err.code}: ${err.message}`, 'warn'));
+        return;
+      }
+      throw err;
+    }
+    if (state.route.view !== 'batch' || state.route.id !== id) return;
+    state.batch = batch;
+    renderBatch(batch);
+  }
+
+  function renderBatch(b) {
+    if (!$('batch-head') || $('batch-body').dataset.batchId !== b.batch_id) {
+      $('batch-body').dataset.batchId = b.batch_id;
+      replace('batch-body', ['batch-head', 'batch-counts', 'batch-devices'].map((id) => el('div', { attrs: { id } })));
+    }
+    replace('batch-head', el('div', { class: 'device-head' },
+      el('h1', { attrs: { id: 'batch-title' } }, el('span', { class: 'mono', text: b.capability }), ' on ', b.selector ? el('code', { text: b.selector }) : 'every device'),
+      el('dl', { class: 'facts' },
+        fact('Batch', b.batch_id, 'mono'),
+        fact('Requested by', b.requested_by),
+        fact('Created', timeEl(b.created_at)),
+        fact('Deadline', el('span', {}, timeEl(b.deadline_at), ` (${absolute(b.deadline_at)})`)),
+        fact('At most at once', b.max_concurrency ? String(b.max_concurrency) : 'all at once'))));
+    renderBatchCounts(b);
+    renderBatchDevices(b);
+  }
+
+  function renderBatchCounts(b) {
+    if (!$('batch-counts')) return;
+    const finished = b.total - b.pending;
+    const counter = (key, label, value, cls) => el('div', { class: `counter ${cls}`, data: { count: key } },
+      el('span', { class: 'count', text: String(value) }), el('span', { class: 'label', text: label }));
+    replace('batch-counts', el('div', { class: 'card' },
+      el('p', { class: 'batch-status', attrs: { id: 'batch-status', role: 'status' } },
+        el('strong', { text: b.done ? 'Done' : 'Running' }), ` — ${finished} of ${b.total} device${b.total === 1 ? '' : 's'} finished`),
+      progressBar(b, false),
+      el('div', { class: 'summary batch-summary' },
+        counter('total', 'Devices', b.total, ''),
+        counter('succeeded', 'Succeeded', b.succeeded, 'c-online'),
+        counter('failed', 'Failed', b.failed, b.failed ? 'c-revoked' : ''),
+        counter('timed_out', 'Timed out', b.timed_out, b.timed_out ? 'c-warn' : ''),
+        counter('rejected', 'Rejected', b.rejected, b.rejected ? 'c-revoked' : ''),
+        counter('pending', 'Pending', b.pending, b.pending ? 'c-pending' : ''))));
+  }
+
+  /** One row per device, replaced only when its state changes (an open output stays open). */
+  function renderBatchDevices(b) {
+    const box = $('batch-devices');
+    if (!box || !b.invocations) return;
+    if (!b.invocations.length) {
+      replace(box, el('p', { class: 'empty', text: 'The selector matched no trusted device.' }));
+      return;
+    }
+    let table = $('batch-invocations');
+    if (!table || table.dataset.batchId !== b.batch_id) {
+      table = el('table', { class: 'grid', attrs: { id: 'batch-invocations' }, data: { batchId: b.batch_id } },
+        el('thead', {}, el('tr', {}, ['Device', 'State', 'Output or error'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+        el('tbody'));
+      replace(box, el('div', { class: 'card' }, el('h2', { text: 'Devices' }), table));
+    }
+    const tbody = table.tBodies[0];
+    b.invocations.forEach((inv, i) => {
+      const row = tbody.rows[i];
+      if (row && row.dataset.invocationId === inv.invocation_id && row.dataset.state === inv.state) return;
+      const fresh = batchRow(inv);
+      if (row) row.replaceWith(fresh);
+      else tbody.append(fresh);
+    });
+  }
+
+  function batchRow(inv) {
+    return el('tr', { data: { deviceId: inv.device_id, invocationId: inv.invocation_id, state: inv.state } },
+      el('td', { data: { label: 'Device' } },
+        el('a', { class: 'device-name', attrs: { href: `#/device/${enc(inv.device_id)}` }, text: inv.name || '(unnamed)' }),
+        el('div', { class: 'mono small muted device-id', text: inv.device_id })),
+      el('td', { data: { label: 'State' } }, badge('inv', inv.state)),
+      el('td', { data: { label: 'Output or error' }, class: 'batch-result' }, batchResult(inv)));
+  }
+
+  function batchResult(inv) {
+    if (inv.error) return el('span', { class: 'bad', text: inv.error });
+    if (inv.output === null || inv.output === undefined) return el('span', { class: 'muted', text: isFinal(inv.state) ? '—' : 'waiting' });
+    const line = typeof inv.output === 'string' ? inv.output : JSON.stringify(inv.output);
+    if (line.length <= INLINE_OUTPUT_CHARS) return el('code', { class: 'output-inline', text: line });
+    return el('details', {}, el('summary', { class: 'mono small', text: `${line.slice(0, 80)}…` }),
+      el('pre', { class: 'output', text: outputText(inv) }));
   }
 
   /** `key=value` of each label, operators' first, then the facts the node reported. */
@@ -1023,16 +1329,23 @@
     $('token-form').hidden = false;
     const tokens = await get('/tokens');
     replace('token-list', el('table', { class: 'grid tokens', attrs: { id: 'tokens' } },
-      el('thead', {}, el('tr', {}, ['Name', 'Id', 'Permissions', 'Created', 'By', 'State', ''].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('thead', {}, el('tr', {}, ['Name', 'Id', 'Permissions', 'Limits', 'Expires', 'Last used', 'Created', 'By', 'State', ''].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
       el('tbody', {}, tokens.map((t) => {
         const self = state.me && t.id === state.me.token_id;
+        const expires = parseTime(t.expires_at);
+        const expired = expires !== null && expires <= Date.now();
         return el('tr', { data: { tokenId: t.id } },
           el('td', { data: { label: 'Name' } }, t.name, self ? el('span', { class: 'badge info', text: 'this session' }) : null),
           el('td', { data: { label: 'Id' }, class: 'mono small', text: t.id }),
           el('td', { data: { label: 'Permissions' } }, el('span', { class: 'badges' }, t.permissions.map((p) => el('span', { class: 'badge perm', text: p })))),
+          el('td', { data: { label: 'Limits' }, class: 'token-limits' }, limitsEl(t.scope)),
+          el('td', { data: { label: 'Expires' }, class: 'token-expires' }, expires === null ? el('span', { class: 'muted', text: 'never' }) : timeEl(t.expires_at)),
+          el('td', { data: { label: 'Last used' }, class: 'token-used' }, t.last_used_at ? timeEl(t.last_used_at) : el('span', { class: 'muted', text: 'never' })),
           el('td', { data: { label: 'Created' } }, timeEl(t.created_at)),
           el('td', { data: { label: 'By' }, text: t.created_by }),
-          el('td', { data: { label: 'State' } }, t.revoked_at ? el('span', {}, badge('token', 'revoked'), ' ', timeEl(t.revoked_at)) : badge('token', 'active')),
+          el('td', { data: { label: 'State' } }, t.revoked_at
+            ? el('span', {}, badge('token', 'revoked'), ' ', timeEl(t.revoked_at))
+            : badge('token', expired ? 'expired' : 'active')),
           el('td', { data: { label: '' } }, t.revoked_at ? null : button('Revoke…', async (ev) => {
             const answer = await confirmDialog({
               title: `Revoke token ${t.name}?`,
@@ -1044,25 +1357,66 @@
       }))));
   }
 
+  /** What a token's scope limits: devices (a selector) and capabilities (patterns). */
+  function limitsEl(scope) {
+    const s = scope || {};
+    const caps = s.capabilities || [];
+    if (!s.selector && !caps.length) return el('span', { class: 'muted', text: 'none' });
+    return el('div', { class: 'limits' },
+      s.selector ? el('div', { data: { limit: 'selector' } }, el('span', { class: 'muted', text: 'devices ' }), el('code', { class: 'wrap', text: s.selector })) : null,
+      caps.length ? el('div', { data: { limit: 'capabilities' } }, el('span', { class: 'muted', text: 'capabilities ' }),
+        el('span', { class: 'badges' }, caps.map((c) => el('span', { class: 'badge perm', text: c })))) : null);
+  }
+
+  /** "devices matching site=lab; capabilities system.*" after `lead`, or '' for no limit. */
+  function scopeText(scope, lead) {
+    const s = scope || {};
+    const parts = [];
+    if (s.selector) parts.push(`devices matching ${s.selector}`);
+    if (s.capabilities && s.capabilities.length) parts.push(`capabilities ${s.capabilities.join(' ')}`);
+    return parts.length ? `${lead}only ${parts.join('; ')}` : '';
+  }
+
   async function createToken(ev) {
     ev.preventDefault();
     const err = $('token-form-error');
     err.hidden = true;
-    const permissions = [...document.querySelectorAll('#token-form input[type=checkbox]:checked')].map((c) => c.value);
-    if (!permissions.length) {
-      err.textContent = 'Choose at least one permission.';
+    const fail = (text, field) => {
+      err.textContent = text;
       err.hidden = false;
-      return;
-    }
+      if (field) field.focus();
+    };
+    const permissions = [...document.querySelectorAll('#token-form input[type=checkbox]:checked')].map((c) => c.value);
+    if (!permissions.length) return fail('Choose at least one permission.');
     const name = $('token-name').value.trim() || null;
+    const selector = $('token-selector').value.trim();
+    const capabilities = $('token-capabilities').value.split(/[\s,]+/).filter(Boolean);
+    const days = $('token-expires').value.trim();
+    let expiresInSecs = null;
+    if (days !== '') {
+      const n = Number(days);
+      if (!Number.isInteger(n) || n < 1 || n > 3650) return fail('Expires after: a whole number of days from 1 to 3650, or empty for never.', $('token-expires'));
+      expiresInSecs = n * DAY_SECS;
+    }
+    if ((selector || capabilities.length) && permissions.includes(PERM.tokens)) {
+      return fail('A token limited to devices or capabilities cannot carry tokens.manage: it could make tokens without its limits.');
+    }
+    const body = { name, permissions };
+    if (selector) body.selector = selector;
+    if (capabilities.length) body.capabilities = capabilities;
+    if (expiresInSecs !== null) body.expires_in_secs = expiresInSecs;
     const btn = $('token-submit');
     btn.disabled = true;
     try {
-      const created = (await api('POST', '/tokens', { name, permissions })).data;
-      $('token-name').value = '';
+      const created = (await api('POST', '/tokens', body)).data;
+      for (const id of ['token-name', 'token-selector', 'token-capabilities', 'token-expires']) $(id).value = '';
       const secret = el('code', { class: 'secret', attrs: { id: 'created-secret', tabindex: 0 }, text: created.token });
+      const limits = scopeText(created.scope, 'It may reach ');
       replace('token-created', el('div', { class: 'minted', attrs: { role: 'status' } },
         el('p', {}, el('strong', { text: `Token ${created.name} created.` }), ' Copy the secret now: it is shown only once and cannot be recovered.'),
+        el('p', { attrs: { id: 'created-limits' } },
+          limits ? `${limits}. ` : 'It reaches every device and capability its permissions allow. ',
+          created.expires_at ? `It expires ${absolute(created.expires_at)}.` : 'It does not expire.'),
         secret,
         el('div', { class: 'actions' },
           button('Copy', async (e) => {
@@ -1082,8 +1436,7 @@
           button('Done', () => replace('token-created'), { class: 'secondary' }))));
       scheduleRefresh(0);
     } catch (e) {
-      err.textContent = describe(e);
-      err.hidden = false;
+      fail(describe(e));
     } finally {
       btn.disabled = false;
     }
@@ -1259,8 +1612,12 @@
     }
     let relevant;
     switch (r.view) {
-      case 'inventory': relevant = kind !== 'token' && kind !== 'invocation'; break;
-      case 'device': relevant = !ev.device_id || ev.device_id === r.id; break;
+      case 'inventory': relevant = kind !== 'token' && kind !== 'invocation' && kind !== 'batch'; break;
+      case 'device': relevant = kind !== 'batch' && (!ev.device_id || ev.device_id === r.id); break;
+      case 'batches': relevant = kind === 'batch'; break;
+      // The event carries counts only; the read it triggers brings them with the devices'
+      // states, so the two never disagree on the page.
+      case 'batch': relevant = kind === 'batch' && !!ev.data && ev.data.batch_id === r.id; break;
       case 'pairing': relevant = kind.startsWith('pairing.') || kind.startsWith('device.'); break;
       case 'tokens': relevant = kind === 'token'; break;
       default: relevant = false;
@@ -1295,7 +1652,10 @@
     $('filter-presence').addEventListener('change', (e) => setFilters({ ...state.filters, presence: e.target.value }));
     $('filter-trust').addEventListener('change', (e) => setFilters({ ...state.filters, trust: e.target.value }));
     $('filter-text').addEventListener('input', (e) => setFilters({ ...state.filters, text: e.target.value }));
-    $('filter-clear').addEventListener('click', () => setFilters({ presence: '', trust: '', text: '' }));
+    $('filter-selector').addEventListener('input', (e) => setFilters({ ...state.filters, selector: e.target.value }));
+    $('filter-clear').addEventListener('click', () => setFilters({ presence: '', trust: '', text: '', selector: '' }));
+    $('batch-form').addEventListener('submit', submitBatch);
+    replace('batch-capabilities', BUILTIN_CAPABILITIES.map((c) => el('option', { attrs: { value: c } })));
     $('filters').addEventListener('submit', (e) => e.preventDefault());
     $('mint-form').addEventListener('submit', mint);
     $('token-form').addEventListener('submit', createToken);
@@ -1306,6 +1666,14 @@
       const v = state.route.view;
       if (state.token && !document.hidden && (v === 'inventory' || v === 'device')) scheduleRefresh(0);
     }, HEARTBEAT_REFRESH_MS);
+    // Running batches are re-read every second besides their events: the anchor publishes
+    // progress at most every 250 ms, and a change inside that window waits for the next one.
+    setInterval(() => {
+      if (!state.token || document.hidden) return;
+      const v = state.route.view;
+      const running = v === 'batch' ? state.batch && !state.batch.done : v === 'batches' && state.batchesRunning;
+      if (running) scheduleRefresh(0);
+    }, BATCH_POLL_MS);
 
     const saved = sessionStorage.getItem(TOKEN_KEY);
     if (!saved) {

@@ -4,8 +4,12 @@
 //! The page is driven through chromedriver's W3C WebDriver API with the `thirtyfour` client:
 //! sign in with the owner token, see the first node `online`, invoke `system.health` and read
 //! the result, mint a QR code (an image rendered by the anchor) and a PIN, pair a second node
-//! with that PIN and approve it from the page after comparing the SAS, revoke it and see it go
-//! `revoked`, create a read-only token and check what it hides, revoke that token. Along the
+//! with that PIN and approve it from the page after comparing the SAS, run `system.health` as a
+//! batch on a label selector from the inventory and follow it to its counts (the running node
+//! succeeds, the one never started times out) and find it in the batches list, revoke the second
+//! node and see it go `revoked`, create a read-only token and check what it hides, revoke that
+//! token, create a token limited to a selector and capabilities with an expiry and see its
+//! limits, expiry and last use listed. Along the
 //! way: no token in a URL, no CSP violation, no request to another origin, no horizontal
 //! overflow on a phone-sized window. The inventory's screenshot goes to
 //! `docs/console-inventory.png` when `ANCHORAGE_UPDATE_SCREENSHOT` is set (else in the temp dir).
@@ -213,10 +217,14 @@ async fn web_console_in_a_headless_browser() {
     show_a_qr_code(&wd).await;
     step("mint a PIN, pair the second node, approve it");
     let node2 = pair_second_node_from_the_page(&wd, &quic, tmp.path()).await;
+    step("run a batch on a selector, follow it, find it in the list");
+    batch_from_the_inventory(&wd, &client, &node1, &node2).await;
     step("revoke the second node");
     revoke_from_the_page(&wd, &node2).await;
     step("tokens and permissions");
     tokens_and_permissions(&wd, &client, &console, &owner_token).await;
+    step("a scoped token with an expiry");
+    scoped_token(&wd, &console).await;
     step("restart the anchor: the page reconnects");
     let _anchor = restart_anchor(
         &wd,
@@ -551,6 +559,180 @@ async fn pair_second_node_from_the_page(wd: &Page, quic: &str, tmp: &Path) -> No
     }
 }
 
+/// From the inventory: a selector that does not parse is refused with the anchor's reason; one
+/// that matches both nodes offers "Run on 2 devices"; `system.health` runs with a 5 s deadline.
+/// The first node (running) succeeds, the second (paired, never started) times out, and the
+/// page shows the batch running with one of two finished, then done with those counts, then
+/// lists it among the batches.
+async fn batch_from_the_inventory(
+    wd: &Page,
+    client: &ControlPlaneClient,
+    node1: &NodeInfo,
+    node2: &NodeInfo,
+) {
+    // The first node has role=camera from its page (the label step); the second gets it here.
+    let mut req = anchorage_console::api::LabelRequest::default();
+    req.set.insert("role".into(), "camera".into());
+    client.label(&node2.device_id, &req).await.unwrap();
+    wd.click("[data-nav=inventory]").await;
+    wd.wait_js_args(
+        "both nodes in the inventory",
+        "return [arguments[0], arguments[1]].every( \
+           (id) => document.querySelector(`#inventory tr[data-device-id=\"${id}\"]`)) || null",
+        json!([node1.device_id, node2.device_id]),
+        &[],
+    )
+    .await;
+
+    wd.type_into("#filter-selector", "role in (camera").await;
+    let refused = wd
+        .wait_js(
+            "the selector to be refused",
+            "const e = document.getElementById('filter-selector-error'); \
+             return (!e.hidden && e.textContent) || null",
+        )
+        .await;
+    let refused = refused.as_str().unwrap();
+    assert!(refused.contains("does not parse"), "{refused}");
+    assert!(
+        refused.contains("at character"),
+        "the anchor says where: {refused}"
+    );
+    assert_eq!(
+        wd.js(
+            "return document.getElementById('batch-submit').disabled",
+            json!([])
+        )
+        .await,
+        true,
+        "nothing to run on a selector that does not parse"
+    );
+
+    wd.clear("#filter-selector").await;
+    wd.type_into("#filter-selector", "role=camera").await;
+    let offered = wd
+        .wait_js_args(
+            "the batch button to offer the two nodes",
+            "const b = document.getElementById('batch-submit'); \
+             const rows = [...document.querySelectorAll('#inventory tbody tr')].map((r) => r.dataset.deviceId); \
+             return (!b.disabled && rows.length === 2 && rows.includes(arguments[0]) && rows.includes(arguments[1])) \
+               ? b.textContent : null",
+            json!([node1.device_id, node2.device_id]),
+            &[(
+                "button",
+                "return document.getElementById('batch-submit').textContent",
+            )],
+        )
+        .await;
+    assert_eq!(offered, "Run on 2 devices");
+
+    wd.click("#batch-open").await;
+    wd.type_into("#batch-capability", "system.health").await;
+    wd.clear("#batch-timeout").await;
+    wd.type_into("#batch-timeout", "5").await;
+    wd.click("#batch-submit").await;
+    let status = "const s = document.getElementById('batch-status'); return s && s.textContent";
+    // One finished (the running node), one waiting for a node that never comes.
+    let running = wd
+        .wait_js(
+            "the batch to show one of two finished while it runs",
+            "const s = document.getElementById('batch-status'); \
+             return (s && location.hash.startsWith('#/batch/') && s.textContent.includes('1 of 2')) \
+               ? s.textContent : null",
+        )
+        .await;
+    assert!(
+        running.as_str().unwrap().starts_with("Running"),
+        "{running}"
+    );
+    let done = wd
+        .wait_js_args(
+            "the batch to finish",
+            "const s = document.getElementById('batch-status'); \
+             return (s && s.textContent.startsWith('Done')) ? s.textContent : null",
+            json!([]),
+            &[("status", status)],
+        )
+        .await;
+    assert!(done.as_str().unwrap().contains("2 of 2"), "{done}");
+    let counts = wd
+        .js(
+            "const n = (k) => document.querySelector(`#batch-counts [data-count=${k}] .count`).textContent; \
+             return ['total', 'succeeded', 'failed', 'timed_out', 'rejected', 'pending'].map(n)",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        counts,
+        json!(["2", "1", "0", "1", "0", "0"]),
+        "total, succeeded, failed, timed out, rejected, pending"
+    );
+    let row = |id: &str| {
+        format!(
+            "const r = document.querySelector('#batch-invocations tr[data-device-id=\"{id}\"]'); \
+             return r && [r.querySelector('[data-kind=inv]').textContent, \
+                          r.querySelector('.batch-result').textContent, r.innerText]"
+        )
+    };
+    let one = wd.js(&row(&node1.device_id), json!([])).await;
+    assert_eq!(one[0], "succeeded", "{one}");
+    assert!(
+        one[1].as_str().unwrap().contains(r#""status":"ok""#),
+        "the health output: {one}"
+    );
+    assert!(one[2].as_str().unwrap().contains(&node1.name), "{one}");
+    let two = wd.js(&row(&node2.device_id), json!([])).await;
+    assert_eq!(two[0], "timed out", "{two}");
+    assert!(two[2].as_str().unwrap().contains(&node2.name), "{two}");
+    let batch_id = wd
+        .js(
+            "return decodeURIComponent(location.hash.slice('#/batch/'.length))",
+            json!([]),
+        )
+        .await;
+    wd.shot("batch").await;
+
+    wd.click("[data-nav=batches]").await;
+    let listed = wd
+        .wait_js_args(
+            "the batch in the batches list",
+            "const r = document.querySelector(`#batches tr[data-batch-id=\"${arguments[0]}\"]`); \
+             return r ? r.innerText : null",
+            json!([batch_id]),
+            &[],
+        )
+        .await;
+    let listed = listed.as_str().unwrap();
+    for text in [
+        "system.health",
+        "role=camera",
+        "2/2",
+        "1 succeeded",
+        "1 timed out",
+        "owner",
+    ] {
+        assert!(
+            listed.contains(text),
+            "{text:?} in the batch's row: {listed}"
+        );
+    }
+    wd.shot("batches").await;
+    // Its page again, from the list.
+    wd.click(&format!(
+        "#batches tr[data-batch-id=\"{}\"] a.batch-link",
+        batch_id.as_str().unwrap()
+    ))
+    .await;
+    wd.wait_js(
+        "the batch's page from the list",
+        "const s = document.getElementById('batch-status'); \
+         return (s && s.textContent.startsWith('Done')) || null",
+    )
+    .await;
+    wd.click("[data-nav=inventory]").await;
+    wd.click("#filter-clear").await;
+}
+
 async fn revoke_from_the_page(wd: &Page, node: &NodeInfo) {
     let id = &node.device_id;
     wd.click("[data-nav=inventory]").await;
@@ -765,6 +947,100 @@ async fn tokens_and_permissions(
     assert_eq!(err.status(), Some(401));
     // The owner still works.
     client.whoami().await.unwrap();
+}
+
+/// From the tokens page: a limited token cannot carry tokens.manage (the form says so); one
+/// limited to `site=lab` and `system.*`, expiring in 7 days, is created and listed with those
+/// limits, its expiry, and no use until its secret is used.
+async fn scoped_token(wd: &Page, console: &str) {
+    wd.click("[data-nav=tokens]").await;
+    wd.wait_js(
+        "the token list",
+        "return document.querySelector('#tokens tbody tr') ? true : null",
+    )
+    .await;
+    wd.type_into("#token-name", "lab-runner").await;
+    wd.click("#token-form input[value=\"nodes.invoke\"]").await;
+    wd.type_into("#token-selector", "site=lab").await;
+    wd.type_into("#token-capabilities", "system.*").await;
+    wd.type_into("#token-expires", "7").await;
+    wd.click("#token-form input[value=\"tokens.manage\"]").await;
+    wd.click("#token-submit").await;
+    let refused = wd
+        .wait_js(
+            "the form to refuse tokens.manage on a limited token",
+            "const e = document.getElementById('token-form-error'); return (!e.hidden && e.textContent) || null",
+        )
+        .await;
+    assert!(
+        refused.as_str().unwrap().contains("tokens.manage"),
+        "{refused}"
+    );
+    wd.click("#token-form input[value=\"tokens.manage\"]").await;
+    wd.click("#token-submit").await;
+    let created = wd
+        .wait_js(
+            "the new token's secret and limits",
+            "const s = document.getElementById('created-secret'); \
+             const l = document.getElementById('created-limits'); \
+             return (s && l) ? [s.textContent, l.textContent] : null",
+        )
+        .await;
+    let secret = created[0].as_str().unwrap().to_string();
+    let limits = created[1].as_str().unwrap();
+    assert!(
+        limits.contains("devices matching site=lab") && limits.contains("capabilities system.*"),
+        "{limits}"
+    );
+    assert!(limits.contains("It expires"), "{limits}");
+    let runner = ControlPlaneClient::new(console, secret).unwrap();
+    let row = "const r = [...document.querySelectorAll('#tokens tbody tr')] \
+                 .find((r) => r.cells[0].textContent.startsWith('lab-runner')); \
+               return r ? [r.dataset.tokenId, r.querySelector('.token-limits').innerText, \
+                           r.querySelector('.token-expires').textContent, \
+                           r.querySelector('.token-used').textContent, \
+                           r.querySelector('[data-kind=token]').textContent, \
+                           r.cells[2].innerText] : null";
+    let listed = wd.wait_js("the limited token in the list", row).await;
+    assert!(listed[1].as_str().unwrap().contains("site=lab"), "{listed}");
+    assert!(listed[1].as_str().unwrap().contains("system.*"), "{listed}");
+    assert_eq!(listed[2], "in 7 d", "{listed}");
+    assert_eq!(listed[3], "never", "not used yet: {listed}");
+    assert_eq!(listed[4], "active", "{listed}");
+    let perms = listed[5].as_str().unwrap();
+    assert!(
+        perms.contains("observability.read")
+            && perms.contains("nodes.invoke")
+            && !perms.contains("tokens.manage"),
+        "{listed}"
+    );
+    // What the anchor made of the form.
+    let me = runner.whoami().await.unwrap();
+    assert_eq!(me.token_id, listed[0].as_str().unwrap());
+    assert_eq!(me.scope.selector.to_string(), "site=lab");
+    assert_eq!(me.scope.capabilities, ["system.*"]);
+    // Used now: the list says so once it is read again.
+    wd.click("[data-nav=inventory]").await;
+    wd.click("[data-nav=tokens]").await;
+    let used = wd
+        .wait_js(
+            "the token's last use",
+            "const r = [...document.querySelectorAll('#tokens tbody tr')] \
+               .find((r) => r.cells[0].textContent.startsWith('lab-runner')); \
+             const u = r && r.querySelector('.token-used').textContent; \
+             return (u && u !== 'never') ? u : null",
+        )
+        .await;
+    assert!(
+        used.as_str().unwrap().ends_with("ago") || used == "now",
+        "{used}"
+    );
+    wd.js(
+        "document.getElementById('tokens').scrollIntoView()",
+        json!([]),
+    )
+    .await;
+    wd.shot("tokens-scoped").await;
 }
 
 /// Stops the anchor cleanly (its event streams end), sees the page say it is reconnecting,
