@@ -13,7 +13,9 @@
 //! never came before the deadline are recorded `timed_out`.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anchorage_console::api::{Batch, BatchInfo, BatchInvocation, InvocationState};
 use anchorage_wire::invoke::InvocationId;
@@ -83,7 +85,15 @@ fn invocation_of(batch: &BatchRecord, member: &BatchMember, now_ms: u64) -> Invo
 
 /// The counts of a batch as its driver sees them, and when they were last published.
 struct Progress {
-    info: Mutex<(BatchInfo, Vec<InvocationState>, Instant)>,
+    state: Mutex<ProgressState>,
+}
+
+struct ProgressState {
+    info: BatchInfo,
+    states: Vec<InvocationState>,
+    last: Instant,
+    /// A change is not published yet and a catch-up publish is scheduled.
+    catching_up: bool,
 }
 
 impl Progress {
@@ -92,31 +102,63 @@ impl Progress {
         let mut info = info_of(batch);
         info.tally(states.iter().copied());
         Progress {
-            info: Mutex::new((info, states, Instant::now())),
+            state: Mutex::new(ProgressState {
+                info,
+                states,
+                last: Instant::now(),
+                catching_up: false,
+            }),
         }
     }
 
-    /// Member `index` ended in `state`; publishes the counts if the last event is old enough.
-    fn ended(&self, s: &Services, index: usize, state: InvocationState) {
-        let mut guard = self.info.lock().unwrap_or_else(|e| e.into_inner());
-        let (info, states, last) = &mut *guard;
-        if let Some(slot) = states.get_mut(index) {
-            *slot = state;
-        }
-        if last.elapsed() >= PROGRESS_INTERVAL {
-            info.tally(states.iter().copied());
-            *last = Instant::now();
-            s.events.publish(AnchorEvent::Batch(info.clone()));
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Member `index` ended in `state`. The counts are published at once if the last event
+    /// is [`PROGRESS_INTERVAL`] old, else once that much has passed (so no change waits for
+    /// the next one to be told).
+    fn ended(self: &Arc<Self>, s: &Arc<Services>, index: usize, state: InvocationState) {
+        let wait = {
+            let mut p = self.lock();
+            if let Some(slot) = p.states.get_mut(index) {
+                *slot = state;
+            }
+            let since = p.last.elapsed();
+            if since >= PROGRESS_INTERVAL {
+                publish(s, &mut p);
+                return;
+            }
+            if p.catching_up {
+                return;
+            }
+            p.catching_up = true;
+            PROGRESS_INTERVAL - since
+        };
+        let (progress, services) = (self.clone(), s.clone());
+        s.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = services.cancel.cancelled() => return,
+            }
+            let mut p = progress.lock();
+            if p.catching_up {
+                publish(&services, &mut p);
+            }
+        });
+    }
+
+    /// Publishes the counts now.
     fn publish(&self, s: &Services) {
-        let mut guard = self.info.lock().unwrap_or_else(|e| e.into_inner());
-        let (info, states, last) = &mut *guard;
-        info.tally(states.iter().copied());
-        *last = Instant::now();
-        s.events.publish(AnchorEvent::Batch(info.clone()));
+        publish(s, &mut self.lock());
     }
+}
+
+fn publish(s: &Services, p: &mut ProgressState) {
+    p.info.tally(p.states.iter().copied());
+    p.last = Instant::now();
+    p.catching_up = false;
+    s.events.publish(AnchorEvent::Batch(p.info.clone()));
 }
 
 async fn drive(s: Arc<Services>, batch: BatchRecord, resumed: bool) {

@@ -314,6 +314,16 @@ async fn a_batch_over_fifty_nodes_shows_who_answered_who_came_back_and_who_never
             "{id} waits"
         );
     }
+    // Subscribers were told of the last of those results too, not only of the ones before.
+    let mut told = None;
+    while let Ok(e) = events.try_recv() {
+        if e.kind == "batch" {
+            told = Some(e.data);
+        }
+    }
+    let told = told.expect("batch events while it ran");
+    assert_eq!(told["succeeded"], 43, "{told}");
+    assert_eq!(told["pending"], 7, "{told}");
 
     let mut back = Vec::new();
     for (node, _) in &returning {
