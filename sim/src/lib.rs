@@ -13,6 +13,7 @@
 //! The production daemon depends on none of this (nor on the node or netsim crates).
 
 pub mod demo;
+pub mod etcd;
 pub mod fleet;
 pub mod procs;
 pub mod prom;

@@ -29,9 +29,13 @@ use anchorage_wire::invoke::InvocationId;
 use crate::records::*;
 
 pub mod conformance;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod fjall;
 pub mod kv;
 
+#[cfg(feature = "etcd")]
+pub use self::etcd::{EtcdKv, EtcdStore};
 pub use self::fjall::{FjallKv, FjallStore};
 
 /// Schema version of every value written by this build.
