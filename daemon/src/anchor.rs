@@ -23,7 +23,7 @@ use anchorage_wire::ErrorCode;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::clock::Clock;
-use crate::config::AnchorConfig;
+use crate::config::{AnchorConfig, StoreChoice};
 use crate::events::EventBus;
 use crate::invocations::Invocations;
 use crate::metrics::Metrics;
@@ -79,6 +79,9 @@ pub enum StartError {
     /// TLS configuration failed.
     #[error("TLS setup: {0}")]
     Tls(String),
+    /// The cluster key or the cluster's CA.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// The anchor. Cheap to clone.
@@ -102,9 +105,14 @@ impl Anchor {
     pub fn open(config: AnchorConfig, clock: Clock) -> Result<Anchor, StartError> {
         let dir = config.data_dir.clone();
         create_private_dir(&dir)?;
-        let stores = Stores::from_backend(FjallStore::open(&dir.join("store"))?);
         let now = clock.now();
-        let ca = load_or_create_ca(&dir, now)?;
+        let (stores, ca) = match &config.store {
+            StoreChoice::Fjall => (
+                Stores::from_backend(FjallStore::open(&dir.join("store"))?),
+                load_or_create_ca(&dir, now)?,
+            ),
+            StoreChoice::Etcd(settings) => open_cluster(settings, &dir, now)?,
+        };
         if let Some(left) = ca.expiry_warning(now) {
             warn!(
                 days_left = left.as_secs() / 86400,
@@ -317,6 +325,21 @@ impl Anchor {
         {
             return Ok(());
         }
+        // A shared store has one owner token for the cluster: the first anchor's.
+        let shared = self.services.config.store != StoreChoice::Fjall;
+        if shared
+            && trust.tokens().iter().any(|t| {
+                t.record.name == "owner"
+                    && t.record.created_by == "anchor"
+                    && t.record.revoked_at_ms.is_none()
+            })
+        {
+            info!(
+                "the cluster's owner token was created by its first anchor and is in that \
+                 anchor's data directory (owner.token)"
+            );
+            return Ok(());
+        }
         let created = trust
             .create_token(
                 "anchor",
@@ -468,6 +491,67 @@ pub(crate) fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), Sta
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The shared store and the cluster's CA: the first anchor creates the CA and stores it sealed
+/// with the cluster key; the others open it. The certificate (never the key) is also written
+/// to this anchor's data directory as `ca.pem`, for operators.
+#[cfg(feature = "etcd")]
+fn open_cluster(
+    settings: &crate::config::EtcdSettings,
+    dir: &Path,
+    now: SystemTime,
+) -> Result<(Stores, CertificateAuthority), StartError> {
+    use crate::cluster::ClusterKey;
+    use crate::store::{EtcdStore, transact};
+
+    let (key, created) = ClusterKey::load_or_create(&settings.cluster_key_file)?;
+    if created {
+        info!(path = %settings.cluster_key_file.display(), "created the cluster key; give every anchor of the cluster this file");
+    }
+    let stores = Stores::from_backend(EtcdStore::connect(&settings.endpoints, &settings.prefix)?);
+    let ca_error = |message: String| StartError::Ca {
+        path: settings.cluster_key_file.clone(),
+        message,
+    };
+    let stored = transact(&*stores.trust, |txn| txn.cluster_ca())?;
+    let sealed = match stored {
+        Some(sealed) => sealed,
+        None => {
+            let fresh =
+                CertificateAuthority::generate("Anchorage anchor CA", DEFAULT_CA_VALIDITY, now)
+                    .map_err(|e| ca_error(e.to_string()))?;
+            let sealed = key.seal(fresh.cert_pem(), &fresh.key_pem())?;
+            // Another anchor may have stored one meanwhile: the stored one wins.
+            let kept = transact(&*stores.trust, |txn| match txn.cluster_ca()? {
+                Some(theirs) => Ok::<_, StoreError>(theirs),
+                None => {
+                    txn.put_cluster_ca(&sealed)?;
+                    Ok(sealed.clone())
+                }
+            })?;
+            if kept == sealed {
+                info!(fingerprint = %fresh.fingerprint(), "created the cluster CA in the store");
+            }
+            kept
+        }
+    };
+    let key_pem = key.open(&sealed)?;
+    let ca = CertificateAuthority::from_pem(&sealed.cert_pem, &key_pem)
+        .map_err(|e| ca_error(e.to_string()))?;
+    write_private_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes())?;
+    Ok((stores, ca))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn open_cluster(
+    _settings: &crate::config::EtcdSettings,
+    _dir: &Path,
+    _now: SystemTime,
+) -> Result<(Stores, CertificateAuthority), StartError> {
+    Err(StartError::Store(StoreError::Backend(
+        "this anchord was built without the etcd store (feature etcd)".into(),
+    )))
 }
 
 fn load_or_create_ca(dir: &Path, now: SystemTime) -> Result<CertificateAuthority, StartError> {

@@ -72,6 +72,16 @@ pub struct FileConfig {
     pub console_max_connections: Option<usize>,
     /// Most console connections open at once from one IPv4 address or IPv6 /64.
     pub console_max_connections_per_source: Option<usize>,
+
+    // The store (docs/cluster.md).
+    /// `fjall` (embedded, in the data directory; the default) or `etcd`.
+    pub store: Option<String>,
+    /// etcd client URLs, e.g. `["http://10.0.0.1:2379", "http://10.0.0.2:2379"]`.
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Key prefix of this mesh in etcd (default `/anchorage`).
+    pub etcd_prefix: Option<String>,
+    /// The cluster key every anchor of the cluster is given (created if missing).
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 /// The flags `anchord` (and `anchord demo`) take over the TOML file: each one given wins
@@ -111,6 +121,20 @@ pub struct AnchorFlags {
     /// Async worker threads. Default: one less than the cores, at least one.
     #[arg(long, global = true, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// Where state lives: fjall (embedded, in the data directory) or etcd (shared by the
+    /// anchors of a cluster; needs a build with the `etcd` feature). Default: fjall
+    #[arg(long, global = true, value_parser = ["fjall", "etcd"])]
+    pub store: Option<String>,
+    /// etcd client URLs, comma-separated (with --store etcd).
+    #[arg(long, global = true, value_name = "URL,...", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Key prefix of this mesh in etcd. Default: /anchorage
+    #[arg(long, global = true, value_name = "PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// The cluster key file every anchor of a cluster is given; the first anchor creates it
+    /// (mode 0600) if it does not exist (with --store etcd).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 impl AnchorFlags {
@@ -135,6 +159,10 @@ impl AnchorFlags {
             cert_validity: self.cert_validity.clone().or(file.cert_validity),
             log_format: self.log_format.clone().or(file.log_format),
             worker_threads: self.worker_threads.or(file.worker_threads),
+            store: self.store.clone().or(file.store),
+            etcd_endpoints: self.etcd_endpoints.clone().or(file.etcd_endpoints),
+            etcd_prefix: self.etcd_prefix.clone().or(file.etcd_prefix),
+            cluster_key_file: self.cluster_key_file.clone().or(file.cluster_key_file),
             ..file
         }
     }
@@ -170,6 +198,30 @@ impl Default for PresenceConfig {
         }
     }
 }
+
+/// Where the anchor keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreChoice {
+    /// fjall, in `<data dir>/store`.
+    #[default]
+    Fjall,
+    /// A shared etcd cluster.
+    Etcd(EtcdSettings),
+}
+
+/// How to reach the etcd cluster of [`StoreChoice::Etcd`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// Client URLs.
+    pub endpoints: Vec<String>,
+    /// Key prefix, starting with `/`.
+    pub prefix: String,
+    /// The cluster key file.
+    pub cluster_key_file: PathBuf,
+}
+
+/// Default key prefix in etcd.
+pub const DEFAULT_ETCD_PREFIX: &str = "/anchorage";
 
 /// The validated runtime configuration.
 #[derive(Debug, Clone)]
@@ -208,6 +260,8 @@ pub struct AnchorConfig {
     pub worker_threads: usize,
     /// The console server's timeouts and connection caps.
     pub console_serve: anchorage_console::ServeOptions,
+    /// Where state lives.
+    pub store: StoreChoice,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -241,6 +295,7 @@ impl FileConfig {
     /// Validates into the runtime configuration.
     pub fn validate(self) -> Result<AnchorConfig, ConfigError> {
         let console_serve = console_serve_options(&self)?;
+        let store = store_choice(&self)?;
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let s = v.unwrap_or_else(|| default.to_string());
             s.parse::<SocketAddr>().map_err(|_| {
@@ -385,7 +440,89 @@ impl FileConfig {
             invocation_max_records: self.invocation_max_records.unwrap_or(10_000),
             log_json,
             console_serve,
+            store,
         })
+    }
+}
+
+/// The `store`, `etcd_*` and `cluster_key_file` keys, validated.
+fn store_choice(file: &FileConfig) -> Result<StoreChoice, ConfigError> {
+    let etcd_keys_given = file.etcd_endpoints.is_some()
+        || file.etcd_prefix.is_some()
+        || file.cluster_key_file.is_some();
+    match file.store.as_deref() {
+        None | Some("fjall") => {
+            if etcd_keys_given {
+                return Err(ConfigError::invalid(
+                    "store",
+                    "etcd_endpoints, etcd_prefix and cluster_key_file need store = \"etcd\"",
+                ));
+            }
+            Ok(StoreChoice::Fjall)
+        }
+        Some("etcd") => {
+            if !cfg!(feature = "etcd") {
+                return Err(ConfigError::invalid(
+                    "store",
+                    "this anchord was built without the etcd store: build it with \
+                     `cargo build --release --bin anchord --features anchorage-daemon/etcd` \
+                     (needs protoc)",
+                ));
+            }
+            let endpoints: Vec<String> = file
+                .etcd_endpoints
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect();
+            if endpoints.is_empty() {
+                return Err(ConfigError::invalid(
+                    "etcd_endpoints",
+                    "store = \"etcd\" needs at least one endpoint, e.g. http://127.0.0.1:2379",
+                ));
+            }
+            for e in &endpoints {
+                if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() > 2048 {
+                    return Err(ConfigError::invalid(
+                        "etcd_endpoints",
+                        format!("{e:?} is not a URL like http://127.0.0.1:2379"),
+                    ));
+                }
+            }
+            let prefix = file
+                .etcd_prefix
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
+            if !prefix.starts_with('/')
+                || prefix.len() > 256
+                || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                return Err(ConfigError::invalid(
+                    "etcd_prefix",
+                    format!(
+                        "{prefix:?} must start with / and have no spaces or control characters"
+                    ),
+                ));
+            }
+            let cluster_key_file = file.cluster_key_file.clone().ok_or_else(|| {
+                ConfigError::invalid(
+                    "cluster_key_file",
+                    "store = \"etcd\" needs the cluster key file every anchor of the cluster \
+                     is given (the first anchor creates it)",
+                )
+            })?;
+            Ok(StoreChoice::Etcd(EtcdSettings {
+                endpoints,
+                prefix,
+                cluster_key_file,
+            }))
+        }
+        Some(other) => Err(ConfigError::invalid(
+            "store",
+            format!("{other:?}: expected fjall or etcd"),
+        )),
     }
 }
 

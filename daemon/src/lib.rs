@@ -29,6 +29,7 @@ pub mod backend;
 pub mod batches;
 pub mod bootstrap;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod dispatch;
 pub mod events;

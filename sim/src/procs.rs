@@ -100,6 +100,10 @@ fn build_bins(cargo: &std::ffi::OsStr, bin_dir: &Path) {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
         .args(["build", "--bins", "--quiet"]);
+    // The same features as the test build, or cargo would rebuild the binaries without them.
+    if cfg!(feature = "etcd") {
+        cmd.args(["--features", "anchorage-sim/etcd"]);
+    }
     // Cargo sets these for the test process. Some build scripts (ring's) track
     // CARGO_MANIFEST_DIR, so inheriting them would rebuild half the dependency tree, twice.
     for (key, _) in std::env::vars_os() {

@@ -296,6 +296,9 @@ fn trust_change(c: &KvChange) -> Option<TrustChange> {
     }
 }
 
+/// The key of the sealed cluster CA in [`Space::Meta`].
+const CLUSTER_CA_KEY: &[u8] = b"cluster_ca";
+
 /// The key of a revocation.
 pub fn revocation_key(key: &Revoked) -> Vec<u8> {
     match key {
@@ -440,6 +443,14 @@ impl TrustTxn for RecordTxn<'_> {
         self.changes
             .push(TrustChange::Revocation(key.clone(), None));
         Ok(())
+    }
+
+    fn cluster_ca(&mut self) -> Result<Option<crate::cluster::SealedCa>, StoreError> {
+        self.get(Space::Meta, CLUSTER_CA_KEY)
+    }
+
+    fn put_cluster_ca(&mut self, ca: &crate::cluster::SealedCa) -> Result<(), StoreError> {
+        self.put(Space::Meta, CLUSTER_CA_KEY, ca)
     }
 
     fn audit(&mut self, record: &AuditRecord) -> Result<(), StoreError> {

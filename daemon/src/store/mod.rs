@@ -185,6 +185,10 @@ pub trait TrustTxn {
     fn unrevoke(&mut self, key: &Revoked) -> Result<(), StoreError>;
     /// Appends an audit record (the store orders records by `at_ms`, then by commit).
     fn audit(&mut self, record: &AuditRecord) -> Result<(), StoreError>;
+    /// The cluster's CA, sealed (a shared store only; fjall anchors keep theirs in files).
+    fn cluster_ca(&mut self) -> Result<Option<crate::cluster::SealedCa>, StoreError>;
+    /// Writes the cluster's CA.
+    fn put_cluster_ca(&mut self, ca: &crate::cluster::SealedCa) -> Result<(), StoreError>;
 }
 
 /// The trust state: read-modify-write in transactions, reads, and a watch of changes.

@@ -1,0 +1,180 @@
+//! Several anchors on one etcd cluster (feature `etcd`), with the real binaries: one CA and one
+//! owner token for the cluster, tokens and pairing codes that work on every anchor, a pairing
+//! that starts on one anchor and is approved on another, and a wrong cluster key refused.
+//! (Issue 13, first part: the shared store. Sessions across anchors come next.)
+
+#![cfg(feature = "etcd")]
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anchorage_console::ControlPlaneClient;
+use anchorage_console::api::{CreateTokenRequest, MintCodeRequest, Permission, RequestState};
+use anchorage_sim::etcd::EtcdCluster;
+use anchorage_sim::procs::{self, Proc, bins, command};
+
+/// Starts `anchord --store etcd` on `cluster` under `prefix` with `key_file`.
+fn anchord(cluster: &EtcdCluster, data: &Path, key_file: &Path, prefix: &str) -> procs::Anchord {
+    let endpoints = cluster.endpoints().join(",");
+    procs::Anchord::start(
+        data,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoints,
+            "--etcd-prefix",
+            prefix,
+            "--cluster-key-file",
+            key_file.to_str().unwrap(),
+        ],
+        data.parent().unwrap(),
+    )
+}
+
+/// Polls `f` every 50 ms until it is true, for at most `limit`; whether it became true.
+async fn within(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_anchors_share_the_ca_tokens_codes_and_pairings_of_one_mesh() {
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("cluster.key");
+    let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
+    let a = anchord(&cluster, &data_a, &key_file, "/mesh");
+    assert!(
+        key_file.is_file(),
+        "the first anchor created the cluster key"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let b = anchord(&cluster, &data_b, &key_file, "/mesh");
+
+    // One CA for the cluster, and its key is not in etcd in the clear.
+    let ca_a = std::fs::read_to_string(data_a.join("ca.pem")).unwrap();
+    let ca_b = std::fs::read_to_string(data_b.join("ca.pem")).unwrap();
+    assert_eq!(ca_a, ca_b, "both anchors use the cluster's CA");
+    assert!(!data_b.join("ca.key").exists(), "no CA key file on disk");
+
+    // One owner token, created by the first anchor, works on both.
+    let owner = a.owner_token();
+    assert!(!data_b.join("owner.token").exists());
+    let on_a = ControlPlaneClient::new(&a.ready.console, &owner).unwrap();
+    let on_b = ControlPlaneClient::new(&b.ready.console, &owner).unwrap();
+    on_b.list_devices().await.unwrap();
+
+    // A token made on B works on A within a second; revoked on A, it stops on B as fast.
+    let made = on_b
+        .create_token(CreateTokenRequest {
+            name: Some("reader".into()),
+            permissions: vec![Permission::ObservabilityRead],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let reader_a = ControlPlaneClient::new(&a.ready.console, &made.token).unwrap();
+    let reader_b = ControlPlaneClient::new(&b.ready.console, &made.token).unwrap();
+    assert!(
+        within(Duration::from_secs(1), async || reader_a
+            .list_devices()
+            .await
+            .is_ok())
+        .await,
+        "a token created on B works on A within a second"
+    );
+    on_a.revoke_token(&made.id).await.unwrap();
+    assert!(
+        within(Duration::from_secs(1), async || reader_b
+            .list_devices()
+            .await
+            .is_err())
+        .await,
+        "a token revoked on A stops working on B within a second"
+    );
+
+    // A code minted on A pairs a node through B; approving on A completes it.
+    let code = on_a
+        .mint_code(MintCodeRequest::default())
+        .await
+        .unwrap()
+        .code;
+    let state = dir.path().join("node");
+    let mut pair = command(&bins().anchor_node, dir.path());
+    pair.args([
+        "pair",
+        "--anchor",
+        &b.ready.quic.to_string(),
+        "--code",
+        &code,
+    ])
+    .args(["--name", "roamer", "--json", "--state-dir"])
+    .arg(&state);
+    let pairing = Proc::spawn("anchor-node pair", &mut pair);
+    let mut pending = None;
+    assert!(
+        within(Duration::from_secs(30), async || {
+            pending = on_a
+                .list_requests(Some(RequestState::PendingApproval))
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| r.device_name == "roamer");
+            pending.is_some()
+        })
+        .await,
+        "the request made through B is pending on A: {}",
+        b.proc.stderr()
+    );
+    on_a.approve(&pending.unwrap().request_id).await.unwrap();
+    let out = pairing.finish(Duration::from_secs(30));
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "the node waiting on B was approved on A: {out:?}"
+    );
+    let device = out.json()["device_id"].as_str().unwrap().to_string();
+    let seen_on_b = on_b.device(&device).await.unwrap();
+    assert_eq!(seen_on_b.name, "roamer");
+
+    // An anchor given another cluster key cannot open the cluster's CA.
+    let wrong = dir.path().join("other.key");
+    let mut cmd = command(&bins().anchord, dir.path());
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("c"))
+        .args(["--listen", "127.0.0.1:0", "--console", "127.0.0.1:0"])
+        .args([
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &cluster.endpoints().join(","),
+        ])
+        .args(["--etcd-prefix", "/mesh", "--cluster-key-file"])
+        .arg(&wrong);
+    let out = Proc::spawn("anchord (wrong key)", &mut cmd).finish(Duration::from_secs(30));
+    assert_ne!(out.code(), Some(0));
+    assert!(
+        out.stderr.contains("does not open with this cluster key"),
+        "{}",
+        out.stderr
+    );
+}
