@@ -650,6 +650,45 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_fjall_unless_etcd_is_asked_for_with_what_it_needs() {
+        let parse = |text: &str| toml::from_str::<FileConfig>(text).unwrap().validate();
+        assert_eq!(parse("").unwrap().store, StoreChoice::Fjall);
+        assert_eq!(parse("store = \"fjall\"").unwrap().store, StoreChoice::Fjall);
+        let err = parse("etcd_prefix = \"/x\"").unwrap_err().to_string();
+        assert!(err.contains("store = \"etcd\""), "{err}");
+        let err = parse("store = \"zookeeper\"").unwrap_err().to_string();
+        assert!(err.contains("expected fjall or etcd"), "{err}");
+        let etcd = "store = \"etcd\"\ncluster_key_file = \"/k\"\n";
+        if cfg!(feature = "etcd") {
+            let err = parse(etcd).unwrap_err().to_string();
+            assert!(err.contains("etcd_endpoints"), "{err}");
+            let err = parse(&format!("{etcd}etcd_endpoints = [\"127.0.0.1:2379\"]"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("not a URL"), "{err}");
+            let c = parse(&format!(
+                "{etcd}etcd_endpoints = [\"http://127.0.0.1:2379\", \" \"]"
+            ))
+            .unwrap();
+            assert_eq!(
+                c.store,
+                StoreChoice::Etcd(EtcdSettings {
+                    endpoints: vec!["http://127.0.0.1:2379".into()],
+                    prefix: DEFAULT_ETCD_PREFIX.into(),
+                    cluster_key_file: "/k".into(),
+                })
+            );
+            let err = parse("store = \"etcd\"\netcd_endpoints = [\"http://e:1\"]")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("cluster_key_file"), "{err}");
+        } else {
+            let err = parse(etcd).unwrap_err().to_string();
+            assert!(err.contains("built without the etcd store"), "{err}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let err = toml::from_str::<FileConfig>("listen = \"nope\"")
             .unwrap()
