@@ -1149,6 +1149,28 @@ pub struct BatchInfo {
     pub max_concurrency: Option<u32>,
 }
 
+impl Default for BatchInfo {
+    /// No invocations yet, made at the Unix epoch: a base for `..Default::default()`.
+    fn default() -> Self {
+        BatchInfo {
+            batch_id: InvocationId([0; 16]),
+            selector: String::new(),
+            capability: String::new(),
+            total: 0,
+            succeeded: 0,
+            failed: 0,
+            timed_out: 0,
+            rejected: 0,
+            pending: 0,
+            done: true,
+            requested_by: String::new(),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            deadline_at: OffsetDateTime::UNIX_EPOCH,
+            max_concurrency: None,
+        }
+    }
+}
+
 impl BatchInfo {
     /// Recounts `succeeded` .. `pending` and `done` from the invocations' states.
     pub fn tally(&mut self, states: impl IntoIterator<Item = InvocationState>) {

@@ -270,17 +270,11 @@ fn info_of(b: &BatchRecord) -> BatchInfo {
         batch_id: InvocationId(b.id),
         selector: b.selector.clone(),
         capability: b.capability.clone(),
-        total: 0,
-        succeeded: 0,
-        failed: 0,
-        timed_out: 0,
-        rejected: 0,
-        pending: 0,
-        done: false,
         requested_by: b.requested_by.clone(),
         created_at: to_odt(b.created_at_ms),
         deadline_at: to_odt(b.deadline_ms),
         max_concurrency: b.max_concurrency,
+        ..Default::default()
     }
 }
 

@@ -653,7 +653,10 @@ mod tests {
     fn the_store_is_fjall_unless_etcd_is_asked_for_with_what_it_needs() {
         let parse = |text: &str| toml::from_str::<FileConfig>(text).unwrap().validate();
         assert_eq!(parse("").unwrap().store, StoreChoice::Fjall);
-        assert_eq!(parse("store = \"fjall\"").unwrap().store, StoreChoice::Fjall);
+        assert_eq!(
+            parse("store = \"fjall\"").unwrap().store,
+            StoreChoice::Fjall
+        );
         let err = parse("etcd_prefix = \"/x\"").unwrap_err().to_string();
         assert!(err.contains("store = \"etcd\""), "{err}");
         let err = parse("store = \"zookeeper\"").unwrap_err().to_string();

@@ -1909,17 +1909,10 @@ mod tests {
             batch_id: InvocationId([0xba; 16]),
             selector: "site=lab".into(),
             capability: "system.health".into(),
-            total: 0,
-            succeeded: 0,
-            failed: 0,
-            timed_out: 0,
-            rejected: 0,
-            pending: 0,
-            done: false,
             requested_by: "owner (t)".into(),
             created_at: OffsetDateTime::UNIX_EPOCH,
             deadline_at: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(30),
-            max_concurrency: None,
+            ..Default::default()
         };
         info.tally(states.iter().copied());
         let invocations = states

@@ -163,17 +163,10 @@ pub fn batch() -> Batch {
         batch_id: invocation_id(),
         selector: "site=lab".into(),
         capability: "echo".into(),
-        total: 0,
-        succeeded: 0,
-        failed: 0,
-        timed_out: 0,
-        rejected: 0,
-        pending: 0,
-        done: false,
         requested_by: "owner (id-owner)".into(),
         created_at: now(),
         deadline_at: now() + time::Duration::seconds(30),
-        max_concurrency: None,
+        ..Default::default()
     };
     let invocations = vec![BatchInvocation {
         device_id: device_id(),

@@ -394,22 +394,15 @@ mod tests {
     }
 
     fn record(n: u8, deadline_ms: u64) -> InvocationRecord {
-        InvocationRecord {
-            id: [n; 16],
-            device_id: device(),
-            capability: "echo".into(),
-            input: b"{}".to_vec(),
-            state: InvocationState::Queued,
-            requested_by: "op".into(),
-            created_at_ms: 0,
+        InvocationRecord::queued(
+            [n; 16],
+            device(),
+            "echo".into(),
+            b"{}".to_vec(),
+            "op".into(),
+            0,
             deadline_ms,
-            dispatched_at_ms: None,
-            finished_at_ms: None,
-            output: Vec::new(),
-            truncated: false,
-            error: None,
-            duration_ms: None,
-        }
+        )
     }
 
     fn claims(effects: &[Effect]) -> Vec<(u32, SessionId)> {
