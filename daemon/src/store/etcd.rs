@@ -48,7 +48,9 @@ pub const MAX_TXN_BYTES: usize = 1 << 20;
 /// Keys per page of a scan.
 const PAGE: i64 = 512;
 /// The longest an etcd request may take before the store reports etcd unreachable.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Tries of a request that can be repeated safely.
+pub const IDEMPOTENT_ATTEMPTS: usize = 3;
 
 /// The etcd cluster under [`EtcdStore`].
 pub struct EtcdKv {
@@ -101,7 +103,10 @@ impl KvStore<EtcdKv> {
         let options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+            // A member that dies is noticed within about two seconds, and its requests and
+            // watch move to the others.
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+            .with_keep_alive_while_idle(true);
         let eps = endpoints.to_vec();
         let client = run_on(&runtime, async move {
             Client::connect(eps, Some(options)).await
@@ -162,6 +167,28 @@ impl EtcdKv {
         }
     }
 
+    /// Runs a request that may safely be sent twice (a read, or writes without conditions)
+    /// up to [`IDEMPOTENT_ATTEMPTS`] times: a member that just died fails the first try, and
+    /// the client's balancer sends the next to a live one.
+    fn run_idempotent<T, F, Fut>(&self, make: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let mut last = None;
+        for attempt in 0..IDEMPOTENT_ATTEMPTS {
+            match self.run(make()) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    debug!(attempt, error = %e, "etcd request failed; trying again");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| StoreError::Backend("etcd: no attempt made".into())))
+    }
+
     /// `<prefix>/<space>/`.
     fn space_prefix(&self, space: Space) -> Vec<u8> {
         let mut k = self.root.clone();
@@ -178,8 +205,10 @@ impl EtcdKv {
 
     /// The value and `mod_revision` (0: absent) of a full key.
     fn get_versioned(&self, full: Vec<u8>) -> Result<(Option<Vec<u8>>, i64), StoreError> {
-        let mut client = self.client.kv_client();
-        let resp = self.run(async move { client.get(full, None).await })?;
+        let resp = self.run_idempotent(|| {
+            let (mut client, full) = (self.client.kv_client(), full.clone());
+            async move { client.get(full, None).await }
+        })?;
         Ok(match resp.kvs().first() {
             Some(kv) => (Some(kv.value().to_vec()), kv.mod_revision()),
             None => (None, 0),
@@ -193,12 +222,15 @@ impl EtcdKv {
         to: Vec<u8>,
         descending: bool,
     ) -> Result<Vec<KvPair>, StoreError> {
-        let mut client = self.client.kv_client();
         let mut options = GetOptions::new().with_range(to).with_limit(PAGE);
         if descending {
             options = options.with_sort(SortTarget::Key, SortOrder::Descend);
         }
-        let mut resp = self.run(async move { client.get(from, Some(options)).await })?;
+        let mut resp = self.run_idempotent(|| {
+            let (mut client, from, options) =
+                (self.client.kv_client(), from.clone(), options.clone());
+            async move { client.get(from, Some(options)).await }
+        })?;
         Ok(resp
             .take_kvs()
             .into_iter()
@@ -207,26 +239,42 @@ impl EtcdKv {
     }
 
     /// Commits `ops` in one transaction, `when` all `compares` hold; the revision if it did.
+    /// Without compares the writes may be sent again after a failure (the same values land
+    /// twice); with them, never (the first try may have committed, and a second would fail
+    /// its compares for the wrong reason).
     fn commit(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Option<u64>, StoreError> {
-        let mut client = self.client.kv_client();
+        let repeatable = compares.is_empty();
         let txn = Txn::new().when(compares).and_then(ops);
+        let attempts = if repeatable { IDEMPOTENT_ATTEMPTS } else { 1 };
+        let mut last = None;
+        for attempt in 0..attempts {
+            match self.commit_once(txn.clone()) {
+                Ok(rev) => return Ok(rev),
+                Err(e) => {
+                    debug!(attempt, error = %e, "etcd transaction failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| StoreError::Backend("etcd: no attempt made".into())))
+    }
+
+    fn commit_once(&self, txn: Txn) -> Result<Option<u64>, StoreError> {
+        let mut client = self.client.kv_client();
         let own = self.own.clone();
         own.in_flight.fetch_add(1, Ordering::SeqCst);
         // Settled on the client's runtime as soon as the answer is in, whether or not the
-        // caller is still waiting for it.
-        let settle = own.clone();
-        let done = self.run(async move {
+        // caller is still waiting for it (after a timeout the request's future still runs).
+        self.run(async move {
             let resp = client.txn(txn).await;
             let rev = resp
                 .as_ref()
                 .ok()
                 .filter(|r| r.succeeded())
                 .map(|r| u64::try_from(r.header().map_or(0, |h| h.revision())).unwrap_or(0));
-            settle.settle(rev);
+            own.settle(rev);
             resp.map(|_| rev)
-        });
-        // After a timeout the request's future still runs, and settles when it ends.
-        done
+        })
     }
 }
 
