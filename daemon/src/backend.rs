@@ -25,7 +25,7 @@ use crate::records::{
     RequestRecord,
 };
 use crate::services::Services;
-use crate::store::RuntimeWrite;
+use crate::store::{RuntimeWrite, StoreError};
 use crate::trust::{self, TrustError};
 
 /// Implements [`Backend`] over the anchor's services.
@@ -99,6 +99,14 @@ pub fn api_error(e: TrustError) -> ApiError {
         TrustError::Conflict(m) => ApiError::conflict(m),
         TrustError::Expired(m) => ApiError::gone(m),
         TrustError::BadInput(m) => ApiError::bad_request(m),
+        TrustError::Store(StoreError::Unavailable(m)) => {
+            warn!(error = %m, "store unreachable");
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the anchor's store cannot be reached now; nothing was changed, try again",
+            )
+        }
         TrustError::Store(e) => {
             warn!(error = %e, "store error");
             ApiError::internal()

@@ -85,8 +85,21 @@ impl Drop for EtcdKv {
     }
 }
 
+/// An etcd error: [`StoreError::Unavailable`] when no member could answer (transport, leader
+/// lost, deadline), else a backend error.
 fn backend(e: etcd_client::Error) -> StoreError {
-    StoreError::Backend(format!("etcd: {e}"))
+    use etcd_client::Error as E;
+    let unreachable = match &e {
+        E::TransportError(_) | E::IoError(_) => true,
+        // gRPC codes 1 cancelled, 4 deadline exceeded, 14 unavailable.
+        E::GRpcStatus(status) => matches!(status.code() as i32, 1 | 4 | 14),
+        _ => false,
+    };
+    if unreachable {
+        StoreError::Unavailable(format!("etcd: {e}"))
+    } else {
+        StoreError::Backend(format!("etcd: {e}"))
+    }
 }
 
 impl KvStore<EtcdKv> {
@@ -147,7 +160,7 @@ where
     match rx.recv() {
         Ok(Ok(Ok(v))) => Ok(v),
         Ok(Ok(Err(e))) => Err(backend(e)),
-        Ok(Err(_)) => Err(StoreError::Backend(format!(
+        Ok(Err(_)) => Err(StoreError::Unavailable(format!(
             "etcd did not answer within {} s",
             REQUEST_TIMEOUT.as_secs()
         ))),

@@ -90,6 +90,11 @@ pub enum StoreError {
     /// The backend failed to read or write.
     #[error("store error: {0}")]
     Backend(String),
+    /// A shared store cannot be reached now (no etcd member answered in time); worth trying
+    /// again later, and nothing was changed by the failed request (or, for a write that timed
+    /// out, it may have been).
+    #[error("the store cannot be reached: {0}")]
+    Unavailable(String),
     /// A blocking task panicked, or the writer stopped.
     #[error("store task failed: {0}")]
     Task(String),
