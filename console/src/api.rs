@@ -917,6 +917,16 @@ pub struct Instance {
     pub ca_expires_at: OffsetDateTime,
     /// Warnings, e.g. `ca_near_expiry`.
     pub warnings: Vec<String>,
+    /// This anchor's id (new at every start).
+    #[serde(default)]
+    pub id: String,
+    /// Where its state lives: `fjall` or `etcd`.
+    #[serde(default)]
+    pub store: String,
+    /// Its announcement in a shared store: `held` (renewed within its TTL; an anchor that dies
+    /// drops out of the list within it), or `local` (an anchor on its own store).
+    #[serde(default)]
+    pub lease: String,
 }
 
 /// Summary counters of the inventory.

@@ -40,6 +40,10 @@ pub const MAX_CONNECTIONS: usize = 20_000;
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// How often buffered last-seen times are written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+/// How often an anchor renews its announcement.
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(3);
+/// How long an announcement outlives its last renewal.
+pub const ANNOUNCE_TTL: Duration = Duration::from_secs(10);
 /// How often finished invocations are pruned.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Longest wait at shutdown for tasks and close frames.
@@ -424,6 +428,8 @@ async fn housekeeping(s: Arc<Services>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_flush = tokio::time::Instant::now();
     let mut last_prune = tokio::time::Instant::now();
+    announce(&s).await;
+    let mut last_announce = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -431,6 +437,10 @@ async fn housekeeping(s: Arc<Services>) {
         }
         s.nodes.tick();
         s.invocations.sweep().await;
+        if last_announce.elapsed() >= ANNOUNCE_INTERVAL {
+            last_announce = tokio::time::Instant::now();
+            announce(&s).await;
+        }
         if last_flush.elapsed() >= FLUSH_INTERVAL {
             last_flush = tokio::time::Instant::now();
             s.nodes.flush().await;
@@ -453,6 +463,31 @@ async fn housekeeping(s: Arc<Services>) {
         }
         renew_server_cert(&s);
     }
+}
+
+/// Announces this anchor as an inventory instance (in a shared store, with a lease of
+/// [`ANNOUNCE_TTL`]: an anchor that dies drops out of every anchor's list within it).
+async fn announce(s: &Arc<Services>) {
+    let Ok(value) = serde_json::to_vec(&crate::inventory::instance(s)) else {
+        return;
+    };
+    let p = s.clone();
+    let state = match tokio::task::spawn_blocking(move || {
+        p.stores
+            .runtime
+            .announce(&p.instance_id, value, ANNOUNCE_TTL)
+    })
+    .await
+    {
+        Ok(Ok(true)) => "held",
+        Ok(Ok(false)) => "local",
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot renew this anchor's announcement");
+            "lost"
+        }
+        Err(_) => "lost",
+    };
+    *s.lease.lock().unwrap_or_else(|e| e.into_inner()) = state;
 }
 
 fn renew_server_cert(s: &Services) {

@@ -241,7 +241,7 @@ pub fn inventory(
     Inventory {
         summary,
         devices: sorted,
-        instances: vec![instance(services)],
+        instances: instances(services),
     }
 }
 
@@ -281,7 +281,36 @@ pub fn instance(services: &Services) -> Instance {
         ca_fingerprint: ca_authority.fingerprint().to_string(),
         ca_expires_at: to_odt(crate::clock::to_ms(ca.not_after)),
         warnings,
+        id: services.instance_id.clone(),
+        store: match services.config.store {
+            crate::config::StoreChoice::Fjall => "fjall".into(),
+            crate::config::StoreChoice::Etcd(_) => "etcd".into(),
+        },
+        lease: (*services.lease.lock().unwrap_or_else(|e| e.into_inner())).to_string(),
     }
+}
+
+/// Every live anchor of the mesh (blocking): those announced in the store, this one as it is
+/// now, oldest first.
+pub fn instances(services: &Services) -> Vec<Instance> {
+    let me = instance(services);
+    let mut all: Vec<Instance> = services
+        .stores
+        .runtime
+        .announced()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|bytes| serde_json::from_slice::<Instance>(bytes).ok())
+        .filter(|i| i.id != me.id)
+        // Listed at all, an announcement is under a live lease.
+        .map(|i| Instance {
+            lease: "held".into(),
+            ..i
+        })
+        .collect();
+    all.push(me);
+    all.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
+    all
 }
 
 /// An invocation as the API shows it.

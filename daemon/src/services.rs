@@ -58,6 +58,10 @@ pub struct Services {
     pub writer: Writer,
     /// Batches unfinished at the last stop, until the anchor serves and resumes them.
     pub unfinished_batches: Mutex<Vec<BatchRecord>>,
+    /// This anchor's id in the inventory's instances (new at every start).
+    pub instance_id: String,
+    /// The state of its announcement: `local`, `held`, or `lost` (the last renewal failed).
+    pub lease: Mutex<&'static str>,
     bound: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
@@ -91,6 +95,8 @@ impl Services {
             server_cert,
             writer,
             unfinished_batches: Mutex::new(unfinished_batches),
+            instance_id: uuid::Uuid::now_v7().simple().to_string()[20..].to_string(),
+            lease: Mutex::new("local"),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             bound: Mutex::new((None, None)),

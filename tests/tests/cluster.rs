@@ -35,6 +35,18 @@ fn anchord(cluster: &EtcdCluster, data: &Path, key_file: &Path, prefix: &str) ->
     )
 }
 
+/// `anchorctl --url <anchor> --token-file <its owner token> ARGS`.
+fn run_ctl(anchor: &procs::Anchord, cwd: &Path, args: &[&str]) -> procs::Output {
+    procs::run(
+        "anchorctl",
+        command(&bins().anchorctl, cwd)
+            .args(["--url", &anchor.ready.console, "--token-file"])
+            .arg(&anchor.ready.owner_token)
+            .args(args),
+        Duration::from_secs(30),
+    )
+}
+
 /// Polls `f` every 50 ms until it is true, for at most `limit`; whether it became true.
 async fn within(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -237,6 +249,36 @@ async fn two_anchors_share_the_ca_tokens_codes_and_pairings_of_one_mesh() {
         "writes worked again {:?} after etcd was back",
         back.elapsed()
     );
+
+    // Every anchor lists every live anchor; one killed with SIGKILL drops out within its
+    // lease (10 s).
+    let listed = on_a.inventory().await.unwrap().instances;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        listed.iter().any(
+            |i| i.console == b.ready.console.trim_start_matches("http://")
+                || b.ready.console.ends_with(&i.console)
+        ),
+        "{listed:?}"
+    );
+    assert!(
+        listed
+            .iter()
+            .all(|i| i.store == "etcd" && i.lease == "held"),
+        "{listed:?}"
+    );
+    let out = run_ctl(&a, dir.path(), &["instances", "--json"]);
+    assert_eq!(out.json().as_array().unwrap().len(), 2, "{out:?}");
+    b.proc.kill();
+    let dead = Instant::now();
+    assert!(
+        within(Duration::from_secs(15), async || {
+            on_a.inventory().await.unwrap().instances.len() == 1
+        })
+        .await,
+        "a killed anchor leaves the instance list within its lease"
+    );
+    eprintln!("a killed anchor left the list after {:?}", dead.elapsed());
 
     // An anchor given another cluster key cannot open the cluster's CA.
     let wrong = dir.path().join("other.key");

@@ -143,6 +143,8 @@ pub enum Command {
     /// Registered nodes: list, show.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The live anchors of the mesh: id, version, addresses, uptime, nodes, store, lease.
+    Instances,
     /// Check whether the anchor is up and ready (exit 0 ready, 1 starting, 69 unreachable).
     Health,
     /// Print the anchor's Prometheus metrics.
@@ -671,6 +673,10 @@ impl Ctx<'_> {
             }) => {
                 let device = self.client.inventory_device(&id).await?;
                 self.emit(&device, |now| human_inventory_device(&device, now))
+            }
+            Command::Instances => {
+                let list = self.client.inventory().await?.instances;
+                self.emit(&list, |now| human_instances(&list, now))
             }
             Command::Invoke(args) if args.selector.is_some() => self.invoke_batch(args).await,
             Command::Invoke(args) => self.invoke(args).await,
@@ -1486,6 +1492,25 @@ fn human_batch(b: &Batch, now: OffsetDateTime) -> String {
     out.push('\n');
     out.push_str(&t.render());
     out
+}
+
+fn human_instances(list: &[Instance], now: OffsetDateTime) -> String {
+    let mut t = Table::new(&[
+        "ID", "VERSION", "QUIC", "CONSOLE", "UP", "NODES", "STORE", "LEASE",
+    ]);
+    for i in list {
+        t.row(vec![
+            i.id.clone(),
+            i.version.clone(),
+            i.listen.clone(),
+            i.console.clone(),
+            relative(i.started_at, now).replace(" ago", ""),
+            i.connected_nodes.to_string(),
+            i.store.clone(),
+            i.lease.clone(),
+        ]);
+    }
+    t.render()
 }
 
 fn human_batches(list: &[BatchInfo], now: OffsetDateTime) -> String {

@@ -482,6 +482,9 @@ impl Backend for TestBackend {
                 ca_fingerprint: "ab".repeat(32),
                 ca_expires_at: now() + time::Duration::days(3650),
                 warnings: Vec::new(),
+                id: "a1b2c3d4e5f6".into(),
+                store: "fjall".into(),
+                lease: "local".into(),
             }],
         })
     }

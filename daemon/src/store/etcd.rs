@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, SortOrder, SortTarget, Txn,
-    TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, WatchOptions,
 };
 use tracing::{debug, warn};
 
@@ -45,6 +45,9 @@ pub const MAX_TXN_OPS: usize = 64;
 /// Bytes of values per etcd transaction of a runtime batch (etcd refuses requests over
 /// 1.5 MiB by default).
 pub const MAX_TXN_BYTES: usize = 1 << 20;
+/// Where live anchors announce themselves, under the prefix (not a record space: leased keys,
+/// never watched, never scanned with the records).
+const INSTANCES: &[u8] = b"instances/";
 /// Keys per page of a scan.
 const PAGE: i64 = 512;
 /// The longest an etcd request may take before the store reports etcd unreachable.
@@ -606,6 +609,39 @@ impl Kv for EtcdKv {
         self.run(async move { client.status().await })
             .map(|s| u64::try_from(s.db_size()).unwrap_or(0))
             .unwrap_or(0)
+    }
+
+    fn announce(&self, key: &[u8], value: Vec<u8>, ttl: Duration) -> Result<bool, StoreError> {
+        // A fresh lease each time: the key moves to it, and the previous one (and, if this
+        // anchor dies, this one) lapses by itself. Two small requests every few seconds, and
+        // nothing to repair after etcd was away.
+        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let lease = self.run_idempotent(|| {
+            let mut client = self.client.lease_client();
+            async move { client.grant(seconds, None).await }
+        })?;
+        let full = [self.root.as_slice(), INSTANCES, key].concat();
+        let options = PutOptions::new().with_lease(lease.id());
+        self.run_idempotent(|| {
+            let (mut client, full, value, options) = (
+                self.client.kv_client(),
+                full.clone(),
+                value.clone(),
+                options.clone(),
+            );
+            async move { client.put(full, value, Some(options)).await }
+        })?;
+        Ok(true)
+    }
+
+    fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let prefix = [self.root.as_slice(), INSTANCES].concat();
+        let end = prefix_end(&prefix);
+        Ok(self
+            .page(prefix, end, false)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     fn persist(&self) -> Result<(), StoreError> {

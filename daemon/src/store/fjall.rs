@@ -33,6 +33,8 @@ pub struct FjallKv {
     path: PathBuf,
     /// Commit revision of trust transactions (in memory: mirrors are rebuilt at start-up).
     revision: AtomicU64,
+    /// This process's announcement: nobody else opens the database, so memory is enough.
+    announced: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for FjallKv {
@@ -78,6 +80,7 @@ impl KvStore<FjallKv> {
             spaces,
             path: dir.to_path_buf(),
             revision: AtomicU64::new(0),
+            announced: std::sync::Mutex::new(None),
         };
         KvStore::new(kv, dir)
     }
@@ -204,6 +207,26 @@ impl Kv for FjallKv {
 
     fn persist(&self) -> Result<(), StoreError> {
         self.db.persist(PersistMode::SyncAll).map_err(backend)
+    }
+
+    fn announce(
+        &self,
+        _key: &[u8],
+        value: Vec<u8>,
+        _ttl: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+        Ok(false)
+    }
+
+    fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self
+            .announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect())
     }
 }
 

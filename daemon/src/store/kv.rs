@@ -148,6 +148,17 @@ pub trait Kv: Send + Sync + 'static {
         &self,
         body: &mut dyn FnMut(&mut dyn KvTxn) -> TxnOutcome,
     ) -> Result<Option<u64>, StoreError>;
+    /// Announces this process under `key` with `value` for as long as it lives and calls
+    /// again within `ttl`: a shared backend drops the announcement `ttl` after the last call.
+    /// Returns whether the announcement is shared (others can read it).
+    fn announce(
+        &self,
+        key: &[u8],
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError>;
+    /// Every live announcement (this process's included).
+    fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError>;
     /// Calls `sink` with every change committed from now on by anyone else sharing the
     /// backend (a backend only this process uses has nothing to report).
     fn follow(&self, _sink: Box<dyn Fn(KvChange) + Send + Sync>) {}
@@ -693,5 +704,18 @@ impl<K: Kv> RuntimeStore for KvStore<K> {
 
     fn persist(&self) -> Result<(), StoreError> {
         self.kv.persist()
+    }
+
+    fn announce(
+        &self,
+        id: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        self.kv.announce(id.as_bytes(), value, ttl)
+    }
+
+    fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.kv.announced()
     }
 }

@@ -322,6 +322,16 @@ pub trait RuntimeStore: Send + Sync + 'static {
     fn disk_space(&self) -> u64;
     /// Makes everything written so far survive a power loss (at shutdown).
     fn persist(&self) -> Result<(), StoreError>;
+    /// Announces this anchor (`value`: its inventory instance, JSON) until `ttl` after the
+    /// last call; whether others sharing the store see it.
+    fn announce(
+        &self,
+        id: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError>;
+    /// Every live anchor's announcement.
+    fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError>;
 }
 
 impl std::fmt::Debug for dyn RuntimeStore {
