@@ -208,6 +208,15 @@ impl Principal {
         self.permissions.contains(&p)
     }
 
+    /// A 403 `out_of_scope` naming the token's selector, then `why`.
+    pub fn refused_by_selector(&self, why: impl std::fmt::Display) -> ApiError {
+        ApiError::out_of_scope(format!(
+            "token {} is limited to devices matching {:?}; {why}",
+            self.name,
+            self.scope.selector.to_string()
+        ))
+    }
+
     /// 403 unless a device with `labels` is in the token's scope; the message names the rule.
     pub fn check_device(
         &self,
@@ -217,12 +226,7 @@ impl Principal {
         if self.scope.covers(labels) {
             Ok(())
         } else {
-            Err(ApiError::out_of_scope(format!(
-                "token {} is limited to devices matching the selector {:?}; device {device} \
-                 does not match",
-                self.name,
-                self.scope.selector.to_string()
-            )))
+            Err(self.refused_by_selector(format_args!("device {device} does not match")))
         }
     }
 

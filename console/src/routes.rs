@@ -241,7 +241,7 @@ impl InScope {
 }
 
 /// 403 `out_of_scope` unless `device` is in `who`'s scope (404 if there is no such device
-/// and the scope limits devices). Returns the device's labels when it looked them up.
+/// and the scope limits devices).
 pub async fn check_device<B: Backend>(
     backend: &B,
     who: &Principal,
@@ -258,11 +258,7 @@ pub async fn check_device<B: Backend>(
 /// fleet at once (metrics).
 fn refuse_scoped(who: &Principal, what: &str) -> Result<(), ApiError> {
     if who.scope.limits_devices() {
-        return Err(ApiError::out_of_scope(format!(
-            "token {} is limited to devices matching {:?}; {what} covers the whole fleet",
-            who.name,
-            who.scope.selector.to_string()
-        )));
+        return Err(who.refused_by_selector(format_args!("{what} covers the whole fleet")));
     }
     Ok(())
 }
@@ -276,12 +272,7 @@ fn check_code_labels(
     if who.scope.covers(labels) {
         Ok(())
     } else {
-        Err(ApiError::out_of_scope(format!(
-            "token {} is limited to devices matching {:?}; the labels of {code} do not match \
-             it (a code it mints must carry labels its selector matches)",
-            who.name,
-            who.scope.selector.to_string()
-        )))
+        Err(who.refused_by_selector(format_args!("the labels of {code} do not match it (a code it mints must carry labels its selector matches)")))
     }
 }
 
@@ -784,11 +775,8 @@ async fn label<B: Backend>(
             change.apply(&mut labels);
         }
         if !who.scope.covers(&labels) {
-            return Err(ApiError::out_of_scope(format!(
-                "token {} is limited to devices matching {:?}; these changes would take \
-                 device {id} out of it",
-                who.name,
-                who.scope.selector.to_string()
+            return Err(who.refused_by_selector(format_args!(
+                "these changes would take device {id} out of it"
             )));
         }
     }
@@ -1247,11 +1235,7 @@ async fn batch<B: Backend>(
         .map_err(|_| ApiError::not_found(format!("batch {id} not found")))?;
     let batch = st.backend.batch(parsed).await?;
     if !sees_batch(who, &batch.info) {
-        return Err(ApiError::out_of_scope(format!(
-            "token {} is limited to devices matching {:?}; it sees only the batches it created",
-            who.name,
-            who.scope.selector.to_string()
-        )));
+        return Err(who.refused_by_selector(format_args!("it sees only the batches it created")));
     }
     Ok(Json(batch))
 }
