@@ -931,6 +931,9 @@ pub struct Instance {
     /// drops out of the list within it), or `local` (an anchor on its own store).
     #[serde(default)]
     pub lease: String,
+    /// Where nodes dial it (`HOST:PORT`: the public address, else the bound one).
+    #[serde(default)]
+    pub node_addr: String,
 }
 
 /// Summary counters of the inventory.

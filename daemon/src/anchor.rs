@@ -488,6 +488,26 @@ async fn announce(s: &Arc<Services>) {
         Err(_) => "lost",
     };
     *s.lease.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    let p = s.clone();
+    let Ok(instances) = tokio::task::spawn_blocking(move || crate::inventory::instances(&p)).await
+    else {
+        return;
+    };
+    let own = s.public_addr();
+    let mut addrs = vec![own.clone()];
+    addrs.extend(
+        instances
+            .into_iter()
+            .map(|i| i.node_addr)
+            .filter(|a| !a.is_empty() && *a != own),
+    );
+    s.anchors.send_if_modified(|current| {
+        let changed = *current != addrs;
+        if changed {
+            *current = addrs;
+        }
+        changed
+    });
 }
 
 fn renew_server_cert(s: &Services) {

@@ -287,6 +287,7 @@ pub fn instance(services: &Services) -> Instance {
             crate::config::StoreChoice::Etcd(_) => "etcd".into(),
         },
         lease: (*services.lease.lock().unwrap_or_else(|e| e.into_inner())).to_string(),
+        node_addr: services.public_addr(),
     }
 }
 

@@ -62,6 +62,9 @@ pub struct Services {
     pub instance_id: String,
     /// The state of its announcement: `local`, `held`, or `lost` (the last renewal failed).
     pub lease: Mutex<&'static str>,
+    /// Where nodes dial every live anchor of the cluster (this one's own first), refreshed at
+    /// each announcement; sessions tell their node whenever it changes.
+    pub anchors: tokio::sync::watch::Sender<Vec<String>>,
     bound: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
@@ -97,6 +100,7 @@ impl Services {
             unfinished_batches: Mutex::new(unfinished_batches),
             instance_id: uuid::Uuid::now_v7().simple().to_string()[20..].to_string(),
             lease: Mutex::new("local"),
+            anchors: tokio::sync::watch::Sender::new(Vec::new()),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             bound: Mutex::new((None, None)),

@@ -247,8 +247,21 @@ async fn run_session(
     if rotation_pending {
         let _ = tx.send(&ControlDown::RotateNow).await;
     }
+    let mut anchors = services.anchors.subscribe();
+    anchors.mark_changed();
     let reason = loop {
         tokio::select! {
+            changed = anchors.changed() => {
+                if changed.is_err() {
+                    break "anchor shutting down";
+                }
+                let addrs = anchors.borrow_and_update().clone();
+                if !addrs.is_empty()
+                    && tx.send(&ControlDown::Anchors(AnchorList { addrs })).await.is_err()
+                {
+                    break "control stream lost";
+                }
+            }
             msg = rx.recv() => match msg {
                 Ok(Some(ControlUp::Event(NodeEvent::Stopping { reason }))) => {
                     debug!(%reason, "node stopping");

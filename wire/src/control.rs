@@ -5,7 +5,8 @@
 //! interval to use) or, for a certificate inside its expiry grace period,
 //! [`ControlDown::RenewalOnly`], after which only [`ControlUp::Renew`] is served. The stream then
 //! carries node events (stopping, capability availability) up and certificate renewal both ways
-//! for the life of the connection. Closing it closes the connection.
+//! for the life of the connection, and the anchor tells the node every anchor of its cluster
+//! ([`ControlDown::Anchors`]). Closing it closes the connection.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,17 @@ pub enum ControlDown {
     RenewRefused(RenewRefused),
     /// An operator asked for a rotation: send a [`ControlUp::Renew`] now.
     RotateNow,
+    /// The anchors of the cluster (after `Registered`, and again whenever the set changes):
+    /// where the node may reconnect when it loses this one.
+    Anchors(AnchorList),
+}
+
+/// Every live anchor of the cluster, as the node should dial them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct AnchorList {
+    /// `HOST:PORT` of each anchor's QUIC listener, the sending anchor first.
+    pub addrs: Vec<String>,
 }
 
 /// Registration of a node session.
@@ -192,6 +204,12 @@ impl ControlDown {
             ]),
             ControlDown::RenewRefused(r) => {
                 check_lengths(&[("message", r.message.len(), MAX_TEXT_LEN)])
+            }
+            ControlDown::Anchors(list) => {
+                check_lengths(&[("anchors", list.addrs.len(), MAX_ANCHORS)])?;
+                list.addrs
+                    .iter()
+                    .try_for_each(|a| check_lengths(&[("anchor", a.len(), MAX_NAME_LEN)]))
             }
         }
     }

@@ -76,6 +76,8 @@ pub mod limits {
     pub const MAX_INVOKE_OUTPUT: usize = 256 * 1024;
     /// Largest certificate or CSR, DER bytes.
     pub const MAX_CERT_LEN: usize = 16 * 1024;
+    /// Most anchor addresses in one [`AnchorList`](crate::control::AnchorList).
+    pub const MAX_ANCHORS: usize = 64;
 }
 
 /// A top-level message of one stream or of the datagram channel.

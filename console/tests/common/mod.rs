@@ -485,6 +485,7 @@ impl Backend for TestBackend {
                 id: "a1b2c3d4e5f6".into(),
                 store: "fjall".into(),
                 lease: "local".into(),
+                node_addr: "127.0.0.1:7444".into(),
             }],
         })
     }

@@ -303,6 +303,7 @@ fn variant_indices_are_append_only() {
             message: String::new(),
         }),
         ControlDown::RotateNow,
+        ControlDown::Anchors(AnchorList { addrs: vec![] }),
     ];
     for m in downs {
         let expected = match m {
@@ -311,6 +312,7 @@ fn variant_indices_are_append_only() {
             ControlDown::Renewed(_) => 2,
             ControlDown::RenewRefused(_) => 3,
             ControlDown::RotateNow => 4,
+            ControlDown::Anchors(_) => 5,
         };
         assert_eq!(tag(&m), expected, "{m:?}");
     }

@@ -217,6 +217,18 @@ fn control_down_limits() {
     check_limit("message", MAX_TEXT_LEN, |n| {
         ControlDown::RenewRefused(RenewRefused { message: text(n) }).validate()
     });
+    check_limit("anchors", MAX_ANCHORS, |n| {
+        ControlDown::Anchors(AnchorList {
+            addrs: vec!["a:1".into(); n],
+        })
+        .validate()
+    });
+    check_limit("anchor", MAX_NAME_LEN, |n| {
+        ControlDown::Anchors(AnchorList {
+            addrs: vec![text(n)],
+        })
+        .validate()
+    });
 }
 
 #[test]
