@@ -846,6 +846,10 @@ pub struct Node {
     pub remote_addr: Option<String>,
     /// Capabilities.
     pub capabilities: Vec<Capability>,
+    /// The id of the anchor instance that holds the node's session (this anchor's own, or
+    /// another's of its cluster), while connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<String>,
 }
 
 /// One device in the inventory.

@@ -29,7 +29,7 @@ use crate::invocations::Invocations;
 use crate::metrics::Metrics;
 use crate::nodes::NodeTable;
 use crate::services::Services;
-use crate::store::{FjallStore, StoreError, Stores, Writer};
+use crate::store::{FjallStore, Lease, StoreError, Stores, Writer};
 use crate::trust::{Trust, TrustSettings};
 
 /// How long a handshake may take before the anchor gives up on it.
@@ -145,8 +145,16 @@ impl Anchor {
         trust.restore_token_use(std::mem::take(&mut snapshot.token_use));
         let unfinished_batches = std::mem::take(&mut snapshot.batches);
         let writer = Writer::start(stores.runtime.clone())?;
+        let instance_id = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
+        if stores.runtime.shared() {
+            // What another anchor holds the session of is that anchor's to dispatch.
+            let held: std::collections::HashSet<_> =
+                snapshot.sessions.iter().map(|(d, _)| *d).collect();
+            snapshot.unfinished.retain(|r| !held.contains(&r.device_id));
+        }
         let nodes = NodeTable::new(
             &config,
+            stores.runtime.shared().then(|| instance_id.clone()),
             &mut snapshot,
             clock,
             events.clone(),
@@ -174,7 +182,9 @@ impl Anchor {
             server_cert,
             writer,
             unfinished_batches,
+            instance_id,
         ));
+        crate::remote::follow(&services);
         let anchor = Anchor {
             services,
             owner_token_path: dir.join("owner.token"),
@@ -479,8 +489,13 @@ async fn announce(s: &Arc<Services>) {
     })
     .await
     {
-        Ok(Ok(true)) => "held",
-        Ok(Ok(false)) => "local",
+        Ok(Ok(Lease::Held)) => "held",
+        Ok(Ok(Lease::New)) => {
+            // The sessions under a lapsed lease are gone from the store: claim them again.
+            s.nodes.reclaim().await;
+            "held"
+        }
+        Ok(Ok(Lease::Local)) => "local",
         Ok(Err(e)) => {
             warn!(error = %e, "cannot renew this anchor's announcement");
             "lost"

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anchorage_mesh::framed::framed;
 use anchorage_wire::PROTOCOL_VERSION;
-use anchorage_wire::invoke::{InvokeReply, InvokeRequest, InvokeResult, Outcome};
+use anchorage_wire::invoke::{InvocationId, InvokeReply, InvokeRequest, InvokeResult, Outcome};
 use tracing::{debug, warn};
 
 use crate::invocations::{Claim, Ending, Next, Reply};
@@ -33,6 +33,12 @@ pub async fn create(s: &Arc<Services>, record: InvocationRecord) -> InvocationRe
         .filter(|_| !s.trust.revocation().is_device_revoked(&device));
     let rejection = crate::inventory::rejection(s, &device, &record.capability);
     let (record, next) = s.invocations.create(record, rejection, live).await;
+    if live.is_none() && s.nodes.held_elsewhere(&device) {
+        // Another anchor of the cluster holds the node: it sees the record in the store and
+        // dispatches it; the final record comes back the same way.
+        s.invocations.hand_over_one(&InvocationId(record.id));
+        return record;
+    }
     // Dispatch while the record is being committed: the writer is ordered, so every later
     // state lands after it.
     spawn(s, next);
@@ -93,6 +99,11 @@ async fn dispatch(services: &Arc<Services>, claim: Claim) -> Vec<Next> {
             }
         }
     };
+    if matches!(reply, Reply::Lost) && services.nodes.held_elsewhere(&claim.device) {
+        // The node moved to another anchor, which takes the work from the store.
+        services.invocations.hand_over_one(&claim.id);
+        return Vec::new();
+    }
     let live = services.nodes.live(&claim.device).map(|(s, _)| s);
     services.invocations.reply(&claim, reply, live).await
 }

@@ -23,20 +23,25 @@ pub const CERT_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
 fn node_api(
     t: &anchorage_mesh::presence::Thresholds,
+    me: &str,
     id: &DeviceId,
     s: &NodeState<SessionHandle>,
     now_ms: u64,
 ) -> Option<Node> {
     let record = s.record.as_ref()?;
     let live = s.live.as_ref();
+    let remote = s.remote.as_ref().filter(|_| live.is_none());
     Some(Node {
         device_id: *id,
         name: record.name.clone(),
         platform: record.platform.clone(),
         agent_version: record.agent_version.clone(),
         presence: s.presence(now_ms, t),
-        connected: live.is_some(),
-        connected_since: live.map(|l| to_odt(l.since_ms)),
+        connected: s.connected(),
+        connected_since: live
+            .map(|l| l.since_ms)
+            .or(remote.map(|r| r.since_ms))
+            .map(to_odt),
         last_seen_at: s.last_seen_ms.map(to_odt),
         heartbeat_age_ms: s.last_seen_ms.map(|t| now_ms.saturating_sub(t)),
         loss_rate: live.and_then(|_| s.window.loss()),
@@ -52,6 +57,11 @@ fn node_api(
                 description: c.description.clone(),
             })
             .collect(),
+        anchor: match (live, remote) {
+            (Some(_), _) => Some(me.to_string()),
+            (None, Some(r)) => Some(r.instance.clone()),
+            (None, None) => None,
+        },
     })
 }
 
@@ -62,7 +72,7 @@ pub fn nodes(services: &Services) -> Vec<Node> {
     let t = nodes.settings().thresholds;
     let mut list: Vec<Node> = nodes
         .iter()
-        .filter_map(|(id, s)| node_api(&t, id, s, now))
+        .filter_map(|(id, s)| node_api(&t, &services.instance_id, id, s, now))
         .collect();
     list.sort_by(|a, b| a.name.cmp(&b.name).then(a.device_id.cmp(&b.device_id)));
     list
@@ -73,7 +83,9 @@ pub fn node(services: &Services, id: &DeviceId) -> Option<Node> {
     let now = services.clock.now_ms();
     let nodes = services.nodes.lock();
     let t = nodes.settings().thresholds;
-    nodes.node(id).and_then(|s| node_api(&t, id, s, now))
+    nodes
+        .node(id)
+        .and_then(|s| node_api(&t, &services.instance_id, id, s, now))
 }
 
 fn entry(

@@ -38,6 +38,7 @@ pub mod invocations;
 pub mod metrics;
 pub mod nodes;
 pub mod records;
+pub mod remote;
 pub mod services;
 pub mod session;
 pub mod store;

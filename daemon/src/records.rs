@@ -214,6 +214,19 @@ pub struct NodeRecord {
     pub registered_at_ms: u64,
 }
 
+/// Who holds a node's session in a cluster of anchors: written by the holder under its
+/// lease (so it lapses when that anchor dies), rewritten when the node's presence changes
+/// there, removed when the session ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The holding anchor's instance id.
+    pub instance: String,
+    /// When the session registered, Unix ms.
+    pub since_ms: u64,
+    /// The node's presence as its holder evaluates it.
+    pub presence: anchorage_wire::Presence,
+}
+
 /// Last-seen of a node, written in batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresenceRecord {

@@ -83,6 +83,7 @@ impl Services {
         server_cert: Arc<ServerCertResolver>,
         writer: Writer,
         unfinished_batches: Vec<BatchRecord>,
+        instance_id: String,
     ) -> Services {
         Services {
             started_at_ms: clock.now_ms(),
@@ -98,7 +99,7 @@ impl Services {
             server_cert,
             writer,
             unfinished_batches: Mutex::new(unfinished_batches),
-            instance_id: uuid::Uuid::now_v7().simple().to_string()[20..].to_string(),
+            instance_id,
             lease: Mutex::new("local"),
             anchors: tokio::sync::watch::Sender::new(Vec::new()),
             tasks: TaskTracker::new(),

@@ -242,7 +242,19 @@ async fn run_session(
         },
     );
     info!(name = %register.name, remote = %conn.remote_address(), "node registered");
-    let work = services.invocations.session_up(&device, session).await;
+    let work = if services.stores.runtime.shared() {
+        // Work other anchors queued for the node while it was elsewhere (or nowhere).
+        let store = services.stores.runtime.clone();
+        let pending = blocking(move || store.pending_for(&device))
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read the node's pending invocations");
+                Vec::new()
+            });
+        services.invocations.adopt(pending, &device, session).await
+    } else {
+        services.invocations.session_up(&device, session).await
+    };
     crate::dispatch::spawn(&services, work);
     if rotation_pending {
         let _ = tx.send(&ControlDown::RotateNow).await;

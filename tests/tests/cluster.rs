@@ -1,7 +1,8 @@
 //! Several anchors on one etcd cluster (feature `etcd`), with the real binaries: one CA and one
 //! owner token for the cluster, tokens and pairing codes that work on every anchor, a pairing
 //! that starts on one anchor and is approved on another, and a wrong cluster key refused.
-//! (Issue 13, first part: the shared store. Sessions across anchors come next.)
+//! Then sessions across anchors: every anchor shows, dispatches to and revokes the nodes the
+//! others hold.
 
 #![cfg(feature = "etcd")]
 #![allow(clippy::unwrap_used)]
@@ -306,4 +307,211 @@ async fn two_anchors_share_the_ca_tokens_codes_and_pairings_of_one_mesh() {
         "{}",
         out.stderr
     );
+}
+
+/// Pairs a node named `name` through `via`, with a code minted and approved on `on`; its
+/// state directory and device id.
+async fn pair(
+    on: &ControlPlaneClient,
+    via: &procs::Anchord,
+    dir: &Path,
+    name: &str,
+) -> (std::path::PathBuf, String) {
+    let code = on.mint_code(MintCodeRequest::default()).await.unwrap().code;
+    let state = dir.join(name);
+    let mut cmd = command(&bins().anchor_node, dir);
+    cmd.args([
+        "pair",
+        "--anchor",
+        &via.ready.quic.to_string(),
+        "--code",
+        &code,
+    ])
+    .args(["--name", name, "--json", "--state-dir"])
+    .arg(&state);
+    let pairing = Proc::spawn("anchor-node pair", &mut cmd);
+    let mut pending = None;
+    assert!(
+        within(Duration::from_secs(30), async || {
+            pending = on
+                .list_requests(Some(RequestState::PendingApproval))
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| r.device_name == name);
+            pending.is_some()
+        })
+        .await,
+        "{name}'s request is pending"
+    );
+    on.approve(&pending.unwrap().request_id).await.unwrap();
+    let out = pairing.finish(Duration::from_secs(30));
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    (state, out.json()["device_id"].as_str().unwrap().to_string())
+}
+
+/// `anchor-node run` for the node in `state`, with `extra` arguments.
+fn run_node(dir: &Path, state: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = command(&bins().anchor_node, dir);
+    cmd.arg("run").arg("--state-dir").arg(state).args(extra);
+    Proc::spawn("anchor-node run", &mut cmd)
+}
+
+/// The instance id of the anchor whose console is `client`'s.
+async fn instance_id(client: &ControlPlaneClient, console: &str) -> String {
+    let listed = client.inventory().await.unwrap().instances;
+    listed
+        .into_iter()
+        .find(|i| console.ends_with(&i.console))
+        .map(|i| i.id)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_anchor_shows_dispatches_to_and_revokes_the_nodes_of_the_others() {
+    use anchorage_console::api::{BatchRequest, InvocationState, InvokeRequest, Presence};
+    use futures_util::StreamExt;
+
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("cluster.key");
+    let a = anchord(&cluster, &dir.path().join("a"), &key_file, "/one");
+    let b = anchord(&cluster, &dir.path().join("b"), &key_file, "/one");
+    let owner = a.owner_token();
+    let on_a = ControlPlaneClient::new(&a.ready.console, &owner).unwrap();
+    let on_b = ControlPlaneClient::new(&b.ready.console, &owner).unwrap();
+    let b_id = instance_id(&on_a, &b.ready.console).await;
+    let mut events_a = Box::pin(on_a.events().await.unwrap());
+
+    // Paired through B, the node runs against B; A shows it connected there, online.
+    let (state_b, on_b_node) = pair(&on_a, &b, dir.path(), "held-by-b").await;
+    let (state_a, on_a_node) = pair(&on_a, &a, dir.path(), "held-by-a").await;
+    let node_b = run_node(dir.path(), &state_b, &[]);
+    let node_a = run_node(dir.path(), &state_a, &[]);
+    let started = Instant::now();
+    let mut seen = None;
+    assert!(
+        within(Duration::from_secs(20), async || {
+            seen = on_a.node(&on_b_node).await.ok();
+            seen.as_ref().is_some_and(|n| n.connected)
+        })
+        .await,
+        "A shows the node connected to B: {seen:?}\n{}",
+        node_b.log_tail()
+    );
+    eprintln!(
+        "A saw the node on B connected after {:?}",
+        started.elapsed()
+    );
+    let seen = seen.unwrap();
+    assert_eq!(seen.presence, Presence::Online);
+    assert_eq!(seen.anchor.as_deref(), Some(b_id.as_str()));
+    assert!(
+        within(Duration::from_secs(20), async || on_b
+            .node(&on_a_node)
+            .await
+            .is_ok_and(|n| n.connected && n.presence == Presence::Online))
+        .await,
+        "B shows the node connected to A"
+    );
+
+    // An invocation made on A for the node on B is dispatched by B and answers on A.
+    let mut rtts = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let inv = on_a
+            .invoke(
+                &on_b_node,
+                InvokeRequest {
+                    capability: "system.health".into(),
+                    input: serde_json::Value::Null,
+                    timeout_ms: Some(10_000),
+                    async_: false,
+                },
+            )
+            .await
+            .unwrap();
+        rtts.push(t.elapsed());
+        assert_eq!(inv.state, InvocationState::Succeeded, "{inv:?}");
+    }
+    rtts.sort();
+    eprintln!(
+        "invoke on A for a node on B: p50 {:?}, max {:?}",
+        rtts[rtts.len() / 2],
+        rtts[rtts.len() - 1]
+    );
+
+    // The event stream of A carries what B did: the node's registration and invocations.
+    let mut kinds = std::collections::BTreeSet::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(e)) = events_a.next().await {
+            if e.device_id.map(|d| d.to_string()) == Some(on_b_node.clone()) {
+                kinds.insert(e.kind.clone());
+            }
+            if kinds.contains("node.registered") && kinds.contains("invocation") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        kinds.contains("node.registered") && kinds.contains("invocation"),
+        "A's events about the node on B: {kinds:?}"
+    );
+
+    // A batch made on B covers both nodes, whichever anchor holds them.
+    let batch = on_b
+        .create_batch(&BatchRequest {
+            selector: anchorage_wire::labels::Selector::everything(),
+            capability: "system.health".into(),
+            input: serde_json::Value::Null,
+            timeout_ms: Some(20_000),
+            max_concurrency: None,
+        })
+        .await
+        .unwrap();
+    let mut done = None;
+    assert!(
+        within(Duration::from_secs(25), async || {
+            done = on_b.batch(&batch.info.batch_id).await.ok();
+            done.as_ref().is_some_and(|b| b.info.done)
+        })
+        .await,
+        "the batch ends: {done:?}"
+    );
+    let done = done.unwrap();
+    assert_eq!((done.info.total, done.info.succeeded), (2, 2), "{done:?}");
+
+    // Revoked on A, the node held by B is cut off within a second, and refused after.
+    let mut node_b = node_b;
+    on_a.revoke(&on_b_node, Some("lost laptop".into()))
+        .await
+        .unwrap();
+    let revoked = Instant::now();
+    let status = node_b.wait_exit_async(Duration::from_secs(10)).await;
+    eprintln!(
+        "the node held by B stopped {:?} after its revocation on A",
+        revoked.elapsed()
+    );
+    assert!(!status.success(), "a revoked node stops with an error");
+    assert!(
+        revoked.elapsed() < Duration::from_secs(3),
+        "closed by B within a second (plus the node's exit and a loaded machine's slack)"
+    );
+    assert!(
+        within(Duration::from_secs(5), async || on_b
+            .node(&on_b_node)
+            .await
+            .is_ok_and(|n| !n.connected))
+        .await
+    );
+    let again = run_node(dir.path(), &state_b, &[]).finish(Duration::from_secs(20));
+    assert_ne!(
+        again.code(),
+        Some(0),
+        "the revoked node is refused: {again:?}"
+    );
+    drop(node_a);
 }

@@ -208,6 +208,7 @@ pub fn node() -> Node {
         loss_rate: Some(0.01),
         rtt_ms: Some(23.5),
         remote_addr: Some("192.0.2.7:50000".into()),
+        anchor: None,
         capabilities: vec![Capability {
             name: "echo".into(),
             available: true,

@@ -155,6 +155,48 @@ impl Queue {
         }
     }
 
+    /// Takes unfinished invocations queued by another anchor of the cluster for a node this
+    /// anchor now holds (those it already has stay as they are). Returns how many were new.
+    pub fn adopt(&mut self, records: impl IntoIterator<Item = InvocationRecord>) -> usize {
+        let mut new = 0;
+        for mut record in records {
+            if record.state.is_final() || self.active.contains_key(&record.id) {
+                continue;
+            }
+            record.state = InvocationState::Queued;
+            self.active.insert(
+                record.id,
+                Entry {
+                    record,
+                    attempt: 0,
+                    on: None,
+                },
+            );
+            new += 1;
+        }
+        new
+    }
+
+    /// Lets go of the unfinished invocations of `device` without ending them: another anchor
+    /// holds its session and dispatches them from the store. Returns how many went.
+    pub fn hand_over(&mut self, device: &DeviceId) -> usize {
+        let before = self.active.len();
+        self.active
+            .retain(|_, e| e.record.device_id != *device || e.record.state.is_final());
+        before - self.active.len()
+    }
+
+    /// Lets go of one unfinished invocation (see [`Queue::hand_over`]).
+    pub fn hand_over_one(&mut self, id: &InvocationId) {
+        if self
+            .active
+            .get(&id.0)
+            .is_some_and(|e| !e.record.state.is_final())
+        {
+            self.active.remove(&id.0);
+        }
+    }
+
     /// A new invocation. `rejection` says why it cannot run (then it ends `rejected` at once);
     /// `live` is the node's live session, if any.
     pub fn create(

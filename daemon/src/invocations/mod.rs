@@ -138,16 +138,7 @@ impl Invocations {
         }
         self.queue().forget(&id);
         self.events.publish(event);
-        let waiter = self
-            .waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id.0)
-            .cloned();
-        if let Some(w) = waiter {
-            *w.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-            w.notify.notify_waiters();
-        }
+        self.hand_to_waiter(&id, r);
     }
 
     /// Creates an invocation: `rejection` ends it `rejected` at once; otherwise it is queued
@@ -177,6 +168,87 @@ impl Invocations {
     pub async fn record_final(&self, record: InvocationRecord) {
         debug_assert!(record.state.is_final());
         self.finished(record).await;
+    }
+
+    /// Takes the unfinished invocations other anchors queued for `device`, which registered
+    /// here on `session`, and offers this session everything it has for the node.
+    pub async fn adopt(
+        &self,
+        records: Vec<InvocationRecord>,
+        device: &DeviceId,
+        session: SessionId,
+    ) -> Vec<Next> {
+        let now = self.clock.now_ms();
+        let effects = {
+            let mut q = self.queue();
+            let adopted = q.adopt(records);
+            if adopted > 0 {
+                tracing::debug!(adopted, device_id = %device, "took invocations queued by other anchors");
+            }
+            q.session_up(device, session, now)
+        };
+        self.apply(effects).await
+    }
+
+    /// Another anchor holds the session of `device` now: its unfinished invocations are
+    /// that anchor's to dispatch (from the store), and this one lets go of them.
+    pub fn hand_over(&self, device: &DeviceId) {
+        let n = self.queue().hand_over(device);
+        if n > 0 {
+            tracing::debug!(handed_over = n, device_id = %device, "the node's invocations went to the anchor that holds it");
+        }
+    }
+
+    /// Lets go of one unfinished invocation another anchor will dispatch.
+    pub fn hand_over_one(&self, id: &InvocationId) {
+        self.queue().hand_over_one(id);
+    }
+
+    /// An invocation record another anchor wrote: a final one answers whoever waits here
+    /// and is published; an unfinished one for a node live here (`live`) that this anchor does
+    /// not have yet is taken and dispatched (it was queued elsewhere while the node was
+    /// moving here).
+    pub async fn remote(&self, r: InvocationRecord, live: Option<SessionId>) -> Vec<Next> {
+        let id = InvocationId(r.id);
+        let event = crate::events::AnchorEvent::Invocation {
+            device: r.device_id,
+            id,
+            capability: r.capability.clone(),
+            state: r.state,
+        };
+        if r.state.is_final() {
+            self.queue().hand_over_one(&id);
+            self.events.publish(event);
+            self.hand_to_waiter(&id, r);
+            return Vec::new();
+        }
+        let now = self.clock.now_ms();
+        let effects = match live {
+            Some(session) if !self.queue().contains(&id) => {
+                let device = r.device_id;
+                let mut q = self.queue();
+                q.adopt([r]);
+                q.session_up(&device, session, now)
+            }
+            _ => {
+                self.events.publish(event);
+                Vec::new()
+            }
+        };
+        self.apply(effects).await
+    }
+
+    fn hand_to_waiter(&self, id: &InvocationId, r: InvocationRecord) {
+        let waiter = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id.0)
+            .cloned();
+        if let Some(w) = waiter {
+            *w.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            w.notify.notify_waiters();
+        }
     }
 
     /// Resolves once every record queued so far is on disk.
@@ -261,6 +333,9 @@ impl Invocations {
             .or_default()
             .clone();
         let deadline = tokio::time::Instant::now() + limit;
+        // In a shared store another anchor may be running it: its final record arrives
+        // through the store's watch ([`Invocations::remote`]), unless it is there already.
+        let mut stored_checked = !self.store.shared();
         let handed = loop {
             let notified = waiter.notify.notified();
             tokio::pin!(notified);
@@ -270,8 +345,26 @@ impl Invocations {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            if done.is_some() || !self.queue().contains(&id) {
+            if done.is_some() {
                 break done;
+            }
+            if !self.queue().contains(&id) {
+                if stored_checked {
+                    break None;
+                }
+                stored_checked = true;
+                let store = self.store.clone();
+                match crate::store::blocking(move || store.invocation(&id)).await {
+                    Ok(Some(r)) if !r.state.is_final() => {}
+                    Ok(other) => break other,
+                    Err(e) => {
+                        self.waiters
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id.0);
+                        return Err(e);
+                    }
+                }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 break None;

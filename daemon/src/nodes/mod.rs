@@ -79,9 +79,11 @@ pub struct NodeTable {
 }
 
 impl NodeTable {
-    /// A table loaded from the store's snapshot.
+    /// A table loaded from the store's snapshot; `instance`: this anchor's id when its store
+    /// is shared with other anchors (its sessions are then claimed there).
     pub fn new(
         config: &AnchorConfig,
+        instance: Option<String>,
         snapshot: &mut RuntimeSnapshot,
         clock: Clock,
         events: Arc<EventBus>,
@@ -92,10 +94,14 @@ impl NodeTable {
         for cap in snapshot.nodes.iter().flat_map(|n| &n.capabilities) {
             metrics.capability_reported(&cap.name);
         }
+        if let Some(id) = instance {
+            table.set_instance(id);
+        }
         table.load(
             std::mem::take(&mut snapshot.nodes),
             std::mem::take(&mut snapshot.presence),
         );
+        table.load_sessions(std::mem::take(&mut snapshot.sessions));
         NodeTable {
             table: Mutex::new(table),
             clock,
@@ -225,6 +231,37 @@ impl NodeTable {
         let now = self.clock.now_ms();
         let effects = self.lock().tick(now);
         self.apply(effects);
+    }
+
+    /// Claims every live session again (this anchor's lease in the shared store was new).
+    pub async fn reclaim(&self) {
+        let writes = self.lock().reclaim();
+        for w in writes {
+            self.writer.put(w).await;
+        }
+    }
+
+    /// Applies a runtime change another anchor of the cluster committed.
+    pub fn remote(&self, change: crate::store::RuntimeChange) {
+        use crate::store::RuntimeChange;
+        let now = self.clock.now_ms();
+        let effects = {
+            let mut table = self.lock();
+            match change {
+                RuntimeChange::Node(record) => table.remote_node(record, now),
+                RuntimeChange::Presence(device, p) => table.remote_presence(&device, p, now),
+                RuntimeChange::Session(device, s) => table.remote_session(&device, s, now),
+                RuntimeChange::Invocation(_) => Vec::new(),
+            }
+        };
+        self.apply(effects);
+    }
+
+    /// Whether another anchor of the cluster holds the session of `device`.
+    pub fn held_elsewhere(&self, device: &DeviceId) -> bool {
+        self.lock()
+            .node(device)
+            .is_some_and(|n| n.live.is_none() && n.remote.is_some())
     }
 
     /// Queues last-seen times changed since the last flush.

@@ -18,7 +18,7 @@ use anchorage_mesh::presence::{self, LossWindow, Observation, Presence, Threshol
 use anchorage_wire::ErrorCode;
 
 use crate::events::AnchorEvent;
-use crate::records::{CapabilityRecord, NodeRecord, PresenceRecord};
+use crate::records::{CapabilityRecord, NodeRecord, PresenceRecord, SessionRecord};
 use crate::store::RuntimeWrite;
 
 /// Identifies one session (connection) of a node; increases across the anchor's lifetime.
@@ -75,6 +75,10 @@ pub struct Node<S> {
     presence: Option<Presence>,
     /// Last-seen changed since the last flush.
     dirty: bool,
+    /// The session another anchor of the cluster holds (never with `live`).
+    pub remote: Option<SessionRecord>,
+    /// The presence last written in this anchor's claim on the live session (a shared store).
+    claimed: Option<Presence>,
 }
 
 impl<S> Default for Node<S> {
@@ -88,6 +92,8 @@ impl<S> Default for Node<S> {
             lost_reported: 0,
             presence: None,
             dirty: false,
+            remote: None,
+            claimed: None,
         }
     }
 }
@@ -127,9 +133,18 @@ impl<S> Node<S> {
         }
     }
 
-    /// Presence at `now_ms`.
+    /// Presence at `now_ms`: this anchor's evaluation, or the holder's for a session another
+    /// anchor holds.
     pub fn presence(&self, now_ms: u64, t: &Thresholds) -> Presence {
-        presence::evaluate(&self.observation(now_ms), t)
+        match (&self.live, &self.remote) {
+            (None, Some(remote)) if self.record.is_some() => remote.presence,
+            _ => presence::evaluate(&self.observation(now_ms), t),
+        }
+    }
+
+    /// Connected to this anchor or another of the cluster.
+    pub fn connected(&self) -> bool {
+        self.live.is_some() || self.remote.is_some()
     }
 
     /// Evaluates presence and, if it changed since last published, the event to publish.
@@ -143,6 +158,24 @@ impl<S> Node<S> {
                 to: p,
             })
         })
+    }
+
+    /// The claim on a live session to write, when it is new or the presence in it changed.
+    fn claim<S2>(&mut self, id: &DeviceId, instance: &str) -> Option<Effect<S2>> {
+        let live = self.live.as_ref()?;
+        let presence = self.presence?;
+        if self.claimed == Some(presence) {
+            return None;
+        }
+        self.claimed = Some(presence);
+        Some(Effect::Persist(RuntimeWrite::Session(
+            *id,
+            Some(SessionRecord {
+                instance: instance.to_string(),
+                since_ms: live.since_ms,
+                presence,
+            }),
+        )))
     }
 
     fn presence_record(&self) -> Option<PresenceRecord> {
@@ -177,6 +210,9 @@ pub struct Table<S> {
     nodes: HashMap<DeviceId, Node<S>>,
     settings: Settings,
     next_session: u64,
+    /// This anchor's instance id when it shares its store: live sessions are then claimed
+    /// in the store ([`RuntimeWrite::Session`]) and other anchors' claims are applied.
+    instance: Option<String>,
 }
 
 impl<S: Clone> Table<S> {
@@ -186,7 +222,13 @@ impl<S: Clone> Table<S> {
             nodes: HashMap::new(),
             settings,
             next_session: 1,
+            instance: None,
         }
+    }
+
+    /// Claims this anchor's sessions in a shared store as instance `id`.
+    pub fn set_instance(&mut self, id: String) {
+        self.instance = Some(id);
     }
 
     /// Loads what the store kept: registrations and last-seen times.
@@ -203,6 +245,15 @@ impl<S: Clone> Table<S> {
             let node = self.nodes.entry(id).or_default();
             node.last_seen_ms = Some(p.last_seen_ms);
             node.stopped_cleanly = p.stopped_cleanly;
+        }
+    }
+
+    /// Loads the sessions other anchors hold (a shared store, at start-up).
+    pub fn load_sessions(&mut self, sessions: impl IntoIterator<Item = (DeviceId, SessionRecord)>) {
+        for (id, s) in sessions {
+            if self.instance.as_ref() != Some(&s.instance) {
+                self.nodes.entry(id).or_default().remote = Some(s);
+            }
         }
     }
 
@@ -259,6 +310,8 @@ impl<S: Clone> Table<S> {
         node.window = LossWindow::default();
         node.lost_reported = 0;
         node.dirty = false;
+        node.remote = None;
+        node.claimed = None;
         effects.push(Effect::Persist(RuntimeWrite::Node(record)));
         effects.push(Effect::Persist(RuntimeWrite::Presence(
             device,
@@ -304,8 +357,18 @@ impl<S: Clone> Table<S> {
                 stopped_cleanly: true,
             },
         )));
+        self.release(device, &mut effects);
         self.update_presence(device, now_ms, &mut effects);
         effects
+    }
+
+    /// This anchor no longer holds the session of `device`: its claim goes.
+    fn release(&mut self, device: &DeviceId, effects: &mut Vec<Effect<S>>) {
+        if let Some(node) = self.nodes.get_mut(device)
+            && node.claimed.take().is_some()
+        {
+            effects.push(Effect::Persist(RuntimeWrite::Session(*device, None)));
+        }
     }
 
     /// A capability changed availability.
@@ -406,6 +469,7 @@ impl<S: Clone> Table<S> {
         }) {
             effects.push(Effect::Persist(RuntimeWrite::Presence(*device, p)));
         }
+        self.release(device, effects);
         effects.push(Effect::Publish(AnchorEvent::NodeDisconnected {
             device: *device,
         }));
@@ -438,9 +502,115 @@ impl<S: Clone> Table<S> {
             ));
         }
         let t = self.settings.thresholds;
+        let shared = self.instance.is_some();
         for (id, node) in self.nodes.iter_mut() {
             effects.extend(node.reevaluate(id, now_ms, &t));
+            if shared {
+                effects.extend(self.instance.as_ref().and_then(|i| node.claim(id, i)));
+            }
         }
+        effects
+    }
+
+    /// Claims every live session again (after this anchor's lease lapsed in the store).
+    pub fn reclaim(&mut self) -> Vec<RuntimeWrite> {
+        let Some(instance) = self.instance.clone() else {
+            return Vec::new();
+        };
+        self.nodes
+            .iter_mut()
+            .filter_map(|(id, n)| {
+                n.claimed = None;
+                match n.claim::<S>(id, &instance) {
+                    Some(Effect::Persist(w)) => Some(w),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Another anchor claimed the session of `device` (`Some`) or its claim went (`None`).
+    /// A claim by another anchor ends this anchor's session of the node: the node moved.
+    pub fn remote_session(
+        &mut self,
+        device: &DeviceId,
+        session: Option<SessionRecord>,
+        now_ms: u64,
+    ) -> Vec<Effect<S>> {
+        let mut effects = Vec::new();
+        if let Some(s) = &session
+            && self.instance.as_ref() == Some(&s.instance)
+        {
+            return effects;
+        }
+        let node = self.nodes.entry(*device).or_default();
+        if session.is_some()
+            && let Some(live) = node.live.take()
+        {
+            node.claimed = None;
+            effects.push(Effect::Close {
+                handle: live.handle,
+                code: ErrorCode::Replaced,
+                reason: "the node registered with another anchor",
+            });
+            effects.push(Effect::Publish(AnchorEvent::NodeDisconnected {
+                device: *device,
+            }));
+        }
+        let was_connected = node.remote.is_some();
+        node.remote = session;
+        if was_connected && node.remote.is_none() && node.live.is_none() {
+            effects.push(Effect::Publish(AnchorEvent::NodeDisconnected {
+                device: *device,
+            }));
+        }
+        self.update_presence(device, now_ms, &mut effects);
+        effects
+    }
+
+    /// Another anchor registered the node: its record, and an event if it is a new
+    /// registration.
+    pub fn remote_node(&mut self, record: NodeRecord, now_ms: u64) -> Vec<Effect<S>> {
+        let mut effects = Vec::new();
+        let device = record.device_id;
+        let node = self.nodes.entry(device).or_default();
+        if node.live.is_some() {
+            return effects;
+        }
+        let newer = node
+            .record
+            .as_ref()
+            .is_none_or(|r| r.registered_at_ms < record.registered_at_ms);
+        if newer {
+            effects.push(Effect::Publish(AnchorEvent::NodeRegistered {
+                device,
+                name: record.name.clone(),
+                platform: record.platform.clone(),
+                agent_version: record.agent_version.clone(),
+            }));
+            node.last_seen_ms = node.last_seen_ms.max(Some(record.registered_at_ms));
+            node.stopped_cleanly = false;
+        }
+        node.record = Some(record);
+        self.update_presence(&device, now_ms, &mut effects);
+        effects
+    }
+
+    /// Another anchor's last-seen of the node.
+    pub fn remote_presence(
+        &mut self,
+        device: &DeviceId,
+        p: PresenceRecord,
+        now_ms: u64,
+    ) -> Vec<Effect<S>> {
+        let mut effects = Vec::new();
+        let node = self.nodes.entry(*device).or_default();
+        if node.live.is_some() || node.last_seen_ms.is_some_and(|t| t > p.last_seen_ms) {
+            return effects;
+        }
+        node.last_seen_ms = Some(p.last_seen_ms);
+        node.stopped_cleanly = p.stopped_cleanly;
+        self.update_presence(device, now_ms, &mut effects);
         effects
     }
 
@@ -480,6 +650,9 @@ impl<S: Clone> Table<S> {
         let t = self.settings.thresholds;
         if let Some(node) = self.nodes.get_mut(device) {
             effects.extend(node.reevaluate(device, now_ms, &t));
+            if let Some(instance) = &self.instance {
+                effects.extend(node.claim(device, instance));
+            }
         }
     }
 }

@@ -12,9 +12,16 @@
 //!   time, so only other anchors can cause a retry.
 //! - **Runtime batches** are applied in order in transactions of at most [`MAX_TXN_OPS`]
 //!   writes (etcd's default `--max-txn-ops` is 128), each atomic.
-//! - **Changes made by other anchors** reach the trust watchers through one etcd watch on the
-//!   prefix (tokens, revocations, requests, devices), so a revocation or a token made
-//!   anywhere is live everywhere. The anchor's own commits reach them at once, before
+//! - **Sessions** (`<prefix>/sessions/<device>`) are written under this anchor's lease
+//!   ([`SESSION_TTL`] after its last renewal, renewed by each announcement), so an anchor that
+//!   dies lets go of every node it held within the TTL; a session is removed only while it is
+//!   still under this anchor's lease (a compare on the key's lease), so a late removal never
+//!   drops the claim of the anchor the node moved to.
+//! - **Changes made by other anchors** reach the watchers through one etcd watch on the
+//!   prefix: trust changes (tokens, revocations, requests, devices), so a revocation or a
+//!   token made anywhere is live everywhere, and runtime changes (registrations, last-seen,
+//!   sessions, invocations), so every anchor shows every node and dispatches what others
+//!   queued for the nodes it holds. The anchor's own commits reach them at once, before
 //!   `transact` returns, and the watch leaves those revisions out ([`Own`]).
 //!
 //! The store traits block; every etcd call runs on the store's own small runtime, so callers
@@ -33,7 +40,7 @@ use etcd_client::{
 use tracing::{debug, warn};
 
 use super::kv::{Kv, KvChange, KvPair, KvStore, KvTxn, KvWrite, Space};
-use super::{StoreError, TxnOutcome};
+use super::{Lease, StoreError, TxnOutcome};
 
 /// Both store interfaces on etcd.
 pub type EtcdStore = KvStore<EtcdKv>;
@@ -52,6 +59,8 @@ const INSTANCES: &[u8] = b"instances/";
 const PAGE: i64 = 512;
 /// The longest an etcd request may take before the store reports etcd unreachable.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long this anchor's sessions outlive its last lease renewal.
+pub const SESSION_TTL: Duration = Duration::from_secs(10);
 /// Tries of a request that can be repeated safely.
 pub const IDEMPOTENT_ATTEMPTS: usize = 3;
 
@@ -67,6 +76,10 @@ pub struct EtcdKv {
     serial: std::sync::Mutex<()>,
     /// The commits of this process, so the watch does not report them a second time.
     own: Arc<Own>,
+    /// The lease this process's announcement and sessions are held under (granted at the
+    /// first announcement or session, renewed by each announcement, granted again if it
+    /// lapsed).
+    lease: Mutex<Option<i64>>,
     /// Runs the client's futures; shut down without blocking when the store goes.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -141,6 +154,7 @@ impl KvStore<EtcdKv> {
             endpoints: endpoints.to_vec(),
             serial: std::sync::Mutex::new(()),
             own: Arc::default(),
+            lease: Mutex::new(None),
             runtime: Some(runtime),
         };
         // Reachable at all? (`connect` is lazy about some failures.)
@@ -205,6 +219,40 @@ impl EtcdKv {
         Err(last.unwrap_or_else(|| StoreError::Backend("etcd: no attempt made".into())))
     }
 
+    fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let lease = self.run_idempotent(|| {
+            let mut client = self.client.lease_client();
+            async move { client.grant(seconds, None).await }
+        })?;
+        Ok(lease.id())
+    }
+
+    /// Whether lease `id` is still alive after one keep-alive.
+    fn keep_alive(&self, id: i64) -> Result<bool, StoreError> {
+        let ttl = self.run_idempotent(|| {
+            let mut client = self.client.lease_client();
+            async move {
+                let (_keeper, mut stream) = client.keep_alive(id).await?;
+                Ok(stream.message().await?.map_or(0, |r| r.ttl()))
+            }
+        })?;
+        Ok(ttl > 0)
+    }
+
+    /// The lease sessions are written under, granted if there is none yet.
+    fn session_lease(&self) -> Result<i64, StoreError> {
+        let mut lease = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        match *lease {
+            Some(id) => Ok(id),
+            None => {
+                let id = self.grant(SESSION_TTL)?;
+                *lease = Some(id);
+                Ok(id)
+            }
+        }
+    }
+
     /// `<prefix>/<space>/`.
     fn space_prefix(&self, space: Space) -> Vec<u8> {
         let mut k = self.root.clone();
@@ -264,6 +312,27 @@ impl EtcdKv {
         let attempts = if repeatable { IDEMPOTENT_ATTEMPTS } else { 1 };
         let mut last = None;
         for attempt in 0..attempts {
+            match self.commit_once(txn.clone()) {
+                Ok(rev) => return Ok(rev),
+                Err(e) => {
+                    debug!(attempt, error = %e, "etcd transaction failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| StoreError::Backend("etcd: no attempt made".into())))
+    }
+
+    /// Commits a conditional transaction that may safely be sent again (its compares hold
+    /// or fail the same way whether or not a first try committed).
+    fn commit_repeatable(
+        &self,
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<Option<u64>, StoreError> {
+        let txn = Txn::new().when(compares).and_then(ops);
+        let mut last = None;
+        for attempt in 0..IDEMPOTENT_ATTEMPTS {
             match self.commit_once(txn.clone()) {
                 Ok(rev) => return Ok(rev),
                 Err(e) => {
@@ -436,25 +505,7 @@ impl Kv for EtcdKv {
     }
 
     fn scan(&self, space: Space) -> Result<Vec<KvPair>, StoreError> {
-        let prefix = self.space_prefix(space);
-        let end = prefix_end(&prefix);
-        let mut out: Vec<KvPair> = Vec::new();
-        let mut from = prefix.clone();
-        loop {
-            let page = self.page(from.clone(), end.clone(), false)?;
-            let full = page.len() as i64 == PAGE;
-            if let Some((last, _)) = page.last() {
-                from = last.clone();
-                from.push(0);
-            }
-            out.extend(
-                page.into_iter()
-                    .map(|(k, v)| (k[prefix.len()..].to_vec(), v)),
-            );
-            if !full {
-                return Ok(out);
-            }
-        }
+        self.scan_prefix(space, b"")
     }
 
     fn newest(
@@ -481,7 +532,30 @@ impl Kv for EtcdKv {
 
     fn apply(&self, writes: Vec<KvWrite>) -> Result<(), StoreError> {
         let mut chunk = Chunk::default();
+        let lease = if writes.iter().any(|(space, _, _)| *space == Space::Sessions) {
+            Some(self.session_lease()?)
+        } else {
+            None
+        };
         for (space, key, value) in writes {
+            if let (Space::Sessions, Some(lease)) = (space, lease) {
+                // Before anything written after it, so order holds across the two kinds.
+                if !chunk.is_empty() {
+                    self.commit(Vec::new(), std::mem::take(&mut chunk).ops())?;
+                }
+                let full = self.full_key(space, &key);
+                let op = match value {
+                    Some(v) => TxnOp::put(full, v, Some(PutOptions::new().with_lease(lease))),
+                    None => {
+                        // Removed only if still ours; a failed compare is not a failure.
+                        let when = vec![Compare::lease(full.clone(), CompareOp::Equal, lease)];
+                        self.commit_repeatable(when, vec![TxnOp::delete(full, None)])?;
+                        continue;
+                    }
+                };
+                self.commit(Vec::new(), vec![op])?;
+                continue;
+            }
             let size = value.as_ref().map_or(0, Vec::len);
             if !chunk.is_empty()
                 && (chunk.len() >= MAX_TXN_OPS || chunk.bytes + size > MAX_TXN_BYTES)
@@ -611,17 +685,21 @@ impl Kv for EtcdKv {
             .unwrap_or(0)
     }
 
-    fn announce(&self, key: &[u8], value: Vec<u8>, ttl: Duration) -> Result<bool, StoreError> {
-        // A fresh lease each time: the key moves to it, and the previous one (and, if this
-        // anchor dies, this one) lapses by itself. Two small requests every few seconds, and
-        // nothing to repair after etcd was away.
-        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let lease = self.run_idempotent(|| {
-            let mut client = self.client.lease_client();
-            async move { client.grant(seconds, None).await }
-        })?;
+    fn announce(&self, key: &[u8], value: Vec<u8>, ttl: Duration) -> Result<Lease, StoreError> {
+        // One lease for the announcement and every session: renewed here, granted again
+        // (and the sessions written again by the anchor) if it lapsed while etcd was away.
+        let held = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        let state = match held {
+            Some(id) if self.keep_alive(id)? => Lease::Held,
+            _ => {
+                let id = self.grant(ttl.max(SESSION_TTL))?;
+                *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+                Lease::New
+            }
+        };
+        let lease = self.session_lease()?;
         let full = [self.root.as_slice(), INSTANCES, key].concat();
-        let options = PutOptions::new().with_lease(lease.id());
+        let options = PutOptions::new().with_lease(lease);
         self.run_idempotent(|| {
             let (mut client, full, value, options) = (
                 self.client.kv_client(),
@@ -631,7 +709,34 @@ impl Kv for EtcdKv {
             );
             async move { client.put(full, value, Some(options)).await }
         })?;
-        Ok(true)
+        Ok(state)
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn scan_prefix(&self, space: Space, prefix: &[u8]) -> Result<Vec<KvPair>, StoreError> {
+        let space_prefix = self.space_prefix(space);
+        let from = [space_prefix.as_slice(), prefix].concat();
+        let end = prefix_end(&from);
+        let mut out: Vec<KvPair> = Vec::new();
+        let mut next = from;
+        loop {
+            let page = self.page(next.clone(), end.clone(), false)?;
+            let full = page.len() as i64 == PAGE;
+            if let Some((last, _)) = page.last() {
+                next = last.clone();
+                next.push(0);
+            }
+            out.extend(
+                page.into_iter()
+                    .map(|(k, v)| (k[space_prefix.len()..].to_vec(), v)),
+            );
+            if !full {
+                return Ok(out);
+            }
+        }
     }
 
     fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError> {

@@ -16,8 +16,8 @@ use ::fjall::{
 };
 
 use super::StoreError;
-use super::TxnOutcome;
 use super::kv::{Kv, KvPair, KvStore, KvTxn, KvWrite, Space};
+use super::{Lease, TxnOutcome};
 
 fn backend(e: ::fjall::Error) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -214,9 +214,9 @@ impl Kv for FjallKv {
         _key: &[u8],
         value: Vec<u8>,
         _ttl: std::time::Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Lease, StoreError> {
         *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
-        Ok(false)
+        Ok(Lease::Local)
     }
 
     fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError> {

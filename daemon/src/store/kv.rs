@@ -50,11 +50,17 @@ pub enum Space {
     TokenUse,
     /// Batches, by id (UUID v7).
     Batches,
+    /// Who holds each node's session, by device id (a shared store only: under the holder's
+    /// lease).
+    Sessions,
+    /// Unfinished invocations by device: device id + invocation id, empty values (a shared
+    /// store only: how the anchor a node registers with finds the work waiting for it).
+    Pending,
 }
 
 impl Space {
     /// Every space, in a fixed order.
-    pub const ALL: [Space; 14] = [
+    pub const ALL: [Space; 16] = [
         Space::Meta,
         Space::Codes,
         Space::Requests,
@@ -69,6 +75,8 @@ impl Space {
         Space::TokenLimits,
         Space::TokenUse,
         Space::Batches,
+        Space::Sessions,
+        Space::Pending,
     ];
 
     /// Its name (fjall keyspace, etcd key segment, error messages).
@@ -88,6 +96,8 @@ impl Space {
             Space::TokenLimits => "token_limits",
             Space::TokenUse => "token_use",
             Space::Batches => "batches",
+            Space::Sessions => "sessions",
+            Space::Pending => "pending",
         }
     }
 
@@ -149,19 +159,33 @@ pub trait Kv: Send + Sync + 'static {
         body: &mut dyn FnMut(&mut dyn KvTxn) -> TxnOutcome,
     ) -> Result<Option<u64>, StoreError>;
     /// Announces this process under `key` with `value` for as long as it lives and calls
-    /// again within `ttl`: a shared backend drops the announcement `ttl` after the last call.
-    /// Returns whether the announcement is shared (others can read it).
+    /// again within `ttl`: a shared backend drops the announcement (and this process's
+    /// sessions) `ttl` after the last call. Returns the state of the lease.
     fn announce(
         &self,
         key: &[u8],
         value: Vec<u8>,
         ttl: std::time::Duration,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Lease, StoreError>;
     /// Every live announcement (this process's included).
     fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError>;
     /// Calls `sink` with every change committed from now on by anyone else sharing the
     /// backend (a backend only this process uses has nothing to report).
     fn follow(&self, _sink: Box<dyn Fn(KvChange) + Send + Sync>) {}
+    /// Whether other processes share the backend. A shared backend keeps [`Space::Sessions`]
+    /// under this process's lease (a put is leased; a removal happens only while the key is
+    /// still under that lease) and [`Space::Pending`].
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Keys and values of `space` that start with `prefix`, in key order.
+    fn scan_prefix(&self, space: Space, prefix: &[u8]) -> Result<Vec<KvPair>, StoreError> {
+        Ok(self
+            .scan(space)?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect())
+    }
     /// Bytes on disk, if known.
     fn disk_space(&self) -> u64;
     /// Makes everything written so far durable.
@@ -172,6 +196,7 @@ pub trait Kv: Send + Sync + 'static {
 pub struct KvStore<K> {
     pub(crate) kv: K,
     watchers: Arc<RwLock<Vec<TrustWatcher>>>,
+    runtime_watchers: Arc<RwLock<Vec<RuntimeWatcher>>>,
     /// Tie-breaker of audit keys written in the same millisecond: random high bits, so
     /// anchors sharing a backend never collide.
     audit_seq: AtomicU64,
@@ -187,13 +212,22 @@ impl<K: Kv> KvStore<K> {
     /// The store over `kv`, checking the schema version (and writing it on a new store).
     pub fn new(kv: K, path: &std::path::Path) -> Result<KvStore<K>, StoreError> {
         let watchers: Arc<RwLock<Vec<TrustWatcher>>> = Arc::default();
+        let runtime_watchers: Arc<RwLock<Vec<RuntimeWatcher>>> = Arc::default();
         {
-            let watchers = watchers.clone();
+            let (watchers, runtime) = (watchers.clone(), runtime_watchers.clone());
             kv.follow(Box::new(move |c| {
                 if let Some(change) = trust_change(&c) {
-                    let change = Revision { rev: c.rev, change };
+                    let change = Revision {
+                        rev: c.rev,
+                        change,
+                        remote: true,
+                    };
                     for w in watchers.read().unwrap_or_else(|e| e.into_inner()).iter() {
                         w(&change);
+                    }
+                } else if let Some(change) = runtime_change(&c) {
+                    for w in runtime.read().unwrap_or_else(|e| e.into_inner()).iter() {
+                        w(change.clone());
                     }
                 }
             }));
@@ -204,6 +238,7 @@ impl<K: Kv> KvStore<K> {
         let store = KvStore {
             kv,
             watchers,
+            runtime_watchers,
             audit_seq: AtomicU64::new(u64::from(u32::from_be_bytes(seed)) << 32),
         };
         store.check_schema(path)?;
@@ -303,6 +338,34 @@ fn trust_change(c: &KvChange) -> Option<TrustChange> {
             };
             Some(TrustChange::Device(id, record))
         }
+        _ => None,
+    }
+}
+
+/// What a committed write by another anchor means to the runtime watchers, if anything.
+fn runtime_change(c: &KvChange) -> Option<RuntimeChange> {
+    let device = || {
+        <[u8; DEVICE_ID_LEN]>::try_from(c.key.as_slice())
+            .ok()
+            .map(DeviceId::from_bytes)
+    };
+    let name = c.space.name();
+    match c.space {
+        Space::Nodes => Some(RuntimeChange::Node(decode(name, c.value.as_deref()?).ok()?)),
+        Space::Presence => Some(RuntimeChange::Presence(
+            device()?,
+            decode(name, c.value.as_deref()?).ok()?,
+        )),
+        Space::Sessions => Some(RuntimeChange::Session(
+            device()?,
+            match &c.value {
+                Some(v) => Some(decode(name, v).ok()?),
+                None => None,
+            },
+        )),
+        Space::Invocations => Some(RuntimeChange::Invocation(
+            decode(name, c.value.as_deref()?).ok()?,
+        )),
         _ => None,
     }
 }
@@ -493,7 +556,11 @@ impl<K: Kv> TrustStore for KvStore<K> {
         if !changes.is_empty() {
             let watchers = self.watchers.read().unwrap_or_else(|e| e.into_inner());
             for change in changes {
-                let change = Revision { rev, change };
+                let change = Revision {
+                    rev,
+                    change,
+                    remote: false,
+                };
                 for w in watchers.iter() {
                     w(&change);
                 }
@@ -599,16 +666,29 @@ impl<K: Kv> RuntimeStore for KvStore<K> {
             .into_iter()
             .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
             .collect();
+        let sessions = if self.kv.shared() {
+            self.scan::<SessionRecord>(Space::Sessions)?
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let id = <[u8; DEVICE_ID_LEN]>::try_from(k.as_slice()).ok()?;
+                    Some((DeviceId::from_bytes(id), v))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(RuntimeSnapshot {
             nodes: self.values(Space::Nodes)?,
             presence,
             unfinished,
             batches,
             token_use,
+            sessions,
         })
     }
 
     fn apply(&self, writes: &[RuntimeWrite]) -> Result<(), StoreError> {
+        let shared = self.kv.shared();
         let mut out = Vec::with_capacity(writes.len());
         for w in writes {
             let (space, key, value) = match w {
@@ -622,11 +702,19 @@ impl<K: Kv> RuntimeStore for KvStore<K> {
                     id.as_bytes().to_vec(),
                     encode(Space::Presence.name(), p)?,
                 ),
-                RuntimeWrite::Invocation(r) => (
-                    Space::Invocations,
-                    r.id.to_vec(),
-                    encode(Space::Invocations.name(), r)?,
-                ),
+                RuntimeWrite::Invocation(r) => {
+                    if shared {
+                        // The index the anchor a node registers with reads its work from.
+                        let key = [r.device_id.as_bytes().as_slice(), &r.id].concat();
+                        let index = (!r.state.is_final()).then(Vec::new);
+                        out.push((Space::Pending, key, index));
+                    }
+                    (
+                        Space::Invocations,
+                        r.id.to_vec(),
+                        encode(Space::Invocations.name(), r)?,
+                    )
+                }
                 RuntimeWrite::Batch(b) => (
                     Space::Batches,
                     b.id.to_vec(),
@@ -637,6 +725,16 @@ impl<K: Kv> RuntimeStore for KvStore<K> {
                     id.as_bytes().to_vec(),
                     encode(Space::TokenUse.name(), at)?,
                 ),
+                RuntimeWrite::Session(id, record) => {
+                    if shared {
+                        let value = match record {
+                            Some(r) => Some(encode(Space::Sessions.name(), r)?),
+                            None => None,
+                        };
+                        out.push((Space::Sessions, id.as_bytes().to_vec(), value));
+                    }
+                    continue;
+                }
             };
             out.push((space, key, Some(value)));
         }
@@ -711,11 +809,40 @@ impl<K: Kv> RuntimeStore for KvStore<K> {
         id: &str,
         value: Vec<u8>,
         ttl: std::time::Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Lease, StoreError> {
         self.kv.announce(id.as_bytes(), value, ttl)
     }
 
     fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         self.kv.announced()
+    }
+
+    fn shared(&self) -> bool {
+        self.kv.shared()
+    }
+
+    fn pending_for(&self, device: &DeviceId) -> Result<Vec<InvocationRecord>, StoreError> {
+        if !self.kv.shared() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for (key, _) in self.kv.scan_prefix(Space::Pending, device.as_bytes())? {
+            let Some(id) = key.get(DEVICE_ID_LEN..) else {
+                continue;
+            };
+            if let Some(r) = self.get::<InvocationRecord>(Space::Invocations, id)?
+                && !r.state.is_final()
+            {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn follow(&self, watcher: RuntimeWatcher) {
+        self.runtime_watchers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(watcher);
     }
 }

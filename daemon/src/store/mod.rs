@@ -142,6 +142,8 @@ pub struct Revision<T> {
     pub rev: u64,
     /// What changed.
     pub change: T,
+    /// Committed by another anchor sharing the store (reported by its watch), not by this one.
+    pub remote: bool,
 }
 
 /// A watcher of trust changes. It is called after each commit, before `transact` returns to
@@ -274,6 +276,8 @@ pub struct RuntimeSnapshot {
     pub batches: Vec<BatchRecord>,
     /// When each token last authenticated a request.
     pub token_use: Vec<(String, u64)>,
+    /// Who holds each node's session (a shared store only: the other anchors of the cluster).
+    pub sessions: Vec<(DeviceId, SessionRecord)>,
 }
 
 /// One write of runtime state.
@@ -289,6 +293,40 @@ pub enum RuntimeWrite {
     Batch(BatchRecord),
     /// A token was last used then (Unix ms).
     TokenUsed(String, u64),
+    /// This anchor holds the node's session (`Some`, under its lease in a shared store) or no
+    /// longer does (`None`: removed only if it is still this anchor's). A store only this
+    /// anchor uses keeps no sessions.
+    Session(DeviceId, Option<SessionRecord>),
+}
+
+/// A change of runtime state committed by another anchor sharing the store.
+#[derive(Debug, Clone)]
+pub enum RuntimeChange {
+    /// A node registered there.
+    Node(NodeRecord),
+    /// Its last-seen, from that anchor's batch.
+    Presence(DeviceId, PresenceRecord),
+    /// Who holds the node's session now (`None`: nobody: ended, or its holder's lease lapsed).
+    Session(DeviceId, Option<SessionRecord>),
+    /// An invocation was created or changed state there.
+    Invocation(InvocationRecord),
+}
+
+/// A watcher of [`RuntimeChange`]s; called on the store's own thread, so it must be quick and
+/// must not call the store.
+pub type RuntimeWatcher = Box<dyn Fn(RuntimeChange) + Send + Sync>;
+
+/// The state of this anchor's announcement after [`RuntimeStore::announce`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// Nobody else shares the store.
+    Local,
+    /// Held, renewed.
+    Held,
+    /// A new lease: the first, or one after the last had lapsed (etcd was away longer than
+    /// its TTL), so what was under the old one (the sessions this anchor holds) is gone and
+    /// must be written again.
+    New,
 }
 
 /// Runtime state: registrations, last-seen, invocations.
@@ -323,15 +361,21 @@ pub trait RuntimeStore: Send + Sync + 'static {
     /// Makes everything written so far survive a power loss (at shutdown).
     fn persist(&self) -> Result<(), StoreError>;
     /// Announces this anchor (`value`: its inventory instance, JSON) until `ttl` after the
-    /// last call; whether others sharing the store see it.
+    /// last call, renewing the lease its sessions are held under.
     fn announce(
         &self,
         id: &str,
         value: Vec<u8>,
         ttl: std::time::Duration,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Lease, StoreError>;
     /// Every live anchor's announcement.
     fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Whether other anchors share this store.
+    fn shared(&self) -> bool;
+    /// The unfinished invocations of `device` (a shared store: whatever anchor created them).
+    fn pending_for(&self, device: &DeviceId) -> Result<Vec<InvocationRecord>, StoreError>;
+    /// Calls `watcher` with every runtime change other anchors commit from now on.
+    fn follow(&self, watcher: RuntimeWatcher);
 }
 
 impl std::fmt::Debug for dyn RuntimeStore {

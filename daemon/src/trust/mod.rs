@@ -263,6 +263,7 @@ impl Trust {
             mirrors.apply(
                 &revocation,
                 &Revision {
+                    remote: false,
                     rev: 0,
                     change: TrustChange::Revocation(key, Some(record)),
                 },
