@@ -467,6 +467,25 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn work_queued_elsewhere_is_adopted_once_and_handed_over_without_ending() {
+        let mut q = Queue::new(1024);
+        let mut dispatched = record(1, 10_000);
+        dispatched.state = InvocationState::Dispatched;
+        let mut done = record(3, 10_000);
+        done.state = InvocationState::Succeeded;
+        // Another anchor's records: the dispatched one is offered again (the node drops a
+        // duplicate), the finished one is not taken, and a second copy changes nothing.
+        assert_eq!(q.adopt([dispatched.clone(), record(2, 10_000), done]), 2);
+        assert_eq!(q.adopt([dispatched]), 0);
+        let fx = q.session_up(&device(), SessionId(4), 0);
+        assert_eq!(claims(&fx), vec![(1, SessionId(4)); 2]);
+        // The node moved on: this anchor lets go of both, writing and finishing nothing.
+        q.hand_over(&device());
+        assert!(q.devices().is_empty());
+        assert!(finished(&q.sweep(20_000)).is_empty());
+    }
+
     fn ok() -> Reply {
         Reply::Done(Ending {
             state: InvocationState::Succeeded,

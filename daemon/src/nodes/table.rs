@@ -708,6 +708,139 @@ mod tests {
             .collect()
     }
 
+    fn claims(effects: &[Effect<u32>]) -> Vec<Option<(String, Presence)>> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Persist(RuntimeWrite::Session(_, s)) => {
+                    Some(s.as_ref().map(|s| (s.instance.clone(), s.presence)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn held_by(instance: &str, presence: Presence) -> SessionRecord {
+        SessionRecord {
+            instance: instance.into(),
+            since_ms: 0,
+            presence,
+        }
+    }
+
+    #[test]
+    fn in_a_cluster_a_session_is_claimed_when_its_presence_changes_and_released_at_its_end() {
+        let mut t = Table::new(SETTINGS);
+        t.set_instance("me".into());
+        let (s, fx) = t.register(device(1), 10u32, reg(), 0);
+        assert_eq!(claims(&fx), vec![Some(("me".into(), Presence::Online))]);
+        // Heartbeats and ticks that change nothing write nothing.
+        t.heartbeat(&device(1), s, 1, 1_000);
+        assert!(claims(&t.tick(1_500)).is_empty());
+        // A capability went away: degraded, and the claim says so, once.
+        let gone = CapabilityRecord {
+            name: "echo".into(),
+            available: false,
+            reason: Some("disk full".into()),
+            description: String::new(),
+        };
+        assert_eq!(
+            claims(&t.capability_changed(&device(1), s, gone, 1_200)),
+            vec![Some(("me".into(), Presence::Degraded))]
+        );
+        assert!(claims(&t.tick(1_300)).is_empty());
+        let fx = t.disconnected(&device(1), s, 1_400);
+        assert_eq!(claims(&fx), vec![None], "released");
+        // Alone on its store, an anchor claims nothing.
+        let mut alone = Table::new(SETTINGS);
+        let (_, fx) = alone.register(device(1), 10u32, reg(), 0);
+        assert!(claims(&fx).is_empty());
+    }
+
+    #[test]
+    fn a_node_held_by_another_anchor_shows_its_presence_and_leaves_this_one() {
+        let mut t = Table::new(SETTINGS);
+        t.set_instance("me".into());
+        let (_, _) = t.register(device(1), 10u32, reg(), 0);
+        // Registered elsewhere: this session is closed as replaced, nothing is released
+        // (the key is the other anchor's now), and the node shows as connected there.
+        let fx = t.remote_session(&device(1), Some(held_by("b", Presence::Online)), 100);
+        assert_eq!(closed(&fx), vec![(10, ErrorCode::Replaced)]);
+        assert!(claims(&fx).is_empty());
+        let node = t.node(&device(1)).unwrap();
+        assert!(node.live.is_none() && node.connected());
+        assert_eq!(node.presence(100, &SETTINGS.thresholds), Presence::Online);
+        // Its holder says degraded: so does this anchor, with an event.
+        let fx = t.remote_session(&device(1), Some(held_by("b", Presence::Degraded)), 200);
+        assert_eq!(presences(&fx), vec![Presence::Degraded]);
+        // The holder's lease lapsed: not connected, and presence decays by last-seen.
+        let fx = t.remote_presence(
+            &device(1),
+            PresenceRecord {
+                last_seen_ms: 1_000,
+                stopped_cleanly: false,
+            },
+            1_000,
+        );
+        assert!(fx.is_empty() || presences(&fx).is_empty());
+        let fx = t.remote_session(&device(1), None, 1_100);
+        assert!(!t.node(&device(1)).unwrap().connected());
+        assert_eq!(presences(&fx), vec![Presence::Online]);
+        assert_eq!(presences(&t.tick(4_100)), vec![Presence::Stale]);
+        // This anchor's own claim coming back through the store changes nothing.
+        assert!(
+            t.remote_session(&device(1), Some(held_by("me", Presence::Online)), 4_200)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_registration_elsewhere_is_taken_unless_the_node_is_live_here() {
+        let mut t: Table<u32> = Table::new(SETTINGS);
+        t.set_instance("me".into());
+        let record = |at: u64, name: &str| NodeRecord {
+            device_id: device(2),
+            name: name.into(),
+            platform: "linux".into(),
+            agent_version: "0.1".into(),
+            capabilities: Vec::new(),
+            first_registered_at_ms: 0,
+            registered_at_ms: at,
+        };
+        let fx = t.remote_node(record(500, "elsewhere"), 500);
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::Publish(AnchorEvent::NodeRegistered { .. })))
+        );
+        assert_eq!(t.node(&device(2)).unwrap().last_seen_ms, Some(500));
+        // An older record (a late echo) does not announce a registration again.
+        let fx = t.remote_node(record(400, "older"), 600);
+        assert!(
+            !fx.iter()
+                .any(|e| matches!(e, Effect::Publish(AnchorEvent::NodeRegistered { .. })))
+        );
+        let (_, _) = t.register(device(2), 7, reg(), 700);
+        assert!(t.remote_node(record(800, "late"), 800).is_empty());
+        assert_eq!(
+            t.node(&device(2)).unwrap().record.as_ref().unwrap().name,
+            "n"
+        );
+    }
+
+    #[test]
+    fn a_lapsed_lease_claims_every_live_session_again() {
+        let mut t = Table::new(SETTINGS);
+        t.set_instance("me".into());
+        t.register(device(1), 1u32, reg(), 0);
+        t.register(device(2), 2u32, reg(), 0);
+        let writes = t.reclaim();
+        assert_eq!(writes.len(), 2);
+        assert!(writes.iter().all(|w| matches!(
+            w,
+            RuntimeWrite::Session(_, Some(SessionRecord { instance, .. })) if instance == "me"
+        )));
+    }
+
     #[test]
     fn a_new_session_replaces_the_old_and_old_inputs_are_ignored() {
         let mut t = Table::new(SETTINGS);
