@@ -974,6 +974,13 @@ pub struct Inventory {
     pub devices: Vec<InventoryDevice>,
     /// Anchor instances.
     pub instances: Vec<Instance>,
+    /// Set while the anchor cannot reach its shared store: this is its last view, from then.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub stale_since: Option<OffsetDateTime>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -105,6 +105,11 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = ApiResult<TokenInfo>> + Send;
 
     // Runtime (inventory, nodes, invocations, events)
+    /// Since when reads have answered from the anchor's last view of a shared store it
+    /// cannot reach (`None`: they answer from the store). Marks every answer while set.
+    fn stale_since(&self) -> Option<time::OffsetDateTime> {
+        None
+    }
     /// The whole inventory.
     fn inventory(&self) -> impl Future<Output = ApiResult<Inventory>> + Send;
     /// One device's inventory entry.

@@ -107,7 +107,11 @@ pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) 
         .merge(batch_routes())
         .route("/qr", get(qr::<B>))
         .route("/whoami", get(whoami))
-        .route_layer(middleware::from_fn(enforce_permission_check));
+        .route_layer(middleware::from_fn(enforce_permission_check))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            mark_stale::<B>,
+        ));
 
     let metrics_route = if options.public_metrics {
         Router::new().route("/metrics", get(metrics_public::<B>))
@@ -347,6 +351,25 @@ async fn request_span(req: Request, next: Next) -> Response {
     }
     .instrument(span)
     .await
+}
+
+/// The header on every console answer given from the anchor's last view of a shared store
+/// it cannot reach: since when (RFC 3339).
+pub const STALE_HEADER: &str = "anchorage-stale-since";
+
+async fn mark_stale<B: Backend>(
+    State(state): State<AppState<B>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let mut response = next.run(req).await;
+    if let Some(since) = state.backend.stale_since()
+        && let Ok(text) = since.format(&time::format_description::well_known::Rfc3339)
+        && let Ok(value) = axum::http::HeaderValue::from_str(&text)
+    {
+        response.headers_mut().insert(STALE_HEADER, value);
+    }
+    response
 }
 
 /// Rewrites an error answer that is not JSON (a rejection axum produced itself) as

@@ -380,6 +380,14 @@ impl Backend for AnchorBackend {
         Ok(token_api(&t))
     }
 
+    fn stale_since(&self) -> Option<time::OffsetDateTime> {
+        self.services
+            .stores
+            .runtime
+            .stale_since()
+            .map(crate::clock::to_odt)
+    }
+
     async fn inventory(&self) -> ApiResult<Inventory> {
         self.blocking(|s| {
             Ok(crate::inventory::inventory(

@@ -254,6 +254,7 @@ pub fn inventory(
         summary,
         devices: sorted,
         instances: instances(services),
+        stale_since: services.stores.runtime.stale_since().map(to_odt),
     }
 }
 

@@ -513,5 +513,65 @@ async fn every_anchor_shows_dispatches_to_and_revokes_the_nodes_of_the_others() 
         Some(0),
         "the revoked node is refused: {again:?}"
     );
+
+    // etcd unreachable altogether: the node stays connected, reads answer from the anchor's
+    // last view marked stale, and the mark goes by itself when etcd is back.
+    let mut cluster = cluster;
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    let down = Instant::now();
+    let inventory = on_a.inventory().await.unwrap();
+    eprintln!(
+        "the first read with etcd down answered after {:?}",
+        down.elapsed()
+    );
+    assert!(inventory.stale_since.is_some(), "marked stale");
+    assert!(
+        inventory
+            .devices
+            .iter()
+            .any(|d| d.device_id.to_string() == on_a_node && d.connected),
+        "the node on A is still shown connected: {inventory:?}"
+    );
+    let t = Instant::now();
+    on_a.list_devices().await.unwrap();
+    eprintln!("a read once stale answered after {:?}", t.elapsed());
+    let raw = reqwest::Client::new()
+        .get(format!("{}/console/v1/devices", a.ready.console))
+        .bearer_auth(&owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 200);
+    assert!(
+        raw.headers().contains_key("anchorage-stale-since"),
+        "{:?}",
+        raw.headers()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(node_a.try_wait().is_none(), "the node kept running");
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    cluster.wait_ready();
+    let back = Instant::now();
+    assert!(
+        within(Duration::from_secs(20), async || on_a
+            .inventory()
+            .await
+            .is_ok_and(|i| i.stale_since.is_none()))
+        .await,
+        "fresh again once etcd is back"
+    );
+    eprintln!("fresh again {:?} after etcd was back", back.elapsed());
+    assert!(
+        within(Duration::from_secs(15), async || on_b
+            .node(&on_a_node)
+            .await
+            .is_ok_and(|n| n.connected))
+        .await,
+        "the node on A is connected, as B sees it, after the outage"
+    );
     drop(node_a);
 }

@@ -1573,6 +1573,15 @@ fn human_inventory(inv: &Inventory, now: OffsetDateTime) -> String {
         s.connected,
         s.with_warnings
     );
+    if let Some(since) = inv.stale_since {
+        out.insert_str(
+            0,
+            &format!(
+                "STALE: the anchor cannot reach its store (since {}); this is its last view\n",
+                relative(since, now)
+            ),
+        );
+    }
     for i in &inv.instances {
         out.push_str(&format!(
             "{} {} · up {} · connected nodes {} · quic {} · console {} · CA expires {}{}\n",

@@ -462,6 +462,7 @@ impl Backend for TestBackend {
     async fn inventory(&self) -> ApiResult<Inventory> {
         self.call("inventory");
         Ok(Inventory {
+            stale_since: None,
             summary: InventorySummary {
                 devices: 1,
                 trusted: 1,

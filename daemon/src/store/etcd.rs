@@ -80,6 +80,11 @@ pub struct EtcdKv {
     /// first announcement or session, renewed by each announcement, granted again if it
     /// lapsed).
     lease: Mutex<Option<i64>>,
+    /// The last full scan of each space readers list (trust records, registrations,
+    /// last-seen): what reads answer with while etcd cannot be reached.
+    last_view: Mutex<HashMap<Space, Arc<Vec<KvPair>>>>,
+    /// Since when (Unix ms) reads have answered from `last_view`; 0 while etcd answers.
+    stale_since: Arc<std::sync::atomic::AtomicU64>,
     /// Runs the client's futures; shut down without blocking when the store goes.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -155,6 +160,8 @@ impl KvStore<EtcdKv> {
             serial: std::sync::Mutex::new(()),
             own: Arc::default(),
             lease: Mutex::new(None),
+            last_view: Mutex::new(HashMap::new()),
+            stale_since: Arc::default(),
             runtime: Some(runtime),
         };
         // Reachable at all? (`connect` is lazy about some failures.)
@@ -191,10 +198,45 @@ impl EtcdKv {
         T: Send + 'static,
         F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
-        match &self.runtime {
+        let result = match &self.runtime {
             Some(rt) => run_on(rt, fut),
             None => Err(StoreError::Task("the etcd client stopped".into())),
+        };
+        if result.is_ok() {
+            self.stale_since.store(0, Ordering::Relaxed);
         }
+        result
+    }
+
+    /// Whether reads of `space` fall back to the last view while etcd is unreachable: the
+    /// record kinds the console lists, not the unbounded histories (invocations, audit,
+    /// batches), which are read newest-first and page by page.
+    fn viewed(space: Space) -> bool {
+        !matches!(
+            space,
+            Space::Invocations | Space::Audit | Space::Batches | Space::Pending | Space::Sessions
+        )
+    }
+
+    fn is_stale(&self) -> bool {
+        self.stale_since.load(Ordering::Relaxed) != 0
+    }
+
+    /// The last view of `space`, marked stale from now, if there is one.
+    fn from_last_view(&self, space: Space) -> Option<Arc<Vec<KvPair>>> {
+        let view = self
+            .last_view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&space)
+            .cloned()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let _ = self
+            .stale_since
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        Some(view)
     }
 
     /// Runs a request that may safely be sent twice (a read, or writes without conditions)
@@ -501,11 +543,60 @@ fn op(key: Vec<u8>, value: Option<Vec<u8>>) -> TxnOp {
 
 impl Kv for EtcdKv {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.get_versioned(self.full_key(space, key))?.0)
+        let lookup = |view: &[KvPair]| {
+            view.binary_search_by(|(k, _)| k.as_slice().cmp(key))
+                .ok()
+                .map(|i| view[i].1.clone())
+        };
+        // Already unreachable: answer at once (the announcement probes etcd every few seconds
+        // and clears the mark when it answers).
+        if self.is_stale()
+            && Self::viewed(space)
+            && let Some(view) = self.from_last_view(space)
+        {
+            return Ok(lookup(&view));
+        }
+        match self.get_versioned(self.full_key(space, key)) {
+            Ok((value, _)) => Ok(value),
+            Err(StoreError::Unavailable(e)) => match self.from_last_view(space) {
+                Some(view) => Ok(lookup(&view)),
+                None => Err(StoreError::Unavailable(e)),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     fn scan(&self, space: Space) -> Result<Vec<KvPair>, StoreError> {
-        self.scan_prefix(space, b"")
+        if !Self::viewed(space) {
+            return self.scan_prefix(space, b"");
+        }
+        if self.is_stale()
+            && let Some(view) = self.from_last_view(space)
+        {
+            return Ok(Arc::unwrap_or_clone(view));
+        }
+        match self.scan_prefix(space, b"") {
+            Ok(all) => {
+                let view = Arc::new(all);
+                self.last_view
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(space, view.clone());
+                Ok(Arc::unwrap_or_clone(view))
+            }
+            Err(StoreError::Unavailable(e)) => match self.from_last_view(space) {
+                Some(view) => Ok(Arc::unwrap_or_clone(view)),
+                None => Err(StoreError::Unavailable(e)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn stale_since(&self) -> Option<u64> {
+        match self.stale_since.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(at),
+        }
     }
 
     fn newest(

@@ -178,6 +178,11 @@ pub trait Kv: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+    /// Since when (Unix ms) reads have answered from the backend's last view because it
+    /// cannot be reached; `None` while they answer from the backend itself.
+    fn stale_since(&self) -> Option<u64> {
+        None
+    }
     /// Keys and values of `space` that start with `prefix`, in key order.
     fn scan_prefix(&self, space: Space, prefix: &[u8]) -> Result<Vec<KvPair>, StoreError> {
         Ok(self
@@ -819,6 +824,10 @@ impl<K: Kv> RuntimeStore for KvStore<K> {
 
     fn shared(&self) -> bool {
         self.kv.shared()
+    }
+
+    fn stale_since(&self) -> Option<u64> {
+        self.kv.stale_since()
     }
 
     fn pending_for(&self, device: &DeviceId) -> Result<Vec<InvocationRecord>, StoreError> {

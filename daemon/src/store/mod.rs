@@ -372,6 +372,9 @@ pub trait RuntimeStore: Send + Sync + 'static {
     fn announced(&self) -> Result<Vec<Vec<u8>>, StoreError>;
     /// Whether other anchors share this store.
     fn shared(&self) -> bool;
+    /// Since when (Unix ms) reads have answered from this anchor's last view of a shared
+    /// store it cannot reach (writes fail meanwhile); `None` while the store answers.
+    fn stale_since(&self) -> Option<u64>;
     /// The unfinished invocations of `device` (a shared store: whatever anchor created them).
     fn pending_for(&self, device: &DeviceId) -> Result<Vec<InvocationRecord>, StoreError>;
     /// Calls `watcher` with every runtime change other anchors commit from now on.
