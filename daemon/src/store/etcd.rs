@@ -223,7 +223,7 @@ impl EtcdKv {
     }
 
     /// The last view of `space`, marked stale from now, if there is one.
-    fn from_last_view(&self, space: Space) -> Option<Arc<Vec<KvPair>>> {
+    fn last_view_of(&self, space: Space) -> Option<Arc<Vec<KvPair>>> {
         let view = self
             .last_view
             .lock()
@@ -552,13 +552,13 @@ impl Kv for EtcdKv {
         // and clears the mark when it answers).
         if self.is_stale()
             && Self::viewed(space)
-            && let Some(view) = self.from_last_view(space)
+            && let Some(view) = self.last_view_of(space)
         {
             return Ok(lookup(&view));
         }
         match self.get_versioned(self.full_key(space, key)) {
             Ok((value, _)) => Ok(value),
-            Err(StoreError::Unavailable(e)) => match self.from_last_view(space) {
+            Err(StoreError::Unavailable(e)) => match self.last_view_of(space) {
                 Some(view) => Ok(lookup(&view)),
                 None => Err(StoreError::Unavailable(e)),
             },
@@ -571,7 +571,7 @@ impl Kv for EtcdKv {
             return self.scan_prefix(space, b"");
         }
         if self.is_stale()
-            && let Some(view) = self.from_last_view(space)
+            && let Some(view) = self.last_view_of(space)
         {
             return Ok(Arc::unwrap_or_clone(view));
         }
@@ -584,7 +584,7 @@ impl Kv for EtcdKv {
                     .insert(space, view.clone());
                 Ok(Arc::unwrap_or_clone(view))
             }
-            Err(StoreError::Unavailable(e)) => match self.from_last_view(space) {
+            Err(StoreError::Unavailable(e)) => match self.last_view_of(space) {
                 Some(view) => Ok(Arc::unwrap_or_clone(view)),
                 None => Err(StoreError::Unavailable(e)),
             },
