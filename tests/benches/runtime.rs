@@ -15,6 +15,10 @@
 //! - `batch`: the same fleet: 1,000 single `system.health` invocations one after another,
 //!   then one batch of `system.health` over every node (wall time to the last result, anchor
 //!   CPU, an operator's `echo` meanwhile, whether any node went stale).
+//! - `cluster` (feature `etcd`, not part of `all`): the same fleet on one anchor with fjall,
+//!   then on one anchor with a real three-member etcd cluster, in the same run: pairings per
+//!   second, `system.health` round trips, anchor CPU over a heartbeat window, and etcd's own
+//!   count of writes per second meanwhile.
 //! - `loss`: `system.health` over netsim on the paused clock at 5 % loss / 50 ms RTT and 20 %
 //!   loss / 100 ms RTT, in simulated time, and whether the connection survived.
 //!
@@ -100,6 +104,13 @@ fn main() {
     if want("loss") {
         loss(&mut report);
     }
+    // Not in `all`: it needs etcd and the feature, and takes a few minutes.
+    if opts.scenarios.iter().any(|x| x == "cluster") {
+        #[cfg(feature = "etcd")]
+        runtime().block_on(cluster(&opts, &mut report));
+        #[cfg(not(feature = "etcd"))]
+        println!("\n[cluster] skipped: build with --features etcd");
+    }
     report.print();
 }
 
@@ -142,12 +153,14 @@ impl Options {
                 "--window" => o.window = Duration::from_secs(value("--window")),
                 "--calls" => o.calls = value("--calls") as usize,
                 "--perf" => o.perf = Some(args.next().expect("--perf takes a directory").into()),
-                "rtt" | "heartbeats" | "scale" | "batch" | "loss" | "all" => o.scenarios.push(a),
+                "rtt" | "heartbeats" | "scale" | "batch" | "loss" | "cluster" | "all" => {
+                    o.scenarios.push(a)
+                }
                 // `cargo bench` passes `--bench`; other harness flags mean nothing here.
                 s if s.starts_with("--") => {}
                 other => {
                     eprintln!(
-                        "unknown scenario {other:?}: expected rtt|heartbeats|scale|batch|loss|all"
+                        "unknown scenario {other:?}: expected rtt|heartbeats|scale|batch|loss|cluster|all"
                     );
                     std::process::exit(64);
                 }
@@ -674,6 +687,223 @@ async fn quinn_echo(calls: usize) -> (Vec<Duration>, Vec<Duration>) {
 // ---------------------------------------------------------------------------------------------
 // heartbeats and scale: anchord in its own process, a fleet of agents in this one
 
+/// The fleet on fjall and on etcd, side by side (see the module docs).
+#[cfg(feature = "etcd")]
+async fn cluster(opts: &Options, report: &mut Report) {
+    let n = opts.nodes;
+    let window = opts.window.min(Duration::from_secs(30));
+    println!(
+        "\n[cluster] {n} nodes, fjall then etcd; load {}",
+        common::loadavg()
+    );
+    let Some(etcd) = tokio::task::spawn_blocking(|| anchorage_sim::etcd::EtcdCluster::start(3))
+        .await
+        .unwrap()
+    else {
+        println!("  skipped: no etcd on the PATH (apt-get install etcd-server)");
+        return;
+    };
+    tokio::task::spawn_blocking(procs::bins).await.unwrap();
+    let endpoints = etcd.endpoints();
+    for store in ["fjall", "etcd"] {
+        let work = tempfile::tempdir().unwrap();
+        let data = work.path().join("anchor");
+        let key = work.path().join("cluster.key");
+        let mut extra: Vec<String> = vec!["--heartbeat-interval".into(), "1s".into()];
+        if store == "etcd" {
+            extra.extend([
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                endpoints.join(","),
+                "--etcd-prefix".into(),
+                format!("/bench-{}", std::process::id()),
+                "--cluster-key-file".into(),
+                key.display().to_string(),
+            ]);
+        }
+        let mut anchord = {
+            let data = data.clone();
+            tokio::task::spawn_blocking(move || {
+                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                Anchord::spawn_with(&data, "127.0.0.1:0".parse().unwrap(), &extra)
+            })
+            .await
+            .unwrap()
+        };
+        let token = std::fs::read_to_string(data.join("owner.token")).unwrap();
+        let client = ControlPlaneClient::new(&anchord.console, token.trim()).unwrap();
+
+        let nodes: Vec<Arc<BenchNode>> = (0..n)
+            .map(|i| Arc::new(BenchNode::new(work.path(), i)))
+            .collect();
+        let took = pair_all(&nodes, &client, anchord.quic).await;
+        report.row(
+            "cluster",
+            format!("{store}: paired {n} nodes (32 at once)"),
+            format!("{:.0} pairings/s", n as f64 / took.as_secs_f64()),
+        );
+        let agents: Vec<Agent> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| node.start_agent(anchord.quic, i as u64))
+            .collect();
+        let all = wait_until(Duration::from_secs(120), || count_connected(&agents) == n).await;
+        assert!(all, "{store}: every node connects");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+
+        // Round trips of one invocation at a time through the console.
+        let device = client.list_nodes().await.unwrap()[0].device_id;
+        let mut rtts = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t = Instant::now();
+            let inv = client
+                .invoke(
+                    &device,
+                    InvokeRequest {
+                        capability: "system.health".into(),
+                        input: serde_json::Value::Null,
+                        timeout_ms: Some(10_000),
+                        async_: false,
+                    },
+                )
+                .await
+                .unwrap();
+            rtts.push(t.elapsed());
+            assert_eq!(inv.state, InvocationState::Succeeded);
+        }
+        rtts.sort();
+        report.row(
+            "cluster",
+            format!("{store}: invoke system.health through the console p50 / p99"),
+            format!(
+                "{:.2} ms / {:.2} ms",
+                ms(common::percentile(&rtts, 0.5)),
+                ms(common::percentile(&rtts, 0.99))
+            ),
+        );
+
+        // A heartbeat window: the anchor's CPU, heartbeats answered, etcd's writes.
+        let sums = |agents: &[Agent]| -> (u64, u64) {
+            agents.iter().fold((0, 0), |(s, k), a| {
+                (
+                    s + a.stats.heartbeats_sent.load(Ordering::Relaxed),
+                    k + a.stats.acks_received.load(Ordering::Relaxed),
+                )
+            })
+        };
+        let (cpu0, hb0, writes0) = (
+            anchord.cpu_time(),
+            sums(&agents),
+            etcd_writes(&endpoints[0]).await,
+        );
+        let started = Instant::now();
+        tokio::time::sleep(window).await;
+        let (cpu1, hb1, writes1) = (
+            anchord.cpu_time(),
+            sums(&agents),
+            etcd_writes(&endpoints[0]).await,
+        );
+        let secs = started.elapsed().as_secs_f64();
+        let sent = hb1.0 - hb0.0;
+        let acked = hb1.1 - hb0.1;
+        report.row(
+            "cluster",
+            format!("{store}: anchor CPU, {n} nodes heartbeating at 1 Hz"),
+            format!(
+                "{:.1} % of one core ({} heartbeats, {:.2} % answered, {:.0} s)",
+                (cpu1 - cpu0).as_secs_f64() / secs * 100.0,
+                sent,
+                acked as f64 / sent.max(1) as f64 * 100.0,
+                secs
+            ),
+        );
+        if store == "etcd" {
+            let per_sec = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) => format!("{:.1}/s", (b - a) / secs),
+                _ => "n/a".into(),
+            };
+            report.row(
+                "cluster",
+                format!("etcd: writes while {n} nodes heartbeat (puts / deletes / txns)"),
+                format!(
+                    "{} / {} / {}",
+                    per_sec(writes0[0], writes1[0]),
+                    per_sec(writes0[1], writes1[1]),
+                    per_sec(writes0[2], writes1[2])
+                ),
+            );
+        }
+        for a in &agents {
+            let _ = a.stop.send(true);
+        }
+        for a in agents {
+            let _ = tokio::time::timeout(Duration::from_secs(5), a.task).await;
+        }
+        tokio::task::spawn_blocking(move || anchord.terminate(Duration::from_secs(30)))
+            .await
+            .unwrap();
+    }
+    drop(etcd);
+}
+
+/// etcd's own counters of puts, deletes and transactions (one member's view: every member
+/// applies every write), from its metrics endpoint.
+#[cfg(feature = "etcd")]
+async fn etcd_writes(endpoint: &str) -> [Option<f64>; 3] {
+    let text = match reqwest::get(format!("{endpoint}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    };
+    [
+        value("etcd_mvcc_put_total"),
+        value("etcd_mvcc_delete_total"),
+        value("etcd_mvcc_txn_total"),
+    ]
+}
+
+/// Pairs every node through the console API, 32 at once; how long it took.
+async fn pair_all(
+    nodes: &[Arc<BenchNode>],
+    client: &ControlPlaneClient,
+    anchor: SocketAddr,
+) -> Duration {
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(PAIR_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for node in nodes {
+        let (node, client, permits) = (node.clone(), client.clone(), permits.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let code = client
+                .mint_code(MintCodeRequest {
+                    method: PairMethod::Pin,
+                    ttl_secs: None,
+                    labels: Default::default(),
+                })
+                .await
+                .unwrap()
+                .code;
+            node.pair(anchor, &code, |request_id| {
+                let client = client.clone();
+                async move {
+                    client.approve(&request_id).await.unwrap();
+                }
+            })
+            .await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    started.elapsed()
+}
+
 /// Which parts of the fleet scenario run.
 struct FleetParts {
     heartbeats: bool,
@@ -713,36 +943,7 @@ async fn fleet(opts: &Options, parts: FleetParts, report: &mut Report) {
     let nodes: Vec<Arc<BenchNode>> = (0..n)
         .map(|i| Arc::new(BenchNode::new(work.path(), i)))
         .collect();
-    let started = Instant::now();
-    let permits = Arc::new(Semaphore::new(PAIR_CONCURRENCY));
-    let mut tasks = tokio::task::JoinSet::new();
-    for node in &nodes {
-        let (node, client, permits, addr) =
-            (node.clone(), client.clone(), permits.clone(), anchord.quic);
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.unwrap();
-            let code = client
-                .mint_code(MintCodeRequest {
-                    method: PairMethod::Pin,
-                    ttl_secs: None,
-                    labels: Default::default(),
-                })
-                .await
-                .unwrap()
-                .code;
-            node.pair(addr, &code, |request_id| {
-                let client = client.clone();
-                async move {
-                    client.approve(&request_id).await.unwrap();
-                }
-            })
-            .await
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.unwrap();
-    }
-    let took = started.elapsed();
+    let took = pair_all(&nodes, &client, anchord.quic).await;
     report.row(
         "fleet",
         format!("paired {n} nodes through the console API (32 at once)"),
@@ -1528,14 +1729,13 @@ struct Anchord {
 impl Anchord {
     /// Starts anchord (heartbeats every second) and waits for its ready line.
     fn spawn(data: &Path, listen: SocketAddr) -> Anchord {
+        Anchord::spawn_with(data, listen, &["--heartbeat-interval", "1s"])
+    }
+
+    /// Starts anchord with `extra` arguments and waits for its ready line.
+    fn spawn_with(data: &Path, listen: SocketAddr, extra: &[&str]) -> Anchord {
         let cwd = data.parent().unwrap_or(data);
-        let inner = procs::Anchord::start(
-            data,
-            &listen.to_string(),
-            "127.0.0.1:0",
-            &["--heartbeat-interval", "1s"],
-            cwd,
-        );
+        let inner = procs::Anchord::start(data, &listen.to_string(), "127.0.0.1:0", extra, cwd);
         Anchord {
             quic: inner.ready.quic,
             console: inner.ready.console.clone(),

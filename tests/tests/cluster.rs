@@ -575,3 +575,150 @@ async fn every_anchor_shows_dispatches_to_and_revokes_the_nodes_of_the_others() 
     );
     drop(node_a);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work() {
+    use anchorage_console::api::{InvocationState, InvokeRequest, Presence};
+
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("cluster.key");
+    let a = anchord(&cluster, &dir.path().join("a"), &key_file, "/failover");
+    let b = anchord(&cluster, &dir.path().join("b"), &key_file, "/failover");
+    let c = anchord(&cluster, &dir.path().join("c"), &key_file, "/failover");
+    let owner = a.owner_token();
+    let on_a = ControlPlaneClient::new(&a.ready.console, &owner).unwrap();
+    let on_b = ControlPlaneClient::new(&b.ready.console, &owner).unwrap();
+    let c_id = instance_id(&on_a, &c.ready.console).await;
+
+    // Three nodes paired through A, all running against C; each has a slow capability that
+    // notes every run in a file.
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let name = format!("n{i}");
+        let (state, device) = pair(&on_a, &a, dir.path(), &name).await;
+        let runs = dir.path().join(format!("{name}.runs"));
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[capabilities.slow]\ncommand = [\"sh\", \"-c\", \"echo run >> {}; sleep 2; echo '{{}}'\"]\ntimeout = \"20s\"\n",
+                runs.display()
+            ),
+        )
+        .unwrap();
+        let c_addr = c.ready.quic.to_string();
+        let mut cmd = command(&bins().anchor_node, dir.path());
+        cmd.arg("run")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--config")
+            .arg(&config)
+            .args(["--anchor", &c_addr]);
+        nodes.push((device, runs, Proc::spawn("anchor-node run", &mut cmd)));
+    }
+    let all_on = |holder: Option<String>| {
+        let on_a = &on_a;
+        let devices: Vec<String> = nodes.iter().map(|(d, _, _)| d.clone()).collect();
+        async move {
+            let listed = on_a.list_nodes().await.unwrap_or_default();
+            devices.iter().all(|d| {
+                listed.iter().any(|n| {
+                    n.device_id.to_string() == *d
+                        && n.connected
+                        && n.presence == Presence::Online
+                        && match &holder {
+                            Some(h) => n.anchor.as_ref() == Some(h),
+                            None => n.anchor.is_some() && n.anchor.as_deref() != Some(&c_id),
+                        }
+                })
+            })
+        }
+    };
+    assert!(
+        within(Duration::from_secs(30), async || all_on(Some(c_id.clone())).await).await,
+        "every node registered with C: {:?}\n{}",
+        on_a.list_nodes().await,
+        nodes[0].2.log_tail()
+    );
+    // Let the nodes hear of every anchor (sent at registration and on each change).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // An invocation made on A runs on a node held by C; C dies while it runs.
+    let slow = on_a
+        .invoke(
+            &nodes[0].0,
+            InvokeRequest {
+                capability: "slow".into(),
+                input: serde_json::Value::Null,
+                timeout_ms: Some(30_000),
+                async_: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        within(Duration::from_secs(10), async || std::fs::read_to_string(&nodes[0].1)
+            .is_ok())
+        .await,
+        "the slow capability started on the node"
+    );
+    c.proc.kill();
+    let killed = Instant::now();
+    // Queued while the node's holder is dead: delivered once the node is elsewhere.
+    let queued = on_a
+        .invoke(
+            &nodes[1].0,
+            InvokeRequest {
+                capability: "system.health".into(),
+                input: serde_json::Value::Null,
+                timeout_ms: Some(30_000),
+                async_: true,
+            },
+        )
+        .await
+        .unwrap();
+
+    assert!(
+        within(Duration::from_secs(20), async || all_on(None).await).await,
+        "every node of C registered with A or B: {:?}\n{}",
+        on_a.list_nodes().await,
+        nodes[0].2.log_tail()
+    );
+    let moved = killed.elapsed();
+    eprintln!("the nodes of the killed anchor were registered elsewhere after {moved:?}");
+    assert!(
+        moved < Duration::from_secs(12),
+        "within 10 s (and a loaded machine's slack): {moved:?}"
+    );
+    // The same presence on every anchor.
+    for (device, _, _) in &nodes {
+        let seen_b = on_b.node(device).await.unwrap();
+        assert!(seen_b.connected && seen_b.presence == Presence::Online, "{seen_b:?}");
+    }
+    // Both invocations end well, and the slow one ran once.
+    for (id, what) in [(slow.invocation_id, "in flight"), (queued.invocation_id, "queued")] {
+        let mut last = None;
+        assert!(
+            within(Duration::from_secs(30), async || {
+                last = on_a.invocation(&id).await.ok();
+                last.as_ref().is_some_and(|i| i.state.is_final())
+            })
+            .await,
+            "the {what} invocation ends: {last:?}"
+        );
+        assert_eq!(
+            last.as_ref().unwrap().state,
+            InvocationState::Succeeded,
+            "{what}: {last:?}"
+        );
+    }
+    let runs = std::fs::read_to_string(&nodes[0].1).unwrap();
+    assert_eq!(
+        runs.lines().count(),
+        1,
+        "the in-flight invocation ran once: {runs:?}"
+    );
+}
