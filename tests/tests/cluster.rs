@@ -576,6 +576,31 @@ async fn every_anchor_shows_dispatches_to_and_revokes_the_nodes_of_the_others() 
     drop(node_a);
 }
 
+/// Which anchor should hold the nodes.
+#[derive(Clone, Copy)]
+enum Holder<'a> {
+    /// This one.
+    Is(&'a str),
+    /// Any other.
+    Not(&'a str),
+}
+
+/// Whether `on` shows every one of `devices` connected, online, and held as `holder` says.
+async fn held(on: &ControlPlaneClient, devices: &[String], holder: Holder<'_>) -> bool {
+    let listed = on.list_nodes().await.unwrap_or_default();
+    devices.iter().all(|d| {
+        listed.iter().any(|n| {
+            n.device_id.to_string() == *d
+                && n.connected
+                && n.presence == anchorage_console::api::Presence::Online
+                && match holder {
+                    Holder::Is(h) => n.anchor.as_deref() == Some(h),
+                    Holder::Not(h) => n.anchor.is_some() && n.anchor.as_deref() != Some(h),
+                }
+        })
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work() {
     use anchorage_console::api::{InvocationState, InvokeRequest, Presence};
@@ -619,26 +644,15 @@ async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work(
             .args(["--anchor", &c_addr]);
         nodes.push((device, runs, Proc::spawn("anchor-node run", &mut cmd)));
     }
-    let all_on = |holder: Option<String>| {
-        let on_a = &on_a;
-        let devices: Vec<String> = nodes.iter().map(|(d, _, _)| d.clone()).collect();
-        async move {
-            let listed = on_a.list_nodes().await.unwrap_or_default();
-            devices.iter().all(|d| {
-                listed.iter().any(|n| {
-                    n.device_id.to_string() == *d
-                        && n.connected
-                        && n.presence == Presence::Online
-                        && match &holder {
-                            Some(h) => n.anchor.as_ref() == Some(h),
-                            None => n.anchor.is_some() && n.anchor.as_deref() != Some(&c_id),
-                        }
-                })
-            })
-        }
-    };
+    let devices: Vec<String> = nodes.iter().map(|(d, _, _)| d.clone()).collect();
     assert!(
-        within(Duration::from_secs(30), async || all_on(Some(c_id.clone())).await).await,
+        within(Duration::from_secs(30), async || held(
+            &on_a,
+            &devices,
+            Holder::Is(&c_id)
+        )
+        .await)
+        .await,
         "every node registered with C: {:?}\n{}",
         on_a.list_nodes().await,
         nodes[0].2.log_tail()
@@ -660,13 +674,31 @@ async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work(
         .await
         .unwrap();
     assert!(
-        within(Duration::from_secs(10), async || std::fs::read_to_string(&nodes[0].1)
-            .is_ok())
+        within(Duration::from_secs(10), async || std::fs::read_to_string(
+            &nodes[0].1
+        )
+        .is_ok())
         .await,
         "the slow capability started on the node"
     );
+    // C dies, and the third node with it (it never comes back).
+    nodes[2].2.kill();
     c.proc.kill();
     let killed = Instant::now();
+    // Made for the node that is gone, while C's lease still says it holds it: nobody will
+    // run it, and the anchor that made it times it out after its deadline.
+    let abandoned = on_a
+        .invoke(
+            &nodes[2].0,
+            InvokeRequest {
+                capability: "system.health".into(),
+                input: serde_json::Value::Null,
+                timeout_ms: Some(2_000),
+                async_: true,
+            },
+        )
+        .await
+        .unwrap();
     // Queued while the node's holder is dead: delivered once the node is elsewhere.
     let queued = on_a
         .invoke(
@@ -682,7 +714,13 @@ async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work(
         .unwrap();
 
     assert!(
-        within(Duration::from_secs(20), async || all_on(None).await).await,
+        within(Duration::from_secs(20), async || held(
+            &on_a,
+            &devices[..2],
+            Holder::Not(&c_id)
+        )
+        .await)
+        .await,
         "every node of C registered with A or B: {:?}\n{}",
         on_a.list_nodes().await,
         nodes[0].2.log_tail()
@@ -694,12 +732,18 @@ async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work(
         "within 10 s (and a loaded machine's slack): {moved:?}"
     );
     // The same presence on every anchor.
-    for (device, _, _) in &nodes {
+    for (device, _, _) in nodes.iter().take(2) {
         let seen_b = on_b.node(device).await.unwrap();
-        assert!(seen_b.connected && seen_b.presence == Presence::Online, "{seen_b:?}");
+        assert!(
+            seen_b.connected && seen_b.presence == Presence::Online,
+            "{seen_b:?}"
+        );
     }
     // Both invocations end well, and the slow one ran once.
-    for (id, what) in [(slow.invocation_id, "in flight"), (queued.invocation_id, "queued")] {
+    for (id, what) in [
+        (slow.invocation_id, "in flight"),
+        (queued.invocation_id, "queued"),
+    ] {
         let mut last = None;
         assert!(
             within(Duration::from_secs(30), async || {
@@ -720,5 +764,24 @@ async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work(
         runs.lines().count(),
         1,
         "the in-flight invocation ran once: {runs:?}"
+    );
+    let mut last = None;
+    assert!(
+        within(Duration::from_secs(20), async || {
+            last = on_a.invocation(&abandoned.invocation_id).await.ok();
+            last.as_ref().is_some_and(|i| i.state.is_final())
+        })
+        .await,
+        "the invocation nobody could take ends: {last:?}"
+    );
+    assert_eq!(last.unwrap().state, InvocationState::TimedOut);
+    // The node that went with C is no longer connected anywhere, as every anchor sees it.
+    assert!(
+        within(Duration::from_secs(15), async || on_b
+            .node(&nodes[2].0)
+            .await
+            .is_ok_and(|n| !n.connected))
+        .await,
+        "the lease of the dead anchor let go of its node"
     );
 }
