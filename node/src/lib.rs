@@ -4,11 +4,13 @@
 //!   until shutdown. `anchor-node run` and the simulated fleet both call it.
 //! - [`pair`]: the pairing client (code → certificate).
 //! - [`agent`]: the connection keeper: registration, heartbeats, invocations, renewal.
+//! - [`anchors`]: the anchors a node knows and the order it tries them in (pure rules).
 //! - [`capability`]: built-in and operator-defined capabilities, host facts.
 //! - [`state`]: the state directory (key, certificate, CA, pending pairing, live status).
 //! - [`config`]: the node's TOML configuration.
 
 pub mod agent;
+pub mod anchors;
 pub mod capability;
 pub mod config;
 pub mod pair;
