@@ -3,7 +3,8 @@
 //! - [`run`](mod@run): the one entry point, [`run()`]: a paired node from its configuration
 //!   until shutdown. `anchor-node run` and the simulated fleet both call it.
 //! - [`pair`]: the pairing client (code → certificate).
-//! - [`agent`]: the connection keeper: registration, heartbeats, invocations, renewal.
+//! - [`agent`]: the connection keeper: registration, heartbeats, invocations, renewal,
+//!   failover between anchors.
 //! - [`anchors`]: the anchors a node knows and the order it tries them in (pure rules).
 //! - [`capability`]: built-in and operator-defined capabilities, host facts.
 //! - [`state`]: the state directory (key, certificate, CA, pending pairing, live status).
@@ -17,4 +18,7 @@ pub mod pair;
 pub mod run;
 pub mod state;
 
-pub use run::{ResolveError, RunConfig, RunError, client_endpoint, registry, resolve, run};
+pub use run::{
+    ResolveError, RunConfig, RunError, client_endpoint, registry, resolve, resolve_anchor,
+    resolve_first, run,
+};
