@@ -1,17 +1,40 @@
 //! The node agent: keeps the membership alive.
 //!
-//! [`run`] connects to the anchor on `anchorage/node/1` with the node's certificate, registers
+//! [`run`] connects to an anchor on `anchorage/node/1` with the node's certificate, registers
 //! on the control stream, sends heartbeats as datagrams (jittered, at the interval the anchor
 //! gave) and reads the acks for loss and RTT, serves invocations (each on its own stream,
 //! concurrently up to a limit, duplicates dropped, expired ones never run), renews the
 //! certificate when a third of its validity is left or when the anchor asks, and reports
-//! capability availability changes. When the connection is lost it reconnects with capped
-//! exponential backoff and jitter. A revoked or removed device stops with an error.
+//! capability availability changes. A revoked or removed device stops with an error.
+//!
+//! # Failover
+//!
+//! The agent knows a set of anchors ([`AnchorSet`]): those it was given, and those the anchor
+//! lists in [`ControlDown::Anchors`] (right after `Registered` and whenever the cluster
+//! changes; the list is also saved in the state directory). Names are resolved at each
+//! attempt; one that does not resolve is skipped.
+//!
+//! - **Lost.** When an established connection is lost (not revoked or removed: those stay
+//!   fatal), the next attempt goes to the next anchor after a random pause of up to
+//!   [`FAILOVER_SPREAD`], so a thousand nodes of a failed anchor do not arrive at the next
+//!   one in the same millisecond. A renewal (`Reconnect`) goes back to the same anchor at once.
+//! - **Failed.** An attempt that fails (the name does not resolve, no handshake, no
+//!   registration) moves on to the next anchor at once; only when every anchor failed in one
+//!   round does the capped exponential backoff ([`Backoff`], up to `reconnect_max`) pause
+//!   before the next round. A connection that did not last [`STABLE_CONNECTION`] counts as a
+//!   failed attempt of its round, so anchors that accept and drop a node end in backoff too.
+//! - **Silent.** With at least two anchors known, an anchor from which nothing at all was
+//!   received for [`ANCHOR_SILENCE`] is lost (checked every [`SILENCE_POLL`]), and a
+//!   handshake that does not finish within it fails. The node sends an ack-eliciting
+//!   keep-alive at least every 5 s (`anchorage_mesh::transport::KEEP_ALIVE_INTERVAL`), so a
+//!   live anchor always answers well within that. A killed anchor (whose host stays up, so
+//!   nothing closes the connection) is noticed in about 6 s instead of the 40 s QUIC idle
+//!   timeout. With one anchor there is nowhere to go, and only the idle timeout applies.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use anchorage_mesh::conn_error::{ConnFailure, NodeAction};
@@ -26,7 +49,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::anchors::{AnchorAddr, AnchorSet, Pause, SilenceWatch};
 use crate::capability::{Registry, RunOutcome};
+use crate::run::ResolveError;
 use crate::state::{LiveStatus, StateDir, StateError};
 
 /// Agent version reported at registration.
@@ -41,6 +66,18 @@ pub const RECONNECT_BASE: Duration = Duration::from_millis(500);
 pub const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 /// How often certificate expiry and capability availability are checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// With another anchor to go to, an anchor from which nothing at all was received for this
+/// long is given up on (and a handshake that takes longer fails). Above the node's 5 s
+/// keep-alive, which a live anchor acknowledges at once.
+pub const ANCHOR_SILENCE: Duration = Duration::from_secs(6);
+/// How often the received-datagram count is looked at for [`ANCHOR_SILENCE`].
+pub const SILENCE_POLL: Duration = Duration::from_millis(500);
+/// Longest random pause before dialing the next anchor after a connection was lost.
+pub const FAILOVER_SPREAD: Duration = Duration::from_millis(1500);
+/// Longest handshake with the only known anchor.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for the anchor's answer to the registration.
+pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Configuration of the agent.
 #[derive(Debug, Clone)]
@@ -119,17 +156,24 @@ impl AgentError {
     }
 }
 
-/// Why a connection to the anchor ended while the agent keeps going: it reconnects with
-/// backoff. The text is what `anchor-node status` shows as the last error.
+/// Why a connection to an anchor ended while the agent keeps going: it tries the next anchor.
+/// The text is what `anchor-node status` shows as the last error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LinkError {
+    /// The anchor's name does not resolve.
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
     /// The endpoint refused to start a connection (bad address, endpoint closed).
     #[error("cannot connect: {0}")]
     Connect(#[from] quinn::ConnectError),
-    /// The handshake did not finish within 15 s.
+    /// The handshake did not finish within [`HANDSHAKE_TIMEOUT`] ([`ANCHOR_SILENCE`] when
+    /// another anchor is known).
     #[error("handshake timed out")]
     HandshakeTimedOut,
+    /// Nothing was received from the anchor for [`ANCHOR_SILENCE`].
+    #[error("the anchor fell silent (nothing received for {} s)", ANCHOR_SILENCE.as_secs())]
+    Silent,
     /// The connection failed or was closed, classified.
     #[error("{error}")]
     Connection {
@@ -138,7 +182,7 @@ pub enum LinkError {
         /// quinn's error, for its message.
         error: quinn::ConnectionError,
     },
-    /// The anchor did not answer the registration within 15 s.
+    /// The anchor did not answer the registration within [`REGISTRATION_TIMEOUT`].
     #[error("registration timed out")]
     RegistrationTimedOut,
     /// The anchor's first message was neither a registration nor renewal-only answer.
@@ -216,6 +260,10 @@ pub struct AgentStats {
     pub heartbeat_interval_ms: AtomicU64,
     /// The last error's message (a [`LinkError`] or [`AgentError`]), for `status.json`.
     pub last_error: Mutex<Option<String>>,
+    /// `HOST:PORT` of the anchor registered with now (`None`: not registered).
+    pub anchor: Mutex<Option<String>>,
+    /// Every anchor known, in the order they are tried.
+    pub anchors: Mutex<Vec<String>>,
 }
 
 impl AgentStats {
@@ -234,8 +282,22 @@ impl AgentStats {
         (us > 0).then(|| us as f64 / 1000.0)
     }
 
+    /// The anchor registered with now.
+    pub fn anchor_in_use(&self) -> Option<String> {
+        lock(&self.anchor).clone()
+    }
+
+    /// Every anchor known, in the order they are tried.
+    pub fn known_anchors(&self) -> Vec<String> {
+        lock(&self.anchors).clone()
+    }
+
     fn set_error(&self, e: impl Into<String>) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.into());
+        *lock(&self.last_error) = Some(e.into());
+    }
+
+    fn set_anchors(&self, anchors: &[AnchorAddr]) {
+        *lock(&self.anchors) = anchors.iter().map(ToString::to_string).collect();
     }
 
     /// A status snapshot for `status.json`.
@@ -251,13 +313,16 @@ impl AgentStats {
             loss_rate: self.loss_rate(),
             rtt_ms: self.rtt_ms(),
             updated_at_ms: unix_ms(),
-            last_error: self
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            last_error: lock(&self.last_error).clone(),
+            anchor: self.anchor_in_use(),
+            anchors: self.known_anchors(),
         }
     }
+}
+
+/// Locks `m`; a panic elsewhere while it was held leaves plain data that is still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A small deterministic generator for jitter (SplitMix64).
@@ -345,6 +410,9 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 
 enum SessionEnd {
     Shutdown,
+    /// Before the node registered: the next anchor at once (backoff after a failed round).
+    Failed(LinkError),
+    /// After it registered: the next anchor after a spread pause.
     Lost(LinkError),
     Reconnect,
     Fatal(AgentError),
@@ -362,18 +430,31 @@ impl SessionEnd {
             },
         }
     }
+
+    /// The same end, for a connection on which the node never registered.
+    fn unregistered(self) -> SessionEnd {
+        match self {
+            SessionEnd::Lost(e) => SessionEnd::Failed(e),
+            other => other,
+        }
+    }
 }
 
-/// Runs the agent until `shutdown` becomes true or the device is revoked/removed.
+/// Runs the agent until `shutdown` becomes true or the device is revoked/removed, dialing
+/// `anchors` (each resolved at each attempt) and failing over between them as the module docs
+/// say. The anchors an anchor lists replace those of the set and are saved in the state
+/// directory.
 pub async fn run(
     endpoint: quinn::Endpoint,
-    anchor: SocketAddr,
+    mut anchors: AnchorSet,
     config: AgentConfig,
     stats: Arc<AgentStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(config.reconnect_max, config.seed);
     let mut jitter = Jitter::new(config.seed.rotate_left(17) ^ 0xa5a5);
+    let mut spread = Jitter::new(config.seed.rotate_left(41) ^ 0x5a5a);
+    stats.set_anchors(anchors.addrs());
     let status_task = config.status_every.map(|every| {
         let stats = stats.clone();
         let state = config.state.clone();
@@ -406,52 +487,97 @@ pub async fn run(
                 }));
             }
         };
+        let target = anchors.current().clone();
+        // With another anchor to go to, one that does not answer is not waited on for long.
+        let handshake_limit = if anchors.several() {
+            ANCHOR_SILENCE
+        } else {
+            HANDSHAKE_TIMEOUT
+        };
         let attempt = async {
+            let addr = crate::run::resolve_anchor(&target).await.map_err(|e| {
+                debug!(anchor = %target, error = %e, "skipping an anchor whose name does not resolve");
+                SessionEnd::Failed(LinkError::Resolve(e))
+            })?;
             let connecting = endpoint
-                .connect_with(client, anchor, ANCHOR_SERVER_NAME)
-                .map_err(|e| SessionEnd::Lost(e.into()))?;
-            match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+                .connect_with(client, addr, ANCHOR_SERVER_NAME)
+                .map_err(|e| SessionEnd::Failed(e.into()))?;
+            match tokio::time::timeout(handshake_limit, connecting).await {
                 Ok(Ok(c)) => Ok(c),
-                // A failed handshake is fatal or retried with backoff; "renew" only means
-                // something on an established (renewal-only) connection.
+                // A failed handshake is fatal or retried; "renew" only means something on an
+                // established (renewal-only) connection.
                 Ok(Err(error)) => {
                     let failure = ConnFailure::classify(&error);
                     Err(match AgentError::from_action(failure.node_action()) {
                         Some(fatal) => SessionEnd::Fatal(fatal),
-                        None => SessionEnd::Lost(LinkError::Connection { failure, error }),
+                        None => SessionEnd::Failed(LinkError::Connection { failure, error }),
                     })
                 }
-                Err(_) => Err(SessionEnd::Lost(LinkError::HandshakeTimedOut)),
+                Err(_) => Err(SessionEnd::Failed(LinkError::HandshakeTimedOut)),
             }
         };
-        let end = match attempt.await {
+        let attempt = tokio::select! {
+            a = attempt => a,
+            _ = stopped(&mut shutdown) => break Ok(()),
+        };
+        let mut stable = false;
+        let end = match attempt {
             Ok(conn) => {
                 let started = Instant::now();
-                let end = session(&conn, &config, &stats, &mut shutdown, &mut jitter).await;
+                let end = session(
+                    &conn,
+                    &target,
+                    &config,
+                    &stats,
+                    &mut shutdown,
+                    &mut jitter,
+                    &mut anchors,
+                )
+                .await;
                 stats.connected.store(false, Ordering::Relaxed);
                 stats.connected_since_ms.store(0, Ordering::Relaxed);
+                *lock(&stats.anchor) = None;
                 if started.elapsed() >= STABLE_CONNECTION {
                     backoff.reset();
+                    stable = true;
                 }
                 end
             }
             Err(end) => end,
         };
-        match end {
+        let pause = match end {
             SessionEnd::Shutdown => break Ok(()),
             SessionEnd::Fatal(e) => break Err(e),
             SessionEnd::Reconnect => {
                 backoff.reset();
                 continue;
             }
-            SessionEnd::Lost(reason) => {
-                let delay = backoff.delay();
-                debug!(%reason, ?delay, "connection lost; reconnecting");
+            SessionEnd::Failed(reason) => {
+                let pause = anchors.failed();
+                debug!(anchor = %target, %reason, next = %anchors.current(), ?pause, "attempt failed");
                 stats.set_error(reason.to_string());
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stopped(&mut shutdown) => break Ok(()),
+                pause
+            }
+            SessionEnd::Lost(reason) => {
+                let pause = anchors.lost(stable);
+                if anchors.several() {
+                    info!(anchor = %target, %reason, next = %anchors.current(), "lost the anchor; moving to the next");
+                } else {
+                    info!(anchor = %target, %reason, "lost the anchor; reconnecting");
                 }
+                stats.set_error(reason.to_string());
+                pause
+            }
+        };
+        let delay = match pause {
+            Pause::None => Duration::ZERO,
+            Pause::Spread => spread.below(FAILOVER_SPREAD),
+            Pause::Backoff => backoff.delay(),
+        };
+        if !delay.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped(&mut shutdown) => break Ok(()),
             }
         }
     };
@@ -468,19 +594,65 @@ pub async fn run(
 type Tx = FramedSend<ControlUp>;
 type Rx = FramedRecv<ControlDown>;
 
-async fn session(
+/// Datagrams received on `conn` so far (anything at all: packets, acks, keep-alives).
+fn received(conn: &quinn::Connection) -> u64 {
+    conn.stats().udp_rx.datagrams
+}
+
+fn now() -> std::time::Instant {
+    // tokio's clock, so that a simulation's paused time counts.
+    Instant::now().into_std()
+}
+
+/// Runs `fut`, unless `watch` and the connection falls silent first (then `None`).
+async fn unless_silent<F: Future>(
+    conn: &quinn::Connection,
+    silence: &mut SilenceWatch,
+    watch: bool,
+    fut: F,
+) -> Option<F::Output> {
+    if !watch {
+        return Some(fut.await);
+    }
+    tokio::pin!(fut);
+    let mut poll = tokio::time::interval(SILENCE_POLL);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            _ = poll.tick() => if silence.is_silent(received(conn), now()) {
+                return None;
+            }
+        }
+    }
+}
+
+/// The control stream of a registered session, and what the node registered with.
+struct Registration {
+    tx: Tx,
+    rx: Rx,
+    registered: Registered,
+    caps: Vec<CapabilityInfo>,
+}
+
+/// Opens the control stream and registers (or renews an expired certificate and asks for a
+/// reconnection). Every end before `Registered` is a failed attempt.
+async fn register(
     conn: &quinn::Connection,
     config: &AgentConfig,
-    stats: &Arc<AgentStats>,
-    shutdown: &mut watch::Receiver<bool>,
-    jitter: &mut Jitter,
-) -> SessionEnd {
+    stats: &AgentStats,
+    silence: &mut SilenceWatch,
+    watch: bool,
+) -> Result<Registration, SessionEnd> {
+    let silent = || {
+        close(conn, ErrorCode::NoError, "anchor silent");
+        SessionEnd::Failed(LinkError::Silent)
+    };
     let (send, recv) = match conn.open_bi().await {
         Ok(s) => s,
-        Err(e) => return SessionEnd::from_conn_error(e),
+        Err(e) => return Err(SessionEnd::from_conn_error(e).unregistered()),
     };
     let (mut tx, mut rx) = framed::<ControlUp, ControlDown>(send, recv);
-    let mut caps = config.capabilities.infos();
+    let caps = config.capabilities.infos();
     let register = ControlUp::Register(Register {
         version: PROTOCOL_VERSION,
         name: config.name.clone(),
@@ -489,23 +661,55 @@ async fn session(
         capabilities: caps.clone(),
     });
     if let Err(e) = tx.send(&register).await {
-        return SessionEnd::Lost(e.into());
+        return Err(SessionEnd::Failed(e.into()));
     }
-    let registered = match tokio::time::timeout(Duration::from_secs(15), rx.recv()).await {
-        Ok(Ok(Some(ControlDown::Registered(r)))) => r,
+    let first = tokio::time::timeout(REGISTRATION_TIMEOUT, rx.recv());
+    let Some(first) = unless_silent(conn, silence, watch, first).await else {
+        return Err(silent());
+    };
+    match first {
+        Ok(Ok(Some(ControlDown::Registered(registered)))) => Ok(Registration {
+            tx,
+            rx,
+            registered,
+            caps,
+        }),
         Ok(Ok(Some(ControlDown::RenewalOnly(_)))) => {
             info!("certificate expired; renewing inside the grace period");
-            return match renew(config, stats, &mut tx, &mut rx).await {
-                Ok(()) => {
+            let renewed = renew(config, stats, &mut tx, &mut rx);
+            match unless_silent(conn, silence, watch, renewed).await {
+                None => Err(silent()),
+                Some(Ok(())) => {
                     close(conn, ErrorCode::NoError, "renewed");
-                    SessionEnd::Reconnect
+                    Err(SessionEnd::Reconnect)
                 }
-                Err(e) => SessionEnd::Lost(e.into()),
-            };
+                Some(Err(e)) => Err(SessionEnd::Failed(e.into())),
+            }
         }
-        Ok(Ok(Some(_))) => return SessionEnd::Lost(LinkError::UnexpectedMessage),
-        Ok(Ok(None)) | Ok(Err(_)) => return ended(conn),
-        Err(_) => return SessionEnd::Lost(LinkError::RegistrationTimedOut),
+        Ok(Ok(Some(_))) => Err(SessionEnd::Failed(LinkError::UnexpectedMessage)),
+        Ok(Ok(None)) | Ok(Err(_)) => Err(ended(conn).unregistered()),
+        Err(_) => Err(SessionEnd::Failed(LinkError::RegistrationTimedOut)),
+    }
+}
+
+async fn session(
+    conn: &quinn::Connection,
+    anchor: &AnchorAddr,
+    config: &AgentConfig,
+    stats: &Arc<AgentStats>,
+    shutdown: &mut watch::Receiver<bool>,
+    jitter: &mut Jitter,
+    anchors: &mut AnchorSet,
+) -> SessionEnd {
+    let mut silence = SilenceWatch::new(ANCHOR_SILENCE, received(conn), now());
+    let Registration {
+        mut tx,
+        mut rx,
+        registered,
+        mut caps,
+    } = match register(conn, config, stats, &mut silence, anchors.several()).await {
+        Ok(r) => r,
+        Err(end) => return end,
     };
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
     stats.registrations.fetch_add(1, Ordering::Relaxed);
@@ -516,7 +720,8 @@ async fn session(
         .store(interval.as_millis() as u64, Ordering::Relaxed);
     stats.heartbeats_sent.store(0, Ordering::Relaxed);
     stats.acks_received.store(0, Ordering::Relaxed);
-    info!(device_id = %registered.device_id, interval_ms = interval.as_millis() as u64, "registered with the anchor");
+    *lock(&stats.anchor) = Some(anchor.to_string());
+    info!(%anchor, device_id = %registered.device_id, interval_ms = interval.as_millis() as u64, "registered with the anchor");
 
     let mut tasks = JoinSet::new();
     let phase = jitter.below(interval);
@@ -540,6 +745,8 @@ async fn session(
     let mut check = tokio::time::interval(config.check_interval);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
+    let mut poll = tokio::time::interval(SILENCE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renewing = false;
     let end = loop {
         tokio::select! {
@@ -572,9 +779,19 @@ async fn session(
                     renewing = false;
                     warn!(message = %r.message, "the anchor refused to renew the certificate");
                 }
+                Ok(Some(ControlDown::Anchors(list))) => {
+                    learn_anchors(list, anchors, config, stats).await;
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break ended(conn),
             },
+            _ = poll.tick(), if anchors.several() => {
+                if silence.is_silent(received(conn), now()) {
+                    info!(%anchor, silent_for = ?ANCHOR_SILENCE, "the anchor fell silent");
+                    close(conn, ErrorCode::NoError, "anchor silent");
+                    break SessionEnd::Lost(LinkError::Silent);
+                }
+            }
             _ = check.tick() => {
                 if !renewing
                     && let Ok(Some(info)) = config.state.cert_info()
@@ -601,6 +818,44 @@ async fn session(
     };
     tasks.abort_all();
     end
+}
+
+/// Takes the cluster's anchors as an anchor listed them: into the rotation, the status, and
+/// (when they changed) the state directory. Addresses that are not `HOST:PORT` are skipped;
+/// a list with none left changes nothing.
+async fn learn_anchors(
+    list: AnchorList,
+    anchors: &mut AnchorSet,
+    config: &AgentConfig,
+    stats: &AgentStats,
+) {
+    let told: Vec<AnchorAddr> = list
+        .addrs
+        .iter()
+        .filter_map(|a| match a.parse::<AnchorAddr>() {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                debug!(error = %e, "skipping an anchor address the anchor sent");
+                None
+            }
+        })
+        .collect();
+    if told.is_empty() {
+        debug!("the anchor listed no usable anchor address");
+        return;
+    }
+    let changed = anchors.update(told);
+    stats.set_anchors(anchors.addrs());
+    if !changed {
+        return;
+    }
+    info!(anchors = ?anchors.told(), "the cluster's anchors changed");
+    let (state, told) = (config.state.clone(), anchors.told().to_vec());
+    match tokio::task::spawn_blocking(move || state.save_anchors(&told)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "cannot save the cluster's anchors"),
+        Err(e) => warn!(error = %e, "cannot save the cluster's anchors"),
+    }
 }
 
 /// How a session ends when its control stream did: by the connection's close reason.
@@ -792,10 +1047,7 @@ async fn handle_invocation(
     let started = Instant::now();
     let deadline = started + Duration::from_millis(u64::from(req.remaining_ms));
     let limit = req.output_limit;
-    let earlier = seen
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(req.id);
+    let earlier = lock(seen).insert(req.id);
     match earlier {
         Some(Some(done)) => {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -814,9 +1066,7 @@ async fn handle_invocation(
         None => {}
     }
     let finish = |r: InvokeResult| {
-        seen.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .finish(req.id, &r);
+        lock(seen).finish(req.id, &r);
         r
     };
     if req.remaining_ms == 0 {

@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! name = "kitchen-pi"              # default: the host name
-//! anchor = "anchor.example:7444"   # default: the address saved at pairing
+//! anchor = "anchor.example:7444"   # default: the anchors saved in the state directory
+//! anchors = ["a2.example:7444"]    # more anchors of the cluster, tried after `anchor`
 //! max_concurrent_invocations = 16
 //! reconnect_max = "30s"
 //!
@@ -24,6 +25,7 @@ use serde::Deserialize;
 
 pub use anchorage_mesh::config::parse_duration;
 
+use crate::anchors::{self, AnchorAddr};
 use crate::capability::CommandSpec;
 
 pub use anchorage_mesh::config::ConfigError;
@@ -43,8 +45,13 @@ pub struct DesktopConfig {
 pub struct NodeConfig {
     /// Device name to register with.
     pub name: Option<String>,
-    /// Anchor address override.
+    /// Anchor address (`HOST:PORT`, or a comma-separated list) to dial instead of those saved
+    /// in the state directory.
     pub anchor: Option<String>,
+    /// More anchor addresses, dialed after `anchor`. Like `anchor`, they stay in the rotation
+    /// whatever the anchors say.
+    #[serde(default)]
+    pub anchors: Vec<String>,
     /// Invocations run at once.
     pub max_concurrent_invocations: Option<usize>,
     /// Longest pause between reconnection attempts.
@@ -74,6 +81,7 @@ impl NodeConfig {
             });
         }
         self.reconnect_max()?;
+        self.anchor_addrs()?;
         for (name, spec) in &self.capabilities {
             crate::capability::CommandCap::new(name.clone(), spec.clone()).map_err(|message| {
                 ConfigError::Invalid {
@@ -89,6 +97,17 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The configured anchors, `anchor` first, without duplicates; empty when none is set.
+    pub fn anchor_addrs(&self) -> Result<Vec<AnchorAddr>, ConfigError> {
+        let key = if self.anchors.is_empty() {
+            "anchor"
+        } else {
+            "anchors"
+        };
+        anchors::parse_list(self.anchor.iter().chain(self.anchors.iter()))
+            .map_err(|e| ConfigError::invalid(key, e.to_string()))
     }
 
     /// The reconnect cap (default 30 s).
@@ -139,5 +158,37 @@ mod tests {
             toml::from_str("[capabilities.x]\ncommand = [\"a\"]\ntimeout = \"soon\"").unwrap();
         assert!(c.check().is_err());
         assert!(toml::from_str::<NodeConfig>("nmae = \"x\"").is_err());
+    }
+
+    #[test]
+    fn anchors_come_from_anchor_then_anchors() {
+        let c: NodeConfig = toml::from_str(
+            r#"
+            anchor = "a.example:7444"
+            anchors = ["b.example:7444", "c.example:7444,a.example:7444"]
+            "#,
+        )
+        .unwrap();
+        c.check().unwrap();
+        let names: Vec<String> = c
+            .anchor_addrs()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            names,
+            ["a.example:7444", "b.example:7444", "c.example:7444"]
+        );
+        assert!(NodeConfig::default().anchor_addrs().unwrap().is_empty());
+        let c: NodeConfig = toml::from_str("anchors = [\"b.example\"]").unwrap();
+        let err = c.check().unwrap_err().to_string();
+        assert!(
+            err.contains("anchors") && err.contains("HOST:PORT"),
+            "{err}"
+        );
+        let many: Vec<String> = (1..=65).map(|p| format!("\"a:{p}\"")).collect();
+        let c: NodeConfig = toml::from_str(&format!("anchors = [{}]", many.join(","))).unwrap();
+        assert!(c.check().is_err(), "more than the wire allows");
     }
 }

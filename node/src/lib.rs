@@ -3,16 +3,22 @@
 //! - [`run`](mod@run): the one entry point, [`run()`]: a paired node from its configuration
 //!   until shutdown. `anchor-node run` and the simulated fleet both call it.
 //! - [`pair`]: the pairing client (code → certificate).
-//! - [`agent`]: the connection keeper: registration, heartbeats, invocations, renewal.
+//! - [`agent`]: the connection keeper: registration, heartbeats, invocations, renewal,
+//!   failover between anchors.
+//! - [`anchors`]: the anchors a node knows and the order it tries them in (pure rules).
 //! - [`capability`]: built-in and operator-defined capabilities, host facts.
 //! - [`state`]: the state directory (key, certificate, CA, pending pairing, live status).
 //! - [`config`]: the node's TOML configuration.
 
 pub mod agent;
+pub mod anchors;
 pub mod capability;
 pub mod config;
 pub mod pair;
 pub mod run;
 pub mod state;
 
-pub use run::{ResolveError, RunConfig, RunError, client_endpoint, registry, resolve, run};
+pub use run::{
+    ResolveError, RunConfig, RunError, client_endpoint, registry, resolve, resolve_anchor,
+    resolve_first, run,
+};

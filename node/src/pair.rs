@@ -5,6 +5,12 @@
 //! reports [`PairProgress::Pending`] with the SAS; if the connection drops, it resumes with the
 //! request id and a PAKE-derived proof, retrying with capped exponential backoff until the
 //! request expires. The key is generated (or reused) in the state directory and never leaves it.
+//!
+//! [`pair_any`] does the same through any of several anchors of one cluster: it tries them in
+//! order, skipping those whose name does not resolve or that do not answer the handshake
+//! (within [`ANCHOR_SILENCE`] when there is another to try), and a request left waiting on an
+//! anchor that went away is resumed through the next ones. The anchor that completed the
+//! pairing is saved as the node's `anchor`, the whole list as its known anchors.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +23,9 @@ use anchorage_wire::bootstrap::*;
 use anchorage_wire::{ANCHOR_SERVER_NAME, ErrorCode, PROTOCOL_VERSION};
 use tracing::{debug, info};
 
+use crate::agent::ANCHOR_SILENCE;
+use crate::anchors::{self, AnchorAddr};
+use crate::run::ResolveError;
 use crate::state::{PendingPairing, StateDir, StateError};
 
 /// Time to wait for each answer of the anchor (except the operator's decision).
@@ -35,13 +44,26 @@ pub enum PairCode {
     Qr(QrPayload),
 }
 
-/// Options of a pairing.
+/// Options of a pairing with one anchor at a known address.
 #[derive(Debug, Clone)]
 pub struct PairOptions {
     /// Where the anchor is (as the user gave it; saved for `run`).
     pub anchor: String,
     /// Its resolved address.
     pub anchor_addr: SocketAddr,
+    /// The code.
+    pub code: PairCode,
+    /// Name to ask for.
+    pub device_name: String,
+    /// Platform string.
+    pub platform: String,
+}
+
+/// Options of a pairing through any of several anchors ([`pair_any`]).
+#[derive(Debug, Clone)]
+pub struct PairAnyOptions {
+    /// The anchors, in the order to try them (names are resolved at each attempt).
+    pub anchors: Vec<AnchorAddr>,
     /// The code.
     pub code: PairCode,
     /// Name to ask for.
@@ -76,6 +98,8 @@ pub enum PairProgress {
 pub struct Paired {
     /// This device's id.
     pub device_id: DeviceId,
+    /// The anchor that completed the pairing, as given (saved for `run`).
+    pub anchor: String,
     /// Certificate expiry.
     pub cert_expires_at: SystemTime,
 }
@@ -84,7 +108,10 @@ pub struct Paired {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PairError {
-    /// The anchor could not be reached.
+    /// The anchor's name does not resolve (the last one tried, when there were several).
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// The anchor could not be reached (the last one tried, when there were several).
     #[error("cannot reach the anchor at {addr}: {reason}")]
     Unreachable {
         /// Address.
@@ -119,6 +146,9 @@ pub enum PairError {
     /// The certificate request could not be built (rcgen's message).
     #[error("protocol error: cannot make a CSR: {0}")]
     Csr(String),
+    /// No anchor address was given.
+    #[error("no anchor address to pair with")]
+    NoAnchor,
     /// The pending request expired while the anchor was unreachable.
     #[error("the pairing request expired before it was approved")]
     Expired,
@@ -172,7 +202,8 @@ pub enum DialError {
         /// quinn's error.
         error: quinn::ConnectionError,
     },
-    /// No answer within [`STEP_TIMEOUT`].
+    /// No answer within [`STEP_TIMEOUT`] ([`ANCHOR_SILENCE`] when another anchor was left to
+    /// try).
     #[error("timed out")]
     TimedOut,
 }
@@ -217,7 +248,7 @@ impl PairError {
     fn is_transient(&self) -> bool {
         matches!(
             self,
-            PairError::Unreachable { .. } | PairError::ConnectionLost(_)
+            PairError::Unreachable { .. } | PairError::ConnectionLost(_) | PairError::Resolve(_)
         )
     }
 }
@@ -225,15 +256,55 @@ impl PairError {
 type Tx = FramedSend<BootstrapRequest>;
 type Rx = FramedRecv<BootstrapResponse>;
 
-/// Pairs this node: runs the exchange, waits for approval, saves key, certificate and CA.
+/// Pairs this node with the anchor at `opts.anchor_addr`: runs the exchange, waits for
+/// approval, saves key, certificate and CA.
 pub async fn pair(
     endpoint: &quinn::Endpoint,
     state: &StateDir,
     opts: &PairOptions,
+    progress: impl FnMut(PairProgress),
+) -> Result<Paired, PairError> {
+    let targets = Targets::fixed(opts.anchor.clone(), opts.anchor_addr);
+    let request = Request {
+        code: &opts.code,
+        device_name: &opts.device_name,
+        platform: &opts.platform,
+    };
+    pair_through(endpoint, state, targets, &request, progress).await
+}
+
+/// Pairs this node through the first of `opts.anchors` that answers, as the module docs say.
+pub async fn pair_any(
+    endpoint: &quinn::Endpoint,
+    state: &StateDir,
+    opts: &PairAnyOptions,
+    progress: impl FnMut(PairProgress),
+) -> Result<Paired, PairError> {
+    let targets = Targets::resolved(&opts.anchors).ok_or(PairError::NoAnchor)?;
+    let request = Request {
+        code: &opts.code,
+        device_name: &opts.device_name,
+        platform: &opts.platform,
+    };
+    pair_through(endpoint, state, targets, &request, progress).await
+}
+
+/// What a pairing asks for, besides where.
+struct Request<'a> {
+    code: &'a PairCode,
+    device_name: &'a str,
+    platform: &'a str,
+}
+
+async fn pair_through(
+    endpoint: &quinn::Endpoint,
+    state: &StateDir,
+    mut targets: Targets,
+    opts: &Request<'_>,
     mut progress: impl FnMut(PairProgress),
 ) -> Result<Paired, PairError> {
     let key = state.key_or_generate()?;
-    let (code_id, secret, pinned) = match &opts.code {
+    let (code_id, secret, pinned) = match opts.code {
         PairCode::Pin(p) => (p.code_id.to_string(), p.secret.clone(), None),
         PairCode::Qr(q) => (
             q.code_id.to_string(),
@@ -241,7 +312,7 @@ pub async fn pair(
             Some(q.ca_fingerprint),
         ),
     };
-    let conn = connect(endpoint, opts.anchor_addr, pinned).await?;
+    let conn = targets.dial(endpoint, pinned).await?;
     let (send_s, recv_s) = conn
         .open_bi()
         .await
@@ -279,12 +350,13 @@ pub async fn pair(
         return Err(PairError::AnchorNotAuthenticated);
     }
     let csr_der = key
-        .csr_der(&opts.device_name)
+        .csr_der(opts.device_name)
         .map_err(|e| PairError::Csr(e.to_string()))?;
     // The request id is derived from the transcript: saved before the CSR goes out, a pairing
     // whose connection drops from here on can resume.
     let mut saved = PendingPairing {
-        anchor: opts.anchor.clone(),
+        anchor: targets.first().to_string(),
+        anchors: targets.given(),
         request_id: keys.request_id().to_string(),
         sas: keys.sas().to_string(),
         expires_at_ms: unix_ms().saturating_add(MAX_PENDING.as_millis() as u64),
@@ -292,14 +364,14 @@ pub async fn pair(
         keys: keys.after().clone(),
     };
     state.save_pending(&saved)?;
-    let mac = keys.csr_mac(&csr_der, &opts.device_name, &opts.platform);
+    let mac = keys.csr_mac(&csr_der, opts.device_name, opts.platform);
     let submitted = async {
         send(
             &mut tx,
             BootstrapRequest::Csr(CsrSubmit {
                 csr_der,
-                device_name: opts.device_name.clone(),
-                platform: opts.platform.clone(),
+                device_name: opts.device_name.to_string(),
+                platform: opts.platform.to_string(),
                 mac,
             }),
         )
@@ -319,36 +391,43 @@ pub async fn pair(
                 sas: pending.sas.clone(),
                 expires_at_ms: pending.expires_at_ms,
             });
-            wait_result(&conn, &mut tx, &mut rx, state, &saved).await
+            wait_result(&conn, &mut tx, &mut rx, state, &saved, targets.current()).await
         }
         Err(e) => Err(e),
     };
     match result {
         Err(e) if e.is_transient() => {
-            resume_loop(endpoint, state, opts.anchor_addr, &saved, &mut progress, e).await
+            targets.skip();
+            resume_loop(endpoint, state, &mut targets, &saved, &mut progress, e).await
         }
         other => other,
     }
 }
 
-/// Resumes a pending pairing saved in the state directory (after the process restarted).
+/// Resumes a pending pairing saved in the state directory (after the process restarted)
+/// through `anchors`, tried in order; with none, through the anchors it was started with.
 pub async fn resume(
     endpoint: &quinn::Endpoint,
     state: &StateDir,
-    anchor_addr: SocketAddr,
+    anchors: &[AnchorAddr],
     mut progress: impl FnMut(PairProgress),
 ) -> Result<Option<Paired>, PairError> {
     let Some(saved) = state.pending()? else {
         return Ok(None);
+    };
+    let mut targets = match Targets::resolved(anchors) {
+        Some(t) => t,
+        None => Targets::resolved(&saved_anchors(&saved)).ok_or(PairError::NoAnchor)?,
     };
     progress(PairProgress::Pending {
         request_id: saved.request_id.clone(),
         sas: saved.sas.clone(),
         expires_at_ms: saved.expires_at_ms,
     });
-    match resume_once(endpoint, state, anchor_addr, &saved).await {
+    match resume_once(endpoint, state, &mut targets, &saved).await {
         Err(e) if e.is_transient() => {
-            resume_loop(endpoint, state, anchor_addr, &saved, &mut progress, e)
+            targets.skip();
+            resume_loop(endpoint, state, &mut targets, &saved, &mut progress, e)
                 .await
                 .map(Some)
         }
@@ -356,10 +435,20 @@ pub async fn resume(
     }
 }
 
+/// The anchors a pending pairing was started with (the one `anchor` of older files).
+pub fn saved_anchors(saved: &PendingPairing) -> Vec<AnchorAddr> {
+    let list = if saved.anchors.is_empty() {
+        std::slice::from_ref(&saved.anchor)
+    } else {
+        &saved.anchors[..]
+    };
+    list.iter().filter_map(|a| a.parse().ok()).collect()
+}
+
 async fn resume_loop(
     endpoint: &quinn::Endpoint,
     state: &StateDir,
-    anchor_addr: SocketAddr,
+    targets: &mut Targets,
     saved: &PendingPairing,
     progress: &mut impl FnMut(PairProgress),
     mut last: PairError,
@@ -376,8 +465,12 @@ async fn resume_loop(
         });
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(RETRY_CAP);
-        match resume_once(endpoint, state, anchor_addr, saved).await {
-            Err(e) if e.is_transient() => last = e,
+        match resume_once(endpoint, state, targets, saved).await {
+            Err(e) if e.is_transient() => {
+                // The next try starts with the anchor after the one that went away.
+                targets.skip();
+                last = e;
+            }
             other => return other,
         }
     }
@@ -386,14 +479,14 @@ async fn resume_loop(
 async fn resume_once(
     endpoint: &quinn::Endpoint,
     state: &StateDir,
-    anchor_addr: SocketAddr,
+    targets: &mut Targets,
     saved: &PendingPairing,
 ) -> Result<Paired, PairError> {
     let pinned = saved
         .pinned_ca
         .as_deref()
         .and_then(|s| s.parse::<Fingerprint>().ok());
-    let conn = connect(endpoint, anchor_addr, pinned).await?;
+    let conn = targets.dial(endpoint, pinned).await?;
     let (send_s, recv_s) = conn
         .open_bi()
         .await
@@ -411,15 +504,17 @@ async fn resume_once(
         }),
     )
     .await?;
-    wait_result(&conn, &mut tx, &mut rx, state, saved).await
+    wait_result(&conn, &mut tx, &mut rx, state, saved, targets.current()).await
 }
 
+/// Waits for the operator's decision on `conn` to the anchor given as `anchor`.
 async fn wait_result(
     conn: &quinn::Connection,
     tx: &mut Tx,
     rx: &mut Rx,
     state: &StateDir,
     saved: &PendingPairing,
+    anchor: &str,
 ) -> Result<Paired, PairError> {
     loop {
         // The operator may take until the request expires; the anchor ends it then.
@@ -453,14 +548,20 @@ async fn wait_result(
                     return Err(PairError::Protocol("the certificate is not for this key"));
                 }
                 state.save_certificate(&approved.cert_der, &approved.ca_der)?;
-                state.save_anchor(&saved.anchor)?;
+                state.save_anchor(anchor)?;
+                // The anchors of an earlier pairing must not outlive it.
+                match anchors::parse_list(&saved.anchors) {
+                    Ok(list) if !list.is_empty() => state.save_anchors(&list)?,
+                    _ => state.clear_anchors(),
+                }
                 state.clear_pending();
                 // Tell the anchor the files are safe: it marks the request completed.
                 let _ = tx.finish();
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-                info!(device_id = %info.key_id, "paired");
+                info!(device_id = %info.key_id, %anchor, "paired");
                 return Ok(Paired {
                     device_id: info.key_id,
+                    anchor: anchor.to_string(),
                     cert_expires_at: info.not_after,
                 });
             }
@@ -486,17 +587,110 @@ async fn wait_result(
     }
 }
 
+/// An anchor to pair through: as given, and its address when it is fixed (else resolved at
+/// each attempt).
+#[derive(Debug, Clone)]
+struct Target {
+    given: String,
+    fixed: Option<SocketAddr>,
+}
+
+/// The anchors of a pairing and the one in use.
+#[derive(Debug)]
+struct Targets {
+    list: Vec<Target>,
+    current: usize,
+}
+
+impl Targets {
+    fn fixed(given: String, addr: SocketAddr) -> Targets {
+        Targets {
+            list: vec![Target {
+                given,
+                fixed: Some(addr),
+            }],
+            current: 0,
+        }
+    }
+
+    /// `None` when `anchors` is empty.
+    fn resolved(anchors: &[AnchorAddr]) -> Option<Targets> {
+        let list: Vec<Target> = anchors
+            .iter()
+            .map(|a| Target {
+                given: a.to_string(),
+                fixed: a.literal(),
+            })
+            .collect();
+        (!list.is_empty()).then_some(Targets { list, current: 0 })
+    }
+
+    fn first(&self) -> &str {
+        &self.list[0].given
+    }
+
+    fn current(&self) -> &str {
+        &self.list[self.current].given
+    }
+
+    fn given(&self) -> Vec<String> {
+        self.list.iter().map(|t| t.given.clone()).collect()
+    }
+
+    /// Moves past the anchor in use (it went away).
+    fn skip(&mut self) {
+        self.current = (self.current + 1) % self.list.len();
+    }
+
+    /// Connects to the anchor in use or, failing that, to the next ones: one round at most.
+    /// Returns the last failure when none answered.
+    async fn dial(
+        &mut self,
+        endpoint: &quinn::Endpoint,
+        pinned: Option<Fingerprint>,
+    ) -> Result<quinn::Connection, PairError> {
+        // With another anchor to try, one that does not answer is not waited on for long.
+        let limit = if self.list.len() > 1 {
+            ANCHOR_SILENCE
+        } else {
+            STEP_TIMEOUT
+        };
+        let mut last = None;
+        for _ in 0..self.list.len() {
+            let target = &self.list[self.current];
+            let addr = match target.fixed {
+                Some(a) => Ok(a),
+                None => crate::run::resolve(&target.given).await,
+            };
+            let result = match addr {
+                Ok(addr) => connect(endpoint, addr, pinned, limit).await,
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    debug!(anchor = %target.given, error = %e, "cannot pair through this anchor");
+                    last = Some(e);
+                    self.skip();
+                }
+            }
+        }
+        Err(last.unwrap_or(PairError::NoAnchor))
+    }
+}
+
 async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     pinned: Option<Fingerprint>,
+    limit: Duration,
 ) -> Result<quinn::Connection, PairError> {
     let unreachable = |reason: DialError| PairError::Unreachable { addr, reason };
     let config = tls::bootstrap_client_config(pinned).map_err(|e| unreachable(e.into()))?;
     let connecting = endpoint
         .connect_with(config, addr, ANCHOR_SERVER_NAME)
         .map_err(|e| unreachable(e.into()))?;
-    match tokio::time::timeout(STEP_TIMEOUT, connecting).await {
+    match tokio::time::timeout(limit, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(error)) => Err(unreachable(DialError::Handshake {
             failure: ConnFailure::classify(&error),

@@ -3,7 +3,13 @@
 //! `anchor-node run`, the simulated fleet (its demo, tests and benchmarks) all go through
 //! here, so the capability registry, the facts the built-ins report and the agent's settings
 //! are assembled in one place. The binary passes a real UDP socket or none; a simulation
-//! passes a netsim endpoint and the anchor's simulated address.
+//! passes a netsim endpoint and the anchors' simulated addresses.
+//!
+//! Which anchors are dialed, first found first: [`RunConfig::anchor_addr`] and
+//! [`RunConfig::anchor_addrs`] (fixed addresses); else the configuration's `anchor` and
+//! `anchors` (which `anchor-node run --anchor` replaces); else the cluster's anchors saved in
+//! the state directory (`anchors.json`) and the anchor the node paired with. Given addresses
+//! stay in the rotation as seeds whatever an anchor lists; see [`crate::anchors`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,9 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::agent::{self, AgentConfig, AgentError, AgentStats};
+use crate::anchors::{AnchorAddr, AnchorSet};
 use crate::capability::{self, Capability, CommandCap, NodeFacts, Registry};
 use crate::config::{ConfigError, NodeConfig};
 use crate::state::{StateDir, StateError};
@@ -27,8 +34,11 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
 pub struct RunConfig {
     /// The node's configuration file (name, anchor override, limits, command capabilities).
     pub node: NodeConfig,
-    /// Where to dial. `None`: `node.anchor`, else the address saved at pairing, resolved.
+    /// Where to dial: one fixed address, never resolved. `None` (and no `anchor_addrs`):
+    /// `node.anchor` and `node.anchors`, else the anchors saved in the state directory.
     pub anchor_addr: Option<SocketAddr>,
+    /// More fixed addresses to dial, after `anchor_addr`.
+    pub anchor_addrs: Vec<SocketAddr>,
     /// The QUIC endpoint to dial from. `None`: a new UDP socket of the anchor's family.
     pub endpoint: Option<quinn::Endpoint>,
     /// Platform reported at registration and by `system.identity` (default: `os-arch`).
@@ -48,6 +58,7 @@ impl std::fmt::Debug for RunConfig {
         f.debug_struct("RunConfig")
             .field("node", &self.node)
             .field("anchor_addr", &self.anchor_addr)
+            .field("anchor_addrs", &self.anchor_addrs)
             .field("platform", &self.platform)
             .field("status_every", &self.status_every)
             .field("seed", &self.seed)
@@ -69,6 +80,7 @@ impl RunConfig {
         RunConfig {
             node,
             anchor_addr: None,
+            anchor_addrs: Vec::new(),
             endpoint: None,
             platform: crate::pair::platform(),
             status_every: Some(Duration::from_secs(2)),
@@ -126,15 +138,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     config.node.check()?;
     let identity = state.identity()?;
-    let anchor = config
-        .node
-        .anchor
-        .clone()
-        .unwrap_or_else(|| identity.anchor.clone());
-    let addr = match config.anchor_addr {
-        Some(a) => a,
-        None => resolve(&anchor).await?,
-    };
+    let anchors = anchor_set(&config, &state, &identity.anchor)?;
     let name = config
         .node
         .name
@@ -154,7 +158,10 @@ pub async fn run(
     }
     let (endpoint, own_socket) = match config.endpoint {
         Some(e) => (e, false),
-        None => (client_endpoint(addr).map_err(RunError::Socket)?, true),
+        None => {
+            let first = resolve_first(anchors.addrs()).await?;
+            (client_endpoint(first).map_err(RunError::Socket)?, true)
+        }
     };
     let mut cfg = AgentConfig::new(state, name, registry);
     cfg.platform = config.platform;
@@ -166,9 +173,9 @@ pub async fn run(
     if let Some(seed) = config.seed {
         cfg.seed = seed;
     }
-    info!(anchor = %anchor, device_id = %identity.cert_info.key_id, "starting the node agent");
+    info!(anchors = ?anchors.addrs(), device_id = %identity.cert_info.key_id, "starting the node agent");
     let (stop, stop_rx) = watch::channel(false);
-    let agent = agent::run(endpoint.clone(), addr, cfg, config.stats, stop_rx);
+    let agent = agent::run(endpoint.clone(), anchors, cfg, config.stats, stop_rx);
     tokio::pin!(agent);
     tokio::pin!(shutdown);
     let result = tokio::select! {
@@ -183,6 +190,67 @@ pub async fn run(
         let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     }
     result.map_err(RunError::from)
+}
+
+/// The anchors to dial, as the module docs say. A damaged `anchors.json` is logged and left
+/// out; a pairing anchor that is not `HOST:PORT` is a damaged state directory.
+fn anchor_set(
+    config: &RunConfig,
+    state: &StateDir,
+    paired_with: &str,
+) -> Result<AnchorSet, RunError> {
+    let fixed: Vec<AnchorAddr> = config
+        .anchor_addr
+        .iter()
+        .chain(config.anchor_addrs.iter())
+        .map(|a| AnchorAddr::from(*a))
+        .collect();
+    let configured = config.node.anchor_addrs()?;
+    let (seeds, told) = if !fixed.is_empty() {
+        (fixed, Vec::new())
+    } else if !configured.is_empty() {
+        (configured, Vec::new())
+    } else {
+        let told = match state.anchors() {
+            Ok(list) => list.unwrap_or_default(),
+            Err(e) => {
+                warn!(error = %e, "ignoring the saved anchors; dialing the anchor paired with");
+                Vec::new()
+            }
+        };
+        let paired: AnchorAddr = paired_with.parse().map_err(|e| StateError::Corrupt {
+            path: state.path().join("anchor"),
+            message: format!("{e}"),
+        })?;
+        (vec![paired], told)
+    };
+    // Not reached: every branch has at least one seed.
+    AnchorSet::new(seeds, told)
+        .ok_or_else(|| RunError::State(StateError::NotPaired(state.path().to_path_buf())))
+}
+
+/// The address of the first of `anchors` that resolves (to open a socket of its family), or
+/// the first error.
+pub async fn resolve_first(anchors: &[AnchorAddr]) -> Result<SocketAddr, ResolveError> {
+    let mut first_error = None;
+    for anchor in anchors {
+        match resolve_anchor(anchor).await {
+            Ok(addr) => return Ok(addr),
+            Err(e) => {
+                debug!(%anchor, error = %e, "an anchor's name does not resolve");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| ResolveError::NoAddress(String::new())))
+}
+
+/// Resolves an anchor address: an IP address as it is, a name through the system resolver.
+pub async fn resolve_anchor(anchor: &AnchorAddr) -> Result<SocketAddr, ResolveError> {
+    match anchor.literal() {
+        Some(addr) => Ok(addr),
+        None => resolve(anchor.as_str()).await,
+    }
 }
 
 /// Resolves `host:port` to one address (the first the system returns).
@@ -272,6 +340,60 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, RunError::Config(_)), "{err}");
         assert!(err.to_string().contains("reconnect_max"), "{err}");
+    }
+
+    fn dialed(config: &RunConfig, state: &StateDir) -> Vec<String> {
+        anchor_set(config, state, "paired.example:7444")
+            .unwrap()
+            .addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_anchors_dialed_are_the_given_else_the_configured_else_the_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let mut config = RunConfig::new(NodeConfig::default());
+        assert_eq!(dialed(&config, &state), ["paired.example:7444"]);
+        let saved = [
+            "a.example:7444".parse().unwrap(),
+            "paired.example:7444".parse().unwrap(),
+        ];
+        state.save_anchors(&saved).unwrap();
+        assert_eq!(
+            dialed(&config, &state),
+            ["a.example:7444", "paired.example:7444"],
+            "the saved list, then the pairing anchor, once"
+        );
+        config.node.anchor = Some("c.example:7444,d.example:7444".into());
+        assert_eq!(
+            dialed(&config, &state),
+            ["c.example:7444", "d.example:7444"]
+        );
+        config.anchor_addr = Some(SocketAddr::from(([10, 0, 0, 1], 7444)));
+        config.anchor_addrs = vec![SocketAddr::from(([10, 0, 0, 2], 7444))];
+        assert_eq!(dialed(&config, &state), ["10.0.0.1:7444", "10.0.0.2:7444"]);
+    }
+
+    #[test]
+    fn a_damaged_anchors_file_falls_back_to_the_pairing_anchor() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        for bad in ["{oops", "[\"no-port\"]", "[1, 2]"] {
+            state
+                .write(crate::state::ANCHORS_FILE, bad.as_bytes())
+                .unwrap();
+            let config = RunConfig::new(NodeConfig::default());
+            assert_eq!(dialed(&config, &state), ["paired.example:7444"], "{bad}");
+        }
+        let err =
+            anchor_set(&RunConfig::new(NodeConfig::default()), &state, "garbage").unwrap_err();
+        assert!(
+            matches!(err, RunError::State(StateError::Corrupt { .. })),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! The node's state directory: its key, certificate, the pinned anchor CA, the anchor's
-//! address, a pending pairing, and the live status the running agent writes.
+//! The node's state directory: its key, certificate, the pinned anchor CA, the address of the
+//! anchor it paired with, the cluster's anchors as last told (`anchors.json`), a pending
+//! pairing, and the live status the running agent writes.
 //!
 //! Every file is written atomically (temporary file, fsync, rename) with mode 0600, so a crash
 //! never leaves half a key or a certificate without its key.
@@ -12,8 +13,15 @@ use anchorage_mesh::{DeviceKey, Fingerprint};
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
+use crate::anchors::{AnchorAddr, MAX_ADDR_LEN, MAX_KNOWN};
+
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "./anchorage-node";
+/// The file of the cluster's anchors, a JSON array of `HOST:PORT` strings.
+pub const ANCHORS_FILE: &str = "anchors.json";
+/// Largest `anchors.json` read: [`MAX_KNOWN`] addresses of [`MAX_ADDR_LEN`] bytes, quoted,
+/// with room for indentation.
+const MAX_ANCHORS_FILE: u64 = (MAX_KNOWN * (MAX_ADDR_LEN + 16) + 16) as u64;
 
 /// Errors reading or writing the state directory.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +51,12 @@ pub enum StateError {
 /// A pairing waiting for approval, kept so it can resume after a restart.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PendingPairing {
-    /// Anchor address as given.
+    /// Anchor address as given (the first, when several were).
     pub anchor: String,
+    /// Every anchor address given, in order (empty in files written before there were several;
+    /// then `anchor` alone).
+    #[serde(default)]
+    pub anchors: Vec<String>,
     /// Request id.
     pub request_id: String,
     /// SAS.
@@ -80,6 +92,12 @@ pub struct LiveStatus {
     pub updated_at_ms: u64,
     /// Last connection error, if any.
     pub last_error: Option<String>,
+    /// `HOST:PORT` of the anchor the agent is registered with now.
+    #[serde(default)]
+    pub anchor: Option<String>,
+    /// Every anchor the agent knows, in the order it tries them.
+    #[serde(default)]
+    pub anchors: Vec<String>,
 }
 
 /// The state directory.
@@ -189,6 +207,58 @@ impl StateDir {
         Ok(self.read("anchor")?.map(|s| s.trim().to_string()))
     }
 
+    /// Records the cluster's anchors (as told by an anchor, or as given at pairing).
+    pub fn save_anchors(&self, anchors: &[AnchorAddr]) -> Result<(), StateError> {
+        let list: Vec<&str> = anchors
+            .iter()
+            .take(MAX_KNOWN)
+            .map(AnchorAddr::as_str)
+            .collect();
+        let json = serde_json::to_vec_pretty(&list).map_err(|e| StateError::Corrupt {
+            path: self.file(ANCHORS_FILE),
+            message: e.to_string(),
+        })?;
+        self.write(ANCHORS_FILE, &json)
+    }
+
+    /// The cluster's anchors as last saved; `None` if there is no file. A file that is too
+    /// large, not a JSON array of strings, holds an address that is not `HOST:PORT`, or more
+    /// than [`MAX_KNOWN`] of them, is [`StateError::Corrupt`].
+    pub fn anchors(&self) -> Result<Option<Vec<AnchorAddr>>, StateError> {
+        let path = self.file(ANCHORS_FILE);
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.clone(),
+            message,
+        };
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+            Ok(m) if m.len() > MAX_ANCHORS_FILE => {
+                return Err(corrupt(format!("larger than {MAX_ANCHORS_FILE} bytes")));
+            }
+            Ok(_) => {}
+        }
+        let Some(text) = self.read(ANCHORS_FILE)? else {
+            return Ok(None);
+        };
+        let list: Vec<String> = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        if list.len() > MAX_KNOWN {
+            return Err(corrupt(format!(
+                "{} anchors; at most {MAX_KNOWN} are kept",
+                list.len()
+            )));
+        }
+        list.iter()
+            .map(|a| a.parse::<AnchorAddr>().map_err(|e| corrupt(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// Forgets the cluster's anchors.
+    pub fn clear_anchors(&self) {
+        self.remove(ANCHORS_FILE);
+    }
+
     /// The certificate's facts, if paired.
     pub fn cert_info(&self) -> Result<Option<CertInfo>, StateError> {
         let Some(pem) = self.read("cert.pem")? else {
@@ -289,5 +359,69 @@ impl StateDir {
             message: e.to_string(),
         })?;
         Ok(Some(Fingerprint::of(&der)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(list: &[&str]) -> Vec<AnchorAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_anchors_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        assert_eq!(state.anchors().unwrap(), None);
+        let list = addrs(&["a.example:7444", "10.0.0.2:7444", "[::1]:7444"]);
+        state.save_anchors(&list).unwrap();
+        let again = StateDir::new(dir.path().join("state"));
+        assert_eq!(again.anchors().unwrap(), Some(list));
+        let text = std::fs::read_to_string(dir.path().join("state").join(ANCHORS_FILE)).unwrap();
+        let json: Vec<String> = serde_json::from_str(&text).unwrap();
+        assert_eq!(json, ["a.example:7444", "10.0.0.2:7444", "[::1]:7444"]);
+        again.clear_anchors();
+        assert_eq!(again.anchors().unwrap(), None);
+    }
+
+    #[test]
+    fn a_bad_anchors_file_is_corrupt_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let many: Vec<String> = (1..=65).map(|p| format!("\"a:{p}\"")).collect();
+        let huge = format!("[\"{}:1\"]", "a".repeat(100_000));
+        for bad in [
+            "not json".to_string(),
+            "{\"anchors\": []}".to_string(),
+            "[7444]".to_string(),
+            "[\"no-port\"]".to_string(),
+            format!("[{}]", many.join(",")),
+            huge,
+        ] {
+            state.write(ANCHORS_FILE, bad.as_bytes()).unwrap();
+            let err = state.anchors().unwrap_err();
+            assert!(
+                matches!(err, StateError::Corrupt { .. }),
+                "{bad:.40}: {err}"
+            );
+            assert!(err.to_string().contains(ANCHORS_FILE), "{err}");
+        }
+    }
+
+    #[test]
+    fn old_status_files_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let old = r#"{"pid": 7, "connected": true, "connected_since_ms": 1, "heartbeat_interval_ms": 15000,
+            "heartbeats_sent": 3, "acks_received": 3, "loss_rate": null, "rtt_ms": 1.5,
+            "updated_at_ms": 9, "last_error": null}"#;
+        state.write("status.json", old.as_bytes()).unwrap();
+        let status = state.status().unwrap().unwrap();
+        assert_eq!(
+            (status.pid, status.anchor, status.anchors.len()),
+            (7, None, 0)
+        );
     }
 }

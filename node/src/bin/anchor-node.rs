@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+use anchorage_node::anchors::{self, AnchorAddr};
 use anchorage_node::config::NodeConfig;
-use anchorage_node::pair::{self, PairOptions, PairProgress};
+use anchorage_node::pair::{self, PairAnyOptions, PairProgress};
 use anchorage_node::state::{DEFAULT_STATE_DIR, StateDir};
 use anchorage_node::{RunConfig, RunError};
 use clap::{Parser, Subcommand};
@@ -26,9 +27,12 @@ struct Cli {
 enum Command {
     /// Pair this device with an anchor using a PIN or QR code from an operator.
     Pair {
-        /// The anchor's QUIC address, HOST:PORT.
-        #[arg(long, value_name = "HOST:PORT")]
-        anchor: Option<String>,
+        /// An anchor's QUIC address, HOST:PORT. Repeat it, or give a comma-separated list, for
+        /// the anchors of a cluster: they are tried in order, and a request left waiting on one
+        /// that goes away is resumed through the others. Without it, the QR code's anchor, or
+        /// the anchors of the pairing being resumed.
+        #[arg(long, value_name = "HOST:PORT[,...]")]
+        anchor: Vec<String>,
         /// The pairing code, e.g. K7QF-M2XA-482913. Without any code, a pairing that was waiting
         /// for approval when this command last stopped is resumed.
         #[arg(long, conflicts_with_all = ["code_stdin", "qr"])]
@@ -57,6 +61,11 @@ enum Command {
         /// Node configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Dial these anchors (HOST:PORT; repeat it or give a comma-separated list) instead of
+        /// the configuration's `anchor`/`anchors` and the anchors saved in the state
+        /// directory. They stay in the rotation whatever the anchors list.
+        #[arg(long, value_name = "HOST:PORT[,...]")]
+        anchor: Vec<String>,
         /// Log format.
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         log_format: String,
@@ -99,8 +108,9 @@ fn main() -> ExitCode {
         Command::Run {
             state_dir,
             config,
+            anchor,
             log_format,
-        } => runtime.block_on(cmd_run(state_dir, config, log_format == "json")),
+        } => runtime.block_on(cmd_run(state_dir, config, anchor, log_format == "json")),
         Command::Status { state_dir, json } => cmd_status(state_dir, json),
     }
 }
@@ -119,8 +129,13 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// The anchors of `--anchor` flags, in order, without duplicates (exit 64 when malformed).
+fn anchor_flags(values: &[String]) -> Result<Vec<AnchorAddr>, String> {
+    anchors::parse_list(values).map_err(|e| format!("--anchor: {e}"))
+}
+
 async fn cmd_pair(
-    anchor: Option<String>,
+    anchor: Vec<String>,
     code: Option<String>,
     code_stdin: bool,
     qr: Option<String>,
@@ -161,13 +176,28 @@ async fn cmd_pair(
             Err(e) => return fail(json, &e.to_string(), 64),
         },
     };
-    let anchor = match (&anchor, &parsed, &resume_from) {
-        (Some(a), _, _) => a.clone(),
-        (None, _, Some(p)) => p.anchor.clone(),
-        (None, Some(pair::PairCode::Qr(q)), _) => q.anchor.clone(),
+    let given = match anchor_flags(&anchor) {
+        Ok(list) => list,
+        Err(e) => return fail(json, &e, 64),
+    };
+    let anchors = match (&parsed, &resume_from) {
+        _ if !given.is_empty() => given,
+        (_, Some(p)) => pair::saved_anchors(p),
+        (Some(pair::PairCode::Qr(q)), _) => match q.anchor.parse::<AnchorAddr>() {
+            Ok(a) => vec![a],
+            Err(e) => return fail(json, &format!("the QR code's anchor: {e}"), 64),
+        },
         _ => return fail(json, "--anchor HOST:PORT is required with a PIN code", 64),
     };
-    let addr = match anchorage_node::resolve(&anchor).await {
+    if anchors.is_empty() {
+        return fail(
+            json,
+            "give --anchor HOST:PORT (the pending pairing names none)",
+            64,
+        );
+    }
+    // The socket's address family is the first resolving anchor's; each attempt resolves again.
+    let addr = match anchorage_node::resolve_first(&anchors).await {
         Ok(a) => a,
         Err(e) => return fail(json, &e.to_string(), 69),
     };
@@ -201,16 +231,15 @@ async fn cmd_pair(
     };
     let result = match parsed {
         Some(code) => {
-            let opts = PairOptions {
-                anchor: anchor.clone(),
-                anchor_addr: addr,
+            let opts = PairAnyOptions {
+                anchors: anchors.clone(),
                 code,
                 device_name: name.unwrap_or_else(anchorage_node::capability::hostname),
                 platform: pair::platform(),
             };
-            pair::pair(&endpoint, &state, &opts, progress).await
+            pair::pair_any(&endpoint, &state, &opts, progress).await
         }
-        None => match pair::resume(&endpoint, &state, addr, progress).await {
+        None => match pair::resume(&endpoint, &state, &anchors, progress).await {
             Ok(Some(paired)) => Ok(paired),
             Ok(None) => Err(pair::PairError::Expired),
             Err(e) => Err(e),
@@ -229,15 +258,17 @@ async fn cmd_pair(
                     serde_json::json!({
                         "paired": true,
                         "device_id": paired.device_id.to_string(),
-                        "anchor": anchor,
+                        "anchor": paired.anchor,
+                        "anchors": anchors.iter().map(ToString::to_string).collect::<Vec<_>>(),
                         "cert_expires_at": rfc3339(paired.cert_expires_at),
                         "state_dir": state_dir.display().to_string(),
                     })
                 );
             } else {
                 println!(
-                    "Paired as {} (certificate valid until {}).",
+                    "Paired as {} through {} (certificate valid until {}).",
                     paired.device_id,
+                    paired.anchor,
                     rfc3339(paired.cert_expires_at)
                 );
                 println!(
@@ -249,7 +280,7 @@ async fn cmd_pair(
         }
         Err(e) => {
             let code = match &e {
-                pair::PairError::Unreachable { .. } => 69,
+                pair::PairError::Unreachable { .. } | pair::PairError::Resolve(_) => 69,
                 _ => 1,
             };
             fail(json, &e.to_string(), code)
@@ -280,9 +311,21 @@ async fn spinner(mut rx: tokio::sync::watch::Receiver<Option<String>>, interacti
     }
 }
 
-async fn cmd_run(state_dir: PathBuf, config: Option<PathBuf>, json_logs: bool) -> ExitCode {
+async fn cmd_run(
+    state_dir: PathBuf,
+    config: Option<PathBuf>,
+    anchor: Vec<String>,
+    json_logs: bool,
+) -> ExitCode {
     anchorage_mesh::os::init_tracing(json_logs);
-    let node_config = match &config {
+    let given = match anchor_flags(&anchor) {
+        Ok(list) => list,
+        Err(e) => {
+            eprintln!("anchor-node: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let mut node_config = match &config {
         Some(path) => match NodeConfig::load(path) {
             Ok(c) => c,
             Err(e) => {
@@ -292,6 +335,11 @@ async fn cmd_run(state_dir: PathBuf, config: Option<PathBuf>, json_logs: bool) -
         },
         None => NodeConfig::default(),
     };
+    if !given.is_empty() {
+        // Flags win over the file.
+        node_config.anchor = None;
+        node_config.anchors = given.iter().map(ToString::to_string).collect();
+    }
     let result = anchorage_node::run(
         RunConfig::new(node_config),
         StateDir::new(&state_dir),
@@ -322,6 +370,14 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
     };
     let cert = state.cert_info().ok().flatten();
     let anchor = state.anchor().ok().flatten();
+    let saved_anchors: Vec<String> = state
+        .anchors()
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let pending = state.pending().ok().flatten();
     let live = state.status().ok().flatten().filter(|s| {
         // Only a status written recently by a live agent counts.
@@ -334,6 +390,13 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
         .unwrap_or(0);
         now.saturating_sub(s.updated_at_ms) < 10_000
     });
+    // While the agent runs, the anchors it knows now; else those saved.
+    let known_anchors = live
+        .as_ref()
+        .map(|l| l.anchors.clone())
+        .filter(|a| !a.is_empty())
+        .unwrap_or(saved_anchors);
+    let anchor_in_use = live.as_ref().and_then(|l| l.anchor.clone());
     let device_id = key.as_ref().map(|k| k.device_id().to_string());
     let paired = cert.is_some();
     let expires = cert.as_ref().map(|c| rfc3339(c.not_after));
@@ -352,6 +415,8 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
             "loss_rate": live.as_ref().and_then(|l| l.loss_rate),
             "rtt_ms": live.as_ref().and_then(|l| l.rtt_ms),
             "last_error": live.as_ref().and_then(|l| l.last_error.clone()),
+            "anchor_in_use": anchor_in_use,
+            "anchors": known_anchors,
         });
         println!("{doc}");
     } else {
@@ -360,6 +425,9 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
             device_id.as_deref().unwrap_or("(no key yet)")
         );
         println!("anchor:      {}", anchor.as_deref().unwrap_or("(none)"));
+        if !known_anchors.is_empty() {
+            println!("anchors:     {}", known_anchors.join(", "));
+        }
         println!("paired:      {}", if paired { "yes" } else { "no" });
         if let Some(e) = &expires {
             println!("certificate: valid until {e}");
@@ -378,6 +446,9 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
                         "not connected"
                     }
                 );
+                if let Some(a) = &anchor_in_use {
+                    println!("in use:      {a}");
+                }
                 if let Some(loss) = l.loss_rate {
                     println!("loss:        {:.1} %", loss * 100.0);
                 }
@@ -392,4 +463,55 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn anchors_of(args: &[&str]) -> Vec<String> {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let values = match cli.command {
+            Command::Pair { anchor, .. } | Command::Run { anchor, .. } => anchor,
+            Command::Status { .. } => Vec::new(),
+        };
+        anchor_flags(&values)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn anchor_may_be_repeated_or_a_comma_list_for_pair_and_run() {
+        let want = ["a:7444", "b:7444", "[::1]:7444"];
+        let pair = [
+            "anchor-node",
+            "pair",
+            "--code",
+            "K7QF-M2XA-482913",
+            "--anchor",
+            "a:7444",
+            "--anchor",
+            "b:7444,[::1]:7444,a:7444",
+        ];
+        assert_eq!(anchors_of(&pair), want);
+        let run = [
+            "anchor-node",
+            "run",
+            "--anchor=a:7444, b:7444",
+            "--anchor",
+            "[::1]:7444",
+        ];
+        assert_eq!(anchors_of(&run), want);
+        assert!(anchors_of(&["anchor-node", "run"]).is_empty());
+    }
+
+    #[test]
+    fn a_bad_anchor_flag_names_the_flag() {
+        let err = anchor_flags(&["a:7444,nope".to_string()]).unwrap_err();
+        assert!(err.contains("--anchor") && err.contains("nope"), "{err}");
+        let many: Vec<String> = (1..=65).map(|p| format!("a:{p}")).collect();
+        assert!(anchor_flags(&[many.join(",")]).is_err());
+    }
 }
