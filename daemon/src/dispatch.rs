@@ -49,43 +49,54 @@ pub async fn create(s: &Arc<Services>, record: InvocationRecord) -> InvocationRe
 /// How long after its deadline an invocation handed to another anchor is looked at again.
 pub const HANDED_OVER_GRACE: Duration = Duration::from_secs(5);
 
-/// Ends an invocation handed to another anchor if nobody ended it: [`HANDED_OVER_GRACE`]
-/// after its deadline, if the store still says it is unfinished and no anchor holds the
-/// node (its holder died and the node came back nowhere), it is timed out here, so no
-/// record stays `queued` for ever.
+/// Ends an invocation handed to another anchor if nobody ended it: from
+/// [`HANDED_OVER_GRACE`] after its deadline on, every [`HANDED_OVER_GRACE`], if the store
+/// still says it is unfinished and no anchor holds the node (its holder died and the node
+/// came back nowhere), it is timed out here, so no record stays `queued` for ever.
 fn end_if_abandoned(s: &Arc<Services>, record: InvocationRecord) {
     let services = s.clone();
     s.spawn(async move {
         let s = services;
-        let wait = Duration::from_millis(record.deadline_ms.saturating_sub(s.clock.now_ms()))
+        let mut wait = Duration::from_millis(record.deadline_ms.saturating_sub(s.clock.now_ms()))
             + HANDED_OVER_GRACE;
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = s.cancel.cancelled() => return,
-        }
-        let store = s.stores.runtime.clone();
         let id = InvocationId(record.id);
-        let Ok(Some(mut current)) = crate::store::blocking(move || store.invocation(&id)).await
-        else {
-            return;
-        };
-        let device = current.device_id;
-        if current.state.is_final()
-            || s.nodes.held_elsewhere(&device)
-            || s.nodes.live(&device).is_some()
-            || s.invocations.device_of(&id).is_some()
-        {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = s.cancel.cancelled() => return,
+            }
+            wait = HANDED_OVER_GRACE;
+            let store = s.stores.runtime.clone();
+            let current = match crate::store::blocking(move || store.invocation(&id)).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                // etcd away: look again later.
+                Err(_) => continue,
+            };
+            if current.state.is_final() {
+                return;
+            }
+            let device = current.device_id;
+            // Someone holds the node (its sweep ends it) or this anchor took it back: look
+            // again later, until it is final (a dead holder's lease lapses within seconds).
+            if s.nodes.held_elsewhere(&device)
+                || s.nodes.live(&device).is_some()
+                || s.invocations.device_of(&id).is_some()
+            {
+                continue;
+            }
+            let why = if current.state == InvocationState::Dispatched {
+                "the deadline passed before the node answered (its anchor went away)"
+            } else {
+                "the deadline passed before the node could take it"
+            };
+            let mut ended = current;
+            ended.state = InvocationState::TimedOut;
+            ended.finished_at_ms = Some(s.clock.now_ms());
+            ended.error = Some(why.into());
+            s.invocations.record_final(ended).await;
             return;
         }
-        let why = if current.state == InvocationState::Dispatched {
-            "the deadline passed before the node answered (its anchor went away)"
-        } else {
-            "the deadline passed before the node could take it"
-        };
-        current.state = InvocationState::TimedOut;
-        current.finished_at_ms = Some(s.clock.now_ms());
-        current.error = Some(why.into());
-        s.invocations.record_final(current).await;
     });
 }
 

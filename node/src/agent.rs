@@ -454,6 +454,9 @@ pub async fn run(
     let mut backoff = Backoff::new(config.reconnect_max, config.seed);
     let mut jitter = Jitter::new(config.seed.rotate_left(17) ^ 0xa5a5);
     let mut spread = Jitter::new(config.seed.rotate_left(41) ^ 0x5a5a);
+    // Across sessions: an invocation sent again after the node moved to another anchor (or
+    // reconnected) is answered from here, never run twice.
+    let seen = Arc::new(Mutex::new(Seen::default()));
     stats.set_anchors(anchors.addrs());
     let status_task = config.status_every.map(|every| {
         let stats = stats.clone();
@@ -532,6 +535,7 @@ pub async fn run(
                     &mut shutdown,
                     &mut jitter,
                     &mut anchors,
+                    &seen,
                 )
                 .await;
                 stats.connected.store(false, Ordering::Relaxed);
@@ -700,6 +704,7 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     jitter: &mut Jitter,
     anchors: &mut AnchorSet,
+    seen: &Arc<Mutex<Seen>>,
 ) -> SessionEnd {
     let mut silence = SilenceWatch::new(ANCHOR_SILENCE, received(conn), now());
     let Registration {
@@ -741,6 +746,7 @@ async fn session(
         config.capabilities.clone(),
         Arc::new(Semaphore::new(config.max_concurrent.max(1))),
         stats.clone(),
+        seen.clone(),
     ));
     let mut check = tokio::time::interval(config.check_interval);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -958,8 +964,8 @@ async fn invocations(
     registry: Registry,
     permits: Arc<Semaphore>,
     stats: Arc<AgentStats>,
+    seen: Arc<Mutex<Seen>>,
 ) {
-    let seen = Arc::new(Mutex::new(Seen::default()));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
