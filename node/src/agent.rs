@@ -696,6 +696,8 @@ async fn register(
     }
 }
 
+// One caller (`run`), which owns what lives across sessions and lends it piece by piece.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     conn: &quinn::Connection,
     anchor: &AnchorAddr,
