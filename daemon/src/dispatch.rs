@@ -37,7 +37,7 @@ pub async fn create(s: &Arc<Services>, record: InvocationRecord) -> InvocationRe
         // Another anchor of the cluster holds the node: it sees the record in the store and
         // dispatches it; the final record comes back the same way.
         s.invocations.hand_over_one(&InvocationId(record.id));
-        end_if_abandoned(s, record.clone());
+        end_if_abandoned(s, InvocationId(record.id), record.deadline_ms);
         return record;
     }
     // Dispatch while the record is being committed: the writer is ordered, so every later
@@ -53,13 +53,14 @@ pub const HANDED_OVER_GRACE: Duration = Duration::from_secs(5);
 /// [`HANDED_OVER_GRACE`] after its deadline on, every [`HANDED_OVER_GRACE`], if the store
 /// still says it is unfinished and no anchor holds the node (its holder died and the node
 /// came back nowhere), it is timed out here, so no record stays `queued` for ever.
-fn end_if_abandoned(s: &Arc<Services>, record: InvocationRecord) {
+fn end_if_abandoned(s: &Arc<Services>, id: InvocationId, deadline_ms: u64) {
+    // Only the id and deadline are kept meanwhile (not the input), so a large batch handed
+    // to other anchors costs a small task per invocation.
     let services = s.clone();
     s.spawn(async move {
         let s = services;
-        let mut wait = Duration::from_millis(record.deadline_ms.saturating_sub(s.clock.now_ms()))
-            + HANDED_OVER_GRACE;
-        let id = InvocationId(record.id);
+        let mut wait =
+            Duration::from_millis(deadline_ms.saturating_sub(s.clock.now_ms())) + HANDED_OVER_GRACE;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

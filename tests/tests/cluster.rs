@@ -357,6 +357,51 @@ fn run_node(dir: &Path, state: &Path, extra: &[&str]) -> Proc {
     Proc::spawn("anchor-node run", &mut cmd)
 }
 
+/// `n` anchors of one mesh on `cluster` under `prefix`, in `dir`: the anchors (the first made
+/// the cluster key and the owner token), the owner token, and a client of each.
+fn mesh(
+    cluster: &EtcdCluster,
+    dir: &Path,
+    prefix: &str,
+    n: usize,
+) -> (Vec<procs::Anchord>, String, Vec<ControlPlaneClient>) {
+    let key_file = dir.join("cluster.key");
+    let anchors: Vec<procs::Anchord> = (0..n)
+        .map(|i| anchord(cluster, &dir.join(format!("anchor-{i}")), &key_file, prefix))
+        .collect();
+    let owner = anchors[0].owner_token();
+    let clients = anchors
+        .iter()
+        .map(|a| ControlPlaneClient::new(&a.ready.console, &owner).unwrap())
+        .collect();
+    (anchors, owner, clients)
+}
+
+/// An invocation of `capability` without input.
+fn call(capability: &str, timeout_ms: u64, async_: bool) -> anchorage_console::api::InvokeRequest {
+    anchorage_console::api::InvokeRequest {
+        capability: capability.into(),
+        input: serde_json::Value::Null,
+        timeout_ms: Some(timeout_ms),
+        async_,
+    }
+}
+
+/// Polls `on` for the invocation `id` until it is final (at most `limit`); its last state.
+async fn final_invocation(
+    on: &ControlPlaneClient,
+    id: &anchorage_console::api::InvocationId,
+    limit: Duration,
+) -> Option<anchorage_console::api::Invocation> {
+    let mut last = None;
+    within(limit, async || {
+        last = on.invocation(id).await.ok();
+        last.as_ref().is_some_and(|i| i.state.is_final())
+    })
+    .await;
+    last
+}
+
 /// The instance id of the anchor whose console is `client`'s.
 async fn instance_id(client: &ControlPlaneClient, console: &str) -> String {
     let listed = client.inventory().await.unwrap().instances;
@@ -369,19 +414,16 @@ async fn instance_id(client: &ControlPlaneClient, console: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_anchor_shows_dispatches_to_and_revokes_the_nodes_of_the_others() {
-    use anchorage_console::api::{BatchRequest, InvocationState, InvokeRequest, Presence};
+    use anchorage_console::api::{BatchRequest, InvocationState, Presence};
     use futures_util::StreamExt;
 
     let Some(cluster) = EtcdCluster::start(3) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("cluster.key");
-    let a = anchord(&cluster, &dir.path().join("a"), &key_file, "/one");
-    let b = anchord(&cluster, &dir.path().join("b"), &key_file, "/one");
-    let owner = a.owner_token();
-    let on_a = ControlPlaneClient::new(&a.ready.console, &owner).unwrap();
-    let on_b = ControlPlaneClient::new(&b.ready.console, &owner).unwrap();
+    let (anchors, owner, clients) = mesh(&cluster, dir.path(), "/one", 2);
+    let [a, b]: [procs::Anchord; 2] = anchors.try_into().ok().unwrap();
+    let [on_a, on_b]: [ControlPlaneClient; 2] = clients.try_into().ok().unwrap();
     let b_id = instance_id(&on_a, &b.ready.console).await;
     let mut events_a = Box::pin(on_a.events().await.unwrap());
 
@@ -422,15 +464,7 @@ async fn every_anchor_shows_dispatches_to_and_revokes_the_nodes_of_the_others() 
     for _ in 0..20 {
         let t = Instant::now();
         let inv = on_a
-            .invoke(
-                &on_b_node,
-                InvokeRequest {
-                    capability: "system.health".into(),
-                    input: serde_json::Value::Null,
-                    timeout_ms: Some(10_000),
-                    async_: false,
-                },
-            )
+            .invoke(&on_b_node, call("system.health", 10_000, false))
             .await
             .unwrap();
         rtts.push(t.elapsed());
@@ -603,19 +637,15 @@ async fn held(on: &ControlPlaneClient, devices: &[String], holder: Holder<'_>) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work() {
-    use anchorage_console::api::{InvocationState, InvokeRequest, Presence};
+    use anchorage_console::api::{InvocationState, Presence};
 
     let Some(cluster) = EtcdCluster::start(3) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("cluster.key");
-    let a = anchord(&cluster, &dir.path().join("a"), &key_file, "/failover");
-    let b = anchord(&cluster, &dir.path().join("b"), &key_file, "/failover");
-    let c = anchord(&cluster, &dir.path().join("c"), &key_file, "/failover");
-    let owner = a.owner_token();
-    let on_a = ControlPlaneClient::new(&a.ready.console, &owner).unwrap();
-    let on_b = ControlPlaneClient::new(&b.ready.console, &owner).unwrap();
+    let (anchors, _, clients) = mesh(&cluster, dir.path(), "/failover", 3);
+    let [a, _b, c]: [procs::Anchord; 3] = anchors.try_into().ok().unwrap();
+    let [on_a, on_b, _]: [ControlPlaneClient; 3] = clients.try_into().ok().unwrap();
     let c_id = instance_id(&on_a, &c.ready.console).await;
 
     // Three nodes paired through A, all running against C; each has a slow capability that
@@ -662,15 +692,7 @@ async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work(
 
     // An invocation made on A runs on a node held by C; C dies while it runs.
     let slow = on_a
-        .invoke(
-            &nodes[0].0,
-            InvokeRequest {
-                capability: "slow".into(),
-                input: serde_json::Value::Null,
-                timeout_ms: Some(30_000),
-                async_: true,
-            },
-        )
+        .invoke(&nodes[0].0, call("slow", 30_000, true))
         .await
         .unwrap();
     assert!(
@@ -688,28 +710,12 @@ async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work(
     // Made for the node that is gone, while C's lease still says it holds it: nobody will
     // run it, and the anchor that made it times it out after its deadline.
     let abandoned = on_a
-        .invoke(
-            &nodes[2].0,
-            InvokeRequest {
-                capability: "system.health".into(),
-                input: serde_json::Value::Null,
-                timeout_ms: Some(2_000),
-                async_: true,
-            },
-        )
+        .invoke(&nodes[2].0, call("system.health", 2_000, true))
         .await
         .unwrap();
     // Queued while the node's holder is dead: delivered once the node is elsewhere.
     let queued = on_a
-        .invoke(
-            &nodes[1].0,
-            InvokeRequest {
-                capability: "system.health".into(),
-                input: serde_json::Value::Null,
-                timeout_ms: Some(30_000),
-                async_: true,
-            },
-        )
+        .invoke(&nodes[1].0, call("system.health", 30_000, true))
         .await
         .unwrap();
 
@@ -744,19 +750,11 @@ async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work(
         (slow.invocation_id, "in flight"),
         (queued.invocation_id, "queued"),
     ] {
-        let mut last = None;
-        assert!(
-            within(Duration::from_secs(30), async || {
-                last = on_a.invocation(&id).await.ok();
-                last.as_ref().is_some_and(|i| i.state.is_final())
-            })
-            .await,
-            "the {what} invocation ends: {last:?}"
-        );
+        let last = final_invocation(&on_a, &id, Duration::from_secs(30)).await;
         assert_eq!(
-            last.as_ref().unwrap().state,
-            InvocationState::Succeeded,
-            "{what}: {last:?}"
+            last.as_ref().map(|i| i.state),
+            Some(InvocationState::Succeeded),
+            "the {what} invocation ends well: {last:?}"
         );
     }
     let runs = std::fs::read_to_string(&nodes[0].1).unwrap();
@@ -765,16 +763,12 @@ async fn the_nodes_of_a_killed_anchor_register_with_the_others_and_lose_no_work(
         1,
         "the in-flight invocation ran once: {runs:?}"
     );
-    let mut last = None;
-    assert!(
-        within(Duration::from_secs(20), async || {
-            last = on_a.invocation(&abandoned.invocation_id).await.ok();
-            last.as_ref().is_some_and(|i| i.state.is_final())
-        })
-        .await,
+    let last = final_invocation(&on_a, &abandoned.invocation_id, Duration::from_secs(20)).await;
+    assert_eq!(
+        last.as_ref().map(|i| i.state),
+        Some(InvocationState::TimedOut),
         "the invocation nobody could take ends: {last:?}"
     );
-    assert_eq!(last.unwrap().state, InvocationState::TimedOut);
     // The node that went with C is no longer connected anywhere, as every anchor sees it.
     assert!(
         within(Duration::from_secs(15), async || on_b
