@@ -261,8 +261,19 @@ async fn run_session(
     }
     let mut anchors = services.anchors.subscribe();
     anchors.mark_changed();
+    let mut revoked = services.trust.revocation().subscribe();
+    revoked.mark_changed();
     let reason = loop {
         tokio::select! {
+            changed = revoked.changed() => {
+                if changed.is_err() {
+                    break "anchor shutting down";
+                }
+                revoked.borrow_and_update();
+                if send_revoked(&services, &mut tx).await.is_err() {
+                    break "control stream lost";
+                }
+            }
             changed = anchors.changed() => {
                 if changed.is_err() {
                     break "anchor shutting down";
@@ -325,6 +336,29 @@ async fn run_session(
     };
     debug!(reason, "node session ended");
     services.nodes.disconnected(&device, session);
+}
+
+/// Sends the node the whole revocation set: one list that replaces what it held, then as
+/// many more as the set needs.
+async fn send_revoked(services: &Services, tx: &mut Tx) -> Result<(), ()> {
+    use anchorage_wire::limits::MAX_REVOKED;
+    let (devices, serials) = services.trust.revocation().snapshot();
+    let devices: Vec<String> = devices.iter().map(ToString::to_string).collect();
+    let parts = devices
+        .len()
+        .div_ceil(MAX_REVOKED)
+        .max(serials.len().div_ceil(MAX_REVOKED))
+        .max(1);
+    for part in 0..parts {
+        let slice = |n: usize| (part * MAX_REVOKED).min(n)..((part + 1) * MAX_REVOKED).min(n);
+        let list = RevokedList {
+            replace: part == 0,
+            devices: devices[slice(devices.len())].to_vec(),
+            serials: serials[slice(serials.len())].to_vec(),
+        };
+        tx.send(&ControlDown::Revoked(list)).await.map_err(|_| ())?;
+    }
+    Ok(())
 }
 
 /// A datagram on a node session: a heartbeat is recorded and acked.

@@ -66,9 +66,22 @@ pub trait RevocationCheck: Send + Sync + fmt::Debug + 'static {
 }
 
 /// An in-memory revocation set: revoked devices and revoked certificate serials.
-#[derive(Debug, Default)]
+///
+/// Every change bumps a generation that [`RevocationSet::subscribe`]rs hear of (the anchor
+/// pushes the set to its nodes on each change).
+#[derive(Debug)]
 pub struct RevocationSet {
     inner: RwLock<RevocationInner>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for RevocationSet {
+    fn default() -> RevocationSet {
+        RevocationSet {
+            inner: RwLock::default(),
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -85,17 +98,41 @@ impl RevocationSet {
 
     /// Revokes every certificate of a device.
     pub fn revoke_device(&self, device: DeviceId) {
-        self.write().devices.insert(device);
+        let changed = self.write().devices.insert(device);
+        self.bump(changed);
     }
 
     /// Forgets a device's revocation (after an operator removed it).
     pub fn forget_device(&self, device: &DeviceId) {
-        self.write().devices.remove(device);
+        let changed = self.write().devices.remove(device);
+        self.bump(changed);
     }
 
     /// Revokes one certificate by serial (a superseded certificate).
     pub fn revoke_serial(&self, serial: Vec<u8>) {
-        self.write().serials.insert(serial);
+        let changed = self.write().serials.insert(serial);
+        self.bump(changed);
+    }
+
+    /// Every revoked device and serial, sorted.
+    pub fn snapshot(&self) -> (Vec<DeviceId>, Vec<Vec<u8>>) {
+        let inner = self.read();
+        let mut devices: Vec<DeviceId> = inner.devices.iter().copied().collect();
+        let mut serials: Vec<Vec<u8>> = inner.serials.iter().cloned().collect();
+        devices.sort_unstable();
+        serials.sort_unstable();
+        (devices, serials)
+    }
+
+    /// Told of every change (the value is a generation count).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn bump(&self, changed: bool) {
+        if changed {
+            self.generation.send_modify(|g| *g += 1);
+        }
     }
 
     /// Whether every certificate of the device is revoked.

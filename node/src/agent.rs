@@ -51,6 +51,7 @@ use tracing::{debug, info, warn};
 
 use crate::anchors::{AnchorAddr, AnchorSet, Pause, SilenceWatch};
 use crate::capability::{Registry, RunOutcome};
+use crate::revoked::RevokedSet;
 use crate::run::ResolveError;
 use crate::state::{LiveStatus, StateDir, StateError};
 
@@ -264,6 +265,10 @@ pub struct AgentStats {
     pub anchor: Mutex<Option<String>>,
     /// Every anchor known, in the order they are tried.
     pub anchors: Mutex<Vec<String>>,
+    /// Devices in the revocation set held.
+    pub revoked_devices: AtomicU64,
+    /// Serials in it.
+    pub revoked_serials: AtomicU64,
 }
 
 impl AgentStats {
@@ -316,8 +321,25 @@ impl AgentStats {
             last_error: lock(&self.last_error).clone(),
             anchor: self.anchor_in_use(),
             anchors: self.known_anchors(),
+            revoked_devices: self.revoked_devices.load(Ordering::Relaxed),
+            revoked_serials: self.revoked_serials.load(Ordering::Relaxed),
         }
     }
+
+    fn set_revoked(&self, set: &RevokedSet) {
+        self.revoked_devices
+            .store(set.devices.len() as u64, Ordering::Relaxed);
+        self.revoked_serials
+            .store(set.serials.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// What the agent keeps across sessions besides the anchors.
+struct Held {
+    /// Invocations seen, with their results: one sent again is answered, never run twice.
+    seen: Arc<Mutex<Seen>>,
+    /// The mesh's revocation set as last told (and saved).
+    revoked: RevokedSet,
 }
 
 /// Locks `m`; a panic elsewhere while it was held leaves plain data that is still usable.
@@ -455,8 +477,20 @@ pub async fn run(
     let mut jitter = Jitter::new(config.seed.rotate_left(17) ^ 0xa5a5);
     let mut spread = Jitter::new(config.seed.rotate_left(41) ^ 0x5a5a);
     // Across sessions: an invocation sent again after the node moved to another anchor (or
-    // reconnected) is answered from here, never run twice.
-    let seen = Arc::new(Mutex::new(Seen::default()));
+    // reconnected) is answered from here, never run twice; the revocation set outlives
+    // every connection (and, in its file, the process).
+    let revoked = match config.state.revoked() {
+        Ok(set) => set.unwrap_or_default(),
+        Err(e) => {
+            warn!(error = %e, "cannot read the revocation set; waiting for the anchor's");
+            RevokedSet::default()
+        }
+    };
+    stats.set_revoked(&revoked);
+    let mut held = Held {
+        seen: Arc::new(Mutex::new(Seen::default())),
+        revoked,
+    };
     stats.set_anchors(anchors.addrs());
     let status_task = config.status_every.map(|every| {
         let stats = stats.clone();
@@ -535,7 +569,7 @@ pub async fn run(
                     &mut shutdown,
                     &mut jitter,
                     &mut anchors,
-                    &seen,
+                    &mut held,
                 )
                 .await;
                 stats.connected.store(false, Ordering::Relaxed);
@@ -706,7 +740,7 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     jitter: &mut Jitter,
     anchors: &mut AnchorSet,
-    seen: &Arc<Mutex<Seen>>,
+    held: &mut Held,
 ) -> SessionEnd {
     let mut silence = SilenceWatch::new(ANCHOR_SILENCE, received(conn), now());
     let Registration {
@@ -748,7 +782,7 @@ async fn session(
         config.capabilities.clone(),
         Arc::new(Semaphore::new(config.max_concurrent.max(1))),
         stats.clone(),
-        seen.clone(),
+        held.seen.clone(),
     ));
     let mut check = tokio::time::interval(config.check_interval);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -790,6 +824,9 @@ async fn session(
                 Ok(Some(ControlDown::Anchors(list))) => {
                     learn_anchors(list, anchors, config, stats).await;
                 }
+                Ok(Some(ControlDown::Revoked(list))) => {
+                    learn_revoked(&list, &mut held.revoked, config, stats).await;
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break ended(conn),
             },
@@ -826,6 +863,38 @@ async fn session(
     };
     tasks.abort_all();
     end
+}
+
+/// Takes a part of the mesh's revocation set: into the held set, the status and (when it
+/// changed) `revoked.json`.
+async fn learn_revoked(
+    list: &RevokedList,
+    held: &mut RevokedSet,
+    config: &AgentConfig,
+    stats: &AgentStats,
+) {
+    let (changed, dropped) = held.apply(list);
+    if dropped {
+        warn!(
+            max = crate::revoked::MAX_HELD,
+            "the revocation set is larger than a node holds; entries were dropped"
+        );
+    }
+    if !changed {
+        return;
+    }
+    stats.set_revoked(held);
+    debug!(
+        devices = held.devices.len(),
+        serials = held.serials.len(),
+        "the revocation set changed"
+    );
+    let (state, set) = (config.state.clone(), held.clone());
+    match tokio::task::spawn_blocking(move || state.save_revoked(&set)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "cannot save the revocation set"),
+        Err(e) => warn!(error = %e, "cannot save the revocation set"),
+    }
 }
 
 /// Takes the cluster's anchors as an anchor listed them: into the rotation, the status, and

@@ -6,6 +6,7 @@
 //! - [`agent`]: the connection keeper: registration, heartbeats, invocations, renewal,
 //!   failover between anchors.
 //! - [`anchors`]: the anchors a node knows and the order it tries them in (pure rules).
+//! - [`revoked`]: the mesh's revocation set as the node holds it (peers it refuses).
 //! - [`capability`]: built-in and operator-defined capabilities, host facts.
 //! - [`state`]: the state directory (key, certificate, CA, pending pairing, live status).
 //! - [`config`]: the node's TOML configuration.
@@ -15,6 +16,7 @@ pub mod anchors;
 pub mod capability;
 pub mod config;
 pub mod pair;
+pub mod revoked;
 pub mod run;
 pub mod state;
 

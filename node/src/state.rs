@@ -98,6 +98,12 @@ pub struct LiveStatus {
     /// Every anchor the agent knows, in the order it tries them.
     #[serde(default)]
     pub anchors: Vec<String>,
+    /// Devices in the revocation set the node holds (peers it refuses).
+    #[serde(default)]
+    pub revoked_devices: u64,
+    /// Certificate serials in it.
+    #[serde(default)]
+    pub revoked_serials: u64,
 }
 
 /// The state directory.
@@ -219,6 +225,42 @@ impl StateDir {
             message: e.to_string(),
         })?;
         self.write(ANCHORS_FILE, &json)
+    }
+
+    /// Saves the revocation set the anchor last sent (`revoked.json`).
+    pub fn save_revoked(&self, set: &crate::revoked::RevokedSet) -> Result<(), StateError> {
+        let json = serde_json::to_vec(set).map_err(|e| StateError::Corrupt {
+            path: self.file(crate::revoked::REVOKED_FILE),
+            message: e.to_string(),
+        })?;
+        self.write(crate::revoked::REVOKED_FILE, &json)
+    }
+
+    /// The revocation set as last saved; `None` if there is no file. A file too large for
+    /// [`crate::revoked::MAX_HELD`] entries, or not a set, is [`StateError::Corrupt`].
+    pub fn revoked(&self) -> Result<Option<crate::revoked::RevokedSet>, StateError> {
+        use crate::revoked::{MAX_HELD, REVOKED_FILE, RevokedSet};
+        let path = self.file(REVOKED_FILE);
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.clone(),
+            message,
+        };
+        // A device id or a hex serial is at most a few hundred bytes, quoted.
+        let max = (MAX_HELD * 160) as u64;
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+            Ok(m) if m.len() > max => return Err(corrupt(format!("larger than {max} bytes"))),
+            Ok(_) => {}
+        }
+        let Some(text) = self.read(REVOKED_FILE)? else {
+            return Ok(None);
+        };
+        let set: RevokedSet = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        if set.len() > MAX_HELD {
+            return Err(corrupt(format!("more than {MAX_HELD} entries")));
+        }
+        Ok(Some(set))
     }
 
     /// The cluster's anchors as last saved; `None` if there is no file. A file that is too

@@ -6,7 +6,7 @@
 //! [`ControlDown::RenewalOnly`], after which only [`ControlUp::Renew`] is served. The stream then
 //! carries node events (stopping, capability availability) up and certificate renewal both ways
 //! for the life of the connection, and the anchor tells the node every anchor of its cluster
-//! ([`ControlDown::Anchors`]). Closing it closes the connection.
+//! ([`ControlDown::Anchors`]) and the mesh's revocation set ([`ControlDown::Revoked`]). Closing it closes the connection.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +41,22 @@ pub enum ControlDown {
     /// The anchors of the cluster (after `Registered`, and again whenever the set changes):
     /// where the node may reconnect when it loses this one.
     Anchors(AnchorList),
+    /// The mesh's revocation set (after `Registered`, and again whenever it changes), which
+    /// the node keeps, so that it refuses revoked peers even while the anchor is away.
+    Revoked(RevokedList),
+}
+
+/// Part of the mesh's revocation set. A set is sent as one list with `replace` followed by
+/// as many without as it needs (each at most [`MAX_REVOKED`] devices and serials).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RevokedList {
+    /// This list starts a new set (what the node held before is dropped); else it adds.
+    pub replace: bool,
+    /// Device ids (display form) all of whose certificates are revoked.
+    pub devices: Vec<String>,
+    /// Serials of single revoked certificates.
+    pub serials: Vec<Vec<u8>>,
 }
 
 /// Every live anchor of the cluster, as the node should dial them.
@@ -204,6 +220,18 @@ impl ControlDown {
             ]),
             ControlDown::RenewRefused(r) => {
                 check_lengths(&[("message", r.message.len(), MAX_TEXT_LEN)])
+            }
+            ControlDown::Revoked(list) => {
+                check_lengths(&[
+                    ("revoked.devices", list.devices.len(), MAX_REVOKED),
+                    ("revoked.serials", list.serials.len(), MAX_REVOKED),
+                ])?;
+                list.devices.iter().try_for_each(|d| {
+                    check_lengths(&[("revoked.device", d.len(), MAX_NAME_LEN)])
+                })?;
+                list.serials
+                    .iter()
+                    .try_for_each(|s| check_lengths(&[("revoked.serial", s.len(), MAX_SERIAL_LEN)]))
             }
             ControlDown::Anchors(list) => {
                 check_lengths(&[("anchors", list.addrs.len(), MAX_ANCHORS)])?;

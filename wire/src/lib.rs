@@ -78,6 +78,11 @@ pub mod limits {
     pub const MAX_CERT_LEN: usize = 16 * 1024;
     /// Most anchor addresses in one [`AnchorList`](crate::control::AnchorList).
     pub const MAX_ANCHORS: usize = 64;
+    /// Most devices, and most serials, in one [`RevokedList`](crate::control::RevokedList)
+    /// (a bigger set is sent in several).
+    pub const MAX_REVOKED: usize = 2048;
+    /// Longest certificate serial in a [`RevokedList`](crate::control::RevokedList).
+    pub const MAX_SERIAL_LEN: usize = 64;
 }
 
 /// A top-level message of one stream or of the datagram channel.

@@ -397,6 +397,8 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
         .filter(|a| !a.is_empty())
         .unwrap_or(saved_anchors);
     let anchor_in_use = live.as_ref().and_then(|l| l.anchor.clone());
+    // The revocation set the node holds (the file outlives the agent and the anchor).
+    let revoked = state.revoked().ok().flatten().unwrap_or_default();
     let device_id = key.as_ref().map(|k| k.device_id().to_string());
     let paired = cert.is_some();
     let expires = cert.as_ref().map(|c| rfc3339(c.not_after));
@@ -417,6 +419,8 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
             "last_error": live.as_ref().and_then(|l| l.last_error.clone()),
             "anchor_in_use": anchor_in_use,
             "anchors": known_anchors,
+            "revoked_devices": revoked.devices.len(),
+            "revoked_serials": revoked.serials.len(),
         });
         println!("{doc}");
     } else {
@@ -425,6 +429,13 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
             device_id.as_deref().unwrap_or("(no key yet)")
         );
         println!("anchor:      {}", anchor.as_deref().unwrap_or("(none)"));
+        if !revoked.is_empty() {
+            println!(
+                "revoked:     {} devices, {} certificates (refused as peers)",
+                revoked.devices.len(),
+                revoked.serials.len()
+            );
+        }
         if !known_anchors.is_empty() {
             println!("anchors:     {}", known_anchors.join(", "));
         }

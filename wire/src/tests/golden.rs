@@ -304,6 +304,11 @@ fn variant_indices_are_append_only() {
         }),
         ControlDown::RotateNow,
         ControlDown::Anchors(AnchorList { addrs: vec![] }),
+        ControlDown::Revoked(RevokedList {
+            replace: true,
+            devices: vec![],
+            serials: vec![],
+        }),
     ];
     for m in downs {
         let expected = match m {
@@ -313,6 +318,7 @@ fn variant_indices_are_append_only() {
             ControlDown::RenewRefused(_) => 3,
             ControlDown::RotateNow => 4,
             ControlDown::Anchors(_) => 5,
+            ControlDown::Revoked(_) => 6,
         };
         assert_eq!(tag(&m), expected, "{m:?}");
     }

@@ -223,6 +223,26 @@ fn control_down_limits() {
         })
         .validate()
     });
+    let revoked = |devices: Vec<String>, serials: Vec<Vec<u8>>| {
+        ControlDown::Revoked(RevokedList {
+            replace: false,
+            devices,
+            serials,
+        })
+        .validate()
+    };
+    check_limit("revoked.devices", MAX_REVOKED, |n| {
+        revoked(vec!["d".into(); n], vec![])
+    });
+    check_limit("revoked.serials", MAX_REVOKED, |n| {
+        revoked(vec![], vec![vec![1]; n])
+    });
+    check_limit("revoked.device", MAX_NAME_LEN, |n| {
+        revoked(vec![text(n)], vec![])
+    });
+    check_limit("revoked.serial", MAX_SERIAL_LEN, |n| {
+        revoked(vec![], vec![bytes(n)])
+    });
     check_limit("anchor", MAX_NAME_LEN, |n| {
         ControlDown::Anchors(AnchorList {
             addrs: vec![text(n)],
