@@ -32,6 +32,8 @@
 //! - [`link`]: [`LinkConfig`], [`Loss`], [`Preset`] and the pure engine that decides the fate
 //!   of each datagram (loss, queue, delay, reordering, duplication) from a seeded generator,
 //!   given `now`. Shared by the network and the proxy.
+//! - [`nat`]: [`NatConfig`] and its behaviours, [`NatCounters`], and the pure translation
+//!   table behind [`Nat`] boxes ([`Network::add_nat`]).
 //! - [`counters`]: [`Counters`], [`Drops`], [`HostCounters`].
 //! - [`proxy`]: the same link conditions between real UDP sockets (`anchorage-netsim proxy`).
 //! - `rng`: the seeded xoshiro256** generator; nothing in netsim uses another source of
@@ -43,6 +45,7 @@
 
 pub mod counters;
 pub mod link;
+pub mod nat;
 pub mod network;
 pub mod proxy;
 mod rng;
@@ -50,6 +53,7 @@ pub mod socket;
 
 pub use counters::{Counters, Drops, HostCounters};
 pub use link::{GilbertElliott, LinkConfig, LinkConfigError, Loss, Preset, PresetParseError};
-pub use network::{AddressError, Host, HostId, Network};
+pub use nat::{FilteringBehavior, MappingBehavior, NatConfig, NatCounters, NatDrops};
+pub use network::{AddressError, Host, HostId, Nat, Network};
 pub use proxy::{Proxy, ProxyConfig, ProxyCounters, ProxyError};
 pub use socket::SimSocket;

@@ -17,6 +17,7 @@ use crate::counters::{Counters, DropCause, HostCounters};
 use crate::link::{
     IPV4_UDP_HEADER, IPV6_UDP_HEADER, LinkConfig, LinkConfigError, LinkEngine, Verdict,
 };
+use crate::nat::{NatConfig, NatCounters, NatTable};
 use crate::rng::{Rng, derive_seed};
 use crate::socket::SimSocket;
 
@@ -33,6 +34,9 @@ pub const FIRST_HOST_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 1, 0, 0, 1)
 /// that, datagrams are dropped as [`Drops::queue_full`](crate::Drops::queue_full). Only a
 /// sender that ignores congestion on a fast, long link gets near it.
 pub const MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
+/// Inside subnet of the first NAT (192.168.1.0/24); the n-th NAT gets 192.168.n.0/24, and
+/// from the 256th on, /24s from 172.16.0.0 up. Its hosts get .2, .3, ...
+pub const FIRST_NAT_SUBNET: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 0);
 
 /// A virtual UDP network on tokio's clock.
 ///
@@ -55,6 +59,20 @@ pub struct HostId(u32);
 /// A cheap handle; clones refer to the same host.
 #[derive(Clone)]
 pub struct Host {
+    net: Network,
+    id: HostId,
+    name: Arc<str>,
+}
+
+/// A NAT box (or firewall) on the network: a public address on the outside, private hosts
+/// (and perhaps other NATs) on the inside. See [`NatConfig`] for its behaviours.
+///
+/// A cheap handle; clones refer to the same NAT. It has a [`HostId`] of its own, so links
+/// ([`Network::set_link_both`]), partitions and host counters apply to it as to a host: the
+/// link between the NAT and the outside is its uplink, and cutting the NAT off cuts off
+/// everything behind it.
+#[derive(Clone)]
+pub struct Nat {
     net: Network,
     id: HostId,
     name: Arc<str>,
@@ -92,6 +110,8 @@ pub(crate) struct State {
     next_socket: SocketId,
     next_ip: u32,
     next_ip6: u128,
+    /// NATs created so far; numbers their inside subnets.
+    nats: u32,
     links: HashMap<(HostId, HostId), Link>,
     partitions: Vec<(Vec<HostId>, Vec<HostId>)>,
     in_flight: BinaryHeap<InFlight>,
@@ -107,6 +127,16 @@ struct HostState {
     next_port: u16,
     /// Datagrams sent to addresses no host has; they belong to no link.
     unrouted: Counters,
+    /// The NAT this host (or NAT) sits directly behind; `None` on the public network.
+    behind: Option<HostId>,
+    /// Set if this is a NAT box rather than a host with sockets.
+    nat: Option<Box<NatBox>>,
+}
+
+struct NatBox {
+    table: NatTable,
+    /// The next inside address to try for a new host.
+    next_inside: u32,
 }
 
 struct SocketState {
@@ -155,6 +185,7 @@ impl Network {
             next_socket: 0,
             next_ip: u32::from(FIRST_HOST_IP),
             next_ip6: u128::from(FIRST_HOST_IPV6),
+            nats: 0,
             links: HashMap::new(),
             partitions: Vec::new(),
             in_flight: BinaryHeap::new(),
@@ -184,6 +215,18 @@ impl Network {
         let id = state.insert_host(ip);
         drop(state);
         self.host_handle(id, name)
+    }
+
+    /// Adds a NAT on the public network, at the next free public address (as [`add_host`]
+    /// gives out). Put hosts behind it with [`Nat::add_host`].
+    ///
+    /// [`add_host`]: Self::add_host
+    pub fn add_nat(&self, name: &str, config: NatConfig) -> Nat {
+        let mut state = self.inner.lock();
+        let ip = state.allocate_ip(false);
+        let id = state.insert_nat(ip, None, config);
+        drop(state);
+        self.nat_handle(id, name)
     }
 
     /// Adds a host with a chosen address (IPv4 or IPv6).
@@ -301,6 +344,24 @@ impl Network {
     /// Datagrams scheduled for delivery that have not arrived yet.
     pub fn in_flight(&self) -> usize {
         self.inner.lock().in_flight.len()
+    }
+
+    /// Counters of every NAT, summed.
+    pub fn nat_counters(&self) -> NatCounters {
+        let state = self.inner.lock();
+        let mut total = NatCounters::default();
+        for nat in state.hosts.iter().filter_map(|h| h.nat.as_ref()) {
+            total += nat.table.counters();
+        }
+        total
+    }
+
+    fn nat_handle(&self, id: HostId, name: &str) -> Nat {
+        Nat {
+            net: self.clone(),
+            id,
+            name: Arc::from(name),
+        }
     }
 
     fn host_handle(&self, id: HostId, name: &str) -> Host {
@@ -448,8 +509,12 @@ impl Host {
     /// [`Drops::no_route`]: crate::Drops::no_route
     pub fn rebind(&self) -> IpAddr {
         let mut state = self.net.inner.lock();
-        let v6 = state.hosts[self.id.index()].ip.is_ipv6();
-        let ip = state.allocate_ip(v6);
+        let host = &state.hosts[self.id.index()];
+        let (v6, behind) = (host.ip.is_ipv6(), host.behind);
+        let ip = match behind {
+            Some(nat) => state.allocate_inside(nat),
+            None => state.allocate_ip(v6),
+        };
         state.move_host(self.id, ip);
         ip
     }
@@ -474,6 +539,101 @@ impl fmt::Debug for Host {
             .field("id", &self.id)
             .field("name", &self.name)
             .field("ip", &self.ip())
+            .finish()
+    }
+}
+
+impl Nat {
+    /// This NAT's id, for [`Network`] methods that take hosts (links, partitions, counters).
+    pub fn id(&self) -> HostId {
+        self.id
+    }
+
+    /// The label given at creation.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The network this NAT belongs to.
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
+    /// The address the outside sees: mapped datagrams leave from it. For a NAT behind another
+    /// NAT, an address inside the outer one.
+    pub fn public_ip(&self) -> IpAddr {
+        self.net.inner.lock().hosts[self.id.index()].ip
+    }
+
+    /// How this NAT behaves.
+    pub fn config(&self) -> NatConfig {
+        self.with_table(|t| t.config().clone())
+    }
+
+    /// Adds a host behind this NAT at the next free address of its subnet (192.168.n.2, ...).
+    pub fn add_host(&self, name: &str) -> Host {
+        let mut state = self.net.inner.lock();
+        let ip = state.allocate_inside(self.id);
+        let id = state.insert_host(ip);
+        state.hosts[id.index()].behind = Some(self.id);
+        drop(state);
+        self.net.host_handle(id, name)
+    }
+
+    /// Adds a host behind this NAT at a chosen address. Which side of a NAT a host is on
+    /// depends on how it was added, not on its address; choose a private one.
+    pub fn add_host_with_ip(&self, name: &str, ip: IpAddr) -> Result<Host, AddressError> {
+        let mut state = self.net.inner.lock();
+        state.check_ip(ip)?;
+        let id = state.insert_host(ip);
+        state.hosts[id.index()].behind = Some(self.id);
+        drop(state);
+        Ok(self.net.host_handle(id, name))
+    }
+
+    /// Adds a NAT behind this one (carrier-grade NAT: this is the carrier's, the new one the
+    /// home router); its public address is a private address of this NAT's subnet.
+    pub fn add_nat(&self, name: &str, config: NatConfig) -> Nat {
+        let mut state = self.net.inner.lock();
+        let ip = state.allocate_inside(self.id);
+        let id = state.insert_nat(ip, Some(self.id), config);
+        drop(state);
+        self.net.nat_handle(id, name)
+    }
+
+    /// What this NAT translated and dropped.
+    pub fn counters(&self) -> NatCounters {
+        self.with_table(|t| t.counters())
+    }
+
+    /// Mappings alive now.
+    pub fn mappings(&self) -> usize {
+        let now = Instant::now();
+        self.with_table(|t| t.live_mappings(now))
+    }
+
+    /// Forgets every mapping, as a reboot of the box does: flows from the inside get new
+    /// public ports, and peers that knew the old ones can no longer reach in.
+    pub fn flush(&self) {
+        self.with_table(NatTable::flush);
+    }
+
+    fn with_table<T>(&self, f: impl FnOnce(&mut NatTable) -> T) -> T {
+        let mut state = self.net.inner.lock();
+        match state.hosts[self.id.index()].nat.as_mut() {
+            Some(nat) => f(&mut nat.table),
+            // A `Nat` handle is only made for a host created as a NAT.
+            None => unreachable!("netsim: {} is not a NAT", self.id),
+        }
+    }
+}
+
+impl fmt::Debug for Nat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Nat")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("public_ip", &self.public_ip())
             .finish()
     }
 }
@@ -540,9 +700,51 @@ impl State {
             up: true,
             next_port: EPHEMERAL_PORTS_START,
             unrouted: Counters::default(),
+            behind: None,
+            nat: None,
         });
         self.by_ip.insert(ip, id);
         id
+    }
+
+    fn insert_nat(&mut self, ip: IpAddr, behind: Option<HostId>, config: NatConfig) -> HostId {
+        self.nats += 1;
+        let n = self.nats;
+        let subnet = if n < 256 {
+            u32::from(FIRST_NAT_SUBNET) + ((n - 1) << 8)
+        } else {
+            u32::from(Ipv4Addr::new(172, 16, 0, 0)).wrapping_add((n - 256) << 8)
+        };
+        let id = self.insert_host(ip);
+        let key = 0x4e41_5400_0000_0000 | u64::from(id.0);
+        let host = &mut self.hosts[id.index()];
+        host.behind = behind;
+        host.nat = Some(Box::new(NatBox {
+            table: NatTable::new(config, ip, derive_seed(self.seed, key)),
+            next_inside: subnet + 2,
+        }));
+        id
+    }
+
+    /// The next free address inside `nat`'s subnet.
+    fn allocate_inside(&mut self, nat: HostId) -> IpAddr {
+        loop {
+            let Some(next) = self.hosts[nat.index()]
+                .nat
+                .as_mut()
+                .map(|n| &mut n.next_inside)
+            else {
+                // Only called with NAT ids; fall back to a public address.
+                return self.allocate_ip(false);
+            };
+            let candidate = Ipv4Addr::from(*next);
+            *next = next.wrapping_add(1);
+            let last = candidate.octets()[3];
+            let ip = IpAddr::V4(candidate);
+            if last > 1 && last != 255 && self.check_ip(ip).is_ok() {
+                return ip;
+            }
+        }
     }
 
     fn move_host(&mut self, host: HostId, ip: IpAddr) {
@@ -653,19 +855,62 @@ impl State {
         let Some(src_host) = self.sockets.get(&socket).map(|s| s.host) else {
             return false;
         };
-        let len = payload.len() as u64;
-        let Some(&dst_host) = self.by_ip.get(&dest.ip()) else {
-            let host = &mut self.hosts[src_host.index()];
+        let behind = self.hosts[src_host.index()].behind;
+        self.forward(now, src_host, behind, src, dest, ecn, payload)
+    }
+
+    /// Sends a datagram from `from`, which sits in the realm behind NAT `realm` (`None`: the
+    /// public network), towards `dest`: straight to a host or NAT of the same realm, else up
+    /// through the realm's NAT. Returns true if the router must wake up earlier.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        now: Instant,
+        from: HostId,
+        realm: Option<HostId>,
+        src: SocketAddr,
+        dest: SocketAddr,
+        ecn: Option<EcnCodepoint>,
+        payload: &[u8],
+    ) -> bool {
+        let next = self.by_ip.get(&dest.ip()).copied().and_then(|target| {
+            if self.hosts[target.index()].behind == realm {
+                Some(target)
+            } else {
+                // A NAT forwarding inwards has nowhere further up to send.
+                realm.filter(|&gateway| gateway != from)
+            }
+        });
+        let Some(next) = next else {
+            let host = &mut self.hosts[from.index()];
             host.unrouted.sent += 1;
-            host.unrouted.sent_bytes += len;
+            host.unrouted.sent_bytes += payload.len() as u64;
             host.unrouted.dropped.record(if host.up {
                 DropCause::NoRoute
             } else {
                 DropCause::HostDown
             });
-            tracing::trace!(%src, %dest, "netsim: no host at destination");
+            tracing::trace!(%src, %dest, "netsim: no route to destination");
             return false;
         };
+        self.transmit(now, (from, next), src, dest, ecn, payload)
+    }
+
+    /// Offers a datagram to the link `from -> to`.
+    fn transmit(
+        &mut self,
+        now: Instant,
+        (src_host, dst_host): (HostId, HostId),
+        src: SocketAddr,
+        dest: SocketAddr,
+        ecn: Option<EcnCodepoint>,
+        payload: &[u8],
+    ) -> bool {
+        let len = payload.len() as u64;
+        // A NAT and what sits directly behind it share a box or a LAN: ideal unless set.
+        let lan = src_host == dst_host
+            || self.hosts[src_host.index()].behind == Some(dst_host)
+            || self.hosts[dst_host.index()].behind == Some(src_host);
         let hosts_up = self.hosts[src_host.index()].up && self.hosts[dst_host.index()].up;
         let partitioned = self.partitioned(src_host, dst_host);
         let seed = self.seed;
@@ -693,7 +938,7 @@ impl State {
         }
         let config = match &link.config {
             Some(config) => config,
-            None if src_host == dst_host => loopback,
+            None if lan => loopback,
             None => default_link,
         };
         let header = if dest.is_ipv4() {
@@ -765,6 +1010,9 @@ impl State {
                 Some(DropCause::HostDown)
             } else if self.partitioned(packet.link.0, dst_host) {
                 Some(DropCause::Partition)
+            } else if self.hosts[dst_host.index()].nat.is_some() {
+                self.arrive_at_nat(now, packet);
+                continue;
             } else {
                 match self
                     .bound
@@ -793,6 +1041,34 @@ impl State {
             }
         }
         self.router_deadline = self.in_flight.peek().map(|p| p.at);
+    }
+
+    /// A datagram reached a NAT: translate it and send it on from the NAT, at once. What the
+    /// NAT forwards over an ideal link is due now, so `deliver_due` moves it on in the same
+    /// pass.
+    fn arrive_at_nat(&mut self, now: Instant, packet: Received) {
+        let (from, nat_id) = packet.link;
+        if let Some(link) = self.links.get_mut(&packet.link) {
+            link.counters.delivered += 1;
+            link.counters.delivered_bytes += packet.data.len() as u64;
+        }
+        let from_inside = self.hosts[from.index()].behind == Some(nat_id);
+        let outer = self.hosts[nat_id.index()].behind;
+        let Some(nat) = self.hosts[nat_id.index()].nat.as_mut() else {
+            return;
+        };
+        match nat
+            .table
+            .translate(now, from_inside, packet.src, packet.dst)
+        {
+            Ok(t) => {
+                let realm = if t.inward { Some(nat_id) } else { outer };
+                self.forward(now, nat_id, realm, t.src, t.dst, packet.ecn, &packet.data);
+            }
+            Err(cause) => {
+                tracing::trace!(src = %packet.src, dst = %packet.dst, ?cause, "netsim: dropped by NAT");
+            }
+        }
     }
 
     /// Fills `bufs`/`meta` from the socket's receive buffer, or registers `cx` to be woken.
