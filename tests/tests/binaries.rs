@@ -1147,3 +1147,83 @@ fn work_queued_for_a_killed_node_reaches_it_when_it_runs_again() {
         restarted.elapsed()
     );
 }
+
+/// Pairs a node named `name` with `anchord` into `state` (approved at once); its device id.
+fn pair_approved(anchord: &Anchord, state: &Path, name: &str) -> String {
+    let code = anchord.mint_pin();
+    let pairing = anchord.spawn_pair(&code, state, name, true);
+    let req = anchord.wait_pending(name);
+    anchord.ctl(&["pair", "approve", req["request_id"].as_str().unwrap()]);
+    let out = pairing.finish(COMMAND_TIMEOUT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    out.json()["device_id"].as_str().unwrap().to_string()
+}
+
+/// `anchor-node status --json` of the node in `state`.
+fn node_status(cwd: &Path, state: &Path) -> Value {
+    let out = run(
+        "anchor-node status",
+        command(&bins().anchor_node, cwd)
+            .args(["status", "--json", "--state-dir"])
+            .arg(state),
+    );
+    assert!(out.status.success(), "{out:?}");
+    out.json()
+}
+
+#[test]
+fn running_nodes_hold_the_revocation_set_and_keep_it_without_the_anchor() {
+    let data = tempfile::tempdir().unwrap();
+    let anchord = start_anchord(&data.path().join("anchor"));
+    let node_dir = tempfile::tempdir().unwrap();
+    let (keeper, lost) = (node_dir.path().join("keeper"), node_dir.path().join("lost"));
+    pair_approved(&anchord, &keeper, "keeper");
+    let lost_id = pair_approved(&anchord, &lost, "lost");
+
+    let mut run_cmd = command(&bins().anchor_node, node_dir.path());
+    run_cmd.arg("run").arg("--state-dir").arg(&keeper);
+    let node = Proc::spawn("anchor-node run", &mut run_cmd);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_status(node_dir.path(), &keeper)["connected"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "never connected: {}",
+            node.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(node_status(node_dir.path(), &keeper)["revoked_devices"], 0);
+
+    // Revoked on the anchor: the running node holds it within a second, in its state dir.
+    anchord.ctl(&["device", "revoke", &lost_id]);
+    let revoked = Instant::now();
+    let file = keeper.join("revoked.json");
+    while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&lost_id)) {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "the node never heard of the revocation: {}",
+            node.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "the running node held the revocation {:?} after it was made",
+        revoked.elapsed()
+    );
+    assert!(
+        revoked.elapsed() < Duration::from_secs(2),
+        "within a second (and a loaded machine's slack)"
+    );
+
+    // With the anchor gone and the agent stopped, the node still holds it.
+    anchord.terminate();
+    node.terminate();
+    let status = node_status(node_dir.path(), &keeper);
+    assert_eq!(status["revoked_devices"], 1, "{status}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "revoked.json mode {mode:o}");
+    }
+}
