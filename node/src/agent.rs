@@ -49,10 +49,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::anchors::ResolveError;
 use crate::anchors::{AnchorAddr, AnchorSet, Pause, SilenceWatch};
 use crate::capability::{Registry, RunOutcome};
 use crate::revoked::RevokedSet;
-use crate::run::ResolveError;
 use crate::state::{LiveStatus, StateDir, StateError};
 
 /// Agent version reported at registration.
@@ -67,10 +67,7 @@ pub const RECONNECT_BASE: Duration = Duration::from_millis(500);
 pub const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 /// How often certificate expiry and capability availability are checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(30);
-/// With another anchor to go to, an anchor from which nothing at all was received for this
-/// long is given up on (and a handshake that takes longer fails). Above the node's 5 s
-/// keep-alive, which a live anchor acknowledges at once.
-pub const ANCHOR_SILENCE: Duration = Duration::from_secs(6);
+pub use crate::anchors::ANCHOR_SILENCE;
 /// How often the received-datagram count is looked at for [`ANCHOR_SILENCE`].
 pub const SILENCE_POLL: Duration = Duration::from_millis(500);
 /// Longest random pause before dialing the next anchor after a connection was lost.
@@ -111,7 +108,7 @@ impl AgentConfig {
         AgentConfig {
             state,
             name,
-            platform: crate::pair::platform(),
+            platform: crate::capability::platform(),
             capabilities,
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             reconnect_max: Duration::from_secs(30),
@@ -532,7 +529,7 @@ pub async fn run(
             HANDSHAKE_TIMEOUT
         };
         let attempt = async {
-            let addr = crate::run::resolve_anchor(&target).await.map_err(|e| {
+            let addr = crate::anchors::resolve_anchor(&target).await.map_err(|e| {
                 debug!(anchor = %target, error = %e, "skipping an anchor whose name does not resolve");
                 SessionEnd::Failed(LinkError::Resolve(e))
             })?;

@@ -19,7 +19,7 @@
 //!   round too, so an anchor that accepts and drops nodes at once is not hammered.
 //!
 //! [`SilenceWatch`] is the rule that declares an anchor silent (see
-//! [`ANCHOR_SILENCE`](crate::agent::ANCHOR_SILENCE)).
+//! [`ANCHOR_SILENCE`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -34,6 +34,11 @@ use anchorage_wire::limits::{MAX_ANCHORS, MAX_NAME_LEN};
 pub const MAX_KNOWN: usize = MAX_ANCHORS;
 /// The longest `HOST:PORT` a node accepts, in bytes (the wire's limit on one anchor address).
 pub const MAX_ADDR_LEN: usize = MAX_NAME_LEN;
+
+/// With another anchor to go to, an anchor from which nothing at all was received for this
+/// long is given up on (and a handshake that takes longer fails). Above the node's 5 s
+/// keep-alive, which a live anchor acknowledges at once.
+pub const ANCHOR_SILENCE: Duration = Duration::from_secs(6);
 
 /// An anchor's QUIC address as a node dials it: `HOST:PORT`, where `HOST` is a name (resolved
 /// at each attempt), an IPv4 address or a bracketed IPv6 address. Compared as text: `a:7444`
@@ -325,6 +330,60 @@ impl SilenceWatch {
             return false;
         }
         now.saturating_duration_since(self.since) >= self.limit
+    }
+}
+
+/// Why `HOST:PORT` did not resolve.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// The resolver failed (or the text is not `HOST:PORT`).
+    #[error("cannot resolve {addr}: {source} (expected HOST:PORT)")]
+    Lookup {
+        /// What was given.
+        addr: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// The name resolved to nothing.
+    #[error("{0} resolved to no address")]
+    NoAddress(String),
+}
+
+/// The address of the first of `anchors` that resolves (to open a socket of its family), or
+/// the first error.
+pub async fn resolve_first(anchors: &[AnchorAddr]) -> Result<SocketAddr, ResolveError> {
+    let mut first_error = None;
+    for anchor in anchors {
+        match resolve_anchor(anchor).await {
+            Ok(addr) => return Ok(addr),
+            Err(e) => {
+                tracing::debug!(%anchor, error = %e, "an anchor's name does not resolve");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| ResolveError::NoAddress(String::new())))
+}
+
+/// Resolves an anchor address: an IP address as it is, a name through the system resolver.
+pub async fn resolve_anchor(anchor: &AnchorAddr) -> Result<SocketAddr, ResolveError> {
+    match anchor.literal() {
+        Some(addr) => Ok(addr),
+        None => resolve(anchor.as_str()).await,
+    }
+}
+
+/// Resolves `host:port` to one address (the first the system returns).
+pub async fn resolve(anchor: &str) -> Result<SocketAddr, ResolveError> {
+    match tokio::net::lookup_host(anchor).await {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| ResolveError::NoAddress(anchor.to_string())),
+        Err(source) => Err(ResolveError::Lookup {
+            addr: anchor.to_string(),
+            source,
+        }),
     }
 }
 

@@ -541,6 +541,11 @@ pub async fn run_command(
     }
 }
 
+/// This machine's platform string, e.g. `linux-x86_64`.
+pub fn platform() -> String {
+    format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,5 @@ pub mod revoked;
 pub mod run;
 pub mod state;
 
-pub use run::{
-    ResolveError, RunConfig, RunError, client_endpoint, registry, resolve, resolve_anchor,
-    resolve_first, run,
-};
+pub use anchors::{ResolveError, resolve, resolve_anchor, resolve_first};
+pub use run::{RunConfig, RunError, client_endpoint, registry, run};

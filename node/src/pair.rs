@@ -23,9 +23,9 @@ use anchorage_wire::bootstrap::*;
 use anchorage_wire::{ANCHOR_SERVER_NAME, ErrorCode, PROTOCOL_VERSION};
 use tracing::{debug, info};
 
-use crate::agent::ANCHOR_SILENCE;
+use crate::anchors::ANCHOR_SILENCE;
+use crate::anchors::ResolveError;
 use crate::anchors::{self, AnchorAddr};
-use crate::run::ResolveError;
 use crate::state::{PendingPairing, StateDir, StateError};
 
 /// Time to wait for each answer of the anchor (except the operator's decision).
@@ -660,7 +660,7 @@ impl Targets {
             let target = &self.list[self.current];
             let addr = match target.fixed {
                 Some(a) => Ok(a),
-                None => crate::run::resolve(&target.given).await,
+                None => crate::anchors::resolve(&target.given).await,
             };
             let result = match addr {
                 Ok(addr) => connect(endpoint, addr, pinned, limit).await,
@@ -739,10 +739,7 @@ fn unix_ms() -> u64 {
     .unwrap_or(u64::MAX)
 }
 
-/// This machine's platform string, e.g. `linux-x86_64`.
-pub fn platform() -> String {
-    format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH)
-}
+pub use crate::capability::platform;
 
 /// Why a pairing code given by a user was not accepted.
 #[derive(Debug, thiserror::Error)]

@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::agent::{self, AgentConfig, AgentError, AgentStats};
-use crate::anchors::{AnchorAddr, AnchorSet};
+use crate::anchors::{AnchorAddr, AnchorSet, ResolveError, resolve_first};
 use crate::capability::{self, Capability, CommandCap, NodeFacts, Registry};
 use crate::config::{ConfigError, NodeConfig};
 use crate::state::{StateDir, StateError};
@@ -82,7 +82,7 @@ impl RunConfig {
             anchor_addr: None,
             anchor_addrs: Vec::new(),
             endpoint: None,
-            platform: crate::pair::platform(),
+            platform: crate::capability::platform(),
             status_every: Some(Duration::from_secs(2)),
             seed: None,
             extra_capabilities: Vec::new(),
@@ -110,23 +110,6 @@ pub enum RunError {
     /// The agent stopped: the device was revoked, removed or expired.
     #[error(transparent)]
     Agent(#[from] AgentError),
-}
-
-/// Why `HOST:PORT` did not resolve.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ResolveError {
-    /// The resolver failed (or the text is not `HOST:PORT`).
-    #[error("cannot resolve {addr}: {source} (expected HOST:PORT)")]
-    Lookup {
-        /// What was given.
-        addr: String,
-        /// The resolver's error.
-        source: std::io::Error,
-    },
-    /// The name resolved to nothing.
-    #[error("{0} resolved to no address")]
-    NoAddress(String),
 }
 
 /// Runs a paired node until `shutdown` resolves (then it says `stopping` to the anchor and
@@ -229,43 +212,6 @@ fn anchor_set(
         .ok_or_else(|| RunError::State(StateError::NotPaired(state.path().to_path_buf())))
 }
 
-/// The address of the first of `anchors` that resolves (to open a socket of its family), or
-/// the first error.
-pub async fn resolve_first(anchors: &[AnchorAddr]) -> Result<SocketAddr, ResolveError> {
-    let mut first_error = None;
-    for anchor in anchors {
-        match resolve_anchor(anchor).await {
-            Ok(addr) => return Ok(addr),
-            Err(e) => {
-                debug!(%anchor, error = %e, "an anchor's name does not resolve");
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    Err(first_error.unwrap_or_else(|| ResolveError::NoAddress(String::new())))
-}
-
-/// Resolves an anchor address: an IP address as it is, a name through the system resolver.
-pub async fn resolve_anchor(anchor: &AnchorAddr) -> Result<SocketAddr, ResolveError> {
-    match anchor.literal() {
-        Some(addr) => Ok(addr),
-        None => resolve(anchor.as_str()).await,
-    }
-}
-
-/// Resolves `host:port` to one address (the first the system returns).
-pub async fn resolve(anchor: &str) -> Result<SocketAddr, ResolveError> {
-    match tokio::net::lookup_host(anchor).await {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| ResolveError::NoAddress(anchor.to_string())),
-        Err(source) => Err(ResolveError::Lookup {
-            addr: anchor.to_string(),
-            source,
-        }),
-    }
-}
-
 /// A client endpoint on a real UDP socket of the same family as `anchor`.
 pub fn client_endpoint(anchor: SocketAddr) -> std::io::Result<quinn::Endpoint> {
     let bind: SocketAddr = if anchor.is_ipv4() {
@@ -305,6 +251,7 @@ pub fn registry(facts: NodeFacts, config: &NodeConfig) -> Result<Registry, Confi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::anchors::resolve;
 
     #[tokio::test]
     async fn an_unpaired_node_does_not_start() {
