@@ -139,20 +139,7 @@ impl Queue {
     /// Takes back what was unfinished before a restart: it is queued again (the node drops
     /// duplicates), and dispatched when its node registers.
     pub fn restore(&mut self, records: impl IntoIterator<Item = InvocationRecord>) {
-        for mut record in records {
-            if record.state.is_final() {
-                continue;
-            }
-            record.state = InvocationState::Queued;
-            self.active.insert(
-                record.id,
-                Entry {
-                    record,
-                    attempt: 0,
-                    on: None,
-                },
-            );
-        }
+        self.adopt(records);
     }
 
     /// Takes unfinished invocations queued by another anchor of the cluster for a node this

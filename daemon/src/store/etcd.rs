@@ -350,19 +350,11 @@ impl EtcdKv {
     /// its compares for the wrong reason).
     fn commit(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Option<u64>, StoreError> {
         let repeatable = compares.is_empty();
-        let txn = Txn::new().when(compares).and_then(ops);
-        let attempts = if repeatable { IDEMPOTENT_ATTEMPTS } else { 1 };
-        let mut last = None;
-        for attempt in 0..attempts {
-            match self.commit_once(txn.clone()) {
-                Ok(rev) => return Ok(rev),
-                Err(e) => {
-                    debug!(attempt, error = %e, "etcd transaction failed");
-                    last = Some(e);
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| StoreError::Backend("etcd: no attempt made".into())))
+        self.commit_tries(
+            compares,
+            ops,
+            if repeatable { IDEMPOTENT_ATTEMPTS } else { 1 },
+        )
     }
 
     /// Commits a conditional transaction that may safely be sent again (its compares hold
@@ -372,9 +364,18 @@ impl EtcdKv {
         compares: Vec<Compare>,
         ops: Vec<TxnOp>,
     ) -> Result<Option<u64>, StoreError> {
+        self.commit_tries(compares, ops, IDEMPOTENT_ATTEMPTS)
+    }
+
+    fn commit_tries(
+        &self,
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+        attempts: usize,
+    ) -> Result<Option<u64>, StoreError> {
         let txn = Txn::new().when(compares).and_then(ops);
         let mut last = None;
-        for attempt in 0..IDEMPOTENT_ATTEMPTS {
+        for attempt in 0..attempts {
             match self.commit_once(txn.clone()) {
                 Ok(rev) => return Ok(rev),
                 Err(e) => {
