@@ -139,6 +139,16 @@ pub enum AnchorEvent {
 }
 
 impl AnchorEvent {
+    /// `invocation`: the state `r` is in now.
+    pub fn invocation(r: &crate::records::InvocationRecord) -> AnchorEvent {
+        AnchorEvent::Invocation {
+            device: r.device_id,
+            id: InvocationId(r.id),
+            capability: r.capability.clone(),
+            state: r.state,
+        }
+    }
+
     /// The event's `kind` on the console stream.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -722,7 +722,7 @@ async fn cluster(opts: &Options, report: &mut Report) {
                 key.display().to_string(),
             ]);
         }
-        let mut anchord = {
+        let anchord = {
             let data = data.clone();
             tokio::task::spawn_blocking(move || {
                 let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -834,15 +834,7 @@ async fn cluster(opts: &Options, report: &mut Report) {
                 ),
             );
         }
-        for a in &agents {
-            let _ = a.stop.send(true);
-        }
-        for a in agents {
-            let _ = tokio::time::timeout(Duration::from_secs(5), a.task).await;
-        }
-        tokio::task::spawn_blocking(move || anchord.terminate(Duration::from_secs(30)))
-            .await
-            .unwrap();
+        stop_fleet(agents, anchord).await;
     }
     drop(etcd);
 }
@@ -1019,6 +1011,11 @@ async fn fleet(opts: &Options, parts: FleetParts, report: &mut Report) {
         anchord = restart(anchord, &data, &agents, report).await;
     }
 
+    stop_fleet(agents, anchord).await;
+}
+
+/// Stops every agent (waiting a moment for each), then the anchor, cleanly.
+async fn stop_fleet(agents: Vec<Agent>, mut anchord: Anchord) {
     for a in &agents {
         let _ = a.stop.send(true);
     }

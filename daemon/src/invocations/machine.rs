@@ -119,12 +119,7 @@ pub struct Queue {
 }
 
 fn event(r: &InvocationRecord) -> Effect {
-    Effect::Publish(AnchorEvent::Invocation {
-        device: r.device_id,
-        id: InvocationId(r.id),
-        capability: r.capability.clone(),
-        state: r.state,
-    })
+    Effect::Publish(AnchorEvent::invocation(r))
 }
 
 impl Queue {

@@ -126,12 +126,7 @@ impl Invocations {
                 .invocation_duration(now.saturating_sub(r.created_at_ms) as f64 / 1000.0);
         }
         let id = InvocationId(r.id);
-        let event = crate::events::AnchorEvent::Invocation {
-            device: r.device_id,
-            id,
-            capability: r.capability.clone(),
-            state: r.state,
-        };
+        let event = crate::events::AnchorEvent::invocation(&r);
         self.writer.put(RuntimeWrite::Invocation(r.clone())).await;
         if let Err(e) = self.writer.barrier().await {
             tracing::warn!(error = %e, invocation = %id, "final invocation record not written");
@@ -210,12 +205,7 @@ impl Invocations {
     /// moving here).
     pub async fn remote(&self, r: InvocationRecord, live: Option<SessionId>) -> Vec<Next> {
         let id = InvocationId(r.id);
-        let event = crate::events::AnchorEvent::Invocation {
-            device: r.device_id,
-            id,
-            capability: r.capability.clone(),
-            state: r.state,
-        };
+        let event = crate::events::AnchorEvent::invocation(&r);
         if r.state.is_final() {
             self.queue().hand_over_one(&id);
             self.events.publish(event);
