@@ -147,28 +147,7 @@ impl Scope {
     }
 }
 
-/// Whether `text` matches `pattern`, where `*` matches any run of characters (also none)
-/// and every other character matches itself.
-pub fn wildcard_match(pattern: &str, text: &str) -> bool {
-    let mut parts = pattern.split('*');
-    // `split` yields at least one part; the first is anchored at the start.
-    let first = parts.next().unwrap_or_default();
-    let Some(mut rest) = text.strip_prefix(first) else {
-        return false;
-    };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
-        // No `*` at all: the whole text must be the pattern.
-        return rest.is_empty();
-    };
-    for part in middle {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    rest.len() >= last.len() && rest.ends_with(last)
-}
+pub use anchorage_wire::peer::wildcard_match;
 
 /// Checks a capability pattern given for a token: 1 to 128 bytes of the characters capability
 /// names use (letters, digits, `.`, `_`, `-`, `/`, `:`) and `*`.

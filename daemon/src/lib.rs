@@ -37,6 +37,7 @@ pub mod inventory;
 pub mod invocations;
 pub mod metrics;
 pub mod nodes;
+pub mod policy;
 pub mod records;
 pub mod remote;
 pub mod services;

@@ -303,6 +303,13 @@ async fn run_session(
                     Refusal::AlreadyRegistered.close(&conn);
                     break "protocol violation";
                 }
+                // TODO(issue 14): the rendezvous service takes these.
+                Ok(Some(
+                    ControlUp::Candidates(_)
+                    | ControlUp::Services(_)
+                    | ControlUp::Rendezvous(_)
+                    | ControlUp::Paths(_),
+                )) => {}
                 Ok(None) => break "control stream finished",
                 Err(e) => {
                     if e.is_peer_fault() {

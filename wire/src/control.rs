@@ -6,10 +6,16 @@
 //! [`ControlDown::RenewalOnly`], after which only [`ControlUp::Renew`] is served. The stream then
 //! carries node events (stopping, capability availability) up and certificate renewal both ways
 //! for the life of the connection, and the anchor tells the node every anchor of its cluster
-//! ([`ControlDown::Anchors`]) and the mesh's revocation set ([`ControlDown::Revoked`]). Closing it closes the connection.
+//! ([`ControlDown::Anchors`]) and the mesh's revocation set ([`ControlDown::Revoked`]). For the
+//! peer-to-peer mesh it carries the rendezvous (see [`crate::peer`]): candidates, services and
+//! path reports up; the filtered peer directory, punches and unreachable peers down. Closing it
+//! closes the connection.
 
 use serde::{Deserialize, Serialize};
 
+use crate::peer::{
+    Candidates, Directory, PathReport, Punch, RendezvousRequest, ServiceList, Unreachable,
+};
 use crate::{LimitError, check_lengths, limits::*};
 
 /// A message from the node on the control stream.
@@ -22,6 +28,16 @@ pub enum ControlUp {
     Event(NodeEvent),
     /// Ask for a new certificate for a new CSR (same key or a new one).
     Renew(RenewRequest),
+    /// Where the node's UDP socket can be reached, as it sees it (after `Registered`, and
+    /// whenever it changes).
+    Candidates(Candidates),
+    /// The services the node exposes to peers (after `Registered`, and whenever they change).
+    Services(ServiceList),
+    /// Introduce this node to a peer: the anchor answers both with a [`ControlDown::Punch`],
+    /// or this one with [`ControlDown::Unreachable`].
+    Rendezvous(RendezvousRequest),
+    /// The node's peer connections, for the operators' view of the mesh.
+    Paths(PathReport),
 }
 
 /// A message from the anchor on the control stream.
@@ -44,6 +60,13 @@ pub enum ControlDown {
     /// The mesh's revocation set (after `Registered`, and again whenever it changes), which
     /// the node keeps, so that it refuses revoked peers even while the anchor is away.
     Revoked(RevokedList),
+    /// The peers the policy lets this node reach or be reached by (after `Registered`, and
+    /// whenever it changes).
+    Directory(Directory),
+    /// Start probing a peer now (both sides get one at once).
+    Punch(Punch),
+    /// A [`ControlUp::Rendezvous`] that cannot be served.
+    Unreachable(Unreachable),
 }
 
 /// Part of the mesh's revocation set. A set is sent as one list with `replace` followed by
@@ -202,6 +225,10 @@ impl ControlUp {
             }
             ControlUp::Event(NodeEvent::CapabilityChanged(c)) => check_lengths(&c.limits()),
             ControlUp::Renew(r) => check_lengths(&[("csr_der", r.csr_der.len(), MAX_CERT_LEN)]),
+            ControlUp::Candidates(c) => c.validate(),
+            ControlUp::Services(s) => s.validate(),
+            ControlUp::Rendezvous(_) => Ok(()),
+            ControlUp::Paths(p) => p.validate(),
         }
     }
 }
@@ -239,6 +266,9 @@ impl ControlDown {
                     .iter()
                     .try_for_each(|a| check_lengths(&[("anchor", a.len(), MAX_NAME_LEN)]))
             }
+            ControlDown::Directory(d) => d.validate(),
+            ControlDown::Punch(p) => p.validate(),
+            ControlDown::Unreachable(u) => u.validate(),
         }
     }
 }

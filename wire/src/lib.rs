@@ -13,6 +13,8 @@
 //! - [`control`]: the node's control stream on [`ALPN_NODE`] (register, events, renewal).
 //! - [`invoke`]: one bidirectional stream per capability invocation, opened by the anchor.
 //! - [`datagram`]: heartbeats and their acks, sent as QUIC datagrams.
+//! - [`peer`]: the peer-to-peer mesh: rendezvous messages, the relay stream, peer streams on
+//!   [`ALPN_PEER`] and path probes.
 //!
 //! Beside the protocol, the vocabulary every crate shares without any IO (the console's JSON
 //! API uses these types too, and reaches them without quinn or rustls):
@@ -36,6 +38,7 @@ pub mod error;
 pub mod frame;
 pub mod invoke;
 pub mod labels;
+pub mod peer;
 pub mod state;
 
 pub use device::DeviceId;
@@ -52,6 +55,13 @@ pub const ALPN_BOOTSTRAP: &[u8] = b"anchorage/bootstrap/1";
 
 /// ALPN of an enrolled node's connection: client certificate required.
 pub const ALPN_NODE: &[u8] = b"anchorage/node/1";
+
+/// ALPN of a connection between two nodes: both present their certificates.
+pub const ALPN_PEER: &[u8] = b"anchorage/peer/1";
+
+/// The TLS server name nodes use to reach each other (each checks the device id in the
+/// certificate instead of a name).
+pub const PEER_SERVER_NAME: &str = "anchorage-peer";
 
 /// The fixed TLS server name of every anchor, so nodes never depend on the anchor's IP address.
 pub const ANCHOR_SERVER_NAME: &str = "anchorage-anchor";
@@ -112,6 +122,9 @@ impl_message!(
     control::ControlDown,
     invoke::InvokeRequest,
     invoke::InvokeReply,
+    peer::Relay,
+    peer::PeerOpen,
+    peer::TunnelReply,
 );
 
 /// Returns the first of `checks` that fails: each is `(field name, actual length, limit)`.

@@ -6,7 +6,8 @@
 
 use super::{Message, hex, unhex};
 use crate::{
-    Decoded, bootstrap::*, control::*, datagram::*, decode_frame, encode_frame, invoke::*,
+    Decoded, DeviceId, bootstrap::*, control::*, datagram::*, decode_frame, encode_frame,
+    invoke::*, peer::*,
 };
 
 /// Asserts `msg` frames to exactly `expected` (hex, whitespace ignored) and back.
@@ -263,11 +264,26 @@ fn variant_indices_are_append_only() {
     }
 
     let renew = ControlUp::Renew(RenewRequest { csr_der: vec![] });
-    for m in [register(), stopping(), renew] {
+    let ups = [
+        register(),
+        stopping(),
+        renew,
+        ControlUp::Candidates(Candidates { addrs: vec![] }),
+        ControlUp::Services(ServiceList { names: vec![] }),
+        ControlUp::Rendezvous(RendezvousRequest {
+            peer: DeviceId::from_bytes([0; 20]),
+        }),
+        ControlUp::Paths(PathReport { paths: vec![] }),
+    ];
+    for m in ups {
         let expected = match m {
             ControlUp::Register(_) => 0,
             ControlUp::Event(_) => 1,
             ControlUp::Renew(_) => 2,
+            ControlUp::Candidates(_) => 3,
+            ControlUp::Services(_) => 4,
+            ControlUp::Rendezvous(_) => 5,
+            ControlUp::Paths(_) => 6,
         };
         assert_eq!(tag(&m), expected, "{m:?}");
     }
@@ -309,6 +325,20 @@ fn variant_indices_are_append_only() {
             devices: vec![],
             serials: vec![],
         }),
+        ControlDown::Directory(Directory {
+            replace: true,
+            policy_version: 0,
+            peers: vec![],
+        }),
+        ControlDown::Punch(Punch {
+            peer: DeviceId::from_bytes([0; 20]),
+            addrs: vec![],
+            token: [0; 16],
+        }),
+        ControlDown::Unreachable(Unreachable {
+            peer: DeviceId::from_bytes([0; 20]),
+            reason: String::new(),
+        }),
     ];
     for m in downs {
         let expected = match m {
@@ -319,6 +349,9 @@ fn variant_indices_are_append_only() {
             ControlDown::RotateNow => 4,
             ControlDown::Anchors(_) => 5,
             ControlDown::Revoked(_) => 6,
+            ControlDown::Directory(_) => 7,
+            ControlDown::Punch(_) => 8,
+            ControlDown::Unreachable(_) => 9,
         };
         assert_eq!(tag(&m), expected, "{m:?}");
     }
@@ -377,6 +410,72 @@ fn variant_indices_are_append_only() {
         let expected = match m {
             Datagram::Heartbeat(_) => 0,
             Datagram::HeartbeatAck(_) => 1,
+        };
+        assert_eq!(tag(&m), expected, "{m:?}");
+    }
+
+    let packet = RelayPacket {
+        peer: DeviceId::from_bytes([0; 20]),
+        packet: vec![],
+    };
+    for m in [Relay::Hello, Relay::Packet(packet)] {
+        let expected = match m {
+            Relay::Hello => 0,
+            Relay::Packet(_) => 1,
+        };
+        assert_eq!(tag(&m), expected, "{m:?}");
+    }
+    let request = InvokeRequest {
+        version: 1,
+        id: InvocationId([0; 16]),
+        capability: String::new(),
+        input: vec![],
+        remaining_ms: 0,
+        output_limit: 0,
+    };
+    let opens = [
+        PeerOpen::Invoke(request),
+        PeerOpen::Tunnel(TunnelOpen {
+            service: String::new(),
+        }),
+    ];
+    for m in opens {
+        let expected = match m {
+            PeerOpen::Invoke(_) => 0,
+            PeerOpen::Tunnel(_) => 1,
+        };
+        assert_eq!(tag(&m), expected, "{m:?}");
+    }
+    for m in [TunnelReply::Accepted, TunnelReply::Refused(String::new())] {
+        let expected = match m {
+            TunnelReply::Accepted => 0,
+            TunnelReply::Refused(_) => 1,
+        };
+        assert_eq!(tag(&m), expected, "{m:?}");
+    }
+    let ping = Ping {
+        from: DeviceId::from_bytes([0; 20]),
+        token: [0; 16],
+        tx: [0; 12],
+    };
+    let pong = Pong {
+        from: DeviceId::from_bytes([0; 20]),
+        token: [0; 16],
+        tx: [0; 12],
+        observed: "127.0.0.1:1".parse().unwrap(),
+    };
+    for m in [Probe::Ping(ping), Probe::Pong(pong)] {
+        let expected = match m {
+            Probe::Ping(_) => 0,
+            Probe::Pong(_) => 1,
+        };
+        assert_eq!(tag(&m), expected, "{m:?}");
+    }
+    for m in [PathKind::Direct, PathKind::Relayed, PathKind::None] {
+        let expected = match m {
+            PathKind::Direct => 0,
+            PathKind::Relayed => 1,
+            PathKind::None => 2,
         };
         assert_eq!(tag(&m), expected, "{m:?}");
     }

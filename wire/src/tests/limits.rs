@@ -252,6 +252,71 @@ fn control_down_limits() {
 }
 
 #[test]
+fn peer_limits() {
+    use crate::peer::*;
+    check_limit("candidates", MAX_CANDIDATES, |n| {
+        ControlUp::Candidates(Candidates {
+            addrs: vec!["1.2.3.4:5".into(); n],
+        })
+        .validate()
+    });
+    check_limit("services", MAX_SERVICES, |n| {
+        ControlUp::Services(ServiceList {
+            names: vec!["ssh".into(); n],
+        })
+        .validate()
+    });
+    check_limit("directory.peers", MAX_DIRECTORY_CHUNK, |n| {
+        directory(vec![peer_entry(0); n]).validate()
+    });
+    check_limit("grant.capabilities", MAX_GRANT_PATTERNS, |n| {
+        let mut p = peer_entry(0);
+        p.inbound.capabilities = vec!["*".into(); n];
+        directory(vec![p]).validate()
+    });
+    check_limit("packet", MAX_RELAY_PACKET, |n| {
+        Relay::Packet(RelayPacket {
+            peer: crate::DeviceId::from_bytes([0; 20]),
+            packet: bytes(n),
+        })
+        .validate()
+    });
+    check_limit("service", MAX_SERVICE_LEN, |n| {
+        PeerOpen::Tunnel(TunnelOpen { service: text(n) }).validate()
+    });
+}
+
+fn directory(peers: Vec<crate::peer::PeerEntry>) -> ControlDown {
+    ControlDown::Directory(crate::peer::Directory {
+        replace: true,
+        policy_version: u64::MAX,
+        peers,
+    })
+}
+
+/// A directory entry with every field `n` long (0: empty), or at its limit with `usize::MAX`.
+fn peer_entry(n: usize) -> crate::peer::PeerEntry {
+    use crate::peer::*;
+    let full = n == usize::MAX;
+    let pick = |limit: usize| if full { limit } else { n.min(limit) };
+    let grant = Grant {
+        capabilities: vec![text(pick(MAX_NAME_LEN)); pick(MAX_GRANT_PATTERNS)],
+        services: vec![text(pick(MAX_NAME_LEN)); pick(MAX_GRANT_PATTERNS)],
+    };
+    PeerEntry {
+        device_id: crate::DeviceId::from_bytes([0xff; 20]),
+        name: text(pick(MAX_NAME_LEN)),
+        labels: vec![
+            (text(pick(MAX_LABEL_KEY_LEN)), text(pick(MAX_NAME_LEN)));
+            pick(crate::labels::MAX_LABELS)
+        ],
+        services: vec![text(pick(MAX_SERVICE_LEN)); pick(MAX_SERVICES)],
+        outbound: grant.clone(),
+        inbound: grant,
+    }
+}
+
+#[test]
 fn invoke_limits() {
     check_limit("capability", MAX_NAME_LEN, |n| invoke(n, 0).validate());
     check_limit("input", MAX_INVOKE_INPUT, |n| invoke(0, n).validate());
@@ -326,6 +391,11 @@ fn largest_valid_messages_fit_in_a_frame() {
     fits("Register", m.validate().is_ok(), &m);
     let m = registered(MAX_NAME_LEN);
     fits("Registered", m.validate().is_ok(), &m);
+    let m = directory(vec![
+        peer_entry(usize::MAX);
+        crate::peer::MAX_DIRECTORY_CHUNK
+    ]);
+    fits("Directory", m.validate().is_ok(), &m);
     let m = renewed(MAX_CERT_LEN, MAX_CERT_LEN);
     fits("Renewed", m.validate().is_ok(), &m);
     let m = invoke(MAX_NAME_LEN, MAX_INVOKE_INPUT);

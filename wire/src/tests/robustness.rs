@@ -225,6 +225,8 @@ mutation_suite! {
     mutated_invoke_request: InvokeRequest,
     mutated_invoke_reply: InvokeReply,
     mutated_datagram: Datagram,
+    mutated_relay: crate::peer::Relay,
+    mutated_peer_open: crate::peer::PeerOpen,
 }
 
 fn header(len: u32) -> [u8; HEADER_LEN] {

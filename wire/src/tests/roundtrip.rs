@@ -111,6 +111,32 @@ roundtrip_suite! {
     invoke_request: crate::invoke::InvokeRequest,
     invoke_reply: crate::invoke::InvokeReply,
     datagram: crate::datagram::Datagram,
+    relay: crate::peer::Relay,
+    peer_open: crate::peer::PeerOpen,
+    tunnel_reply: crate::peer::TunnelReply,
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// A probe is the magic then a strict postcard body, and always small. (An IPv6
+    /// address's scope id and flow label do not travel: compare the bytes.)
+    #[test]
+    fn probe_payload(probe in any::<crate::peer::Probe>()) {
+        let bytes = probe.encode();
+        prop_assert!(bytes.len() <= crate::peer::MAX_PROBE_LEN);
+        let back = crate::peer::Probe::decode(&bytes);
+        prop_assert!(back.is_some());
+        prop_assert_eq!(back.map(|p| p.encode()), Some(bytes));
+    }
+
+    /// Bytes that are not a probe never decode as one, and never panic.
+    #[test]
+    fn probe_garbage(bytes in vec(any::<u8>(), 0..200)) {
+        if let Some(p) = crate::peer::Probe::decode(&bytes) {
+            prop_assert_eq!(p.encode(), bytes);
+        }
+    }
 }
 
 proptest! {
