@@ -18,6 +18,7 @@
 //! file without guessing.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use anchorage_wire::labels::Selector;
 use anchorage_wire::peer::{Grant, MAX_GRANT_PATTERNS, valid_service_name, wildcard_match};
@@ -29,6 +30,70 @@ use crate::records::Labels;
 pub const MAX_POLICY_LEN: usize = 256 * 1024;
 /// Most rules in one policy.
 pub const MAX_RULES: usize = 1024;
+
+/// The policy in force, with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyVersion {
+    /// Starts at 0 (the empty default) and grows by one with every change.
+    pub version: u64,
+    /// The file as the operator wrote it.
+    pub text: String,
+    /// The parsed rules.
+    pub policy: Policy,
+    /// Unix milliseconds of the change (0 for the default).
+    pub updated_ms: u64,
+    /// Who made it (audit actor), empty for the default.
+    pub updated_by: String,
+}
+
+impl PolicyVersion {
+    /// The default: version 0, no rules, nobody reaches anybody.
+    pub fn default_empty() -> PolicyVersion {
+        PolicyVersion {
+            version: 0,
+            text: String::new(),
+            policy: Policy::empty(),
+            updated_ms: 0,
+            updated_by: String::new(),
+        }
+    }
+}
+
+/// The one place the policy in force lives in an anchor: whoever changes it (the console, a
+/// change from another anchor, the store at start-up) replaces it here; whoever uses it (the
+/// mesh's directories and relay) reads or subscribes.
+#[derive(Debug)]
+pub struct PolicyFeed(tokio::sync::watch::Sender<Arc<PolicyVersion>>);
+
+impl PolicyFeed {
+    /// A feed holding `initial`.
+    pub fn new(initial: PolicyVersion) -> PolicyFeed {
+        PolicyFeed(tokio::sync::watch::Sender::new(Arc::new(initial)))
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<PolicyVersion> {
+        self.0.borrow().clone()
+    }
+
+    /// Hears every replacement.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<PolicyVersion>> {
+        self.0.subscribe()
+    }
+
+    /// Puts `next` in force, unless what is in force is already as new (a change that
+    /// arrives twice, or late, changes nothing). Returns whether it replaced.
+    pub fn replace(&self, next: PolicyVersion) -> bool {
+        self.0.send_if_modified(|current| {
+            if next.version > current.version {
+                *current = Arc::new(next);
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
 
 /// A parsed, valid policy.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -21,6 +21,7 @@ use crate::events::EventBus;
 use crate::invocations::Invocations;
 use crate::metrics::Metrics;
 use crate::nodes::NodeTable;
+use crate::policy::{PolicyFeed, PolicyVersion};
 use crate::records::BatchRecord;
 use crate::store::{Stores, Writer};
 use crate::trust::Trust;
@@ -65,6 +66,8 @@ pub struct Services {
     /// Where nodes dial every live anchor of the cluster (this one's own first), refreshed at
     /// each announcement; sessions tell their node whenever it changes.
     pub anchors: tokio::sync::watch::Sender<Vec<String>>,
+    /// The mesh policy in force.
+    pub policy: PolicyFeed,
     bound: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
@@ -102,6 +105,7 @@ impl Services {
             instance_id,
             lease: Mutex::new("local"),
             anchors: tokio::sync::watch::Sender::new(Vec::new()),
+            policy: PolicyFeed::new(PolicyVersion::default_empty()),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             bound: Mutex::new((None, None)),
