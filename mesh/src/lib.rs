@@ -5,6 +5,7 @@
 //! - [`conn_error`]: one classifier of connection and TLS errors ([`ConnFailure`]), for both
 //!   sides.
 //! - [`tls`]: rustls verifiers and the quinn client/server configurations, live revocation.
+//! - [`peer_tls`]: mutual TLS between two nodes (the peer mesh).
 //! - [`transport`]: quinn transport settings for lossy links.
 //! - [`framed`]: typed length-prefixed frames over quinn streams.
 //! - [`pairing`]: the SPAKE2 pairing handshake's cryptography, bound to the TLS session.
@@ -17,6 +18,7 @@ pub mod framed;
 pub mod identity;
 pub mod os;
 pub mod pairing;
+pub mod peer_tls;
 pub mod pki;
 pub mod presence;
 pub mod tls;

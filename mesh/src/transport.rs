@@ -43,6 +43,18 @@ pub fn node_transport() -> TransportConfig {
     t
 }
 
+/// Bidirectional streams a node accepts at once from one peer (calls and tunnels).
+pub const PEER_MAX_INCOMING_STREAMS: u32 = 256;
+
+/// Transport settings for both sides of a connection between two nodes: each keeps it alive
+/// (either may be behind a NAT), and each accepts calls and tunnels.
+pub fn peer_transport() -> TransportConfig {
+    let mut t = common();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(PEER_MAX_INCOMING_STREAMS));
+    t.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    t
+}
+
 fn common() -> TransportConfig {
     let mut t = TransportConfig::default();
     t.max_idle_timeout(Some(idle_timeout()));

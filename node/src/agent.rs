@@ -31,7 +31,6 @@
 //!   nothing closes the connection) is noticed in about 6 s instead of the 40 s QUIC idle
 //!   timeout. With one anchor there is nowhere to go, and only the idle timeout applies.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,7 +41,7 @@ use anchorage_mesh::framed::{FramedRecv, FramedSend, StreamError, close, framed}
 use anchorage_mesh::tls;
 use anchorage_wire::control::*;
 use anchorage_wire::datagram::{Datagram, Heartbeat};
-use anchorage_wire::invoke::{InvocationId, InvokeReply, InvokeRequest, InvokeResult, Outcome};
+use anchorage_wire::invoke::{InvokeReply, InvokeRequest};
 use anchorage_wire::{ANCHOR_SERVER_NAME, ErrorCode, PROTOCOL_VERSION};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -51,7 +50,8 @@ use tracing::{debug, info, warn};
 
 use crate::anchors::ResolveError;
 use crate::anchors::{AnchorAddr, AnchorSet, Pause, SilenceWatch};
-use crate::capability::{Registry, RunOutcome};
+use crate::capability::Registry;
+use crate::invoke::{Counters, Seen, handle_invocation};
 use crate::revoked::RevokedSet;
 use crate::state::{LiveStatus, StateDir, StateError};
 
@@ -59,8 +59,7 @@ use crate::state::{LiveStatus, StateDir, StateError};
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Default invocations at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 16;
-/// Invocation ids remembered for duplicate detection.
-pub const SEEN_INVOCATIONS: usize = 4096;
+pub use crate::invoke::SEEN_INVOCATIONS;
 /// First reconnect delay.
 pub const RECONNECT_BASE: Duration = Duration::from_millis(500);
 /// A connection that lived this long resets the backoff.
@@ -1055,164 +1054,16 @@ async fn invocations(
                 }
                 _ => return,
             };
-            let result = handle_invocation(req, &registry, &permits, &stats, &seen).await;
+            let counters = Counters {
+                duplicates: &stats.duplicates,
+                expired: &stats.invocations_expired,
+                run: &stats.invocations_run,
+            };
+            let result = handle_invocation(req, &registry, &permits, counters, &seen).await;
             let _ = tx.send(&InvokeReply::Result(result)).await;
             let _ = tx.finish();
         });
     }
-}
-
-#[derive(Default)]
-struct Seen {
-    order: VecDeque<InvocationId>,
-    results: HashMap<InvocationId, Option<InvokeResult>>,
-}
-
-impl Seen {
-    /// Records `id`; returns its earlier state if it was seen before.
-    fn insert(&mut self, id: InvocationId) -> Option<Option<InvokeResult>> {
-        if let Some(prev) = self.results.get(&id) {
-            return Some(prev.clone());
-        }
-        self.results.insert(id, None);
-        self.order.push_back(id);
-        while self.order.len() > SEEN_INVOCATIONS {
-            if let Some(old) = self.order.pop_front() {
-                self.results.remove(&old);
-            }
-        }
-        None
-    }
-
-    fn finish(&mut self, id: InvocationId, result: &InvokeResult) {
-        if let Some(slot) = self.results.get_mut(&id) {
-            *slot = Some(result.clone());
-        }
-    }
-}
-
-fn result(
-    outcome: Outcome,
-    output: Vec<u8>,
-    error: Option<String>,
-    took: Duration,
-    limit: u32,
-) -> InvokeResult {
-    let limit = limit as usize;
-    let truncated = output.len() > limit;
-    let mut output = output;
-    output.truncate(limit);
-    InvokeResult {
-        outcome,
-        output,
-        truncated,
-        error: error.map(|e| e.chars().take(4096).collect()),
-        duration_ms: u32::try_from(took.as_millis()).unwrap_or(u32::MAX),
-    }
-}
-
-async fn handle_invocation(
-    req: InvokeRequest,
-    registry: &Registry,
-    permits: &Semaphore,
-    stats: &AgentStats,
-    seen: &Mutex<Seen>,
-) -> InvokeResult {
-    let started = Instant::now();
-    let deadline = started + Duration::from_millis(u64::from(req.remaining_ms));
-    let limit = req.output_limit;
-    let earlier = lock(seen).insert(req.id);
-    match earlier {
-        Some(Some(done)) => {
-            stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            return done;
-        }
-        Some(None) => {
-            stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            return result(
-                Outcome::Duplicate,
-                Vec::new(),
-                Some("already running".into()),
-                Duration::ZERO,
-                limit,
-            );
-        }
-        None => {}
-    }
-    let finish = |r: InvokeResult| {
-        lock(seen).finish(req.id, &r);
-        r
-    };
-    if req.remaining_ms == 0 {
-        stats.invocations_expired.fetch_add(1, Ordering::Relaxed);
-        return finish(result(
-            Outcome::Expired,
-            Vec::new(),
-            Some("deadline passed before it could start".into()),
-            Duration::ZERO,
-            limit,
-        ));
-    }
-    let Some(cap) = registry.get(&req.capability) else {
-        return finish(result(
-            Outcome::Rejected,
-            Vec::new(),
-            Some(format!("unknown capability {}", req.capability)),
-            Duration::ZERO,
-            limit,
-        ));
-    };
-    if let Err(why) = cap.availability() {
-        return finish(result(
-            Outcome::Rejected,
-            Vec::new(),
-            Some(format!("{} is unavailable: {why}", req.capability)),
-            Duration::ZERO,
-            limit,
-        ));
-    }
-    let permit = match tokio::time::timeout_at(deadline, permits.acquire()).await {
-        Ok(Ok(p)) => p,
-        _ => {
-            stats.invocations_expired.fetch_add(1, Ordering::Relaxed);
-            return finish(result(
-                Outcome::Expired,
-                Vec::new(),
-                Some("deadline passed while waiting for a slot".into()),
-                started.elapsed(),
-                limit,
-            ));
-        }
-    };
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        stats.invocations_expired.fetch_add(1, Ordering::Relaxed);
-        return finish(result(
-            Outcome::Expired,
-            Vec::new(),
-            Some("deadline passed before it could start".into()),
-            started.elapsed(),
-            limit,
-        ));
-    }
-    stats.invocations_run.fetch_add(1, Ordering::Relaxed);
-    let outcome = match tokio::time::timeout(left, cap.run(req.input, left)).await {
-        Ok(o) => o,
-        Err(_) => RunOutcome::TimedOut {
-            error: "deadline reached while running".into(),
-        },
-    };
-    drop(permit);
-    let took = started.elapsed();
-    finish(match outcome {
-        RunOutcome::Succeeded(out) => result(Outcome::Succeeded, out, None, took, limit),
-        RunOutcome::Failed { error, output } => {
-            result(Outcome::Failed, output, Some(error), took, limit)
-        }
-        RunOutcome::TimedOut { error } => {
-            result(Outcome::TimedOut, Vec::new(), Some(error), took, limit)
-        }
-    })
 }
 
 #[cfg(test)]
@@ -1231,36 +1082,5 @@ mod tests {
         let mut other = Backoff::new(Duration::from_secs(30), 8);
         let others: Vec<Duration> = (0..12).map(|_| other.delay()).collect();
         assert_ne!(delays, others, "different seeds spread reconnects");
-    }
-
-    #[test]
-    fn seen_remembers_results_and_forgets_the_oldest() {
-        let mut seen = Seen::default();
-        let id = InvocationId([1; 16]);
-        assert!(seen.insert(id).is_none());
-        assert_eq!(seen.insert(id), Some(None));
-        let r = result(Outcome::Succeeded, b"x".to_vec(), None, Duration::ZERO, 10);
-        seen.finish(id, &r);
-        assert_eq!(seen.insert(id), Some(Some(r)));
-        for i in 0..SEEN_INVOCATIONS as u32 {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&i.to_be_bytes());
-            b[15] = 9;
-            seen.insert(InvocationId(b));
-        }
-        assert!(seen.insert(id).is_none(), "the oldest id was forgotten");
-    }
-
-    #[test]
-    fn output_is_truncated_to_the_limit() {
-        let r = result(
-            Outcome::Succeeded,
-            vec![b'a'; 100],
-            None,
-            Duration::ZERO,
-            10,
-        );
-        assert_eq!(r.output.len(), 10);
-        assert!(r.truncated);
     }
 }

@@ -15,6 +15,7 @@ pub mod agent;
 pub mod anchors;
 pub mod capability;
 pub mod config;
+pub mod invoke;
 pub mod pair;
 pub mod revoked;
 pub mod run;
