@@ -172,6 +172,9 @@ pub struct Directory {
     pub replace: bool,
     /// The policy version the directory was computed from.
     pub policy_version: u64,
+    /// Peers in the whole directory, over all its messages: a node takes a new directory in
+    /// force once it holds this many (never a half-sent one).
+    pub total: u32,
     /// Peers.
     #[cfg_attr(test, proptest(strategy = "small::<PeerEntry>()"))]
     pub peers: Vec<PeerEntry>,

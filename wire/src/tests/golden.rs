@@ -328,6 +328,7 @@ fn variant_indices_are_append_only() {
         ControlDown::Directory(Directory {
             replace: true,
             policy_version: 0,
+            total: 0,
             peers: vec![],
         }),
         ControlDown::Punch(Punch {

@@ -290,6 +290,7 @@ fn directory(peers: Vec<crate::peer::PeerEntry>) -> ControlDown {
     ControlDown::Directory(crate::peer::Directory {
         replace: true,
         policy_version: u64::MAX,
+        total: u32::MAX,
         peers,
     })
 }
