@@ -41,11 +41,13 @@ pub enum ErrorCode {
     Removed = 13,
     /// A message a step of the protocol waits for did not arrive in time.
     Timeout = 14,
+    /// The mesh policy does not allow this peer (or no longer does).
+    NotAllowed = 15,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::NoError,
         ErrorCode::BadFrame,
         ErrorCode::UnsupportedVersion,
@@ -61,6 +63,7 @@ impl ErrorCode {
         ErrorCode::Replaced,
         ErrorCode::Removed,
         ErrorCode::Timeout,
+        ErrorCode::NotAllowed,
     ];
 
     /// The code as sent on the wire.
@@ -91,6 +94,7 @@ impl ErrorCode {
             ErrorCode::Replaced => "replaced",
             ErrorCode::Removed => "removed",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::NotAllowed => "not_allowed",
         }
     }
 }

@@ -27,7 +27,7 @@ pub(super) const ALL_PAIR_FAILURES: [PairFailure; 14] = [
 
 /// The documented table (`docs/protocol.md`, "Application error codes"). Numbers are a contract
 /// with every deployed peer: this list may only grow at the end.
-const ERROR_CODES: [(ErrorCode, u32, &str); 15] = [
+const ERROR_CODES: [(ErrorCode, u32, &str); 16] = [
     (ErrorCode::NoError, 0, "no_error"),
     (ErrorCode::BadFrame, 1, "bad_frame"),
     (ErrorCode::UnsupportedVersion, 2, "unsupported_version"),
@@ -43,6 +43,7 @@ const ERROR_CODES: [(ErrorCode, u32, &str); 15] = [
     (ErrorCode::Replaced, 12, "replaced"),
     (ErrorCode::Removed, 13, "removed"),
     (ErrorCode::Timeout, 14, "timeout"),
+    (ErrorCode::NotAllowed, 15, "not_allowed"),
 ];
 
 #[test]
@@ -55,9 +56,9 @@ fn error_code_numbers_and_names_are_pinned() {
         assert_eq!(code.to_string(), format!("{name} ({number})"));
         assert_eq!(ErrorCode::ALL[i], code, "ALL must be in numeric order");
     }
-    // 0..=14 with no gap.
+    // 0..=15 with no gap.
     let numbers: Vec<u32> = ErrorCode::ALL.iter().map(|c| c.as_u32()).collect();
-    assert_eq!(numbers, (0..=14).collect::<Vec<u32>>());
+    assert_eq!(numbers, (0..=15).collect::<Vec<u32>>());
 }
 
 #[test]
@@ -65,7 +66,7 @@ fn error_code_from_u32_round_trips_and_refuses_unknown_numbers() {
     for code in ErrorCode::ALL {
         assert_eq!(ErrorCode::from_u32(code.as_u32()), Some(code));
     }
-    for unknown in [15, 16, 100, 0x100, u32::MAX] {
+    for unknown in [16, 17, 100, 0x100, u32::MAX] {
         assert_eq!(ErrorCode::from_u32(unknown), None, "{unknown}");
     }
 }
