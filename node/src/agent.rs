@@ -38,12 +38,14 @@ use std::time::{Duration, SystemTime};
 
 use anchorage_mesh::conn_error::{ConnFailure, NodeAction};
 use anchorage_mesh::framed::{FramedRecv, FramedSend, StreamError, close, framed};
+use anchorage_mesh::peer_tls::PeerTls;
 use anchorage_mesh::tls;
 use anchorage_wire::control::*;
 use anchorage_wire::datagram::{Datagram, Heartbeat};
 use anchorage_wire::invoke::{InvokeReply, InvokeRequest};
+use anchorage_wire::peer::{Relay, RelayPacket};
 use anchorage_wire::{ANCHOR_SERVER_NAME, ErrorCode, PROTOCOL_VERSION};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -52,7 +54,9 @@ use crate::anchors::ResolveError;
 use crate::anchors::{AnchorAddr, AnchorSet, Pause, SilenceWatch};
 use crate::capability::Registry;
 use crate::invoke::{Counters, Seen, handle_invocation};
-use crate::revoked::RevokedSet;
+use crate::mesh::socket::MeshSocket;
+use crate::peer::Peers;
+use crate::revoked::{RevokedSet, SharedRevoked};
 use crate::state::{LiveStatus, StateDir, StateError};
 
 /// Agent version reported at registration.
@@ -336,7 +340,26 @@ struct Held {
     seen: Arc<Mutex<Seen>>,
     /// The mesh's revocation set as last told (and saved).
     revoked: RevokedSet,
+    /// The peer mesh, when the node runs one.
+    mesh: Option<Mesh>,
 }
+
+/// The node's side of the peer mesh, which the agent connects to each anchor session: the
+/// relay stream, the rendezvous messages, the directory and the revocation set.
+#[derive(Debug)]
+pub struct Mesh {
+    /// The peers.
+    pub peers: Arc<Peers>,
+    /// The node's socket.
+    pub socket: Arc<MeshSocket>,
+    /// What the peers send the anchor.
+    pub uplink: mpsc::Receiver<ControlUp>,
+    /// The revocation set peer handshakes check.
+    pub revoked: Arc<SharedRevoked>,
+}
+
+/// Packets waiting for the relay stream; more are dropped, as a full UDP queue would.
+pub const RELAY_QUEUE: usize = 1024;
 
 /// Locks `m`; a panic elsewhere while it was held leaves plain data that is still usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -468,6 +491,7 @@ pub async fn run(
     config: AgentConfig,
     stats: Arc<AgentStats>,
     mut shutdown: watch::Receiver<bool>,
+    mesh: Option<Mesh>,
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(config.reconnect_max, config.seed);
     let mut jitter = Jitter::new(config.seed.rotate_left(17) ^ 0xa5a5);
@@ -483,9 +507,13 @@ pub async fn run(
         }
     };
     stats.set_revoked(&revoked);
+    if let Some(m) = &mesh {
+        m.revoked.replace(revoked.clone());
+    }
     let mut held = Held {
         seen: Arc::new(Mutex::new(Seen::default())),
         revoked,
+        mesh,
     };
     stats.set_anchors(anchors.addrs());
     let status_task = config.status_every.map(|every| {
@@ -780,6 +808,11 @@ async fn session(
         stats.clone(),
         held.seen.clone(),
     ));
+    if let Some(mesh) = &held.mesh {
+        start_relay(conn, mesh, &mut tasks).await;
+        mesh.peers
+            .anchor(Some(local_candidates(conn, &mesh.socket)));
+    }
     let mut check = tokio::time::interval(config.check_interval);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
@@ -811,6 +844,11 @@ async fn session(
                     } else {
                         stats.renewals.fetch_add(1, Ordering::Relaxed);
                         info!("certificate renewed");
+                        if let Some(mesh) = &held.mesh
+                            && let Ok(identity) = config.state.identity()
+                        {
+                            mesh.peers.set_tls(peer_tls(&identity, mesh.revoked.clone()));
+                        }
                     }
                 }
                 Ok(Some(ControlDown::RenewRefused(r))) => {
@@ -821,7 +859,27 @@ async fn session(
                     learn_anchors(list, anchors, config, stats).await;
                 }
                 Ok(Some(ControlDown::Revoked(list))) => {
-                    learn_revoked(&list, &mut held.revoked, config, stats).await;
+                    if learn_revoked(&list, &mut held.revoked, config, stats).await
+                        && let Some(mesh) = &held.mesh
+                    {
+                        mesh.revoked.replace(held.revoked.clone());
+                        mesh.peers.on_revoked(&*mesh.revoked);
+                    }
+                }
+                Ok(Some(ControlDown::Directory(d))) => {
+                    if let Some(mesh) = &held.mesh {
+                        mesh.peers.on_directory(d);
+                    }
+                }
+                Ok(Some(ControlDown::Punch(p))) => {
+                    if let Some(mesh) = &held.mesh {
+                        mesh.peers.on_punch(p);
+                    }
+                }
+                Ok(Some(ControlDown::Unreachable(u))) => {
+                    if let Some(mesh) = &held.mesh {
+                        mesh.peers.on_unreachable(u);
+                    }
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break ended(conn),
@@ -854,21 +912,114 @@ async fn session(
                 }
                 caps = now;
             }
+            up = next_up(&mut held.mesh) => {
+                if let Err(e) = tx.send(&up).await {
+                    break SessionEnd::Lost(e.into());
+                }
+            }
             reason = conn.closed() => break SessionEnd::from_conn_error(reason),
         }
     };
     tasks.abort_all();
+    if let Some(mesh) = &held.mesh {
+        mesh.socket.set_relay(None);
+        mesh.peers.anchor(None);
+    }
     end
 }
 
+/// The next message the peers have for the anchor (never, without a mesh).
+async fn next_up(mesh: &mut Option<Mesh>) -> ControlUp {
+    match mesh {
+        Some(m) => match m.uplink.recv().await {
+            Some(up) => up,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The certificate and key a node presents to peers.
+pub fn peer_tls(identity: &crate::state::Identity, revoked: Arc<SharedRevoked>) -> PeerTls {
+    PeerTls {
+        ca: identity.ca.clone(),
+        chain: vec![identity.cert.clone()],
+        key: Arc::new(identity.key.private_key_der()),
+        revocation: revoked,
+    }
+}
+
+/// Opens the relay stream of this session: packets for peers without a direct path go up it,
+/// packets the anchor relays from peers come down it.
+async fn start_relay(conn: &quinn::Connection, mesh: &Mesh, tasks: &mut JoinSet<()>) {
+    let (send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "cannot open the relay stream");
+            return;
+        }
+    };
+    let (mut tx, mut rx) = framed::<Relay, Relay>(send, recv);
+    if tx.send(&Relay::Hello).await.is_err() {
+        return;
+    }
+    let (queue, mut packets) = mpsc::channel::<RelayPacket>(RELAY_QUEUE);
+    mesh.socket.set_relay(Some(queue));
+    tasks.spawn(async move {
+        while let Some(p) = packets.recv().await {
+            if tx.send(&Relay::Packet(p)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let socket = mesh.socket.clone();
+    tasks.spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(Some(Relay::Packet(p))) => socket.relay_received(p.peer, p.packet),
+                Ok(Some(Relay::Hello)) => {}
+                Ok(None) | Err(_) => {
+                    socket.set_relay(None);
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Where this node's socket can be reached, as the node sees it: its bound address, or, bound
+/// to every interface, the address its traffic to the anchor leaves from.
+fn local_candidates(conn: &quinn::Connection, socket: &MeshSocket) -> Vec<std::net::SocketAddr> {
+    use quinn::AsyncUdpSocket;
+    let Ok(bound) = socket.local_addr() else {
+        return Vec::new();
+    };
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let ip = conn.local_ip().or_else(|| {
+        // The kernel's choice of source address toward the anchor (no packet is sent).
+        let unspecified: std::net::SocketAddr = if conn.remote_address().is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let probe = std::net::UdpSocket::bind(unspecified).ok()?;
+        probe.connect(conn.remote_address()).ok()?;
+        probe.local_addr().ok().map(|a| a.ip())
+    });
+    ip.map(|ip| vec![std::net::SocketAddr::new(ip, bound.port())])
+        .unwrap_or_default()
+}
+
 /// Takes a part of the mesh's revocation set: into the held set, the status and (when it
-/// changed) `revoked.json`.
+/// changed) `revoked.json`. Whether it changed.
 async fn learn_revoked(
     list: &RevokedList,
     held: &mut RevokedSet,
     config: &AgentConfig,
     stats: &AgentStats,
-) {
+) -> bool {
     let (changed, dropped) = held.apply(list);
     if dropped {
         warn!(
@@ -877,7 +1028,7 @@ async fn learn_revoked(
         );
     }
     if !changed {
-        return;
+        return false;
     }
     stats.set_revoked(held);
     debug!(
@@ -891,6 +1042,7 @@ async fn learn_revoked(
         Ok(Err(e)) => warn!(error = %e, "cannot save the revocation set"),
         Err(e) => warn!(error = %e, "cannot save the revocation set"),
     }
+    true
 }
 
 /// Takes the cluster's anchors as an anchor listed them: into the rotation, the status, and

@@ -13,10 +13,13 @@
 
 pub mod agent;
 pub mod anchors;
+pub mod api;
 pub mod capability;
 pub mod config;
 pub mod invoke;
+pub mod mesh;
 pub mod pair;
+pub mod peer;
 pub mod revoked;
 pub mod run;
 pub mod state;

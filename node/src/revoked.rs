@@ -70,6 +70,32 @@ impl RevokedSet {
     }
 }
 
+/// The held set as peer handshakes ask it: one copy, replaced whenever the anchor's set
+/// changes, read at every handshake.
+#[derive(Debug, Default)]
+pub struct SharedRevoked(std::sync::RwLock<RevokedSet>);
+
+impl SharedRevoked {
+    /// Holds `set`.
+    pub fn new(set: RevokedSet) -> SharedRevoked {
+        SharedRevoked(std::sync::RwLock::new(set))
+    }
+
+    /// Puts `set` in force.
+    pub fn replace(&self, set: RevokedSet) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = set;
+    }
+}
+
+impl anchorage_mesh::tls::RevocationCheck for SharedRevoked {
+    fn is_revoked(&self, device: &anchorage_mesh::DeviceId, serial: &[u8]) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_revoked(&device.to_string(), serial)
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

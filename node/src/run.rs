@@ -13,16 +13,19 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::agent::{self, AgentConfig, AgentError, AgentStats};
+use crate::agent::{self, AgentConfig, AgentError, AgentStats, Mesh};
 use crate::anchors::{AnchorAddr, AnchorSet, ResolveError, resolve_first};
 use crate::capability::{self, Capability, CommandCap, NodeFacts, Registry};
 use crate::config::{ConfigError, NodeConfig};
+use crate::mesh::socket::MeshSocket;
+use crate::peer::Peers;
+use crate::revoked::SharedRevoked;
 use crate::state::{StateDir, StateError};
 
 /// How long a node that opened its own socket waits for its connection to close cleanly.
@@ -39,8 +42,18 @@ pub struct RunConfig {
     pub anchor_addr: Option<SocketAddr>,
     /// More fixed addresses to dial, after `anchor_addr`.
     pub anchor_addrs: Vec<SocketAddr>,
-    /// The QUIC endpoint to dial from. `None`: a new UDP socket of the anchor's family.
+    /// The UDP socket to run on (a simulation's). The node builds its one endpoint on it,
+    /// for the anchor and for peers. `None` (and no `endpoint`): a new UDP socket of the
+    /// anchor's family.
+    pub socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// A QUIC endpoint to dial the anchor from, without the peer mesh (tests of the anchor
+    /// link alone). Ignored when `socket` is given.
     pub endpoint: Option<quinn::Endpoint>,
+    /// Serve the local API (`api.sock` in the state directory) that `anchor-node call`,
+    /// `expose`, `connect` and `peers` use.
+    pub local_api: bool,
+    /// Filled with the node's peers once it runs them; clone the `Arc` before `run`.
+    pub peers: Arc<OnceLock<Arc<Peers>>>,
     /// Platform reported at registration and by `system.identity` (default: `os-arch`).
     pub platform: String,
     /// Write `status.json` (for `anchor-node status`) this often; `None`: never.
@@ -81,7 +94,10 @@ impl RunConfig {
             node,
             anchor_addr: None,
             anchor_addrs: Vec::new(),
+            socket: None,
             endpoint: None,
+            local_api: true,
+            peers: Arc::new(OnceLock::new()),
             platform: crate::capability::platform(),
             status_every: Some(Duration::from_secs(2)),
             seed: None,
@@ -139,12 +155,33 @@ pub async fn run(
     for cap in config.extra_capabilities {
         registry.add(cap);
     }
-    let (endpoint, own_socket) = match config.endpoint {
-        Some(e) => (e, false),
-        None => {
-            let first = resolve_first(anchors.addrs()).await?;
-            (client_endpoint(first).map_err(RunError::Socket)?, true)
+    let max_concurrent = config
+        .node
+        .max_concurrent_invocations
+        .unwrap_or(agent::DEFAULT_MAX_CONCURRENT);
+    let (endpoint, own_socket, mesh) = match (config.socket, config.endpoint) {
+        (Some(socket), _) => {
+            let (e, m) = mesh_endpoint(socket, &identity, &state, &registry, max_concurrent)?;
+            (e, false, Some(m))
         }
+        (None, Some(e)) => (e, false, None),
+        (None, None) => {
+            let first = resolve_first(anchors.addrs()).await?;
+            let socket = udp_socket(first).map_err(RunError::Socket)?;
+            let (e, m) = mesh_endpoint(socket, &identity, &state, &registry, max_concurrent)?;
+            (e, true, Some(m))
+        }
+    };
+    let api = match &mesh {
+        Some(m) => {
+            let _ = config.peers.set(m.peers.clone());
+            if config.local_api {
+                Some(crate::api::serve(&state, m.peers.clone()).map_err(RunError::Socket)?)
+            } else {
+                None
+            }
+        }
+        None => None,
     };
     let mut cfg = AgentConfig::new(state, name, registry);
     cfg.platform = config.platform;
@@ -158,7 +195,7 @@ pub async fn run(
     }
     info!(anchors = ?anchors.addrs(), device_id = %identity.cert_info.key_id, "starting the node agent");
     let (stop, stop_rx) = watch::channel(false);
-    let agent = agent::run(endpoint.clone(), anchors, cfg, config.stats, stop_rx);
+    let agent = agent::run(endpoint.clone(), anchors, cfg, config.stats, stop_rx, mesh);
     tokio::pin!(agent);
     tokio::pin!(shutdown);
     let result = tokio::select! {
@@ -168,8 +205,13 @@ pub async fn run(
             agent.await
         }
     };
+    if let Some(api) = api {
+        api.stop();
+    }
     if own_socket {
-        // Let the close frame reach the anchor; a caller's endpoint is the caller's to drain.
+        // Let the close frames reach the anchor and peers; a caller's endpoint is the
+        // caller's to drain.
+        endpoint.close(quinn::VarInt::from_u32(0), b"node stopping");
         let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     }
     result.map_err(RunError::from)
@@ -210,6 +252,68 @@ fn anchor_set(
     // Not reached: every branch has at least one seed.
     AnchorSet::new(seeds, told)
         .ok_or_else(|| RunError::State(StateError::NotPaired(state.path().to_path_buf())))
+}
+
+/// A real UDP socket of the same family as `anchor`, for quinn.
+fn udp_socket(anchor: SocketAddr) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+    let bind: SocketAddr = if anchor.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(bind)?;
+    runtime()?.wrap_udp_socket(socket)
+}
+
+fn runtime() -> std::io::Result<Arc<dyn quinn::Runtime>> {
+    quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("the node must run inside a tokio runtime"))
+}
+
+/// The node's one endpoint on `socket`: the anchor connection and the peers share it.
+fn mesh_endpoint(
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    identity: &crate::state::Identity,
+    state: &StateDir,
+    registry: &Registry,
+    max_concurrent: usize,
+) -> Result<(quinn::Endpoint, Mesh), RunError> {
+    let me = identity.cert_info.key_id;
+    let socket = MeshSocket::new(socket, me);
+    socket.start();
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.clone(),
+        runtime().map_err(RunError::Socket)?,
+    )
+    .map_err(RunError::Socket)?;
+    let revoked = Arc::new(SharedRevoked::default());
+    let (peers, uplink) = Peers::new(
+        me,
+        socket.clone(),
+        endpoint.clone(),
+        agent::peer_tls(identity, revoked.clone()),
+        state.clone(),
+        registry.clone(),
+        max_concurrent,
+    )
+    .map_err(|e| {
+        RunError::State(StateError::Corrupt {
+            path: state.path().join("cert.pem"),
+            message: e.to_string(),
+        })
+    })?;
+    peers.start();
+    Ok((
+        endpoint,
+        Mesh {
+            peers,
+            socket,
+            uplink,
+            revoked,
+        },
+    ))
 }
 
 /// A client endpoint on a real UDP socket of the same family as `anchor`.

@@ -1,7 +1,8 @@
 //! `anchor-node`: the Anchorage node agent.
 //!
 //! `pair` turns a pairing code into a certificate, `run` keeps the node connected to its
-//! anchor, `status` shows what the node knows.
+//! anchor, `status` shows what the node knows. `call`, `expose`, `connect` and `peers` use
+//! the peer mesh through the running agent's local API.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -70,6 +71,64 @@ enum Command {
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         log_format: String,
     },
+    /// Invoke a capability on a peer node through the mesh (the agent must be running).
+    #[command(
+        after_help = "PEER is a device id, a unique prefix of one, or a device name. \
+The exit code is 0 only when the call succeeded; 1 when it ran and did not (failed, timed out, \
+rejected), 77 when the policy does not allow it, 69 when the peer or the agent cannot be reached."
+    )]
+    Call {
+        /// The peer.
+        peer: String,
+        /// The capability, e.g. system.health.
+        capability: String,
+        /// State directory of the running agent.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Input, JSON.
+        #[arg(long, value_name = "JSON", default_value = "{}")]
+        input: String,
+        /// How long to wait for the result.
+        #[arg(long, value_name = "DURATION", default_value = "10s")]
+        timeout: String,
+        /// Print {"invocation_id","state","output","error"} as `anchorctl invoke --json` does.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Expose a local TCP service to the peers the policy allows, until interrupted.
+    Expose {
+        /// The service's name in the peer directory (lowercase letters, digits, - _ .).
+        name: String,
+        /// Where peers' connections go, IP:PORT.
+        #[arg(long, value_name = "IP:PORT")]
+        to: String,
+        /// State directory of the running agent.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Listen locally and carry each TCP connection to a peer's exposed service, until
+    /// interrupted.
+    Connect {
+        /// The peer (device id, unique prefix or name).
+        peer: String,
+        /// The service's name.
+        name: String,
+        /// Where to listen, IP:PORT.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: String,
+        /// State directory of the running agent.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// List the peers this node may reach, with how each is reached now.
+    Peers {
+        /// State directory of the running agent.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show this node's identity, pairing and (while `run` is active) its link to the anchor.
     Status {
         /// State directory.
@@ -112,6 +171,213 @@ fn main() -> ExitCode {
             log_format,
         } => runtime.block_on(cmd_run(state_dir, config, anchor, log_format == "json")),
         Command::Status { state_dir, json } => cmd_status(state_dir, json),
+        Command::Call {
+            peer,
+            capability,
+            state_dir,
+            input,
+            timeout,
+            json,
+        } => runtime.block_on(mesh_cli::call(
+            state_dir, peer, capability, input, timeout, json,
+        )),
+        Command::Expose {
+            name,
+            to,
+            state_dir,
+        } => runtime.block_on(mesh_cli::expose(state_dir, name, to)),
+        Command::Connect {
+            peer,
+            name,
+            listen,
+            state_dir,
+        } => runtime.block_on(mesh_cli::connect(state_dir, peer, name, listen)),
+        Command::Peers { state_dir, json } => runtime.block_on(mesh_cli::peers(state_dir, json)),
+    }
+}
+
+/// The commands that use the peer mesh through the running agent's local API.
+mod mesh_cli {
+    use std::path::PathBuf;
+    use std::process::ExitCode;
+
+    use anchorage_node::api::{Client, Request};
+    use serde_json::Value;
+
+    fn die(message: &str, code: u8) -> ExitCode {
+        eprintln!("anchor-node: {message}");
+        ExitCode::from(code)
+    }
+
+    /// The exit code for an API refusal.
+    fn refusal_code(code: &str) -> u8 {
+        match code {
+            "not_allowed" => 77,
+            "not_found" | "ambiguous" | "bad_request" => 64,
+            _ => 69,
+        }
+    }
+
+    async fn ask(
+        state_dir: &std::path::Path,
+        request: &Request,
+    ) -> Result<(Value, Client), ExitCode> {
+        match Client::request(state_dir, request).await {
+            Ok((answer, client)) => {
+                if answer["ok"].as_bool() == Some(true) {
+                    Ok((answer, client))
+                } else {
+                    let code = answer["code"].as_str().unwrap_or("failed");
+                    let error = answer["error"].as_str().unwrap_or("the agent refused");
+                    Err(die(error, refusal_code(code)))
+                }
+            }
+            Err(e) => Err(die(&e.to_string(), 69)),
+        }
+    }
+
+    pub async fn call(
+        state_dir: PathBuf,
+        peer: String,
+        capability: String,
+        input: String,
+        timeout: String,
+        json: bool,
+    ) -> ExitCode {
+        let input: Value = match serde_json::from_str(&input) {
+            Ok(v) => v,
+            Err(e) => return die(&format!("--input is not JSON: {e}"), 64),
+        };
+        let timeout = match anchorage_node::config::parse_duration(&timeout) {
+            Ok(t) => t,
+            Err(e) => return die(&format!("--timeout: {e}"), 64),
+        };
+        let request = Request::Call {
+            peer,
+            capability,
+            input,
+            timeout_ms: Some(timeout.as_millis() as u64),
+        };
+        let (answer, client) = match ask(&state_dir, &request).await {
+            Ok(a) => a,
+            Err(code) => return code,
+        };
+        client.close().await;
+        let state = answer["state"].as_str().unwrap_or("failed").to_string();
+        if json {
+            let out = serde_json::json!({
+                "invocation_id": answer["invocation_id"],
+                "state": answer["state"],
+                "output": answer["output"],
+                "error": answer["error"],
+                "took_ms": answer["took_ms"],
+            });
+            println!("{out}");
+        } else if state == "succeeded" {
+            match &answer["output"] {
+                Value::Null => {}
+                Value::String(s) => println!("{s}"),
+                other => println!(
+                    "{}",
+                    serde_json::to_string_pretty(other).unwrap_or_default()
+                ),
+            }
+        }
+        if state == "succeeded" {
+            ExitCode::SUCCESS
+        } else {
+            let error = answer["error"].as_str().unwrap_or("");
+            eprintln!("error: {state}: {error}");
+            ExitCode::from(1)
+        }
+    }
+
+    pub async fn expose(state_dir: PathBuf, name: String, to: String) -> ExitCode {
+        let request = Request::Expose {
+            name: name.clone(),
+            to: to.clone(),
+        };
+        let (_, mut client) = match ask(&state_dir, &request).await {
+            Ok(a) => a,
+            Err(code) => return code,
+        };
+        eprintln!("exposing {name} -> {to} to the peers the policy allows; Ctrl-C to stop");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                client.close().await;
+                eprintln!("stopped exposing {name}");
+                ExitCode::SUCCESS
+            }
+            () = client.closed() => die("the agent stopped", 69),
+        }
+    }
+
+    pub async fn connect(
+        state_dir: PathBuf,
+        peer: String,
+        name: String,
+        listen: String,
+    ) -> ExitCode {
+        let request = Request::Connect {
+            peer: peer.clone(),
+            service: name.clone(),
+            listen,
+        };
+        let (answer, mut client) = match ask(&state_dir, &request).await {
+            Ok(a) => a,
+            Err(code) => return code,
+        };
+        let bound = answer["listening"].as_str().unwrap_or("?").to_string();
+        // Scripts read the bound address (with --listen 127.0.0.1:0) from this line.
+        println!("listening on {bound}");
+        eprintln!("carrying connections on {bound} to {name} on {peer}; Ctrl-C to stop");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                client.close().await;
+                ExitCode::SUCCESS
+            }
+            () = client.closed() => die("the agent stopped", 69),
+        }
+    }
+
+    pub async fn peers(state_dir: PathBuf, json: bool) -> ExitCode {
+        let (answer, client) = match ask(&state_dir, &Request::Peers).await {
+            Ok(a) => a,
+            Err(code) => return code,
+        };
+        client.close().await;
+        let peers = answer["peers"].as_array().cloned().unwrap_or_default();
+        if json {
+            println!("{}", Value::Array(peers));
+            return ExitCode::SUCCESS;
+        }
+        if peers.is_empty() {
+            println!("no peers: the policy lets this node reach none");
+            return ExitCode::SUCCESS;
+        }
+        println!(
+            "{:<20} {:<41} {:<8} {:<22} {:>9} {:>6}  SINCE",
+            "NAME", "DEVICE", "PATH", "ADDR", "RTT", "LOSS"
+        );
+        for p in peers {
+            let rtt = p["rtt_ms"]
+                .as_f64()
+                .map_or("-".to_string(), |r| format!("{r:.1}ms"));
+            let loss = p["loss"]
+                .as_f64()
+                .map_or("-".to_string(), |l| format!("{:.1}%", l * 100.0));
+            println!(
+                "{:<20} {:<41} {:<8} {:<22} {:>9} {:>6}  {}",
+                p["name"].as_str().unwrap_or(""),
+                p["device_id"].as_str().unwrap_or(""),
+                p["path"].as_str().unwrap_or(""),
+                p["addr"].as_str().unwrap_or("-"),
+                rtt,
+                loss,
+                p["since"].as_str().unwrap_or("-"),
+            );
+        }
+        ExitCode::SUCCESS
     }
 }
 
@@ -484,7 +750,7 @@ mod tests {
         let cli = Cli::try_parse_from(args).unwrap();
         let values = match cli.command {
             Command::Pair { anchor, .. } | Command::Run { anchor, .. } => anchor,
-            Command::Status { .. } => Vec::new(),
+            _ => Vec::new(),
         };
         anchor_flags(&values)
             .unwrap()
