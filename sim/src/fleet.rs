@@ -208,7 +208,27 @@ impl Sim {
         name: &str,
         state_dir: impl Into<PathBuf>,
     ) -> Result<SimNode, SimError> {
-        let host = self.net.add_host(name);
+        self.node_on(name, self.net.add_host(name), state_dir)
+    }
+
+    /// A node host behind `nat` (a private address; the anchor and peers see the NAT's),
+    /// with its own temporary state directory (panics if the socket or directory cannot be
+    /// made).
+    pub fn add_node_behind(&self, name: &str, nat: &anchorage_netsim::Nat) -> SimNode {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut node = self
+            .node_on(name, nat.add_host(name), dir.path().join("state"))
+            .expect("a simulated socket");
+        node._dir = Some(dir);
+        node
+    }
+
+    fn node_on(
+        &self,
+        name: &str,
+        host: Host,
+        state_dir: impl Into<PathBuf>,
+    ) -> Result<SimNode, SimError> {
         let endpoint = host.endpoint(0, None).map_err(|source| SimError::Bind {
             addr: SocketAddr::new(host.ip(), 0),
             source,
@@ -437,6 +457,23 @@ impl SimNode {
         config
     }
 
+    /// Starts the node with the peer mesh: its one endpoint on a new socket of this host (the
+    /// pairing endpoint stays for pairing), no local API. [`RunningAgent::peers`] holds its
+    /// peers once it runs.
+    pub fn start_mesh_agent(
+        &self,
+        anchor: SocketAddr,
+        tweak: impl FnOnce(&mut RunConfig),
+    ) -> RunningAgent {
+        let mut config = self.run_config(anchor);
+        config.endpoint = None;
+        config.local_api = false;
+        let socket = self.host.bind(0).expect("a simulated socket");
+        config.socket = Some(socket);
+        tweak(&mut config);
+        start_node(config, self.state.clone())
+    }
+
     /// Starts the node (built-in capabilities, plus what `tweak` adds) against `anchor`.
     pub fn start_agent(
         &self,
@@ -453,11 +490,17 @@ impl SimNode {
 /// [`RunningAgent::stop`].
 pub fn start_node(config: RunConfig, state: StateDir) -> RunningAgent {
     let stats = config.stats.clone();
+    let peers = config.peers.clone();
     let (stop, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(anchorage_node::run(config, state, async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     }));
-    RunningAgent { task, stats, stop }
+    RunningAgent {
+        task,
+        stats,
+        stop,
+        peers,
+    }
 }
 
 /// A node agent running in a task.
@@ -467,6 +510,8 @@ pub struct RunningAgent {
     pub task: JoinHandle<Result<(), RunError>>,
     /// The agent's counters.
     pub stats: Arc<AgentStats>,
+    /// Its peers, once it runs them (agents started with the mesh).
+    pub peers: Arc<std::sync::OnceLock<Arc<anchorage_node::peer::Peers>>>,
     /// Set to `true` to stop it cleanly.
     pub stop: watch::Sender<bool>,
 }
