@@ -1227,3 +1227,178 @@ fn running_nodes_hold_the_revocation_set_and_keep_it_without_the_anchor() {
         assert_eq!(mode & 0o777, 0o600, "revoked.json mode {mode:o}");
     }
 }
+
+/// `anchor-node` of the node in `state`, expecting it to finish.
+fn node_cmd(cwd: &Path, state: &Path, args: &[&str]) -> Output {
+    run(
+        "anchor-node",
+        command(&bins().anchor_node, cwd)
+            .args(args)
+            .arg("--state-dir")
+            .arg(state),
+    )
+}
+
+/// Starts `anchor-node run` on `state` and waits until it is connected.
+fn run_node(cwd: &Path, state: &Path) -> Proc {
+    let mut cmd = command(&bins().anchor_node, cwd);
+    cmd.arg("run").arg("--state-dir").arg(state);
+    let node = Proc::spawn("anchor-node run", &mut cmd);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_status(cwd, state)["connected"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "never connected: {}",
+            node.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node
+}
+
+/// A TCP server on loopback that echoes each connection until its end of file, then closes.
+fn echo_server() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut read = stream.try_clone().unwrap();
+                let mut write = stream;
+                let _ = std::io::copy(&mut read, &mut write);
+                let _ = write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn peers_call_each_other_and_carry_tcp_with_the_real_binaries() {
+    use std::io::{Read, Write};
+    let data = tempfile::tempdir().unwrap();
+    let anchord = start_anchord(&data.path().join("anchor"));
+    let nodes = tempfile::tempdir().unwrap();
+    let (cam, disp) = (nodes.path().join("cam"), nodes.path().join("disp"));
+    let cam_id = pair_approved(&anchord, &cam, "cam");
+    let disp_id = pair_approved(&anchord, &disp, "disp");
+    anchord.ctl(&["device", "label", &cam_id, "role=camera"]);
+    anchord.ctl(&["device", "label", &disp_id, "role=display"]);
+    let policy = nodes.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[allow]]\nfrom = \"role=display\"\nto = \"role=camera\"\ncapabilities = [\"echo\", \"system.*\"]\nservices = [\"web\"]\n",
+    )
+    .unwrap();
+    let set = anchord.ctl_output(&["policy", "set", policy.to_str().unwrap()]);
+    assert!(set.status.success(), "{set:?}");
+
+    let cam_run = run_node(nodes.path(), &cam);
+    let disp_run = run_node(nodes.path(), &disp);
+    let echo = echo_server();
+    let mut expose_cmd = command(&bins().anchor_node, nodes.path());
+    expose_cmd
+        .args(["expose", "web", "--to", &echo.to_string(), "--state-dir"])
+        .arg(&cam);
+    let expose = Proc::spawn("anchor-node expose", &mut expose_cmd);
+    expose.wait_line(COMMAND_TIMEOUT, |l| l.contains("exposing web").then_some(()));
+
+    // The display's directory lists the camera with its service.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let peers = loop {
+        let out = node_cmd(nodes.path(), &disp, &["peers", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let peers = out.json();
+        let cam_entry = peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "cam")
+            .cloned();
+        if let Some(p) = cam_entry.filter(|p| p["services"] == serde_json::json!(["web"])) {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the camera never showed with its service: {peers}\n{}",
+            disp_run.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for key in ["device_id", "name", "path", "addr", "rtt_ms"] {
+        assert!(peers.get(key).is_some(), "peers --json lacks {key}: {peers}");
+    }
+
+    // A call by name, in anchorctl invoke's JSON shape.
+    let out = node_cmd(
+        nodes.path(),
+        &disp,
+        &["call", "cam", "echo", "--input", r#"{"x":1}"#, "--json"],
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}\n{}", disp_run.log_tail());
+    let call = out.json();
+    assert_eq!(call["state"], "succeeded", "{call}");
+    assert_eq!(call["output"], serde_json::json!({"x": 1}), "{call}");
+    assert!(call["invocation_id"].is_string() && call.get("error").is_some());
+    // What the policy does not allow: 77, and the camera may not call the display at all.
+    let out = node_cmd(nodes.path(), &disp, &["call", "cam", "desktop.open_url"]);
+    assert_eq!(out.code(), Some(77), "{out:?}");
+    let out = node_cmd(nodes.path(), &cam, &["call", "disp", "echo"]);
+    assert_eq!(out.code(), Some(77), "{out:?}");
+    let out = node_cmd(nodes.path(), &disp, &["call", "nosuch", "echo"]);
+    assert_eq!(out.code(), Some(64), "{out:?}");
+
+    // A tunnel: bytes both ways, and the half-close reaches the service.
+    let mut connect_cmd = command(&bins().anchor_node, nodes.path());
+    connect_cmd
+        .args(["connect", "cam", "web", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&disp);
+    let connect = Proc::spawn("anchor-node connect", &mut connect_cmd);
+    let listening: std::net::SocketAddr = connect.wait_line(COMMAND_TIMEOUT, |l| {
+        l.strip_prefix("listening on ").and_then(|a| a.trim().parse().ok())
+    });
+    let mut tcp = std::net::TcpStream::connect(listening).unwrap();
+    tcp.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    tcp.write_all(&payload).unwrap();
+    tcp.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    tcp.read_to_end(&mut back).unwrap();
+    assert_eq!(back.len(), payload.len(), "{}", connect.log_tail());
+    assert!(back == payload, "the tunnel altered the bytes");
+
+    // On one host the path is direct; the operator sees the pair.
+    let out = node_cmd(nodes.path(), &disp, &["peers", "--json"]);
+    let peers = out.json();
+    let cam_entry = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "cam")
+        .unwrap()
+        .clone();
+    assert_eq!(cam_entry["connected"], true, "{cam_entry}");
+    let mesh = anchord.ctl(&["mesh"]);
+    let links = mesh.as_array().unwrap();
+    assert!(
+        links.iter().any(|l| {
+            let ends = [l["a"].as_str(), l["b"].as_str()];
+            ends.contains(&Some(cam_id.as_str())) && ends.contains(&Some(disp_id.as_str()))
+        }),
+        "anchorctl mesh shows the pair: {mesh}"
+    );
+    // The local API socket is owner-only.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(disp.join("api.sock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "api.sock mode {mode:o}");
+    }
+    connect.terminate();
+    expose.terminate();
+    cam_run.terminate();
+    disp_run.terminate();
+}
