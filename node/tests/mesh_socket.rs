@@ -459,6 +459,43 @@ async fn strangers_wrong_tokens_and_garbage_are_ignored() {
     .unwrap_or_else(|_| panic!("seed {seed}: scenario hung"));
 }
 
+#[tokio::test(start_paused = true)]
+async fn without_a_working_path_packets_are_dropped_and_counted() {
+    let seed = 16;
+    timeout(SCENARIO_LIMIT, async {
+        let (_net, _anchor, a, b) = pair(seed, [None, None]).await;
+        // A relay that takes one packet and is never read, as an anchor stalled.
+        let (tx, _stalled) = mpsc::channel::<RelayPacket>(1);
+        a.mesh.set_relay(Some(tx));
+        assert_eq!(
+            a.mesh.path(b.id).kind,
+            PathKind::None,
+            "seed {seed}: unknown peer"
+        );
+        let dial = a
+            .endpoint
+            .connect(a.mesh.peer_addr(b.id), SERVER_NAME)
+            .expect("start connecting");
+        assert_eq!(a.mesh.path(b.id).kind, PathKind::Relayed, "seed {seed}");
+        let dial = tokio::spawn(dial);
+        sleep(Duration::from_secs(3)).await;
+        let stats = a.mesh.stats();
+        assert_eq!(stats.sent_relayed, 1, "seed {seed}: {stats:?}");
+        assert!(stats.dropped_relay_full > 0, "seed {seed}: {stats:?}");
+        a.mesh.set_relay(None);
+        assert_eq!(a.mesh.path(b.id).kind, PathKind::None, "seed {seed}");
+        sleep(Duration::from_secs(5)).await;
+        let stats = a.mesh.stats();
+        assert!(stats.dropped_no_path > 0, "seed {seed}: {stats:?}");
+        assert_eq!(b.mesh.stats().received_relayed, 0, "seed {seed}");
+        // The handshake never got through: quinn gives up on its own.
+        let outcome = dial.await.expect("dial task");
+        assert!(outcome.is_err(), "seed {seed}: connected without a path");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("seed {seed}: scenario hung"));
+}
+
 struct Tls {
     cert: CertificateDer<'static>,
     key: Vec<u8>,
