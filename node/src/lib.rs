@@ -6,6 +6,8 @@
 //! - [`agent`]: the connection keeper: registration, heartbeats, invocations, renewal,
 //!   failover between anchors.
 //! - [`anchors`]: the anchors a node knows and the order it tries them in (pure rules).
+//! - [`mesh`]: the mesh socket: one UDP socket for the anchor and for peers, direct through
+//!   NATs when it can be, relayed through the anchor when not.
 //! - [`revoked`]: the mesh's revocation set as the node holds it (peers it refuses).
 //! - [`capability`]: built-in and operator-defined capabilities, host facts.
 //! - [`state`]: the state directory (key, certificate, CA, pending pairing, live status).
