@@ -213,9 +213,10 @@ pub fn peer_server_config(tls: &PeerTls) -> Result<quinn::ServerConfig, TlsError
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport::peer_transport()));
-    // The node's socket gives each peer one stable address whatever path carries it, so the
-    // address quinn sees never moves; a real move (a NAT rebinding) is the socket's to absorb.
-    config.migration(true);
+    // The node's socket gives each peer one stable address whatever path carries it, and a
+    // real move (a NAT rebinding) is the socket's to absorb. A packet from an address the
+    // socket does not map must never move the connection off the peer's stable address.
+    config.migration(false);
     Ok(config)
 }
 

@@ -39,6 +39,27 @@ pub struct DesktopConfig {
     pub open_url: bool,
 }
 
+/// The peer mesh (`[mesh]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Try direct paths to peers (default). `false`: every peer packet goes through the
+    /// anchor's relay and no probe is sent or answered, so peers never learn this node's
+    /// addresses.
+    #[serde(default = "yes")]
+    pub direct: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for MeshConfig {
+    fn default() -> MeshConfig {
+        MeshConfig { direct: true }
+    }
+}
+
 /// The node's configuration file.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +80,9 @@ pub struct NodeConfig {
     /// Desktop integration.
     #[serde(default)]
     pub desktop: DesktopConfig,
+    /// The peer mesh.
+    #[serde(default)]
+    pub mesh: MeshConfig,
     /// Operator-defined command capabilities.
     #[serde(default)]
     pub capabilities: BTreeMap<String, CommandSpec>,

@@ -155,20 +155,23 @@ pub async fn run(
     for cap in config.extra_capabilities {
         registry.add(cap);
     }
+    let direct = config.node.mesh.direct;
     let max_concurrent = config
         .node
         .max_concurrent_invocations
         .unwrap_or(agent::DEFAULT_MAX_CONCURRENT);
     let (endpoint, own_socket, mesh) = match (config.socket, config.endpoint) {
         (Some(socket), _) => {
-            let (e, m) = mesh_endpoint(socket, &identity, &state, &registry, max_concurrent)?;
+            let (e, m) =
+                mesh_endpoint(socket, &identity, &state, &registry, max_concurrent, direct)?;
             (e, false, Some(m))
         }
         (None, Some(e)) => (e, false, None),
         (None, None) => {
             let first = resolve_first(anchors.addrs()).await?;
             let socket = udp_socket(first).map_err(RunError::Socket)?;
-            let (e, m) = mesh_endpoint(socket, &identity, &state, &registry, max_concurrent)?;
+            let (e, m) =
+                mesh_endpoint(socket, &identity, &state, &registry, max_concurrent, direct)?;
             (e, true, Some(m))
         }
     };
@@ -277,9 +280,11 @@ fn mesh_endpoint(
     state: &StateDir,
     registry: &Registry,
     max_concurrent: usize,
+    direct: bool,
 ) -> Result<(quinn::Endpoint, Mesh), RunError> {
     let me = identity.cert_info.key_id;
     let socket = MeshSocket::new(socket, me);
+    socket.set_direct(direct);
     socket.start();
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),

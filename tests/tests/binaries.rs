@@ -1301,7 +1301,9 @@ fn peers_call_each_other_and_carry_tcp_with_the_real_binaries() {
         .args(["expose", "web", "--to", &echo.to_string(), "--state-dir"])
         .arg(&cam);
     let expose = Proc::spawn("anchor-node expose", &mut expose_cmd);
-    expose.wait_line(COMMAND_TIMEOUT, |l| l.contains("exposing web").then_some(()));
+    expose.wait_line(COMMAND_TIMEOUT, |l| {
+        l.contains("exposing web").then_some(())
+    });
 
     // The display's directory lists the camera with its service.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1326,7 +1328,10 @@ fn peers_call_each_other_and_carry_tcp_with_the_real_binaries() {
         std::thread::sleep(Duration::from_millis(100));
     };
     for key in ["device_id", "name", "path", "addr", "rtt_ms"] {
-        assert!(peers.get(key).is_some(), "peers --json lacks {key}: {peers}");
+        assert!(
+            peers.get(key).is_some(),
+            "peers --json lacks {key}: {peers}"
+        );
     }
 
     // A call by name, in anchorctl invoke's JSON shape.
@@ -1351,11 +1356,19 @@ fn peers_call_each_other_and_carry_tcp_with_the_real_binaries() {
     // A tunnel: bytes both ways, and the half-close reaches the service.
     let mut connect_cmd = command(&bins().anchor_node, nodes.path());
     connect_cmd
-        .args(["connect", "cam", "web", "--listen", "127.0.0.1:0", "--state-dir"])
+        .args([
+            "connect",
+            "cam",
+            "web",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
         .arg(&disp);
     let connect = Proc::spawn("anchor-node connect", &mut connect_cmd);
     let listening: std::net::SocketAddr = connect.wait_line(COMMAND_TIMEOUT, |l| {
-        l.strip_prefix("listening on ").and_then(|a| a.trim().parse().ok())
+        l.strip_prefix("listening on ")
+            .and_then(|a| a.trim().parse().ok())
     });
     let mut tcp = std::net::TcpStream::connect(listening).unwrap();
     tcp.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();

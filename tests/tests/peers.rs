@@ -32,7 +32,11 @@ struct Member {
 
 impl Member {
     fn peers(&self) -> Arc<Peers> {
-        self.agent.peers.get().expect("the agent runs the mesh").clone()
+        self.agent
+            .peers
+            .get()
+            .expect("the agent runs the mesh")
+            .clone()
     }
 }
 
@@ -54,7 +58,11 @@ async fn member(sim: &Sim, name: &str, role: &str, place: Place) -> Member {
     };
     let id = sim.pair(&node).await.device_id;
     sim.backend()
-        .label(&sim.owner, id, vec![format!("role={role}").parse().unwrap()])
+        .label(
+            &sim.owner,
+            id,
+            vec![format!("role={role}").parse().unwrap()],
+        )
         .await
         .unwrap();
     let agent = node.start_mesh_agent(sim.addr(), |_| {});
@@ -86,7 +94,13 @@ async fn knows(who: &Member, peer: DeviceId, limit: Duration) -> bool {
     let peers = who.peers();
     eventually(limit, || {
         let peers = peers.clone();
-        async move { peers.list().iter().any(|p| p.device_id == peer).then_some(()) }
+        async move {
+            peers
+                .list()
+                .iter()
+                .any(|p| p.device_id == peer)
+                .then_some(())
+        }
     })
     .await
     .is_some()
@@ -94,7 +108,12 @@ async fn knows(who: &Member, peer: DeviceId, limit: Duration) -> bool {
 
 async fn echo(from: &Member, to: &Member) -> Result<Outcome, PeerError> {
     from.peers()
-        .call(to.id, "echo", br#"{"hello":1}"#.to_vec(), Duration::from_secs(20))
+        .call(
+            to.id,
+            "echo",
+            br#"{"hello":1}"#.to_vec(),
+            Duration::from_secs(20),
+        )
         .await
         .map(|(_, r)| r.outcome)
 }
@@ -121,8 +140,14 @@ async fn pair_of(seed: u64, link: LinkConfig, a: Place, b: Place) -> (Sim, Membe
     let display = member(&sim, "display", "display", a).await;
     let camera = member(&sim, "camera", "camera", b).await;
     set_policy(&sim, 1, POLICY);
-    assert!(knows(&display, camera.id, Duration::from_secs(5)).await, "seed {seed}");
-    assert!(knows(&camera, display.id, Duration::from_secs(5)).await, "seed {seed}");
+    assert!(
+        knows(&display, camera.id, Duration::from_secs(5)).await,
+        "seed {seed}"
+    );
+    assert!(
+        knows(&camera, display.id, Duration::from_secs(5)).await,
+        "seed {seed}"
+    );
     (sim, display, camera)
 }
 
@@ -142,14 +167,27 @@ async fn the_policy_decides_who_may_call_whom_and_the_first_call_works_at_once()
 
     set_policy(&sim, 1, POLICY);
     // The directory reaches both within a second.
-    assert!(knows(&display, camera.id, Duration::from_secs(1)).await, "seed {seed}");
-    assert!(knows(&camera, display.id, Duration::from_secs(1)).await, "seed {seed}");
+    assert!(
+        knows(&display, camera.id, Duration::from_secs(1)).await,
+        "seed {seed}"
+    );
+    assert!(
+        knows(&camera, display.id, Duration::from_secs(1)).await,
+        "seed {seed}"
+    );
     assert_eq!(display.peers().resolve("camera").unwrap(), camera.id);
 
     let started = tokio::time::Instant::now();
-    assert_eq!(echo(&display, &camera).await.unwrap(), Outcome::Succeeded, "seed {seed}");
+    assert_eq!(
+        echo(&display, &camera).await.unwrap(),
+        Outcome::Succeeded,
+        "seed {seed}"
+    );
     let first = started.elapsed();
-    assert!(first < Duration::from_secs(5), "seed {seed}: first call took {first:?}");
+    assert!(
+        first < Duration::from_secs(5),
+        "seed {seed}: first call took {first:?}"
+    );
     assert!(
         path_becomes(&display, &camera, "direct", Duration::from_secs(5)).await,
         "seed {seed}: on one LAN the path goes direct"
@@ -158,9 +196,17 @@ async fn the_policy_decides_who_may_call_whom_and_the_first_call_works_at_once()
     // the rule does not cover.
     let refused = display
         .peers()
-        .call(camera.id, "desktop.open_url", b"{}".to_vec(), Duration::from_secs(5))
+        .call(
+            camera.id,
+            "desktop.open_url",
+            b"{}".to_vec(),
+            Duration::from_secs(5),
+        )
         .await;
-    assert!(matches!(refused, Err(PeerError::NotAllowed(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(PeerError::NotAllowed(_))),
+        "{refused:?}"
+    );
     let back = camera
         .peers()
         .call(display.id, "echo", b"{}".to_vec(), Duration::from_secs(5))
@@ -250,9 +296,15 @@ async fn revocation_and_policy_changes_cut_a_peer_off_within_a_second() {
         (display.peers().list().is_empty() && camera.peers().list().is_empty()).then_some(())
     })
     .await;
-    assert!(cut.is_some(), "seed {seed}: the directory shrank within a second");
+    assert!(
+        cut.is_some(),
+        "seed {seed}: the directory shrank within a second"
+    );
     let refused = echo(&display, &camera).await;
-    assert!(matches!(refused, Err(PeerError::NotAllowed(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(PeerError::NotAllowed(_))),
+        "{refused:?}"
+    );
 
     // Back in; then the display is revoked: the camera refuses it within a second.
     set_policy(&sim, 3, POLICY);
@@ -271,7 +323,10 @@ async fn revocation_and_policy_changes_cut_a_peer_off_within_a_second() {
         .then_some(())
     })
     .await;
-    assert!(gone.is_some(), "seed {seed}: the camera closed the revoked peer");
+    assert!(
+        gone.is_some(),
+        "seed {seed}: the camera closed the revoked peer"
+    );
 }
 
 #[tokio::test(start_paused = true)]

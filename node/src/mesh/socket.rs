@@ -89,6 +89,8 @@ pub struct MeshSocket {
     /// Wakes the probing task: a peer changed, or the socket is going away.
     wake: Arc<Notify>,
     stopped: Arc<AtomicBool>,
+    /// Whether direct paths are tried at all (`false`: every peer packet is relayed).
+    direct: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -113,7 +115,15 @@ impl MeshSocket {
             changes: watch::channel(0).0,
             wake: Arc::new(Notify::new()),
             stopped: Arc::new(AtomicBool::new(false)),
+            direct: AtomicBool::new(true),
         })
+    }
+
+    /// Turns direct paths off (every peer packet goes through the anchor's relay, probes are
+    /// neither sent nor answered) or back on. For networks where peers must not see each
+    /// other's addresses, and to measure the relay.
+    pub fn set_direct(&self, direct: bool) {
+        self.direct.store(direct, Ordering::Release);
     }
 
     /// Starts the probing task on the current tokio runtime. It holds no strong reference:
@@ -149,6 +159,11 @@ impl MeshSocket {
     /// anchor tells both sides at the same moment). Replaces the token; merges addresses,
     /// keeping at most [`MAX_CANDIDATES`](anchorage_wire::peer::MAX_CANDIDATES).
     pub fn set_candidates(&self, peer: DeviceId, addrs: Vec<SocketAddr>, token: [u8; 16]) {
+        let addrs = if self.direct.load(Ordering::Acquire) {
+            addrs
+        } else {
+            Vec::new()
+        };
         lock(&self.paths).set_candidates(now(), peer, &addrs, token);
         self.wake.notify_one();
     }
@@ -386,6 +401,7 @@ impl MeshSocket {
         let mut replies = Vec::new();
         let mut probes = false;
         let mut kept = 0;
+        let direct = self.direct.load(Ordering::Acquire);
         let generation = {
             let mut paths = lock(&self.paths);
             let now = now();
@@ -394,8 +410,9 @@ impl MeshSocket {
                 let src = canonical(m.addr);
                 let mut handle = |segment: &[u8]| {
                     probes = true;
-                    let outcome =
-                        Probe::decode(segment).map(|probe| paths.handle_probe(now, src, probe));
+                    let outcome = Probe::decode(segment)
+                        .filter(|_| direct)
+                        .map(|probe| paths.handle_probe(now, src, probe));
                     match outcome {
                         Some(ProbeOutcome::Accepted(out)) => {
                             Counters::bump(&self.counters.probes_received, 1);
