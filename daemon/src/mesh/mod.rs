@@ -349,13 +349,13 @@ impl Mesh {
             return Vec::new();
         }
         let s = self.lock();
-        let services: HashMap<DeviceId, Vec<String>> = s
-            .nodes
-            .iter()
-            .filter(|(_, n)| !n.services.is_empty())
-            .map(|(id, n)| (*id, n.services.clone()))
-            .collect();
-        rules::directory(policy, &s.roster, &services, device)
+        let services = |id: &DeviceId| {
+            s.nodes
+                .get(id)
+                .map(|n| n.services.clone())
+                .unwrap_or_default()
+        };
+        rules::directory(policy, &s.roster, services, device)
     }
 
     /// Whether the policy in force relates `a` and `b` (cached until the roster or the

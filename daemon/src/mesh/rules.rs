@@ -1,7 +1,7 @@
 //! Pure rules of the mesh service: token buckets, the per-node directory, and the operators'
 //! view of the links. Time is an argument; nothing here reads a clock or touches a socket.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use anchorage_mesh::DeviceId;
 use anchorage_wire::peer::{PathKind, PeerEntry, PeerPath};
@@ -76,7 +76,7 @@ pub fn related(policy: &Policy, a: &Labels, b: &Labels) -> bool {
 pub fn directory(
     policy: &Policy,
     members: &BTreeMap<DeviceId, Member>,
-    services: &HashMap<DeviceId, Vec<String>>,
+    services: impl Fn(&DeviceId) -> Vec<String>,
     me: &DeviceId,
 ) -> Vec<PeerEntry> {
     // The default policy relates nobody: no member is looked at.
@@ -103,7 +103,7 @@ pub fn directory(
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
-                services: services.get(id).cloned().unwrap_or_default(),
+                services: services(id),
                 outbound,
                 inbound,
             })
@@ -231,20 +231,26 @@ mod tests {
             )
         })
         .collect();
-        let services = HashMap::from([(id(2), vec!["rtsp".to_string()])]);
-        let d1 = directory(&policy, &members, &services, &id(1));
+        let services = |d: &DeviceId| {
+            if *d == id(2) {
+                vec!["rtsp".to_string()]
+            } else {
+                Vec::new()
+            }
+        };
+        let d1 = directory(&policy, &members, services, &id(1));
         assert_eq!(d1.len(), 1);
         assert_eq!(d1[0].device_id, id(2));
         assert_eq!(d1[0].services, vec!["rtsp".to_string()]);
         assert!(d1[0].outbound.allows_capability("echo") && d1[0].inbound.is_empty());
-        let d2 = directory(&policy, &members, &services, &id(2));
+        let d2 = directory(&policy, &members, services, &id(2));
         assert_eq!(
             d2.iter().map(|p| p.device_id).collect::<Vec<_>>(),
             vec![id(1), id(4)]
         );
         assert!(d2[0].outbound.is_empty() && d2[0].inbound.allows_capability("echo"));
-        assert!(directory(&policy, &members, &services, &id(3)).is_empty());
-        assert!(directory(&Policy::empty(), &members, &services, &id(1)).is_empty());
+        assert!(directory(&policy, &members, services, &id(3)).is_empty());
+        assert!(directory(&Policy::empty(), &members, services, &id(1)).is_empty());
         assert!(related(
             &policy,
             &members[&id(2)].labels,
