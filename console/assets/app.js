@@ -519,6 +519,41 @@
     renderInventoryTable();
     renderInstances();
     renderBatchCard();
+    await loadMesh();
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Mesh: the peer connections the nodes report
+
+  async function loadMesh() {
+    let links;
+    try {
+      links = (await api('GET', '/mesh')).data.links;
+    } catch (err) {
+      replace('mesh-links', el('p', { class: 'empty', text: `The mesh cannot be read: ${describe(err)}` }));
+      return;
+    }
+    renderMesh(links);
+  }
+
+  function renderMesh(links) {
+    if (!links.length) {
+      replace('mesh-links', el('p', { class: 'empty', text: 'No peer connections reported.' }));
+      return;
+    }
+    const side = (id, name) => el('a', { attrs: { href: `#/device/${enc(id)}` }, text: name || id });
+    const cell = (label, ...content) => el('td', { data: { label } }, ...content);
+    const body = links.map((l) => el('tr', { data: { a: l.a, b: l.b } },
+      cell('A', side(l.a, l.a_name)),
+      cell('B', side(l.b, l.b_name)),
+      cell('Path', badge('path', l.path)),
+      cell('Address', el('span', { class: 'mono', text: l.addr || '—' })),
+      cell('RTT', millis(l.rtt_ms)),
+      cell('Since', timeEl(l.since))));
+    replace('mesh-links', el('table', { class: 'grid mesh', attrs: { id: 'mesh-table' } },
+      el('caption', { class: 'sr-only', text: 'Peer connections' }),
+      el('thead', {}, el('tr', {}, ['A', 'B', 'Path', 'Address', 'RTT', 'Since'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('tbody', {}, body)));
   }
 
   function renderSelectorError() {

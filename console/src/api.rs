@@ -875,6 +875,41 @@ pub struct InventoryDevice {
     pub node: Option<Node>,
     /// Pairing requests of this device still waiting.
     pub pending_pairings: Vec<PairingRequest>,
+    /// Its peer connections (filled in by `GET /console/v1/inventory/{id}`; empty in the
+    /// list).
+    #[serde(default)]
+    pub peers: Vec<MeshLink>,
+}
+
+/// `GET /console/v1/mesh`: the peer connections the nodes connected to this anchor report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshView {
+    /// One entry per pair, merged from both sides' reports.
+    pub links: Vec<MeshLink>,
+}
+
+/// One peer connection of the mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshLink {
+    /// One side (the smaller device id).
+    pub a: DeviceId,
+    /// Its name.
+    pub a_name: String,
+    /// The other side.
+    pub b: DeviceId,
+    /// Its name.
+    pub b_name: String,
+    /// `direct` (straight over UDP), `relayed` (through the anchor) or `none`; `direct` if
+    /// either side says so.
+    pub path: String,
+    /// The peer address in use on a direct path.
+    pub addr: Option<String>,
+    /// Round-trip time of the peer connection, milliseconds (the smaller of the two
+    /// reports).
+    pub rtt_ms: Option<f64>,
+    /// Since when the path has been what it is.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
 }
 
 /// The anchor itself, as an inventory instance.

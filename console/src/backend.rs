@@ -150,6 +150,10 @@ pub trait Backend: Send + Sync + 'static {
     fn batch(&self, id: BatchId) -> impl Future<Output = ApiResult<Batch>> + Send;
     /// The audit log, newest first.
     fn audit(&self, query: AuditQuery) -> impl Future<Output = ApiResult<Vec<AuditEntry>>> + Send;
+    /// The peer connections of the mesh (`GET /mesh`). The default knows none.
+    fn mesh(&self) -> impl Future<Output = ApiResult<Vec<crate::api::MeshLink>>> + Send {
+        async { Ok(Vec::new()) }
+    }
     /// A receiver of every event published from now on.
     fn subscribe(&self) -> broadcast::Receiver<Event>;
 

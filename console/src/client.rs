@@ -303,6 +303,11 @@ impl ControlPlaneClient {
             .await
     }
 
+    /// The peer connections of the mesh (`GET /mesh`).
+    pub async fn mesh(&self) -> Result<crate::api::MeshView, ClientError> {
+        self.json(self.api(Method::GET, &["mesh"])?).await
+    }
+
     /// Registered nodes (`GET /nodes`).
     pub async fn list_nodes(&self) -> Result<Vec<Node>, ClientError> {
         self.json(self.api(Method::GET, &["nodes"])?).await

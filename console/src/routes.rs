@@ -105,6 +105,7 @@ pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) 
         .merge(token_routes())
         .merge(runtime_routes())
         .merge(batch_routes())
+        .merge(mesh_routes())
         .route("/qr", get(qr::<B>))
         .route("/whoami", get(whoami))
         .route_layer(middleware::from_fn(enforce_permission_check))
@@ -1203,6 +1204,23 @@ fn sse_event(event: &Event) -> Option<SseEvent> {
 
 // ---------------------------------------------------------------------------------------------
 // Batches: one capability on many devices
+
+fn mesh_routes<B: Backend>() -> Router<AppState<B>> {
+    Router::new().route("/mesh", get(mesh::<B>))
+}
+
+/// `GET /mesh` (observability.read): the peer connections the nodes report, those whose
+/// two sides are both in the caller's scope.
+async fn mesh<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+) -> Result<Json<MeshView>, ApiError> {
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let scope = InScope::of(&*st.backend, who).await?;
+    let mut links = st.backend.mesh().await?;
+    links.retain(|l| scope.has(&l.a) && scope.has(&l.b));
+    Ok(Json(MeshView { links }))
+}
 
 fn batch_routes<B: Backend>() -> Router<AppState<B>> {
     Router::new()

@@ -405,9 +405,17 @@ impl Backend for AnchorBackend {
             let record = s.trust.device(&device)?;
             let labels = s.trust.labels_of(&device)?;
             crate::inventory::inventory_device(s, device, record, &labels, all_requests(s)?)
+                .map(|mut entry| {
+                    entry.peers = s.mesh.console_links(Some(&device));
+                    entry
+                })
                 .ok_or_else(|| TrustError::NotFound(format!("device {device}")))
         })
         .await
+    }
+
+    async fn mesh(&self) -> ApiResult<Vec<anchorage_console::api::MeshLink>> {
+        Ok(self.services.mesh.console_links(None))
     }
 
     async fn list_nodes(&self) -> ApiResult<Vec<Node>> {

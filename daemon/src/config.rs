@@ -73,6 +73,12 @@ pub struct FileConfig {
     /// Most console connections open at once from one IPv4 address or IPv6 /64.
     pub console_max_connections_per_source: Option<usize>,
 
+    // The relay of the peer mesh (docs/operations.md, "Relay").
+    /// Bytes a second one node may send through the anchor's relay.
+    pub relay_node_bytes_per_sec: Option<u64>,
+    /// Bytes a second all nodes together may send through the anchor's relay.
+    pub relay_total_bytes_per_sec: Option<u64>,
+
     // The store (docs/cluster.md).
     /// `fjall` (embedded, in the data directory; the default) or `etcd`.
     pub store: Option<String>,
@@ -121,6 +127,13 @@ pub struct AnchorFlags {
     /// Async worker threads. Default: one less than the cores, at least one.
     #[arg(long, global = true, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// Bytes a second one node may send through the relay. Default: 1048576 (1 MiB/s)
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub relay_node_bytes_per_sec: Option<u64>,
+    /// Bytes a second all nodes together may send through the relay. Default: 33554432
+    /// (32 MiB/s)
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub relay_total_bytes_per_sec: Option<u64>,
     /// Where state lives: fjall (embedded, in the data directory) or etcd (shared by the
     /// anchors of a cluster; needs a build with the `etcd` feature). Default: fjall
     #[arg(long, global = true, value_parser = ["fjall", "etcd"])]
@@ -163,6 +176,12 @@ impl AnchorFlags {
             etcd_endpoints: self.etcd_endpoints.clone().or(file.etcd_endpoints),
             etcd_prefix: self.etcd_prefix.clone().or(file.etcd_prefix),
             cluster_key_file: self.cluster_key_file.clone().or(file.cluster_key_file),
+            relay_node_bytes_per_sec: self
+                .relay_node_bytes_per_sec
+                .or(file.relay_node_bytes_per_sec),
+            relay_total_bytes_per_sec: self
+                .relay_total_bytes_per_sec
+                .or(file.relay_total_bytes_per_sec),
             ..file
         }
     }
@@ -262,6 +281,8 @@ pub struct AnchorConfig {
     pub console_serve: anchorage_console::ServeOptions,
     /// Where state lives.
     pub store: StoreChoice,
+    /// The relay's bandwidth bounds.
+    pub relay_limits: crate::mesh::RelayLimits,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -296,6 +317,7 @@ impl FileConfig {
     pub fn validate(self) -> Result<AnchorConfig, ConfigError> {
         let console_serve = console_serve_options(&self)?;
         let store = store_choice(&self)?;
+        let relay_limits = relay_limits(&self)?;
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let s = v.unwrap_or_else(|| default.to_string());
             s.parse::<SocketAddr>().map_err(|_| {
@@ -441,6 +463,7 @@ impl FileConfig {
             log_json,
             console_serve,
             store,
+            relay_limits,
         })
     }
 }
@@ -526,6 +549,43 @@ fn store_choice(file: &FileConfig) -> Result<StoreChoice, ConfigError> {
     }
 }
 
+/// The `relay_*` keys, validated.
+fn relay_limits(file: &FileConfig) -> Result<crate::mesh::RelayLimits, ConfigError> {
+    let defaults = crate::mesh::RelayLimits::default();
+    // At least one packet of the largest size a second, so that a bound passes anything.
+    let min = anchorage_wire::peer::MAX_RELAY_PACKET as u64;
+    let rate = |key: &'static str, v: Option<u64>, default: u64| {
+        let n = v.unwrap_or(default);
+        if n < min || n > 1 << 40 {
+            return Err(ConfigError::invalid(
+                key,
+                format!("must be between {min} and 1099511627776 (bytes a second)"),
+            ));
+        }
+        Ok(n)
+    };
+    let node_bytes_per_sec = rate(
+        "relay_node_bytes_per_sec",
+        file.relay_node_bytes_per_sec,
+        defaults.node_bytes_per_sec,
+    )?;
+    let total_bytes_per_sec = rate(
+        "relay_total_bytes_per_sec",
+        file.relay_total_bytes_per_sec,
+        defaults.total_bytes_per_sec,
+    )?;
+    if node_bytes_per_sec > total_bytes_per_sec {
+        return Err(ConfigError::invalid(
+            "relay_node_bytes_per_sec",
+            "must not be more than relay_total_bytes_per_sec",
+        ));
+    }
+    Ok(crate::mesh::RelayLimits {
+        node_bytes_per_sec,
+        total_bytes_per_sec,
+    })
+}
+
 /// The `console_*` keys, validated into the console server's options.
 fn console_serve_options(
     file: &FileConfig,
@@ -607,6 +667,34 @@ mod tests {
         assert_eq!(c.console_serve.idle_timeout, Duration::from_secs(5));
         assert_eq!(c.console_serve.max_connections, 512);
         assert_eq!(c.console_serve.max_connections_per_source, 128);
+    }
+
+    #[test]
+    fn relay_keys_are_read_and_checked() {
+        let c = FileConfig::default().validate().unwrap();
+        assert_eq!(c.relay_limits, crate::mesh::RelayLimits::default());
+        assert_eq!(c.relay_limits.node_bytes_per_sec, 1024 * 1024);
+        let c = toml::from_str::<FileConfig>(
+            "relay_node_bytes_per_sec = 4096\nrelay_total_bytes_per_sec = 8192",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.relay_limits.node_bytes_per_sec, 4096);
+        assert_eq!(c.relay_limits.total_bytes_per_sec, 8192);
+        for (text, key) in [
+            ("relay_node_bytes_per_sec = 10", "relay_node_bytes_per_sec"),
+            (
+                "relay_node_bytes_per_sec = 9000\nrelay_total_bytes_per_sec = 8192",
+                "relay_node_bytes_per_sec",
+            ),
+        ] {
+            let err = toml::from_str::<FileConfig>(text)
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

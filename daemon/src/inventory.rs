@@ -178,6 +178,7 @@ fn entry(
         device: device.map(|d| device_api(d, labels, version)),
         pending_pairings: pending.iter().map(|r| request_api(r, now_ms)).collect(),
         node,
+        peers: Vec::new(),
     }
 }
 

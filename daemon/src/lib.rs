@@ -35,6 +35,7 @@ pub mod dispatch;
 pub mod events;
 pub mod inventory;
 pub mod invocations;
+pub mod mesh;
 pub mod metrics;
 pub mod nodes;
 pub mod policy;

@@ -221,6 +221,19 @@ impl Metrics {
         m
     }
 
+    /// Registers a metric another service owns (the mesh's relay and rendezvous counters).
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(name, help, metric);
+    }
+
     /// Counts a failed or refused handshake by reason.
     pub fn handshake_failure(&self, reason: &'static str) {
         self.handshake_failures

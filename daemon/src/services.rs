@@ -68,6 +68,8 @@ pub struct Services {
     pub anchors: tokio::sync::watch::Sender<Vec<String>>,
     /// The mesh policy in force.
     pub policy: PolicyFeed,
+    /// The rendezvous and relay of the peer mesh, and what nodes report about it.
+    pub mesh: crate::mesh::Mesh,
     bound: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
@@ -88,6 +90,7 @@ impl Services {
         unfinished_batches: Vec<BatchRecord>,
         instance_id: String,
     ) -> Services {
+        let mesh = crate::mesh::Mesh::new(config.relay_limits, clock, &metrics);
         Services {
             started_at_ms: clock.now_ms(),
             pairing_limiter: Mutex::new(Limiter::new(config.pairing_limits, clock.now_ms())),
@@ -106,6 +109,7 @@ impl Services {
             lease: Mutex::new("local"),
             anchors: tokio::sync::watch::Sender::new(Vec::new()),
             policy: PolicyFeed::new(PolicyVersion::default_empty()),
+            mesh,
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             bound: Mutex::new((None, None)),

@@ -263,8 +263,30 @@ async fn run_session(
     anchors.mark_changed();
     let mut revoked = services.trust.revocation().subscribe();
     revoked.mark_changed();
+    let mut mesh = services
+        .mesh
+        .join(device, session, &register.name, conn.clone());
+    // None until the first directory is sent (an empty one too: the node may hold one from
+    // an earlier session); the first waits for the revocation set.
+    let mut directory = None;
+    let mut revoked_sent = false;
+    let mut relay_taken = false;
     let reason = loop {
         tokio::select! {
+            changed = mesh.generation.changed(), if revoked_sent => {
+                if changed.is_err() {
+                    break "anchor shutting down";
+                }
+                mesh.generation.borrow_and_update();
+                if send_directory(&services, &device, &mut directory, &mut tx).await.is_err() {
+                    break "control stream lost";
+                }
+            }
+            Some(down) = mesh.down.recv() => {
+                if tx.send(&down).await.is_err() {
+                    break "control stream lost";
+                }
+            }
             changed = revoked.changed() => {
                 if changed.is_err() {
                     break "anchor shutting down";
@@ -273,6 +295,7 @@ async fn run_session(
                 if send_revoked(&services, &mut tx).await.is_err() {
                     break "control stream lost";
                 }
+                revoked_sent = true;
             }
             changed = anchors.changed() => {
                 if changed.is_err() {
@@ -303,13 +326,24 @@ async fn run_session(
                     Refusal::AlreadyRegistered.close(&conn);
                     break "protocol violation";
                 }
-                // TODO(issue 14): the rendezvous service takes these.
-                Ok(Some(
-                    ControlUp::Candidates(_)
-                    | ControlUp::Services(_)
-                    | ControlUp::Rendezvous(_)
-                    | ControlUp::Paths(_),
-                )) => {}
+                Ok(Some(ControlUp::Candidates(c))) => {
+                    let kept = services.mesh.set_candidates(&device, session, &c.addrs);
+                    if kept < c.addrs.len() {
+                        debug!(dropped = c.addrs.len() - kept, "dropped bad candidates");
+                    }
+                }
+                Ok(Some(ControlUp::Services(list))) => {
+                    services.mesh.set_services(&device, session, &list.names);
+                }
+                Ok(Some(ControlUp::Rendezvous(r))) => {
+                    let reply = services.mesh.rendezvous(&services, &device, session, &r.peer);
+                    if tx.send(&reply).await.is_err() {
+                        break "control stream lost";
+                    }
+                }
+                Ok(Some(ControlUp::Paths(report))) => {
+                    services.mesh.set_paths(&device, session, report.paths);
+                }
                 Ok(None) => break "control stream finished",
                 Err(e) => {
                     if e.is_peer_fault() {
@@ -330,8 +364,17 @@ async fn run_session(
                 Ok(bytes) => heartbeat(&services, &device, session, &conn, &bytes),
                 Err(_) => break "connection closed",
             },
-            // The control stream is the only one a node opens.
+            // Besides the control stream a node opens one relay stream, and nothing else.
             stream = conn.accept_bi() => match stream {
+                Ok(stream) if !relay_taken => {
+                    relay_taken = true;
+                    services.spawn(crate::mesh::relay::serve(
+                        services.clone(),
+                        device,
+                        session,
+                        stream,
+                    ));
+                }
                 Ok(stream) => {
                     debug!("refused an unexpected stream");
                     crate::streams::refuse(&services.metrics, stream);
@@ -342,6 +385,7 @@ async fn run_session(
         }
     };
     debug!(reason, "node session ended");
+    services.mesh.leave(&device, session);
     services.nodes.disconnected(&device, session);
 }
 
@@ -365,6 +409,42 @@ async fn send_revoked(services: &Services, tx: &mut Tx) -> Result<(), ()> {
         };
         tx.send(&ControlDown::Revoked(list)).await.map_err(|_| ())?;
     }
+    Ok(())
+}
+
+/// Sends the node its directory unless it is `last` (what it got before): one message that
+/// replaces what it held, then as many more as the directory needs.
+async fn send_directory(
+    services: &Services,
+    device: &anchorage_mesh::DeviceId,
+    last: &mut Option<Vec<anchorage_wire::peer::PeerEntry>>,
+    tx: &mut Tx,
+) -> Result<(), ()> {
+    use anchorage_wire::peer::{Directory, MAX_DIRECTORY_CHUNK};
+    let policy = services.policy.current();
+    let peers = services.mesh.directory(&policy.policy, device);
+    if last.as_ref() == Some(&peers) {
+        return Ok(());
+    }
+    let mut chunks = peers.chunks(MAX_DIRECTORY_CHUNK);
+    let first = chunks.next().unwrap_or_default();
+    tx.send(&ControlDown::Directory(Directory {
+        replace: true,
+        policy_version: policy.version,
+        peers: first.to_vec(),
+    }))
+    .await
+    .map_err(|_| ())?;
+    for chunk in chunks {
+        tx.send(&ControlDown::Directory(Directory {
+            replace: false,
+            policy_version: policy.version,
+            peers: chunk.to_vec(),
+        }))
+        .await
+        .map_err(|_| ())?;
+    }
+    *last = Some(peers);
     Ok(())
 }
 

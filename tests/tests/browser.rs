@@ -207,6 +207,8 @@ async fn web_console_in_a_headless_browser() {
     sign_in(&wd, &console, &owner_token).await;
     step("see the first node online");
     see_node_online(&wd, &node1).await;
+    step("the mesh section renders");
+    mesh_section_renders(&wd).await;
     step("labels: shown, and found by the search");
     labels_show_and_filter(&wd, &client, &node1).await;
     step("invoke system.health");
@@ -343,6 +345,26 @@ async fn see_node_online(wd: &Page, node: &NodeInfo) {
         )
         .await;
     assert_eq!(online, "1", "the summary counts the online node");
+}
+
+/// The inventory's Mesh section loads `GET /mesh` and shows its links, or says there are none
+/// (one node, no peers: nothing reported).
+async fn mesh_section_renders(wd: &Page) {
+    let text = wd
+        .wait_js(
+            "the Mesh section to render",
+            "const m = document.getElementById('mesh'); \
+             const l = document.getElementById('mesh-links'); \
+             return (m && l && (l.querySelector('table') || l.querySelector('.empty'))) ? m.innerText : null",
+        )
+        .await;
+    let text = text.as_str().unwrap();
+    assert!(text.contains("Mesh"), "{text}");
+    assert!(
+        text.contains("No peer connections reported.") || text.contains("Path"),
+        "{text}"
+    );
+    assert!(!text.contains("cannot be read"), "{text}");
 }
 
 async fn labels_show_and_filter(wd: &Page, client: &ControlPlaneClient, node: &NodeInfo) {

@@ -6,6 +6,7 @@
 //! stderr as `error: <code>: <message>`, and the process exits with one of [`exit`]'s codes.
 
 pub mod format;
+pub mod mesh;
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -149,6 +150,10 @@ pub enum Command {
     Health,
     /// Print the anchor's Prometheus metrics.
     Metrics,
+    /// The peer connections of the mesh, as the nodes report them: which pairs reach each
+    /// other directly or through the anchor's relay, the address in use, the round-trip time
+    /// and since when (--json: the links array).
+    Mesh,
 }
 
 /// How a pairing code is delivered.
@@ -731,6 +736,10 @@ impl Ctx<'_> {
                         "the anchor is up but not ready yet",
                     ))
                 }
+            }
+            Command::Mesh => {
+                let links = self.client.mesh().await?.links;
+                self.emit(&links, |now| mesh::human_mesh(&links, now))
             }
             Command::Metrics => {
                 let text = self.client.metrics().await?;

@@ -242,6 +242,7 @@ pub fn inventory_device() -> InventoryDevice {
         device: Some(device(TrustState::Trusted)),
         node: Some(node()),
         pending_pairings: Vec::new(),
+        peers: Vec::new(),
     }
 }
 
