@@ -426,11 +426,13 @@ async fn send_directory(
     if last.as_ref() == Some(&peers) {
         return Ok(());
     }
+    let total = u32::try_from(peers.len()).unwrap_or(u32::MAX);
     let mut chunks = peers.chunks(MAX_DIRECTORY_CHUNK);
     let first = chunks.next().unwrap_or_default();
     tx.send(&ControlDown::Directory(Directory {
         replace: true,
         policy_version: policy.version,
+        total,
         peers: first.to_vec(),
     }))
     .await
@@ -439,6 +441,7 @@ async fn send_directory(
         tx.send(&ControlDown::Directory(Directory {
             replace: false,
             policy_version: policy.version,
+            total,
             peers: chunk.to_vec(),
         }))
         .await
