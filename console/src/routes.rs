@@ -45,7 +45,9 @@ use tracing::{Instrument, debug, error, field, info_span, warn};
 
 use crate::api::*;
 use crate::backend::Backend;
-use crate::error::ApiError;
+use crate::error::{ApiError, SetPolicyError};
+
+mod policy;
 
 /// Largest request body the console accepts.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -105,6 +107,7 @@ pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) 
         .merge(token_routes())
         .merge(runtime_routes())
         .merge(batch_routes())
+        .merge(policy::routes())
         .route("/qr", get(qr::<B>))
         .route("/whoami", get(whoami))
         .route_layer(middleware::from_fn(enforce_permission_check))
