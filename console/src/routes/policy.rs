@@ -170,7 +170,12 @@ pub fn resolve<'a>(devices: &'a [Device], text: &str) -> Result<&'a Device, ApiE
     }
     let hits: Vec<&Device> = devices
         .iter()
-        .filter(|d| d.device_id.compact().starts_with(&prefix))
+        .filter(|d| {
+            d.device_id
+                .compact()
+                .to_ascii_uppercase()
+                .starts_with(&prefix)
+        })
         .collect();
     match hits.as_slice() {
         [one] => Ok(one),
