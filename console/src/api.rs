@@ -275,6 +275,8 @@ pub fn event_permissions(kind: &str) -> &'static [Permission] {
         "invocation" => &[Permission::ObservabilityRead],
         // GET /batches.
         "batch" => &[Permission::ObservabilityRead],
+        // GET /policy.
+        "policy" => &[Permission::ObservabilityRead],
         _ => &Permission::ALL,
     }
 }
@@ -1268,6 +1270,134 @@ pub struct Event {
     pub device_id: Option<DeviceId>,
     /// Details.
     pub data: serde_json::Value,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mesh policy
+
+/// Largest policy file `PUT /console/v1/policy` accepts, bytes.
+pub const MAX_POLICY_BYTES: usize = 256 * 1024;
+
+/// Versions `GET /console/v1/policy/history` returns unless `?limit=` says otherwise.
+pub const DEFAULT_POLICY_HISTORY: usize = 20;
+
+/// The mesh policy in force (`GET /console/v1/policy`, and the answer of a `PUT`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// 0 for the empty default (nobody reaches anybody), then one more with every change.
+    pub version: u64,
+    /// The file as the operator wrote it.
+    pub text: String,
+    /// When it was set (`null` for the default).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub updated_at: Option<OffsetDateTime>,
+    /// Who set it, `name (token id)` (empty for the default).
+    pub updated_by: String,
+    /// Its rules in file order.
+    pub rules: Vec<PolicyRuleInfo>,
+}
+
+/// One `[[allow]]` rule as parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRuleInfo {
+    /// Its number: 1 for the first rule of the file (what `policy test` names).
+    pub index: usize,
+    /// The line of its `[[allow]]` header.
+    pub line: usize,
+    /// Its `name`, if it has one.
+    pub name: Option<String>,
+    /// Selector of the devices that may call.
+    pub from: String,
+    /// Selector of the devices they may call.
+    pub to: String,
+    /// Capability patterns.
+    pub capabilities: Vec<String>,
+    /// Service patterns.
+    pub services: Vec<String>,
+}
+
+/// One version of the policy (`GET /console/v1/policy/history`, newest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersionInfo {
+    /// Its version.
+    pub version: u64,
+    /// The file as set.
+    pub text: String,
+    /// When it was set.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Who set it.
+    pub updated_by: String,
+}
+
+/// Something wrong in a policy file, where it is (1-based line and column).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyProblem {
+    /// Line.
+    pub line: usize,
+    /// Column.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The body of a refused `PUT /console/v1/policy` (400): `{code: "invalid_policy", message,
+/// errors}`. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidPolicyBody {
+    /// Always `invalid_policy`.
+    pub code: String,
+    /// For people: how many errors.
+    pub message: String,
+    /// Every error found, in file order.
+    pub errors: Vec<PolicyProblem>,
+}
+
+/// The error code of a policy file with errors.
+pub const INVALID_POLICY: &str = "invalid_policy";
+
+/// What `GET /console/v1/policy/test` asks about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyAction {
+    /// Invoking a capability on the peer.
+    Capability(String),
+    /// Opening a tunnel to a service the peer exposes.
+    Service(String),
+}
+
+/// A device as the policy test names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyPeer {
+    /// Its id.
+    pub device_id: DeviceId,
+    /// Its name.
+    pub name: String,
+}
+
+/// The answer of `GET /console/v1/policy/test`: whether the policy in force lets `from` do it
+/// on `to`, and which rule says so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyTestResult {
+    /// Whether it is allowed.
+    pub allowed: bool,
+    /// The number of the allowing rule (as [`PolicyRuleInfo::index`]), if one allows it.
+    pub rule: Option<usize>,
+    /// That rule's line.
+    pub line: Option<usize>,
+    /// That rule's name.
+    pub name: Option<String>,
+    /// One sentence: `allowed by rule 1 ("name", line 2)` or `refused: no rule allows ...`.
+    pub reason: String,
+    /// The caller.
+    pub from: PolicyPeer,
+    /// The callee.
+    pub to: PolicyPeer,
+    /// The capability asked about, if it was one.
+    pub capability: Option<String>,
+    /// The service asked about, if it was one.
+    pub service: Option<String>,
+    /// The policy version that answered.
+    pub version: u64,
 }
 
 #[cfg(test)]

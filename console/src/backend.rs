@@ -157,6 +157,39 @@ pub trait Backend: Send + Sync + 'static {
     /// A receiver of every event published from now on.
     fn subscribe(&self) -> broadcast::Receiver<Event>;
 
+    // Mesh policy (a backend without one answers 404 to all of it)
+    /// The policy in force.
+    fn policy(&self) -> impl Future<Output = ApiResult<PolicyInfo>> + Send {
+        async { Err(no_policy()) }
+    }
+    /// The newest `limit` versions, newest first.
+    fn policy_history(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = ApiResult<Vec<PolicyVersionInfo>>> + Send {
+        let _ = limit;
+        async { Err(no_policy()) }
+    }
+    /// Sets the policy from the TOML file `text` (audited, announced, in force at once).
+    fn set_policy(
+        &self,
+        who: &Principal,
+        text: String,
+    ) -> impl Future<Output = Result<PolicyInfo, crate::error::SetPolicyError>> + Send {
+        let _ = (who, text);
+        async { Err(no_policy().into()) }
+    }
+    /// Whether the policy in force lets `from` do `action` on `to`.
+    fn policy_test(
+        &self,
+        from: DeviceId,
+        to: DeviceId,
+        action: PolicyAction,
+    ) -> impl Future<Output = ApiResult<PolicyTestResult>> + Send {
+        let _ = (from, to, action);
+        async { Err(no_policy()) }
+    }
+
     // Operations
     /// Prometheus text exposition of the anchor's metrics.
     fn metrics(&self) -> impl Future<Output = String> + Send;
@@ -164,4 +197,8 @@ pub trait Backend: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// Renders `text` as a QR code SVG (for the web page's pairing view).
     fn qr_svg(&self, text: &str) -> ApiResult<String>;
+}
+
+fn no_policy() -> ApiError {
+    ApiError::not_found("this anchor serves no mesh policy")
 }

@@ -63,6 +63,14 @@ pub enum ClientError {
     /// The token cannot be sent in an HTTP header.
     #[error("bad token: {0}")]
     BadToken(String),
+    /// The console refused a policy file (400 `invalid_policy`): every error with its line.
+    #[error("{message}")]
+    InvalidPolicy {
+        /// The API's message.
+        message: String,
+        /// Every error, in file order.
+        errors: Vec<PolicyProblem>,
+    },
 }
 
 impl ClientError {
@@ -274,6 +282,55 @@ impl ControlPlaneClient {
     /// Revokes a token (`DELETE /tokens/{id}`).
     pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo, ClientError> {
         self.json(self.api(Method::DELETE, &["tokens", id])?).await
+    }
+
+    // Mesh policy
+
+    /// The mesh policy in force (`GET /policy`).
+    pub async fn policy(&self) -> Result<PolicyInfo, ClientError> {
+        self.json(self.api(Method::GET, &["policy"])?).await
+    }
+
+    /// Sets the mesh policy from the TOML file `text` (`PUT /policy`); a file with errors is
+    /// [`ClientError::InvalidPolicy`].
+    pub async fn set_policy(&self, text: impl Into<String>) -> Result<PolicyInfo, ClientError> {
+        let rb = self
+            .api(Method::PUT, &["policy"])?
+            .header(reqwest::header::CONTENT_TYPE, "application/toml")
+            .body(text.into());
+        self.json(rb).await
+    }
+
+    /// The newest versions of the policy, newest first (`GET /policy/history`).
+    pub async fn policy_history(
+        &self,
+        limit: Option<usize>,
+    ) -> Result<Vec<PolicyVersionInfo>, ClientError> {
+        let mut rb = self.api(Method::GET, &["policy", "history"])?;
+        if let Some(limit) = limit {
+            rb = rb.query(&[("limit", limit)]);
+        }
+        self.json(rb).await
+    }
+
+    /// Whether the policy lets `from` do `action` on `to` (`GET /policy/test`); each device
+    /// is an id, a unique id prefix, or a name.
+    pub async fn policy_test(
+        &self,
+        from: &str,
+        to: &str,
+        action: &PolicyAction,
+    ) -> Result<PolicyTestResult, ClientError> {
+        let (key, value) = match action {
+            PolicyAction::Capability(c) => ("capability", c.as_str()),
+            PolicyAction::Service(s) => ("service", s.as_str()),
+        };
+        let rb = self.api(Method::GET, &["policy", "test"])?.query(&[
+            ("from", from),
+            ("to", to),
+            (key, value),
+        ]);
+        self.json(rb).await
     }
 
     // Runtime
@@ -544,14 +601,28 @@ fn parse_base_url(raw: &str) -> Result<Url, ClientError> {
 async fn api_error(response: Response) -> ClientError {
     let status = response.status();
     let body = response.bytes().await.unwrap_or_default();
-    match serde_json::from_slice::<ErrorBody>(&body) {
+    error_of(status, &body)
+}
+
+/// The error a non-2xx `status` with `body` means.
+fn error_of(status: StatusCode, body: &[u8]) -> ClientError {
+    if status == StatusCode::BAD_REQUEST
+        && let Ok(refused) = serde_json::from_slice::<InvalidPolicyBody>(body)
+        && refused.code == INVALID_POLICY
+    {
+        return ClientError::InvalidPolicy {
+            message: refused.message,
+            errors: refused.errors,
+        };
+    }
+    match serde_json::from_slice::<ErrorBody>(body) {
         Ok(ErrorBody { code, message }) => ClientError::Api {
             status: status.as_u16(),
             code,
             message,
         },
         Err(_) => {
-            let text = String::from_utf8_lossy(&body);
+            let text = String::from_utf8_lossy(body);
             let text: String = text.trim().chars().take(200).collect();
             let mut message = format!("HTTP {status}");
             if !text.is_empty() {

@@ -128,3 +128,34 @@ impl IntoResponse for ApiError {
         (self.status, Json(body)).into_response()
     }
 }
+
+/// Why `PUT /console/v1/policy` failed: the file has errors (400 `invalid_policy` with every
+/// error and its line), or anything else an [`ApiError`] says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetPolicyError {
+    /// The file has errors; nothing was changed.
+    #[error("the policy has {} error(s)", .0.len())]
+    Invalid(Vec<crate::api::PolicyProblem>),
+    /// Another failure.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl IntoResponse for SetPolicyError {
+    fn into_response(self) -> Response {
+        match self {
+            SetPolicyError::Invalid(errors) => {
+                let body = crate::api::InvalidPolicyBody {
+                    code: crate::api::INVALID_POLICY.to_string(),
+                    message: match errors.len() {
+                        1 => "the policy has 1 error; nothing was changed".to_string(),
+                        n => format!("the policy has {n} errors; nothing was changed"),
+                    },
+                    errors,
+                };
+                (StatusCode::BAD_REQUEST, Json(body)).into_response()
+            }
+            SetPolicyError::Api(e) => e.into_response(),
+        }
+    }
+}

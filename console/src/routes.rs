@@ -45,7 +45,9 @@ use tracing::{Instrument, debug, error, field, info_span, warn};
 
 use crate::api::*;
 use crate::backend::Backend;
-use crate::error::ApiError;
+use crate::error::{ApiError, SetPolicyError};
+
+mod policy;
 
 /// Largest request body the console accepts.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -106,6 +108,7 @@ pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) 
         .merge(runtime_routes())
         .merge(batch_routes())
         .merge(mesh_routes())
+        .merge(policy::routes())
         .route("/qr", get(qr::<B>))
         .route("/whoami", get(whoami))
         .route_layer(middleware::from_fn(enforce_permission_check))

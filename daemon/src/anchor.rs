@@ -185,6 +185,9 @@ impl Anchor {
             instance_id,
         ));
         crate::remote::follow(&services);
+        // Loaded after following the other anchors, so a change made meanwhile is either read
+        // here or heard there; the feed keeps the newer.
+        services.policy.replace(services.trust.policy()?);
         let anchor = Anchor {
             services,
             owner_token_path: dir.join("owner.token"),

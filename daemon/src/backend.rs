@@ -115,6 +115,42 @@ pub fn api_error(e: TrustError) -> ApiError {
             warn!(error = %e, "certificate error");
             ApiError::internal()
         }
+        TrustError::InvalidPolicy(errors) => ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            anchorage_console::api::INVALID_POLICY,
+            format!(
+                "the policy has {} error(s); nothing was changed",
+                errors.len()
+            ),
+        ),
+    }
+}
+
+// The console refuses a larger body before the anchor parses it; both say the same limit.
+const _: () = assert!(MAX_POLICY_BYTES == crate::policy::MAX_POLICY_LEN);
+
+/// The policy in force as the API shows it.
+pub fn policy_api(p: &crate::policy::PolicyVersion) -> PolicyInfo {
+    PolicyInfo {
+        version: p.version,
+        text: p.text.clone(),
+        updated_at: (p.version > 0).then(|| to_odt(p.updated_ms)),
+        updated_by: p.updated_by.clone(),
+        rules: p
+            .policy
+            .rules()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| PolicyRuleInfo {
+                index: i + 1,
+                line: r.line,
+                name: r.name.clone(),
+                from: r.from.to_string(),
+                to: r.to.to_string(),
+                capabilities: r.capabilities.clone(),
+                services: r.services.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -615,6 +651,111 @@ impl Backend for AnchorBackend {
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.services.events.subscribe()
+    }
+
+    async fn policy(&self) -> ApiResult<PolicyInfo> {
+        Ok(policy_api(&self.services.policy.current()))
+    }
+
+    async fn policy_history(&self, limit: usize) -> ApiResult<Vec<PolicyVersionInfo>> {
+        self.blocking(move |s| {
+            Ok(s.trust
+                .policy_history(limit)?
+                .into_iter()
+                .map(|r| PolicyVersionInfo {
+                    version: r.version,
+                    text: r.text,
+                    updated_at: to_odt(r.updated_ms),
+                    updated_by: r.updated_by,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn set_policy(
+        &self,
+        who: &Principal,
+        text: String,
+    ) -> Result<PolicyInfo, anchorage_console::error::SetPolicyError> {
+        let who = who.clone();
+        let services = self.services.clone();
+        let set = tokio::task::spawn_blocking(move || services.trust.set_policy(&who, &text))
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "backend task failed");
+                ApiError::internal()
+            })?;
+        let next = match set {
+            Ok(next) => next,
+            Err(TrustError::InvalidPolicy(errors)) => {
+                return Err(anchorage_console::error::SetPolicyError::Invalid(
+                    errors
+                        .into_iter()
+                        .map(|e| PolicyProblem {
+                            line: e.line,
+                            column: e.column,
+                            message: e.message,
+                        })
+                        .collect(),
+                ));
+            }
+            Err(e) => return Err(api_error(e).into()),
+        };
+        let info = policy_api(&next);
+        let event = AnchorEvent::Policy {
+            version: next.version,
+            updated_by: next.updated_by.clone(),
+        };
+        // In force on this anchor at once; other anchors hear it from the store's watch.
+        if self.services.policy.replace(next) {
+            self.services.events.publish(event);
+        }
+        Ok(info)
+    }
+
+    async fn policy_test(
+        &self,
+        from: DeviceId,
+        to: DeviceId,
+        action: PolicyAction,
+    ) -> ApiResult<PolicyTestResult> {
+        let (from_view, to_view) = (self.device(from).await?, self.device(to).await?);
+        let current = self.services.policy.current();
+        let decision = match &action {
+            PolicyAction::Capability(c) => current.policy.decide(
+                &from_view.labels,
+                &to_view.labels,
+                crate::policy::Action::Capability(c),
+            ),
+            PolicyAction::Service(s) => current.policy.decide(
+                &from_view.labels,
+                &to_view.labels,
+                crate::policy::Action::Service(s),
+            ),
+        };
+        let (capability, service) = match action {
+            PolicyAction::Capability(c) => (Some(c), None),
+            PolicyAction::Service(s) => (None, Some(s)),
+        };
+        Ok(PolicyTestResult {
+            allowed: decision.allowed,
+            rule: decision.rule.map(|i| i + 1),
+            line: decision.line,
+            name: decision.name,
+            reason: decision.reason,
+            from: PolicyPeer {
+                device_id: from,
+                name: from_view.name,
+            },
+            to: PolicyPeer {
+                device_id: to,
+                name: to_view.name,
+            },
+            capability,
+            service,
+            version: current.version,
+        })
     }
 
     async fn metrics(&self) -> String {

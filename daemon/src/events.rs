@@ -136,6 +136,13 @@ pub enum AnchorEvent {
     },
     /// `batch`: a batch was created, made progress, or ended (its counts now).
     Batch(anchorage_console::api::BatchInfo),
+    /// `policy`: a new version of the mesh policy is in force.
+    Policy {
+        /// Its version.
+        version: u64,
+        /// Who set it (audit actor).
+        updated_by: String,
+    },
 }
 
 impl AnchorEvent {
@@ -167,15 +174,17 @@ impl AnchorEvent {
             AnchorEvent::Presence { .. } => "presence",
             AnchorEvent::Invocation { .. } => "invocation",
             AnchorEvent::Batch(_) => "batch",
+            AnchorEvent::Policy { .. } => "policy",
         }
     }
 
     /// The device the event is about, if any.
     pub fn device(&self) -> Option<&DeviceId> {
         match self {
-            AnchorEvent::CodeMinted { .. } | AnchorEvent::Token { .. } | AnchorEvent::Batch(_) => {
-                None
-            }
+            AnchorEvent::CodeMinted { .. }
+            | AnchorEvent::Token { .. }
+            | AnchorEvent::Batch(_)
+            | AnchorEvent::Policy { .. } => None,
             AnchorEvent::PairingRequested { device, .. }
             | AnchorEvent::PairingDecided { device, .. }
             | AnchorEvent::PairingCompleted { device, .. }
@@ -244,6 +253,10 @@ impl AnchorEvent {
                 "state": state.as_str(),
             }),
             AnchorEvent::Batch(info) => serde_json::to_value(info).unwrap_or_default(),
+            AnchorEvent::Policy {
+                version,
+                updated_by,
+            } => json!({ "version": version, "updated_by": updated_by }),
         }
     }
 }

@@ -352,3 +352,20 @@ pub struct TokenLimits {
     /// Stops working then.
     pub expires_at_ms: Option<u64>,
 }
+
+/// One version of the mesh policy, as an operator set it (the parsed rules are not stored:
+/// the text is parsed again when read, so what is in force is always what `policy show`
+/// prints). Kept in [`crate::store::kv::Space::Policy`] by version, the newest
+/// [`crate::store::POLICY_HISTORY`] of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// 1 for the first policy set, one more for each change (0 is the empty default, never
+    /// stored).
+    pub version: u64,
+    /// The TOML file as written.
+    pub text: String,
+    /// When it was set.
+    pub updated_ms: u64,
+    /// Who set it (audit actor).
+    pub updated_by: String,
+}

@@ -8,8 +8,9 @@
 //!   connected here;
 //! - invocations to the invocation service: a final record answers whoever waits on this
 //!   anchor, an unfinished one for a node connected here is dispatched at once;
-//! - a revocation or removal closes the device's session here, and every change becomes the
-//!   same event this anchor would publish had it made it.
+//! - a revocation or removal closes the device's session here, a new mesh policy is put in
+//!   force here, and every change becomes the same event this anchor would publish had it
+//!   made it.
 //!
 //! [`RuntimeStore::follow`]: crate::store::RuntimeStore::follow
 //! [`Revision::remote`]: crate::store::Revision::remote
@@ -117,6 +118,16 @@ fn trust(s: &Services, change: TrustChange) {
                 request_id: r.request_id,
             }),
         },
+        TrustChange::Policy(record) => {
+            let next = crate::trust::policy_version(record);
+            let event = AnchorEvent::Policy {
+                version: next.version,
+                updated_by: next.updated_by.clone(),
+            };
+            if s.policy.replace(next) {
+                s.events.publish(event);
+            }
+        }
         TrustChange::Token(t) => s.events.publish(AnchorEvent::Token {
             id: t.id,
             action: if t.revoked_at_ms.is_some() {

@@ -30,7 +30,7 @@ fn the_store_conformance_suite_passes_on_a_three_member_etcd_cluster() {
     let Some(cluster) = EtcdCluster::start(3) else {
         return;
     };
-    let checks: [(&str, Check); 13] = [
+    let checks: [(&str, Check); 14] = [
         (
             "write_drop_reopen_check",
             conformance::write_drop_reopen_check,
@@ -78,6 +78,10 @@ fn the_store_conformance_suite_passes_on_a_three_member_etcd_cluster() {
         (
             "the_writer_keeps_order_and_barriers_wait",
             conformance::the_writer_keeps_order_and_barriers_wait,
+        ),
+        (
+            "the_policy_is_versioned_kept_and_watched",
+            conformance::the_policy_is_versioned_kept_and_watched,
         ),
         (
             "write_drop_reopen_check (again, same prefix)",

@@ -7,6 +7,7 @@
 
 pub mod format;
 pub mod mesh;
+pub mod policy;
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -48,6 +49,9 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// Input the user gave is bad: a duration, `--input` JSON, a file, the URL.
     pub const BAD_INPUT: u8 = 64;
+    /// A file the user gave was read but the anchor refused its content: a policy file with
+    /// errors (each printed as `FILE:LINE:COLUMN: message`).
+    pub const DATA_ERROR: u8 = 65;
     /// The anchor cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
     /// No token, or the token is refused (401) or lacks the permission (403).
@@ -62,8 +66,8 @@ const EVENTS_RETRY_FIRST: Duration = Duration::from_secs(1);
 const EVENTS_RETRY_MAX: Duration = Duration::from_secs(30);
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 success, 1 operation failed, 2 usage, 64 bad input, 69 anchor unreachable,
-77 authentication or permission refused.
+Exit codes: 0 success, 1 operation failed, 2 usage, 64 bad input, 65 data error (a policy
+file with errors), 69 anchor unreachable, 77 authentication or permission refused.
 
 The token comes from --token, --token-file, ANCHORAGE_TOKEN, or ./anchorage-data/owner.token,
 in that order.";
@@ -139,6 +143,10 @@ pub enum Command {
     Events(EventsArgs),
     /// The audit log: every trust decision, who made it and when, newest first.
     Audit(AuditArgs),
+    /// The mesh policy (which node may reach which peer, for what): set, show, test,
+    /// history.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// List registered nodes (same as `node list`).
     Nodes,
     /// Registered nodes: list, show.
@@ -656,6 +664,7 @@ impl Ctx<'_> {
             Command::Pair(cmd) => self.pair(cmd).await,
             Command::Device(cmd) => self.device(cmd).await,
             Command::Token(cmd) => self.token(cmd).await,
+            Command::Policy(cmd) => self.policy(cmd).await,
             Command::Inventory(InventoryArgs {
                 show: None,
                 selector,

@@ -39,6 +39,7 @@ macro_rules! __store_conformance_suite {
             batches_load_query_and_prune,
             token_limits_and_uses_are_kept_and_watched,
             the_writer_keeps_order_and_barriers_wait,
+            the_policy_is_versioned_kept_and_watched,
         );
     };
     (@each $make:path; $($check:ident),* $(,)?) => {
@@ -658,4 +659,100 @@ pub fn the_writer_keeps_order_and_barriers_wait(b: &dyn Backend) {
         s.runtime.invocation(&id).unwrap().map(|r| r.state),
         Some(InvocationState::Succeeded)
     );
+}
+
+/// Sets the next version of the mesh policy, as the trust service does: read the one in
+/// force and write the next in one transaction. Returns the version written.
+fn set_policy(trust: &dyn TrustStore, text: &str, at_ms: u64) -> u64 {
+    transact(trust, |txn| {
+        let version = txn.policy()?.map_or(1, |p| p.version + 1);
+        txn.put_policy(&PolicyRecord {
+            version,
+            text: text.into(),
+            updated_ms: at_ms,
+            updated_by: "tester".into(),
+        })?;
+        Ok::<_, StoreError>(version)
+    })
+    .expect("commit")
+}
+
+/// The mesh policy: every version kept (the newest [`POLICY_HISTORY`]), the newest in force
+/// after a reopen, each change seen by watchers, and versions never made twice when several
+/// writers set it at once.
+pub fn the_policy_is_versioned_kept_and_watched(b: &dyn Backend) {
+    let s = open(b);
+    assert_eq!(s.trust.policy().unwrap(), None, "a new store has no policy");
+    assert!(s.trust.policy_history(10).unwrap().is_empty());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        s.trust.watch(Arc::new(move |c| {
+            if let TrustChange::Policy(p) = &c.change {
+                seen.lock().unwrap().push(p.version);
+            }
+        }));
+    }
+    assert_eq!(set_policy(&*s.trust, "# first", 10), 1);
+    assert_eq!(set_policy(&*s.trust, "# second", 20), 2);
+    assert_eq!(*seen.lock().unwrap(), vec![1, 2]);
+    drop(s);
+
+    let s = open(b);
+    let current = s.trust.policy().unwrap().expect("a policy after reopen");
+    assert_eq!(
+        current,
+        PolicyRecord {
+            version: 2,
+            text: "# second".into(),
+            updated_ms: 20,
+            updated_by: "tester".into(),
+        }
+    );
+    let history = s.trust.policy_history(10).unwrap();
+    let versions: Vec<(u64, &str)> = history
+        .iter()
+        .map(|p| (p.version, p.text.as_str()))
+        .collect();
+    assert_eq!(versions, vec![(2, "# second"), (1, "# first")]);
+
+    // Writers at once: each version is made exactly once.
+    const THREADS: u64 = 4;
+    const EACH: u64 = 5;
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let trust = s.trust.clone();
+            scope.spawn(move || {
+                for i in 0..EACH {
+                    set_policy(&*trust, &format!("# writer {t} change {i}"), 30);
+                }
+            });
+        }
+    });
+    let last = 2 + THREADS * EACH;
+    assert_eq!(s.trust.policy().unwrap().unwrap().version, last);
+    let versions: Vec<u64> = s
+        .trust
+        .policy_history(1000)
+        .unwrap()
+        .iter()
+        .map(|p| p.version)
+        .collect();
+    assert_eq!(versions, (1..=last).rev().collect::<Vec<_>>());
+
+    // Past the retention, the oldest go.
+    let total = POLICY_HISTORY as u64 + 3;
+    for _ in last..total {
+        set_policy(&*s.trust, "# later", 40);
+    }
+    drop(s);
+    let s = open(b);
+    let history = s.trust.policy_history(1000).unwrap();
+    assert_eq!(history.len(), POLICY_HISTORY);
+    assert_eq!(history.first().map(|p| p.version), Some(total));
+    assert_eq!(
+        history.last().map(|p| p.version),
+        Some(total - POLICY_HISTORY as u64 + 1)
+    );
+    assert_eq!(s.trust.policy().unwrap().unwrap().version, total);
 }

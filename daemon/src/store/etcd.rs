@@ -18,8 +18,9 @@
 //!   still under this anchor's lease (a compare on the key's lease), so a late removal never
 //!   drops the claim of the anchor the node moved to.
 //! - **Changes made by other anchors** reach the watchers through one etcd watch on the
-//!   prefix: trust changes (tokens, revocations, requests, devices), so a revocation or a
-//!   token made anywhere is live everywhere, and runtime changes (registrations, last-seen,
+//!   prefix: trust changes (tokens, revocations, requests, devices, the mesh policy), so a
+//!   revocation, a policy or a token made anywhere is live everywhere, and runtime changes
+//!   (registrations, last-seen,
 //!   sessions, invocations), so every anchor shows every node and dispatches what others
 //!   queued for the nodes it holds. The anchor's own commits reach them at once, before
 //!   `transact` returns, and the watch leaves those revisions out ([`Own`]).

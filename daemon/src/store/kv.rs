@@ -56,11 +56,14 @@ pub enum Space {
     /// Unfinished invocations by device: device id + invocation id, empty values (a shared
     /// store only: how the anchor a node registers with finds the work waiting for it).
     Pending,
+    /// Versions of the mesh policy, by version (8 bytes, big-endian: oldest first); which is
+    /// in force is [`POLICY_VERSION_KEY`] in [`Space::Meta`].
+    Policy,
 }
 
 impl Space {
     /// Every space, in a fixed order.
-    pub const ALL: [Space; 16] = [
+    pub const ALL: [Space; 17] = [
         Space::Meta,
         Space::Codes,
         Space::Requests,
@@ -77,6 +80,7 @@ impl Space {
         Space::Batches,
         Space::Sessions,
         Space::Pending,
+        Space::Policy,
     ];
 
     /// Its name (fjall keyspace, etcd key segment, error messages).
@@ -98,6 +102,7 @@ impl Space {
             Space::Batches => "batches",
             Space::Sessions => "sessions",
             Space::Pending => "pending",
+            Space::Policy => "policy",
         }
     }
 
@@ -343,6 +348,9 @@ fn trust_change(c: &KvChange) -> Option<TrustChange> {
             };
             Some(TrustChange::Device(id, record))
         }
+        Space::Policy => Some(TrustChange::Policy(
+            decode(c.space.name(), c.value.as_ref()?).ok()?,
+        )),
         _ => None,
     }
 }
@@ -377,6 +385,16 @@ fn runtime_change(c: &KvChange) -> Option<RuntimeChange> {
 
 /// The key of the sealed cluster CA in [`Space::Meta`].
 const CLUSTER_CA_KEY: &[u8] = b"cluster_ca";
+
+/// The key in [`Space::Meta`] of the version of the mesh policy in force. Every change reads
+/// and writes it in its transaction, so two anchors setting a policy at once never both make
+/// the same version (on etcd the second one's compare fails and it runs again).
+pub const POLICY_VERSION_KEY: &[u8] = b"policy_version";
+
+/// The key of a policy version.
+fn policy_key(version: u64) -> [u8; 8] {
+    version.to_be_bytes()
+}
 
 /// The key of a revocation.
 pub fn revocation_key(key: &Revoked) -> Vec<u8> {
@@ -532,6 +550,25 @@ impl TrustTxn for RecordTxn<'_> {
         self.put(Space::Meta, CLUSTER_CA_KEY, ca)
     }
 
+    fn policy(&mut self) -> Result<Option<PolicyRecord>, StoreError> {
+        match self.get::<u64>(Space::Meta, POLICY_VERSION_KEY)? {
+            Some(version) => self.get(Space::Policy, &policy_key(version)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_policy(&mut self, record: &PolicyRecord) -> Result<(), StoreError> {
+        self.put(Space::Policy, &policy_key(record.version), record)?;
+        self.put(Space::Meta, POLICY_VERSION_KEY, &record.version)?;
+        if let Some(gone) = record.version.checked_sub(POLICY_HISTORY as u64)
+            && gone > 0
+        {
+            self.kv.remove(Space::Policy, &policy_key(gone));
+        }
+        self.changes.push(TrustChange::Policy(record.clone()));
+        Ok(())
+    }
+
     fn audit(&mut self, record: &AuditRecord) -> Result<(), StoreError> {
         let seq = self.audit_seq.fetch_add(1, Ordering::Relaxed);
         let key = [record.at_ms.to_be_bytes(), seq.to_be_bytes()].concat();
@@ -635,6 +672,17 @@ impl<K: Kv> TrustStore for KvStore<K> {
             .into_iter()
             .filter_map(|(k, v)| parse_revocation_key(&k).map(|key| (key, v)))
             .collect())
+    }
+
+    fn policy(&self) -> Result<Option<PolicyRecord>, StoreError> {
+        match self.get::<u64>(Space::Meta, POLICY_VERSION_KEY)? {
+            Some(version) => self.get(Space::Policy, &policy_key(version)),
+            None => Ok(None),
+        }
+    }
+
+    fn policy_history(&self, limit: usize) -> Result<Vec<PolicyRecord>, StoreError> {
+        self.newest(Space::Policy, limit, &|_| true)
     }
 
     fn audit_newest(

@@ -2,7 +2,8 @@
 //!
 //! Two interfaces, one per kind of state:
 //!
-//! - [`TrustStore`]: codes, requests, devices, tokens, revocations and the audit log. Every
+//! - [`TrustStore`]: codes, requests, devices, tokens, revocations, the mesh policy (every
+//!   version, up to [`POLICY_HISTORY`]) and the audit log. Every
 //!   change is a read-modify-write in [`TrustStore::transact`]: the closure reads what it
 //!   needs and writes through a [`TrustTxn`]; the backend commits it atomically and durably
 //!   (synced to disk) before `transact` returns, and two transactions never interleave (a
@@ -40,6 +41,9 @@ pub use self::fjall::{FjallKv, FjallStore};
 
 /// Schema version of every value written by this build.
 pub const SCHEMA_VERSION: u8 = 1;
+
+/// Versions of the mesh policy the store keeps (older ones are dropped as new ones are set).
+pub const POLICY_HISTORY: usize = 100;
 
 /// Errors of the store. Backend-specific errors are carried as text, so no backend's types
 /// leak into the anchor.
@@ -132,6 +136,8 @@ pub enum TrustChange {
     Request(RequestRecord),
     /// A device was paired, changed, or removed (`None`).
     Device(DeviceId, Option<DeviceRecord>),
+    /// A new version of the mesh policy was set.
+    Policy(PolicyRecord),
 }
 
 /// A committed change with the store revision it was committed at. Revisions increase with
@@ -196,6 +202,11 @@ pub trait TrustTxn {
     fn cluster_ca(&mut self) -> Result<Option<crate::cluster::SealedCa>, StoreError>;
     /// Writes the cluster's CA.
     fn put_cluster_ca(&mut self, ca: &crate::cluster::SealedCa) -> Result<(), StoreError>;
+    /// The mesh policy in force (`None`: never set, the empty default).
+    fn policy(&mut self) -> Result<Option<PolicyRecord>, StoreError>;
+    /// Puts `record` in force as the newest version (its version must be one more than the
+    /// current one's), dropping versions older than the newest [`POLICY_HISTORY`].
+    fn put_policy(&mut self, record: &PolicyRecord) -> Result<(), StoreError>;
 }
 
 /// The trust state: read-modify-write in transactions, reads, and a watch of changes.
@@ -232,6 +243,10 @@ pub trait TrustStore: Send + Sync + 'static {
     fn token_limits(&self) -> Result<Vec<(String, TokenLimits)>, StoreError>;
     /// Every revocation.
     fn revocations(&self) -> Result<Vec<(Revoked, RevocationRecord)>, StoreError>;
+    /// The mesh policy in force (`None`: never set).
+    fn policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
+    /// The newest `limit` versions of the mesh policy, newest first.
+    fn policy_history(&self, limit: usize) -> Result<Vec<PolicyRecord>, StoreError>;
     /// The newest `limit` audit records that `keep` accepts, newest first; reads only as far
     /// back as it needs.
     fn audit_newest(

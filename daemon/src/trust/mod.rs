@@ -1,5 +1,5 @@
-//! The trust service: pairing codes and requests, devices, tokens, the revocation set and
-//! the audit log.
+//! The trust service: pairing codes and requests, devices, tokens, the revocation set, the
+//! mesh policy and the audit log.
 //!
 //! Every decision is one store transaction ([`crate::store::transact`]): it reads the records
 //! it needs, applies a rule from [`rules`], writes the results with their audit record, and
@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 
 use crate::clock::{Clock, to_ms};
 use crate::metrics::Metrics;
+use crate::policy::{Policy, PolicyVersion};
 use crate::records::*;
 use crate::store::{LabelOwner, Revision, Revoked, StoreError, TrustChange, TrustStore, transact};
 
@@ -55,6 +56,9 @@ pub enum TrustError {
     /// Certificate issuance or key generation failed.
     #[error("certificate: {0}")]
     Pki(String),
+    /// A policy file with errors, each with its line; nothing was changed.
+    #[error("the policy has {} error(s)", .0.len())]
+    InvalidPolicy(Vec<crate::policy::PolicyError>),
 }
 
 /// Prefix of every token secret.
@@ -177,8 +181,29 @@ impl Mirrors {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(id.clone(), (limits.clone(), scope_of(limits)));
             }
-            TrustChange::Device(..) => {}
+            TrustChange::Device(..) | TrustChange::Policy(_) => {}
         }
+    }
+}
+
+/// A stored policy version, parsed. A stored text that no longer parses (written by a later
+/// anchord with a richer grammar) is logged and taken as the empty policy: it allows less,
+/// never more.
+pub fn policy_version(record: PolicyRecord) -> PolicyVersion {
+    let policy = Policy::parse(&record.text).unwrap_or_else(|errors| {
+        tracing::error!(
+            version = record.version,
+            errors = errors.len(),
+            "the stored mesh policy does not parse; nothing is allowed until it is set again"
+        );
+        Policy::empty()
+    });
+    PolicyVersion {
+        version: record.version,
+        text: record.text,
+        policy,
+        updated_ms: record.updated_ms,
+        updated_by: record.updated_by,
     }
 }
 
@@ -762,6 +787,58 @@ impl Trust {
     /// One request.
     pub fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
         self.store.request(id)
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Mesh policy
+
+    /// The mesh policy in force as stored (the empty default, version 0, if none was ever
+    /// set).
+    pub fn policy(&self) -> Result<PolicyVersion, StoreError> {
+        match self.store.policy()? {
+            Some(record) => Ok(policy_version(record)),
+            None => Ok(PolicyVersion::default_empty()),
+        }
+    }
+
+    /// The newest `limit` versions of the mesh policy, newest first.
+    pub fn policy_history(&self, limit: usize) -> Result<Vec<PolicyRecord>, StoreError> {
+        self.store.policy_history(limit)
+    }
+
+    /// Sets the mesh policy from the file `text`: checked first (every error, with its
+    /// line, and nothing changed), then written as the next version with its audit record
+    /// (`policy.set`, target `policy`, detail `version N, K rules`) in one transaction. The
+    /// caller puts the result in force ([`crate::policy::PolicyFeed::replace`]) and
+    /// announces it.
+    pub fn set_policy(&self, who: &Principal, text: &str) -> Result<PolicyVersion, TrustError> {
+        let policy = Policy::parse(text).map_err(TrustError::InvalidPolicy)?;
+        let rules = policy.rules().len();
+        let actor = actor(who);
+        let now = self.now_ms();
+        let record = transact(&*self.store, |txn| {
+            let version = txn.policy()?.map_or(1, |p| p.version + 1);
+            let record = PolicyRecord {
+                version,
+                text: text.to_string(),
+                updated_ms: now,
+                updated_by: actor.clone(),
+            };
+            txn.put_policy(&record)?;
+            let detail = format!(
+                "version {version}, {rules} rule{}",
+                if rules == 1 { "" } else { "s" }
+            );
+            txn.audit(&self.audit(&actor, "policy.set", "policy", &detail))?;
+            Ok::<_, TrustError>(record)
+        })?;
+        Ok(PolicyVersion {
+            version: record.version,
+            text: record.text,
+            policy,
+            updated_ms: record.updated_ms,
+            updated_by: record.updated_by,
+        })
     }
 
     /// The newest `limit` audit records `keep` accepts.
