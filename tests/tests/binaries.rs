@@ -1391,15 +1391,44 @@ fn peers_call_each_other_and_carry_tcp_with_the_real_binaries() {
         .unwrap()
         .clone();
     assert_eq!(cam_entry["connected"], true, "{cam_entry}");
-    let mesh = anchord.ctl(&["mesh"]);
-    let links = mesh.as_array().unwrap();
-    assert!(
-        links.iter().any(|l| {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let peers = node_cmd(nodes.path(), &disp, &["peers", "--json"]).json();
+        let cam_entry = peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "cam")
+            .cloned();
+        if cam_entry
+            .as_ref()
+            .is_some_and(|p| p["path"] == "direct" && p["rtt_ms"].is_number())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never direct on one host: {cam_entry:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Nodes report their paths about once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mesh = anchord.ctl(&["mesh"]);
+        let shown = mesh.as_array().unwrap().iter().any(|l| {
             let ends = [l["a"].as_str(), l["b"].as_str()];
             ends.contains(&Some(cam_id.as_str())) && ends.contains(&Some(disp_id.as_str()))
-        }),
-        "anchorctl mesh shows the pair: {mesh}"
-    );
+        });
+        if shown {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "anchorctl mesh never showed the pair: {mesh}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The local API socket is owner-only.
     #[cfg(unix)]
     {
