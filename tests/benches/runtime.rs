@@ -19,6 +19,9 @@
 //!   then on one anchor with a real three-member etcd cluster, in the same run: pairings per
 //!   second, `system.health` round trips, anchor CPU over a heartbeat window, and etcd's own
 //!   count of writes per second meanwhile.
+//! - `mesh`: the peer mesh on loopback (first call to a new peer, time until direct, peer
+//!   calls direct and relayed beside the operator's invocation and a UDP echo, one tunnelled
+//!   TCP stream beside plain TCP); see `runtime_parts/mesh.rs`.
 //! - `loss`: `system.health` over netsim on the paused clock at 5 % loss / 50 ms RTT and 20 %
 //!   loss / 100 ms RTT, in simulated time, and whether the connection survived.
 //!
@@ -32,6 +35,9 @@
 //! through `anchorage_sim::fleet::start_node`, /proc readers, percentiles).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: failing loudly is the point
+
+#[path = "runtime_parts/mesh.rs"]
+mod mesh;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -101,6 +107,9 @@ fn main() {
         };
         runtime().block_on(fleet(&opts, parts, &mut report));
     }
+    if want("mesh") {
+        runtime().block_on(mesh::mesh(&opts, &mut report));
+    }
     if want("loss") {
         loss(&mut report);
     }
@@ -153,14 +162,14 @@ impl Options {
                 "--window" => o.window = Duration::from_secs(value("--window")),
                 "--calls" => o.calls = value("--calls") as usize,
                 "--perf" => o.perf = Some(args.next().expect("--perf takes a directory").into()),
-                "rtt" | "heartbeats" | "scale" | "batch" | "loss" | "cluster" | "all" => {
+                "rtt" | "heartbeats" | "scale" | "batch" | "loss" | "mesh" | "cluster" | "all" => {
                     o.scenarios.push(a)
                 }
                 // `cargo bench` passes `--bench`; other harness flags mean nothing here.
                 s if s.starts_with("--") => {}
                 other => {
                     eprintln!(
-                        "unknown scenario {other:?}: expected rtt|heartbeats|scale|batch|loss|cluster|all"
+                        "unknown scenario {other:?}: expected rtt|heartbeats|scale|batch|loss|mesh|cluster|all"
                     );
                     std::process::exit(64);
                 }
