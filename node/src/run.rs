@@ -175,6 +175,7 @@ pub async fn run(
             (e, true, Some(m))
         }
     };
+    let mesh_socket = mesh.as_ref().map(|m| m.socket.clone());
     let api = match &mesh {
         Some(m) => {
             let _ = config.peers.set(m.peers.clone());
@@ -211,10 +212,15 @@ pub async fn run(
     if let Some(api) = api {
         api.stop();
     }
-    if own_socket {
-        // Let the close frames reach the anchor and peers; a caller's endpoint is the
-        // caller's to drain.
+    if let Some(socket) = &mesh_socket {
+        // The endpoint on the mesh socket is the node's own, whoever gave the socket: close
+        // the peers' connections too (they see the node go at once, not after an idle
+        // timeout) and stop probing.
         endpoint.close(quinn::VarInt::from_u32(0), b"node stopping");
+        let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+        socket.shutdown();
+    } else if own_socket {
+        // A caller's endpoint is the caller's to drain.
         let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     }
     result.map_err(RunError::from)

@@ -370,3 +370,56 @@ async fn a_node_that_changes_address_gets_its_peer_back() {
     assert!(back.is_some(), "seed {seed}");
     assert!(path_becomes(&display, &camera, "direct", Duration::from_secs(20)).await);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_restarted_while_the_anchor_is_away_reaches_a_known_peer_directly() {
+    let seed = 0x0ff1;
+    let (sim, display, camera) = pair_of(
+        seed,
+        lossy(0.0),
+        Place::Behind(NatConfig::port_restricted_cone()),
+        Place::Behind(NatConfig::full_cone()),
+    )
+    .await;
+    assert_eq!(echo(&display, &camera).await.unwrap(), Outcome::Succeeded);
+    assert!(path_becomes(&display, &camera, "direct", Duration::from_secs(10)).await);
+    // peers.json is written off the async threads; give it a moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    sim.anchor_host.set_up(false);
+    let Member {
+        _node: node,
+        id,
+        agent,
+    } = display;
+    agent.stop().await.unwrap();
+    // A new process on a new socket (so a new NAT mapping), with only what it saved.
+    let agent = node.start_mesh_agent(sim.addr(), |_| {});
+    let started = eventually(Duration::from_secs(5), || async {
+        agent.peers.get().map(|_| ())
+    })
+    .await;
+    assert!(
+        started.is_some(),
+        "seed {seed}: the restarted node runs its peers"
+    );
+    let display = Member {
+        _node: node,
+        id,
+        agent,
+    };
+    assert!(
+        knows(&display, camera.id, Duration::from_millis(10)).await,
+        "seed {seed}: the directory came from peers.json"
+    );
+    let back = eventually(Duration::from_secs(30), || async {
+        matches!(echo(&display, &camera).await, Ok(Outcome::Succeeded)).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "seed {seed}: reached the camera without the anchor"
+    );
+    assert!(!display.agent.connected(), "the anchor really is away");
+    assert_eq!(path(&display, &camera), "direct");
+}

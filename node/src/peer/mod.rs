@@ -530,11 +530,15 @@ impl Peers {
     ) -> quinn::Connection {
         let keep = {
             let mut inner = lock(&self.inner);
+            // Two live connections dialed from both ends at once: the smaller id's dial wins.
+            // A second dial from the same end is a redial (that end lost the first one, say in
+            // a restart): the newer connection wins.
             let winner = self.me.min(peer);
             match inner.links.get(&peer) {
                 Some(l)
                     if l.conn.close_reason().is_none()
-                        && (l.dialer == winner || dialer != winner) =>
+                        && l.dialer != dialer
+                        && l.dialer == winner =>
                 {
                     close(
                         &conn,
