@@ -218,6 +218,16 @@ async fn the_policy_decides_who_may_call_whom_and_the_first_call_works_at_once()
 /// punching and relayed where they do not (docs/netsim.md has the matrix).
 #[tokio::test(start_paused = true)]
 async fn every_pair_of_nat_types_gets_a_connection_direct_where_possible() {
+    nat_matrix(0.0, 0x4a7).await;
+}
+
+/// The same matrix with 5 % of packets lost on every link.
+#[tokio::test(start_paused = true)]
+async fn every_pair_of_nat_types_gets_a_connection_under_five_percent_loss() {
+    nat_matrix(0.05, 0x5a7).await;
+}
+
+async fn nat_matrix(loss: f64, first_seed: u64) {
     let types = [
         ("full-cone", NatConfig::full_cone()),
         ("restricted", NatConfig::restricted_cone()),
@@ -227,10 +237,10 @@ async fn every_pair_of_nat_types_gets_a_connection_direct_where_possible() {
     let mut seen = Vec::new();
     for (i, (an, a)) in types.iter().enumerate() {
         for (bn, b) in types.iter().skip(i) {
-            let seed = 0x4a7 + seen.len() as u64;
+            let seed = first_seed + seen.len() as u64;
             let (_sim, display, camera) = pair_of(
                 seed,
-                lossy(0.0),
+                lossy(loss),
                 Place::Behind(a.clone()),
                 Place::Behind(b.clone()),
             )
@@ -238,7 +248,7 @@ async fn every_pair_of_nat_types_gets_a_connection_direct_where_possible() {
             assert_eq!(
                 echo(&display, &camera).await.unwrap(),
                 Outcome::Succeeded,
-                "seed {seed}: {an} x {bn}"
+                "seed {seed}: {an} x {bn} at {loss} loss"
             );
             let hard = |n: &str| n == "symmetric";
             let direct_possible = !(hard(an) && (hard(bn) || *bn == "port-restricted")
@@ -246,7 +256,7 @@ async fn every_pair_of_nat_types_gets_a_connection_direct_where_possible() {
             let want = if direct_possible { "direct" } else { "relayed" };
             assert!(
                 path_becomes(&display, &camera, want, Duration::from_secs(15)).await,
-                "seed {seed}: {an} x {bn} should be {want}, is {}",
+                "seed {seed}: {an} x {bn} at {loss} loss should be {want}, is {}",
                 path(&display, &camera)
             );
             // And calls keep working on that path.
