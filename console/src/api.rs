@@ -1330,31 +1330,7 @@ pub struct PolicyVersionInfo {
     pub updated_by: String,
 }
 
-/// Something wrong in a policy file, where it is (1-based line and column).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyProblem {
-    /// Line.
-    pub line: usize,
-    /// Column.
-    pub column: usize,
-    /// What is wrong.
-    pub message: String,
-}
-
-/// The body of a refused `PUT /console/v1/policy` (400): `{code: "invalid_policy", message,
-/// errors}`. Nothing was changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InvalidPolicyBody {
-    /// Always `invalid_policy`.
-    pub code: String,
-    /// For people: how many errors.
-    pub message: String,
-    /// Every error found, in file order.
-    pub errors: Vec<PolicyProblem>,
-}
-
-/// The error code of a policy file with errors.
-pub const INVALID_POLICY: &str = "invalid_policy";
+pub use crate::error::{INVALID_POLICY, InvalidPolicyBody, PolicyProblem};
 
 /// What `GET /console/v1/policy/test` asks about.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -135,7 +135,7 @@ impl IntoResponse for ApiError {
 pub enum SetPolicyError {
     /// The file has errors; nothing was changed.
     #[error("the policy has {} error(s)", .0.len())]
-    Invalid(Vec<crate::api::PolicyProblem>),
+    Invalid(Vec<PolicyProblem>),
     /// Another failure.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -145,8 +145,8 @@ impl IntoResponse for SetPolicyError {
     fn into_response(self) -> Response {
         match self {
             SetPolicyError::Invalid(errors) => {
-                let body = crate::api::InvalidPolicyBody {
-                    code: crate::api::INVALID_POLICY.to_string(),
+                let body = InvalidPolicyBody {
+                    code: INVALID_POLICY.to_string(),
                     message: match errors.len() {
                         1 => "the policy has 1 error; nothing was changed".to_string(),
                         n => format!("the policy has {n} errors; nothing was changed"),
@@ -159,3 +159,29 @@ impl IntoResponse for SetPolicyError {
         }
     }
 }
+
+/// Something wrong in a policy file, where it is (1-based line and column).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyProblem {
+    /// Line.
+    pub line: usize,
+    /// Column.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The body of a refused `PUT /console/v1/policy` (400): `{code: "invalid_policy", message,
+/// errors}`. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidPolicyBody {
+    /// Always `invalid_policy`.
+    pub code: String,
+    /// For people: how many errors.
+    pub message: String,
+    /// Every error found, in file order.
+    pub errors: Vec<PolicyProblem>,
+}
+
+/// The error code of a policy file with errors.
+pub const INVALID_POLICY: &str = "invalid_policy";

@@ -271,7 +271,7 @@ impl Anchor {
             s.set_bound(Some(addr), None);
         }
         s.spawn(housekeeping(s.clone()));
-        s.spawn(crate::mesh::follow(s.clone()));
+        s.spawn(crate::peering::follow(s.clone()));
         crate::batches::resume(s);
         let active = Arc::new(AtomicUsize::new(0));
         let handshaking = Arc::new(AtomicUsize::new(0));

@@ -282,7 +282,7 @@ pub struct AnchorConfig {
     /// Where state lives.
     pub store: StoreChoice,
     /// The relay's bandwidth bounds.
-    pub relay_limits: crate::mesh::RelayLimits,
+    pub relay_limits: RelayLimits,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -550,8 +550,30 @@ fn store_choice(file: &FileConfig) -> Result<StoreChoice, ConfigError> {
 }
 
 /// The `relay_*` keys, validated.
-fn relay_limits(file: &FileConfig) -> Result<crate::mesh::RelayLimits, ConfigError> {
-    let defaults = crate::mesh::RelayLimits::default();
+/// Default relay bandwidth of the whole anchor, bytes a second.
+pub const DEFAULT_RELAY_TOTAL_BYTES_PER_SEC: u64 = 32 * 1024 * 1024;
+/// Default relay bandwidth of one node, bytes a second.
+pub const DEFAULT_RELAY_NODE_BYTES_PER_SEC: u64 = 1024 * 1024;
+/// The relay's bandwidth bounds. Each bucket holds one second of its rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Bytes a second one node may send through the relay.
+    pub node_bytes_per_sec: u64,
+    /// Bytes a second all nodes together may send through the relay.
+    pub total_bytes_per_sec: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            node_bytes_per_sec: DEFAULT_RELAY_NODE_BYTES_PER_SEC,
+            total_bytes_per_sec: DEFAULT_RELAY_TOTAL_BYTES_PER_SEC,
+        }
+    }
+}
+
+fn relay_limits(file: &FileConfig) -> Result<RelayLimits, ConfigError> {
+    let defaults = RelayLimits::default();
     // At least one packet of the largest size a second, so that a bound passes anything.
     let min = anchorage_wire::peer::MAX_RELAY_PACKET as u64;
     let rate = |key: &'static str, v: Option<u64>, default: u64| {
@@ -580,7 +602,7 @@ fn relay_limits(file: &FileConfig) -> Result<crate::mesh::RelayLimits, ConfigErr
             "must not be more than relay_total_bytes_per_sec",
         ));
     }
-    Ok(crate::mesh::RelayLimits {
+    Ok(RelayLimits {
         node_bytes_per_sec,
         total_bytes_per_sec,
     })
@@ -672,7 +694,7 @@ mod tests {
     #[test]
     fn relay_keys_are_read_and_checked() {
         let c = FileConfig::default().validate().unwrap();
-        assert_eq!(c.relay_limits, crate::mesh::RelayLimits::default());
+        assert_eq!(c.relay_limits, RelayLimits::default());
         assert_eq!(c.relay_limits.node_bytes_per_sec, 1024 * 1024);
         let c = toml::from_str::<FileConfig>(
             "relay_node_bytes_per_sec = 4096\nrelay_total_bytes_per_sec = 8192",

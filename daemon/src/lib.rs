@@ -38,6 +38,7 @@ pub mod invocations;
 pub mod mesh;
 pub mod metrics;
 pub mod nodes;
+pub mod peering;
 pub mod policy;
 pub mod records;
 pub mod remote;

@@ -336,7 +336,13 @@ async fn run_session(
                     services.mesh.set_services(&device, session, &list.names);
                 }
                 Ok(Some(ControlUp::Rendezvous(r))) => {
-                    let reply = services.mesh.rendezvous(&services, &device, session, &r.peer);
+                    let reply = services.mesh.rendezvous(
+                        &services.policy.current(),
+                        |p| services.nodes.held_elsewhere(p),
+                        &device,
+                        session,
+                        &r.peer,
+                    );
                     if tx.send(&reply).await.is_err() {
                         break "control stream lost";
                     }
@@ -368,7 +374,7 @@ async fn run_session(
             stream = conn.accept_bi() => match stream {
                 Ok(stream) if !relay_taken => {
                     relay_taken = true;
-                    services.spawn(crate::mesh::relay::serve(
+                    services.spawn(crate::peering::serve_relay(
                         services.clone(),
                         device,
                         session,

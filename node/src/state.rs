@@ -227,42 +227,6 @@ impl StateDir {
         self.write(ANCHORS_FILE, &json)
     }
 
-    /// Saves the peer directory with each peer's last addresses and token (`peers.json`).
-    pub fn save_peers(&self, peers: &crate::peer::directory::SavedPeers) -> Result<(), StateError> {
-        let json = serde_json::to_vec(peers).map_err(|e| StateError::Corrupt {
-            path: self.file(crate::peer::directory::PEERS_FILE),
-            message: e.to_string(),
-        })?;
-        self.write(crate::peer::directory::PEERS_FILE, &json)
-    }
-
-    /// The peers as last saved; `None` if there is no file. A file that is too large or not
-    /// a directory is [`StateError::Corrupt`].
-    pub fn peers(&self) -> Result<Option<crate::peer::directory::SavedPeers>, StateError> {
-        use crate::peer::directory::{MAX_PEERS, PEERS_FILE, SavedPeers};
-        let path = self.file(PEERS_FILE);
-        let corrupt = |message: String| StateError::Corrupt {
-            path: path.clone(),
-            message,
-        };
-        // An entry at its limits is a few tens of KiB; a typical one a few hundred bytes.
-        let max = (MAX_PEERS * 64 * 1024) as u64;
-        match std::fs::metadata(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path, source }),
-            Ok(m) if m.len() > max => return Err(corrupt(format!("larger than {max} bytes"))),
-            Ok(_) => {}
-        }
-        let Some(text) = self.read(PEERS_FILE)? else {
-            return Ok(None);
-        };
-        let saved: SavedPeers = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        if saved.peers.len() > MAX_PEERS {
-            return Err(corrupt(format!("more than {MAX_PEERS} peers")));
-        }
-        Ok(Some(saved))
-    }
-
     /// Saves the revocation set the anchor last sent (`revoked.json`).
     pub fn save_revoked(&self, set: &crate::revoked::RevokedSet) -> Result<(), StateError> {
         let json = serde_json::to_vec(set).map_err(|e| StateError::Corrupt {

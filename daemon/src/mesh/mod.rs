@@ -18,7 +18,6 @@
 //! anchor of the cluster holds is answered `Unreachable` (cross-anchor rendezvous and relay
 //! are not done).
 
-pub mod relay;
 pub mod rules;
 
 use std::collections::{BTreeMap, HashMap};
@@ -36,14 +35,14 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use ring::rand::SecureRandom;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::clock::Clock;
+use crate::config::RelayLimits;
+pub use crate::config::{DEFAULT_RELAY_NODE_BYTES_PER_SEC, DEFAULT_RELAY_TOTAL_BYTES_PER_SEC};
 use crate::metrics::Metrics;
 use crate::nodes::SessionId;
-use crate::records::DeviceTrust;
-use crate::services::Services;
-use crate::store::blocking;
+use crate::policy::PolicyVersion;
 
 pub use rules::{Link, Member};
 
@@ -56,28 +55,6 @@ pub const RELAY_QUEUE: usize = 256;
 pub const RENDEZVOUS_BURST: u64 = 16;
 /// Rendezvous requests one node may make a second, after its burst.
 pub const RENDEZVOUS_PER_SEC: u64 = 4;
-/// Default relay bandwidth of one node, bytes a second.
-pub const DEFAULT_RELAY_NODE_BYTES_PER_SEC: u64 = 1024 * 1024;
-/// Default relay bandwidth of the whole anchor, bytes a second.
-pub const DEFAULT_RELAY_TOTAL_BYTES_PER_SEC: u64 = 32 * 1024 * 1024;
-
-/// The relay's bandwidth bounds. Each bucket holds one second of its rate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RelayLimits {
-    /// Bytes a second one node may send through the relay.
-    pub node_bytes_per_sec: u64,
-    /// Bytes a second all nodes together may send through the relay.
-    pub total_bytes_per_sec: u64,
-}
-
-impl Default for RelayLimits {
-    fn default() -> Self {
-        RelayLimits {
-            node_bytes_per_sec: DEFAULT_RELAY_NODE_BYTES_PER_SEC,
-            total_bytes_per_sec: DEFAULT_RELAY_TOTAL_BYTES_PER_SEC,
-        }
-    }
-}
 
 /// Why a relay packet was dropped (the `reason` label of `anchorage_relay_dropped`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +179,11 @@ impl MeshMetrics {
 }
 
 impl Mesh {
+    /// Resolves when a session asked for the roster to be read again.
+    pub async fn refreshed(&self) {
+        self.refresh.notified().await;
+    }
+
     /// The service with `limits`, its counters registered in `metrics`.
     pub fn new(limits: RelayLimits, clock: Clock, metrics: &Metrics) -> Mesh {
         Mesh {
@@ -219,7 +201,8 @@ impl Mesh {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn bump(&self) {
+    /// Tells every session its node's directory may have changed.
+    pub fn bump(&self) {
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
     }
 
@@ -391,7 +374,8 @@ impl Mesh {
     /// is queued for `peer` at the same time), or why not.
     pub fn rendezvous(
         &self,
-        services: &Services,
+        policy: &PolicyVersion,
+        held_elsewhere: impl FnOnce(&DeviceId) -> bool,
         from: &DeviceId,
         session: SessionId,
         peer: &DeviceId,
@@ -403,7 +387,6 @@ impl Mesh {
                 reason,
             })
         };
-        let policy = services.policy.current();
         let now = self.clock.now_ms();
         let mut token = [0u8; 16];
         if self.rng.fill(&mut token).is_err() {
@@ -446,7 +429,7 @@ impl Mesh {
         }
         let Some(other) = s.nodes.get(peer) else {
             drop(s);
-            return if services.nodes.held_elsewhere(peer) {
+            return if held_elsewhere(peer) {
                 unreachable(
                     "elsewhere",
                     format!(
@@ -501,12 +484,12 @@ impl Mesh {
     /// Forwards a packet from `from` to `packet.peer`, or drops it and says why.
     pub fn relay(
         &self,
-        services: &Services,
+        policy: &PolicyVersion,
         from: &DeviceId,
         session: SessionId,
         packet: RelayPacket,
     ) -> Result<(), Dropped> {
-        let result = self.forward(services, from, session, packet);
+        let result = self.forward(policy, from, session, packet);
         if let Err(why) = result {
             self.metrics
                 .dropped
@@ -520,12 +503,11 @@ impl Mesh {
 
     fn forward(
         &self,
-        services: &Services,
+        policy: &PolicyVersion,
         from: &DeviceId,
         session: SessionId,
         packet: RelayPacket,
     ) -> Result<(), Dropped> {
-        let policy = services.policy.current();
         let now = self.clock.now_ms();
         let len = u64::try_from(packet.packet.len()).unwrap_or(u64::MAX);
         let to = packet.peer;
@@ -607,7 +589,8 @@ impl Mesh {
             .collect()
     }
 
-    fn set_roster(&self, roster: Option<BTreeMap<DeviceId, Member>>) {
+    /// Puts a new roster in force (`None`: not read, as while the policy is empty).
+    pub fn set_roster(&self, roster: Option<BTreeMap<DeviceId, Member>>) {
         let mut s = self.lock();
         match roster {
             Some(r) => {
@@ -618,93 +601,4 @@ impl Mesh {
         }
         s.related.clear();
     }
-}
-
-/// Reads the approved, unrevoked devices with their labels.
-fn read_roster(
-    services: &Services,
-) -> Result<BTreeMap<DeviceId, Member>, crate::store::StoreError> {
-    let labels = services.trust.all_labels()?;
-    let revocation = services.trust.revocation();
-    Ok(services
-        .trust
-        .devices()?
-        .into_iter()
-        .filter(|d| d.trust == DeviceTrust::Trusted && !revocation.is_device_revoked(&d.device_id))
-        .map(|d| {
-            let labels = labels.get(&d.device_id).cloned().unwrap_or_default();
-            (
-                d.device_id,
-                Member {
-                    name: d.name,
-                    labels,
-                },
-            )
-        })
-        .collect())
-}
-
-/// Keeps the roster and the generation up to date until the anchor shuts down: on a policy
-/// change, a device or label change, a revocation, and when a session asks. While the policy
-/// is empty the roster is not read (nobody is related to anybody).
-pub async fn follow(services: Arc<Services>) {
-    let mut policy = services.policy.subscribe();
-    let mut revoked = services.trust.revocation().subscribe();
-    let mut events = services.events.subscribe();
-    let mut stale = true;
-    loop {
-        if stale {
-            let empty = services.policy.current().policy.is_empty();
-            let roster = if empty {
-                None
-            } else {
-                let s = services.clone();
-                match blocking(move || read_roster(&s)).await {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the devices for the mesh directory");
-                        None
-                    }
-                }
-            };
-            services.mesh.set_roster(roster);
-            services.mesh.bump();
-        }
-        stale = tokio::select! {
-            changed = policy.changed() => {
-                if changed.is_err() { return; }
-                policy.borrow_and_update();
-                true
-            }
-            changed = revoked.changed() => {
-                if changed.is_err() { return; }
-                revoked.borrow_and_update();
-                true
-            }
-            event = events.recv() => match event {
-                Ok(e) => matters(&e.kind),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
-            // Nothing to do while the policy is empty: the roster is read when it fills.
-            () = services.mesh.refresh.notified() => !services.policy.current().policy.is_empty(),
-            () = services.cancel.cancelled() => return,
-        };
-        if stale {
-            debug!("mesh directories may have changed");
-        }
-    }
-}
-
-/// Whether an event's kind may change a directory (a device added, revoked, removed or
-/// relabelled).
-fn matters(kind: &str) -> bool {
-    matches!(
-        kind,
-        "device.removed"
-            | "device.revoked"
-            | "device.labels"
-            | "pairing.completed"
-            | "pairing.decided"
-    )
 }

@@ -13,6 +13,8 @@ use anchorage_wire::DeviceId;
 use anchorage_wire::peer::{Directory as DirectoryMsg, PeerEntry};
 use serde::{Deserialize, Serialize};
 
+use crate::state::{StateDir, StateError};
+
 /// Most peers a node holds; what an anchor sends beyond it is dropped with a warning.
 pub const MAX_PEERS: usize = 16 * 1024;
 
@@ -249,6 +251,42 @@ impl SavedPeers {
             building: None,
         }
     }
+}
+
+/// Saves `peers` in the state directory (`peers.json`, 0600, atomically).
+pub fn save(state: &StateDir, peers: &SavedPeers) -> Result<(), StateError> {
+    let json = serde_json::to_vec(peers).map_err(|e| StateError::Corrupt {
+        path: state.path().join(PEERS_FILE),
+        message: e.to_string(),
+    })?;
+    state.write(PEERS_FILE, &json)
+}
+
+/// The peers as last saved; `None` if there is no file. A file that is too large or not a
+/// directory is [`StateError::Corrupt`].
+pub fn load(state: &StateDir) -> Result<Option<SavedPeers>, StateError> {
+    let path = state.path().join(PEERS_FILE);
+    let corrupt = |message: String| StateError::Corrupt {
+        path: path.clone(),
+        message,
+    };
+    // An entry at its limits is a few tens of KiB; a typical one a few hundred bytes.
+    let max = (MAX_PEERS * 64 * 1024) as u64;
+    match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Io { path, source }),
+        Ok(m) if m.len() > max => return Err(corrupt(format!("larger than {max} bytes"))),
+        Ok(_) => {}
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| StateError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let saved: SavedPeers = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+    if saved.peers.len() > MAX_PEERS {
+        return Err(corrupt(format!("more than {MAX_PEERS} peers")));
+    }
+    Ok(Some(saved))
 }
 
 /// Hex of a token.

@@ -238,7 +238,7 @@ impl Peers {
         endpoint.set_server_config(Some(peer_server_config(&tls)?));
         let (uplink, uplink_rx) = mpsc::channel(UPLINK_QUEUE);
         let mut inner = Inner::default();
-        match state.peers() {
+        match directory::load(&state) {
             Ok(Some(saved)) => {
                 inner.directory = saved.directory();
                 for p in &saved.peers {
@@ -1010,7 +1010,7 @@ impl Peers {
         let state = self.state.clone();
         // Small and rare (a directory change or a punch): written off the async threads.
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = state.save_peers(&saved) {
+            if let Err(e) = directory::save(&state, &saved) {
                 warn!(error = %e, "cannot save the peers");
             }
         });
