@@ -267,22 +267,20 @@ async fn a_node_given_a_dead_anchor_first_registers_with_the_live_one_and_keeps_
     .await;
     assert!(saved.is_some(), "anchors.json: {:?}", state.anchors());
 
+    // status.json is written every 2 s: wait for one written after the anchor's list came,
+    // which puts the anchor in use first and keeps the given (seed) addresses after it.
+    let expected = serde_json::json!([live.to_string(), dead.to_string()]);
     let shown = eventually(|| async {
         let s = status(&state);
-        (s["anchor_in_use"] == live.to_string()).then_some(s)
+        (s["anchor_in_use"] == live.to_string() && s["anchors"] == expected).then_some(s)
     })
     .await
-    .expect("status shows the anchor in use");
+    .expect("status shows the anchor in use and the anchors");
     assert_eq!(shown["connected"], true);
     assert_eq!(
         shown["anchor"],
         live.to_string(),
         "the anchor it paired with"
-    );
-    // The anchor in use first, the given (seed) addresses kept after the anchor's list.
-    assert_eq!(
-        shown["anchors"],
-        serde_json::json!([live.to_string(), dead.to_string()])
     );
     assert_eq!(
         node.stats.registrations.load(Ordering::Relaxed),

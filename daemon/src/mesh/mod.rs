@@ -421,7 +421,7 @@ impl Mesh {
                 format!("unknown device {peer} (not paired, revoked or removed)"),
             );
         }
-        if !self.related(&mut s, &policy, from, peer) {
+        if !self.related(&mut s, policy, from, peer) {
             return unreachable(
                 "not_allowed",
                 format!("not allowed by policy: no rule relates this device and {peer}"),
@@ -512,7 +512,7 @@ impl Mesh {
         let len = u64::try_from(packet.packet.len()).unwrap_or(u64::MAX);
         let to = packet.peer;
         let mut s = self.lock();
-        if !self.related(&mut s, &policy, from, &to) {
+        if !self.related(&mut s, policy, from, &to) {
             return Err(Dropped::Policy);
         }
         let queue = match s.nodes.get(&to).and_then(|n| n.relay.clone()) {
