@@ -251,25 +251,8 @@ async fn rtt(opts: &Options, report: &mut Report) {
         .await
         .unwrap();
     let node = BenchNode::new(work.path(), 0);
-    let code = backend
-        .mint_code(
-            &owner,
-            MintCodeRequest {
-                method: PairMethod::Pin,
-                ttl_secs: None,
-                labels: Default::default(),
-            },
-        )
-        .await
-        .unwrap()
-        .code;
     let device = node
-        .pair(running.quic_addr, &code, |request_id| {
-            let (backend, owner) = (backend.clone(), owner.clone());
-            async move {
-                backend.approve(&owner, &request_id).await.unwrap();
-            }
-        })
+        .pair_in_process(&backend, &owner, running.quic_addr)
         .await;
     let agent = node.start_agent(running.quic_addr, 1);
     assert!(
@@ -1680,6 +1663,35 @@ impl BenchNode {
             .unwrap()
             .unwrap_or_else(|e| panic!("{}: {e}", self.name));
         paired.device_id
+    }
+
+    /// Pairs with an in-process anchor: a PIN minted and approved through its console
+    /// backend as the owner.
+    async fn pair_in_process(
+        &self,
+        backend: &Arc<anchorage_daemon::backend::AnchorBackend>,
+        owner: &anchorage_console::api::Principal,
+        anchor: SocketAddr,
+    ) -> DeviceId {
+        let code = backend
+            .mint_code(
+                owner,
+                MintCodeRequest {
+                    method: PairMethod::Pin,
+                    ttl_secs: None,
+                    labels: Default::default(),
+                },
+            )
+            .await
+            .unwrap()
+            .code;
+        self.pair(anchor, &code, |request_id| {
+            let (backend, owner) = (backend.clone(), owner.clone());
+            async move {
+                backend.approve(&owner, &request_id).await.unwrap();
+            }
+        })
+        .await
     }
 
     fn start_agent(&self, anchor: SocketAddr, seed: u64) -> Agent {

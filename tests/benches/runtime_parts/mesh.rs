@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anchorage_console::Backend;
-use anchorage_console::api::{InvocationState, InvokeRequest, MintCodeRequest, PairMethod};
+use anchorage_console::api::{InvocationState, InvokeRequest};
 use anchorage_daemon::AnchorConfig;
 use anchorage_daemon::policy::{Policy, PolicyVersion};
 use anchorage_node::RunConfig;
@@ -70,25 +70,8 @@ pub async fn mesh(opts: &Options, report: &mut Report) {
     .enumerate()
     {
         let node = BenchNode::new(work.path(), i);
-        let code = backend
-            .mint_code(
-                &owner,
-                MintCodeRequest {
-                    method: PairMethod::Pin,
-                    ttl_secs: None,
-                    labels: Default::default(),
-                },
-            )
-            .await
-            .unwrap()
-            .code;
         let id = node
-            .pair(running.quic_addr, &code, |request_id| {
-                let (backend, owner) = (backend.clone(), owner.clone());
-                async move {
-                    backend.approve(&owner, &request_id).await.unwrap();
-                }
-            })
+            .pair_in_process(&backend, &owner, running.quic_addr)
             .await;
         backend
             .label(&owner, id, vec![format!("role={role}").parse().unwrap()])
