@@ -45,6 +45,10 @@ impl Member {
 enum Place {
     Open,
     Behind(NatConfig),
+    /// A home router of this kind behind its own carrier-grade NAT (a NAT behind a NAT).
+    BehindCarrier(NatConfig),
+    /// A firewall that lets UDP through only to the anchor.
+    Firewalled,
 }
 
 /// Pairs and labels a node at `place`, and starts its agent with the mesh.
@@ -54,6 +58,20 @@ async fn member(sim: &Sim, name: &str, role: &str, place: Place) -> Member {
         Place::Behind(config) => {
             let nat = sim.net.add_nat(&format!("{name}-nat"), config);
             sim.add_node_behind(name, &nat)
+        }
+        Place::BehindCarrier(config) => {
+            let carrier = sim
+                .net
+                .add_nat(&format!("{name}-carrier"), NatConfig::carrier_grade());
+            let home = carrier.add_nat(&format!("{name}-home"), config);
+            sim.add_node_behind(name, &home)
+        }
+        Place::Firewalled => {
+            let firewall = sim.net.add_nat(
+                &format!("{name}-firewall"),
+                NatConfig::firewall(sim.addr().ip()),
+            );
+            sim.add_node_behind(name, &firewall)
         }
     };
     let id = sim.pair(&node).await.device_id;
@@ -265,6 +283,74 @@ async fn nat_matrix(loss: f64, first_seed: u64) {
         }
     }
     println!("{}", seen.join("\n"));
+}
+
+/// The places outside the four-by-four matrix: no NAT at all, a NAT behind a carrier's NAT,
+/// and a firewall open only to the anchor (which leaves the relay as the only path).
+#[tokio::test(start_paused = true)]
+async fn open_hosts_carrier_grade_nats_and_firewalls_get_a_connection_too() {
+    let cases = [
+        (
+            "open",
+            Place::Open,
+            "symmetric",
+            Place::Behind(NatConfig::symmetric()),
+            "direct",
+        ),
+        ("open", Place::Open, "open", Place::Open, "direct"),
+        (
+            "carrier-grade",
+            Place::BehindCarrier(NatConfig::port_restricted_cone()),
+            "full-cone",
+            Place::Behind(NatConfig::full_cone()),
+            "direct",
+        ),
+        (
+            "carrier-grade",
+            Place::BehindCarrier(NatConfig::port_restricted_cone()),
+            "carrier-grade",
+            Place::BehindCarrier(NatConfig::full_cone()),
+            "direct",
+        ),
+        (
+            "firewall",
+            Place::Firewalled,
+            "open",
+            Place::Open,
+            "relayed",
+        ),
+        (
+            "firewall",
+            Place::Firewalled,
+            "full-cone",
+            Place::Behind(NatConfig::full_cone()),
+            "relayed",
+        ),
+    ];
+    for (i, (an, a, bn, b, want)) in cases.into_iter().enumerate() {
+        let seed = 0x0e0 + i as u64;
+        let (_sim, display, camera) = pair_of(seed, lossy(0.0), a, b).await;
+        assert_eq!(
+            echo(&display, &camera).await.unwrap(),
+            Outcome::Succeeded,
+            "seed {seed}: {an} x {bn}"
+        );
+        assert!(
+            path_becomes(&display, &camera, want, Duration::from_secs(15)).await,
+            "seed {seed}: {an} x {bn} should be {want}, is {}",
+            path(&display, &camera)
+        );
+        if want == "relayed" {
+            // The background punching goes on, and still finds no way through the firewall.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            assert_eq!(
+                path(&display, &camera),
+                "relayed",
+                "seed {seed}: {an} x {bn}"
+            );
+        }
+        assert_eq!(echo(&display, &camera).await.unwrap(), Outcome::Succeeded);
+    }
 }
 
 #[tokio::test(start_paused = true)]
