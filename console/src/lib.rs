@@ -22,7 +22,7 @@ pub mod serve;
 pub mod web;
 
 pub use backend::Backend;
-pub use client::{ClientError, ControlPlaneClient};
+pub use client::{CaCertificates, ClientError, ControlPlaneClient};
 pub use error::ApiError;
 pub use routes::{RouterOptions, router, router_with_options};
-pub use serve::{ServeOptions, serve};
+pub use serve::{ServeOptions, serve, serve_tls};
