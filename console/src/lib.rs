@@ -5,7 +5,7 @@
 //! - [`error`]: [`ApiError`](error::ApiError), rendered as `{code, message}`.
 //! - [`routes`]: the axum router, bearer-token authentication and permission checks.
 //! - [`serve`]: the HTTP/1 server in front of the router (timeouts, connection caps, accept
-//!   backoff, request head limits, graceful shutdown), used by the anchor.
+//!   backoff, request head limits, graceful shutdown), plain or over TLS, used by the anchor.
 //! - [`client`]: [`ControlPlaneClient`](client::ControlPlaneClient), used by `anchorctl` and tests.
 //! - [`cli`]: `anchorctl` itself (arguments, commands, output); the binary only calls it.
 //! - [`web`]: the web page served at `/` (HTML, JS and CSS embedded in the binary).

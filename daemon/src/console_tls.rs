@@ -359,12 +359,19 @@ impl ResolvesServerCert for ConsoleCert {
     }
 }
 
+/// What [`server_config`] builds.
+#[derive(Debug)]
+pub struct ConsoleServer {
+    /// For the console's server loop.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The certificate it serves (for a look at it; the anchor renews it).
+    pub cert: Arc<ConsoleCert>,
+}
+
 /// The console's rustls server configuration, or `None` with TLS off. For an anchor-CA
 /// certificate this issues the first one and starts the anchor's renewal task (it ends with
 /// the anchor). Blocking: signs.
-pub fn server_config(
-    services: &Arc<Services>,
-) -> Result<Option<(Arc<rustls::ServerConfig>, Arc<ConsoleCert>)>, StartError> {
+pub fn server_config(services: &Arc<Services>) -> Result<Option<ConsoleServer>, StartError> {
     let cert = match &services.config.console_tls {
         ConsoleTls::Off => return Ok(None),
         ConsoleTls::Own(own) => Arc::new(ConsoleCert::new(own.key.clone(), None)),
@@ -382,7 +389,10 @@ pub fn server_config(
             .map_err(|e| StartError::Tls(e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(cert.clone());
-    Ok(Some((Arc::new(config), cert)))
+    Ok(Some(ConsoleServer {
+        config: Arc::new(config),
+        cert,
+    }))
 }
 
 /// Reissues the anchor-CA console certificate when a third of its validity is left.

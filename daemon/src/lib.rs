@@ -11,6 +11,8 @@
 //!   connection), [`dispatch`] (invocations on streams), [`backend`] (the console).
 //! - [`store`]: the transaction-level store interfaces, fjall behind them, and the
 //!   conformance suite; [`records`]: what it holds. [`config`]: TOML and flags, validated.
+//! - [`console_tls`]: the console over HTTPS (a certificate from the anchor CA, renewed, or
+//!   the operator's own).
 //!
 //! [`start`] binds the real sockets and returns a handle; [`run`] runs until a shutdown
 //! signal. Tests call the same functions in-process on port 0. `docs/architecture.md` follows
@@ -116,7 +118,7 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
     let tls = tokio::task::spawn_blocking(move || console_tls::server_config(&services))
         .await
         .map_err(|e| StartError::Tls(format!("start-up task failed: {e}")))??
-        .map(|(config, _cert)| config);
+        .map(|server| server.config);
     if tls.is_none() && !console_addr.ip().is_loopback() {
         warn!(
             console = %console_addr,
