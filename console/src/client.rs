@@ -5,13 +5,16 @@
 //! or the text an operator typed, which the console judges (a malformed id is a 404 there, as an
 //! unknown one).
 //!
-//! Plain HTTP only: no TLS backend is compiled in, so an `https://` URL is refused up front
-//! (reach a remote anchor through an SSH tunnel or a TLS-terminating proxy on the same host).
+//! `http://` and `https://`. Over https the client trusts only the CA certificates it is given
+//! ([`CaCertificates`], the anchor's `ca.pem` or an operator's own CA), never the platform's
+//! roots: [`ControlPlaneClient::with_ca`]. TLS is rustls on ring. A certificate that does not
+//! verify is [`ClientError::Certificate`].
 //!
 //! Cancel safety: every method may be dropped at any await point; that drops the HTTP request.
 //! A mutation the server already received may still take effect.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,6 +63,13 @@ pub enum ClientError {
     /// The base URL cannot be used.
     #[error("bad console URL: {0}")]
     BadUrl(String),
+    /// The CA certificates given for https cannot be used (not PEM certificates, none at all).
+    #[error("bad CA certificate: {0}")]
+    BadCa(String),
+    /// The console's TLS certificate does not verify against the CA given (another anchor's
+    /// or no anchor's CA), or does not name the URL's host. The message names the URL.
+    #[error("{0}")]
+    Certificate(String),
     /// The token cannot be sent in an HTTP header.
     #[error("bad token: {0}")]
     BadToken(String),
@@ -108,10 +118,68 @@ impl fmt::Debug for ControlPlaneClient {
     }
 }
 
+/// The CA certificates an `https://` console's certificate must chain to.
+#[derive(Clone)]
+pub struct CaCertificates {
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl fmt::Debug for CaCertificates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaCertificates")
+            .field("certificates", &self.roots.len())
+            .finish()
+    }
+}
+
+impl CaCertificates {
+    /// Every `CERTIFICATE` block of a PEM file (the anchor's `ca.pem`, or a bundle).
+    pub fn from_pem(pem: &[u8]) -> Result<CaCertificates, ClientError> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| ClientError::BadCa(format!("not PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::BadCa(format!("not a usable CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(ClientError::BadCa(
+                "no certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
+            ));
+        }
+        Ok(CaCertificates {
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// The rustls client configuration that trusts these and nothing else.
+    fn client_config(&self) -> Result<rustls::ClientConfig, ClientError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::BadCa(e.to_string()))?
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth())
+    }
+}
+
 impl ControlPlaneClient {
     /// A client of the console at `base_url` (`http://host:port`, optionally with a path
-    /// prefix; a trailing slash is fine) that sends `token` as its bearer token.
+    /// prefix; a trailing slash is fine) that sends `token` as its bearer token. An `https://`
+    /// URL needs [`with_ca`](Self::with_ca).
     pub fn new(base_url: &str, token: impl Into<String>) -> Result<Self, ClientError> {
+        Self::with_ca(base_url, token, None)
+    }
+
+    /// Like [`new`](Self::new), trusting `ca` for an `https://` URL (required for one;
+    /// unused for `http://`).
+    pub fn with_ca(
+        base_url: &str,
+        token: impl Into<String>,
+        ca: Option<&CaCertificates>,
+    ) -> Result<Self, ClientError> {
         let base = parse_base_url(base_url)?;
         let token = token.into();
         if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -123,13 +191,23 @@ impl ControlPlaneClient {
             ClientError::BadToken("a token is printable ASCII (check the token file)".into())
         })?;
         auth.set_sensitive(true);
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             // The API never redirects; following one could send the token elsewhere.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("anchorage-console/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(ClientError::Http)?;
+            .user_agent(concat!("anchorage-console/", env!("CARGO_PKG_VERSION")));
+        if base.scheme() == "https" {
+            let ca = ca.ok_or_else(|| {
+                ClientError::BadUrl(format!(
+                    "{base}: an https console needs the CA certificate to pin (the anchor's \
+                     ca.pem); platform roots are not used"
+                ))
+            })?;
+            builder = builder
+                .use_preconfigured_tls(ca.client_config()?)
+                .https_only(true);
+        }
+        let http = builder.build().map_err(ClientError::Http)?;
         Ok(ControlPlaneClient { base, auth, http })
     }
 
@@ -485,7 +563,7 @@ impl ControlPlaneClient {
             .get(url)
             .header(AUTHORIZATION, self.auth.clone())
             .timeout(REQUEST_TIMEOUT);
-        self.send(rb).await?.text().await.map_err(ClientError::Http)
+        self.send(rb).await?.text().await.map_err(transport_error)
     }
 
     /// Whether the anchor is ready (`GET /healthz`: 200 → `true`, 503 → `false`).
@@ -497,7 +575,7 @@ impl ControlPlaneClient {
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await
-            .map_err(ClientError::Http)?;
+            .map_err(transport_error)?;
         match response.status() {
             StatusCode::OK => Ok(true),
             StatusCode::SERVICE_UNAVAILABLE => Ok(false),
@@ -535,7 +613,7 @@ impl ControlPlaneClient {
 
     /// Sends; a non-2xx answer becomes [`ClientError::Api`].
     async fn send(&self, rb: RequestBuilder) -> Result<Response, ClientError> {
-        let response = rb.send().await.map_err(ClientError::Http)?;
+        let response = rb.send().await.map_err(transport_error)?;
         if response.status().is_success() {
             Ok(response)
         } else {
@@ -547,7 +625,7 @@ impl ControlPlaneClient {
     async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, ClientError> {
         let response = self.send(rb).await?;
         let url = response.url().clone();
-        let bytes = response.bytes().await.map_err(ClientError::Http)?;
+        let bytes = response.bytes().await.map_err(transport_error)?;
         serde_json::from_slice(&bytes).map_err(|e| {
             ClientError::Decode(format!(
                 "{} answered with JSON of another shape: {e}",
@@ -558,7 +636,7 @@ impl ControlPlaneClient {
 }
 
 /// Checks and normalises the console's base URL.
-fn parse_base_url(raw: &str) -> Result<Url, ClientError> {
+pub(crate) fn parse_base_url(raw: &str) -> Result<Url, ClientError> {
     let raw = raw.trim();
     if !raw.contains("://") {
         return Err(ClientError::BadUrl(format!(
@@ -567,16 +645,10 @@ fn parse_base_url(raw: &str) -> Result<Url, ClientError> {
     }
     let url = Url::parse(raw).map_err(|e| ClientError::BadUrl(format!("{raw:?}: {e}")))?;
     match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(ClientError::BadUrl(format!(
-                "{raw:?}: https is not supported (this build has no TLS); use http:// to a \
-                 local console or through an SSH tunnel"
-            )));
-        }
+        "http" | "https" => {}
         other => {
             return Err(ClientError::BadUrl(format!(
-                "{raw:?}: unsupported scheme {other:?}; use http://"
+                "{raw:?}: unsupported scheme {other:?}; use http:// or https://"
             )));
         }
     }
@@ -636,6 +708,33 @@ fn error_of(status: StatusCode, body: &[u8]) -> ClientError {
             }
         }
     }
+}
+
+/// A request that got no answer: [`ClientError::Certificate`] when the console's certificate
+/// did not verify, [`ClientError::Http`] otherwise.
+fn transport_error(e: reqwest::Error) -> ClientError {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = next {
+        // hyper-rustls hands rustls' error up inside an io::Error, whose `source` skips it.
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls @ rustls::Error::InvalidCertificate(_)) = tls {
+            let url = e
+                .url()
+                .map(|u| format!("{}://{}", u.scheme(), u.authority()))
+                .unwrap_or_else(|| "the console".into());
+            return ClientError::Certificate(format!(
+                "the certificate of {url} does not verify: {tls}; is the CA file the \
+                 anchor's ca.pem (or the CA of the console's own certificate), and the URL's \
+                 host one of the names the certificate is for?"
+            ));
+        }
+        next = err.source();
+    }
+    ClientError::Http(e)
 }
 
 /// `cannot connect to http://…: Connection refused (os error 111)`.
@@ -746,7 +845,7 @@ where
 
 impl From<reqwest::Error> for ClientError {
     fn from(e: reqwest::Error) -> Self {
-        ClientError::Http(e)
+        transport_error(e)
     }
 }
 
@@ -866,10 +965,11 @@ mod tests {
     fn base_url_validation() {
         assert!(parse_base_url("http://127.0.0.1:7142").is_ok());
         assert!(parse_base_url("http://127.0.0.1:7142/").is_ok());
-        let https = parse_base_url("https://anchor.example").unwrap_err();
+        assert!(parse_base_url("https://anchor.example").is_ok());
+        let no_ca = ControlPlaneClient::new("https://anchor.example", "t").unwrap_err();
         assert!(
-            https.to_string().contains("https is not supported"),
-            "{https}"
+            no_ca.to_string().contains("CA certificate to pin"),
+            "{no_ca}"
         );
         let bare = parse_base_url("127.0.0.1:7142").unwrap_err();
         assert!(bare.to_string().contains("http://127.0.0.1:7142"), "{bare}");

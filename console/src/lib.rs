@@ -5,7 +5,7 @@
 //! - [`error`]: [`ApiError`](error::ApiError), rendered as `{code, message}`.
 //! - [`routes`]: the axum router, bearer-token authentication and permission checks.
 //! - [`serve`]: the HTTP/1 server in front of the router (timeouts, connection caps, accept
-//!   backoff, request head limits, graceful shutdown), used by the anchor.
+//!   backoff, request head limits, graceful shutdown), plain or over TLS, used by the anchor.
 //! - [`client`]: [`ControlPlaneClient`](client::ControlPlaneClient), used by `anchorctl` and tests.
 //! - [`cli`]: `anchorctl` itself (arguments, commands, output); the binary only calls it.
 //! - [`web`]: the web page served at `/` (HTML, JS and CSS embedded in the binary).
@@ -22,7 +22,7 @@ pub mod serve;
 pub mod web;
 
 pub use backend::Backend;
-pub use client::{ClientError, ControlPlaneClient};
+pub use client::{CaCertificates, ClientError, ControlPlaneClient};
 pub use error::ApiError;
 pub use routes::{RouterOptions, router, router_with_options};
-pub use serve::{ServeOptions, serve};
+pub use serve::{ServeOptions, serve, serve_tls};

@@ -27,6 +27,12 @@
 //!   ([`HYPER_MAX_BUF_SIZE`]) and header count ([`HYPER_MAX_HEADERS`]) are set well above those,
 //!   so hyper's bodiless answers only reach a client that sends more than that (see
 //!   `docs/console.md`).
+//! - **TLS.** [`serve_tls`] runs the same loop over TLS (rustls on ring, HTTP/1.1 by ALPN): a
+//!   connection must finish its handshake within [`ServeOptions::tls_handshake_timeout`], and
+//!   the caps apply before the handshake, so a flood of handshakes costs at most the caps. A
+//!   connection over a cap is answered its 503 over TLS (when a refusal slot is free and its
+//!   handshake finishes in time) or closed. The timeouts above count from the end of the
+//!   handshake, with bytes read through TLS as activity.
 //! - **Graceful shutdown.** When the stop signal turns `true`, accepting stops, idle
 //!   connections close, requests in flight finish (event streams end on the same signal
 //!   through [`RouterOptions::shutdown`](crate::RouterOptions)), and connections still open
@@ -54,6 +60,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -68,6 +75,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 /// Default [`ServeOptions::max_connections_per_source`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 128;
+/// Default [`ServeOptions::tls_handshake_timeout`].
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`ServeOptions::shutdown_timeout`].
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -118,6 +127,9 @@ pub struct ServeOptions {
     /// After the stop signal, how long requests in flight may take before their connections
     /// are dropped (default 10 s).
     pub shutdown_timeout: Duration,
+    /// With [`serve_tls`], time a client has to finish the TLS handshake, counted from the
+    /// TCP accept (default 10 s).
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -128,6 +140,7 @@ impl Default for ServeOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -141,6 +154,33 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     options: ServeOptions,
+    stop: watch::Receiver<bool>,
+) {
+    serve_with(listener, app, options, None, stop).await;
+}
+
+/// Like [`serve`], over TLS with `tls` (see the [module](self) docs). HTTP/1.1 is the only
+/// protocol offered by ALPN, whatever `tls` says.
+///
+/// Cancel-safe as [`serve`] is.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    options: ServeOptions,
+    tls: Arc<rustls::ServerConfig>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut config = (*tls).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    serve_with(listener, app, options, Some(acceptor), stop).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    options: ServeOptions,
+    tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
     let limits = Arc::new(Limits::new(
@@ -182,14 +222,39 @@ pub async fn serve(
             info!(failures, "console accepts connections again");
         }
         let Some(permit) = limits.try_acquire(peer.ip()) else {
-            refuse(stream, peer, &refusing, &mut tasks);
+            match &tls {
+                None => refuse(stream, peer, &refusing, &mut tasks),
+                Some(acceptor) => refuse_tls(
+                    stream,
+                    peer,
+                    acceptor.clone(),
+                    options.tls_handshake_timeout,
+                    &refusing,
+                    &mut tasks,
+                ),
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
         let span = info_span!("console_connection", %peer);
-        tasks.spawn(
-            connection(stream, permit, app.clone(), options.clone(), stop.clone()).instrument(span),
-        );
+        let (app, options, stop) = (app.clone(), options.clone(), stop.clone());
+        match &tls {
+            None => tasks.spawn(
+                async move {
+                    let activity = Arc::new(Activity::default());
+                    let io = Watched {
+                        stream,
+                        activity: activity.clone(),
+                    };
+                    connection(io, activity, permit, app, options, stop).await;
+                }
+                .instrument(span),
+            ),
+            Some(acceptor) => tasks.spawn(
+                tls_connection(stream, acceptor.clone(), permit, app, options, stop)
+                    .instrument(span),
+            ),
+        };
     }
     drop(listener);
     let open = tasks.len();
@@ -250,19 +315,48 @@ pub fn check_head<B>(req: &Request<B>) -> Result<(), ApiError> {
 // ---------------------------------------------------------------------------------------------
 // One connection
 
-/// Serves one accepted connection until it ends, goes idle, or the server stops.
-async fn connection(
+/// Runs the TLS handshake of an accepted connection (bounded by
+/// [`ServeOptions::tls_handshake_timeout`] and the stop signal), then serves it.
+async fn tls_connection(
     stream: TcpStream,
-    _permit: Permit,
+    acceptor: TlsAcceptor,
+    permit: Permit,
     app: Router,
     options: ServeOptions,
     mut stop: watch::Receiver<bool>,
 ) {
     let activity = Arc::new(Activity::default());
-    let io = TokioIo::new(Watched {
+    let watched = Watched {
         stream,
         activity: activity.clone(),
-    });
+    };
+    let handshake = tokio::time::timeout(options.tls_handshake_timeout, acceptor.accept(watched));
+    let tls = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(tls)) => tls,
+            // A client that does not trust the certificate, speaks plain HTTP, or is not a
+            // browser at all: the client's doing, not worth a warning.
+            Ok(Err(e)) => return debug!(error = %e, "console TLS handshake failed"),
+            Err(_) => return debug!("console TLS handshake timed out"),
+        },
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    connection(tls, activity, permit, app, options, stop).await;
+}
+
+/// Serves one accepted connection until it ends, goes idle, or the server stops. `activity`
+/// must be told of the bytes read from `io` (it is [`Watched`] somewhere inside).
+async fn connection<S>(
+    io: S,
+    activity: Arc<Activity>,
+    _permit: Permit,
+    app: Router,
+    options: ServeOptions,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
     let service = hyper::service::service_fn({
         let activity = activity.clone();
         move |req| handle(app.clone(), activity.begin(), req)
@@ -408,12 +502,12 @@ impl Drop for InFlight {
 }
 
 /// The TCP stream, telling [`Activity`] when bytes arrive.
-struct Watched {
-    stream: TcpStream,
+struct Watched<S = TcpStream> {
+    stream: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -429,7 +523,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -495,6 +589,34 @@ fn refuse(stream: TcpStream, peer: SocketAddr, refusing: &Arc<Semaphore>, tasks:
             }
         })
         .await;
+    });
+}
+
+/// [`refuse`] over TLS: the handshake (bounded by `handshake_timeout`), then the 503 and a
+/// close. Without a free refusal slot, the connection is closed at once.
+fn refuse_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    refusing: &Arc<Semaphore>,
+    tasks: &mut JoinSet<()>,
+) {
+    debug!(%peer, "console connection over the cap; answering 503 over TLS");
+    let Ok(slot) = refusing.clone().try_acquire_owned() else {
+        return;
+    };
+    tasks.spawn(async move {
+        let _slot = slot;
+        let answered = tokio::time::timeout(handshake_timeout.min(REFUSE_LINGER * 4), async {
+            let mut tls = acceptor.accept(stream).await?;
+            tls.write_all(&overloaded_response()).await?;
+            tls.shutdown().await
+        })
+        .await;
+        if !matches!(answered, Ok(Ok(()))) {
+            debug!(%peer, "refused console connection closed without its answer");
+        }
     });
 }
 

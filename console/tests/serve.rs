@@ -382,3 +382,135 @@ async fn shutdown_finishes_requests_in_flight_closes_idle_connections_and_stops_
         "still accepting after the shutdown"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Over TLS
+
+/// A server certificate for `localhost` from a fresh CA: the server's configuration, and a
+/// client's that trusts the CA.
+fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (Arc::new(server), Arc::new(client))
+}
+
+async fn start_tls(app: Router, options: ServeOptions, tls: Arc<rustls::ServerConfig>) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(anchorage_console::serve_tls(
+        listener, app, options, tls, stop_rx,
+    ));
+    Server { addr, stop, task }
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    client: &Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(client.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends `GET /` with `Connection: close` and reads the whole answer.
+async fn tls_get(stream: &mut tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn a_tls_connection_that_never_finishes_its_handshake_is_closed_after_the_timeout() {
+    let (server_tls, client_tls) = tls_pair();
+    let server = start_tls(
+        app(),
+        ServeOptions {
+            tls_handshake_timeout: Duration::from_millis(300),
+            ..options(NEVER, NEVER)
+        },
+        server_tls,
+    )
+    .await;
+    // Half a ClientHello record, then nothing.
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    silent.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+    let (closed, _) = read_until_closed(&mut silent).await;
+    assert!(closed, "the handshake timeout closed the connection");
+
+    // A client that completes it is served, and the timeout does not cut the connection after.
+    let mut client = tls_connect(server.addr, &client_tls).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let answer = tls_get(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hello"), "{answer}");
+    let _ = server.stop.send(true);
+    server.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn over_tls_the_caps_hold_and_the_refusal_is_a_json_503() {
+    let (server_tls, client_tls) = tls_pair();
+    let server = start_tls(
+        app(),
+        ServeOptions {
+            max_connections: 1,
+            max_connections_per_source: 1,
+            ..options(NEVER, NEVER)
+        },
+        server_tls,
+    )
+    .await;
+    let held = tls_connect(server.addr, &client_tls).await;
+    let mut refused = tls_connect(server.addr, &client_tls).await;
+    let answer = tls_get(&mut refused).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("\"unavailable\""), "{answer}");
+    drop(held);
+    let served = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let mut client = tls_connect(server.addr, &client_tls).await;
+            let answer = tls_get(&mut client).await;
+            if answer.starts_with("HTTP/1.1 200") {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the freed slot is reused");
+    assert!(served.ends_with("hello"), "{served}");
+}

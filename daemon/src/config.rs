@@ -73,6 +73,18 @@ pub struct FileConfig {
     /// Most console connections open at once from one IPv4 address or IPv6 /64.
     pub console_max_connections_per_source: Option<usize>,
 
+    // The console over HTTPS (docs/operations.md, "Console over HTTPS").
+    /// Serve the console over TLS with a certificate from the anchor CA.
+    pub console_tls: Option<bool>,
+    /// Names (DNS names or IP addresses) of that certificate (default localhost, 127.0.0.1,
+    /// ::1).
+    #[serde(alias = "console_name")]
+    pub console_names: Option<Vec<String>>,
+    /// The operator's own console certificate (PEM, with any intermediates); implies TLS.
+    pub console_cert: Option<PathBuf>,
+    /// The private key of `console_cert` (PEM).
+    pub console_key: Option<PathBuf>,
+
     // The relay of the peer mesh (docs/operations.md, "Relay").
     /// Bytes a second one node may send through the anchor's relay.
     pub relay_node_bytes_per_sec: Option<u64>,
@@ -148,6 +160,20 @@ pub struct AnchorFlags {
     /// (mode 0600) if it does not exist (with --store etcd).
     #[arg(long, global = true, value_name = "FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// Serve the console over HTTPS with a certificate from the anchor CA (clients verify it
+    /// with the data directory's ca.pem).
+    #[arg(long, global = true)]
+    pub console_tls: bool,
+    /// A name of that certificate, a DNS name or an IP address (repeatable). Default:
+    /// localhost, 127.0.0.1 and ::1
+    #[arg(long, global = true, value_name = "NAME")]
+    pub console_name: Vec<String>,
+    /// Serve the console over HTTPS with this certificate (PEM, with any intermediates).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub console_cert: Option<PathBuf>,
+    /// The private key of --console-cert (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub console_key: Option<PathBuf>,
 }
 
 impl AnchorFlags {
@@ -182,6 +208,12 @@ impl AnchorFlags {
             relay_total_bytes_per_sec: self
                 .relay_total_bytes_per_sec
                 .or(file.relay_total_bytes_per_sec),
+            console_tls: self.console_tls.then_some(true).or(file.console_tls),
+            console_names: (!self.console_name.is_empty())
+                .then(|| self.console_name.clone())
+                .or(file.console_names),
+            console_cert: self.console_cert.clone().or(file.console_cert),
+            console_key: self.console_key.clone().or(file.console_key),
             ..file
         }
     }
@@ -283,6 +315,8 @@ pub struct AnchorConfig {
     pub store: StoreChoice,
     /// The relay's bandwidth bounds.
     pub relay_limits: RelayLimits,
+    /// Whether and how the console speaks HTTPS.
+    pub console_tls: crate::console_tls::ConsoleTls,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -318,6 +352,12 @@ impl FileConfig {
         let console_serve = console_serve_options(&self)?;
         let store = store_choice(&self)?;
         let relay_limits = relay_limits(&self)?;
+        let console_tls = crate::console_tls::settings(
+            self.console_tls,
+            self.console_names.as_deref(),
+            self.console_cert.as_deref(),
+            self.console_key.as_deref(),
+        )?;
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let s = v.unwrap_or_else(|| default.to_string());
             s.parse::<SocketAddr>().map_err(|_| {
@@ -464,6 +504,7 @@ impl FileConfig {
             console_serve,
             store,
             relay_limits,
+            console_tls,
         })
     }
 }

@@ -11,6 +11,8 @@
 //!   connection), [`dispatch`] (invocations on streams), [`backend`] (the console).
 //! - [`store`]: the transaction-level store interfaces, fjall behind them, and the
 //!   conformance suite; [`records`]: what it holds. [`config`]: TOML and flags, validated.
+//! - [`console_tls`]: the console over HTTPS (a certificate from the anchor CA, renewed, or
+//!   the operator's own).
 //!
 //! [`start`] binds the real sockets and returns a handle; [`run`] runs until a shutdown
 //! signal. Tests call the same functions in-process on port 0. `docs/architecture.md` follows
@@ -31,6 +33,7 @@ pub mod bootstrap;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod console_tls;
 pub mod dispatch;
 pub mod events;
 pub mod inventory;
@@ -61,15 +64,16 @@ pub struct Running {
     pub quic_addr: SocketAddr,
     /// The bound console address.
     pub console_addr: SocketAddr,
+    console_tls: bool,
     quic: JoinHandle<()>,
     http: JoinHandle<()>,
     http_stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Running {
-    /// The console base URL.
+    /// The console base URL (`https://` when the console speaks TLS).
     pub fn console_url(&self) -> String {
-        format!("http://{}", self.console_addr)
+        console_url(self.console_addr, self.console_tls)
     }
 
     /// Stops cleanly: closes QUIC connections with `ShuttingDown`, stops the console,
@@ -110,21 +114,36 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
         source,
     })?;
     let (listener, console_addr) = bind_console(config.console).await?;
+    let services = anchor.services().clone();
+    let tls = tokio::task::spawn_blocking(move || console_tls::server_config(&services))
+        .await
+        .map_err(|e| StartError::Tls(format!("start-up task failed: {e}")))??
+        .map(|server| server.config);
+    if tls.is_none() && !console_addr.ip().is_loopback() {
+        warn!(
+            console = %console_addr,
+            "the console listens beyond this host over plain HTTP: tokens travel in clear text; \
+             serve it over HTTPS with --console-tls (a certificate from the anchor CA) or \
+             --console-cert FILE --console-key FILE"
+        );
+    }
     anchor.set_bound(Some(quic_addr), Some(console_addr));
     info!(
         quic = %quic_addr,
-        console = %format!("http://{console_addr}"),
+        console = %console_url(console_addr, tls.is_some()),
         owner_token = %anchor.owner_token_path().display(),
         ca_fingerprint = %anchor.ca_fingerprint(),
         "anchor ready"
     );
-    let (http, http_stop) = serve_console(&anchor, listener);
+    let console_tls = tls.is_some();
+    let (http, http_stop) = serve_console_with(&anchor, listener, tls);
     let a = anchor.clone();
     let quic = tokio::spawn(async move { a.serve(endpoint).await });
     Ok(Running {
         anchor,
         quic_addr,
         console_addr,
+        console_tls,
         quic,
         http,
         http_stop,
@@ -139,6 +158,16 @@ pub fn serve_console(
     anchor: &Anchor,
     listener: tokio::net::TcpListener,
 ) -> (JoinHandle<()>, tokio::sync::watch::Sender<bool>) {
+    serve_console_with(anchor, listener, None)
+}
+
+/// Like [`serve_console`], over TLS with `tls` when it is given
+/// ([`console_tls::server_config`]).
+pub fn serve_console_with(
+    anchor: &Anchor,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (JoinHandle<()>, tokio::sync::watch::Sender<bool>) {
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let app = anchorage_console::routes::router_with_options(
         anchor.backend(),
@@ -148,8 +177,18 @@ pub fn serve_console(
         },
     );
     let options = anchor.services().config.console_serve.clone();
-    let task = tokio::spawn(anchorage_console::serve(listener, app, options, stop_rx));
+    let task = match tls {
+        None => tokio::spawn(anchorage_console::serve(listener, app, options, stop_rx)),
+        Some(tls) => tokio::spawn(anchorage_console::serve_tls(
+            listener, app, options, tls, stop_rx,
+        )),
+    };
     (task, stop)
+}
+
+/// `http://ADDR` or `https://ADDR`.
+fn console_url(addr: SocketAddr, tls: bool) -> String {
+    format!("{}://{addr}", if tls { "https" } else { "http" })
 }
 
 /// Runs the anchor until `shutdown` resolves, then stops cleanly.

@@ -143,14 +143,19 @@ fn build_bins(cargo: &std::ffi::OsStr, bin_dir: &Path) {
     assert!(status.success(), "`cargo build --bins` failed: {status}");
 }
 
-/// A command with a clean environment for our variables (no `ANCHORAGE_URL` or
-/// `ANCHORAGE_TOKEN`, `RUST_LOG=info`, `NO_COLOR=1`), run in `cwd` so nothing is picked up
-/// from the current directory (e.g. `./anchorage-data/owner.token`).
+/// A command with a clean environment for our variables (no `ANCHORAGE_URL`,
+/// `ANCHORAGE_TOKEN`, `ANCHORAGE_TOKEN_FILE` or `ANCHORAGE_CA_FILE`; anchorctl's contexts
+/// file `ANCHORAGE_CONFIG` is `cwd/anchorctl.toml`, not the user's; `RUST_LOG=info`,
+/// `NO_COLOR=1`), run in `cwd` so nothing is picked up from the current directory (e.g.
+/// `./anchorage-data/owner.token`).
 pub fn command(program: &Path, cwd: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.current_dir(cwd)
         .env_remove("ANCHORAGE_URL")
         .env_remove("ANCHORAGE_TOKEN")
+        .env_remove("ANCHORAGE_TOKEN_FILE")
+        .env_remove("ANCHORAGE_CA_FILE")
+        .env("ANCHORAGE_CONFIG", cwd.join("anchorctl.toml"))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
     cmd

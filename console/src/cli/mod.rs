@@ -5,6 +5,7 @@
 //! (`events` prints one JSON object per line); without it, text for people. Errors go to
 //! stderr as `error: <code>: <message>`, and the process exits with one of [`exit`]'s codes.
 
+pub mod context;
 pub mod format;
 pub mod mesh;
 pub mod policy;
@@ -69,14 +70,17 @@ const AFTER_HELP: &str = "\
 Exit codes: 0 success, 1 operation failed, 2 usage, 64 bad input, 65 data error (a policy
 file with errors), 69 anchor unreachable, 77 authentication or permission refused.
 
-The token comes from --token, --token-file, ANCHORAGE_TOKEN, or ./anchorage-data/owner.token,
-in that order.";
+Each of the URL, token and CA file comes from its flag, else its environment variable, else
+the context (--context NAME, else the config file's current one), else its default. The
+token: --token, --token-file, ANCHORAGE_TOKEN, ANCHORAGE_TOKEN_FILE, the context's token
+file, ./anchorage-data/owner.token. An https URL needs a CA file (--ca-file, ANCHORAGE_CA_FILE,
+the context's, or ./anchorage-data/ca.pem); a certificate that does not verify exits 64.";
 
 /// Operate an Anchorage anchor through its console API.
 #[derive(Debug, Parser)]
 #[command(name = "anchorctl", version, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// Console URL of the anchor (http:// only).
+    /// Console URL of the anchor (http:// or https://).
     #[arg(
         long,
         global = true,
@@ -99,8 +103,44 @@ pub struct Cli {
     pub token: Option<String>,
 
     /// File holding the bearer token (default: ./anchorage-data/owner.token if it exists).
-    #[arg(long, global = true, help_heading = GLOBAL, value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        env = "ANCHORAGE_TOKEN_FILE",
+        value_name = "FILE"
+    )]
     pub token_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) an https console's certificate must chain to, e.g. the anchor's
+    /// ca.pem (default: ./anchorage-data/ca.pem if it exists).
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        env = "ANCHORAGE_CA_FILE",
+        value_name = "FILE"
+    )]
+    pub ca_file: Option<PathBuf>,
+
+    /// Use this context of the config file (default: its current context).
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "NAME")]
+    pub context: Option<String>,
+
+    /// anchorctl's config file, with the contexts (default:
+    /// $XDG_CONFIG_HOME/anchorage/config.toml, else ~/.config/anchorage/config.toml).
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        env = "ANCHORAGE_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// Where the URL, token, token file and CA file came from (set by [`parse_from`]).
+    #[arg(skip)]
+    pub origins: context::Origins,
 
     /// Print JSON for scripts instead of text for people.
     #[arg(long, global = true, help_heading = GLOBAL)]
@@ -156,6 +196,10 @@ pub enum Command {
     Instances,
     /// Check whether the anchor is up and ready (exit 0 ready, 1 starting, 69 unreachable).
     Health,
+    /// Named anchors (URL, token file, CA file) in anchorctl's config file: add, use, list,
+    /// remove.
+    #[command(subcommand)]
+    Context(context::ContextCommand),
     /// Print the anchor's Prometheus metrics.
     Metrics,
     /// The peer connections of the mesh, as the nodes report them: which pairs reach each
@@ -470,13 +514,16 @@ impl From<ClientError> for CliError {
             ClientError::Http(_) => CliError::new(exit, "unreachable", e.to_string()),
             ClientError::BadUrl(m) => CliError::new(exit, "bad_url", m),
             ClientError::BadToken(m) => CliError::new(exit, "bad_token", m),
+            ClientError::BadCa(m) => CliError::new(exit, "bad_ca", m),
+            ClientError::Certificate(m) => CliError::new(exit, "certificate", m),
             other => CliError::new(exit, "unexpected_answer", other.to_string()),
         }
     }
 }
 
 /// The exit code for a client error: 77 for 401/403, 69 when the anchor cannot be reached,
-/// 64 for a bad URL or token, 1 otherwise.
+/// 64 for a bad URL, token or CA, or a console certificate that does not verify with the CA
+/// given, 1 otherwise.
 pub fn exit_code(e: &ClientError) -> u8 {
     match e {
         ClientError::Api {
@@ -484,7 +531,10 @@ pub fn exit_code(e: &ClientError) -> u8 {
         } => exit::AUTH,
         ClientError::Api { .. } => exit::FAILURE,
         ClientError::Http(_) => exit::UNAVAILABLE,
-        ClientError::BadUrl(_) | ClientError::BadToken(_) => exit::BAD_INPUT,
+        ClientError::BadUrl(_)
+        | ClientError::BadToken(_)
+        | ClientError::BadCa(_)
+        | ClientError::Certificate(_) => exit::BAD_INPUT,
         _ => exit::FAILURE,
     }
 }
@@ -501,8 +551,20 @@ where
     let mut command = Cli::command();
     let matches = command.try_get_matches_from_mut(args)?;
     let mut cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+    let origin = |id: &str| match matches.value_source(id) {
+        Some(ValueSource::CommandLine) => context::Origin::Flag,
+        Some(ValueSource::EnvVariable) => context::Origin::Env,
+        _ => context::Origin::Unset,
+    };
+    cli.origins = context::Origins {
+        url: origin("url"),
+        token: origin("token"),
+        token_file: origin("token_file"),
+        ca_file: origin("ca_file"),
+    };
     cli.token_from_env = matches.value_source("token") == Some(ValueSource::EnvVariable);
-    if cli.token.is_some() && !cli.token_from_env && cli.token_file.is_some() {
+    if cli.token.is_some() && !cli.token_from_env && cli.origins.token_file == context::Origin::Flag
+    {
         return Err(command.error(
             ErrorKind::ArgumentConflict,
             "--token and --token-file cannot be used together",
@@ -517,13 +579,18 @@ pub async fn run(
     out: &mut (dyn Write + Send),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CliError> {
-    let token = match (&cli.command, resolve_token(&cli)) {
+    if let Command::Context(command) = &cli.command {
+        return ignore_broken_pipe(context::run(&cli, command, out));
+    }
+    let target = target(&cli)?;
+    let token = match (&cli.command, target.token()) {
         (_, Ok(token)) => token,
         // /healthz needs no token; the client still wants one to hold.
         (Command::Health, Err(_)) => "anonymous".to_string(),
         (_, Err(e)) => return Err(e),
     };
-    let client = ControlPlaneClient::new(&cli.url, token)?;
+    let ca = target.ca()?;
+    let client = ControlPlaneClient::with_ca(&target.url, token, ca.as_ref())?;
     let mut ctx = Ctx {
         client,
         json: cli.json,
@@ -541,30 +608,19 @@ fn ignore_broken_pipe(result: Result<(), CliError>) -> Result<(), CliError> {
     }
 }
 
-/// The token: `--token`, else `--token-file`, else `ANCHORAGE_TOKEN`, else
-/// `./anchorage-data/owner.token` if it exists.
-fn resolve_token(cli: &Cli) -> Result<String, CliError> {
-    if let (Some(token), false) = (&cli.token, cli.token_from_env) {
-        return Ok(token.trim().to_string());
-    }
-    if let Some(path) = &cli.token_file {
-        return read_token_file(path);
-    }
-    if let Some(token) = &cli.token {
-        return Ok(token.trim().to_string());
-    }
-    let default = Path::new(DEFAULT_TOKEN_FILE);
-    if default.is_file() {
-        return read_token_file(default);
-    }
-    Err(CliError::new(
-        exit::AUTH,
-        "no_token",
-        format!(
-            "no token: pass --token-file FILE, set ANCHORAGE_TOKEN, or run where \
-             ./{DEFAULT_TOKEN_FILE} exists"
-        ),
-    ))
+/// The URL, token and CA of a command: flags, environment, context, defaults
+/// ([`context::resolve`]).
+fn target(cli: &Cli) -> Result<context::Target, CliError> {
+    let context = context::selected(cli.config.as_deref(), cli.context.as_deref())?;
+    let o = cli.origins;
+    let with = |v: Option<PathBuf>, origin| v.map(|v| (v, origin));
+    let given = context::Given {
+        url: (o.url != context::Origin::Unset).then(|| (cli.url.clone(), o.url)),
+        token: cli.token.clone().map(|t| (t, o.token)),
+        token_file: with(cli.token_file.clone(), o.token_file),
+        ca_file: with(cli.ca_file.clone(), o.ca_file),
+    };
+    Ok(context::resolve(&given, context.as_ref()))
 }
 
 fn read_token_file(path: &Path) -> Result<String, CliError> {
@@ -730,6 +786,8 @@ impl Ctx<'_> {
                 let node = self.client.node(&id).await?;
                 self.emit(&node, |now| human_node(&node, now))
             }
+            // Run by `run` before a client is made: contexts need no console.
+            Command::Context(_) => Err(CliError::usage("context commands need no console")),
             Command::Health => {
                 let ready = self.client.healthz().await?;
                 let status = if ready { "ok" } else { "starting" };

@@ -1,0 +1,555 @@
+//! The console over HTTPS: its settings, its certificate and its rustls configuration.
+//!
+//! Two ways, chosen in the configuration ([`ConsoleTls`]):
+//!
+//! - **From the anchor CA** (`console_tls = true`, `--console-tls`): a certificate for the
+//!   names of `console_names` (`--console-name`, DNS names or IP addresses; default
+//!   [`DEFAULT_CONSOLE_NAMES`]) signed by the anchor's own CA, so that clients verify it with
+//!   the data directory's `ca.pem`. It lives [`CONSOLE_CERT_VALIDITY`] with a fresh key each
+//!   time and is reissued when a third of that is left, as the QUIC server certificate is
+//!   (checked every [`RENEWAL_CHECK_INTERVAL`] by a task of the anchor's).
+//! - **The operator's own** (`console_cert` and `console_key`, PEM): read and checked (they must
+//!   belong together) when the configuration is validated, served as they are.
+//!
+//! Nothing here binds a socket: `start` passes [`server_config`] to the console's server loop.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anchorage_mesh::pki::{CertInfo, CertificateAuthority, DEFAULT_SERVER_CERT_VALIDITY, PkiError};
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tracing::{info, warn};
+
+use crate::anchor::StartError;
+use crate::config::ConfigError;
+use crate::services::Services;
+
+/// The names of an anchor-CA console certificate when none are configured.
+pub const DEFAULT_CONSOLE_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+/// Validity of an anchor-CA console certificate (that of the QUIC server certificate).
+pub const CONSOLE_CERT_VALIDITY: Duration = DEFAULT_SERVER_CERT_VALIDITY;
+/// How often the anchor checks whether its console certificate is due for renewal.
+pub const RENEWAL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// Largest certificate or key file read, in bytes.
+pub const MAX_PEM_FILE: u64 = 1024 * 1024;
+/// Most names one console certificate is issued for.
+pub const MAX_CONSOLE_NAMES: usize = 64;
+
+/// How the console is served.
+#[derive(Debug, Clone, Default)]
+pub enum ConsoleTls {
+    /// Plain HTTP.
+    #[default]
+    Off,
+    /// HTTPS with a certificate from the anchor CA for these names, renewed before expiry.
+    AnchorCa {
+        /// The certificate's subject alternative names (the first is also its common name).
+        names: Vec<ConsoleName>,
+    },
+    /// HTTPS with the operator's certificate and key.
+    Own(OwnCert),
+}
+
+impl ConsoleTls {
+    /// Whether the console speaks HTTPS.
+    pub fn is_on(&self) -> bool {
+        !matches!(self, ConsoleTls::Off)
+    }
+}
+
+/// A name of the console's certificate: what clients put in the URL's host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleName {
+    /// A DNS name, e.g. `anchor.example` or `localhost`.
+    Dns(String),
+    /// An IP address, e.g. `10.0.0.5` or `::1`.
+    Ip(IpAddr),
+}
+
+impl FromStr for ConsoleName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ConsoleName, String> {
+        let s = s.trim();
+        // `[::1]` as in a URL.
+        let bare = s
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .unwrap_or(s);
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Ok(ConsoleName::Ip(ip));
+        }
+        match rustls::pki_types::DnsName::try_from(s) {
+            Ok(name) if !s.is_empty() => Ok(ConsoleName::Dns(name.as_ref().to_ascii_lowercase())),
+            _ => Err(format!(
+                "{s:?} is neither a DNS name (like anchor.example) nor an IP address"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ConsoleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsoleName::Dns(name) => f.write_str(name),
+            ConsoleName::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// The operator's certificate chain and key, read and checked.
+#[derive(Clone)]
+pub struct OwnCert {
+    /// The certificate file (PEM: the certificate, then any intermediates).
+    pub cert_file: PathBuf,
+    /// The key file (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    key: Arc<CertifiedKey>,
+}
+
+impl fmt::Debug for OwnCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnCert")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `console_tls`, `console_names`, `console_cert` and `console_key` keys, validated (the
+/// certificate and key files are read here, so that a bad one stops the start with exit 64).
+pub fn settings(
+    tls: Option<bool>,
+    names: Option<&[String]>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<ConsoleTls, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            if tls == Some(false) {
+                return Err(ConfigError::invalid(
+                    "console_tls",
+                    "console_cert and console_key serve the console over TLS; drop \
+                     console_tls = false",
+                ));
+            }
+            if names.is_some() {
+                return Err(ConfigError::invalid(
+                    "console_names",
+                    "the names come from console_cert; console_names is for a certificate \
+                     from the anchor CA",
+                ));
+            }
+            let key_data = load_own(cert, key).map_err(|(k, m)| ConfigError::invalid(k, m))?;
+            Ok(ConsoleTls::Own(OwnCert {
+                cert_file: cert.to_path_buf(),
+                key_file: key.to_path_buf(),
+                key: key_data,
+            }))
+        }
+        (Some(_), None) => Err(ConfigError::invalid(
+            "console_key",
+            "console_cert needs console_key, the certificate's private key (PEM)",
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            "console_cert",
+            "console_key needs console_cert, the certificate (PEM)",
+        )),
+        (None, None) if tls == Some(true) => {
+            let given: Vec<String> = match names {
+                Some(names) => names.to_vec(),
+                None => DEFAULT_CONSOLE_NAMES
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect(),
+            };
+            if given.is_empty() || given.len() > MAX_CONSOLE_NAMES {
+                return Err(ConfigError::invalid(
+                    "console_names",
+                    format!("give 1 to {MAX_CONSOLE_NAMES} names"),
+                ));
+            }
+            let mut names = Vec::new();
+            for n in &given {
+                let name = n
+                    .parse::<ConsoleName>()
+                    .map_err(|m| ConfigError::invalid("console_names", m))?;
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            Ok(ConsoleTls::AnchorCa { names })
+        }
+        (None, None) => match names {
+            Some(_) => Err(ConfigError::invalid(
+                "console_names",
+                "the names are for the console's TLS certificate: add console_tls = true \
+                 (--console-tls)",
+            )),
+            None => Ok(ConsoleTls::Off),
+        },
+    }
+}
+
+/// Reads and checks an operator's certificate and key; an error names the key and the file.
+fn load_own(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, (&'static str, String)> {
+    let cert_pem = read_pem_file(cert).map_err(|m| ("console_cert", m))?;
+    let key_pem = read_pem_file(key).map_err(|m| ("console_key", m))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ("console_cert", format!("{}: not PEM: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err((
+            "console_cert",
+            format!(
+                "{}: no certificate in it (expected -----BEGIN CERTIFICATE-----)",
+                cert.display()
+            ),
+        ));
+    }
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        (
+            "console_key",
+            format!(
+                "{}: no private key in it (PEM: PKCS#8, RSA or EC): {e}",
+                key.display()
+            ),
+        )
+    })?;
+    let provider = anchorage_mesh::tls::crypto_provider();
+    let certified = CertifiedKey::from_der(chain, private, &provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => (
+            "console_key",
+            format!(
+                "{} is not the key of the certificate in {}",
+                key.display(),
+                cert.display()
+            ),
+        ),
+        other => (
+            "console_key",
+            format!("{}: cannot be used: {other}", key.display()),
+        ),
+    })?;
+    Ok(Arc::new(certified))
+}
+
+fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut data = Vec::new();
+    file.take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if data.len() as u64 > MAX_PEM_FILE {
+        return Err(format!(
+            "{} is larger than {MAX_PEM_FILE} bytes; is it a PEM file?",
+            path.display()
+        ));
+    }
+    Ok(data)
+}
+
+/// Issues a console certificate for `names` from `ca`, with a fresh key, valid from `now` for
+/// [`CONSOLE_CERT_VALIDITY`]. The chain is the certificate then the CA.
+pub fn issue(
+    ca: &CertificateAuthority,
+    names: &[ConsoleName],
+    now: SystemTime,
+) -> Result<(Arc<CertifiedKey>, CertInfo), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = names
+        .iter()
+        .map(|n| match n {
+            ConsoleName::Dns(name) => Ok(SanType::DnsName(name.clone().try_into()?)),
+            ConsoleName::Ip(ip) => Ok(SanType::IpAddress(*ip)),
+        })
+        .collect::<Result<_, rcgen::Error>>()?;
+    params.distinguished_name = DistinguishedName::new();
+    if let Some(first) = names.first() {
+        params
+            .distinguished_name
+            .push(DnType::CommonName, first.to_string());
+    }
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Anchorage console");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(serial()?);
+    params.not_before = time::OffsetDateTime::from(
+        now.checked_sub(anchorage_mesh::pki::BACKDATE)
+            .unwrap_or(now),
+    );
+    params.not_after = time::OffsetDateTime::from(now + CONSOLE_CERT_VALIDITY);
+    let ca_key = KeyPair::from_pem(&ca.key_pem())?;
+    let issuer = Issuer::from_ca_cert_der(ca.cert_der(), ca_key)?;
+    let cert = params.signed_by(&key, &issuer)?;
+    let der = cert.der().clone();
+    let info = anchorage_mesh::pki::parse_cert(&der)?;
+    let signing = anchorage_mesh::tls::crypto_provider()
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let chain = vec![der, ca.cert_der().clone()];
+    Ok((Arc::new(CertifiedKey::new(chain, signing)), info))
+}
+
+fn serial() -> Result<rcgen::SerialNumber, PkiError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| PkiError::Random)?;
+    bytes[0] &= 0x7f; // a positive INTEGER
+    bytes[0] |= 0x01;
+    Ok(rcgen::SerialNumber::from_slice(&bytes))
+}
+
+/// The console's certificate, swappable while the server runs.
+#[derive(Debug)]
+pub struct ConsoleCert {
+    current: RwLock<Arc<CertifiedKey>>,
+    /// Facts of an anchor-CA certificate (the one renewed); `None` for the operator's own.
+    info: RwLock<Option<CertInfo>>,
+}
+
+impl ConsoleCert {
+    fn new(key: Arc<CertifiedKey>, info: Option<CertInfo>) -> ConsoleCert {
+        ConsoleCert {
+            current: RwLock::new(key),
+            info: RwLock::new(info),
+        }
+    }
+
+    /// Facts of the certificate being served, when it is the anchor CA's.
+    pub fn info(&self) -> Option<CertInfo> {
+        self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Serves `key` to every later handshake.
+    fn replace(&self, key: Arc<CertifiedKey>, info: CertInfo) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
+        *self.info.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+}
+
+impl ResolvesServerCert for ConsoleCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// What [`server_config`] builds.
+#[derive(Debug)]
+pub struct ConsoleServer {
+    /// For the console's server loop.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The certificate it serves (for a look at it; the anchor renews it).
+    pub cert: Arc<ConsoleCert>,
+}
+
+/// The console's rustls server configuration, or `None` with TLS off. For an anchor-CA
+/// certificate this issues the first one and starts the anchor's renewal task (it ends with
+/// the anchor). Blocking: signs.
+pub fn server_config(services: &Arc<Services>) -> Result<Option<ConsoleServer>, StartError> {
+    let cert = match &services.config.console_tls {
+        ConsoleTls::Off => return Ok(None),
+        ConsoleTls::Own(own) => Arc::new(ConsoleCert::new(own.key.clone(), None)),
+        ConsoleTls::AnchorCa { names } => {
+            let (key, info) = issue(services.trust.ca(), names, services.clock.now())
+                .map_err(|e| StartError::Tls(format!("the console certificate: {e}")))?;
+            let cert = Arc::new(ConsoleCert::new(key, Some(info)));
+            services.spawn(renewal(services.clone(), names.clone(), cert.clone()));
+            cert
+        }
+    };
+    let config =
+        rustls::ServerConfig::builder_with_provider(anchorage_mesh::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StartError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(cert.clone());
+    Ok(Some(ConsoleServer {
+        config: Arc::new(config),
+        cert,
+    }))
+}
+
+/// Reissues the anchor-CA console certificate when a third of its validity is left.
+async fn renewal(s: Arc<Services>, names: Vec<ConsoleName>, cert: Arc<ConsoleCert>) {
+    let mut tick = tokio::time::interval(RENEWAL_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = s.cancel.cancelled() => return,
+        }
+        renew_if_due(&s, &names, &cert);
+    }
+}
+
+/// One renewal check (see [`renewal`]); whether a new certificate is now served.
+pub fn renew_if_due(s: &Services, names: &[ConsoleName], cert: &ConsoleCert) -> bool {
+    let now = s.clock.now();
+    if !cert
+        .info()
+        .is_some_and(|info| info.renewal_due(now, 1.0 / 3.0))
+    {
+        return false;
+    }
+    match issue(s.trust.ca(), names, now) {
+        Ok((key, info)) => {
+            info!(serial = %info.serial_hex(), "renewed the console's TLS certificate");
+            cert.replace(key, info);
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "console certificate renewal failed; the current one is served");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_names_or_ip_addresses() {
+        assert_eq!(
+            "Anchor.Example".parse::<ConsoleName>().unwrap(),
+            ConsoleName::Dns("anchor.example".into())
+        );
+        assert_eq!(
+            "::1".parse::<ConsoleName>().unwrap(),
+            ConsoleName::Ip("::1".parse().unwrap())
+        );
+        assert_eq!(
+            "[::1]".parse::<ConsoleName>().unwrap(),
+            ConsoleName::Ip("::1".parse().unwrap())
+        );
+        for bad in ["", "a b", "anchor_.example/x", "http://x"] {
+            assert!(bad.parse::<ConsoleName>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn settings_pair_up_and_default_the_names() {
+        assert!(!settings(None, None, None, None).unwrap().is_on());
+        let ConsoleTls::AnchorCa { names } = settings(Some(true), None, None, None).unwrap() else {
+            panic!("anchor CA expected");
+        };
+        let shown: Vec<String> = names.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, DEFAULT_CONSOLE_NAMES);
+        let names = vec!["x.example".to_string()];
+        let err = settings(None, Some(&names), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("console_tls = true"), "{err}");
+        let err = settings(None, None, Some(Path::new("/c")), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("console_key"), "{err}");
+        let err = settings(Some(true), Some(&["a b".to_string()]), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("console_names"), "{err}");
+    }
+
+    #[test]
+    fn an_own_certificate_is_read_and_its_key_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let make = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec!["own.example".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            let (c, k) = (
+                dir.path().join(format!("{name}.crt")),
+                dir.path().join(format!("{name}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            (c, k)
+        };
+        let (cert_a, key_a) = make("a");
+        let (_, key_b) = make("b");
+        let own = settings(None, None, Some(&cert_a), Some(&key_a)).unwrap();
+        assert!(matches!(own, ConsoleTls::Own(_)));
+        let err = settings(None, None, Some(&cert_a), Some(&key_b))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not the key of the certificate"), "{err}");
+        let err = settings(None, None, Some(&dir.path().join("none.crt")), Some(&key_a))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("console_cert") && err.contains("cannot read"),
+            "{err}"
+        );
+        let err = settings(None, None, Some(&key_a), Some(&key_a))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no certificate"), "{err}");
+    }
+
+    #[test]
+    fn an_issued_certificate_names_every_name_and_chains_to_the_ca() {
+        let now = SystemTime::now();
+        let ca =
+            CertificateAuthority::generate("t", Duration::from_secs(86400 * 365), now).unwrap();
+        let names: Vec<ConsoleName> = ["console.example", "10.1.2.3"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let (key, info) = issue(&ca, &names, now).unwrap();
+        assert_eq!(key.cert.len(), 2);
+        assert_eq!(&key.cert[1], ca.cert_der());
+        assert!(!info.renewal_due(now, 1.0 / 3.0));
+        assert!(info.renewal_due(now + CONSOLE_CERT_VALIDITY * 3 / 4, 1.0 / 3.0));
+        // A client pinning the CA accepts it for both names and refuses another name.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            anchorage_mesh::tls::crypto_provider(),
+        )
+        .build()
+        .unwrap();
+        let when = rustls::pki_types::UnixTime::since_unix_epoch(
+            now.duration_since(SystemTime::UNIX_EPOCH).unwrap(),
+        );
+        use rustls::client::danger::ServerCertVerifier;
+        for (name, ok) in [
+            ("console.example", true),
+            ("10.1.2.3", true),
+            ("other.example", false),
+        ] {
+            let server_name = rustls::pki_types::ServerName::try_from(name).unwrap();
+            let verified =
+                verifier.verify_server_cert(&key.cert[0], &key.cert[1..], &server_name, &[], when);
+            assert_eq!(verified.is_ok(), ok, "{name}: {verified:?}");
+        }
+    }
+}
