@@ -88,6 +88,10 @@ pub struct FileConfig {
     pub etcd_prefix: Option<String>,
     /// The cluster key every anchor of the cluster is given (created if missing).
     pub cluster_key_file: Option<PathBuf>,
+    /// How often the history service samples each node (only the hidden
+    /// `--history-interval` flag sets it, for tests; not a key of the file).
+    #[serde(skip)]
+    pub history_interval: Option<String>,
 }
 
 /// The flags `anchord` (and `anchord demo`) take over the TOML file: each one given wins
@@ -148,6 +152,9 @@ pub struct AnchorFlags {
     /// (mode 0600) if it does not exist (with --store etcd).
     #[arg(long, global = true, value_name = "FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// How often each node's link is sampled for its history (tests only). Default: 60s
+    #[arg(long, global = true, hide = true, value_name = "DURATION")]
+    pub history_interval: Option<String>,
 }
 
 impl AnchorFlags {
@@ -182,6 +189,7 @@ impl AnchorFlags {
             relay_total_bytes_per_sec: self
                 .relay_total_bytes_per_sec
                 .or(file.relay_total_bytes_per_sec),
+            history_interval: self.history_interval.clone().or(file.history_interval),
             ..file
         }
     }
@@ -283,6 +291,8 @@ pub struct AnchorConfig {
     pub store: StoreChoice,
     /// The relay's bandwidth bounds.
     pub relay_limits: RelayLimits,
+    /// How often devices are sampled for their history, and how much of it is kept.
+    pub history: crate::history::HistoryLimits,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -433,7 +443,24 @@ impl FileConfig {
                 message: "must be between 1 and 1024".into(),
             });
         }
+        let history = crate::history::HistoryLimits {
+            interval: dur(
+                "history_interval",
+                self.history_interval.clone(),
+                crate::history::DEFAULT_INTERVAL,
+            )?,
+            ..Default::default()
+        };
+        if history.interval < Duration::from_millis(100)
+            || history.interval > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::invalid(
+                "history_interval",
+                "must be between 100ms and 1h".to_string(),
+            ));
+        }
         Ok(AnchorConfig {
+            history,
             worker_threads,
             data_dir: self
                 .data_dir

@@ -33,6 +33,7 @@ pub mod cluster;
 pub mod config;
 pub mod dispatch;
 pub mod events;
+pub mod history;
 pub mod inventory;
 pub mod invocations;
 pub mod mesh;
