@@ -37,6 +37,9 @@
   // Longest output shown inline in a batch's table; longer ones fold into a <details>.
   const INLINE_OUTPUT_CHARS = 400;
   const DAY_SECS = 86400;
+  // Hours of history the device page shows.
+  const HISTORY_HOURS = 6;
+  const SVG = 'http://www.w3.org/2000/svg';
 
   const state = {
     token: null,
@@ -61,6 +64,10 @@
     minted: null,
     mintedQrUrl: null,
     lastInvocation: null,
+    // The inventory's order: none is problems first; else a column and 1 or -1.
+    sort: { key: null, dir: 1 },
+    // Device ids of the rows ticked for a bulk action.
+    selected: new Set(),
   };
 
   // ---------------------------------------------------------------------------------------
@@ -327,6 +334,7 @@
     // Hide what this token cannot reach.
     document.querySelector('[data-nav="tokens"]').hidden = !can(PERM.tokens);
     document.querySelector('[data-nav="batches"]').hidden = !can(PERM.read);
+    document.querySelector('[data-nav="audit"]').hidden = !can(PERM.read);
     document.querySelector('[data-nav="pairing"]').hidden = !(can(PERM.read) || can(PERM.trust));
     $('pairing-mint').hidden = !can(PERM.trust);
     startStream();
@@ -334,13 +342,13 @@
   }
 
   // ---------------------------------------------------------------------------------------
-  // Routing: #/inventory, #/device/<id>, #/batches, #/batch/<id>, #/pairing, #/tokens
+  // Routing: #/inventory, #/device/<id>, #/batches, #/batch/<id>, #/pairing, #/audit, #/tokens
 
   function parseRoute() {
     const h = location.hash.replace(/^#\/?/, '');
     const [view, ...rest] = h.split('/');
     if ((view === 'device' || view === 'batch') && rest.length) return { view, id: decodeURIComponent(rest.join('/')) };
-    if (view === 'pairing' || view === 'tokens' || view === 'inventory' || view === 'batches') return { view };
+    if (view === 'pairing' || view === 'tokens' || view === 'inventory' || view === 'batches' || view === 'audit') return { view };
     return { view: 'inventory' };
   }
 
@@ -375,7 +383,7 @@
         replace('batch-body', el('p', { class: 'muted', text: 'Loading…' }));
       }
     }
-    document.title = `${{ inventory: 'Inventory', device: 'Device', batches: 'Batches', batch: 'Batch', pairing: 'Pairing', tokens: 'Tokens' }[r.view]} — Anchorage`;
+    document.title = `${{ inventory: 'Inventory', device: 'Device', batches: 'Batches', batch: 'Batch', pairing: 'Pairing', audit: 'Audit', tokens: 'Tokens' }[r.view]} — Anchorage`;
     refresh();
   }
 
@@ -395,6 +403,7 @@
       else if (r.view === 'batch') await loadBatch(r.id);
       else if (r.view === 'pairing') await loadPairing();
       else if (r.view === 'tokens') await loadTokens();
+      else if (r.view === 'audit') await loadAudit();
       clearBanner('refresh');
     } catch (err) {
       if (!(err instanceof ApiError && err.status === 401)) showError(err, 'refresh');
@@ -607,27 +616,94 @@
       c.unavailable ? el('span', { class: 'badge warn', text: `${c.unavailable} unavailable` }) : null);
   }
 
-  function renderInventoryTable() {
-    if (state.selectorError) {
-      replace('inventory-table', el('p', { class: 'empty', text: 'Fix the selector to see the devices it matches.' }));
-      return;
-    }
+  /** Problems first: offline, stale, degraded, then any warning, then the rest. Ranks change
+   * only when presence or a warning does, so rows keep their place while heartbeats tick. */
+  function problemRank(d) {
+    const i = ['offline', 'stale', 'degraded'].indexOf(d.presence);
+    if (i >= 0) return i;
+    return d.warnings.length ? 3 : 4;
+  }
+
+  const TRUST_ORDER = ['revoked', 'pending', 'unknown', 'removed', 'trusted'];
+
+  /** The sortable columns: key → value to compare (null sorts last either way). */
+  const SORT_KEYS = {
+    name: (d) => (d.name || '').toLowerCase(),
+    presence: (d) => PRESENCE_ORDER.indexOf(d.presence),
+    heartbeat: (d) => d.heartbeat_age_ms,
+    loss: (d) => d.loss_rate,
+    rtt: (d) => d.rtt_ms,
+    trust: (d) => TRUST_ORDER.indexOf(d.trust),
+  };
+
+  function byNameThenId(a, b) {
+    return (a.name || '').localeCompare(b.name || '') || a.device_id.localeCompare(b.device_id);
+  }
+
+  function compareDevices(a, b) {
+    const { key, dir } = state.sort;
+    if (!key) return problemRank(a) - problemRank(b) || byNameThenId(a, b);
+    const va = SORT_KEYS[key](a);
+    const vb = SORT_KEYS[key](b);
+    const na = va === null || va === undefined;
+    const nb = vb === null || vb === undefined;
+    if (na !== nb) return na ? 1 : -1;
+    if (!na && va !== vb) return (va < vb ? -1 : 1) * dir;
+    return byNameThenId(a, b);
+  }
+
+  function setSort(key) {
+    state.sort = state.sort.key === key ? { key, dir: -state.sort.dir } : { key, dir: 1 };
+    renderInventoryTable();
+  }
+
+  /** The filtered rows, in the order shown. */
+  function shownDevices() {
     const { presence, trust, text } = state.filters;
     const needle = text.trim().toLowerCase();
-    const all = state.inventory.devices;
-    const rows = all
+    return state.inventory.devices
       .filter((d) => (!presence || d.presence === presence) && (!trust || d.trust === trust))
       .filter((d) => !needle || d.name.toLowerCase().includes(needle) || d.device_id.toLowerCase().includes(needle)
         || labelPairs(d.labels).some((l) => l.toLowerCase().includes(needle)))
-      .sort((a, b) => PRESENCE_ORDER.indexOf(a.presence) - PRESENCE_ORDER.indexOf(b.presence) || a.name.localeCompare(b.name));
+      .sort(compareDevices);
+  }
+
+  function canSelect() {
+    return can(PERM.invoke) || can(PERM.trust);
+  }
+
+  function renderInventoryTable() {
+    if (state.selectorError) {
+      replace('inventory-table', el('p', { class: 'empty', text: 'Fix the selector to see the devices it matches.' }));
+      renderBulkBar();
+      return;
+    }
+    const all = state.inventory.devices;
+    const rows = shownDevices();
+    // A selection holds only devices still listed.
+    const listed = new Set(all.map((d) => d.device_id));
+    for (const id of [...state.selected]) if (!listed.has(id)) state.selected.delete(id);
+    renderBulkBar();
     if (!all.length) {
       replace('inventory-table', state.inventorySelector
         ? el('p', { class: 'empty', text: `No device matches the selector ${state.inventorySelector}.` })
         : el('p', { class: 'empty' }, 'No devices yet. ', el('a', { attrs: { href: '#/pairing' }, text: 'Pair one.' })));
       return;
     }
+    const selecting = canSelect();
     const cell = (label, ...content) => el('td', { data: { label } }, ...content);
     const body = rows.map((d) => el('tr', { data: { deviceId: d.device_id } },
+      selecting ? el('td', { class: 'select', data: { label: 'Select' } }, el('input', {
+        attrs: { type: 'checkbox', checked: state.selected.has(d.device_id), 'aria-label': `Select ${d.name || d.device_id}` },
+        data: { select: d.device_id },
+        on: {
+          change: (e) => {
+            if (e.target.checked) state.selected.add(d.device_id);
+            else state.selected.delete(d.device_id);
+            renderInventoryTable();
+          },
+        },
+      })) : null,
       cell('Device',
         el('a', { class: 'device-name', attrs: { href: `#/device/${enc(d.device_id)}` }, text: d.name || '(unnamed)' }),
         el('div', { class: 'mono small muted device-id', text: d.device_id }),
@@ -639,13 +715,120 @@
       cell('RTT', millis(d.rtt_ms)),
       cell('Capabilities', capabilitySummary(d.capabilities)),
       cell('Warnings', d.warnings.length ? el('span', { class: 'badges' }, d.warnings.map(warningBadge)) : el('span', { class: 'muted', text: 'none' }))));
+    const header = (label, key) => {
+      if (!key) return el('th', { attrs: { scope: 'col' }, text: label });
+      const active = state.sort.key === key;
+      const dir = active && state.sort.dir < 0 ? 'descending' : 'ascending';
+      return el('th', { attrs: { scope: 'col', 'aria-sort': active ? dir : 'none' }, data: { sort: key } },
+        button(`${label}${active ? (dir === 'ascending' ? ' ▲' : ' ▼') : ''}`, () => setSort(key), {
+          class: 'sort',
+          title: active ? 'Sorted; click to reverse' : `Sort by ${label.toLowerCase()}`,
+        }));
+    };
+    const allShownSelected = rows.length > 0 && rows.every((d) => state.selected.has(d.device_id));
+    const selectAll = selecting ? el('th', { class: 'select', attrs: { scope: 'col' } }, el('input', {
+      attrs: { type: 'checkbox', id: 'select-all', checked: allShownSelected, 'aria-label': 'Select every device shown' },
+      on: {
+        change: (e) => {
+          for (const d of rows) {
+            if (e.target.checked) state.selected.add(d.device_id);
+            else state.selected.delete(d.device_id);
+          }
+          renderInventoryTable();
+        },
+      },
+    })) : null;
     const table = el('table', { class: 'grid inventory', attrs: { id: 'inventory' } },
-      el('caption', { class: 'sr-only', text: 'Devices' }),
-      el('thead', {}, el('tr', {}, ['Device', 'Presence', 'Trust', 'Heartbeat', 'Loss', 'RTT', 'Capabilities', 'Warnings'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('caption', { class: 'sr-only', text: state.sort.key ? 'Devices' : 'Devices, problems first' }),
+      el('thead', {}, el('tr', {}, selectAll,
+        header('Device', 'name'), header('Presence', 'presence'), header('Trust', 'trust'), header('Heartbeat', 'heartbeat'),
+        header('Loss', 'loss'), header('RTT', 'rtt'), header('Capabilities'), header('Warnings'))),
       el('tbody', {}, body));
     const matched = state.inventorySelector ? ` the selector ${state.inventorySelector} matches` : '';
     replace('inventory-table', table,
-      rows.length < all.length ? el('p', { class: 'muted small', text: `${rows.length} of the ${all.length} devices${matched} match the filters.` }) : null);
+      rows.length < all.length ? el('p', { class: 'muted small', text: `${rows.length} of the ${all.length} devices${matched} match the filters.` }) : null,
+      state.sort.key ? button('Problems first', () => { state.sort = { key: null, dir: 1 }; renderInventoryTable(); }, { class: 'secondary small', id: 'sort-reset' }) : null);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Bulk actions on the selected rows
+
+  function selectedDevices() {
+    if (!state.inventory) return [];
+    return state.inventory.devices.filter((d) => state.selected.has(d.device_id));
+  }
+
+  function renderBulkBar() {
+    const bar = $('bulk-bar');
+    const chosen = selectedDevices();
+    bar.hidden = !canSelect() || !state.inventory || state.inventory.fallback || !chosen.length;
+    if (bar.hidden) return;
+    const trusted = chosen.filter((d) => d.trust === 'trusted');
+    const revocable = chosen.filter((d) => d.actions.includes('revoke'));
+    $('bulk-count').textContent = `${chosen.length} selected`;
+    const invoke = $('bulk-invoke');
+    invoke.hidden = !(can(PERM.invoke) && can(PERM.read));
+    invoke.disabled = !trusted.length;
+    invoke.textContent = trusted.length === chosen.length ? 'Invoke on selected' : `Invoke on the ${trusted.length} trusted`;
+    $('bulk-capability-label').hidden = invoke.hidden;
+    const revoke = $('bulk-revoke');
+    revoke.hidden = !can(PERM.trust);
+    revoke.disabled = !revocable.length;
+    revoke.textContent = revocable.length === chosen.length ? 'Revoke selected…' : `Revoke the ${revocable.length} trusted…`;
+  }
+
+  async function bulkInvoke(ev) {
+    ev.preventDefault();
+    const error = $('bulk-error');
+    error.hidden = true;
+    const targets = selectedDevices().filter((d) => d.trust === 'trusted');
+    const capability = $('bulk-capability').value.trim();
+    if (!targets.length) return;
+    if (!capability) {
+      error.textContent = 'Name the capability to run.';
+      error.hidden = false;
+      $('bulk-capability').focus();
+      return;
+    }
+    const btn = $('bulk-invoke');
+    btn.disabled = true;
+    try {
+      const body = { selector: '', devices: targets.map((d) => d.device_id), capability, input: null, timeout_ms: 30000 };
+      const batch = (await api('POST', '/batches', body)).data;
+      state.batch = batch;
+      state.selected.clear();
+      location.hash = `#/batch/${enc(batch.batch_id)}`;
+    } catch (err) {
+      error.textContent = describe(err);
+      error.hidden = false;
+    } finally {
+      renderBulkBar();
+    }
+  }
+
+  async function bulkRevoke() {
+    const targets = selectedDevices().filter((d) => d.actions.includes('revoke'));
+    if (!targets.length) return;
+    const names = targets.map((d) => d.name || d.device_id);
+    const answer = await confirmDialog({
+      title: `Revoke ${targets.length} device${targets.length === 1 ? '' : 's'}?`,
+      message: `Their connections close now and their certificates are refused from now on: ${names.join(', ')}.`,
+      ok: `Revoke ${targets.length}`,
+      reason: true,
+    });
+    if (!answer.ok) return;
+    const failed = [];
+    for (const d of targets) {
+      try {
+        await api('POST', `/devices/${enc(d.device_id)}/revoke`, { reason: answer.reason || null });
+        state.selected.delete(d.device_id);
+      } catch (err) {
+        failed.push(`${d.name || d.device_id}: ${describe(err)}`);
+      }
+    }
+    if (failed.length) banner(`Not revoked: ${failed.join('; ')}`, 'error', 'bulk');
+    else banner(`${targets.length} device${targets.length === 1 ? ' is' : 's are'} revoked.`, 'success', 'bulk');
+    scheduleRefresh(0);
   }
 
   // ---------------------------------------------------------------------------------------
@@ -931,6 +1114,15 @@
     }
   }
 
+  async function fetchHistory(id) {
+    try {
+      return { h: await get(`/inventory/${enc(id)}/history?hours=${HISTORY_HOURS}`), note: null };
+    } catch (err) {
+      if (err instanceof ApiError && (err.status === 503 || err.status === 404)) return { h: null, note: `${err.code}: ${err.message}` };
+      throw err;
+    }
+  }
+
   async function fetchInvocations(id) {
     try {
       return { list: await get(`/invocations?device_id=${enc(id)}&limit=20`), note: null };
@@ -955,14 +1147,15 @@
       }
       throw err;
     }
-    const invs = await fetchInvocations(id);
+    const [invs, history] = await Promise.all([fetchInvocations(id), fetchHistory(id)]);
     if (state.route.view !== 'device' || state.route.id !== id) return;
     renderDevice(result.d, result.fallback, invs);
+    replace('device-history', historyCard(history));
   }
 
   /** The device page's sections; the invoke card survives re-renders (an operator may be
    * typing in it while live updates arrive). */
-  const DEVICE_SECTIONS = ['device-head', 'device-notice', 'device-actions', 'device-invoke', 'device-info', 'device-pending', 'device-caps', 'device-invocations'];
+  const DEVICE_SECTIONS = ['device-head', 'device-notice', 'device-actions', 'device-invoke', 'device-info', 'device-history', 'device-pending', 'device-caps', 'device-invocations'];
 
   function deviceSkeleton() {
     if ($('device-head')) return;
@@ -1016,7 +1209,9 @@
     const cert = el('div', { class: 'card' }, el('h2', { text: 'Trust and certificate' }),
       dev ? el('dl', { class: 'facts' },
         fact('Trust', badge('trust', dev.trust)),
-        fact('Platform', dev.platform),
+        // The registration shows the platform the node runs now; the one it paired with only
+        // when it differs (or there is no registration).
+        !node || node.platform !== dev.platform ? fact(node ? 'Platform at pairing' : 'Platform', dev.platform) : null,
         fact('Labels', labelPairs(dev.labels).join(', ') || null, 'mono wrap'),
         fact('Paired', timeEl(dev.paired_at)),
         fact('Certificate serial', dev.cert_serial, 'mono wrap'),
@@ -1041,6 +1236,69 @@
         : el('p', { class: 'muted', text: node ? 'This node offers no capabilities.' : '—' })));
 
     replace('device-invocations', invocationsCard(invs));
+  }
+
+  function svg(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs || {})) if (v !== null && v !== undefined) node.setAttribute(k, String(v));
+    for (const c of children.flat()) if (c) node.append(c);
+    return node;
+  }
+
+  /** A small line chart of `points` ([time ms, value]) between `from` and `to`, drawn as inline
+   * SVG: one circle per sample (with its value as a tooltip), lines between them. */
+  function chart(id, title, points, from, to, format) {
+    const W = 300;
+    const H = 64;
+    const PAD = 4;
+    const values = points.map((p) => p[1]);
+    const max = Math.max(...values, 0) || 1;
+    const x = (t) => PAD + ((t - from) / Math.max(1, to - from)) * (W - 2 * PAD);
+    const y = (v) => H - PAD - (v / max) * (H - 2 * PAD);
+    const last = points.length ? format(points[points.length - 1][1]) : '—';
+    const pts = points.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(' ');
+    const drawing = svg('svg', { viewBox: `0 0 ${W} ${H}`, class: 'chart', role: 'img', 'aria-label': `${title} over the last ${HISTORY_HOURS} hours, now ${last}`, preserveAspectRatio: 'none' },
+      svg('line', { x1: 0, y1: H - PAD, x2: W, y2: H - PAD, class: 'axis' }),
+      points.length > 1 ? svg('polyline', { points: pts, class: 'line' }) : null,
+      points.map(([t, v]) => svg('circle', { cx: x(t).toFixed(1), cy: y(v).toFixed(1), r: 1.8, class: 'pt' },
+        svg('title', {}, document.createTextNode(`${absolute(new Date(t).toISOString())}: ${format(v)}`)))));
+    return el('figure', { class: 'chart-box', attrs: { id } },
+      el('figcaption', {}, el('strong', { text: title }), ' ', el('span', { class: 'muted small', text: points.length ? `now ${last}, peak ${format(max)}` : 'no samples' })),
+      drawing);
+  }
+
+  /** When the device was in which presence: coloured bands, and the changes as a list. */
+  function presenceTimeline(changes, from, to) {
+    const W = 300;
+    const H = 14;
+    const x = (t) => ((Math.max(t, from) - from) / Math.max(1, to - from)) * W;
+    const bands = changes.map((c, i) => {
+      const start = parseTime(c.at);
+      const end = i + 1 < changes.length ? parseTime(changes[i + 1].at) : to;
+      return svg('rect', { x: x(start).toFixed(1), y: 0, width: Math.max(0.5, x(end) - x(start)).toFixed(1), height: H, class: `band presence-band-${c.presence}` },
+        svg('title', {}, document.createTextNode(`${c.presence} from ${absolute(c.at)}`)));
+    });
+    return el('div', { class: 'timeline', attrs: { id: 'history-presence' } },
+      el('strong', { text: 'Presence' }),
+      svg('svg', { viewBox: `0 0 ${W} ${H}`, class: 'timeline-bar', role: 'img', 'aria-label': 'Presence over time', preserveAspectRatio: 'none' }, bands),
+      changes.length
+        ? el('ol', { class: 'changes small' }, changes.slice().reverse().slice(0, 12).map((c) => el('li', { data: { presence: c.presence } }, badge('presence', c.presence), ' ', timeEl(c.at), el('span', { class: 'muted', text: ` (${absolute(c.at)})` }))))
+        : el('p', { class: 'muted small', text: 'No presence change recorded.' }));
+  }
+
+  function historyCard({ h, note }) {
+    const head = el('h2', { text: `Last ${HISTORY_HOURS} hours` });
+    if (!h) return el('div', { class: 'card' }, head, el('p', { class: 'muted', text: note || 'No history.' }));
+    const from = parseTime(h.from);
+    const to = parseTime(h.to);
+    const series = (f) => h.samples.filter((s) => f(s) !== null && f(s) !== undefined).map((s) => [parseTime(s.at), f(s)]);
+    return el('div', { class: 'card' }, head,
+      el('p', { class: 'hint', text: `Sampled every ${span(h.interval_s * 1000)} while the node is connected to this anchor.` }),
+      el('div', { class: 'charts' },
+        chart('history-rtt', 'RTT', series((s) => s.rtt_ms), from, to, millis),
+        chart('history-loss', 'Loss', series((s) => s.loss), from, to, percent),
+        chart('history-heartbeat', 'Heartbeat age', series((s) => s.heartbeat_age_s), from, to, (v) => `${v.toFixed(1)} s`)),
+      presenceTimeline(h.presence, from, to));
   }
 
   function deviceActions(d) {
@@ -1324,6 +1582,30 @@
     return wildcard ? `${location.hostname}:${m[2]}` : inst.listen;
   }
 
+  /** A shell command with a button that copies it. */
+  function commandBlock(text) {
+    const pre = el('pre', { class: 'command', attrs: { id: 'pair-command' }, text });
+    const copy = button('Copy', async (ev) => {
+      const btn = ev.currentTarget;
+      let ok = false;
+      try {
+        await navigator.clipboard.writeText(text);
+        ok = true;
+      } catch (_) {
+        // No clipboard API (an http:// page on another host): select the text instead.
+        const range = document.createRange();
+        range.selectNodeContents(pre);
+        const sel = window.getSelection();
+        sel.removeAllRanges();
+        sel.addRange(range);
+        ok = document.execCommand && document.execCommand('copy');
+      }
+      btn.textContent = ok ? 'Copied' : 'Selected: press Ctrl+C';
+      setTimeout(() => { btn.textContent = 'Copy'; }, 2000);
+    }, { class: 'secondary small', id: 'copy-command', ariaLabel: 'Copy the pairing command' });
+    return el('div', { class: 'command-block' }, pre, copy);
+  }
+
   function renderMinted() {
     const m = state.minted;
     if (!m || !can(PERM.trust)) {
@@ -1336,12 +1618,12 @@
       ? [
         state.mintedQrUrl ? el('img', { class: 'qr', attrs: { id: 'minted-qr', src: state.mintedQrUrl, alt: 'QR code of the pairing URI' } }) : null,
         el('p', {}, 'Scan it, or on the device run:'),
-        el('pre', { class: 'command', text: `anchor-node pair --qr '${m.uri}'` }),
+        commandBlock(`anchor-node pair --qr '${m.uri}'`),
       ]
       : [
         el('div', { class: 'pin', attrs: { id: 'minted-code', 'aria-label': 'Pairing PIN' }, text: m.code }),
         el('p', {}, 'On the device run:'),
-        el('pre', { class: 'command', text: `anchor-node pair --anchor ${anchorAddr} --code ${m.code}` }),
+        commandBlock(`anchor-node pair --anchor ${anchorAddr} --code ${m.code}`),
       ];
     replace('minted', el('div', { class: 'minted', data: { codeId: m.code_id } },
       ...parts,
@@ -1350,6 +1632,49 @@
         state.minted = null;
         renderMinted();
       }, { class: 'secondary small' })));
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Audit log
+
+  async function loadAudit() {
+    if (!can(PERM.read)) {
+      replace('audit-list', notice('This token cannot read the audit log: it lacks observability.read.', 'warn'));
+      return;
+    }
+    const q = new URLSearchParams({ limit: '200' });
+    for (const [key, id] of [['target', 'audit-target'], ['actor', 'audit-actor'], ['action', 'audit-action']]) {
+      const v = $(id).value.trim();
+      if (v) q.set(key, v);
+    }
+    for (const [key, id] of [['since', 'audit-since'], ['until', 'audit-until']]) {
+      const v = $(id).value;
+      const t = v ? Date.parse(v) : NaN;
+      if (!Number.isNaN(t)) q.set(key, new Date(t).toISOString());
+    }
+    const entries = await get(`/audit?${q}`);
+    if (state.route.view !== 'audit') return;
+    const filtered = [...q.keys()].some((k) => k !== 'limit');
+    if (!entries.length) {
+      replace('audit-list', el('p', { class: 'empty', text: filtered ? 'No entry matches the filters.' : 'Nothing audited yet.' }));
+      return;
+    }
+    const targetCell = (v) => {
+      // A device id links to its page.
+      if (/^[a-z2-7]{52}$/.test(v) || (state.inventory && state.inventory.devices.some((d) => d.device_id === v))) {
+        return el('a', { class: 'mono small wrap', attrs: { href: `#/device/${enc(v)}` }, text: v });
+      }
+      return el('span', { class: 'mono small wrap', text: v });
+    };
+    replace('audit-list', el('table', { class: 'grid audit', attrs: { id: 'audit' } },
+      el('thead', {}, el('tr', {}, ['When', 'Actor', 'Action', 'Target', 'Detail'].map((h) => el('th', { attrs: { scope: 'col' }, text: h })))),
+      el('tbody', {}, entries.map((e) => el('tr', { data: { action: e.action, target: e.target } },
+        el('td', { data: { label: 'When' }, class: 'nowrap' }, timeEl(e.at), el('div', { class: 'muted small', text: absolute(e.at) })),
+        el('td', { data: { label: 'Actor' }, text: e.actor }),
+        el('td', { data: { label: 'Action' }, class: 'mono', text: e.action }),
+        el('td', { data: { label: 'Target' } }, e.target ? targetCell(e.target) : el('span', { class: 'muted', text: '—' })),
+        el('td', { data: { label: 'Detail' }, class: 'wrap', text: e.detail || '' }))))),
+    entries.length === 200 ? el('p', { class: 'muted small', text: 'The newest 200 entries; narrow the filters to see older ones.' }) : null);
   }
 
   // ---------------------------------------------------------------------------------------
@@ -1381,10 +1706,10 @@
           el('td', { data: { label: 'State' } }, t.revoked_at
             ? el('span', {}, badge('token', 'revoked'), ' ', timeEl(t.revoked_at))
             : badge('token', expired ? 'expired' : 'active')),
-          el('td', { data: { label: '' } }, t.revoked_at ? null : button('Revoke…', async (ev) => {
+          el('td', { data: { label: '' } }, t.revoked_at ? null : self ? el('span', { class: 'muted small', text: 'this session' }) : button('Revoke…', async (ev) => {
             const answer = await confirmDialog({
               title: `Revoke token ${t.name}?`,
-              message: self ? 'This is the token of this session: you will be signed out.' : `Anything using token ${t.id} loses access at once.`,
+              message: `Anything using token ${t.id} loses access at once.`,
               ok: 'Revoke',
             });
             if (answer.ok) await act(ev.currentTarget, () => api('DELETE', `/tokens/${enc(t.id)}`), `Token ${t.name} is revoked.`);
@@ -1655,6 +1980,7 @@
       case 'batch': relevant = kind === 'batch' && !!ev.data && ev.data.batch_id === r.id; break;
       case 'pairing': relevant = kind.startsWith('pairing.') || kind.startsWith('device.'); break;
       case 'tokens': relevant = kind === 'token'; break;
+      case 'audit': relevant = kind === 'token' || kind === 'policy' || kind.startsWith('pairing.') || kind.startsWith('device.'); break;
       default: relevant = false;
     }
     if (relevant) scheduleRefresh();
@@ -1694,6 +2020,20 @@
     $('filters').addEventListener('submit', (e) => e.preventDefault());
     $('mint-form').addEventListener('submit', mint);
     $('token-form').addEventListener('submit', createToken);
+    $('bulk-bar').addEventListener('submit', bulkInvoke);
+    $('bulk-revoke').addEventListener('click', bulkRevoke);
+    $('bulk-clear').addEventListener('click', () => {
+      state.selected.clear();
+      renderInventoryTable();
+    });
+    $('audit-filters').addEventListener('submit', (e) => e.preventDefault());
+    for (const id of ['audit-target', 'audit-actor', 'audit-action', 'audit-since', 'audit-until']) {
+      $(id).addEventListener('input', () => scheduleRefresh(SELECTOR_DEBOUNCE_MS));
+    }
+    $('audit-clear').addEventListener('click', () => {
+      for (const id of ['audit-target', 'audit-actor', 'audit-action', 'audit-since', 'audit-until']) $(id).value = '';
+      scheduleRefresh(0);
+    });
     window.addEventListener('hashchange', route);
     setInterval(tick, 1000);
     // Heartbeats are not events (only presence changes are): re-read ages and loss now and then.

@@ -1100,6 +1100,106 @@ pub struct AuditQuery {
     /// At most this many, newest first (default 100, at most 1000).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Only entries whose actor contains this text (case-insensitive): a token's name or id.
+    #[serde(default)]
+    pub actor: Option<String>,
+    /// Only this action (`device.revoke`), or every action under a prefix (`device`,
+    /// `device.`: `device.revoke`, `device.remove`, ...).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Only entries at or after this time (RFC 3339).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub since: Option<OffsetDateTime>,
+    /// Only entries before this time (RFC 3339).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub until: Option<OffsetDateTime>,
+}
+
+impl AuditQuery {
+    /// Whether `action` is what [`AuditQuery::action`] asks for (everything without it).
+    pub fn keeps_action(&self, action: &str) -> bool {
+        match self.action.as_deref() {
+            None | Some("") => true,
+            Some(want) => {
+                let prefix = want.trim_end_matches('.');
+                action == want
+                    || action
+                        .strip_prefix(prefix)
+                        .is_some_and(|rest| rest.starts_with('.'))
+            }
+        }
+    }
+
+    /// Whether `actor` contains [`AuditQuery::actor`], ignoring case (everything without it).
+    pub fn keeps_actor(&self, actor: &str) -> bool {
+        match self.actor.as_deref() {
+            None | Some("") => true,
+            Some(want) => actor.to_lowercase().contains(&want.to_lowercase()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// History
+
+/// Most hours of history `GET /console/v1/inventory/{id}/history` returns (`?hours=`).
+pub const HISTORY_MAX_HOURS: u32 = 48;
+/// Hours of history returned without `?hours=`.
+pub const HISTORY_DEFAULT_HOURS: u32 = 6;
+
+/// Query of `GET /console/v1/inventory/{id}/history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HistoryQuery {
+    /// How many hours back, 1 to [`HISTORY_MAX_HOURS`] (default [`HISTORY_DEFAULT_HOURS`]).
+    #[serde(default)]
+    pub hours: Option<u32>,
+}
+
+/// `GET /console/v1/inventory/{id}/history`: a device's link and presence over the last hours,
+/// sampled by the anchor its node is connected to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Start of the window.
+    #[serde(with = "time::serde::rfc3339")]
+    pub from: OffsetDateTime,
+    /// End of the window (now).
+    #[serde(with = "time::serde::rfc3339")]
+    pub to: OffsetDateTime,
+    /// Seconds between two samples while the node is connected.
+    pub interval_s: f64,
+    /// Samples, oldest first (none while the node was not connected).
+    pub samples: Vec<HistorySample>,
+    /// Presence changes, oldest first; the first may be before `from` (the presence the
+    /// window starts in).
+    pub presence: Vec<PresenceChange>,
+}
+
+/// One sample of a device's link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistorySample {
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// QUIC's smoothed round-trip time, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Heartbeat loss over the recent window, 0 to 1.
+    pub loss: Option<f64>,
+    /// Seconds since the last heartbeat.
+    pub heartbeat_age_s: Option<f64>,
+    /// Presence then.
+    pub presence: Presence,
+}
+
+/// A change of a device's presence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceChange {
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The presence from then on.
+    pub presence: Presence,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1108,12 +1208,19 @@ pub struct AuditQuery {
 /// A batch's id: 32 hex digits, like an invocation's.
 pub type BatchId = InvocationId;
 
+/// Most device ids a [`BatchRequest::devices`] may name.
+pub const BATCH_MAX_DEVICE_IDS: usize = 1000;
+
 /// `POST /console/v1/batches`: run one capability on every trusted device a selector matches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// Label selector of the devices (matched once, when the batch is created).
     pub selector: Selector,
+    /// Only these devices (of those `selector` matches): the page's "Invoke on selected"
+    /// sends its selection here with an empty selector. At most 1000 ids.
+    #[serde(default)]
+    pub devices: Option<Vec<DeviceId>>,
     /// Capability name.
     pub capability: String,
     /// JSON input for every invocation (default `null`).
@@ -1136,6 +1243,20 @@ impl Validate for BatchRequest {
         check_text("capability", &self.capability)?;
         if self.max_concurrency == Some(0) {
             return Err(ApiError::bad_request("max_concurrency must be at least 1"));
+        }
+        match &self.devices {
+            Some(d) if d.is_empty() => {
+                return Err(ApiError::bad_request(
+                    "devices must name at least one device (or leave it out)",
+                ));
+            }
+            Some(d) if d.len() > BATCH_MAX_DEVICE_IDS => {
+                return Err(ApiError::bad_request(format!(
+                    "devices names {} devices; at most {BATCH_MAX_DEVICE_IDS}",
+                    d.len()
+                )));
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -148,6 +148,16 @@ pub trait Backend: Send + Sync + 'static {
     fn list_batches(&self, limit: usize) -> impl Future<Output = ApiResult<Vec<BatchInfo>>> + Send;
     /// One batch with its invocations.
     fn batch(&self, id: BatchId) -> impl Future<Output = ApiResult<Batch>> + Send;
+    /// A device's history since `hours` ago (already bounded by the route). The default keeps
+    /// none.
+    fn history(
+        &self,
+        id: DeviceId,
+        hours: u32,
+    ) -> impl Future<Output = ApiResult<crate::api::History>> + Send {
+        let _ = hours;
+        async move { Err(ApiError::not_found(format!("no history of device {id}"))) }
+    }
     /// The audit log, newest first.
     fn audit(&self, query: AuditQuery) -> impl Future<Output = ApiResult<Vec<AuditEntry>>> + Send;
     /// The peer connections of the mesh (`GET /mesh`). The default knows none.

@@ -901,6 +901,7 @@ fn runtime_routes<B: Backend>() -> Router<AppState<B>> {
     Router::new()
         .route("/inventory", get(inventory::<B>))
         .route("/inventory/{id}", get(inventory_device::<B>))
+        .route("/inventory/{id}/history", get(history::<B>))
         .route("/nodes", get(list_nodes::<B>))
         .route("/nodes/{id}", get(node::<B>))
         .route("/nodes/{id}/invoke", post(invoke::<B>))
@@ -936,6 +937,28 @@ async fn inventory_device<B: Backend>(
     let entry = st.backend.inventory_device(device_id(&id)?).await?;
     who.check_device(&entry.device_id, &entry.labels)?;
     Ok(Json(entry))
+}
+
+/// `GET /inventory/{id}/history`: what the inventory entry's reader may see, over time.
+async fn history<B: Backend>(
+    State(st): State<AppState<B>>,
+    auth: Auth,
+    Id(id): Id,
+    uri: Uri,
+) -> Result<Json<crate::api::History>, ApiError> {
+    use crate::api::{HISTORY_DEFAULT_HOURS, HISTORY_MAX_HOURS, HistoryQuery};
+    let who = require(&auth, Permission::ObservabilityRead)?;
+    let q: HistoryQuery = query(&uri)?;
+    let hours = q.hours.unwrap_or(HISTORY_DEFAULT_HOURS);
+    if !(1..=HISTORY_MAX_HOURS).contains(&hours) {
+        return Err(ApiError::bad_request(format!(
+            "hours must be between 1 and {HISTORY_MAX_HOURS}"
+        )));
+    }
+    let id = device_id(&id)?;
+    let entry = st.backend.inventory_device(id).await?;
+    who.check_device(&entry.device_id, &entry.labels)?;
+    Ok(Json(st.backend.history(id, hours).await?))
 }
 
 async fn list_nodes<B: Backend>(

@@ -170,6 +170,18 @@ impl Anchor {
             events.clone(),
             metrics.clone(),
         );
+        let known: std::collections::HashSet<_> = stores
+            .trust
+            .devices()?
+            .into_iter()
+            .map(|d| d.device_id)
+            .collect();
+        let history = crate::history::History::new(
+            config.history,
+            std::mem::take(&mut snapshot.history),
+            |d| known.contains(d),
+            writer.clone(),
+        );
         let services = Arc::new(Services::new(
             config,
             clock,
@@ -183,6 +195,7 @@ impl Anchor {
             writer,
             unfinished_batches,
             instance_id,
+            history,
         ));
         crate::remote::follow(&services);
         // Loaded after following the other anchors, so a change made meanwhile is either read
@@ -271,6 +284,7 @@ impl Anchor {
             s.set_bound(Some(addr), None);
         }
         s.spawn(housekeeping(s.clone()));
+        s.spawn(crate::history::run(s.clone()));
         s.spawn(crate::peering::follow(s.clone()));
         crate::batches::resume(s);
         let active = Arc::new(AtomicUsize::new(0));

@@ -530,10 +530,15 @@ impl Backend for AnchorBackend {
         let devices = self.list_devices().await?;
         let s = &self.services;
         let now = s.clock.now_ms();
+        let wanted: Option<std::collections::HashSet<DeviceId>> = req
+            .devices
+            .as_ref()
+            .map(|ids| ids.iter().copied().collect());
         let mut members: Vec<BatchMember> = devices
             .into_iter()
             .filter(|d| {
                 d.trust == TrustState::Trusted
+                    && wanted.as_ref().is_none_or(|ids| ids.contains(&d.device_id))
                     && req.selector.matches(&d.labels)
                     && who.scope.covers(&d.labels)
             })
@@ -543,6 +548,15 @@ impl Backend for AnchorBackend {
                 invocation_id: new_invocation_id(now).0,
             })
             .collect();
+        if let Some(wanted) = &wanted
+            && let Some(missing) = wanted
+                .iter()
+                .find(|id| !members.iter().any(|m| m.device_id == **id))
+        {
+            return Err(ApiError::bad_request(format!(
+                "device {missing} is not a trusted device that the selector and this token cover"
+            )));
+        }
         if members.len() > crate::batches::MAX_BATCH_DEVICES {
             return Err(ApiError::bad_request(format!(
                 "the selector matches {} devices; a batch covers at most {}",
@@ -616,14 +630,54 @@ impl Backend for AnchorBackend {
         .await
     }
 
+    async fn history(&self, id: DeviceId, hours: u32) -> ApiResult<History> {
+        let s = &self.services;
+        let now = s.clock.now_ms();
+        let from = now.saturating_sub(u64::from(hours) * 3_600_000);
+        let h = s.history.view(&id, from);
+        Ok(History {
+            device_id: id,
+            from: to_odt(from),
+            to: to_odt(now),
+            interval_s: s.history.limits().interval.as_secs_f64(),
+            samples: h
+                .samples
+                .iter()
+                .map(|x| HistorySample {
+                    at: to_odt(x.at_ms),
+                    rtt_ms: x.rtt_ms,
+                    loss: x.loss,
+                    heartbeat_age_s: x.heartbeat_age_ms.map(|ms| ms as f64 / 1000.0),
+                    presence: x.presence,
+                })
+                .collect(),
+            presence: h
+                .presence
+                .iter()
+                .map(|(at, p)| PresenceChange {
+                    at: to_odt(*at),
+                    presence: *p,
+                })
+                .collect(),
+        })
+    }
+
     async fn audit(&self, query: AuditQuery) -> ApiResult<Vec<AuditEntry>> {
         let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+        let ms = |t: Option<time::OffsetDateTime>| {
+            t.map(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+        };
+        let (since, until) = (ms(query.since), ms(query.until));
         self.blocking(move |s| {
             let entries = s.trust.audit_log(limit, &|r| {
                 query
                     .target
                     .as_deref()
                     .is_none_or(|t| t == r.target || t == r.detail)
+                    && query.keeps_actor(&r.actor)
+                    && query.keeps_action(&r.action)
+                    && since.is_none_or(|t| r.at_ms >= t)
+                    && until.is_none_or(|t| r.at_ms < t)
             })?;
             Ok(entries
                 .into_iter()

@@ -100,6 +100,10 @@ pub struct FileConfig {
     pub etcd_prefix: Option<String>,
     /// The cluster key every anchor of the cluster is given (created if missing).
     pub cluster_key_file: Option<PathBuf>,
+    /// How often the history service samples each node (only the hidden
+    /// `--history-interval` flag sets it, for tests; not a key of the file).
+    #[serde(skip)]
+    pub history_interval: Option<String>,
 }
 
 /// The flags `anchord` (and `anchord demo`) take over the TOML file: each one given wins
@@ -174,6 +178,9 @@ pub struct AnchorFlags {
     /// The private key of --console-cert (PEM).
     #[arg(long, global = true, value_name = "FILE")]
     pub console_key: Option<PathBuf>,
+    /// How often each node's link is sampled for its history (tests only). Default: 60s
+    #[arg(long, global = true, hide = true, value_name = "DURATION")]
+    pub history_interval: Option<String>,
 }
 
 impl AnchorFlags {
@@ -214,6 +221,7 @@ impl AnchorFlags {
                 .or(file.console_names),
             console_cert: self.console_cert.clone().or(file.console_cert),
             console_key: self.console_key.clone().or(file.console_key),
+            history_interval: self.history_interval.clone().or(file.history_interval),
             ..file
         }
     }
@@ -317,6 +325,8 @@ pub struct AnchorConfig {
     pub relay_limits: RelayLimits,
     /// Whether and how the console speaks HTTPS.
     pub console_tls: crate::console_tls::ConsoleTls,
+    /// How often devices are sampled for their history, and how much of it is kept.
+    pub history: crate::history::HistoryLimits,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -473,7 +483,24 @@ impl FileConfig {
                 message: "must be between 1 and 1024".into(),
             });
         }
+        let history = crate::history::HistoryLimits {
+            interval: dur(
+                "history_interval",
+                self.history_interval.clone(),
+                crate::history::DEFAULT_INTERVAL,
+            )?,
+            ..Default::default()
+        };
+        if history.interval < Duration::from_millis(100)
+            || history.interval > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::invalid(
+                "history_interval",
+                "must be between 100ms and 1h".to_string(),
+            ));
+        }
         Ok(AnchorConfig {
+            history,
             worker_threads,
             data_dir: self
                 .data_dir

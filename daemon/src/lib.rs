@@ -36,6 +36,7 @@ pub mod config;
 pub mod console_tls;
 pub mod dispatch;
 pub mod events;
+pub mod history;
 pub mod inventory;
 pub mod invocations;
 pub mod mesh;

@@ -227,6 +227,54 @@ pub struct SessionRecord {
     pub presence: anchorage_wire::Presence,
 }
 
+/// One sample of a connected node's link, taken by the history service every interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HistorySample {
+    /// When, Unix ms.
+    pub at_ms: u64,
+    /// QUIC's smoothed round-trip time, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Heartbeat loss over the recent window, 0 to 1 (none before enough heartbeats).
+    pub loss: Option<f64>,
+    /// Milliseconds since the last heartbeat or registration.
+    pub heartbeat_age_ms: Option<u64>,
+    /// Presence at the sample.
+    pub presence: anchorage_wire::Presence,
+}
+
+/// One entry of a device's history, stored under the device id, its time and its kind (so a
+/// device's entries are one key range, oldest first).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum HistoryEntry {
+    /// A sample of the live session.
+    Sample(HistorySample),
+    /// The device's presence changed to `presence` at `at_ms` (Unix ms).
+    Presence {
+        /// When.
+        at_ms: u64,
+        /// The presence from then on.
+        presence: anchorage_wire::Presence,
+    },
+}
+
+impl HistoryEntry {
+    /// When it happened, Unix ms.
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            HistoryEntry::Sample(s) => s.at_ms,
+            HistoryEntry::Presence { at_ms, .. } => *at_ms,
+        }
+    }
+
+    /// Its kind as stored in its key: 0 a sample, 1 a presence change.
+    pub fn kind(&self) -> u8 {
+        match self {
+            HistoryEntry::Sample(_) => 0,
+            HistoryEntry::Presence { .. } => 1,
+        }
+    }
+}
+
 /// Last-seen of a node, written in batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresenceRecord {

@@ -1,10 +1,10 @@
 //! The anchor's services, built once by [`crate::Anchor`] and passed to every IO driver.
 //!
 //! Each service owns its state: [`Trust`] (codes, requests, devices, tokens, revocations,
-//! audit), [`NodeTable`] (the one record of each node), [`Invocations`], the [`EventBus`] and
-//! the [`Metrics`]. `Services` only holds them with what they share (configuration, clock,
-//! where the anchor is reachable) and the task tracker that owns every task the drivers
-//! spawn.
+//! audit), [`NodeTable`] (the one record of each node), [`Invocations`], the [`EventBus`],
+//! the [`History`] of each device and the [`Metrics`]. `Services` only holds them with what
+//! they share (configuration, clock, where the anchor is reachable) and the task tracker that
+//! owns every task the drivers spawn.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,6 +18,7 @@ use crate::admission::Limiter;
 use crate::clock::Clock;
 use crate::config::AnchorConfig;
 use crate::events::EventBus;
+use crate::history::History;
 use crate::invocations::Invocations;
 use crate::metrics::Metrics;
 use crate::nodes::NodeTable;
@@ -45,6 +46,8 @@ pub struct Services {
     pub events: Arc<EventBus>,
     /// Counters and histograms.
     pub metrics: Arc<Metrics>,
+    /// Each device's link and presence over the last hours.
+    pub history: History,
     /// The anchor's TLS certificate, renewed in place.
     pub server_cert: Arc<ServerCertResolver>,
     /// Owns every task spawned for the anchor.
@@ -89,6 +92,7 @@ impl Services {
         writer: Writer,
         unfinished_batches: Vec<BatchRecord>,
         instance_id: String,
+        history: History,
     ) -> Services {
         let mesh = crate::mesh::Mesh::new(config.relay_limits, clock, &metrics);
         Services {
@@ -102,6 +106,7 @@ impl Services {
             invocations,
             events,
             metrics,
+            history,
             server_cert,
             writer,
             unfinished_batches: Mutex::new(unfinished_batches),

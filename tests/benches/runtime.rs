@@ -1091,6 +1091,7 @@ async fn batch_scenario(
             input: serde_json::Value::Null,
             timeout_ms: Some(60_000),
             max_concurrency: None,
+            devices: None,
         })
         .await
         .unwrap();

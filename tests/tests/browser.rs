@@ -9,7 +9,10 @@
 //! succeeds, the one never started times out) and find it in the batches list, revoke the second
 //! node and see it go `revoked`, create a read-only token and check what it hides, revoke that
 //! token, create a token limited to a selector and capabilities with an expiry and see its
-//! limits, expiry and last use listed. Along the
+//! limits, expiry and last use listed; pair and run a third node, stop it and see it offline on
+//! top of the inventory (problems first), sort by a column and reverse it, read a device's
+//! history charts (points, a presence timeline), filter the audit log, and invoke on two ticked
+//! rows (a batch of those two). Along the
 //! way: no token in a URL, no CSP violation, no request to another origin, no horizontal
 //! overflow on a phone-sized window. The inventory's screenshot goes to
 //! `docs/console-inventory.png` when `ANCHORAGE_UPDATE_SCREENSHOT` is set (else in the temp dir).
@@ -227,6 +230,20 @@ async fn web_console_in_a_headless_browser() {
     tokens_and_permissions(&wd, &client, &console, &owner_token).await;
     step("a scoped token with an expiry");
     scoped_token(&wd, &console).await;
+    step("a third node, run then stopped: offline and first; sortable columns");
+    let node3_dir = tmp.path().join("node3");
+    let node3 = pair_with_client(&client, &quic, &node3_dir, "web-node-zed", tmp.path()).await;
+    let node3_run = Proc::spawn(
+        "anchor-node run (three)",
+        command(&bins().anchor_node, tmp.path()).args(["run", "--state-dir", path_str(&node3_dir)]),
+    );
+    problems_first_and_sorting(&wd, &node1, &node3, &node3_run).await;
+    step("a device's history charts");
+    history_charts(&wd, &node1).await;
+    step("the audit log, filtered");
+    audit_view(&wd, &node3).await;
+    step("invoke on two selected rows");
+    bulk_invoke(&wd, &node1, &node3).await;
     step("restart the anchor: the page reconnects");
     let _anchor = restart_anchor(
         &wd,
@@ -257,17 +274,242 @@ async fn web_console_in_a_headless_browser() {
 // ---------------------------------------------------------------------------------------------
 // Steps
 
-/// Starts `anchord` (with a short heartbeat, so presence shows quickly, and JSON logs) and
+/// Starts `anchord` (with a short heartbeat, so presence shows quickly, a history sample every
+/// second, and JSON logs) and
 /// waits for its `anchor ready` log line.
 async fn start_anchor(data_dir: &Path, listen: &str, console: &str, cwd: &Path) -> Anchord {
     Anchord::start_async(
         data_dir,
         listen,
         console,
-        &["--heartbeat-interval", "1s", "--log-format", "json"],
+        &[
+            "--heartbeat-interval",
+            "1s",
+            "--log-format",
+            "json",
+            // The hidden test switch: a history sample a second, so charts fill quickly.
+            "--history-interval",
+            "1s",
+        ],
         cwd,
     )
     .await
+}
+
+/// The inventory's row order, top to bottom (device ids).
+const ROW_ORDER: &str =
+    "return [...document.querySelectorAll('#inventory tbody tr')].map((r) => r.dataset.deviceId)";
+
+/// Problems first: a node that stopped shows offline on top although its name sorts last; a
+/// click on a header sorts by that column (an arrow and `aria-sort` say so), a second reverses.
+async fn problems_first_and_sorting(wd: &Page, node1: &NodeInfo, node3: &NodeInfo, run: &Proc) {
+    wd.click("[data-nav=inventory]").await;
+    let presence_of = "const r = document.querySelector(`#inventory tr[data-device-id=\"${arguments[0]}\"]`); \
+         const p = r && r.querySelector('[data-kind=presence]'); return p && p.textContent";
+    wd.wait_js_args(
+        "the third node online",
+        &format!("return ((() => {{ {presence_of} }})() === 'online') || null"),
+        json!([node3.device_id]),
+        &[("order", ROW_ORDER)],
+    )
+    .await;
+    run.terminate();
+    let order = wd
+        .wait_js_args(
+            "the stopped node offline, on top",
+            &format!(
+                "const p = (() => {{ {presence_of} }})(); \
+                 const rows = [...document.querySelectorAll('#inventory tbody tr')].map((r) => r.dataset.deviceId); \
+                 return (p === 'offline' && rows[0] === arguments[0]) ? rows : null"
+            ),
+            json!([node3.device_id]),
+            &[("order", ROW_ORDER)],
+        )
+        .await;
+    assert!(order.as_array().unwrap().len() >= 3, "{order}");
+    let unsorted = wd
+        .js(
+            "return [...document.querySelectorAll('#inventory th[data-sort]')].every((t) => t.getAttribute('aria-sort') === 'none')",
+            json!([]),
+        )
+        .await;
+    assert_eq!(unsorted, true, "no column is sorted by default");
+
+    let sorted = |dir: &str, first: &str| {
+        format!(
+            "const th = document.querySelector('#inventory th[data-sort=name]'); \
+             const rows = [...document.querySelectorAll('#inventory tbody tr')].map((r) => r.dataset.deviceId); \
+             return (th && th.getAttribute('aria-sort') === '{dir}' && rows[0] === '{first}') \
+               ? [th.textContent, rows] : null"
+        )
+    };
+    wd.click("#inventory th[data-sort=name] button").await;
+    let asc = wd
+        .wait_js_args(
+            "sorted by name, ascending",
+            &sorted("ascending", &node1.device_id),
+            json!([]),
+            &[("order", ROW_ORDER)],
+        )
+        .await;
+    assert!(asc[0].as_str().unwrap().contains('▲'), "{asc}");
+    assert_ne!(asc[1], order, "the order changed");
+    wd.click("#inventory th[data-sort=name] button").await;
+    let desc = wd
+        .wait_js_args(
+            "sorted by name, descending",
+            &sorted("descending", &node3.device_id),
+            json!([]),
+            &[("order", ROW_ORDER)],
+        )
+        .await;
+    assert!(desc[0].as_str().unwrap().contains('▼'), "{desc}");
+    wd.click("#sort-reset").await;
+    wd.wait_js(
+        "problems first again",
+        "return [...document.querySelectorAll('#inventory th[data-sort]')].every((t) => t.getAttribute('aria-sort') === 'none') || null",
+    )
+    .await;
+}
+
+/// The device page draws RTT, loss and heartbeat age over the last hours, with points, and a
+/// presence timeline.
+async fn history_charts(wd: &Page, node: &NodeInfo) {
+    wd.click(&format!(
+        "#inventory tr[data-device-id=\"{}\"] a.device-name",
+        node.device_id
+    ))
+    .await;
+    let points = wd
+        .wait_js_args(
+            "an RTT chart with points",
+            "const n = document.querySelectorAll('#history-rtt svg circle.pt').length; \
+             return (document.getElementById('device-id').textContent === arguments[0] && n >= 2) ? n : null",
+            json!([node.device_id]),
+            &[(
+                "history",
+                "const h = document.getElementById('device-history'); return h && h.innerText",
+            )],
+        )
+        .await;
+    assert!(points.as_u64().unwrap() >= 2, "{points}");
+    let other = wd
+        .js(
+            "return ['history-loss', 'history-heartbeat'].map((id) => document.querySelectorAll(`#${id} svg circle.pt`).length)",
+            json!([]),
+        )
+        .await;
+    assert!(
+        other
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n.as_u64().unwrap() >= 1),
+        "loss and heartbeat charts have points: {other}"
+    );
+    let timeline = wd
+        .js(
+            "return [document.querySelectorAll('#history-presence svg rect.band').length, \
+                     [...document.querySelectorAll('#history-presence li')].map((l) => l.dataset.presence)]",
+            json!([]),
+        )
+        .await;
+    assert!(timeline[0].as_u64().unwrap() >= 1, "{timeline}");
+    assert!(
+        timeline[1].as_array().unwrap().contains(&json!("online")),
+        "{timeline}"
+    );
+    wd.shot("device-history").await;
+}
+
+/// The audit tab lists the pairings; a filter narrows the list.
+async fn audit_view(wd: &Page, node: &NodeInfo) {
+    wd.click("[data-nav=audit]").await;
+    let rows =
+        "return [...document.querySelectorAll('#audit tbody tr')].map((r) => r.dataset.action)";
+    let all = wd
+        .wait_js_args(
+            "the pairings in the audit log",
+            "const rows = [...document.querySelectorAll('#audit tbody tr')].map((r) => r.dataset.action); \
+             return rows.filter((a) => a === 'pairing.approve').length >= 3 ? rows : null",
+            json!([]),
+            &[("rows", rows)],
+        )
+        .await;
+    let all = all.as_array().unwrap().len();
+    wd.type_into("#audit-action", "token.create").await;
+    let tokens = wd
+        .wait_js_args(
+            "only token creations",
+            "const rows = [...document.querySelectorAll('#audit tbody tr')].map((r) => r.dataset.action); \
+             return (rows.length && rows.every((a) => a === 'token.create')) ? rows : null",
+            json!([]),
+            &[("rows", rows)],
+        )
+        .await;
+    assert!(tokens.as_array().unwrap().len() < all, "{tokens}");
+    wd.click("#audit-clear").await;
+    // One device: its pairing (the approval's detail is the device id).
+    wd.type_into("#audit-target", &node.device_id).await;
+    let one = wd
+        .wait_js_args(
+            "the third node's entries",
+            "const rows = [...document.querySelectorAll('#audit tbody tr')].map((r) => r.dataset.action); \
+             return (rows.length && rows.length < arguments[0] && rows.includes('pairing.approve')) ? rows : null",
+            json!([all]),
+            &[("rows", rows)],
+        )
+        .await;
+    assert!(!one.as_array().unwrap().is_empty());
+    wd.click("#audit-clear").await;
+}
+
+/// Tick two rows, invoke on them: a batch of exactly those two.
+async fn bulk_invoke(wd: &Page, node1: &NodeInfo, node3: &NodeInfo) {
+    wd.click("[data-nav=inventory]").await;
+    for n in [node1, node3] {
+        let checkbox = format!(
+            "#inventory tr[data-device-id=\"{}\"] input[data-select]",
+            n.device_id
+        );
+        wd.wait_js_args(
+            "a row's checkbox",
+            "return !!document.querySelector(arguments[0]) || null",
+            json!([checkbox]),
+            &[],
+        )
+        .await;
+        wd.click(&checkbox).await;
+    }
+    let count = wd
+        .wait_js(
+            "two rows selected",
+            "const b = document.getElementById('bulk-bar'); \
+             return (!b.hidden && document.getElementById('bulk-count').textContent === '2 selected') \
+               ? document.getElementById('bulk-invoke').textContent : null",
+        )
+        .await;
+    assert_eq!(count, "Invoke on selected");
+    wd.clear("#bulk-capability").await;
+    wd.type_into("#bulk-capability", "system.health").await;
+    wd.click("#bulk-invoke").await;
+    let devices = wd
+        .wait_js(
+            "the batch page with the two devices",
+            "const ids = [...document.querySelectorAll('#batch-invocations tr[data-device-id]')].map((r) => r.dataset.deviceId); \
+             return (location.hash.startsWith('#/batch/') && ids.length === 2) ? ids : null",
+        )
+        .await;
+    let devices = devices.as_array().unwrap();
+    assert!(devices.contains(&json!(node1.device_id)), "{devices:?}");
+    assert!(devices.contains(&json!(node3.device_id)), "{devices:?}");
+    let selected = wd
+        .js(
+            "return document.getElementById('bulk-bar').hidden",
+            json!([]),
+        )
+        .await;
+    assert_eq!(selected, true, "the selection is cleared after the batch");
 }
 
 async fn sign_in(wd: &Page, console: &str, token: &str) {

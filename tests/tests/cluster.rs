@@ -503,6 +503,7 @@ async fn every_anchor_shows_dispatches_to_and_revokes_the_nodes_of_the_others() 
             input: serde_json::Value::Null,
             timeout_ms: Some(20_000),
             max_concurrency: None,
+            devices: None,
         })
         .await
         .unwrap();

@@ -83,6 +83,7 @@ async fn labels_select_devices_survive_a_restart_are_audited_and_leave_with_the_
         .audit(AuditQuery {
             target: Some(camera_id.to_string()),
             limit: Some(10),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -199,6 +200,7 @@ async fn a_device_gets_its_codes_labels_and_the_approvers_when_approved() {
         .audit(AuditQuery {
             target: Some(paired.device_id.to_string()),
             limit: Some(20),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -245,6 +247,7 @@ fn batch_req(selector: &str, capability: &str, timeout_ms: u64) -> BatchRequest 
         input: serde_json::json!({ "hello": "fleet" }),
         timeout_ms: Some(timeout_ms),
         max_concurrency: None,
+        devices: None,
     }
 }
 

@@ -775,7 +775,14 @@ impl Ctx<'_> {
             }
             Command::Events(args) => self.events(!args.no_reconnect, shutdown).await,
             Command::Audit(AuditArgs { target, limit }) => {
-                let list = self.client.audit(AuditQuery { target, limit }).await?;
+                let list = self
+                    .client
+                    .audit(AuditQuery {
+                        target,
+                        limit,
+                        ..Default::default()
+                    })
+                    .await?;
                 self.emit(&list, |now| human_audit(&list, now))
             }
             Command::Nodes | Command::Node(NodeCommand::List) => {
@@ -1076,6 +1083,7 @@ impl Ctx<'_> {
                 input,
                 timeout_ms,
                 max_concurrency: args.max_concurrency,
+                devices: None,
             })
             .await?;
         if !args.async_ && !batch.info.done {

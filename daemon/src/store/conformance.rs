@@ -40,6 +40,7 @@ macro_rules! __store_conformance_suite {
             token_limits_and_uses_are_kept_and_watched,
             the_writer_keeps_order_and_barriers_wait,
             the_policy_is_versioned_kept_and_watched,
+            history_is_kept_in_order_trimmed_and_forgotten,
         );
     };
     (@each $make:path; $($check:ident),* $(,)?) => {
@@ -755,4 +756,83 @@ pub fn the_policy_is_versioned_kept_and_watched(b: &dyn Backend) {
         Some(total - POLICY_HISTORY as u64 + 1)
     );
     assert_eq!(s.trust.policy().unwrap().unwrap().version, total);
+}
+
+fn history_sample(at_ms: u64, rtt_ms: f64) -> HistoryEntry {
+    HistoryEntry::Sample(HistorySample {
+        at_ms,
+        rtt_ms: Some(rtt_ms),
+        loss: Some(0.25),
+        heartbeat_age_ms: Some(900),
+        presence: anchorage_wire::Presence::Online,
+    })
+}
+
+/// History entries load by device then time (whatever order they were written in), one of the
+/// same time and kind replaces the other, a removal removes exactly one entry, and forgetting
+/// a device removes all of its history and nothing of another's.
+pub fn history_is_kept_in_order_trimmed_and_forgotten(b: &dyn Backend) {
+    let offline = HistoryEntry::Presence {
+        at_ms: 20,
+        presence: anchorage_wire::Presence::Offline,
+    };
+    {
+        let s = open(b);
+        s.runtime
+            .apply(&[
+                RuntimeWrite::History(device(2), history_sample(5, 1.0)),
+                RuntimeWrite::History(device(1), history_sample(30, 3.0)),
+                RuntimeWrite::History(device(1), history_sample(10, 1.0)),
+                RuntimeWrite::History(device(1), offline),
+                RuntimeWrite::History(device(1), history_sample(20, 2.0)),
+                // The same time and kind: replaces.
+                RuntimeWrite::History(device(1), history_sample(10, 1.5)),
+            ])
+            .unwrap();
+    }
+    {
+        let s = open(b);
+        let snap = s.runtime.load().unwrap();
+        let d1: Vec<HistoryEntry> = snap
+            .history
+            .iter()
+            .filter(|(d, _)| *d == device(1))
+            .map(|(_, e)| *e)
+            .collect();
+        assert_eq!(
+            d1,
+            vec![
+                history_sample(10, 1.5),
+                history_sample(20, 2.0),
+                offline,
+                history_sample(30, 3.0),
+            ]
+        );
+        s.runtime
+            .apply(&[
+                RuntimeWrite::HistoryRemove(device(1), history_sample(10, 1.5)),
+                RuntimeWrite::HistoryRemove(device(1), offline),
+            ])
+            .unwrap();
+    }
+    {
+        let s = open(b);
+        let snap = s.runtime.load().unwrap();
+        assert_eq!(
+            snap.history,
+            vec![
+                (device(1), history_sample(20, 2.0)),
+                (device(1), history_sample(30, 3.0)),
+                (device(2), history_sample(5, 1.0)),
+            ]
+        );
+        s.runtime
+            .apply(&[RuntimeWrite::HistoryForget(device(1))])
+            .unwrap();
+    }
+    let s = open(b);
+    assert_eq!(
+        s.runtime.load().unwrap().history,
+        vec![(device(2), history_sample(5, 1.0))]
+    );
 }

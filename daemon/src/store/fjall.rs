@@ -147,6 +147,15 @@ impl Kv for FjallKv {
         Ok(out)
     }
 
+    fn scan_prefix(&self, space: Space, prefix: &[u8]) -> Result<Vec<KvPair>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.ks(space).inner().prefix(prefix) {
+            let (k, v) = guard.into_inner().map_err(backend)?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn newest(
         &self,
         space: Space,

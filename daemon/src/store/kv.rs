@@ -59,11 +59,14 @@ pub enum Space {
     /// Versions of the mesh policy, by version (8 bytes, big-endian: oldest first); which is
     /// in force is [`POLICY_VERSION_KEY`] in [`Space::Meta`].
     Policy,
+    /// Each device's history: device id + time (8 bytes, big-endian) + kind (0 a sample, 1 a
+    /// presence change), so one device's entries are one key range, oldest first.
+    History,
 }
 
 impl Space {
     /// Every space, in a fixed order.
-    pub const ALL: [Space; 17] = [
+    pub const ALL: [Space; 18] = [
         Space::Meta,
         Space::Codes,
         Space::Requests,
@@ -81,6 +84,7 @@ impl Space {
         Space::Sessions,
         Space::Pending,
         Space::Policy,
+        Space::History,
     ];
 
     /// Its name (fjall keyspace, etcd key segment, error messages).
@@ -103,6 +107,7 @@ impl Space {
             Space::Sessions => "sessions",
             Space::Pending => "pending",
             Space::Policy => "policy",
+            Space::History => "history",
         }
     }
 
@@ -394,6 +399,15 @@ pub const POLICY_VERSION_KEY: &[u8] = b"policy_version";
 /// The key of a policy version.
 fn policy_key(version: u64) -> [u8; 8] {
     version.to_be_bytes()
+}
+
+/// The key of a history entry: device id, time (big-endian), kind.
+pub fn history_key(device: &DeviceId, entry: &HistoryEntry) -> Vec<u8> {
+    let mut key = Vec::with_capacity(DEVICE_ID_LEN + 9);
+    key.extend_from_slice(device.as_bytes());
+    key.extend_from_slice(&entry.at_ms().to_be_bytes());
+    key.push(entry.kind());
+    key
 }
 
 /// The key of a revocation.
@@ -730,7 +744,16 @@ impl<K: Kv> RuntimeStore for KvStore<K> {
         } else {
             Vec::new()
         };
+        let history = self
+            .scan::<HistoryEntry>(Space::History)?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let id = <[u8; DEVICE_ID_LEN]>::try_from(k.get(..DEVICE_ID_LEN)?).ok()?;
+                Some((DeviceId::from_bytes(id), v))
+            })
+            .collect();
         Ok(RuntimeSnapshot {
+            history,
             nodes: self.values(Space::Nodes)?,
             presence,
             unfinished,
@@ -785,6 +808,21 @@ impl<K: Kv> RuntimeStore for KvStore<K> {
                             None => None,
                         };
                         out.push((Space::Sessions, id.as_bytes().to_vec(), value));
+                    }
+                    continue;
+                }
+                RuntimeWrite::History(id, entry) => (
+                    Space::History,
+                    history_key(id, entry),
+                    encode(Space::History.name(), entry)?,
+                ),
+                RuntimeWrite::HistoryRemove(id, entry) => {
+                    out.push((Space::History, history_key(id, entry), None));
+                    continue;
+                }
+                RuntimeWrite::HistoryForget(id) => {
+                    for (key, _) in self.kv.scan_prefix(Space::History, id.as_bytes())? {
+                        out.push((Space::History, key, None));
                     }
                     continue;
                 }

@@ -12,7 +12,8 @@
 //!   in-memory mirrors (tokens, the revocation set) refresh from the store instead of being
 //!   patched by hand, whichever anchor made the change.
 //! - [`RuntimeStore`]: node registrations, last-seen times (written in batches), invocations
-//!   and their pruning. Writes go through the ordered [`Writer`], which batches them and
+//!   and their pruning, each device's history (samples and presence changes). Writes go
+//!   through the ordered [`Writer`], which batches them and
 //!   commits on the blocking pool; a [`Writer::barrier`] resolves once every write queued
 //!   before it is on disk (flushed to the OS, which survives `kill -9`).
 //!
@@ -293,6 +294,8 @@ pub struct RuntimeSnapshot {
     pub token_use: Vec<(String, u64)>,
     /// Who holds each node's session (a shared store only: the other anchors of the cluster).
     pub sessions: Vec<(DeviceId, SessionRecord)>,
+    /// Every device's history entries, by device, oldest first.
+    pub history: Vec<(DeviceId, HistoryEntry)>,
 }
 
 /// One write of runtime state.
@@ -312,6 +315,12 @@ pub enum RuntimeWrite {
     /// longer does (`None`: removed only if it is still this anchor's). A store only this
     /// anchor uses keeps no sessions.
     Session(DeviceId, Option<SessionRecord>),
+    /// Adds an entry to a device's history (one of the same time and kind is replaced).
+    History(DeviceId, HistoryEntry),
+    /// Removes that entry (by its device, time and kind) from the device's history.
+    HistoryRemove(DeviceId, HistoryEntry),
+    /// Removes the device's whole history (it was removed).
+    HistoryForget(DeviceId),
 }
 
 /// A change of runtime state committed by another anchor sharing the store.
