@@ -384,7 +384,8 @@ async fn history_charts(wd: &Page, node: &NodeInfo) {
         .wait_js_args(
             "an RTT chart with points",
             "const n = document.querySelectorAll('#history-rtt svg circle.pt').length; \
-             return (document.getElementById('device-id').textContent === arguments[0] && n >= 2) ? n : null",
+             const id = document.getElementById('device-id'); \
+             return (id && id.textContent === arguments[0] && n >= 2) ? n : null",
             json!([node.device_id]),
             &[(
                 "history",
