@@ -403,8 +403,9 @@ fn a_context_with_an_https_url_token_file_and_ca_file_is_all_anchorctl_needs() {
         unknown.stderr
     );
 
-    let used = ctl(&["context", "use", "local"]);
+    let used = ctl(&["context", "use", "local", "--json"]);
     assert_eq!(used.code(), Some(0), "{}", used.stderr);
+    assert_eq!(used.json()["current_context"], "local");
     let removed = ctl(&["context", "remove", "local"]);
     assert_eq!(removed.code(), Some(0), "{}", removed.stderr);
     let list = ctl(&["context", "list", "--json"]).json();
