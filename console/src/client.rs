@@ -715,13 +715,9 @@ fn error_of(status: StatusCode, body: &[u8]) -> ClientError {
 fn transport_error(e: reqwest::Error) -> ClientError {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(err) = next {
-        // hyper-rustls hands rustls' error up inside an io::Error, whose `source` skips it.
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(tls @ rustls::Error::InvalidCertificate(_)) = tls {
+        if let Some(tls @ rustls::Error::InvalidCertificate(_)) =
+            err.downcast_ref::<rustls::Error>()
+        {
             let url = e
                 .url()
                 .map(|u| format!("{}://{}", u.scheme(), u.authority()))
@@ -732,7 +728,14 @@ fn transport_error(e: reqwest::Error) -> ClientError {
                  host one of the names the certificate is for?"
             ));
         }
-        next = err.source();
+        // rustls' error comes up inside an io::Error, whose `source` skips what it wraps.
+        next = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
     }
     ClientError::Http(e)
 }

@@ -477,6 +477,46 @@ mod tests {
     }
 
     #[test]
+    fn the_toml_keys_and_the_flags_pair_up() {
+        use crate::config::{AnchorFlags, FileConfig};
+        let file: FileConfig =
+            toml::from_str("console_tls = true\nconsole_names = [\"a.example\", \"10.0.0.5\"]")
+                .unwrap();
+        let ConsoleTls::AnchorCa { names } = file.clone().validate().unwrap().console_tls else {
+            panic!("anchor CA expected");
+        };
+        assert_eq!(names.len(), 2);
+        // A flag's names replace the file's.
+        let flags = AnchorFlags {
+            console_name: vec!["b.example".into()],
+            ..Default::default()
+        };
+        let ConsoleTls::AnchorCa { names } = flags.over(file).validate().unwrap().console_tls
+        else {
+            panic!("anchor CA expected");
+        };
+        assert_eq!(names, [ConsoleName::Dns("b.example".into())]);
+        let flags = AnchorFlags {
+            console_tls: true,
+            ..Default::default()
+        };
+        assert!(
+            flags
+                .over(FileConfig::default())
+                .validate()
+                .unwrap()
+                .console_tls
+                .is_on()
+        );
+        let err = toml::from_str::<FileConfig>("console_cert = \"/c\"\nconsole_tls = false")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("console_key"), "{err}");
+    }
+
+    #[test]
     fn an_own_certificate_is_read_and_its_key_checked() {
         let dir = tempfile::tempdir().unwrap();
         let make = |name: &str| {

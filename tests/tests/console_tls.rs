@@ -109,7 +109,12 @@ async fn anchorctl_lists_the_inventory_over_https_with_the_anchor_ca_and_refuses
 
     // Another anchor's CA: the certificate does not verify.
     let other = tempfile::tempdir().unwrap();
-    let other_anchor = anchor_with(other.path(), ConsoleTls::Off).await;
+    let localhost_only = ["localhost".to_string()];
+    let other_anchor = anchor_with(
+        other.path(),
+        console_tls::settings(Some(true), Some(&localhost_only), None, None).unwrap(),
+    )
+    .await;
     let other_ca = other.path().join("data/ca.pem");
     let err = anchorctl(&[
         "--url",
@@ -126,18 +131,19 @@ async fn anchorctl_lists_the_inventory_over_https_with_the_anchor_ca_and_refuses
     assert!(err.message.contains("does not verify"), "{err}");
     assert!(err.message.contains(&url), "{err}");
 
-    // A name the certificate is not for (the default names are localhost, 127.0.0.1, ::1).
-    let client = ControlPlaneClient::with_ca(
-        &format!("https://127.0.0.2:{}", running.console_addr.port()),
-        &token,
-        Some(&CaCertificates::from_pem(&std::fs::read(ca).unwrap()).unwrap()),
-    )
-    .unwrap();
-    let err = client.inventory().await.unwrap_err();
-    // 127.0.0.2 may not be routable everywhere; where it is, the name must be refused.
-    if !matches!(err, ClientError::Http(_)) {
-        assert!(matches!(err, ClientError::Certificate(_)), "{err}");
-    }
+    // A host the certificate is not for: the other anchor's is for localhost only.
+    let other_ca = CaCertificates::from_pem(other_anchor.anchor.ca_pem().as_bytes()).unwrap();
+    let other_token = other_anchor.anchor.owner_token().unwrap();
+    let by_name =
+        ControlPlaneClient::with_ca(&localhost_url(&other_anchor), &other_token, Some(&other_ca))
+            .unwrap();
+    assert!(by_name.inventory().await.is_ok());
+    let by_ip =
+        ControlPlaneClient::with_ca(&other_anchor.console_url(), &other_token, Some(&other_ca))
+            .unwrap();
+    let err = by_ip.inventory().await.unwrap_err();
+    assert!(matches!(err, ClientError::Certificate(_)), "{err}");
+    assert!(err.to_string().contains("not valid for name"), "{err}");
 
     // Plain HTTP to the TLS console gets no answer from the API.
     let plain = ControlPlaneClient::new(
@@ -351,7 +357,15 @@ fn a_context_with_an_https_url_token_file_and_ca_file_is_all_anchorctl_needs() {
         let mode = std::fs::metadata(&config).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let other = ctl(&["context", "add", "local", "--url", "http://127.0.0.1:1"]);
+    let other = ctl(&[
+        "context",
+        "add",
+        "local",
+        "--url",
+        "http://127.0.0.1:1",
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
     assert_eq!(other.code(), Some(0), "{}", other.stderr);
 
     let inventory = ctl(&["inventory", "--json"]);
@@ -389,8 +403,9 @@ fn a_context_with_an_https_url_token_file_and_ca_file_is_all_anchorctl_needs() {
         unknown.stderr
     );
 
-    let used = ctl(&["context", "use", "local"]);
+    let used = ctl(&["context", "use", "local", "--json"]);
     assert_eq!(used.code(), Some(0), "{}", used.stderr);
+    assert_eq!(used.json()["current_context"], "local");
     let removed = ctl(&["context", "remove", "local"]);
     assert_eq!(removed.code(), Some(0), "{}", removed.stderr);
     let list = ctl(&["context", "list", "--json"]).json();

@@ -474,7 +474,22 @@ struct Listed<'a> {
     current: bool,
 }
 
-/// Runs `anchorctl context ...` (no console involved).
+fn listed(file: &ConfigFile) -> Vec<Listed<'_>> {
+    let current = file.current_context.as_deref();
+    file.contexts
+        .iter()
+        .map(|(name, c)| Listed {
+            name,
+            url: &c.url,
+            token_file: c.token_file.as_deref(),
+            ca_file: c.ca_file.as_deref(),
+            current: current == Some(name.as_str()),
+        })
+        .collect()
+}
+
+/// Runs `anchorctl context ...` (no console involved). With `--json` each prints the
+/// resulting list, as `context list --json` does.
 pub fn run(
     cli: &super::Cli,
     command: &ContextCommand,
@@ -557,30 +572,8 @@ pub fn run(
             format!("removed context {name}\n")
         }
         ContextCommand::List => {
-            let current = file.current_context.as_deref();
-            let listed: Vec<Listed<'_>> = file
-                .contexts
-                .iter()
-                .map(|(name, c)| Listed {
-                    name,
-                    url: &c.url,
-                    token_file: c.token_file.as_deref(),
-                    ca_file: c.ca_file.as_deref(),
-                    current: current == Some(name.as_str()),
-                })
-                .collect();
-            if cli.json {
-                let doc = serde_json::json!({
-                    "config": path,
-                    "current_context": current,
-                    "contexts": listed,
-                });
-                let mut text = serde_json::to_string_pretty(&doc).map_err(|e| {
-                    CliError::new(exit::FAILURE, "output", format!("cannot encode JSON: {e}"))
-                })?;
-                text.push('\n');
-                text
-            } else if listed.is_empty() {
+            let listed = listed(&file);
+            if listed.is_empty() {
                 format!(
                     "no contexts in {} (add one: anchorctl context add NAME --url URL)\n",
                     path.display()
@@ -601,6 +594,21 @@ pub fn run(
                 table.render()
             }
         }
+    };
+    // Every context command prints the resulting list with --json.
+    let text = if cli.json {
+        let doc = serde_json::json!({
+            "config": path,
+            "current_context": file.current_context,
+            "contexts": listed(&file),
+        });
+        let mut text = serde_json::to_string_pretty(&doc).map_err(|e| {
+            CliError::new(exit::FAILURE, "output", format!("cannot encode JSON: {e}"))
+        })?;
+        text.push('\n');
+        text
+    } else {
+        text
     };
     out.write_all(text.as_bytes())
         .map_err(|e| CliError::new(exit::FAILURE, "output", format!("cannot write output: {e}")))
