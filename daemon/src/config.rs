@@ -88,6 +88,12 @@ pub struct FileConfig {
     pub etcd_prefix: Option<String>,
     /// The cluster key every anchor of the cluster is given (created if missing).
     pub cluster_key_file: Option<PathBuf>,
+
+    // Metrics (docs/operations.md, "Metrics").
+    /// Address of a separate listener serving `/metrics` without a token (none by default).
+    pub metrics_listen: Option<String>,
+    /// Per-node round-trip and heartbeat-loss gauges (off by default).
+    pub metrics_per_node: Option<bool>,
 }
 
 /// The flags `anchord` (and `anchord demo`) take over the TOML file: each one given wins
@@ -148,6 +154,12 @@ pub struct AnchorFlags {
     /// (mode 0600) if it does not exist (with --store etcd).
     #[arg(long, global = true, value_name = "FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// Serve `/metrics` without a token on this TCP address too (e.g. 0.0.0.0:9464)
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Export per-node round-trip time and heartbeat loss (one series per live node)
+    #[arg(long, global = true)]
+    pub metrics_per_node: bool,
 }
 
 impl AnchorFlags {
@@ -176,6 +188,11 @@ impl AnchorFlags {
             etcd_endpoints: self.etcd_endpoints.clone().or(file.etcd_endpoints),
             etcd_prefix: self.etcd_prefix.clone().or(file.etcd_prefix),
             cluster_key_file: self.cluster_key_file.clone().or(file.cluster_key_file),
+            metrics_listen: self.metrics_listen.clone().or(file.metrics_listen),
+            metrics_per_node: self
+                .metrics_per_node
+                .then_some(true)
+                .or(file.metrics_per_node),
             relay_node_bytes_per_sec: self
                 .relay_node_bytes_per_sec
                 .or(file.relay_node_bytes_per_sec),
@@ -283,6 +300,17 @@ pub struct AnchorConfig {
     pub store: StoreChoice,
     /// The relay's bandwidth bounds.
     pub relay_limits: RelayLimits,
+    /// What the metrics export, and where else.
+    pub metrics: MetricsConfig,
+}
+
+/// The metrics' settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// A separate listener serving `/metrics` without a token.
+    pub listen: Option<SocketAddr>,
+    /// Per-node round-trip and heartbeat-loss gauges.
+    pub per_node: bool,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -318,6 +346,7 @@ impl FileConfig {
         let console_serve = console_serve_options(&self)?;
         let store = store_choice(&self)?;
         let relay_limits = relay_limits(&self)?;
+        let metrics = metrics_config(&self)?;
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let s = v.unwrap_or_else(|| default.to_string());
             s.parse::<SocketAddr>().map_err(|_| {
@@ -464,6 +493,7 @@ impl FileConfig {
             console_serve,
             store,
             relay_limits,
+            metrics,
         })
     }
 }
@@ -570,6 +600,23 @@ impl Default for RelayLimits {
             total_bytes_per_sec: DEFAULT_RELAY_TOTAL_BYTES_PER_SEC,
         }
     }
+}
+
+/// The `metrics_*` keys, validated.
+fn metrics_config(file: &FileConfig) -> Result<MetricsConfig, ConfigError> {
+    let listen = match &file.metrics_listen {
+        None => None,
+        Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
+            ConfigError::invalid(
+                "metrics_listen",
+                format!("{s:?} is not an address like 127.0.0.1:9464"),
+            )
+        })?),
+    };
+    Ok(MetricsConfig {
+        listen,
+        per_node: file.metrics_per_node.unwrap_or(false),
+    })
 }
 
 fn relay_limits(file: &FileConfig) -> Result<RelayLimits, ConfigError> {
