@@ -739,6 +739,31 @@ mod tests {
     }
 
     #[test]
+    fn metrics_keys_are_read_checked_and_overridden_by_flags() {
+        let c = FileConfig::default().validate().unwrap();
+        assert_eq!(c.metrics, MetricsConfig::default());
+        let file = toml::from_str::<FileConfig>(
+            "metrics_listen = \"127.0.0.1:9464\"\nmetrics_per_node = true",
+        )
+        .unwrap();
+        let c = file.clone().validate().unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(c.metrics.per_node);
+        let flags = AnchorFlags {
+            metrics_listen: Some("0.0.0.0:9100".into()),
+            ..AnchorFlags::default()
+        };
+        let c = flags.over(file).validate().unwrap();
+        assert_eq!(c.metrics.listen, Some("0.0.0.0:9100".parse().unwrap()));
+        assert!(c.metrics.per_node, "the file's key stands without the flag");
+        let err = toml::from_str::<FileConfig>("metrics_listen = \"9464\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("metrics_listen"), "{err}");
+    }
+
+    #[test]
     fn relay_keys_are_read_and_checked() {
         let c = FileConfig::default().validate().unwrap();
         assert_eq!(c.relay_limits, RelayLimits::default());

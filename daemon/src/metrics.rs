@@ -913,6 +913,79 @@ mod tests {
         }
         assert!(text.contains("anchorage_up{version=\""));
         assert!(text.trim_end().ends_with("# EOF"));
+        // Prometheus text names counter families with their `_total`, and has no `# EOF`.
+        let text = m.encode(&Snapshot::default(), MetricsFormat::Prometheus);
+        assert!(
+            text.lines()
+                .any(|l| l == "# TYPE anchorage_heartbeats_received_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "anchorage_heartbeats_received_total 5")
+        );
+        assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn an_invocation_counts_once_whatever_its_path() {
+        let m = Metrics::new();
+        m.capability_reported("echo");
+        m.invocation_started("echo");
+        m.invocation("succeeded", "echo");
+        m.invocation("rejected", "nope");
+        let text = m.encode(&Snapshot::default(), MetricsFormat::Prometheus);
+        let total = |prefix: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        assert_eq!(total("anchorage_invocations_total{"), 2.0);
+        assert_eq!(total("anchorage_invocations_started_total{"), 1.0);
+    }
+
+    #[test]
+    fn per_node_series_follow_the_live_nodes_and_the_earliest_expiry_may_be_absent() {
+        let m = Metrics::new();
+        let node = |id: &str| NodeSample {
+            device_id: id.into(),
+            name: format!("n-{id}"),
+            rtt_secs: 0.02,
+            heartbeat_loss: Some(0.5),
+        };
+        let text = m.encode(
+            &Snapshot {
+                per_node: vec![node("a"), node("b")],
+                node_cert_expiry_earliest_secs: Some(1_900_000_000),
+                ..Default::default()
+            },
+            MetricsFormat::Prometheus,
+        );
+        assert!(
+            text.lines()
+                .any(|l| l
+                    == "anchorage_node_heartbeat_loss_ratio{device_id=\"b\",name=\"n-b\"} 0.5"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "anchorage_node_cert_expiry_earliest_timestamp_seconds 1900000000"),
+            "{text}"
+        );
+        let text = m.encode(
+            &Snapshot {
+                per_node: vec![node("a")],
+                ..Default::default()
+            },
+            MetricsFormat::Prometheus,
+        );
+        assert!(!text.contains("device_id=\"b\""), "{text}");
+        assert!(text.contains("device_id=\"a\""), "{text}");
+        assert!(
+            !text.contains("anchorage_node_cert_expiry_earliest_timestamp_seconds "),
+            "{text}"
+        );
     }
 
     #[test]
