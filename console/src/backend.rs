@@ -12,6 +12,7 @@ use tokio::sync::broadcast;
 
 use crate::api::*;
 use crate::error::ApiError;
+use crate::metrics_layer::{HttpObservation, MetricsFormat};
 
 /// Result of a backend call.
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -201,8 +202,13 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     // Operations
-    /// Prometheus text exposition of the anchor's metrics.
-    fn metrics(&self) -> impl Future<Output = String> + Send;
+    /// The exposition of the anchor's metrics in `format`.
+    fn metrics(&self, format: MetricsFormat) -> impl Future<Output = String> + Send;
+    /// Counts one answered console request (the router's metrics middleware calls it for
+    /// every request; it must be cheap and must not block). Default: not counted.
+    fn http_request(&self, request: &HttpObservation<'_>) {
+        let _ = request;
+    }
     /// Whether the anchor is ready to serve (store open, endpoint bound).
     fn ready(&self) -> bool;
     /// Renders `text` as a QR code SVG (for the web page's pairing view).

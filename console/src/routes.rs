@@ -46,6 +46,7 @@ use tracing::{Instrument, debug, error, field, info_span, warn};
 use crate::api::*;
 use crate::backend::Backend;
 use crate::error::{ApiError, SetPolicyError};
+use crate::metrics_layer::MetricsFormat;
 
 mod policy;
 
@@ -71,8 +72,8 @@ pub const STREAM_CLOSED: &str = "stream.closed";
 /// Longest text `GET /console/v1/qr` renders (a pairing URI is far shorter).
 pub const MAX_QR_TEXT: usize = 2048;
 
-/// Content type of `/metrics` (Prometheus text exposition format).
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Content type of `/metrics` unless OpenMetrics is asked for (Prometheus text format 0.0.4).
+pub const METRICS_CONTENT_TYPE: &str = crate::metrics_layer::PROMETHEUS_CONTENT_TYPE;
 
 /// Options of [`router_with_options`].
 #[derive(Debug, Clone, Default)]
@@ -134,6 +135,10 @@ pub fn router_with_options<B: Backend>(backend: Arc<B>, options: RouterOptions) 
         // After every route: applies to the routes registered so far.
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.backend.clone(),
+            crate::metrics_layer::record::<B>,
+        ))
         .layer(middleware::from_fn(request_span))
         .with_state(state)
 }
@@ -1346,18 +1351,17 @@ async fn qr<B: Backend>(
 async fn metrics<B: Backend>(
     State(st): State<AppState<B>>,
     auth: Auth,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let who = require(&auth, Permission::ObservabilityRead)?;
     refuse_scoped(who, "/metrics")?;
-    Ok(metrics_response(st.backend.metrics().await))
+    Ok(metrics_public(State(st), headers).await)
 }
 
-async fn metrics_public<B: Backend>(State(st): State<AppState<B>>) -> Response {
-    metrics_response(st.backend.metrics().await)
-}
-
-fn metrics_response(text: String) -> Response {
-    ([(CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
+/// `/metrics` in the format the `Accept` header asks for (see [`MetricsFormat::negotiate`]).
+async fn metrics_public<B: Backend>(State(st): State<AppState<B>>, headers: HeaderMap) -> Response {
+    let format = MetricsFormat::negotiate(&headers);
+    crate::metrics_layer::exposition(format, st.backend.metrics(format).await)
 }
 
 async fn healthz<B: Backend>(State(st): State<AppState<B>>) -> Response {

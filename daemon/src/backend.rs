@@ -812,11 +812,15 @@ impl Backend for AnchorBackend {
         })
     }
 
-    async fn metrics(&self) -> String {
+    async fn metrics(&self, format: anchorage_console::MetricsFormat) -> String {
         let s = self.services.clone();
-        tokio::task::spawn_blocking(move || crate::metrics_text(&s))
+        tokio::task::spawn_blocking(move || crate::metrics_text(&s, format))
             .await
             .unwrap_or_default()
+    }
+
+    fn http_request(&self, request: &anchorage_console::metrics_layer::HttpObservation<'_>) {
+        self.services.metrics.http_request(request);
     }
 
     fn ready(&self) -> bool {

@@ -104,6 +104,12 @@ pub struct FileConfig {
     /// `--history-interval` flag sets it, for tests; not a key of the file).
     #[serde(skip)]
     pub history_interval: Option<String>,
+
+    // Metrics (docs/operations.md, "Metrics").
+    /// Address of a separate listener serving `/metrics` without a token (none by default).
+    pub metrics_listen: Option<String>,
+    /// Per-node round-trip and heartbeat-loss gauges (off by default).
+    pub metrics_per_node: Option<bool>,
 }
 
 /// The flags `anchord` (and `anchord demo`) take over the TOML file: each one given wins
@@ -181,6 +187,12 @@ pub struct AnchorFlags {
     /// How often each node's link is sampled for its history (tests only). Default: 60s
     #[arg(long, global = true, hide = true, value_name = "DURATION")]
     pub history_interval: Option<String>,
+    /// Serve `/metrics` without a token on this TCP address too (e.g. 0.0.0.0:9464)
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Export per-node round-trip time and heartbeat loss (one series per live node)
+    #[arg(long, global = true)]
+    pub metrics_per_node: bool,
 }
 
 impl AnchorFlags {
@@ -209,6 +221,11 @@ impl AnchorFlags {
             etcd_endpoints: self.etcd_endpoints.clone().or(file.etcd_endpoints),
             etcd_prefix: self.etcd_prefix.clone().or(file.etcd_prefix),
             cluster_key_file: self.cluster_key_file.clone().or(file.cluster_key_file),
+            metrics_listen: self.metrics_listen.clone().or(file.metrics_listen),
+            metrics_per_node: self
+                .metrics_per_node
+                .then_some(true)
+                .or(file.metrics_per_node),
             relay_node_bytes_per_sec: self
                 .relay_node_bytes_per_sec
                 .or(file.relay_node_bytes_per_sec),
@@ -327,6 +344,17 @@ pub struct AnchorConfig {
     pub console_tls: crate::console_tls::ConsoleTls,
     /// How often devices are sampled for their history, and how much of it is kept.
     pub history: crate::history::HistoryLimits,
+    /// What the metrics export, and where else.
+    pub metrics: MetricsConfig,
+}
+
+/// The metrics' settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// A separate listener serving `/metrics` without a token.
+    pub listen: Option<SocketAddr>,
+    /// Per-node round-trip and heartbeat-loss gauges.
+    pub per_node: bool,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -368,6 +396,7 @@ impl FileConfig {
             self.console_cert.as_deref(),
             self.console_key.as_deref(),
         )?;
+        let metrics = metrics_config(&self)?;
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let s = v.unwrap_or_else(|| default.to_string());
             s.parse::<SocketAddr>().map_err(|_| {
@@ -532,6 +561,7 @@ impl FileConfig {
             store,
             relay_limits,
             console_tls,
+            metrics,
         })
     }
 }
@@ -638,6 +668,23 @@ impl Default for RelayLimits {
             total_bytes_per_sec: DEFAULT_RELAY_TOTAL_BYTES_PER_SEC,
         }
     }
+}
+
+/// The `metrics_*` keys, validated.
+fn metrics_config(file: &FileConfig) -> Result<MetricsConfig, ConfigError> {
+    let listen = match &file.metrics_listen {
+        None => None,
+        Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
+            ConfigError::invalid(
+                "metrics_listen",
+                format!("{s:?} is not an address like 127.0.0.1:9464"),
+            )
+        })?),
+    };
+    Ok(MetricsConfig {
+        listen,
+        per_node: file.metrics_per_node.unwrap_or(false),
+    })
 }
 
 fn relay_limits(file: &FileConfig) -> Result<RelayLimits, ConfigError> {
@@ -757,6 +804,31 @@ mod tests {
         assert_eq!(c.console_serve.idle_timeout, Duration::from_secs(5));
         assert_eq!(c.console_serve.max_connections, 512);
         assert_eq!(c.console_serve.max_connections_per_source, 128);
+    }
+
+    #[test]
+    fn metrics_keys_are_read_checked_and_overridden_by_flags() {
+        let c = FileConfig::default().validate().unwrap();
+        assert_eq!(c.metrics, MetricsConfig::default());
+        let file = toml::from_str::<FileConfig>(
+            "metrics_listen = \"127.0.0.1:9464\"\nmetrics_per_node = true",
+        )
+        .unwrap();
+        let c = file.clone().validate().unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(c.metrics.per_node);
+        let flags = AnchorFlags {
+            metrics_listen: Some("0.0.0.0:9100".into()),
+            ..AnchorFlags::default()
+        };
+        let c = flags.over(file).validate().unwrap();
+        assert_eq!(c.metrics.listen, Some("0.0.0.0:9100".parse().unwrap()));
+        assert!(c.metrics.per_node, "the file's key stands without the flag");
+        let err = toml::from_str::<FileConfig>("metrics_listen = \"9464\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("metrics_listen"), "{err}");
     }
 
     #[test]

@@ -66,7 +66,10 @@ pub struct Running {
     /// The bound console address.
     pub console_addr: SocketAddr,
     console_tls: bool,
+    /// The bound address of the separate metrics listener, when configured.
+    pub metrics_addr: Option<SocketAddr>,
     quic: JoinHandle<()>,
+    metrics_http: Option<JoinHandle<()>>,
     http: JoinHandle<()>,
     http_stop: tokio::sync::watch::Sender<bool>,
 }
@@ -84,6 +87,9 @@ impl Running {
         let _ = self.quic.await;
         let _ = self.http_stop.send(true);
         let _ = self.http.await;
+        if let Some(m) = self.metrics_http {
+            let _ = m.await;
+        }
     }
 }
 
@@ -128,6 +134,11 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
              --console-cert FILE --console-key FILE"
         );
     }
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(bind_console(addr).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     anchor.set_bound(Some(quic_addr), Some(console_addr));
     info!(
         quic = %quic_addr,
@@ -138,6 +149,17 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
     );
     let console_tls = tls.is_some();
     let (http, http_stop) = serve_console_with(&anchor, listener, tls);
+    let metrics_http = metrics_listener.map(|(listener, addr)| {
+        info!(metrics = %format!("http://{addr}/metrics"), "metrics listener ready");
+        let app = anchorage_console::metrics_layer::public_router(anchor.backend());
+        let options = anchor.services().config.console_serve.clone();
+        tokio::spawn(anchorage_console::serve(
+            listener,
+            app,
+            options,
+            http_stop.subscribe(),
+        ))
+    });
     let a = anchor.clone();
     let quic = tokio::spawn(async move { a.serve(endpoint).await });
     Ok(Running {
@@ -145,7 +167,9 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
         quic_addr,
         console_addr,
         console_tls,
+        metrics_addr,
         quic,
+        metrics_http,
         http,
         http_stop,
     })
@@ -235,32 +259,13 @@ fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, StartError> {
     Ok(socket.into())
 }
 
-/// The metrics exposition, with the state gauges read from the services (blocking: counts
-/// devices in the store).
-pub fn metrics_text(services: &services::Services) -> String {
-    let (nodes_by_presence, connected) = services.nodes.counts();
-    let (mut trusted, mut revoked) = (0, 0);
-    match services.trust.devices() {
-        Ok(devices) => {
-            for d in devices {
-                match d.trust {
-                    records::DeviceTrust::Trusted => trusted += 1,
-                    records::DeviceTrust::Revoked => revoked += 1,
-                }
-            }
-        }
-        Err(e) => warn!(error = %e, "counting devices for the metrics failed"),
-    }
-    services.metrics.encode(&metrics::Snapshot {
-        nodes_by_presence,
-        connected,
-        trusted,
-        revoked,
-        store_bytes: services.stores.runtime.disk_space(),
-        uptime_secs: services
-            .clock
-            .now_ms()
-            .saturating_sub(services.started_at_ms)
-            / 1000,
-    })
+/// The metrics exposition in `format`, with the state gauges read from the services
+/// (blocking: reads devices from the store).
+pub fn metrics_text(
+    services: &services::Services,
+    format: anchorage_console::MetricsFormat,
+) -> String {
+    services
+        .metrics
+        .encode(&metrics::snapshot(services), format)
 }

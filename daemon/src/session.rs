@@ -106,6 +106,8 @@ pub async fn serve(
                 return;
             }
         };
+        // In the QUIC counters from here until the session ends.
+        let _tracked = services.metrics.track_connection(&conn);
         if renewal_only {
             serve_renewal_only(&services, &conn, &mut tx, &mut rx, &cert).await;
             return;

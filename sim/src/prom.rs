@@ -1,5 +1,9 @@
-//! A strict parser of the Prometheus text exposition format (version 0.0.4), enough to check
-//! that `/metrics` is well formed and to read sample values.
+//! A strict parser of the Prometheus text exposition format (version 0.0.4) and of
+//! OpenMetrics text, enough to check that `/metrics` is well formed and to read sample values.
+//!
+//! Ours rather than `prometheus-parse`: that crate skips lines it cannot parse instead of
+//! failing on them (a test of well-formedness must fail), and brings regex, chrono and
+//! itertools for what is two hundred lines here.
 
 use std::collections::BTreeMap;
 
@@ -53,8 +57,33 @@ fn parse_value(v: &str) -> Result<f64, String> {
     }
 }
 
-/// Parses `text`, failing on the first malformed line.
+/// Which exposition format [`parse_as`] holds the text to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Either: counters may be declared with or without their `_total`, `# EOF` is a comment.
+    Any,
+    /// Prometheus text 0.0.4: every sample is named exactly as its family (or a histogram's
+    /// `_bucket`/`_sum`/`_count`), so counter families end in `_total`; no `# EOF`.
+    Prometheus,
+    /// OpenMetrics: counters are declared without `_total`, and the text ends with `# EOF`.
+    OpenMetrics,
+}
+
+/// Parses `text` in either format, failing on the first malformed line.
 pub fn parse(text: &str) -> Result<Exposition, String> {
+    parse_as(text, Format::Any)
+}
+
+/// Parses `text` held to `format`, failing on the first malformed line.
+pub fn parse_as(text: &str, format: Format) -> Result<Exposition, String> {
+    let has_eof = text.lines().any(|l| l == "# EOF");
+    match format {
+        Format::Prometheus if has_eof => return Err("# EOF in Prometheus text".into()),
+        Format::OpenMetrics if text.lines().last() != Some("# EOF") => {
+            return Err("OpenMetrics text must end with # EOF".into());
+        }
+        _ => {}
+    }
     let mut out = Exposition::default();
     for (n, line) in text.lines().enumerate() {
         let err = |m: String| format!("line {}: {m}: {line:?}", n + 1);
@@ -68,7 +97,20 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
                     if !valid_name(name) {
                         return Err(err("bad metric name".into()));
                     }
-                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                    let kinds: &[&str] = match format {
+                        Format::OpenMetrics => &[
+                            "counter",
+                            "gauge",
+                            "histogram",
+                            "summary",
+                            "unknown",
+                            "info",
+                            "stateset",
+                            "gaugehistogram",
+                        ],
+                        _ => &["counter", "gauge", "histogram", "summary", "untyped"],
+                    };
+                    if !kinds.contains(&kind) {
                         return Err(err(format!("bad type {kind}")));
                     }
                     if out
@@ -188,12 +230,21 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
             .or_else(|| {
                 s.name
                     .strip_suffix("_total")
+                    .filter(|_| format != Format::Prometheus)
                     .filter(|b| out.types.get(*b).is_some_and(|t| t == "counter"))
             })
             .unwrap_or(&s.name);
         if !out.types.contains_key(base) {
             return Err(format!("sample {} has no # TYPE", s.name));
         }
+    }
+    if format == Format::Prometheus
+        && let Some((name, _)) = out
+            .types
+            .iter()
+            .find(|(name, kind)| *kind == "counter" && !name.ends_with("_total"))
+    {
+        return Err(format!("counter {name} does not end in _total"));
     }
     Ok(out)
 }
@@ -218,5 +269,12 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
+        let om = "# TYPE a counter\na_total 1\n# EOF\n";
+        assert!(parse_as(om, Format::OpenMetrics).is_ok());
+        assert!(parse_as(om, Format::Prometheus).is_err());
+        assert!(parse_as("# TYPE a counter\na_total 1\n", Format::OpenMetrics).is_err());
+        let prom = "# TYPE a_total counter\na_total 1\n";
+        assert!(parse_as(prom, Format::Prometheus).is_ok());
+        assert!(parse_as("# TYPE a counter\na 1\n", Format::Prometheus).is_err());
     }
 }

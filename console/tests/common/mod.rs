@@ -611,7 +611,7 @@ impl Backend for TestBackend {
         self.events.subscribe()
     }
 
-    async fn metrics(&self) -> String {
+    async fn metrics(&self, _format: anchorage_console::MetricsFormat) -> String {
         self.call("metrics");
         "# TYPE anchorage_up gauge\nanchorage_up 1\n".into()
     }

@@ -97,9 +97,8 @@ impl Invocations {
         for effect in effects {
             match effect {
                 machine::Effect::Persist(r) => {
-                    let created =
-                        r.state == InvocationState::Queued && r.dispatched_at_ms.is_none();
-                    if created || r.state == InvocationState::Rejected {
+                    // A rejection is final at once and never reaches `finished`.
+                    if r.state == InvocationState::Rejected {
                         self.metrics.invocation(r.state.as_str(), &r.capability);
                     }
                     self.writer.put(RuntimeWrite::Invocation(r)).await;
@@ -155,6 +154,10 @@ impl Invocations {
             };
             (created, effects)
         };
+        // Counted once here as started, and once by its final state when it ends.
+        if created.state == InvocationState::Queued {
+            self.metrics.invocation_started(&created.capability);
+        }
         (created, self.apply(effects).await)
     }
 
