@@ -88,6 +88,14 @@ pub struct FileConfig {
     pub etcd_prefix: Option<String>,
     /// The cluster key every anchor of the cluster is given (created if missing).
     pub cluster_key_file: Option<PathBuf>,
+
+    // Running as a service (docs/operations.md, "Running as a service"); both reload on SIGHUP.
+    /// Log filter, e.g. `info` or `info,anchorage_daemon=debug` (default: `RUST_LOG`, else
+    /// `info` with the store's own lines at `warn`).
+    pub log_level: Option<String>,
+    /// A mesh policy file (TOML), put in force at start and on SIGHUP when its content changed,
+    /// as `PUT /console/v1/policy` would.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// The flags `anchord` (and `anchord demo`) take over the TOML file: each one given wins
@@ -148,6 +156,13 @@ pub struct AnchorFlags {
     /// (mode 0600) if it does not exist (with --store etcd).
     #[arg(long, global = true, value_name = "FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// Log filter: a level (trace, debug, info, warn, error) or RUST_LOG-style directives.
+    /// Default: RUST_LOG, else info with the store's own lines at warn
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Mesh policy file (TOML), put in force at start and on SIGHUP when it changed.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
 }
 
 impl AnchorFlags {
@@ -182,7 +197,48 @@ impl AnchorFlags {
             relay_total_bytes_per_sec: self
                 .relay_total_bytes_per_sec
                 .or(file.relay_total_bytes_per_sec),
+            log_level: self.log_level.clone().or(file.log_level),
+            policy_file: self.policy_file.clone().or(file.policy_file),
             ..file
+        }
+    }
+
+    /// The `--config` file with the flags over it, validated: what a start, a reload and
+    /// `anchord check-config` all use. An error about a value given as a flag names the flag
+    /// (`--stale-after`), not the file's key.
+    pub fn load(&self) -> Result<AnchorConfig, ConfigError> {
+        let file = self.file()?;
+        self.over(file).validate().map_err(|e| match e {
+            ConfigError::Invalid { key, message } if self.given(&key) => ConfigError::Invalid {
+                key: format!("--{}", key.replace('_', "-")),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Whether the setting `key` (a TOML key) was given as a flag.
+    fn given(&self, key: &str) -> bool {
+        match key {
+            "data_dir" => self.data_dir.is_some(),
+            "listen" => self.listen.is_some(),
+            "console" => self.console.is_some(),
+            "public_addr" => self.public_addr.is_some(),
+            "heartbeat_interval" => self.heartbeat_interval.is_some(),
+            "stale_after" => self.stale_after.is_some(),
+            "offline_after" => self.offline_after.is_some(),
+            "cert_validity" => self.cert_validity.is_some(),
+            "log_format" => self.log_format.is_some(),
+            "worker_threads" => self.worker_threads.is_some(),
+            "relay_node_bytes_per_sec" => self.relay_node_bytes_per_sec.is_some(),
+            "relay_total_bytes_per_sec" => self.relay_total_bytes_per_sec.is_some(),
+            "store" => self.store.is_some(),
+            "etcd_endpoints" => self.etcd_endpoints.is_some(),
+            "etcd_prefix" => self.etcd_prefix.is_some(),
+            "cluster_key_file" => self.cluster_key_file.is_some(),
+            "log_level" => self.log_level.is_some(),
+            "policy_file" => self.policy_file.is_some(),
+            _ => false,
         }
     }
 }
@@ -283,6 +339,11 @@ pub struct AnchorConfig {
     pub store: StoreChoice,
     /// The relay's bandwidth bounds.
     pub relay_limits: RelayLimits,
+    /// The configured log filter (`None`: `RUST_LOG`, else the default); checked, applied by
+    /// the binary.
+    pub log_level: Option<String>,
+    /// The mesh policy file, if any (read by the binary at start and on reload).
+    pub policy_file: Option<PathBuf>,
 }
 
 /// Async worker threads by default: one less than the cores, at least one.
@@ -318,6 +379,10 @@ impl FileConfig {
         let console_serve = console_serve_options(&self)?;
         let store = store_choice(&self)?;
         let relay_limits = relay_limits(&self)?;
+        if let Some(level) = &self.log_level {
+            anchorage_mesh::os::check_log_filter(level)
+                .map_err(|m| ConfigError::invalid("log_level", m))?;
+        }
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let s = v.unwrap_or_else(|| default.to_string());
             s.parse::<SocketAddr>().map_err(|_| {
@@ -464,6 +529,8 @@ impl FileConfig {
             console_serve,
             store,
             relay_limits,
+            log_level: self.log_level,
+            policy_file: self.policy_file,
         })
     }
 }
@@ -827,6 +894,30 @@ mod tests {
             toml::from_str::<FileConfig>("listn = \"x\"").is_err(),
             "unknown keys refused"
         );
+    }
+
+    #[test]
+    fn a_bad_value_given_as_a_flag_is_named_by_the_flag() {
+        let flags = AnchorFlags {
+            stale_after: Some("1s".into()),
+            heartbeat_interval: Some("2s".into()),
+            ..Default::default()
+        };
+        let err = flags.load().unwrap_err().to_string();
+        assert!(err.contains("`--stale-after`"), "{err}");
+        let flags = AnchorFlags {
+            log_level: Some("debgu".into()),
+            ..Default::default()
+        };
+        let err = flags.load().unwrap_err().to_string();
+        assert!(err.contains("`--log-level`"), "{err}");
+        // From the file, the key.
+        let err = toml::from_str::<FileConfig>("log_level = \"debgu\"")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`log_level`"), "{err}");
     }
 
     #[test]
