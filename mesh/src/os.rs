@@ -212,6 +212,34 @@ impl Default for Hangups {
     }
 }
 
+/// Like [`shutdown_signal`], with the handlers installed now rather than at the first poll,
+/// so a SIGTERM that comes while the process is still starting (a service manager stopping it
+/// right after `READY=1`) is a clean stop, not the default action's kill. Call it within a
+/// tokio runtime.
+pub fn shutdown_listener() -> impl std::future::Future<Output = ()> + Send {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let int = signal(SignalKind::interrupt()).ok();
+        let term = signal(SignalKind::terminate()).ok();
+        async move {
+            match (int, term) {
+                (Some(mut int), Some(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                _ => shutdown_signal().await,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        shutdown_signal()
+    }
+}
+
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

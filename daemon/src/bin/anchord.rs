@@ -93,16 +93,10 @@ fn main() -> ExitCode {
     };
     let flags = cli.flags;
     let result = runtime.block_on(async move {
-        // First: until SIGHUP is handled, one ends the process.
+        // First: until SIGHUP and SIGTERM are handled, either ends the process at once.
         let hangups = anchorage_mesh::os::Hangups::new();
-        anchorage_daemon::reload::run_service(
-            flags,
-            loaded,
-            log,
-            hangups,
-            anchorage_mesh::os::shutdown_signal(),
-        )
-        .await
+        let shutdown = anchorage_mesh::os::shutdown_listener();
+        anchorage_daemon::reload::run_service(flags, loaded, log, hangups, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

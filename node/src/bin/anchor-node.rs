@@ -606,13 +606,15 @@ async fn cmd_run(
         node_config.anchor = None;
         node_config.anchors = given.iter().map(ToString::to_string).collect();
     }
+    // Installed before anything starts: a SIGTERM from here on is a clean stop.
+    let shutdown = anchorage_mesh::os::shutdown_listener();
     let run_config = RunConfig::new(node_config);
     let readiness = tokio::spawn(notify_when_ready(
         run_config.stats.clone(),
         state_dir.join(anchorage_node::api::API_SOCKET),
     ));
     let result = anchorage_node::run(run_config, StateDir::new(&state_dir), async {
-        anchorage_mesh::os::shutdown_signal().await;
+        shutdown.await;
         anchorage_mesh::os::notify_stopping();
     })
     .await;

@@ -75,11 +75,11 @@ fn main() -> ExitCode {
         preset,
         seed: cli.seed,
     };
-    let result = runtime.block_on(demo::run(
-        config,
-        opts,
-        anchorage_mesh::os::shutdown_signal(),
-    ));
+    let result = runtime.block_on(async {
+        // Installed first: a SIGTERM while the nodes still pair is a clean stop too.
+        let shutdown = anchorage_mesh::os::shutdown_listener();
+        demo::run(config, opts, shutdown).await
+    });
     // Blocking work still running (a store flush) is not waited for past this.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
