@@ -470,7 +470,7 @@ mod tests {
         )
         .unwrap();
         assert!(read_policy_file(&path).unwrap().contains("role=a"));
-        std::fs::write(&path, "[[allow]]\nfrom = \"role in (\"\n").unwrap();
+        std::fs::write(&path, "[[allow]]\nfrom = \"role in (\"\nto = \"role=b\"\n").unwrap();
         let err = read_policy_file(&path).unwrap_err().to_string();
         assert!(
             err.contains("policy.toml") && err.contains("line 2"),
