@@ -571,3 +571,39 @@ fn the_policy_file_is_put_in_force_at_start_and_on_sighup_when_it_changed() {
     let again = Service::start(&config, &data, &[], &[]);
     assert_eq!(again.ctl(&["policy", "show"])["version"], 2);
 }
+
+/// The unit files pass `systemd-analyze verify` where it is installed (with the binaries'
+/// paths pointed at this build); skipped, and says so, where it is not.
+#[test]
+fn the_unit_files_verify_where_systemd_analyze_is_installed() {
+    let Some(analyze) = procs::find_in_path("systemd-analyze") else {
+        eprintln!("systemd-analyze is not installed; the unit files were not verified");
+        return;
+    };
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let mut units = Vec::new();
+    for (unit, binary) in [
+        ("anchord.service", &bins().anchord),
+        ("anchor-node.service", &bins().anchor_node),
+    ] {
+        let text = std::fs::read_to_string(dist.join(unit)).unwrap();
+        let installed = format!(
+            "/usr/local/bin/{}",
+            binary.file_name().unwrap().to_str().unwrap()
+        );
+        assert!(text.contains(&installed), "{unit} runs {installed}");
+        assert!(text.contains("Type=notify"), "{unit}");
+        let path = dir.path().join(unit);
+        write(&path, &text.replace(&installed, binary.to_str().unwrap()));
+        units.push(path);
+    }
+    let out = run(
+        "systemd-analyze verify",
+        Command::new(analyze)
+            .args(["verify", "--man=no"])
+            .args(&units),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.trim().is_empty(), "warnings: {}", out.stderr);
+}
