@@ -477,10 +477,11 @@ async fn housekeeping(s: Arc<Services>) {
             last_prune = tokio::time::Instant::now();
             let p = s.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                if let Err(e) = p.invocations.prune(
-                    p.config.invocation_retention,
-                    p.config.invocation_max_records,
-                ) {
+                let retention = p.live.retention();
+                if let Err(e) = p
+                    .invocations
+                    .prune(retention.max_age, retention.max_records)
+                {
                     warn!(error = %e, "pruning invocations failed");
                 }
                 if let Err(e) = crate::batches::prune(&p) {

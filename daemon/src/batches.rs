@@ -64,7 +64,7 @@ pub fn resume(s: &Arc<Services>) {
 
 /// Deletes batches that ended before the invocation retention (blocking).
 pub fn prune(s: &Services) -> Result<usize, StoreError> {
-    let keep = u64::try_from(s.config.invocation_retention.as_millis()).unwrap_or(u64::MAX);
+    let keep = u64::try_from(s.live.retention().max_age.as_millis()).unwrap_or(u64::MAX);
     s.stores
         .runtime
         .prune_batches(s.clock.now_ms().saturating_sub(keep))

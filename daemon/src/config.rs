@@ -110,6 +110,14 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     /// Per-node round-trip and heartbeat-loss gauges (off by default).
     pub metrics_per_node: Option<bool>,
+
+    // Running as a service (docs/operations.md, "Running as a service"); both reload on SIGHUP.
+    /// Log filter, e.g. `info` or `info,anchorage_daemon=debug` (default: `RUST_LOG`, else
+    /// `info` with the store's own lines at `warn`).
+    pub log_level: Option<String>,
+    /// A mesh policy file (TOML), put in force at start and on SIGHUP when its content changed,
+    /// as `PUT /console/v1/policy` would.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// The flags `anchord` (and `anchord demo`) take over the TOML file: each one given wins
@@ -193,6 +201,13 @@ pub struct AnchorFlags {
     /// Export per-node round-trip time and heartbeat loss (one series per live node)
     #[arg(long, global = true)]
     pub metrics_per_node: bool,
+    /// Log filter: a level (trace, debug, info, warn, error) or RUST_LOG-style directives.
+    /// Default: RUST_LOG, else info with the store's own lines at warn
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Mesh policy file (TOML), put in force at start and on SIGHUP when it changed.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
 }
 
 impl AnchorFlags {
@@ -239,7 +254,48 @@ impl AnchorFlags {
             console_cert: self.console_cert.clone().or(file.console_cert),
             console_key: self.console_key.clone().or(file.console_key),
             history_interval: self.history_interval.clone().or(file.history_interval),
+            log_level: self.log_level.clone().or(file.log_level),
+            policy_file: self.policy_file.clone().or(file.policy_file),
             ..file
+        }
+    }
+
+    /// The `--config` file with the flags over it, validated: what a start, a reload and
+    /// `anchord check-config` all use. An error about a value given as a flag names the flag
+    /// (`--stale-after`), not the file's key.
+    pub fn load(&self) -> Result<AnchorConfig, ConfigError> {
+        let file = self.file()?;
+        self.over(file).validate().map_err(|e| match e {
+            ConfigError::Invalid { key, message } if self.given(&key) => ConfigError::Invalid {
+                key: format!("--{}", key.replace('_', "-")),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Whether the setting `key` (a TOML key) was given as a flag.
+    fn given(&self, key: &str) -> bool {
+        match key {
+            "data_dir" => self.data_dir.is_some(),
+            "listen" => self.listen.is_some(),
+            "console" => self.console.is_some(),
+            "public_addr" => self.public_addr.is_some(),
+            "heartbeat_interval" => self.heartbeat_interval.is_some(),
+            "stale_after" => self.stale_after.is_some(),
+            "offline_after" => self.offline_after.is_some(),
+            "cert_validity" => self.cert_validity.is_some(),
+            "log_format" => self.log_format.is_some(),
+            "worker_threads" => self.worker_threads.is_some(),
+            "relay_node_bytes_per_sec" => self.relay_node_bytes_per_sec.is_some(),
+            "relay_total_bytes_per_sec" => self.relay_total_bytes_per_sec.is_some(),
+            "store" => self.store.is_some(),
+            "etcd_endpoints" => self.etcd_endpoints.is_some(),
+            "etcd_prefix" => self.etcd_prefix.is_some(),
+            "cluster_key_file" => self.cluster_key_file.is_some(),
+            "log_level" => self.log_level.is_some(),
+            "policy_file" => self.policy_file.is_some(),
+            _ => false,
         }
     }
 }
@@ -344,6 +400,11 @@ pub struct AnchorConfig {
     pub console_tls: crate::console_tls::ConsoleTls,
     /// How often devices are sampled for their history, and how much of it is kept.
     pub history: crate::history::HistoryLimits,
+    /// The configured log filter (`None`: `RUST_LOG`, else the default); checked, applied by
+    /// the binary.
+    pub log_level: Option<String>,
+    /// The mesh policy file, if any (read by the binary at start and on reload).
+    pub policy_file: Option<PathBuf>,
     /// What the metrics export, and where else.
     pub metrics: MetricsConfig,
 }
@@ -397,6 +458,10 @@ impl FileConfig {
             self.console_key.as_deref(),
         )?;
         let metrics = metrics_config(&self)?;
+        if let Some(level) = &self.log_level {
+            anchorage_mesh::os::check_log_filter(level)
+                .map_err(|m| ConfigError::invalid("log_level", m))?;
+        }
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let s = v.unwrap_or_else(|| default.to_string());
             s.parse::<SocketAddr>().map_err(|_| {
@@ -562,6 +627,8 @@ impl FileConfig {
             relay_limits,
             console_tls,
             metrics,
+            log_level: self.log_level,
+            policy_file: self.policy_file,
         })
     }
 }
@@ -967,6 +1034,30 @@ mod tests {
             toml::from_str::<FileConfig>("listn = \"x\"").is_err(),
             "unknown keys refused"
         );
+    }
+
+    #[test]
+    fn a_bad_value_given_as_a_flag_is_named_by_the_flag() {
+        let flags = AnchorFlags {
+            stale_after: Some("1s".into()),
+            heartbeat_interval: Some("2s".into()),
+            ..Default::default()
+        };
+        let err = flags.load().unwrap_err().to_string();
+        assert!(err.contains("`--stale-after`"), "{err}");
+        let flags = AnchorFlags {
+            log_level: Some("debgu".into()),
+            ..Default::default()
+        };
+        let err = flags.load().unwrap_err().to_string();
+        assert!(err.contains("`--log-level`"), "{err}");
+        // From the file, the key.
+        let err = toml::from_str::<FileConfig>("log_level = \"debgu\"")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`log_level`"), "{err}");
     }
 
     #[test]

@@ -127,7 +127,7 @@ fn entry(
     if node
         .as_ref()
         .and_then(|n| n.loss_rate)
-        .is_some_and(|l| l > services.config.presence.degraded_loss)
+        .is_some_and(|l| l > services.nodes.thresholds().degraded_loss)
     {
         warnings.push("high_loss".into());
     }

@@ -45,6 +45,7 @@ pub mod nodes;
 pub mod peering;
 pub mod policy;
 pub mod records;
+pub mod reload;
 pub mod remote;
 pub mod services;
 pub mod session;
@@ -93,19 +94,27 @@ impl Running {
     }
 }
 
-/// Opens the data directory and binds the QUIC and console sockets.
+/// Binds the QUIC and console sockets, then opens the data directory.
 pub async fn start(config: AnchorConfig) -> Result<Running, StartError> {
     start_with_clock(config, Clock::System).await
 }
 
 /// Like [`start`], with a given clock.
 pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Running, StartError> {
+    // Both listeners first: a port in use must fail the start before the data directory,
+    // the CA or an owner token is created.
+    let socket = bind_udp(config.listen)?;
+    let (listener, console_addr) = bind_console(config.console).await?;
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(bind_console(addr).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     let cfg = config.clone();
     let anchor = tokio::task::spawn_blocking(move || Anchor::open(cfg, clock))
         .await
         .map_err(|e| StartError::Tls(format!("start-up task failed: {e}")))??;
     let server_config = anchor.server_config()?;
-    let socket = bind_udp(config.listen)?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server_config),
@@ -120,7 +129,6 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
         addr: config.listen,
         source,
     })?;
-    let (listener, console_addr) = bind_console(config.console).await?;
     let services = anchor.services().clone();
     let tls = tokio::task::spawn_blocking(move || console_tls::server_config(&services))
         .await
@@ -134,11 +142,6 @@ pub async fn start_with_clock(config: AnchorConfig, clock: Clock) -> Result<Runn
              --console-cert FILE --console-key FILE"
         );
     }
-    let metrics_listener = match config.metrics.listen {
-        Some(addr) => Some(bind_console(addr).await?),
-        None => None,
-    };
-    let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     anchor.set_bound(Some(quic_addr), Some(console_addr));
     info!(
         quic = %quic_addr,

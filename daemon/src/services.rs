@@ -73,6 +73,8 @@ pub struct Services {
     pub policy: PolicyFeed,
     /// The rendezvous and relay of the peer mesh, and what nodes report about it.
     pub mesh: crate::mesh::Mesh,
+    /// Settings a configuration reload changes while running (retention).
+    pub live: crate::reload::LiveSettings,
     bound: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
@@ -98,6 +100,7 @@ impl Services {
         Services {
             started_at_ms: clock.now_ms(),
             pairing_limiter: Mutex::new(Limiter::new(config.pairing_limits, clock.now_ms())),
+            live: crate::reload::LiveSettings::new(&config),
             config,
             clock,
             stores,

@@ -23,6 +23,9 @@ use crate::fleet::{RunningAgent, Sim, SimError};
 /// The demo's QUIC port on the simulated network when the configuration says port 0.
 pub const DEFAULT_PORT: u16 = 7444;
 
+/// How long the demo takes at most to stop once asked (SIGINT or SIGTERM).
+pub const STOP_WITHIN: Duration = Duration::from_millis(800);
+
 /// The program of the capability that is missing on purpose.
 pub const MISSING_PROGRAM: &str = "/opt/anchorage-demo/camera-snapshot";
 
@@ -153,19 +156,32 @@ pub async fn run(
 
     shutdown.await;
     info!("demo shutting down");
+    // Stopped within a second of the signal: the nodes and the anchor close together, each
+    // given what is left of STOP_WITHIN; whatever still closes then is dropped (the store is
+    // journaled, so nothing acknowledged is lost).
+    let deadline = tokio::time::Instant::now() + STOP_WITHIN;
     chaos.abort();
     for agent in &agents {
         let _ = agent.stop.send(true);
     }
-    for agent in agents {
-        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(3), agent.task).await {
-            warn!(error = %e, "demo node stopped");
+    let nodes = async {
+        for agent in agents {
+            if let Ok(Ok(Err(e))) = tokio::time::timeout_at(deadline, agent.task).await {
+                warn!(error = %e, "demo node stopped");
+            }
         }
-    }
+    };
     let mut sim = sim;
-    sim.stop().await;
-    let _ = http_stop.send(true);
-    let _ = http.await;
+    let anchor = async {
+        sim.stop().await;
+        let _ = http_stop.send(true);
+        let _ = http.await;
+    };
+    let (_, stopped) = tokio::join!(nodes, tokio::time::timeout_at(deadline, anchor));
     drop(hosts);
+    if stopped.is_err() {
+        info!("the anchor was still closing connections at the demo's stop; left to the OS");
+    }
+    println!("  Anchorage demo stopped.");
     Ok(())
 }

@@ -1005,10 +1005,19 @@ fn the_demo_runs_simulated_nodes_behind_a_live_console() {
     // Ctrl-C (SIGTERM here) ends it cleanly: `anchord` became the demo (exec), so the signal
     // reaches it directly.
     demo.terminate();
+    let asked = Instant::now();
     let status = demo.wait_exit(Duration::from_secs(15));
+    eprintln!("the demo stopped {:?} after SIGTERM", asked.elapsed());
     assert!(
         status.success(),
         "{status}\n{}{}",
+        demo.stdout(),
+        demo.stderr()
+    );
+    // And says so.
+    assert!(
+        demo.stdout().contains("Anchorage demo stopped."),
+        "{}{}",
         demo.stdout(),
         demo.stderr()
     );

@@ -1,7 +1,9 @@
 //! `anchord`: the Anchorage anchor daemon.
 //!
 //! Parses flags over an optional TOML file, sets up logging, and runs the library's
-//! `anchorage_daemon::run` until SIGINT or SIGTERM.
+//! `anchorage_daemon::reload::run_service` until SIGINT or SIGTERM, reloading the file on
+//! SIGHUP. `anchord check-config` loads the same file and flags as a start and says whether
+//! they would start (exit 0) or not (exit 64, with the same message).
 //!
 //! `anchord demo ...` executes the sibling binary `anchord-demo` (of the `anchorage-sim`
 //! package) with the same arguments: the simulated fleet is not part of the production daemon.
@@ -9,7 +11,8 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use anchorage_daemon::config::{AnchorFlags, ConfigError};
+use anchorage_daemon::config::AnchorFlags;
+use anchorage_daemon::reload::LoadError;
 use clap::{CommandFactory, Parser, Subcommand};
 
 /// The demo's binary, found next to `anchord`.
@@ -29,6 +32,9 @@ struct Cli {
 enum Command {
     /// Run the anchor (the default when no command is given).
     Run,
+    /// Check the configuration (--config FILE and any flags) as a start would, then exit:
+    /// 0 when it is valid, 64 with the reason when not.
+    CheckConfig,
     /// Run an anchor with simulated nodes on a simulated lossy network, for a first look
     /// (`anchord demo --help` shows its flags).
     #[command(disable_help_flag = true)]
@@ -54,20 +60,26 @@ fn main() -> ExitCode {
         return exec_demo(demo_args);
     }
     let cli = Cli::parse_from(&args);
-    match &cli.command {
-        None | Some(Command::Run) => {}
+    let check_only = match &cli.command {
+        None | Some(Command::Run) => false,
+        Some(Command::CheckConfig) => true,
         // Found by the scan above already; should clap still see it, the flags after it go on.
         Some(Command::Demo { args }) => return exec_demo(args.clone()),
+    };
+    let loaded = match anchorage_daemon::reload::load(&cli.flags) {
+        Ok(l) => l,
+        Err(e) => return usage_error(&e),
+    };
+    if check_only {
+        match &cli.flags.config {
+            Some(path) => println!("configuration OK: {}", path.display()),
+            None => println!("configuration OK (flags and defaults; no --config file)"),
+        }
+        return ExitCode::SUCCESS;
     }
-    let merged = match cli.flags.file() {
-        Ok(file) => cli.flags.over(file),
-        Err(e) => return usage_error(&e),
-    };
-    let config = match merged.validate() {
-        Ok(c) => c,
-        Err(e) => return usage_error(&e),
-    };
-    anchorage_mesh::os::init_tracing(config.log_json);
+    let config = loaded.config.clone();
+    let log =
+        anchorage_mesh::os::init_tracing_reloadable(config.log_json, config.log_level.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()
@@ -79,10 +91,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(anchorage_daemon::run(
-        config,
-        anchorage_mesh::os::shutdown_signal(),
-    ));
+    let flags = cli.flags;
+    let result = runtime.block_on(async move {
+        // First: until SIGHUP and SIGTERM are handled, either ends the process at once.
+        let hangups = anchorage_mesh::os::Hangups::new();
+        let shutdown = anchorage_mesh::os::shutdown_listener();
+        anchorage_daemon::reload::run_service(flags, loaded, log, hangups, shutdown).await
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -157,7 +172,7 @@ fn exec_demo(args: Vec<OsString>) -> ExitCode {
     }
 }
 
-fn usage_error(e: &ConfigError) -> ExitCode {
+fn usage_error(e: &LoadError) -> ExitCode {
     eprintln!("anchord: {e}");
     ExitCode::from(64)
 }

@@ -606,12 +606,19 @@ async fn cmd_run(
         node_config.anchor = None;
         node_config.anchors = given.iter().map(ToString::to_string).collect();
     }
-    let result = anchorage_node::run(
-        RunConfig::new(node_config),
-        StateDir::new(&state_dir),
-        anchorage_mesh::os::shutdown_signal(),
-    )
+    // Installed before anything starts: a SIGTERM from here on is a clean stop.
+    let shutdown = anchorage_mesh::os::shutdown_listener();
+    let run_config = RunConfig::new(node_config);
+    let readiness = tokio::spawn(notify_when_ready(
+        run_config.stats.clone(),
+        state_dir.join(anchorage_node::api::API_SOCKET),
+    ));
+    let result = anchorage_node::run(run_config, StateDir::new(&state_dir), async {
+        shutdown.await;
+        anchorage_mesh::os::notify_stopping();
+    })
     .await;
+    readiness.abort();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -622,6 +629,24 @@ async fn cmd_run(
                 _ => 1,
             })
         }
+    }
+}
+
+/// Tells the service manager (systemd `Type=notify`) the node is ready once its first anchor
+/// session is registered or its local API answers, whichever comes first.
+async fn notify_when_ready(stats: std::sync::Arc<anchorage_node::agent::AgentStats>, api: PathBuf) {
+    use std::sync::atomic::Ordering;
+    loop {
+        if stats.registrations.load(Ordering::Relaxed) > 0 {
+            anchorage_mesh::os::notify_ready("connected to the anchor");
+            return;
+        }
+        #[cfg(unix)]
+        if std::os::unix::net::UnixStream::connect(&api).is_ok() {
+            anchorage_mesh::os::notify_ready("serving the local API; connecting to the anchor");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

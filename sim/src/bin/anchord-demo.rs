@@ -75,11 +75,14 @@ fn main() -> ExitCode {
         preset,
         seed: cli.seed,
     };
-    match runtime.block_on(demo::run(
-        config,
-        opts,
-        anchorage_mesh::os::shutdown_signal(),
-    )) {
+    let result = runtime.block_on(async {
+        // Installed first: a SIGTERM while the nodes still pair is a clean stop too.
+        let shutdown = anchorage_mesh::os::shutdown_listener();
+        demo::run(config, opts, shutdown).await
+    });
+    // Blocking work still running (a store flush) is not waited for past this.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("anchord: {e}");
