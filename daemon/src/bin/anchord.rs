@@ -41,6 +41,12 @@ enum Command {
         )]
         args: Vec<OsString>,
     },
+    /// Print a shell completion script to stdout, e.g. `anchord completion bash >
+    /// /etc/bash_completion.d/anchord`.
+    Completion {
+        /// The shell: bash, zsh, fish (also elvish, powershell).
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +64,15 @@ fn main() -> ExitCode {
         None | Some(Command::Run) => {}
         // Found by the scan above already; should clap still see it, the flags after it go on.
         Some(Command::Demo { args }) => return exec_demo(args.clone()),
+        Some(Command::Completion { shell }) => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "anchord",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
     }
     let merged = match cli.flags.file() {
         Ok(file) => cli.flags.over(file),
