@@ -821,7 +821,8 @@ pub struct Node {
     pub heartbeat_age_ms: Option<u64>,
     /// Heartbeat loss over the recent window, 0..1.
     pub loss_rate: Option<f64>,
-    /// Round-trip time, milliseconds.
+    /// Round-trip time, milliseconds (to 3 decimals).
+    #[serde(serialize_with = "ms3")]
     pub rtt_ms: Option<f64>,
     /// Remote address of the current connection.
     pub remote_addr: Option<String>,
@@ -851,7 +852,8 @@ pub struct InventoryDevice {
     pub heartbeat_age_ms: Option<u64>,
     /// Heartbeat loss, 0..1.
     pub loss_rate: Option<f64>,
-    /// Round-trip time, milliseconds.
+    /// Round-trip time, milliseconds (to 3 decimals).
+    #[serde(serialize_with = "ms3")]
     pub rtt_ms: Option<f64>,
     /// Capability counts.
     pub capabilities: CapabilitySummary,
@@ -907,7 +909,8 @@ pub struct MeshLink {
     /// The peer address in use on a direct path.
     pub addr: Option<String>,
     /// Round-trip time of the peer connection, milliseconds (the smaller of the two
-    /// reports).
+    /// reports; to 3 decimals).
+    #[serde(serialize_with = "ms3")]
     pub rtt_ms: Option<f64>,
     /// Since when the path has been what it is.
     #[serde(with = "time::serde::rfc3339")]
@@ -1495,6 +1498,16 @@ pub struct PolicyTestResult {
     pub service: Option<String>,
     /// The policy version that answered.
     pub version: u64,
+}
+
+/// Milliseconds to 3 decimals (a microsecond): measurements carry no more, and
+/// `1.4232330000000002` only hides the number.
+pub fn round_ms(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+fn ms3<S: serde::Serializer>(ms: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    ms.map(round_ms).serialize(s)
 }
 
 #[cfg(test)]

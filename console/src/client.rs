@@ -583,6 +583,30 @@ impl ControlPlaneClient {
         }
     }
 
+    /// The anchor's version from `GET /healthz` (no token needed), waiting at most `limit`
+    /// for the answer; `None` from an anchor that does not say.
+    pub async fn anchor_version(&self, limit: Duration) -> Result<Option<String>, ClientError> {
+        let url = self.url(&["healthz"])?;
+        let response = self
+            .http
+            .get(url)
+            .timeout(limit)
+            .send()
+            .await
+            .map_err(ClientError::Http)?;
+        if !matches!(
+            response.status(),
+            StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            return Err(api_error(response).await);
+        }
+        let body: serde_json::Value = response.json().await.map_err(ClientError::Http)?;
+        Ok(body
+            .get("version")
+            .and_then(|v| v.as_str())
+            .map(|v| v.chars().take(64).collect()))
+    }
+
     // Plumbing
 
     /// `base + segments`, each segment percent-encoded.

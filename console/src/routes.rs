@@ -907,6 +907,8 @@ fn runtime_routes<B: Backend>() -> Router<AppState<B>> {
         .route("/inventory", get(inventory::<B>))
         .route("/inventory/{id}", get(inventory_device::<B>))
         .route("/inventory/{id}/history", get(history::<B>))
+        // The path of the control plane this one replaces: the same answer.
+        .route("/inventory/devices/{id}", get(inventory_device::<B>))
         .route("/nodes", get(list_nodes::<B>))
         .route("/nodes/{id}", get(node::<B>))
         .route("/nodes/{id}/invoke", post(invoke::<B>))
@@ -1373,7 +1375,9 @@ async fn healthz<B: Backend>(State(st): State<AppState<B>>) -> Response {
     (
         status,
         [(CACHE_CONTROL, "no-store")],
-        Json(serde_json::json!({ "status": word })),
+        // The console is built into the anchor from the same workspace: its version is the
+        // anchor's (`anchorctl --version` shows it).
+        Json(serde_json::json!({ "status": word, "version": env!("CARGO_PKG_VERSION") })),
     )
         .into_response()
 }

@@ -396,13 +396,13 @@ async fn anchorctl_invoke_exit_status_follows_the_invocation() {
 async fn anchorctl_exit_codes_for_failures() {
     let (addr, _backend) = serve().await;
 
-    // A malformed id names no device: the console says so before asking the backend.
+    // Neither an id, nor a name, nor an id prefix: anchorctl says so from the device list.
     let (r, _) = anchorctl(addr, "owner", &["device", "show", "NOPE"]).await;
     let err = r.unwrap_err();
     assert_eq!((err.exit, err.code.as_str()), (exit::FAILURE, "not_found"));
     assert_eq!(
         format!("error: {err}"),
-        "error: not_found: device NOPE not found"
+        "error: not_found: device \"NOPE\" not found"
     );
     // A well-formed id the backend does not know: its 404.
     let (r, _) = anchorctl(addr, "owner", &["device", "show", OTHER_DEVICE]).await;
@@ -720,4 +720,332 @@ async fn anchorctl_labels_codes_approvals_and_devices() {
     )
     .await;
     assert_eq!(result.unwrap_err().exit, cli::exit::BAD_INPUT);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operators' habits: names and prefixes, -o, completion, --watch, --version, exit codes
+
+/// A second device whose id shares the fixture's first characters (`aaaq-eaye-...`).
+fn twin() -> Device {
+    let mut bytes: [u8; 20] = std::array::from_fn(|i| i as u8);
+    bytes[19] = 0xee;
+    Device {
+        device_id: DeviceId::from_bytes(bytes),
+        name: "garage-cam".into(),
+        ..device(TrustState::Trusted)
+    }
+}
+
+#[tokio::test]
+async fn anchorctl_takes_devices_by_name_or_id_prefix() {
+    let (addr, backend) = serve().await;
+    for who in ["kitchen-pi", "KITCHEN-PI", "aaaq-eaye", "AAAQEAYE"] {
+        let (r, out) = anchorctl(addr, "owner", &["-o", "json", "device", "show", who]).await;
+        r.unwrap_or_else(|e| panic!("{who}: {e}"));
+        assert_eq!(json(&out)["device_id"], DEVICE, "{who}");
+    }
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &["--json", "inventory", "show", "kitchen-pi"],
+    )
+    .await;
+    r.unwrap();
+    assert_eq!(json(&out)["device_id"], DEVICE);
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &["--json", "invoke", "kitchen-pi", "echo", "--input", "7"],
+    )
+    .await;
+    r.unwrap();
+    assert_eq!(json(&out)["output"], 7, "{out}");
+    let (r, out) = anchorctl(
+        addr,
+        "owner",
+        &["--json", "audit", "--target", "kitchen-pi"],
+    )
+    .await;
+    r.unwrap();
+    assert_eq!(
+        json(&out)[0]["target"],
+        DEVICE,
+        "the name became the id: {out}"
+    );
+    // Pairing requests by id prefix.
+    let (r, out) = anchorctl(addr, "owner", &["--json", "pair", "show", "req-"]).await;
+    r.unwrap();
+    assert_eq!(json(&out)["request_id"], REQUEST);
+
+    // A near miss suggests the device.
+    let (r, _) = anchorctl(addr, "owner", &["device", "revoke", "kitchn-pi"]).await;
+    let err = r.unwrap_err();
+    assert_eq!((err.exit, err.code.as_str()), (exit::FAILURE, "not_found"));
+    assert_eq!(
+        err.message,
+        format!("device \"kitchn-pi\" not found; did you mean kitchen-pi ({DEVICE})?")
+    );
+    assert!(!backend.calls().contains(&"revoke"), "nothing revoked");
+
+    // Two devices sharing a prefix: both are listed, neither is touched.
+    backend.more_devices.lock().unwrap().push(twin());
+    let (r, _) = anchorctl(addr, "owner", &["device", "rotate", "aaaq-eaye"]).await;
+    let err = r.unwrap_err();
+    assert_eq!((err.exit, err.code.as_str()), (exit::FAILURE, "ambiguous"));
+    assert!(
+        err.message.contains(&format!("kitchen-pi ({DEVICE})"))
+            && err
+                .message
+                .contains(&format!("garage-cam ({})", twin().device_id)),
+        "{}",
+        err.message
+    );
+    assert!(!backend.calls().contains(&"rotate"));
+    // The other one by its name.
+    let (r, out) = anchorctl(addr, "owner", &["--json", "device", "show", "kitchen-pi"]).await;
+    r.unwrap();
+    assert_eq!(json(&out)["device_id"], DEVICE);
+}
+
+#[tokio::test]
+async fn dash_o_json_is_json_and_dash_o_text_is_text() {
+    let (addr, _backend) = serve().await;
+    let (r, with_json) = anchorctl(addr, "owner", &["--json", "device", "list"]).await;
+    r.unwrap();
+    for args in [
+        &["-o", "json", "device", "list"][..],
+        &["device", "list", "--output=json"],
+    ] {
+        let (r, out) = anchorctl(addr, "owner", args).await;
+        r.unwrap();
+        assert_eq!(json(&out), json(&with_json), "{args:?}");
+    }
+    let (r, out) = anchorctl(addr, "owner", &["device", "list", "-o", "text"]).await;
+    r.unwrap();
+    assert!(out.starts_with("DEVICE "), "{out}");
+    let err = cli::parse_from(["anchorctl", "-o", "yaml", "nodes"]).unwrap_err();
+    assert_eq!(err.exit_code(), i32::from(exit::USAGE));
+}
+
+#[tokio::test]
+async fn completion_scripts_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete"),
+        ("zsh", "#compdef"),
+        ("fish", "complete -c"),
+    ] {
+        let cli = cli::parse_from(["anchorctl", "completion", shell]).unwrap();
+        let mut out = Vec::new();
+        cli::run(cli, &mut out, std::future::pending())
+            .await
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(marker), "{shell}: {text}");
+        // It knows the commands and their flags.
+        assert!(
+            text.contains("anchorctl") && text.contains("inventory") && text.contains("--watch"),
+            "{shell}"
+        );
+    }
+}
+
+/// Runs `anchorctl inventory --watch` (plus `extra`) until `stop`.
+fn watch_cli(
+    addr: SocketAddr,
+    extra: &[&str],
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> (Shared, tokio::task::JoinHandle<Result<(), CliError>>) {
+    let url = format!("http://{addr}");
+    let mut args = vec![
+        "anchorctl",
+        "--url",
+        &url,
+        "--token",
+        "owner",
+        "inventory",
+        "--watch",
+    ];
+    args.extend_from_slice(extra);
+    let cli = cli::parse_from(args).unwrap();
+    let out = Shared::default();
+    let mut writer = out.clone();
+    let task = tokio::spawn(async move {
+        cli::run(cli, &mut writer, async {
+            let _ = stop.await;
+        })
+        .await
+    });
+    (out, task)
+}
+
+fn text_of(out: &Shared) -> String {
+    String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+}
+
+#[tokio::test]
+async fn inventory_watch_prints_again_when_presence_changes() {
+    let (addr, backend) = serve().await;
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (out, task) = watch_cli(addr, &[], stop_rx);
+    until("the first table", || text_of(&out).contains("online")).await;
+    until("the subscription", || backend.events.receiver_count() == 1).await;
+    // An event that changes nothing prints nothing.
+    backend.events.send(event(1, "presence")).unwrap();
+    *backend.presence.lock().unwrap() = Presence::Offline;
+    backend.events.send(event(2, "presence")).unwrap();
+    until("the second table", || text_of(&out).contains("offline")).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("--watch ends at shutdown")
+        .unwrap()
+        .unwrap();
+    let text = text_of(&out);
+    assert_eq!(text.matches("PRESENCE").count(), 2, "two tables: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no escapes off a terminal: {text:?}"
+    );
+
+    // --json: one document per change, one line each.
+    let (addr, backend) = serve().await;
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (out, task) = watch_cli(addr, &["--json"], stop_rx);
+    until("the first line", || text_of(&out).lines().count() == 1).await;
+    until("the subscription", || backend.events.receiver_count() == 1).await;
+    *backend.presence.lock().unwrap() = Presence::Stale;
+    backend.events.send(event(1, "presence")).unwrap();
+    until("the second line", || text_of(&out).lines().count() == 2).await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let presences: Vec<String> = text_of(&out)
+        .lines()
+        .map(|l| {
+            json(l)["devices"][0]["presence"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(presences, ["online", "stale"]);
+}
+
+#[tokio::test]
+async fn version_shows_the_client_and_the_anchor() {
+    let (addr, _backend) = serve().await;
+    let url = format!("http://{addr}");
+    let asked = cli::version_request(["anchorctl", "--url", &url, "--version"]);
+    assert_eq!(asked.as_deref(), Some(url.as_str()));
+    assert_eq!(cli::version_request(["anchorctl", "nodes"]), None);
+    let mut out = Vec::new();
+    cli::print_version(&url, &mut out).await.unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!("anchorctl {version}\nanchor: {version} (http://{addr}/)\n")
+    );
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = listener.local_addr().unwrap();
+    drop(listener);
+    let mut out = Vec::new();
+    cli::print_version(&format!("http://{dead}"), &mut out)
+        .await
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.starts_with(&format!("anchorctl {version}\nanchor: unreachable (")),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_url_is_bad_input_and_a_dead_one_unreachable_even_without_a_token() {
+    // No --token: the token is looked for only once the URL is known to be usable.
+    let run_without_token = |url: String, args: &'static [&'static str]| async move {
+        let mut argv = vec!["anchorctl".to_string(), "--url".into(), url];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let cli = cli::parse_from(argv).unwrap();
+        let mut out = Vec::new();
+        cli::run(cli, &mut out, std::future::pending()).await
+    };
+    let err = run_without_token("ftp://x".into(), &["nodes"])
+        .await
+        .unwrap_err();
+    assert_eq!((err.exit, err.code.as_str()), (exit::BAD_INPUT, "bad_url"));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = listener.local_addr().unwrap();
+    drop(listener);
+    let err = run_without_token(format!("http://{dead}"), &["nodes"])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.exit, err.code.as_str()),
+        (exit::UNAVAILABLE, "unreachable")
+    );
+    let (addr, _backend) = serve().await;
+    let err = run_without_token(format!("http://{addr}"), &["nodes"])
+        .await
+        .unwrap_err();
+    assert_eq!((err.exit, err.code.as_str()), (exit::AUTH, "no_token"));
+}
+
+#[tokio::test]
+async fn limit_zero_is_refused_everywhere() {
+    let (addr, backend) = serve().await;
+    for args in [
+        &["audit", "--limit", "0"][..],
+        &["batch", "list", "--limit", "0"],
+        &["invocation", "list", "--limit", "0"],
+    ] {
+        let (r, _) = anchorctl(addr, "owner", args).await;
+        let err = r.unwrap_err();
+        assert_eq!(err.exit, exit::BAD_INPUT, "{args:?}");
+        assert_eq!(err.message, "--limit must be at least 1", "{args:?}");
+    }
+    assert!(backend.calls().is_empty(), "{:?}", backend.calls());
+    let (r, _) = anchorctl(addr, "owner", &["audit", "--limit", "1"]).await;
+    r.unwrap();
+}
+
+#[tokio::test]
+async fn invoke_shows_the_node_time_and_the_round_trip() {
+    let (addr, _backend) = serve().await;
+    let (r, out) = anchorctl(addr, "owner", &["invoke", DEVICE, "echo", "--input", "1"]).await;
+    r.unwrap();
+    let head = out.lines().next().unwrap();
+    assert!(
+        head.contains(" on the node, ") && head.ends_with(" round trip"),
+        "{head}"
+    );
+    let (r, out) = anchorctl(addr, "owner", &["--json", "invoke", DEVICE, "echo"]).await;
+    r.unwrap();
+    let doc = json(&out);
+    let rt = doc["round_trip_ms"].as_f64().unwrap();
+    assert!(rt > 0.0, "{doc}");
+    assert_eq!(
+        (rt * 1000.0).round() / 1000.0,
+        rt,
+        "three decimals at most: {rt}"
+    );
+    assert!(
+        doc.get("duration_ms").is_some(),
+        "the node's time stays: {doc}"
+    );
+}
+
+#[tokio::test]
+async fn colours_only_when_asked_or_on_a_terminal() {
+    let (addr, backend) = serve().await;
+    *backend.presence.lock().unwrap() = Presence::Stale;
+    let (r, out) = anchorctl(addr, "owner", &["inventory", "--color", "never"]).await;
+    r.unwrap();
+    assert!(out.contains("stale") && !out.contains('\u{1b}'), "{out:?}");
+    let (r, out) = anchorctl(addr, "owner", &["inventory", "--color", "always"]).await;
+    r.unwrap();
+    assert!(out.contains("\u{1b}[33mstale\u{1b}[0m"), "yellow: {out:?}");
+    // JSON never carries colour.
+    let (r, out) = anchorctl(addr, "owner", &["inventory", "--json", "--color", "always"]).await;
+    r.unwrap();
+    assert!(!out.contains('\u{1b}'));
 }

@@ -67,6 +67,7 @@ const ROUTES: &[Case] = &[
     case("DELETE", "/console/v1/tokens/TOK-1", None, TokensManage, StatusCode::OK),
     case("GET", "/console/v1/inventory", None, Read, StatusCode::OK),
     case("GET", "/console/v1/inventory/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt", None, Read, StatusCode::OK),
+    case("GET", "/console/v1/inventory/devices/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt", None, Read, StatusCode::OK),
     case("GET", "/console/v1/nodes", None, Read, StatusCode::OK),
     case("GET", "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt", None, Read, StatusCode::OK),
     case("POST", "/console/v1/nodes/aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt/invoke", Some(r#"{"capability":"echo","input":1}"#), NodesInvoke, StatusCode::OK),
@@ -873,14 +874,43 @@ async fn healthz_needs_no_token_and_reports_readiness() {
     let (app, backend) = app();
     let res = send(app.clone(), build("GET", "/healthz", None, None)).await;
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(&body_bytes(res).await[..], br#"{"status":"ok"}"#);
+    let body: serde_json::Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
+    // The version is the anchor's: `anchorctl --version` shows it.
+    assert_eq!(
+        body,
+        serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") })
+    );
 
     backend
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
     let res = send(app, build("GET", "/healthz", None, None)).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(&body_bytes(res).await[..], br#"{"status":"starting"}"#);
+    let body: serde_json::Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
+    assert_eq!(body["status"], "starting");
+}
+
+#[tokio::test]
+async fn the_replaced_control_planes_inventory_path_answers_as_ours() {
+    let id = "aaaq-eaye-auda-ocaj-bifq-ydio-b4ib-ceqt";
+    let ours = format!("/console/v1/inventory/{id}");
+    let theirs = format!("/console/v1/inventory/devices/{id}");
+    for token in [
+        "Bearer owner",
+        "Bearer none",
+        "Bearer scoped:site=elsewhere",
+    ] {
+        let (app, _) = app();
+        let a = send(app.clone(), build("GET", &ours, Some(token), None)).await;
+        let b = send(app, build("GET", &theirs, Some(token), None)).await;
+        assert_eq!(a.status(), b.status(), "{token}");
+        assert_eq!(body_bytes(a).await, body_bytes(b).await, "{token}");
+    }
+    let (app, _) = app();
+    let res = send(app, build("GET", &theirs, Some("Bearer owner"), None)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let entry: serde_json::Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
+    assert_eq!(entry["device_id"], id);
 }
 
 #[tokio::test]

@@ -360,7 +360,18 @@ pub fn rejection(services: &Services, device: &DeviceId, capability: &str) -> Op
     let nodes = services.nodes.lock();
     let record = nodes.node(device)?.record.as_ref()?;
     match record.capabilities.iter().find(|c| c.name == capability) {
-        None => Some(format!("the node has no capability {capability}")),
+        None => Some(format!(
+            "the node has no capability {capability}; it has: {}",
+            match record.capabilities.len() {
+                0 => "none".to_string(),
+                _ => record
+                    .capabilities
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        )),
         Some(c) if !c.available => Some(format!(
             "{capability} is unavailable on the node: {}",
             c.reason.clone().unwrap_or_else(|| "no reason given".into())

@@ -261,7 +261,8 @@ fn call_answer(id: &str, result: &InvokeResult, took: Duration) -> Value {
         "error": result.error,
         "truncated": result.truncated,
         "ran_ms": result.duration_ms,
-        "took_ms": took.as_secs_f64() * 1000.0,
+        // To a microsecond: more digits are float noise.
+        "took_ms": (took.as_secs_f64() * 1_000_000.0).round() / 1000.0,
     })
 }
 

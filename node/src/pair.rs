@@ -177,7 +177,15 @@ fn describe(reason: PairFailure, message: &str) -> String {
         PairFailure::Overloaded => "the anchor refused for now",
         _ => "pairing failed",
     };
-    if reason == PairFailure::WrongSecret || message.is_empty() || head.contains(message) {
+    // These heads say all there is; the anchor's message for them says it again in other words.
+    let complete = matches!(
+        reason,
+        PairFailure::WrongSecret
+            | PairFailure::CodeExpired
+            | PairFailure::CodeConsumed
+            | PairFailure::CodeBurned
+    );
+    if complete || message.is_empty() || head.contains(message) {
         head.to_string()
     } else {
         format!("{head}: {message}")
@@ -700,6 +708,61 @@ async fn connect(
     }
 }
 
+/// When the probe datagrams of [`port_unreachable`] are sent, from its start.
+const PROBE_AT: [Duration; 4] = [
+    Duration::ZERO,
+    Duration::from_millis(500),
+    Duration::from_millis(1500),
+    Duration::from_millis(3500),
+];
+
+/// Resolves when the network says that nothing listens on UDP `addr`; never resolves
+/// otherwise (race it against the handshake).
+///
+/// quinn's socket is not connected, so the ICMP "port unreachable" a host answers for a closed
+/// port never reaches the handshake, which waits for its timeout. This sends a one-byte
+/// datagram (too short for a QUIC packet: an anchor drops it) from a connected socket of its
+/// own at each of [`PROBE_AT`], where the kernel reports that ICMP as `ECONNREFUSED`
+/// (Linux and the BSDs do). A dropped datagram, a firewall or a silent host tell nothing.
+/// It sends real datagrams: only for real networks, not simulated ones.
+pub async fn port_unreachable(addr: SocketAddr) {
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let Ok(socket) = tokio::net::UdpSocket::bind(local).await else {
+        return std::future::pending().await;
+    };
+    if socket.connect(addr).await.is_err() {
+        return std::future::pending().await;
+    }
+    let start = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    for (i, at) in PROBE_AT.iter().enumerate() {
+        tokio::time::sleep_until(start + *at).await;
+        if is_refused(socket.send(&[0]).await.err()) {
+            return;
+        }
+        let until = start
+            + PROBE_AT
+                .get(i + 1)
+                .copied()
+                .unwrap_or(Duration::from_secs(5));
+        // Anything but a refusal (an answer, a timeout, another error) tells nothing.
+        if let Ok(Err(e)) = tokio::time::timeout_at(until, socket.recv(&mut buf)).await
+            && is_refused(Some(e))
+        {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+fn is_refused(e: Option<std::io::Error>) -> bool {
+    e.is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 fn exporter(conn: &quinn::Connection) -> Result<[u8; EXPORTER_LEN], PairError> {
     let mut out = [0u8; EXPORTER_LEN];
     conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
@@ -768,6 +831,44 @@ pub fn parse_code(pin: Option<&str>, qr: Option<&str>) -> Result<PairCode, CodeE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_about_the_code_says_it_once() {
+        let e = PairError::Refused {
+            reason: PairFailure::CodeBurned,
+            message: "the pairing code was burned after too many wrong attempts".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the pairing code is burned after too many wrong attempts"
+        );
+        let e = PairError::Refused {
+            reason: PairFailure::Overloaded,
+            message: "try again in 3 s".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the anchor refused for now: try again in 3 s"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_udp_port_is_reported_by_the_probe() {
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        tokio::time::timeout(Duration::from_secs(10), port_unreachable(addr))
+            .await
+            .expect("ICMP port unreachable on loopback is seen");
+        // A port something listens on (and does not answer) tells nothing.
+        let open = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let quiet = tokio::time::timeout(
+            Duration::from_secs(1),
+            port_unreachable(open.local_addr().unwrap()),
+        )
+        .await;
+        assert!(quiet.is_err());
+    }
 
     #[test]
     fn codes_are_a_pin_or_a_qr_uri_and_exactly_one() {

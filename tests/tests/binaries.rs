@@ -464,6 +464,14 @@ fn wrong_pins_burn_the_code_and_a_rejection_reaches_the_node() {
     assert_eq!(rejected["state"], "rejected", "{rejected}");
     let out = pairing.finish(COMMAND_TIMEOUT);
     assert_eq!(out.code(), Some(1), "{out:?}");
+    // Without a terminal (no spinner) it still said once what it waited for.
+    assert_eq!(
+        out.stderr
+            .matches("Waiting for the operator's approval")
+            .count(),
+        1,
+        "{out:?}"
+    );
     let lines: Vec<&str> = out
         .stderr
         .lines()
@@ -516,6 +524,55 @@ fn pairing_with_an_unreachable_anchor_fails_with_the_address() {
     // The handshake timeout (30 s) plus a little; not minutes of retries.
     assert!(took < Duration::from_secs(45), "took {took:?}");
     drop(black_hole);
+}
+
+#[test]
+fn pairing_with_a_closed_port_says_so_before_the_handshake_timeout() {
+    // Nothing bound: the host answers ICMP port unreachable.
+    let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    bins();
+    let out = spawn_pair(
+        &addr.to_string(),
+        "AAAA-123456",
+        &dir.path().join("state"),
+        "lonely",
+        false,
+        dir.path(),
+    )
+    .finish(Duration::from_secs(60));
+    assert_eq!(out.code(), Some(69), "{out:?}");
+    let reason = one_line_reason(&out);
+    assert!(
+        reason.contains(&format!("cannot reach the anchor at {addr}"))
+            && reason.contains(&format!("nothing listens on UDP port {}", addr.port())),
+        "{reason}"
+    );
+}
+
+#[test]
+fn pair_without_a_port_assumes_the_default_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = spawn_pair(
+        "127.0.0.1",
+        "AAAA-123456",
+        &dir.path().join("state"),
+        "lonely",
+        false,
+        dir.path(),
+    )
+    .finish(Duration::from_secs(60));
+    assert!(
+        out.stderr.contains(
+            "--anchor 127.0.0.1 has no port; using 127.0.0.1:7444, the anchor's default QUIC port"
+        ),
+        "{out:?}"
+    );
+    // Whatever is on that port here, the pairing did not happen (the code is made up).
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert_ne!(out.code(), Some(64), "the address was taken: {out:?}");
 }
 
 #[test]
@@ -719,6 +776,39 @@ fn a_running_node_answers_system_health_and_is_online_in_the_inventory() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(entry["trust"], "trusted", "{entry}");
+    // The table for people, piped: the presence word without colour escapes, also by name.
+    let out = run(
+        "anchorctl",
+        command(&bins().anchorctl, anchord.scratch.path())
+            .args(["--url", &anchord.console, "--token-file"])
+            .arg(anchord.data_dir.join("owner.token"))
+            .args(["inventory", "show", "worker"]),
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains("online") && out.stdout.contains(&device_id),
+        "{out:?}"
+    );
+    assert!(
+        !out.stdout.contains('\u{1b}'),
+        "no escapes when piped: {:?}",
+        out.stdout
+    );
+    // The node's status tells times as RFC 3339, like everything else.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let since = loop {
+        let status = node_status(node_dir.path(), &state);
+        if let Some(since) = status["connected_since"].as_str() {
+            break since.to_string();
+        }
+        assert!(Instant::now() < deadline, "no connected_since: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // `2025-01-02T03:04:05.123Z`, not epoch milliseconds.
+    assert!(
+        since.len() >= 20 && since.as_bytes()[10] == b'T' && since.ends_with('Z'),
+        "{since}"
+    );
     for key in [
         "name",
         "heartbeat_age_ms",

@@ -408,7 +408,13 @@ async fn unavailable_capabilities_degrade_and_reject_and_commands_report_failure
         .await
         .unwrap();
     assert_eq!(r.state, InvocationState::Rejected);
-    assert!(r.error.unwrap().contains("no capability"));
+    // The refusal lists what the node has, so the operator sees the right name.
+    let error = r.error.unwrap();
+    assert!(error.contains("no capability no.such.thing"), "{error}");
+    assert!(
+        error.contains("it has: ") && error.contains("echo") && error.contains("system.health"),
+        "{error}"
+    );
 }
 
 /// Commands are real processes: this test runs on real time (a paused clock would jump ahead

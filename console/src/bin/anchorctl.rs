@@ -7,11 +7,6 @@ use std::process::ExitCode;
 use anchorage_console::cli;
 
 fn main() -> ExitCode {
-    let args = match cli::parse_from(std::env::args_os()) {
-        Ok(args) => args,
-        // Prints help/version (exit 0) or the usage error (exit 2).
-        Err(e) => e.exit(),
-    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -21,6 +16,19 @@ fn main() -> ExitCode {
             eprintln!("error: runtime: cannot start the async runtime: {e}");
             return ExitCode::from(cli::exit::FAILURE);
         }
+    };
+    // `--version`: the client's, then the anchor's when it answers within 2 s.
+    if let Some(url) = cli::version_request(std::env::args_os()) {
+        let mut stdout = std::io::stdout();
+        return match runtime.block_on(cli::print_version(&url, &mut stdout)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(cli::exit::FAILURE),
+        };
+    }
+    let args = match cli::parse_from(std::env::args_os()) {
+        Ok(args) => args,
+        // Prints help (exit 0) or the usage error (exit 2).
+        Err(e) => e.exit(),
     };
     let mut stdout = std::io::stdout();
     let shutdown = async {

@@ -1,4 +1,5 @@
-//! Text for people: aligned tables, key/value blocks, times absolute and relative.
+//! Text for people: aligned tables, key/value blocks, times absolute and relative, and the
+//! colours of state words (on a terminal only, never with `NO_COLOR`: see [`color_enabled`]).
 
 use std::time::Duration;
 
@@ -12,6 +13,9 @@ use time::{OffsetDateTime, UtcOffset};
 pub struct Table {
     inner: comfy_table::Table,
     columns: usize,
+    /// The style of each styled cell: (row, column, style), applied after layout so that
+    /// escape sequences do not count as width.
+    styles: Vec<(usize, usize, anstyle::Style)>,
 }
 
 impl Table {
@@ -28,6 +32,15 @@ impl Table {
         Table {
             inner,
             columns: headers.len(),
+            styles: Vec::new(),
+        }
+    }
+
+    /// Styles cell `column` of the last row added (nothing without a row). The style shows
+    /// only where the output is coloured: see [`color_enabled`].
+    pub fn style_last(&mut self, column: usize, style: anstyle::Style) {
+        if let Some(row) = self.inner.row_count().checked_sub(1) {
+            self.styles.push((row, column, style));
         }
     }
 
@@ -46,8 +59,51 @@ impl Table {
     /// The table as lines, each ending in `\n`.
     pub fn render(&self) -> String {
         let mut out = self.inner.trim_fmt();
+        if !self.styles.is_empty() {
+            out = self.apply_styles(&out);
+        }
         out.push('\n');
         out
+    }
+
+    /// Wraps styled cells of the laid-out `text` in their escape sequences. A column starts
+    /// at the same character offset on every line: after the widths of those before it.
+    fn apply_styles(&self, text: &str) -> String {
+        let widths: Vec<usize> = self
+            .inner
+            .column_max_content_widths()
+            .iter()
+            .map(|w| usize::from(*w) + 2)
+            .collect();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        // Right to left within a line, so earlier offsets stay valid.
+        let mut styles = self.styles.clone();
+        styles.sort_by(|a, b| (a.0, b.1).cmp(&(b.0, a.1)));
+        for (row, column, style) in styles {
+            let (Some(line), Some(cell)) = (
+                lines.get_mut(row + 1),
+                self.inner
+                    .row(row)
+                    .and_then(|r| r.cell_iter().nth(column))
+                    .map(|c| c.content()),
+            ) else {
+                continue;
+            };
+            let start: usize = widths.iter().take(column).sum();
+            let chars: Vec<char> = line.chars().collect();
+            let end = start + cell.chars().count();
+            if cell.is_empty() || end > chars.len() {
+                continue;
+            }
+            let found: String = chars[start..end].iter().collect();
+            if found != cell {
+                continue;
+            }
+            let before: String = chars[..start].iter().collect();
+            let after: String = chars[end..].iter().collect();
+            *line = format!("{before}{style}{cell}{style:#}{after}");
+        }
+        lines.join("\n")
     }
 }
 
@@ -186,6 +242,59 @@ pub fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// When `anchorctl` colours its output (`--color`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ColorChoice {
+    /// On a terminal, unless `NO_COLOR` is set to anything non-empty.
+    #[default]
+    Auto,
+    /// Always (the flag beats `NO_COLOR`, as no-color.org asks of explicit flags).
+    Always,
+    /// Never.
+    Never,
+}
+
+/// Whether to colour: `--color always|never` decide; `auto` colours only a terminal
+/// (`terminal`), and never when `NO_COLOR` (`no_color`, its value) is set and non-empty
+/// (https://no-color.org) or `TERM` is `dumb`.
+pub fn color_enabled(
+    choice: ColorChoice,
+    no_color: Option<&str>,
+    term: Option<&str>,
+    terminal: bool,
+) -> bool {
+    match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => terminal && no_color.is_none_or(str::is_empty) && term != Some("dumb"),
+    }
+}
+
+/// The colour of a presence word: online green, degraded and stale yellow, offline red.
+pub fn presence_style(presence: crate::api::Presence) -> anstyle::Style {
+    use crate::api::Presence;
+    use anstyle::AnsiColor;
+    let color = match presence {
+        Presence::Online => Some(AnsiColor::Green),
+        Presence::Degraded | Presence::Stale => Some(AnsiColor::Yellow),
+        Presence::Offline => Some(AnsiColor::Red),
+        _ => None,
+    };
+    anstyle::Style::new().fg_color(color.map(anstyle::Color::Ansi))
+}
+
+/// Milliseconds for people: `0.042ms`, `1.42ms`, `12.3ms`, `1234ms` (three significant
+/// digits below 100, whole above), or `-`.
+pub fn precise_ms(ms: Option<f64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) if ms < 1.0 => format!("{ms:.3}ms"),
+        Some(ms) if ms < 10.0 => format!("{ms:.2}ms"),
+        Some(ms) if ms < 100.0 => format!("{ms:.1}ms"),
+        Some(ms) => format!("{ms:.0}ms"),
+    }
+}
+
 /// The serde name of a unit enum value (`pending_approval`, `trusted`).
 pub fn name<T: serde::Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
@@ -219,6 +328,57 @@ mod tests {
         let mut t = Table::new(&["A", "B"]);
         t.row(vec!["é…".into(), "x".into()]);
         assert_eq!(t.render(), "A   B\né…  x\n");
+    }
+
+    #[test]
+    fn styled_cells_keep_the_columns_aligned() {
+        let green = presence_style(crate::api::Presence::Online);
+        let mut t = Table::new(&["ID", "PRESENCE", "NAME"]);
+        t.row(vec!["a".into(), "online".into(), "x".into()]);
+        t.style_last(1, green);
+        t.row(vec!["bbbbbbbb".into(), "offline".into(), "y".into()]);
+        t.style_last(1, presence_style(crate::api::Presence::Offline));
+        t.style_last(0, green);
+        let text = t.render();
+        assert!(
+            text.contains(&format!("a         {green}online{green:#}   x")),
+            "{text:?}"
+        );
+        assert!(text.contains("\u{1b}[31moffline"), "{text:?}");
+        // Without the escapes it is the plain table.
+        let plain = anstream::adapter::strip_str(&text).to_string();
+        let mut p = Table::new(&["ID", "PRESENCE", "NAME"]);
+        p.row(vec!["a".into(), "online".into(), "x".into()]);
+        p.row(vec!["bbbbbbbb".into(), "offline".into(), "y".into()]);
+        assert_eq!(plain, p.render());
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        use ColorChoice::*;
+        assert!(color_enabled(Auto, None, Some("xterm"), true));
+        assert!(!color_enabled(Auto, None, Some("xterm"), false), "piped");
+        assert!(
+            !color_enabled(Auto, Some("1"), Some("xterm"), true),
+            "NO_COLOR"
+        );
+        assert!(
+            color_enabled(Auto, Some(""), None, true),
+            "empty NO_COLOR is unset"
+        );
+        assert!(!color_enabled(Auto, None, Some("dumb"), true));
+        assert!(color_enabled(Always, Some("1"), None, false));
+        assert!(!color_enabled(Never, None, None, true));
+    }
+
+    #[test]
+    fn milliseconds_read_without_float_noise() {
+        assert_eq!(precise_ms(Some(1.423_233_000_000_000_2)), "1.42ms");
+        assert_eq!(precise_ms(Some(0.0421)), "0.042ms");
+        assert_eq!(precise_ms(Some(12.345)), "12.3ms");
+        assert_eq!(precise_ms(Some(1234.4)), "1234ms");
+        assert_eq!(precise_ms(None), "-");
+        assert_eq!(crate::api::round_ms(1.423_233_000_000_000_2), 1.423);
     }
 
     #[test]

@@ -5,10 +5,13 @@
 //! (`events` prints one JSON object per line); without it, text for people. Errors go to
 //! stderr as `error: <code>: <message>`, and the process exits with one of [`exit`]'s codes.
 
+pub mod completion;
 pub mod context;
 pub mod format;
 pub mod mesh;
 pub mod policy;
+pub mod resolve;
+mod watch;
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -67,6 +70,8 @@ const EVENTS_RETRY_FIRST: Duration = Duration::from_secs(1);
 const EVENTS_RETRY_MAX: Duration = Duration::from_secs(30);
 
 const AFTER_HELP: &str = "\
+Devices are given by id, a unique prefix of one (4 characters or more), or name.
+
 Exit codes: 0 success, 1 operation failed, 2 usage, 64 bad input, 65 data error (a policy
 file with errors), 69 anchor unreachable, 77 authentication or permission refused.
 
@@ -146,6 +151,29 @@ pub struct Cli {
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
 
+    /// Output format: `text` for people (the default) or `json` (same as --json).
+    #[arg(
+        short = 'o',
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        value_enum,
+        default_value_t = OutputFormat::Text,
+        value_name = "FORMAT"
+    )]
+    pub output: OutputFormat,
+
+    /// Colour state words: auto (on a terminal, unless NO_COLOR is set), always, never.
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        value_enum,
+        default_value_t = ColorChoice::Auto,
+        value_name = "WHEN"
+    )]
+    pub color: ColorChoice,
+
     /// Whether `token` came from `ANCHORAGE_TOKEN` rather than `--token` (set by
     /// [`parse_from`]; an explicit `--token-file` beats the environment).
     #[arg(skip)]
@@ -206,6 +234,21 @@ pub enum Command {
     /// other directly or through the anchor's relay, the address in use, the round-trip time
     /// and since when (--json: the links array).
     Mesh,
+    /// Print a shell completion script to stdout, e.g. `anchorctl completion bash >
+    /// /etc/bash_completion.d/anchorctl`, or `source <(anchorctl completion zsh)`.
+    Completion {
+        /// The shell: bash, zsh, fish (also elvish, powershell).
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `-o` / `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people.
+    Text,
+    /// JSON for scripts, as --json.
+    Json,
 }
 
 /// How a pairing code is delivered.
@@ -240,14 +283,14 @@ pub enum PairCommand {
     },
     /// Show one pairing request.
     Show {
-        /// Request id.
+        /// Request id, or a unique prefix of one.
         request_id: String,
     },
     /// List pairing codes (never their secrets).
     Codes,
     /// Approve a pending request: check that its SAS matches what the node shows first.
     Approve {
-        /// Request id.
+        /// Request id, or a unique prefix of one.
         request_id: String,
         /// A label the device gets besides its code's, `key=value`; repeat for several.
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
@@ -255,7 +298,7 @@ pub enum PairCommand {
     },
     /// Reject a pending request.
     Reject {
-        /// Request id.
+        /// Request id, or a unique prefix of one.
         request_id: String,
         /// Why (kept in the audit log and sent to the node).
         #[arg(long)]
@@ -277,12 +320,12 @@ pub enum DeviceCommand {
     },
     /// Show one device's trust record.
     Show {
-        /// Device id.
+        /// Device id, a unique prefix of one, or a device name.
         id: String,
     },
     /// Revoke a device: its connection closes now and its next handshake is refused.
     Revoke {
-        /// Device id.
+        /// Device id, a unique prefix of one, or a device name.
         id: String,
         /// Why (kept in the audit log).
         #[arg(long)]
@@ -290,17 +333,17 @@ pub enum DeviceCommand {
     },
     /// Ask a device to rotate its certificate now.
     Rotate {
-        /// Device id.
+        /// Device id, a unique prefix of one, or a device name.
         id: String,
     },
     /// Remove a device (a revoked device can then pair again).
     Remove {
-        /// Device id.
+        /// Device id, a unique prefix of one, or a device name.
         id: String,
     },
     /// Set labels (`key=value`) and remove them (`key-`), e.g. `site=lab role-`.
     Label {
-        /// Device id.
+        /// Device id, a unique prefix of one, or a device name.
         id: String,
         /// `key=value` to set, `key-` to remove; applied in order.
         #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
@@ -344,10 +387,11 @@ pub enum TokenCommand {
 /// `anchorctl audit [--target ID] [--limit N]`
 #[derive(Debug, Args)]
 pub struct AuditArgs {
-    /// Only entries about this device, request, code or token id (a device's approvals too).
+    /// Only entries about this device, request, code or token id (a device's approvals too);
+    /// a device may also be given by name or id prefix.
     #[arg(long, value_name = "ID")]
     pub target: Option<String>,
-    /// At most this many (the anchor's default is 100, its maximum 1000).
+    /// At most this many, 1 or more (the anchor's default is 100, its maximum 1000).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
 }
@@ -375,6 +419,10 @@ pub struct InventoryArgs {
     /// Only devices in this trust state: trusted, revoked, pending, unknown.
     #[arg(long, value_name = "TRUST")]
     pub trust: Option<TrustState>,
+    /// Redraw the table whenever a device's presence changes, until Ctrl-C (with --json:
+    /// one JSON document per change, one line each).
+    #[arg(short = 'w', long)]
+    pub watch: bool,
 }
 
 /// `anchorctl inventory show ID`
@@ -382,7 +430,7 @@ pub struct InventoryArgs {
 pub enum InventoryCommand {
     /// One device's inventory entry in full.
     Show {
-        /// Device id.
+        /// Device id, a unique prefix of one, or a device name.
         id: String,
     },
 }
@@ -400,8 +448,9 @@ pub struct InvokeArgs {
     /// included: theirs wait for them until the deadline.
     #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
     pub selector: Option<String>,
-    /// DEVICE_ID CAPABILITY, or with -l only CAPABILITY (e.g. echo, system.health).
-    #[arg(value_name = "DEVICE_ID|CAPABILITY", num_args = 1..=2, required = true)]
+    /// DEVICE CAPABILITY (the device by id, unique id prefix or name), or with -l only
+    /// CAPABILITY (e.g. echo, system.health).
+    #[arg(value_name = "DEVICE|CAPABILITY", num_args = 1..=2, required = true)]
     pub targets: Vec<String>,
     /// With -l: at most this many invocations unfinished at once (default: all at once).
     #[arg(long, value_name = "N", requires = "selector")]
@@ -430,7 +479,7 @@ pub enum BatchCommand {
     },
     /// List batches, newest first.
     List {
-        /// At most this many (default 50).
+        /// At most this many, 1 or more (default 50).
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
     },
@@ -446,10 +495,10 @@ pub enum InvocationCommand {
     },
     /// List invocations, newest first.
     List {
-        /// Only this device's.
-        #[arg(long, value_name = "ID")]
-        device: Option<DeviceId>,
-        /// At most this many (the anchor's default is 100).
+        /// Only this device's (id, unique id prefix, or name).
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<String>,
+        /// At most this many, 1 or more (the anchor's default is 100).
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
     },
@@ -462,7 +511,7 @@ pub enum NodeCommand {
     List,
     /// Show one node with its capabilities.
     Show {
-        /// Device id.
+        /// Device id, a unique prefix of one, or a device name.
         id: String,
     },
 }
@@ -573,7 +622,8 @@ where
     Ok(cli)
 }
 
-/// Runs one command, printing to `out`. `shutdown` ends `events` (Ctrl-C in the binary).
+/// Runs one command, printing to `out`. `shutdown` ends `events` and `inventory --watch`
+/// (Ctrl-C in the binary).
 pub async fn run(
     cli: Cli,
     out: &mut (dyn Write + Send),
@@ -582,22 +632,108 @@ pub async fn run(
     if let Command::Context(command) = &cli.command {
         return ignore_broken_pipe(context::run(&cli, command, out));
     }
+    if let Command::Completion { shell } = cli.command {
+        completion::write(shell, out);
+        return Ok(());
+    }
+    // A malformed URL (or an https URL without a CA) is bad input whatever the token (64),
+    // before looking for one.
     let target = target(&cli)?;
+    let ca = target.ca()?;
+    let anonymous = ControlPlaneClient::with_ca(&target.url, "anonymous", ca.as_ref())?;
     let token = match (&cli.command, target.token()) {
         (_, Ok(token)) => token,
         // /healthz needs no token; the client still wants one to hold.
         (Command::Health, Err(_)) => "anonymous".to_string(),
-        (_, Err(e)) => return Err(e),
+        (_, Err(e)) => {
+            // No token for an anchor that is not there: say that it is not there (69).
+            return match anonymous.healthz().await {
+                Err(unreachable @ ClientError::Http(_)) => Err(unreachable.into()),
+                _ => Err(e),
+            };
+        }
     };
-    let ca = target.ca()?;
     let client = ControlPlaneClient::with_ca(&target.url, token, ca.as_ref())?;
+    let color = {
+        use std::io::IsTerminal;
+        let no_color = std::env::var("NO_COLOR").ok();
+        let term = std::env::var("TERM").ok();
+        color_enabled(
+            cli.color,
+            no_color.as_deref(),
+            term.as_deref(),
+            std::io::stdout().is_terminal(),
+        )
+    };
     let mut ctx = Ctx {
         client,
-        json: cli.json,
+        json: cli.json || cli.output == OutputFormat::Json,
+        color,
         out,
         now: OffsetDateTime::now_utc(),
     };
     ignore_broken_pipe(ctx.dispatch(cli.command, shutdown).await)
+}
+
+/// How long `anchorctl --version` waits for the anchor's version.
+pub const VERSION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `Some(console URL)` when `args` ask for `--version` (or `-V`): the binary then calls
+/// [`print_version`] instead of [`parse_from`], which would print only the client's.
+pub fn version_request<I, T>(args: I) -> Option<String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let command = Cli::command()
+        .disable_version_flag(true)
+        .subcommand_required(false)
+        .ignore_errors(true)
+        .arg(
+            clap::Arg::new("print_version")
+                .short('V')
+                .long("version")
+                .action(clap::ArgAction::SetTrue),
+        );
+    let matches = command.try_get_matches_from(args).ok()?;
+    if !matches.get_flag("print_version") {
+        return None;
+    }
+    Some(
+        matches
+            .get_one::<String>("url")
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_URL.to_string()),
+    )
+}
+
+/// Prints `anchorctl VERSION`, then `anchor: VERSION (URL)` or `anchor: unreachable
+/// (why)`, asking the anchor at `url` for at most [`VERSION_TIMEOUT`] (no token needed).
+pub async fn print_version(url: &str, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(out, "anchorctl {}", env!("CARGO_PKG_VERSION"))?;
+    let anchor = match ControlPlaneClient::new(url, "anonymous") {
+        Err(e) => format!("unreachable ({e})"),
+        Ok(client) => match client.anchor_version(VERSION_TIMEOUT).await {
+            Ok(Some(version)) => format!("{version} ({})", client.base_url()),
+            Ok(None) => format!("version unknown ({})", client.base_url()),
+            Err(ClientError::Http(e)) if e.is_timeout() => format!(
+                "unreachable (no answer from {} within {}s)",
+                client.base_url(),
+                VERSION_TIMEOUT.as_secs()
+            ),
+            Err(e) => format!("unreachable ({e})"),
+        },
+    };
+    writeln!(out, "anchor: {anchor}")?;
+    out.flush()
+}
+
+/// `--limit N`: at least 1 (0 would be read as one row by the anchor).
+fn check_limit(limit: Option<usize>) -> Result<Option<usize>, CliError> {
+    match limit {
+        Some(0) => Err(CliError::bad_input("--limit must be at least 1")),
+        other => Ok(other),
+    }
 }
 
 /// `anchorctl … | head` closes stdout early: that is not a failure.
@@ -706,6 +842,8 @@ fn invoke_input(args: &InvokeArgs) -> Result<serde_json::Value, CliError> {
 struct Ctx<'a> {
     client: ControlPlaneClient,
     json: bool,
+    /// Whether text keeps its colours ([`color_enabled`]); without, `write` strips them.
+    color: bool,
     out: &'a mut (dyn Write + Send),
     now: OffsetDateTime,
 }
@@ -726,21 +864,24 @@ impl Ctx<'_> {
                 selector,
                 presence,
                 trust,
+                watch,
             }) => {
-                let inventory = self
-                    .client
-                    .inventory_filtered(&DeviceFilter {
-                        selector,
-                        presence,
-                        trust,
-                    })
-                    .await?;
+                let filter = DeviceFilter {
+                    selector,
+                    presence,
+                    trust,
+                };
+                if watch {
+                    return self.watch_inventory(&filter, shutdown).await;
+                }
+                let inventory = self.client.inventory_filtered(&filter).await?;
                 self.emit(&inventory, |now| human_inventory(&inventory, now))
             }
             Command::Inventory(InventoryArgs {
                 show: Some(InventoryCommand::Show { id }),
                 ..
             }) => {
+                let id = self.device_id(&id).await?;
                 let device = self.client.inventory_device(&id).await?;
                 self.emit(&device, |now| human_inventory_device(&device, now))
             }
@@ -756,6 +897,7 @@ impl Ctx<'_> {
                 batch_outcome(&batch, false)
             }
             Command::Batch(BatchCommand::List { limit }) => {
+                let limit = check_limit(limit)?;
                 let list = self.client.list_batches(limit).await?;
                 self.emit(&list, |now| human_batches(&list, now))
             }
@@ -764,6 +906,13 @@ impl Ctx<'_> {
                 self.emit(&invocation, |now| human_invocation(&invocation, now))
             }
             Command::Invocation(InvocationCommand::List { device, limit }) => {
+                let limit = check_limit(limit)?;
+                let device = match device {
+                    Some(d) => Some(self.device_id(&d).await?.parse().map_err(|_| {
+                        CliError::bad_input(format!("--device {d}: not a device id"))
+                    })?),
+                    None => None,
+                };
                 let list = self
                     .client
                     .list_invocations(InvocationQuery {
@@ -775,6 +924,11 @@ impl Ctx<'_> {
             }
             Command::Events(args) => self.events(!args.no_reconnect, shutdown).await,
             Command::Audit(AuditArgs { target, limit }) => {
+                let limit = check_limit(limit)?;
+                let target = match target {
+                    Some(t) => Some(self.audit_target(t).await?),
+                    None => None,
+                };
                 let list = self
                     .client
                     .audit(AuditQuery {
@@ -790,6 +944,7 @@ impl Ctx<'_> {
                 self.emit(&nodes, |now| human_nodes(&nodes, now))
             }
             Command::Node(NodeCommand::Show { id }) => {
+                let id = self.device_id(&id).await?;
                 let node = self.client.node(&id).await?;
                 self.emit(&node, |now| human_node(&node, now))
             }
@@ -815,6 +970,8 @@ impl Ctx<'_> {
                 let links = self.client.mesh().await?.links;
                 self.emit(&links, |now| mesh::human_mesh(&links, now))
             }
+            // Answered by `run` before a client exists.
+            Command::Completion { .. } => Ok(()),
             Command::Metrics => {
                 let text = self.client.metrics().await?;
                 if self.json {
@@ -857,6 +1014,7 @@ impl Ctx<'_> {
                 self.emit(&list, |now| human_requests(&list, now))
             }
             PairCommand::Show { request_id } => {
+                let request_id = self.request_id(&request_id).await?;
                 let req = self.client.request(&request_id).await?;
                 self.emit(&req, |now| human_request(&req, now))
             }
@@ -865,6 +1023,7 @@ impl Ctx<'_> {
                 self.emit(&codes, |now| human_codes(&codes, now))
             }
             PairCommand::Approve { request_id, labels } => {
+                let request_id = self.request_id(&request_id).await?;
                 let req = self
                     .client
                     .approve_labelled(&request_id, labels.into_iter().collect())
@@ -880,6 +1039,7 @@ impl Ctx<'_> {
                 })
             }
             PairCommand::Reject { request_id, reason } => {
+                let request_id = self.request_id(&request_id).await?;
                 let req = self.client.reject(&request_id, reason).await?;
                 self.emit(&req, |_| {
                     format!(
@@ -905,16 +1065,19 @@ impl Ctx<'_> {
                 self.emit(&list, |now| human_devices(&list, now))
             }
             DeviceCommand::Show { id } => {
+                let id = self.device_id(&id).await?;
                 let device = self.client.device(&id).await?;
                 self.emit(&device, |now| human_device(&device, now))
             }
             DeviceCommand::Revoke { id, reason } => {
+                let id = self.device_id(&id).await?;
                 let device = self.client.revoke(&id, reason).await?;
                 self.emit(&device, |_| {
                     format!("revoked device {} ({})\n", device.device_id, device.name)
                 })
             }
             DeviceCommand::Rotate { id } => {
+                let id = self.device_id(&id).await?;
                 let device = self.client.rotate(&id).await?;
                 self.emit(&device, |_| {
                     format!(
@@ -924,6 +1087,7 @@ impl Ctx<'_> {
                 })
             }
             DeviceCommand::Label { id, changes } => {
+                let id = self.device_id(&id).await?;
                 let mut req = crate::api::LabelRequest::default();
                 for text in &changes {
                     match text.parse::<anchorage_wire::labels::LabelChange>() {
@@ -947,6 +1111,7 @@ impl Ctx<'_> {
                 })
             }
             DeviceCommand::Remove { id } => {
+                let id = self.device_id(&id).await?;
                 self.client.remove(&id).await?;
                 self.emit(
                     &serde_json::json!({ "device_id": id, "removed": true }),
@@ -1040,6 +1205,8 @@ impl Ctx<'_> {
                     "give DEVICE_ID CAPABILITY, or -l SELECTOR CAPABILITY to run on many devices",
                 )
             })?;
+        let device_id = self.device_id(&device_id).await?;
+        let started = std::time::Instant::now();
         let invocation = self
             .client
             .invoke(
@@ -1052,7 +1219,18 @@ impl Ctx<'_> {
                 },
             )
             .await?;
-        self.emit(&invocation, |now| human_invocation(&invocation, now))?;
+        let round_trip_ms = round_ms(started.elapsed().as_secs_f64() * 1000.0);
+        if self.json {
+            // The invocation as the API has it, and the time anchorctl waited for it.
+            let mut doc = serde_json::to_value(&invocation).map_err(encode_error)?;
+            if let Some(fields) = doc.as_object_mut() {
+                fields.insert("round_trip_ms".into(), serde_json::json!(round_trip_ms));
+            }
+            self.write_json(&doc)?;
+        } else {
+            let text = human_invocation_timed(&invocation, Some(round_trip_ms), self.now);
+            self.write(&text)?;
+        }
         invocation_outcome(&invocation, args.async_)
     }
 
@@ -1144,6 +1322,7 @@ impl Ctx<'_> {
         reconnect: bool,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CliError> {
+        use std::io::IsTerminal;
         let mut shutdown = std::pin::pin!(shutdown);
         let mut delay = EVENTS_RETRY_FIRST;
         let mut connected_before = false;
@@ -1154,6 +1333,12 @@ impl Ctx<'_> {
             };
             let lost = match opened {
                 Ok(stream) => {
+                    if !connected_before && std::io::stderr().is_terminal() {
+                        eprintln!(
+                            "anchorctl: connected to {}; waiting for events (Ctrl-C to stop)",
+                            self.client.base_url()
+                        );
+                    }
                     if connected_before {
                         eprintln!(
                             "anchorctl: event stream reconnected; events published while it \
@@ -1242,6 +1427,14 @@ impl Ctx<'_> {
     }
 
     fn write(&mut self, text: &str) -> Result<(), CliError> {
+        // Off a terminal (or with NO_COLOR) no escape sequence goes out, whoever wrote it.
+        let plain;
+        let text = if self.color {
+            text
+        } else {
+            plain = anstream::adapter::strip_str(text).to_string();
+            &plain
+        };
         self.out
             .write_all(text.as_bytes())
             .and_then(|()| self.out.flush())
@@ -1407,7 +1600,7 @@ fn human_requests(list: &[PairingRequest], now: OffsetDateTime) -> String {
             name(&r.state),
             r.sas.clone(),
             relative(r.requested_at, now),
-            relative(r.expires_at, now),
+            request_expiry(r, now),
         ]);
     }
     t.render()
@@ -1423,11 +1616,28 @@ fn human_request(r: &PairingRequest, now: OffsetDateTime) -> String {
         ("sas", r.sas.clone()),
         ("code", r.code_id.clone()),
         ("requested", both_opt(Some(r.requested_at), now)),
-        ("expires", both_opt(Some(r.expires_at), now)),
+        (
+            "expires",
+            if r.state == RequestState::PendingApproval {
+                both_opt(Some(r.expires_at), now)
+            } else {
+                format!("- ({})", name(&r.state))
+            },
+        ),
         ("decided by", or_dash(r.decided_by.as_deref())),
         ("decided", both_opt(r.decided_at, now)),
         ("reason", or_dash(r.reason.as_deref())),
     ])
+}
+
+/// When a pending request expires; a finished one shows its state instead (its deadline no
+/// longer means anything).
+fn request_expiry(r: &PairingRequest, now: OffsetDateTime) -> String {
+    if r.state == RequestState::PendingApproval {
+        relative(r.expires_at, now)
+    } else {
+        name(&r.state)
+    }
 }
 
 fn human_devices(list: &[Device], now: OffsetDateTime) -> String {
@@ -1711,6 +1921,7 @@ fn human_inventory(inv: &Inventory, now: OffsetDateTime) -> String {
             format!("{}/{}", d.capabilities.available, d.capabilities.total),
             list(&d.warnings),
         ]);
+        t.style_last(3, presence_style(d.presence));
     }
     out.push_str(&t.render());
     out
@@ -1796,6 +2007,7 @@ fn human_nodes(list: &[Node], now: OffsetDateTime) -> String {
             n.platform.clone(),
             n.agent_version.clone(),
         ]);
+        t.style_last(2, presence_style(n.presence));
     }
     t.render()
 }
@@ -1821,6 +2033,16 @@ fn human_node(n: &Node, now: OffsetDateTime) -> String {
 }
 
 fn human_invocation(i: &Invocation, now: OffsetDateTime) -> String {
+    human_invocation_timed(i, None, now)
+}
+
+/// An invocation, with the round trip anchorctl measured when it has one: `took 1ms on the
+/// node, 3.42ms round trip`.
+fn human_invocation_timed(
+    i: &Invocation,
+    round_trip_ms: Option<f64>,
+    now: OffsetDateTime,
+) -> String {
     let mut out = format!(
         "{} · {} on {} · invocation {}",
         i.state.as_str(),
@@ -1828,8 +2050,15 @@ fn human_invocation(i: &Invocation, now: OffsetDateTime) -> String {
         i.device_id,
         i.invocation_id
     );
-    if let Some(ms) = i.duration_ms {
-        out.push_str(&format!(" · took {}", duration_ms(Some(ms))));
+    match (i.duration_ms, round_trip_ms) {
+        (Some(ms), Some(rt)) => out.push_str(&format!(
+            " · took {} on the node, {} round trip",
+            duration_ms(Some(ms)),
+            precise_ms(Some(rt))
+        )),
+        (Some(ms), None) => out.push_str(&format!(" · took {}", duration_ms(Some(ms)))),
+        (None, Some(rt)) => out.push_str(&format!(" · {} round trip", precise_ms(Some(rt)))),
+        (None, None) => {}
     }
     if !i.state.is_final() {
         out.push_str(&format!(" · deadline {}", relative(i.deadline_at, now)));
@@ -2151,6 +2380,54 @@ mod tests {
         let cmd = Cli::command();
         cmd.clone().debug_assert();
         check(&cmd, "anchorctl");
+    }
+
+    #[test]
+    fn finished_pairing_requests_show_their_state_not_an_expiry() {
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::days(1);
+        let request = |state| PairingRequest {
+            request_id: "R".into(),
+            device_id: DeviceId::from_bytes([0; 20]),
+            device_name: "n".into(),
+            platform: "p".into(),
+            state,
+            sas: "1".into(),
+            code_id: "C".into(),
+            requested_at: now,
+            expires_at: now + time::Duration::minutes(9),
+            decided_by: None,
+            decided_at: None,
+            reason: None,
+        };
+        assert_eq!(
+            request_expiry(&request(RequestState::PendingApproval), now),
+            "in 9m"
+        );
+        assert_eq!(
+            request_expiry(&request(RequestState::Completed), now),
+            "completed"
+        );
+        let table = human_requests(&[request(RequestState::Rejected)], now);
+        assert!(
+            !table.contains("in 9m") && table.contains("rejected"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn an_invocation_reads_its_node_time_and_round_trip() {
+        let mut i = invocation(InvocationState::Succeeded);
+        i.error = None;
+        i.duration_ms = Some(1);
+        let text = human_invocation_timed(&i, Some(3.416_999_999_000_000_4), i.created_at);
+        assert!(
+            text.lines()
+                .next()
+                .unwrap()
+                .ends_with("took 1ms on the node, 3.42ms round trip"),
+            "{text}"
+        );
+        assert!(human_invocation(&i, i.created_at).contains("· took 1ms\n"));
     }
 
     #[test]

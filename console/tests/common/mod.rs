@@ -42,6 +42,10 @@ pub struct TestBackend {
     pub calls: Mutex<Vec<&'static str>>,
     /// The last reason passed to `reject` or `revoke`.
     pub last_reason: Mutex<Option<Option<String>>>,
+    /// The fixture device's presence in the inventory (tests change it).
+    pub presence: Mutex<Presence>,
+    /// Devices listed after the fixture one (tests add them).
+    pub more_devices: Mutex<Vec<Device>>,
 }
 
 impl TestBackend {
@@ -56,6 +60,8 @@ impl TestBackend {
             ready: AtomicBool::new(true),
             calls: Mutex::new(Vec::new()),
             last_reason: Mutex::new(None),
+            presence: Mutex::new(Presence::Online),
+            more_devices: Mutex::new(Vec::new()),
         }
     }
 
@@ -367,7 +373,9 @@ impl Backend for TestBackend {
 
     async fn list_devices(&self) -> ApiResult<Vec<Device>> {
         self.call("list_devices");
-        Ok(vec![device(TrustState::Trusted)])
+        let mut list = vec![device(TrustState::Trusted)];
+        list.extend(self.more_devices.lock().unwrap().iter().cloned());
+        Ok(list)
     }
 
     async fn device(&self, id: DeviceId) -> ApiResult<Device> {
@@ -472,7 +480,10 @@ impl Backend for TestBackend {
                 with_warnings: 1,
                 ..Default::default()
             },
-            devices: vec![inventory_device()],
+            devices: vec![InventoryDevice {
+                presence: *self.presence.lock().unwrap(),
+                ..inventory_device()
+            }],
             instances: vec![Instance {
                 kind: "anchor".into(),
                 version: "0.1.0".into(),

@@ -47,6 +47,12 @@ enum Command {
         )]
         args: Vec<OsString>,
     },
+    /// Print a shell completion script to stdout, e.g. `anchord completion bash >
+    /// /etc/bash_completion.d/anchord`.
+    Completion {
+        /// The shell: bash, zsh, fish (also elvish, powershell).
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +71,15 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig) => true,
         // Found by the scan above already; should clap still see it, the flags after it go on.
         Some(Command::Demo { args }) => return exec_demo(args.clone()),
+        Some(Command::Completion { shell }) => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "anchord",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
     };
     let loaded = match anchorage_daemon::reload::load(&cli.flags) {
         Ok(l) => l,

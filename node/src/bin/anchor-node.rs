@@ -28,11 +28,12 @@ struct Cli {
 enum Command {
     /// Pair this device with an anchor using a PIN or QR code from an operator.
     Pair {
-        /// An anchor's QUIC address, HOST:PORT. Repeat it, or give a comma-separated list, for
+        /// An anchor's QUIC address, HOST:PORT (HOST alone means port 7444, the anchor's
+        /// default). Repeat it, or give a comma-separated list, for
         /// the anchors of a cluster: they are tried in order, and a request left waiting on one
         /// that goes away is resumed through the others. Without it, the QR code's anchor, or
         /// the anchors of the pairing being resumed.
-        #[arg(long, value_name = "HOST:PORT[,...]")]
+        #[arg(long, value_name = "HOST[:PORT][,...]")]
         anchor: Vec<String>,
         /// The pairing code, e.g. K7QF-M2XA-482913. Without any code, a pairing that was waiting
         /// for approval when this command last stopped is resumed.
@@ -138,7 +139,16 @@ rejected), 77 when the policy does not allow it, 69 when the peer or the agent c
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script to stdout, e.g. `anchor-node completion bash >
+    /// /etc/bash_completion.d/anchor-node`.
+    Completion {
+        /// The shell: bash, zsh, fish (also elvish, powershell).
+        shell: clap_complete::Shell,
+    },
 }
+
+/// The anchor's default QUIC port, assumed for `pair --anchor HOST` without one.
+const DEFAULT_ANCHOR_PORT: u16 = 7444;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -193,6 +203,16 @@ fn main() -> ExitCode {
             state_dir,
         } => runtime.block_on(mesh_cli::connect(state_dir, peer, name, listen)),
         Command::Peers { state_dir, json } => runtime.block_on(mesh_cli::peers(state_dir, json)),
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "anchor-node",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -395,6 +415,46 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// `--anchor` values with [`DEFAULT_ANCHOR_PORT`] added to each host that has no port, and
+/// the hosts it was added to (each comma-separated item counts on its own).
+fn with_default_port(values: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut defaulted = Vec::new();
+    let values = values
+        .iter()
+        .map(|value| {
+            value
+                .split(',')
+                .map(|item| {
+                    let item = item.trim();
+                    if item.is_empty() || has_port(item) {
+                        item.to_string()
+                    } else {
+                        defaulted.push(item.to_string());
+                        match item.parse::<std::net::Ipv6Addr>() {
+                            // A bare IPv6 address: bracket it, or its colons read as a port.
+                            Ok(_) => format!("[{item}]:{DEFAULT_ANCHOR_PORT}"),
+                            Err(_) => format!("{item}:{DEFAULT_ANCHOR_PORT}"),
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    (values, defaulted)
+}
+
+/// Whether `item` ends in `:PORT` (`host:7444`, `[::1]:7444`; a bare IPv6 address has none).
+fn has_port(item: &str) -> bool {
+    if item.parse::<std::net::Ipv6Addr>().is_ok() {
+        return false;
+    }
+    match item.strip_prefix('[') {
+        Some(rest) => rest.contains("]:"),
+        None => item.contains(':'),
+    }
+}
+
 /// The anchors of `--anchor` flags, in order, without duplicates (exit 64 when malformed).
 fn anchor_flags(values: &[String]) -> Result<Vec<AnchorAddr>, String> {
     anchors::parse_list(values).map_err(|e| format!("--anchor: {e}"))
@@ -442,6 +502,13 @@ async fn cmd_pair(
             Err(e) => return fail(json, &e.to_string(), 64),
         },
     };
+    let (anchor, defaulted) = with_default_port(&anchor);
+    for host in &defaulted {
+        eprintln!(
+            "anchor-node: --anchor {host} has no port; using {host}:{DEFAULT_ANCHOR_PORT}, the \
+             anchor's default QUIC port"
+        );
+    }
     let given = match anchor_flags(&anchor) {
         Ok(list) => list,
         Err(e) => return fail(json, &e, 64),
@@ -453,7 +520,7 @@ async fn cmd_pair(
             Ok(a) => vec![a],
             Err(e) => return fail(json, &format!("the QR code's anchor: {e}"), 64),
         },
-        _ => return fail(json, "--anchor HOST:PORT is required with a PIN code", 64),
+        _ => return fail(json, "--anchor HOST[:PORT] is required with a PIN code", 64),
     };
     if anchors.is_empty() {
         return fail(
@@ -475,13 +542,20 @@ async fn cmd_pair(
     let (spin_stop, spin_rx) = tokio::sync::watch::channel(None::<String>);
     let spinner = tokio::spawn(spinner(spin_rx, interactive));
     let mut logged_retry = false;
+    let mut announced = false;
     let progress = |p: PairProgress| match p {
         PairProgress::Pending {
             request_id, sas, ..
         } => {
-            if !json {
+            // Once: a resumed request reports itself pending again.
+            if !json && !announced {
+                announced = true;
                 eprintln!("Pairing request {request_id} is waiting for an operator.");
                 eprintln!("Check that the console shows this code: {sas}");
+                eprintln!(
+                    "Waiting for the operator's approval (anchorctl pair approve {request_id}); \
+                     Ctrl-C stops waiting, and `anchor-node pair` resumes it."
+                );
             }
             let _ = spin_stop.send(Some(sas));
         }
@@ -495,21 +569,51 @@ async fn cmd_pair(
             }
         }
     };
-    let result = match parsed {
-        Some(code) => {
-            let opts = PairAnyOptions {
-                anchors: anchors.clone(),
-                code,
-                device_name: name.unwrap_or_else(anchorage_node::capability::hostname),
-                platform: pair::platform(),
-            };
-            pair::pair_any(&endpoint, &state, &opts, progress).await
+    // With one anchor, a closed port is said at once rather than after the handshake timeout.
+    let probe = anchors.len() == 1;
+    let pairing = async {
+        match parsed {
+            Some(code) => {
+                let opts = PairAnyOptions {
+                    anchors: anchors.clone(),
+                    code,
+                    device_name: name.unwrap_or_else(anchorage_node::capability::hostname),
+                    platform: pair::platform(),
+                };
+                pair::pair_any(&endpoint, &state, &opts, progress).await
+            }
+            None => match pair::resume(&endpoint, &state, &anchors, progress).await {
+                Ok(Some(paired)) => Ok(paired),
+                Ok(None) => Err(pair::PairError::Expired),
+                Err(e) => Err(e),
+            },
         }
-        None => match pair::resume(&endpoint, &state, &anchors, progress).await {
-            Ok(Some(paired)) => Ok(paired),
-            Ok(None) => Err(pair::PairError::Expired),
-            Err(e) => Err(e),
-        },
+    };
+    let refused = async {
+        if probe {
+            pair::port_unreachable(addr).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    let result = tokio::select! {
+        result = pairing => result,
+        () = refused => {
+            spinner.abort();
+            if interactive {
+                eprint!("\r\x1b[2K");
+            }
+            return fail(
+                json,
+                &format!(
+                    "cannot reach the anchor at {addr}: nothing listens on UDP port {} there \
+                     (the host answered ICMP port unreachable); check --anchor and that anchord \
+                     runs",
+                    addr.port()
+                ),
+                69,
+            );
+        }
     };
     spinner.abort();
     if interactive {
@@ -702,11 +806,17 @@ fn cmd_status(state_dir: PathBuf, json: bool) -> ExitCode {
             "pending_request": pending.as_ref().map(|p| &p.request_id),
             "running": live.is_some(),
             "connected": live.as_ref().map(|l| l.connected),
-            "connected_since": live.as_ref().and_then(|l| l.connected_since_ms),
+            "connected_since": live
+                .as_ref()
+                .and_then(|l| l.connected_since_ms)
+                .map(|ms| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))),
             "heartbeat_interval_ms": live.as_ref().map(|l| l.heartbeat_interval_ms),
             "heartbeats_sent": live.as_ref().map(|l| l.heartbeats_sent),
             "loss_rate": live.as_ref().and_then(|l| l.loss_rate),
-            "rtt_ms": live.as_ref().and_then(|l| l.rtt_ms),
+            "rtt_ms": live
+                .as_ref()
+                .and_then(|l| l.rtt_ms)
+                .map(|ms| (ms * 1000.0).round() / 1000.0),
             "last_error": live.as_ref().and_then(|l| l.last_error.clone()),
             "anchor_in_use": anchor_in_use,
             "anchors": known_anchors,
@@ -807,6 +917,27 @@ mod tests {
         ];
         assert_eq!(anchors_of(&run), want);
         assert!(anchors_of(&["anchor-node", "run"]).is_empty());
+    }
+
+    #[test]
+    fn pair_assumes_the_default_port_for_a_bare_host() {
+        let (values, defaulted) = with_default_port(&[
+            "anchor.lan".to_string(),
+            "a:7000, 10.0.0.2,[::1]".to_string(),
+            "::1".to_string(),
+            "[::1]:9".to_string(),
+        ]);
+        assert_eq!(
+            values,
+            [
+                "anchor.lan:7444",
+                "a:7000,10.0.0.2:7444,[::1]:7444",
+                "[::1]:7444",
+                "[::1]:9"
+            ]
+        );
+        assert_eq!(defaulted, ["anchor.lan", "10.0.0.2", "[::1]", "::1"]);
+        assert_eq!(anchor_flags(&values).unwrap().len(), 5);
     }
 
     #[test]
