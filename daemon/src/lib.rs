@@ -15,7 +15,8 @@
 //!   the operator's own).
 //!
 //! [`start`] binds the real sockets and returns a handle; [`run`] runs until a shutdown
-//! signal. Tests call the same functions in-process on port 0. `docs/architecture.md` follows
+//! signal; [`reload::run_service`] does too as a service (systemd notifications, SIGHUP
+//! reloads). Tests call the same functions in-process on port 0. `docs/architecture.md` follows
 //! a heartbeat and an invocation through all of it.
 
 use std::future::Future;
