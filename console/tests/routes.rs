@@ -1394,7 +1394,7 @@ async fn a_bad_batch_request_is_a_400_that_says_what_is_wrong() {
         ),
         (
             r#"{"selector":"site=lab","capability":"echo","devices":["x"]}"#,
-            "devices",
+            "invalid device id \"x\"",
         ),
         (r#"{"capability":"echo"}"#, "selector"),
     ] {
