@@ -843,7 +843,7 @@ async fn completion_scripts_for_each_shell() {
         assert!(text.contains(marker), "{shell}: {text}");
         // It knows the commands and their flags.
         assert!(
-            text.contains("anchorctl") && text.contains("inventory") && text.contains("--watch"),
+            text.contains("anchorctl") && text.contains("inventory") && text.contains("watch"),
             "{shell}"
         );
     }
@@ -893,7 +893,10 @@ async fn inventory_watch_prints_again_when_presence_changes() {
     backend.events.send(event(1, "presence")).unwrap();
     *backend.presence.lock().unwrap() = Presence::Offline;
     backend.events.send(event(2, "presence")).unwrap();
-    until("the second table", || text_of(&out).contains("offline")).await;
+    until("the second table", || {
+        text_of(&out).matches("PRESENCE").count() == 2
+    })
+    .await;
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), task)
         .await
@@ -902,6 +905,11 @@ async fn inventory_watch_prints_again_when_presence_changes() {
         .unwrap();
     let text = text_of(&out);
     assert_eq!(text.matches("PRESENCE").count(), 2, "two tables: {text}");
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with(DEVICE)).collect();
+    assert!(
+        rows.len() == 2 && rows[0].contains(" online ") && rows[1].contains(" offline "),
+        "{text}"
+    );
     assert!(
         !text.contains('\u{1b}'),
         "no escapes off a terminal: {text:?}"

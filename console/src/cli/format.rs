@@ -341,7 +341,7 @@ mod tests {
         t.style_last(0, green);
         let text = t.render();
         assert!(
-            text.contains(&format!("a         {green}online{green:#}   x")),
+            text.contains(&format!("a         {green}online{green:#}    x")),
             "{text:?}"
         );
         assert!(text.contains("\u{1b}[31moffline"), "{text:?}");

@@ -881,7 +881,7 @@ impl Ctx<'_> {
                 show: Some(InventoryCommand::Show { id }),
                 ..
             }) => {
-                let id = self.device_id(&id).await?;
+                let id = resolve::Lookup(&self.client).device_id(&id).await?;
                 let device = self.client.inventory_device(&id).await?;
                 self.emit(&device, |now| human_inventory_device(&device, now))
             }
@@ -908,9 +908,15 @@ impl Ctx<'_> {
             Command::Invocation(InvocationCommand::List { device, limit }) => {
                 let limit = check_limit(limit)?;
                 let device = match device {
-                    Some(d) => Some(self.device_id(&d).await?.parse().map_err(|_| {
-                        CliError::bad_input(format!("--device {d}: not a device id"))
-                    })?),
+                    Some(d) => Some(
+                        resolve::Lookup(&self.client)
+                            .device_id(&d)
+                            .await?
+                            .parse()
+                            .map_err(|_| {
+                                CliError::bad_input(format!("--device {d}: not a device id"))
+                            })?,
+                    ),
                     None => None,
                 };
                 let list = self
@@ -926,7 +932,7 @@ impl Ctx<'_> {
             Command::Audit(AuditArgs { target, limit }) => {
                 let limit = check_limit(limit)?;
                 let target = match target {
-                    Some(t) => Some(self.audit_target(t).await?),
+                    Some(t) => Some(resolve::Lookup(&self.client).audit_target(t).await?),
                     None => None,
                 };
                 let list = self
@@ -944,7 +950,7 @@ impl Ctx<'_> {
                 self.emit(&nodes, |now| human_nodes(&nodes, now))
             }
             Command::Node(NodeCommand::Show { id }) => {
-                let id = self.device_id(&id).await?;
+                let id = resolve::Lookup(&self.client).device_id(&id).await?;
                 let node = self.client.node(&id).await?;
                 self.emit(&node, |now| human_node(&node, now))
             }
@@ -1014,7 +1020,9 @@ impl Ctx<'_> {
                 self.emit(&list, |now| human_requests(&list, now))
             }
             PairCommand::Show { request_id } => {
-                let request_id = self.request_id(&request_id).await?;
+                let request_id = resolve::Lookup(&self.client)
+                    .request_id(&request_id)
+                    .await?;
                 let req = self.client.request(&request_id).await?;
                 self.emit(&req, |now| human_request(&req, now))
             }
@@ -1023,7 +1031,9 @@ impl Ctx<'_> {
                 self.emit(&codes, |now| human_codes(&codes, now))
             }
             PairCommand::Approve { request_id, labels } => {
-                let request_id = self.request_id(&request_id).await?;
+                let request_id = resolve::Lookup(&self.client)
+                    .request_id(&request_id)
+                    .await?;
                 let req = self
                     .client
                     .approve_labelled(&request_id, labels.into_iter().collect())
@@ -1039,7 +1049,9 @@ impl Ctx<'_> {
                 })
             }
             PairCommand::Reject { request_id, reason } => {
-                let request_id = self.request_id(&request_id).await?;
+                let request_id = resolve::Lookup(&self.client)
+                    .request_id(&request_id)
+                    .await?;
                 let req = self.client.reject(&request_id, reason).await?;
                 self.emit(&req, |_| {
                     format!(
@@ -1065,19 +1077,19 @@ impl Ctx<'_> {
                 self.emit(&list, |now| human_devices(&list, now))
             }
             DeviceCommand::Show { id } => {
-                let id = self.device_id(&id).await?;
+                let id = resolve::Lookup(&self.client).device_id(&id).await?;
                 let device = self.client.device(&id).await?;
                 self.emit(&device, |now| human_device(&device, now))
             }
             DeviceCommand::Revoke { id, reason } => {
-                let id = self.device_id(&id).await?;
+                let id = resolve::Lookup(&self.client).device_id(&id).await?;
                 let device = self.client.revoke(&id, reason).await?;
                 self.emit(&device, |_| {
                     format!("revoked device {} ({})\n", device.device_id, device.name)
                 })
             }
             DeviceCommand::Rotate { id } => {
-                let id = self.device_id(&id).await?;
+                let id = resolve::Lookup(&self.client).device_id(&id).await?;
                 let device = self.client.rotate(&id).await?;
                 self.emit(&device, |_| {
                     format!(
@@ -1087,7 +1099,7 @@ impl Ctx<'_> {
                 })
             }
             DeviceCommand::Label { id, changes } => {
-                let id = self.device_id(&id).await?;
+                let id = resolve::Lookup(&self.client).device_id(&id).await?;
                 let mut req = crate::api::LabelRequest::default();
                 for text in &changes {
                     match text.parse::<anchorage_wire::labels::LabelChange>() {
@@ -1111,7 +1123,7 @@ impl Ctx<'_> {
                 })
             }
             DeviceCommand::Remove { id } => {
-                let id = self.device_id(&id).await?;
+                let id = resolve::Lookup(&self.client).device_id(&id).await?;
                 self.client.remove(&id).await?;
                 self.emit(
                     &serde_json::json!({ "device_id": id, "removed": true }),
@@ -1205,7 +1217,7 @@ impl Ctx<'_> {
                     "give DEVICE_ID CAPABILITY, or -l SELECTOR CAPABILITY to run on many devices",
                 )
             })?;
-        let device_id = self.device_id(&device_id).await?;
+        let device_id = resolve::Lookup(&self.client).device_id(&device_id).await?;
         let started = std::time::Instant::now();
         let invocation = self
             .client

@@ -10,6 +10,7 @@
 use anchorage_wire::DeviceId;
 
 use super::{CliError, exit};
+use crate::client::ControlPlaneClient;
 
 /// Shortest id prefix taken, in characters without dashes (shorter ones match too much).
 pub const MIN_PREFIX: usize = 4;
@@ -189,13 +190,15 @@ impl From<ResolveError> for CliError {
     }
 }
 
-/// The lookups of the commands: they fetch the list, then apply the rules above.
-// `&mut self`: a `&Ctx` held across an await would need its writer to be `Sync`.
-impl super::Ctx<'_> {
+/// The lookups of the commands: they fetch the list, then apply the rules above. (They take
+/// the client, not the command's context, whose output need not be `Sync`.)
+pub(super) struct Lookup<'a>(pub(super) &'a ControlPlaneClient);
+
+impl Lookup<'_> {
     /// The device id `input` designates. A full id is taken as it is (the anchor answers for
     /// it); anything else is looked up in the device list. A token that may not list devices
     /// has its input passed on unchanged.
-    pub(super) async fn device_id(&mut self, input: &str) -> Result<String, CliError> {
+    pub(super) async fn device_id(&self, input: &str) -> Result<String, CliError> {
         if input.parse::<DeviceId>().is_ok() {
             return Ok(input.trim().to_string());
         }
@@ -207,7 +210,7 @@ impl super::Ctx<'_> {
 
     /// `audit --target`: a device by name or prefix becomes its id; anything else (a
     /// request, code or token id) is passed on.
-    pub(super) async fn audit_target(&mut self, input: String) -> Result<String, CliError> {
+    pub(super) async fn audit_target(&self, input: String) -> Result<String, CliError> {
         if input.parse::<DeviceId>().is_ok() {
             return Ok(input);
         }
@@ -221,8 +224,8 @@ impl super::Ctx<'_> {
 
     /// The pairing request id `input` designates: itself, or the one request whose id it
     /// begins. A token that may not list requests has its input passed on unchanged.
-    pub(super) async fn request_id(&mut self, input: &str) -> Result<String, CliError> {
-        let ids: Vec<String> = match self.client.list_requests(None).await {
+    pub(super) async fn request_id(&self, input: &str) -> Result<String, CliError> {
+        let ids: Vec<String> = match self.0.list_requests(None).await {
             Ok(list) => list.into_iter().map(|r| r.request_id).collect(),
             Err(e) if matches!(e.status(), Some(401 | 403)) => return Ok(input.to_string()),
             Err(e) => return Err(e.into()),
@@ -230,8 +233,8 @@ impl super::Ctx<'_> {
         Ok(request(input, &ids)?.to_string())
     }
 
-    async fn candidates(&mut self) -> Result<Option<Vec<Candidate>>, CliError> {
-        match self.client.list_devices().await {
+    async fn candidates(&self) -> Result<Option<Vec<Candidate>>, CliError> {
+        match self.0.list_devices().await {
             Ok(list) => Ok(Some(
                 list.into_iter()
                     .map(|d| Candidate {
