@@ -158,6 +158,43 @@ async fn anchorctl_lists_the_inventory_over_https_with_the_anchor_ca_and_refuses
 }
 
 #[tokio::test]
+async fn version_shows_the_anchors_over_https_with_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = anchor_with(dir.path(), anchor_ca_tls()).await;
+    let url = localhost_url(&running);
+    let ca = dir.path().join("data/ca.pem");
+    let version = env!("CARGO_PKG_VERSION");
+    let mut out = Vec::new();
+    cli::print_version_for(
+        [
+            "anchorctl",
+            "--url",
+            &url,
+            "--ca-file",
+            ca.to_str().unwrap(),
+            "--version",
+        ],
+        &mut out,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!("anchorctl {version}\nanchor: {version} ({url}/)\n")
+    );
+    // Without the CA it says why it cannot ask.
+    let mut out = Vec::new();
+    cli::print_version_for(["anchorctl", "--url", &url, "--version"], &mut out)
+        .await
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("anchor: unreachable (") && text.contains("--ca-file"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn an_operators_own_certificate_and_key_serve_the_console() {
     let dir = tempfile::tempdir().unwrap();
     let (op_ca, cert, key) = operator_pki(dir.path());

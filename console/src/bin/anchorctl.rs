@@ -18,9 +18,10 @@ fn main() -> ExitCode {
         }
     };
     // `--version`: the client's, then the anchor's when it answers within 2 s.
-    if let Some(url) = cli::version_request(std::env::args_os()) {
+    // The anchor is found as for any command (flags, environment, context, its CA).
+    if cli::version_request(std::env::args_os()).is_some() {
         let mut stdout = std::io::stdout();
-        return match runtime.block_on(cli::print_version(&url, &mut stdout)) {
+        return match runtime.block_on(cli::print_version_for(std::env::args_os(), &mut stdout)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::from(cli::exit::FAILURE),
         };

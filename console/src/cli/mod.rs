@@ -710,8 +710,49 @@ where
 /// Prints `anchorctl VERSION`, then `anchor: VERSION (URL)` or `anchor: unreachable
 /// (why)`, asking the anchor at `url` for at most [`VERSION_TIMEOUT`] (no token needed).
 pub async fn print_version(url: &str, out: &mut dyn Write) -> std::io::Result<()> {
+    write_version(
+        ControlPlaneClient::new(url, "anonymous").map_err(CliError::from),
+        out,
+    )
+    .await
+}
+
+/// [`print_version`] for the anchor the command line `args` designate, as any command
+/// would reach it: `--url`, the environment or the context, and for an https URL the CA file
+/// of the flags, the environment or the context. `args` are the whole command line, with
+/// `--version` in it or not.
+pub async fn print_version_for<I, T>(args: I, out: &mut dyn Write) -> std::io::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut args: Vec<OsString> = args
+        .into_iter()
+        .map(Into::into)
+        .filter(|a| a != "--version" && a != "-V")
+        .collect();
+    // Any command will do to parse the global options; `health` takes no arguments.
+    args.push("health".into());
+    let client = parse_from(args)
+        .map_err(|e| CliError::bad_input(e.to_string().trim().to_string()))
+        .and_then(|cli| {
+            let target = target(&cli)?;
+            let ca = target.ca()?;
+            Ok(ControlPlaneClient::with_ca(
+                &target.url,
+                "anonymous",
+                ca.as_ref(),
+            )?)
+        });
+    write_version(client, out).await
+}
+
+async fn write_version(
+    client: Result<ControlPlaneClient, CliError>,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     writeln!(out, "anchorctl {}", env!("CARGO_PKG_VERSION"))?;
-    let anchor = match ControlPlaneClient::new(url, "anonymous") {
+    let anchor = match client {
         Err(e) => format!("unreachable ({e})"),
         Ok(client) => match client.anchor_version(VERSION_TIMEOUT).await {
             Ok(Some(version)) => format!("{version} ({})", client.base_url()),
