@@ -160,6 +160,39 @@ impl Sim {
         self.backend.as_ref().expect("anchor running")
     }
 
+    /// `method path` through the anchor's console router (in process, no socket) with
+    /// `token` and an optional body of the given content type: the status and the JSON
+    /// answer (`Null` when the answer is not JSON). Panics on a transport failure.
+    pub async fn console_call(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> (axum::http::StatusCode, serde_json::Value) {
+        use tower::ServiceExt;
+        let router = anchorage_console::router(self.anchor().backend());
+        let mut req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"));
+        if let Some((content_type, _)) = &body {
+            req = req.header("content-type", *content_type);
+        }
+        let req = req
+            .body(body.map_or_else(axum::body::Body::empty, |(_, b)| b.into()))
+            .expect("a valid request");
+        let resp = router.oneshot(req).await.expect("the router answers");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22)
+            .await
+            .expect("a body of at most 4 MiB");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// The anchor's address on the simulated network.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.anchor_host.ip(), self.port)

@@ -490,29 +490,8 @@ async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> (StatusCode, serde_json::Value) {
-    let router = anchorage_console::router(sim.anchor().backend());
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("authorization", format!("Bearer {token}"));
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let resp = router
-        .oneshot(
-            req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22)
-        .await
-        .unwrap();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
+    let body = body.map(|b| ("application/json", b.to_string()));
+    sim.console_call(token, method, path, body).await
 }
 
 #[tokio::test(start_paused = true)]

@@ -8,37 +8,14 @@
 use std::time::Duration;
 
 use anchorage_sim::{Sim, lossy};
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 /// `method path` through the console router with the owner token: (status, JSON).
 async fn call(sim: &Sim, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
     let token = sim.anchor().owner_token().unwrap();
-    let router = anchorage_console::router(sim.anchor().backend());
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("authorization", format!("Bearer {token}"));
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let resp = router
-        .oneshot(
-            req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22)
-        .await
-        .unwrap();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    let body = body.map(|b| ("application/json", b.to_string()));
+    sim.console_call(&token, method, path, body).await
 }
 
 async fn get(sim: &Sim, path: &str) -> (StatusCode, Value) {

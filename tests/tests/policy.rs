@@ -11,9 +11,7 @@ use anchorage_console::api::Permission;
 use anchorage_sim::procs::{self, bins, command};
 use anchorage_sim::{Sim, lossy};
 use anchorage_wire::labels::LabelChange;
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use tower::ServiceExt;
+use axum::http::StatusCode;
 
 const POLICY: &str = r#"# displays may watch cameras
 [[allow]]
@@ -40,29 +38,8 @@ async fn call(
     path: &str,
     body: Option<&str>,
 ) -> (StatusCode, serde_json::Value) {
-    let router = anchorage_console::router(sim.anchor().backend());
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("authorization", format!("Bearer {token}"));
-    if body.is_some() {
-        req = req.header("content-type", "application/toml");
-    }
-    let resp = router
-        .oneshot(
-            req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22)
-        .await
-        .unwrap();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
+    let body = body.map(|b| ("application/toml", b.to_string()));
+    sim.console_call(token, method, path, body).await
 }
 
 fn set(k: &str, v: &str) -> LabelChange {
