@@ -12,7 +12,6 @@ use tokio::sync::broadcast;
 
 use crate::api::*;
 use crate::error::ApiError;
-use crate::metrics_layer::{HttpObservation, MetricsFormat};
 
 /// Result of a backend call.
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -217,4 +216,30 @@ pub trait Backend: Send + Sync + 'static {
 
 fn no_policy() -> ApiError {
     ApiError::not_found("this anchor serves no mesh policy")
+}
+
+/// The exposition formats `/metrics` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetricsFormat {
+    /// The Prometheus text format, version 0.0.4: what is served unless OpenMetrics is asked
+    /// for. Counters are declared with their `_total` suffix.
+    #[default]
+    Prometheus,
+    /// OpenMetrics 1.0.0 text, ending in `# EOF`: served when the `Accept` header prefers
+    /// `application/openmetrics-text` (`MetricsFormat::negotiate`).
+    OpenMetrics,
+}
+
+/// One answered console request, as the metrics see it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpObservation<'a> {
+    /// The route template that matched, or [`UNMATCHED_ROUTE`](crate::metrics_layer::UNMATCHED_ROUTE).
+    pub route: &'a str,
+    /// The method, one of the standard ones or `other`.
+    pub method: &'static str,
+    /// The status code of the answer.
+    pub status: u16,
+    /// Seconds from the request's arrival to its answer's head (an event stream's duration is
+    /// the time to its first byte, not how long it stays open).
+    pub seconds: f64,
 }

@@ -20,21 +20,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::backend::Backend;
+// Defined with the backend that receives them; named here too.
+pub use crate::backend::{HttpObservation, MetricsFormat};
 
 /// The `route` of requests no route matched (unknown paths answered 404).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
-
-/// The exposition formats `/metrics` serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MetricsFormat {
-    /// The Prometheus text format, version 0.0.4: what is served unless OpenMetrics is asked
-    /// for. Counters are declared with their `_total` suffix.
-    #[default]
-    Prometheus,
-    /// OpenMetrics 1.0.0 text, ending in `# EOF`: served when the `Accept` header prefers
-    /// `application/openmetrics-text`.
-    OpenMetrics,
-}
 
 /// Content type of the Prometheus text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -80,20 +70,6 @@ impl MetricsFormat {
             MetricsFormat::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
         }
     }
-}
-
-/// One answered console request, as the metrics see it.
-#[derive(Debug, Clone, Copy)]
-pub struct HttpObservation<'a> {
-    /// The route template that matched, or [`UNMATCHED_ROUTE`].
-    pub route: &'a str,
-    /// The method, one of the standard ones or `other`.
-    pub method: &'static str,
-    /// The status code of the answer.
-    pub status: u16,
-    /// Seconds from the request's arrival to its answer's head (an event stream's duration is
-    /// the time to its first byte, not how long it stays open).
-    pub seconds: f64,
 }
 
 /// The method as a bounded label value.

@@ -284,7 +284,7 @@ impl Anchor {
             s.set_bound(Some(addr), None);
         }
         s.spawn(housekeeping(s.clone()));
-        s.spawn(crate::history::run(s.clone()));
+        s.spawn(crate::sampler::run(s.clone()));
         s.spawn(crate::peering::follow(s.clone()));
         crate::batches::resume(s);
         let active = Arc::new(AtomicUsize::new(0));

@@ -3,9 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub mod console_tls;
 
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./anchorage-data";
@@ -397,9 +400,9 @@ pub struct AnchorConfig {
     /// The relay's bandwidth bounds.
     pub relay_limits: RelayLimits,
     /// Whether and how the console speaks HTTPS.
-    pub console_tls: crate::console_tls::ConsoleTls,
+    pub console_tls: console_tls::ConsoleTls,
     /// How often devices are sampled for their history, and how much of it is kept.
-    pub history: crate::history::HistoryLimits,
+    pub history: HistoryLimits,
     /// The configured log filter (`None`: `RUST_LOG`, else the default); checked, applied by
     /// the binary.
     pub log_level: Option<String>,
@@ -407,6 +410,75 @@ pub struct AnchorConfig {
     pub policy_file: Option<PathBuf>,
     /// What the metrics export, and where else.
     pub metrics: MetricsConfig,
+}
+
+/// The history's sampling interval by default.
+pub const DEFAULT_HISTORY_INTERVAL: Duration = Duration::from_secs(60);
+/// Samples kept per device by default: six hours at the default interval.
+pub const DEFAULT_HISTORY_SAMPLES: usize = 360;
+/// Presence changes kept per device by default.
+pub const DEFAULT_HISTORY_TRANSITIONS: usize = 200;
+
+/// How often the history service samples each device and how much it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Time between two samples of a device.
+    pub interval: Duration,
+    /// Most samples kept per device (the oldest goes first).
+    pub samples: usize,
+    /// Most presence changes kept per device (the oldest goes first).
+    pub transitions: usize,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        HistoryLimits {
+            interval: DEFAULT_HISTORY_INTERVAL,
+            samples: DEFAULT_HISTORY_SAMPLES,
+            transitions: DEFAULT_HISTORY_TRANSITIONS,
+        }
+    }
+}
+
+/// The settings a reload changes that the anchor's tasks read while running (the presence
+/// thresholds live in the node table's settings). Starts from the configuration.
+#[derive(Debug)]
+pub struct LiveSettings {
+    retention: Mutex<Retention>,
+}
+
+/// How long and how many finished invocations (and batches) are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished invocations and batches older than this are pruned.
+    pub max_age: Duration,
+    /// At most this many finished invocations are kept.
+    pub max_records: usize,
+}
+
+impl LiveSettings {
+    /// The running values of `config`.
+    pub fn new(config: &AnchorConfig) -> LiveSettings {
+        LiveSettings {
+            retention: Mutex::new(retention_of(config)),
+        }
+    }
+
+    /// The retention in force.
+    pub fn retention(&self) -> Retention {
+        *self.retention.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_retention(&self, r: Retention) {
+        *self.retention.lock().unwrap_or_else(|e| e.into_inner()) = r;
+    }
+}
+
+pub(crate) fn retention_of(config: &AnchorConfig) -> Retention {
+    Retention {
+        max_age: config.invocation_retention,
+        max_records: config.invocation_max_records,
+    }
 }
 
 /// The metrics' settings.
@@ -451,7 +523,7 @@ impl FileConfig {
         let console_serve = console_serve_options(&self)?;
         let store = store_choice(&self)?;
         let relay_limits = relay_limits(&self)?;
-        let console_tls = crate::console_tls::settings(
+        let console_tls = console_tls::settings(
             self.console_tls,
             self.console_names.as_deref(),
             self.console_cert.as_deref(),
@@ -577,11 +649,11 @@ impl FileConfig {
                 message: "must be between 1 and 1024".into(),
             });
         }
-        let history = crate::history::HistoryLimits {
+        let history = HistoryLimits {
             interval: dur(
                 "history_interval",
                 self.history_interval.clone(),
-                crate::history::DEFAULT_INTERVAL,
+                DEFAULT_HISTORY_INTERVAL,
             )?,
             ..Default::default()
         };

@@ -1,6 +1,6 @@
 //! The history service: each device's link over the last hours and its presence changes.
 //!
-//! Every [`HistoryLimits::interval`] the driver ([`run`]) samples each node with a live
+//! Every [`HistoryLimits::interval`] the driver (`crate::sampler`) samples each node with a live
 //! session on this anchor (QUIC round-trip time, heartbeat loss, heartbeat age, presence) and
 //! hears every presence change on the event bus. The rules live in [`Book`] (sans-IO: entries
 //! in, store writes out): at most [`HistoryLimits::samples`] samples and
@@ -12,45 +12,20 @@
 //! The console reads it through [`History::view`] (`GET /console/v1/inventory/{id}/history`).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
 use anchorage_console::api::Event;
 use anchorage_mesh::DeviceId;
 use anchorage_wire::Presence;
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::records::{HistoryEntry, HistorySample};
-use crate::services::Services;
 use crate::store::{RuntimeWrite, Writer};
 
-/// Sampling interval by default.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
-/// Samples kept per device by default: six hours at the default interval.
-pub const DEFAULT_SAMPLES: usize = 360;
-/// Presence changes kept per device by default.
-pub const DEFAULT_TRANSITIONS: usize = 200;
-
-/// How often to sample and how much to keep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HistoryLimits {
-    /// Time between two samples of a device.
-    pub interval: Duration,
-    /// Most samples kept per device (the oldest goes first).
-    pub samples: usize,
-    /// Most presence changes kept per device (the oldest goes first).
-    pub transitions: usize,
-}
-
-impl Default for HistoryLimits {
-    fn default() -> Self {
-        HistoryLimits {
-            interval: DEFAULT_INTERVAL,
-            samples: DEFAULT_SAMPLES,
-            transitions: DEFAULT_TRANSITIONS,
-        }
-    }
-}
+// The limits are configuration (`config`), named here too.
+pub use crate::config::{
+    DEFAULT_HISTORY_INTERVAL as DEFAULT_INTERVAL, DEFAULT_HISTORY_SAMPLES as DEFAULT_SAMPLES,
+    DEFAULT_HISTORY_TRANSITIONS as DEFAULT_TRANSITIONS, HistoryLimits,
+};
 
 /// One device's history, oldest first.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -290,55 +265,11 @@ impl History {
     }
 }
 
-/// Samples every node with a live session on this anchor now.
-pub fn take_samples(s: &Services) -> Vec<(DeviceId, HistorySample)> {
-    let now = s.clock.now_ms();
-    let nodes = s.nodes.lock();
-    let t = nodes.settings().thresholds;
-    nodes
-        .iter()
-        .filter_map(|(id, n)| {
-            let live = n.live.as_ref()?;
-            n.record.as_ref()?;
-            Some((
-                *id,
-                HistorySample {
-                    at_ms: now,
-                    rtt_ms: Some(live.handle.conn.rtt().as_secs_f64() * 1000.0),
-                    loss: n.window.loss(),
-                    heartbeat_age_ms: n.last_seen_ms.map(|at| now.saturating_sub(at)),
-                    presence: n.presence(now, &t),
-                },
-            ))
-        })
-        .collect()
-}
-
-/// The driver: samples every interval and records presence changes until shutdown.
-pub async fn run(s: Arc<Services>) {
-    let mut events = s.events.subscribe();
-    let mut tick = tokio::time::interval(s.history.limits().interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is at once: a sample at start-up says little about the link.
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => s.history.sample(take_samples(&s)),
-            event = events.recv() => match event {
-                Ok(e) => s.history.on_event(&e),
-                Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "history missed events; some presence changes are not recorded");
-                }
-                Err(RecvError::Closed) => return,
-            },
-            _ = s.cancel.cancelled() => return,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
 
     use super::*;
 

@@ -48,6 +48,7 @@ pub mod policy;
 pub mod records;
 pub mod reload;
 pub mod remote;
+pub mod sampler;
 pub mod services;
 pub mod session;
 pub mod store;
@@ -269,7 +270,53 @@ pub fn metrics_text(
     services: &services::Services,
     format: anchorage_console::MetricsFormat,
 ) -> String {
-    services
-        .metrics
-        .encode(&metrics::snapshot(services), format)
+    services.metrics.encode(&metrics_snapshot(services), format)
+}
+
+/// The state gauges' values now, read from the services (blocking: reads the devices from
+/// the store).
+fn metrics_snapshot(services: &services::Services) -> metrics::Snapshot {
+    let (nodes_by_presence, connected) = services.nodes.counts();
+    let secs = |t: std::time::SystemTime| crate::clock::to_ms(t) / 1000;
+    let mut snapshot = metrics::Snapshot {
+        nodes_by_presence,
+        connected,
+        store_bytes: services.stores.runtime.disk_space(),
+        ca_cert_expiry_secs: secs(services.trust.ca().info().not_after),
+        server_cert_expiry_secs: secs(services.server_cert.info().not_after),
+        ..metrics::Snapshot::default()
+    };
+    match services.trust.devices() {
+        Ok(devices) => {
+            for d in devices {
+                match d.trust {
+                    crate::records::DeviceTrust::Trusted => {
+                        snapshot.trusted += 1;
+                        let t = d.cert_not_after_ms / 1000;
+                        let earliest = snapshot.node_cert_expiry_earliest_secs.get_or_insert(t);
+                        *earliest = (*earliest).min(t);
+                    }
+                    crate::records::DeviceTrust::Revoked => snapshot.revoked += 1,
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading devices for the metrics failed"),
+    }
+    if services.config.metrics.per_node {
+        let table = services.nodes.lock();
+        for (id, node) in table.iter() {
+            let Some(live) = &node.live else { continue };
+            snapshot.per_node.push(metrics::NodeSample {
+                device_id: id.to_string(),
+                name: node
+                    .record
+                    .as_ref()
+                    .map(|r| r.name.clone())
+                    .unwrap_or_default(),
+                rtt_secs: live.handle.conn.rtt().as_secs_f64(),
+                heartbeat_loss: node.window.loss(),
+            });
+        }
+    }
+    snapshot
 }

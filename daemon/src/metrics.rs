@@ -575,54 +575,6 @@ impl Metrics {
     }
 }
 
-/// The state gauges' values now, read from the services (blocking: reads the devices from
-/// the store).
-pub fn snapshot(services: &crate::services::Services) -> Snapshot {
-    let (nodes_by_presence, connected) = services.nodes.counts();
-    let secs = |t: std::time::SystemTime| crate::clock::to_ms(t) / 1000;
-    let mut snapshot = Snapshot {
-        nodes_by_presence,
-        connected,
-        store_bytes: services.stores.runtime.disk_space(),
-        ca_cert_expiry_secs: secs(services.trust.ca().info().not_after),
-        server_cert_expiry_secs: secs(services.server_cert.info().not_after),
-        ..Snapshot::default()
-    };
-    match services.trust.devices() {
-        Ok(devices) => {
-            for d in devices {
-                match d.trust {
-                    crate::records::DeviceTrust::Trusted => {
-                        snapshot.trusted += 1;
-                        let t = d.cert_not_after_ms / 1000;
-                        let earliest = snapshot.node_cert_expiry_earliest_secs.get_or_insert(t);
-                        *earliest = (*earliest).min(t);
-                    }
-                    crate::records::DeviceTrust::Revoked => snapshot.revoked += 1,
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "reading devices for the metrics failed"),
-    }
-    if services.config.metrics.per_node {
-        let table = services.nodes.lock();
-        for (id, node) in table.iter() {
-            let Some(live) = &node.live else { continue };
-            snapshot.per_node.push(NodeSample {
-                device_id: id.to_string(),
-                name: node
-                    .record
-                    .as_ref()
-                    .map(|r| r.name.clone())
-                    .unwrap_or_default(),
-                rtt_secs: live.handle.conn.rtt().as_secs_f64(),
-                heartbeat_loss: node.window.loss(),
-            });
-        }
-    }
-    snapshot
-}
-
 /// Keeps a node connection in the QUIC counters; see [`Metrics::track_connection`].
 #[derive(Debug)]
 pub struct TrackedConnection {

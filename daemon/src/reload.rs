@@ -11,8 +11,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use anchorage_console::api::Principal;
 use anchorage_console::backend::Backend;
@@ -104,46 +103,8 @@ pub fn read_policy_file(path: &Path) -> Result<String, LoadError> {
     Ok(text)
 }
 
-/// The settings a reload changes that the anchor's tasks read while running (the presence
-/// thresholds live in the node table's settings). Starts from the configuration.
-#[derive(Debug)]
-pub struct LiveSettings {
-    retention: Mutex<Retention>,
-}
-
-/// How long and how many finished invocations (and batches) are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
-    /// Finished invocations and batches older than this are pruned.
-    pub max_age: Duration,
-    /// At most this many finished invocations are kept.
-    pub max_records: usize,
-}
-
-impl LiveSettings {
-    /// The running values of `config`.
-    pub fn new(config: &AnchorConfig) -> LiveSettings {
-        LiveSettings {
-            retention: Mutex::new(retention_of(config)),
-        }
-    }
-
-    /// The retention in force.
-    pub fn retention(&self) -> Retention {
-        *self.retention.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn set_retention(&self, r: Retention) {
-        *self.retention.lock().unwrap_or_else(|e| e.into_inner()) = r;
-    }
-}
-
-fn retention_of(config: &AnchorConfig) -> Retention {
-    Retention {
-        max_age: config.invocation_retention,
-        max_records: config.invocation_max_records,
-    }
-}
+// The running settings are configuration; named here too.
+pub use crate::config::{LiveSettings, Retention};
 
 /// What differs between the running configuration and a newly loaded one, by TOML key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -279,7 +240,7 @@ pub fn apply_settings(anchor: &Anchor, config: &AnchorConfig) {
     with.presence = presence;
     table.set_settings(crate::nodes::settings(&with));
     drop(table);
-    s.live.set_retention(retention_of(config));
+    s.live.set_retention(crate::config::retention_of(config));
 }
 
 /// Puts the policy file's `text` in force through the console's own path (checked, stored as
@@ -420,6 +381,8 @@ async fn policy_from_file(anchor: &Anchor, path: Option<&Path>, text: &str) -> O
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn config(text: &str) -> AnchorConfig {

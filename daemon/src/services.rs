@@ -74,7 +74,7 @@ pub struct Services {
     /// The rendezvous and relay of the peer mesh, and what nodes report about it.
     pub mesh: crate::mesh::Mesh,
     /// Settings a configuration reload changes while running (retention).
-    pub live: crate::reload::LiveSettings,
+    pub live: crate::config::LiveSettings,
     bound: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
@@ -100,7 +100,7 @@ impl Services {
         Services {
             started_at_ms: clock.now_ms(),
             pairing_limiter: Mutex::new(Limiter::new(config.pairing_limits, clock.now_ms())),
-            live: crate::reload::LiveSettings::new(&config),
+            live: crate::config::LiveSettings::new(&config),
             config,
             clock,
             stores,
