@@ -1592,7 +1592,7 @@
         await navigator.clipboard.writeText(text);
         ok = true;
       } catch (_) {
-        // No clipboard API (an http:// page on another host): select the text instead.
+        // No clipboard API (a plain-HTTP page on another host): select the text instead.
         const range = document.createRange();
         range.selectNodeContents(pre);
         const sel = window.getSelection();
