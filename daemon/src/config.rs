@@ -61,6 +61,9 @@ pub struct FileConfig {
     pub invocation_retention: Option<String>,
     /// Keep at most this many finished invocations.
     pub invocation_max_records: Option<usize>,
+    /// Also send small invocation requests (and ask for their results) as datagrams beside
+    /// their streams, for short tails on lossy links (default: true).
+    pub invocation_copies: Option<bool>,
     /// Log format: `text` or `json`.
     pub log_format: Option<String>,
     /// Async worker threads (default: one less than the cores, at least one).
@@ -389,6 +392,8 @@ pub struct AnchorConfig {
     pub invocation_retention: Duration,
     /// Most finished invocations kept.
     pub invocation_max_records: usize,
+    /// Whether small invocations also travel as datagram copies ([`crate::invocations::copies`]).
+    pub invocation_copies: bool,
     /// JSON logs.
     pub log_json: bool,
     /// Async worker threads of the runtime `anchord` builds.
@@ -693,6 +698,7 @@ impl FileConfig {
                 Duration::from_secs(7 * 24 * 3600),
             )?,
             invocation_max_records: self.invocation_max_records.unwrap_or(10_000),
+            invocation_copies: self.invocation_copies.unwrap_or(true),
             log_json,
             console_serve,
             store,

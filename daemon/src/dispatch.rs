@@ -1,7 +1,8 @@
 //! Dispatch (IO driver): runs the invocation service's [`Next`] steps on nodes' connections.
 //!
-//! Each dispatch is one bidirectional stream: request, optional progress, result. What came
-//! of it goes back to the service as a [`Reply`]; the service says what to do next (another
+//! Each dispatch is one bidirectional stream: request, optional progress, result; a small one
+//! also travels as datagram copies beside it ([`copies`]), and the first result of either
+//! path counts. What came of it goes back to the service as a [`Reply`]; the service says what to do next (another
 //! session, a retry in a moment, nothing). Every task is owned by the anchor's tracker.
 
 use std::sync::Arc;
@@ -9,10 +10,11 @@ use std::time::Duration;
 
 use anchorage_mesh::framed::framed;
 use anchorage_wire::PROTOCOL_VERSION;
+use anchorage_wire::datagram::Datagram;
 use anchorage_wire::invoke::{InvocationId, InvokeReply, InvokeRequest, InvokeResult, Outcome};
 use tracing::{debug, warn};
 
-use crate::invocations::{Claim, Ending, Next, Reply};
+use crate::invocations::{Claim, Ending, Next, Reply, copies};
 use crate::records::{InvocationRecord, InvocationState};
 use crate::services::Services;
 
@@ -188,30 +190,83 @@ async fn on_stream(
     claim: &Claim,
     remaining_ms: u64,
 ) -> Result<InvokeResult, String> {
-    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let (mut tx, mut rx) = framed::<InvokeRequest, InvokeReply>(send, recv);
-    tx.send(&InvokeRequest {
+    let request = InvokeRequest {
         version: PROTOCOL_VERSION,
         id: claim.id,
         capability: claim.capability.clone(),
         input: claim.input.clone(),
         remaining_ms: u32::try_from(remaining_ms).unwrap_or(u32::MAX),
         output_limit: services.config.invocation_output_limit,
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    tx.finish().map_err(|e| e.to_string())?;
-    loop {
-        match rx.recv().await {
-            Ok(Some(InvokeReply::Progress(_))) => continue,
-            Ok(Some(InvokeReply::Result(r))) => return Ok(r),
-            Ok(None) => return Err("stream ended without a result".into()),
-            Err(e) => {
-                if e.is_peer_fault() {
-                    warn!(error = %e, "bad invocation reply");
+    };
+    // A copy only for what fits a datagram; the stream carries everything.
+    let copy = services
+        .config
+        .invocation_copies
+        .then(|| Datagram::InvokeCopy(request.clone()).encode().ok())
+        .flatten()
+        .filter(|bytes| conn.max_datagram_size().is_some_and(|max| bytes.len() <= max));
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let (mut tx, mut rx) = framed::<InvokeRequest, InvokeReply>(send, recv);
+    let stream = async {
+        tx.send(&request).await.map_err(|e| e.to_string())?;
+        tx.finish().map_err(|e| e.to_string())?;
+        loop {
+            match rx.recv().await {
+                Ok(Some(InvokeReply::Progress(_))) => continue,
+                Ok(Some(InvokeReply::Result(r))) => return Ok(r),
+                Ok(None) => return Err("stream ended without a result".into()),
+                Err(e) => {
+                    if e.is_peer_fault() {
+                        warn!(error = %e, "bad invocation reply");
+                    }
+                    return Err(e.to_string());
                 }
-                return Err(e.to_string());
             }
         }
+    };
+    let Some(copy) = copy else {
+        return stream.await;
+    };
+    let mut wait = services
+        .invocations
+        .copies()
+        .expect(claim.id, claim.device, claim.session);
+    let copies = send_copies(services, conn, copy);
+    tokio::pin!(stream, copies);
+    let mut copies_done = false;
+    loop {
+        tokio::select! {
+            r = &mut stream => match r {
+                // The copy that reached the node first is running it: its result comes as a
+                // datagram (asked for by every copy), unless the copies run out first.
+                Ok(r) if r.outcome == Outcome::Duplicate && !copies_done => {
+                    let copy = tokio::select! {
+                        c = wait.result() => c,
+                        () = &mut copies => return Ok(r),
+                    };
+                    return Ok(copy);
+                }
+                other => return other,
+            },
+            r = wait.result() => {
+                services.metrics.invocation_copy_won();
+                return Ok(r);
+            }
+            () = &mut copies, if !copies_done => copies_done = true,
+        }
+    }
+}
+
+/// Sends the datagram copies of a request on their schedule ([`copies::Schedule`]), then
+/// waits one more interval for the last one's answer.
+async fn send_copies(services: &Services, conn: &quinn::Connection, copy: Vec<u8>) {
+    let schedule = copies::Schedule::for_rtt(conn.rtt());
+    tokio::time::sleep(schedule.first).await;
+    for _ in 0..copies::MAX_COPIES {
+        if conn.send_datagram(copy.clone().into()).is_err() {
+            break;
+        }
+        services.metrics.invocation_copy_sent(copy.len());
+        tokio::time::sleep(schedule.interval).await;
     }
 }

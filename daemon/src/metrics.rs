@@ -164,6 +164,9 @@ pub struct Metrics {
     streams_refused: Counter,
     handshake_retries: Counter,
     datagrams_dropped: Family<Reason, Counter>,
+    invocation_copies_sent: Counter,
+    invocation_copy_bytes: Counter,
+    invocation_copies_won: Counter,
     up: Family<Version, Gauge>,
     build_info: Family<BuildLabels, Gauge>,
     nodes: Family<PresenceLabel, Gauge>,
@@ -212,6 +215,9 @@ impl Metrics {
             streams_refused: Counter::default(),
             handshake_retries: Counter::default(),
             datagrams_dropped: Family::default(),
+            invocation_copies_sent: Counter::default(),
+            invocation_copy_bytes: Counter::default(),
+            invocation_copies_won: Counter::default(),
             up: Family::default(),
             build_info: Family::default(),
             nodes: Family::default(),
@@ -275,8 +281,23 @@ impl Metrics {
             );
             r.register(
                 "anchorage_datagrams_dropped",
-                "Datagrams from nodes dropped: malformed (did not decode) or unexpected (not a heartbeat).",
+                "Datagrams from nodes dropped: malformed (did not decode or beyond the limits) or unexpected (neither a heartbeat nor a result copy).",
                 m.datagrams_dropped.clone(),
+            );
+            r.register(
+                "anchorage_invocation_copies_sent",
+                "Datagram copies of small invocation requests sent beside their streams (docs/protocol.md).",
+                m.invocation_copies_sent.clone(),
+            );
+            r.register(
+                "anchorage_invocation_copy_bytes",
+                "Payload bytes of those copies.",
+                m.invocation_copy_bytes.clone(),
+            );
+            r.register(
+                "anchorage_invocation_copies_won",
+                "Invocations whose result arrived first as a datagram copy rather than on the stream.",
+                m.invocation_copies_won.clone(),
             );
             r.register(
                 "anchorage_invocations",
@@ -425,6 +446,17 @@ impl Metrics {
         self.datagrams_dropped
             .get_or_create(&Reason { reason })
             .inc();
+    }
+
+    /// Counts a datagram copy of an invocation request, `bytes` long.
+    pub fn invocation_copy_sent(&self, bytes: usize) {
+        self.invocation_copies_sent.inc();
+        self.invocation_copy_bytes.inc_by(bytes as u64);
+    }
+
+    /// Counts an invocation whose result copy arrived before its stream's result.
+    pub fn invocation_copy_won(&self) {
+        self.invocation_copies_won.inc();
     }
 
     fn is_known(&self, capability: &str) -> bool {

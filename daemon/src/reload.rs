@@ -183,6 +183,10 @@ pub fn compare(old: &AnchorConfig, new: &AnchorConfig) -> Changes {
         "invocation_output_limit",
         old.invocation_output_limit != new.invocation_output_limit,
     );
+    restart(
+        "invocation_copies",
+        old.invocation_copies != new.invocation_copies,
+    );
     restart("log_format", old.log_json != new.log_json);
     restart("worker_threads", old.worker_threads != new.worker_threads);
     restart("console_*", old.console_serve != new.console_serve);
@@ -203,6 +207,7 @@ pub fn compare(old: &AnchorConfig, new: &AnchorConfig) -> Changes {
     rest.pairing_limits = old.pairing_limits;
     rest.retry_above_handshakes = old.retry_above_handshakes;
     rest.invocation_output_limit = old.invocation_output_limit;
+    rest.invocation_copies = old.invocation_copies;
     rest.log_json = old.log_json;
     rest.worker_threads = old.worker_threads;
     rest.console_serve = old.console_serve.clone();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anchorage_mesh::CertInfo;
 use anchorage_mesh::framed::{FramedRecv, FramedSend, close, framed};
 use anchorage_wire::control::*;
-use anchorage_wire::datagram::{Datagram, HeartbeatAck};
+use anchorage_wire::datagram::Datagram;
 use anchorage_wire::{ErrorCode, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -369,7 +369,7 @@ async fn run_session(
                 None => break "session dropped",
             },
             dg = conn.read_datagram() => match dg {
-                Ok(bytes) => heartbeat(&services, &device, session, &conn, &bytes),
+                Ok(bytes) => datagram(&services, &device, session, &bytes),
                 Err(_) => break "connection closed",
             },
             // Besides the control stream a node opens one relay stream, and nothing else.
@@ -459,37 +459,35 @@ async fn send_directory(
     Ok(())
 }
 
-/// A datagram on a node session: a heartbeat is recorded and acked.
-fn heartbeat(
+/// A datagram on a node session: a heartbeat is recorded (QUIC's own ACK answers it: an
+/// ack datagram back would make the node's stack send an ACK-only packet, a second received
+/// packet per heartbeat); a result copy goes to the dispatch waiting for it.
+fn datagram(
     services: &Services,
     device: &anchorage_mesh::DeviceId,
     session: SessionId,
-    conn: &quinn::Connection,
     bytes: &[u8],
 ) {
-    let hb = match Datagram::decode(bytes) {
-        Ok(Datagram::Heartbeat(hb)) => hb,
-        Ok(_) => {
-            debug!(device_id = %device, "dropped a datagram that is not a heartbeat");
-            services.metrics.datagram_dropped("unexpected");
-            return;
-        }
-        Err(_) => {
+    let dg = match Datagram::decode(bytes) {
+        Ok(dg) if dg.validate().is_ok() => dg,
+        Ok(_) | Err(_) => {
             debug!(device_id = %device, "dropped a datagram that does not decode");
             services.metrics.datagram_dropped("malformed");
             return;
         }
     };
-    let Some(ingested) = services.nodes.heartbeat(device, session, hb.seq) else {
-        return;
-    };
-    let ack = Datagram::HeartbeatAck(HeartbeatAck {
-        seq: hb.seq,
-        echo_node_time_ms: hb.node_time_ms,
-        received: ingested.received,
-    });
-    if let Ok(bytes) = ack.encode() {
-        let _ = conn.send_datagram(bytes.into());
+    match dg {
+        Datagram::Heartbeat(hb) => {
+            services.nodes.heartbeat(device, session, hb.seq);
+        }
+        Datagram::ResultCopy(copy) => {
+            // Late (the stream answered first) or not this node's: nothing waits for it.
+            services.invocations.copies().deliver(device, session, copy);
+        }
+        _ => {
+            debug!(device_id = %device, "dropped a datagram a node does not send");
+            services.metrics.datagram_dropped("unexpected");
+        }
     }
 }
 

@@ -53,6 +53,7 @@ use tracing::{debug, info, warn};
 use crate::anchors::ResolveError;
 use crate::anchors::{AnchorAddr, AnchorSet, Pause, SilenceWatch};
 use crate::capability::Registry;
+use crate::copies::CopyServer;
 use crate::invoke::{Counters, Seen, handle_invocation};
 use crate::mesh::socket::MeshSocket;
 use crate::peer::Peers;
@@ -251,10 +252,19 @@ pub struct AgentStats {
     pub renewals: AtomicU64,
     /// Heartbeats sent (this connection).
     pub heartbeats_sent: AtomicU64,
-    /// Acks received (this connection).
+    /// Heartbeat acks received (this connection): only from anchors of earlier versions, which
+    /// acked each heartbeat with a datagram; QUIC's own acks answer them now.
     pub acks_received: AtomicU64,
-    /// Smoothed RTT in microseconds (0 = none yet).
+    /// Smoothed RTT in microseconds, QUIC's estimate (0 = none yet).
     pub rtt_us: AtomicU64,
+    /// Packets this connection sent to the anchor, as QUIC counts them.
+    pub path_sent: AtomicU64,
+    /// Of those, lost (QUIC's loss detection).
+    pub path_lost: AtomicU64,
+    /// Datagram copies of invocation requests received from the anchor.
+    pub invoke_copies: AtomicU64,
+    /// Datagram copies of results sent to the anchor.
+    pub result_copies: AtomicU64,
     /// Connected since, Unix ms (0 = not connected).
     pub connected_since_ms: AtomicU64,
     /// Heartbeat interval in ms.
@@ -272,13 +282,22 @@ pub struct AgentStats {
 }
 
 impl AgentStats {
-    /// Loss estimated from acks, 0..1, once a few heartbeats were sent.
+    /// Loss of this connection's packets to the anchor, 0..1, as QUIC's loss detection counts
+    /// it, once a few heartbeats were sent.
     pub fn loss_rate(&self) -> Option<f64> {
-        let sent = self.heartbeats_sent.load(Ordering::Relaxed);
-        let acked = self.acks_received.load(Ordering::Relaxed);
-        // The newest heartbeat may still be in flight.
-        let settled = sent.saturating_sub(1);
-        (settled >= 3).then(|| 1.0 - (acked.min(settled) as f64 / settled as f64))
+        let heartbeats = self.heartbeats_sent.load(Ordering::Relaxed);
+        let sent = self.path_sent.load(Ordering::Relaxed);
+        let lost = self.path_lost.load(Ordering::Relaxed);
+        (heartbeats >= 3 && sent > 0).then(|| lost.min(sent) as f64 / sent as f64)
+    }
+
+    /// Takes the connection's round-trip time and loss counts from QUIC.
+    fn sample_link(&self, conn: &quinn::Connection) {
+        let path = conn.stats().path;
+        let rtt = u64::try_from(path.rtt.as_micros()).unwrap_or(u64::MAX);
+        self.rtt_us.store(rtt.max(1), Ordering::Relaxed);
+        self.path_sent.store(path.sent_packets, Ordering::Relaxed);
+        self.path_lost.store(path.lost_packets, Ordering::Relaxed);
     }
 
     /// Smoothed RTT in ms.
@@ -785,6 +804,8 @@ async fn session(
         .store(interval.as_millis() as u64, Ordering::Relaxed);
     stats.heartbeats_sent.store(0, Ordering::Relaxed);
     stats.acks_received.store(0, Ordering::Relaxed);
+    stats.path_sent.store(0, Ordering::Relaxed);
+    stats.path_lost.store(0, Ordering::Relaxed);
     *lock(&stats.anchor) = Some(anchor.to_string());
     info!(%anchor, device_id = %registered.device_id, interval_ms = interval.as_millis() as u64, "registered with the anchor");
 
@@ -800,14 +821,16 @@ async fn session(
         hb_seed,
         stats.clone(),
     ));
-    tasks.spawn(acks(conn.clone(), origin, stats.clone()));
-    tasks.spawn(invocations(
-        conn.clone(),
-        config.capabilities.clone(),
-        Arc::new(Semaphore::new(config.max_concurrent.max(1))),
-        stats.clone(),
-        held.seen.clone(),
-    ));
+    let copies = CopyServer {
+        conn: conn.clone(),
+        registry: config.capabilities.clone(),
+        permits: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+        stats: stats.clone(),
+        seen: held.seen.clone(),
+        running: Arc::default(),
+    };
+    tasks.spawn(datagrams(copies.clone()));
+    tasks.spawn(invocations(copies));
     if let Some(mesh) = &held.mesh {
         start_relay(conn, mesh, &mut tasks).await;
         mesh.peers
@@ -1141,6 +1164,7 @@ async fn heartbeats(
             match conn.send_datagram(bytes.into()) {
                 Ok(()) => {
                     stats.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                    stats.sample_link(&conn);
                 }
                 Err(quinn::SendDatagramError::ConnectionLost(_)) => return,
                 Err(e) => debug!(error = %e, "heartbeat not sent"),
@@ -1154,48 +1178,32 @@ async fn heartbeats(
     }
 }
 
-async fn acks(conn: quinn::Connection, origin: Instant, stats: Arc<AgentStats>) {
+/// Datagrams from the anchor: invocation copies (see [`crate::copies`]), and the heartbeat
+/// acks of anchors of earlier versions (counted).
+async fn datagrams(copies: CopyServer) {
     loop {
-        let bytes = match conn.read_datagram().await {
+        let bytes = match copies.conn.read_datagram().await {
             Ok(b) => b,
             Err(_) => return,
         };
-        let Ok(Datagram::HeartbeatAck(ack)) = Datagram::decode(&bytes) else {
-            continue;
-        };
-        stats.acks_received.fetch_add(1, Ordering::Relaxed);
-        let now_us = origin.elapsed().as_micros() as u64;
-        let sample = now_us.saturating_sub(ack.echo_node_time_ms.saturating_mul(1000));
-        let old = stats.rtt_us.load(Ordering::Relaxed);
-        // Smoothed like TCP's SRTT: 7/8 old + 1/8 new.
-        let smoothed = if old == 0 {
-            sample.max(1)
-        } else {
-            (old * 7 + sample) / 8
-        };
-        stats.rtt_us.store(smoothed.max(1), Ordering::Relaxed);
+        match Datagram::decode(&bytes) {
+            Ok(Datagram::InvokeCopy(req)) if req.validate().is_ok() => copies.serve(req),
+            Ok(Datagram::HeartbeatAck(_)) => {
+                copies.stats.acks_received.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => debug!("dropped a datagram that is not one the anchor sends"),
+        }
     }
 }
 
 /// Serves invocation streams opened by the anchor.
-async fn invocations(
-    conn: quinn::Connection,
-    registry: Registry,
-    permits: Arc<Semaphore>,
-    stats: Arc<AgentStats>,
-    seen: Arc<Mutex<Seen>>,
-) {
+async fn invocations(copies: CopyServer) {
     loop {
-        let (send, recv) = match conn.accept_bi().await {
+        let (send, recv) = match copies.conn.accept_bi().await {
             Ok(s) => s,
             Err(_) => return,
         };
-        let (registry, permits, stats, seen) = (
-            registry.clone(),
-            permits.clone(),
-            stats.clone(),
-            seen.clone(),
-        );
+        let copies = copies.clone();
         tokio::spawn(async move {
             let (mut tx, mut rx) = framed::<InvokeReply, InvokeRequest>(send, recv);
             let req = match tokio::time::timeout(Duration::from_secs(15), rx.recv()).await {
@@ -1206,14 +1214,19 @@ async fn invocations(
                 }
                 _ => return,
             };
+            let stats = &copies.stats;
             let counters = Counters {
                 duplicates: &stats.duplicates,
                 expired: &stats.invocations_expired,
                 run: &stats.invocations_run,
             };
-            let result = handle_invocation(req, &registry, &permits, counters, &seen).await;
-            let _ = tx.send(&InvokeReply::Result(result)).await;
+            let id = req.id;
+            let result =
+                handle_invocation(req, &copies.registry, &copies.permits, counters, &copies.seen)
+                    .await;
+            let _ = tx.send(&InvokeReply::Result(result.clone())).await;
             let _ = tx.finish();
+            copies.finished(id, &result);
         });
     }
 }

@@ -2,7 +2,7 @@
 //! peers' calls. Duplicates (by id) are answered from memory, never run twice; a request whose
 //! deadline passed never starts; the output is cut to the caller's limit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,11 +31,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Invocation ids already seen, with their results once finished (oldest forgotten first).
+/// Invocation ids already seen, with their results once finished (oldest forgotten first),
+/// and which running ones the anchor asked a datagram copy of the result for.
 #[derive(Debug, Default)]
 pub(crate) struct Seen {
     order: VecDeque<InvocationId>,
     results: HashMap<InvocationId, Option<InvokeResult>>,
+    copy_wanted: HashSet<InvocationId>,
 }
 
 impl Seen {
@@ -49,9 +51,28 @@ impl Seen {
         while self.order.len() > SEEN_INVOCATIONS {
             if let Some(old) = self.order.pop_front() {
                 self.results.remove(&old);
+                self.copy_wanted.remove(&old);
             }
         }
         None
+    }
+
+    /// The state of `id` without recording it: `None` if never seen, `Some(None)` while it
+    /// runs, `Some(Some(result))` once finished.
+    pub(crate) fn peek(&self, id: &InvocationId) -> Option<Option<InvokeResult>> {
+        self.results.get(id).cloned()
+    }
+
+    /// Remembers that a copy of the result of `id`, running now, was asked for.
+    pub(crate) fn want_copy(&mut self, id: InvocationId) {
+        if matches!(self.results.get(&id), Some(None)) {
+            self.copy_wanted.insert(id);
+        }
+    }
+
+    /// Whether a copy of the result of `id` was asked for while it ran (asked once).
+    pub(crate) fn take_copy_wanted(&mut self, id: &InvocationId) -> bool {
+        self.copy_wanted.remove(id)
     }
 
     pub(crate) fn finish(&mut self, id: InvocationId, result: &InvokeResult) {
@@ -207,6 +228,30 @@ mod tests {
             seen.insert(InvocationId(b));
         }
         assert!(seen.insert(id).is_none(), "the oldest id was forgotten");
+    }
+
+    #[test]
+    fn a_copy_is_wanted_only_of_what_runs_and_only_once() {
+        let mut seen = Seen::default();
+        let (running, done, unknown) = (
+            InvocationId([1; 16]),
+            InvocationId([2; 16]),
+            InvocationId([3; 16]),
+        );
+        seen.insert(running);
+        seen.insert(done);
+        let r = result(Outcome::Succeeded, b"x".to_vec(), None, Duration::ZERO, 10);
+        seen.finish(done, &r);
+        for id in [running, done, unknown] {
+            seen.want_copy(id);
+        }
+        assert_eq!(seen.peek(&done), Some(Some(r)));
+        assert_eq!(seen.peek(&running), Some(None));
+        assert_eq!(seen.peek(&unknown), None);
+        assert!(!seen.take_copy_wanted(&done), "finished: answered at once instead");
+        assert!(!seen.take_copy_wanted(&unknown));
+        assert!(seen.take_copy_wanted(&running));
+        assert!(!seen.take_copy_wanted(&running), "once");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod anchors;
 pub mod api;
 pub mod capability;
 pub mod config;
+mod copies;
 pub mod invoke;
 pub mod mesh;
 pub mod pair;

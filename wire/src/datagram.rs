@@ -1,15 +1,24 @@
-//! Heartbeats and their acks, sent as QUIC datagrams on a node connection.
+//! Heartbeats, and copies of small invocations, sent as QUIC datagrams on a node connection.
 //!
 //! A datagram is one postcard-encoded [`Datagram`] with no length prefix (QUIC keeps datagram
 //! boundaries). Datagrams are unreliable: the node numbers heartbeats so the anchor can count
-//! gaps as loss, and the anchor acks each one, echoing the node's clock so the node can measure
-//! its round-trip time and, from the acked count, its own loss rate.
+//! gaps as loss. The anchor no longer acks each heartbeat with a datagram (QUIC's own ACK does,
+//! and the node's round-trip time and loss come from its QUIC connection): an ack-eliciting
+//! datagram back made the node's stack answer with an ACK-only packet, two received packets
+//! per heartbeat. [`HeartbeatAck`] stays decodable for anchors that still send it.
+//!
+//! A small invocation is also sent as an [`InvokeCopy`](Datagram::InvokeCopy) beside its
+//! stream, and its result comes back as a [`ResultCopy`](Datagram::ResultCopy): whichever
+//! copy arrives first counts, the node's duplicate-id check makes a second copy harmless, and
+//! a lost single-packet request or result no longer waits for QUIC's probe timeout.
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     frame::{FrameError, decode_exact},
+    invoke::{InvocationId, InvokeReply, InvokeRequest, InvokeResult},
     limits::MAX_DATAGRAM_LEN,
+    LimitError,
 };
 
 /// One QUIC datagram.
@@ -18,8 +27,24 @@ use crate::{
 pub enum Datagram {
     /// Node → anchor: I am alive.
     Heartbeat(Heartbeat),
-    /// Anchor → node: I heard you.
+    /// Anchor → node: I heard you (sent by earlier anchors; nodes still read it).
     HeartbeatAck(HeartbeatAck),
+    /// Anchor → node: a copy of an invocation request also sent on its stream (only when it
+    /// fits a datagram). Also asks for a [`Datagram::ResultCopy`] of its result.
+    InvokeCopy(InvokeRequest),
+    /// Node → anchor: a copy of an invocation's result, answering an
+    /// [`Datagram::InvokeCopy`] (only when it fits a datagram).
+    ResultCopy(ResultCopy),
+}
+
+/// The result of invocation `id`, as a datagram.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ResultCopy {
+    /// The invocation.
+    pub id: InvocationId,
+    /// Its result, as on the stream.
+    pub result: InvokeResult,
 }
 
 /// A node's heartbeat.
@@ -59,6 +84,15 @@ impl Datagram {
             });
         }
         Ok(bytes)
+    }
+
+    /// Checks every field against the protocol's limits (the invocation copies).
+    pub fn validate(&self) -> Result<(), LimitError> {
+        match self {
+            Datagram::Heartbeat(_) | Datagram::HeartbeatAck(_) => Ok(()),
+            Datagram::InvokeCopy(r) => r.validate(),
+            Datagram::ResultCopy(c) => InvokeReply::Result(c.result.clone()).validate(),
+        }
     }
 
     /// Decodes a datagram payload strictly (no trailing bytes, size-checked).

@@ -5,6 +5,7 @@
 //! the bus, counts to the metrics. Dispatches and retries are handed back to the caller as
 //! [`Next`] steps: the IO side (`crate::dispatch`) runs them on the node's connection.
 
+pub mod copies;
 pub mod machine;
 
 use std::collections::HashMap;
@@ -56,6 +57,7 @@ struct Waiter {
 #[derive(Debug)]
 pub struct Invocations {
     queue: Mutex<machine::Queue>,
+    copies: copies::ResultCopies,
     waiters: Mutex<HashMap<[u8; 16], Arc<Waiter>>>,
     store: Arc<dyn RuntimeStore>,
     writer: Writer,
@@ -79,6 +81,7 @@ impl Invocations {
         queue.restore(unfinished);
         Invocations {
             queue: Mutex::new(queue),
+            copies: copies::ResultCopies::default(),
             waiters: Mutex::new(HashMap::new()),
             store,
             writer,
@@ -86,6 +89,11 @@ impl Invocations {
             events,
             metrics,
         }
+    }
+
+    /// Dispatches waiting for a datagram copy of their result.
+    pub fn copies(&self) -> &copies::ResultCopies {
+        &self.copies
     }
 
     fn queue(&self) -> MutexGuard<'_, machine::Queue> {

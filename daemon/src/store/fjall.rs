@@ -8,7 +8,7 @@
 //! The records on top are [`KvStore`]'s.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ::fjall::{
     KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
@@ -35,6 +35,24 @@ pub struct FjallKv {
     revision: AtomicU64,
     /// This process's announcement: nobody else opens the database, so memory is enough.
     announced: std::sync::Mutex<Option<Vec<u8>>>,
+    /// Syncs of the journal in progress (they hold its lock, which a write waits for).
+    syncing: AtomicUsize,
+}
+
+/// Counts a sync of the journal while it lasts.
+struct Syncing<'a>(&'a AtomicUsize);
+
+impl<'a> Syncing<'a> {
+    fn start(count: &'a AtomicUsize) -> Syncing<'a> {
+        count.fetch_add(1, Ordering::AcqRel);
+        Syncing(count)
+    }
+}
+
+impl Drop for Syncing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for FjallKv {
@@ -81,6 +99,7 @@ impl KvStore<FjallKv> {
             path: dir.to_path_buf(),
             revision: AtomicU64::new(0),
             announced: std::sync::Mutex::new(None),
+            syncing: AtomicUsize::new(0),
         };
         KvStore::new(kv, dir)
     }
@@ -206,6 +225,7 @@ impl Kv for FjallKv {
             rev
         };
         // The group commit: synced after the writer is released.
+        let _syncing = Syncing::start(&self.syncing);
         self.db.persist(PersistMode::SyncData).map_err(backend)?;
         Ok(Some(rev))
     }
@@ -215,7 +235,12 @@ impl Kv for FjallKv {
     }
 
     fn persist(&self) -> Result<(), StoreError> {
+        let _syncing = Syncing::start(&self.syncing);
         self.db.persist(PersistMode::SyncAll).map_err(backend)
+    }
+
+    fn apply_may_wait(&self) -> bool {
+        self.syncing.load(Ordering::Acquire) > 0
     }
 
     fn announce(

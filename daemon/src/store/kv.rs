@@ -188,6 +188,12 @@ pub trait Kv: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+    /// Whether [`Kv::apply`] may have to wait now (for the network, or for the journal a
+    /// durable commit is syncing): the writer then commits on the blocking pool, otherwise on
+    /// its own task, which saves a thread hand-off per batch.
+    fn apply_may_wait(&self) -> bool {
+        true
+    }
     /// Since when (Unix ms) reads have answered from the backend's last view because it
     /// cannot be reached; `None` while they answer from the backend itself.
     fn stale_since(&self) -> Option<u64> {
@@ -910,6 +916,10 @@ impl<K: Kv> RuntimeStore for KvStore<K> {
 
     fn shared(&self) -> bool {
         self.kv.shared()
+    }
+
+    fn apply_may_wait(&self) -> bool {
+        self.kv.apply_may_wait()
     }
 
     fn stale_since(&self) -> Option<u64> {

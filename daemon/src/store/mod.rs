@@ -14,7 +14,7 @@
 //! - [`RuntimeStore`]: node registrations, last-seen times (written in batches), invocations
 //!   and their pruning, each device's history (samples and presence changes). Writes go
 //!   through the ordered [`Writer`], which batches them and
-//!   commits on the blocking pool; a [`Writer::barrier`] resolves once every write queued
+//!   commits them (on its own task when that cannot wait, else on the blocking pool); a [`Writer::barrier`] resolves once every write queued
 //!   before it is on disk (flushed to the OS, which survives `kill -9`).
 //!
 //! [`FjallStore`] implements both on one fjall database. [`conformance`] is the suite any
@@ -359,6 +359,11 @@ pub trait RuntimeStore: Send + Sync + 'static {
     fn load(&self) -> Result<RuntimeSnapshot, StoreError>;
     /// Applies writes atomically, in order, flushed to the OS (not synced).
     fn apply(&self, writes: &[RuntimeWrite]) -> Result<(), StoreError>;
+    /// Whether [`RuntimeStore::apply`] may have to wait now (on the network, or on a durable
+    /// commit's sync): the [`Writer`] then commits on the blocking pool.
+    fn apply_may_wait(&self) -> bool {
+        true
+    }
     /// One invocation.
     fn invocation(&self, id: &InvocationId) -> Result<Option<InvocationRecord>, StoreError>;
     /// The newest `limit` invocations that `keep` accepts, newest first.
@@ -461,11 +466,40 @@ enum WriteOp {
     Barrier(tokio::sync::oneshot::Sender<Result<(), StoreError>>),
 }
 
+/// Most writes in a batch the [`Writer`] commits on its own task (when the backend says it
+/// will not wait); a larger batch goes to the blocking pool.
+pub const WRITER_INLINE_BATCH: usize = 16;
+
+/// Commits one batch of the [`Writer`]'s queue and answers its barriers.
+fn commit(store: &dyn RuntimeStore, batch: Vec<WriteOp>) {
+    let mut writes = Vec::with_capacity(batch.len());
+    let mut barriers = Vec::new();
+    for op in batch {
+        match op {
+            WriteOp::Write(w) => writes.push(w),
+            WriteOp::Barrier(ack) => barriers.push(ack),
+        }
+    }
+    let result = if writes.is_empty() {
+        Ok(())
+    } else {
+        store.apply(&writes)
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "store write failed");
+    }
+    for ack in barriers {
+        let _ = ack.send(result.clone());
+    }
+}
+
 /// The ordered writer of runtime state, for any [`RuntimeStore`]. Cheap to clone.
 ///
-/// One task drains the queue in order and commits each batch on the blocking pool (which also
-/// keeps a paused test clock from jumping while the disk works), so a later write of a record
-/// always lands after an earlier one.
+/// One task drains the queue in order, so a later write of a record always lands after an
+/// earlier one. It commits a small batch itself when the backend will not wait (fjall, while
+/// no durable commit is syncing its journal: a write syscall), and any other batch on the
+/// blocking pool (etcd; a large batch; fjall during a sync, whose journal lock the write
+/// would wait for), which keeps the async workers from blocking on the disk or the network.
 #[derive(Clone, Debug)]
 pub struct Writer {
     tx: tokio::sync::mpsc::Sender<WriteOp>,
@@ -483,29 +517,14 @@ impl Writer {
             let mut ops = Vec::with_capacity(WRITER_BATCH);
             while rx.recv_many(&mut ops, WRITER_BATCH).await > 0 {
                 let batch = std::mem::take(&mut ops);
+                // A small batch the backend takes without waiting is committed here: the
+                // hop to the blocking pool and back would cost more than the write.
+                if batch.len() <= WRITER_INLINE_BATCH && !store.apply_may_wait() {
+                    commit(&*store, batch);
+                    continue;
+                }
                 let store = store.clone();
-                let done = tokio::task::spawn_blocking(move || {
-                    let mut writes = Vec::with_capacity(batch.len());
-                    let mut barriers = Vec::new();
-                    for op in batch {
-                        match op {
-                            WriteOp::Write(w) => writes.push(w),
-                            WriteOp::Barrier(ack) => barriers.push(ack),
-                        }
-                    }
-                    let result = if writes.is_empty() {
-                        Ok(())
-                    } else {
-                        store.apply(&writes)
-                    };
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "store write failed");
-                    }
-                    for ack in barriers {
-                        let _ = ack.send(result.clone());
-                    }
-                })
-                .await;
+                let done = tokio::task::spawn_blocking(move || commit(&*store, batch)).await;
                 if done.is_err() {
                     tracing::error!("store writer task failed");
                 }

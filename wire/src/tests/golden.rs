@@ -192,6 +192,34 @@ fn datagram_heartbeat_has_no_length_prefix() {
 }
 
 #[test]
+fn datagram_invoke_copy() {
+    assert_datagram(
+        &invoke_copy(),
+        "02       # Datagram::InvokeCopy
+         01       # version 1
+         abababababababababababababababab # id, 16 bare bytes
+         04 6563686f # capability \"echo\"
+         02 7b7d  # input {}
+         e807     # remaining_ms 1000
+         808004   # output_limit 65536",
+    );
+}
+
+#[test]
+fn datagram_result_copy() {
+    assert_datagram(
+        &result_copy(),
+        "03       # Datagram::ResultCopy
+         abababababababababababababababab # id
+         00       # Outcome::Succeeded
+         02 7b7d  # output {}
+         00       # truncated false
+         00       # error None
+         03       # duration_ms 3",
+    );
+}
+
+#[test]
 fn datagram_heartbeat_ack() {
     assert_datagram(
         &ack(),
@@ -407,10 +435,12 @@ fn variant_indices_are_append_only() {
         assert_eq!(postcard::to_stdvec(&m).unwrap(), [expected], "{m:?}");
     }
 
-    for m in [heartbeat(), ack()] {
+    for m in [heartbeat(), ack(), invoke_copy(), result_copy()] {
         let expected = match m {
             Datagram::Heartbeat(_) => 0,
             Datagram::HeartbeatAck(_) => 1,
+            Datagram::InvokeCopy(_) => 2,
+            Datagram::ResultCopy(_) => 3,
         };
         assert_eq!(tag(&m), expected, "{m:?}");
     }
@@ -584,6 +614,30 @@ fn heartbeat() -> Datagram {
         node_time_ms: 123_456,
         load_centi: Some(150),
         running: 2,
+    })
+}
+
+fn invoke_copy() -> Datagram {
+    Datagram::InvokeCopy(InvokeRequest {
+        version: 1,
+        id: InvocationId([0xab; 16]),
+        capability: "echo".into(),
+        input: b"{}".to_vec(),
+        remaining_ms: 1000,
+        output_limit: 65536,
+    })
+}
+
+fn result_copy() -> Datagram {
+    Datagram::ResultCopy(ResultCopy {
+        id: InvocationId([0xab; 16]),
+        result: InvokeResult {
+            outcome: Outcome::Succeeded,
+            output: b"{}".to_vec(),
+            truncated: false,
+            error: None,
+            duration_ms: 3,
+        },
     })
 }
 

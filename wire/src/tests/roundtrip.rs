@@ -145,7 +145,15 @@ proptest! {
     /// A datagram payload is the bare postcard body: no length prefix, size-checked, strict.
     #[test]
     fn datagram_payload(dg in any::<Datagram>()) {
-        let bytes = dg.encode()?;
+        let bytes = match dg.encode() {
+            // An invocation copy is only sent when it fits; the encoder refuses the rest.
+            Err(crate::FrameError::TooLarge { .. })
+                if matches!(dg, Datagram::InvokeCopy(_) | Datagram::ResultCopy(_)) =>
+            {
+                return Ok(());
+            }
+            other => other?,
+        };
         prop_assert!(bytes.len() <= crate::limits::MAX_DATAGRAM_LEN);
         prop_assert_eq!(Datagram::decode(&bytes)?, dg.clone());
         // The same body as a frame's, without the prefix.
