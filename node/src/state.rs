@@ -82,11 +82,11 @@ pub struct LiveStatus {
     pub heartbeat_interval_ms: u64,
     /// Heartbeats sent on this connection.
     pub heartbeats_sent: u64,
-    /// Acks received.
+    /// Heartbeat acks received (only anchors before issue 16 send them).
     pub acks_received: u64,
-    /// Loss estimated from acks, 0..1.
+    /// Loss of packets to the anchor, 0..1, as the QUIC connection counts it.
     pub loss_rate: Option<f64>,
-    /// Smoothed RTT from acks, ms.
+    /// Smoothed RTT, the QUIC connection's estimate, ms.
     pub rtt_ms: Option<f64>,
     /// When this was written (Unix ms).
     pub updated_at_ms: u64,
