@@ -198,13 +198,16 @@ async fn on_stream(
         remaining_ms: u32::try_from(remaining_ms).unwrap_or(u32::MAX),
         output_limit: services.config.invocation_output_limit,
     };
-    // A copy only for what fits a datagram; the stream carries everything.
-    let copy = services
-        .config
-        .invocation_copies
+    // A copy only for what fits a datagram (the stream carries everything), and only where
+    // a lost packet costs more than a copy: not on a LAN that loses nothing, where copies
+    // would only add work when the anchor is busy.
+    let copy = (services.config.invocation_copies && copies::worth_it(conn))
         .then(|| Datagram::InvokeCopy(request.clone()).encode().ok())
         .flatten()
-        .filter(|bytes| conn.max_datagram_size().is_some_and(|max| bytes.len() <= max));
+        .filter(|bytes| {
+            conn.max_datagram_size()
+                .is_some_and(|max| bytes.len() <= max)
+        });
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let (mut tx, mut rx) = framed::<InvokeRequest, InvokeReply>(send, recv);
     let stream = async {

@@ -1221,9 +1221,14 @@ async fn invocations(copies: CopyServer) {
                 run: &stats.invocations_run,
             };
             let id = req.id;
-            let result =
-                handle_invocation(req, &copies.registry, &copies.permits, counters, &copies.seen)
-                    .await;
+            let result = handle_invocation(
+                req,
+                &copies.registry,
+                &copies.permits,
+                counters,
+                &copies.seen,
+            )
+            .await;
             let _ = tx.send(&InvokeReply::Result(result.clone())).await;
             let _ = tx.finish();
             copies.finished(id, &result);

@@ -248,7 +248,10 @@ mod tests {
         assert_eq!(seen.peek(&done), Some(Some(r)));
         assert_eq!(seen.peek(&running), Some(None));
         assert_eq!(seen.peek(&unknown), None);
-        assert!(!seen.take_copy_wanted(&done), "finished: answered at once instead");
+        assert!(
+            !seen.take_copy_wanted(&done),
+            "finished: answered at once instead"
+        );
         assert!(!seen.take_copy_wanted(&unknown));
         assert!(seen.take_copy_wanted(&running));
         assert!(!seen.take_copy_wanted(&running), "once");

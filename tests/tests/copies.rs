@@ -42,7 +42,11 @@ async fn under_heavy_loss_calls_run_once_and_copies_carry_the_lost_ones() {
     assert!(agent.registered(1, Duration::from_secs(120)).await);
     let calls = 60;
     for i in 0..calls {
-        let inv = sim.backend().invoke(&sim.owner, id, health()).await.unwrap();
+        let inv = sim
+            .backend()
+            .invoke(&sim.owner, id, health())
+            .await
+            .unwrap();
         assert_eq!(inv.state, InvocationState::Succeeded, "call {i}: {inv:?}");
     }
     assert_eq!(
@@ -77,10 +81,17 @@ async fn with_copies_off_nothing_is_copied() {
     let agent = node.start_agent(sim.addr(), |_| {});
     assert!(agent.registered(1, Duration::from_secs(60)).await);
     for _ in 0..10 {
-        let inv = sim.backend().invoke(&sim.owner, id, health()).await.unwrap();
+        let inv = sim
+            .backend()
+            .invoke(&sim.owner, id, health())
+            .await
+            .unwrap();
         assert_eq!(inv.state, InvocationState::Succeeded, "{inv:?}");
     }
-    assert_eq!(counter(&sim, "anchorage_invocation_copies_sent_total").await, 0.0);
+    assert_eq!(
+        counter(&sim, "anchorage_invocation_copies_sent_total").await,
+        0.0
+    );
     assert_eq!(agent.stats.invoke_copies.load(Ordering::Relaxed), 0);
 }
 

@@ -15,10 +15,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    LimitError,
     frame::{FrameError, decode_exact},
     invoke::{InvocationId, InvokeReply, InvokeRequest, InvokeResult},
     limits::MAX_DATAGRAM_LEN,
-    LimitError,
 };
 
 /// One QUIC datagram.

@@ -28,6 +28,17 @@ use crate::nodes::SessionId;
 /// call beyond them.
 pub const MAX_COPIES: u32 = 8;
 
+/// Round-trip time from which copies are sent on a connection that has lost nothing.
+pub const COPY_MIN_RTT: Duration = Duration::from_millis(2);
+
+/// Whether copies are worth sending on `conn`: it lost packets, or its round trip is long
+/// enough (at least [`COPY_MIN_RTT`]) that QUIC's probe timeout is expensive. On a quiet LAN
+/// a loss costs QUIC's probe timeout of a few tens of milliseconds, and copies would only
+/// add work while the anchor is busy.
+pub fn worth_it(conn: &quinn::Connection) -> bool {
+    conn.rtt() >= COPY_MIN_RTT || conn.stats().path.lost_packets > 0
+}
+
 /// When a dispatch sends the copies of its request, from the connection's round-trip time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
@@ -170,11 +181,20 @@ mod tests {
         let copies = ResultCopies::default();
         let id = InvocationId([1; 16]);
         let mut wait = copies.expect(id, device(1), SessionId(7));
-        assert!(!copies.deliver(&device(2), SessionId(7), copy(id)), "another device");
-        assert!(!copies.deliver(&device(1), SessionId(8), copy(id)), "another session");
+        assert!(
+            !copies.deliver(&device(2), SessionId(7), copy(id)),
+            "another device"
+        );
+        assert!(
+            !copies.deliver(&device(1), SessionId(8), copy(id)),
+            "another session"
+        );
         assert!(copies.deliver(&device(1), SessionId(7), copy(id)));
         assert_eq!(wait.result().await.output, b"{}");
-        assert!(!copies.deliver(&device(1), SessionId(7), copy(id)), "answered once");
+        assert!(
+            !copies.deliver(&device(1), SessionId(7), copy(id)),
+            "answered once"
+        );
         drop(wait);
         assert!(copies.is_empty());
     }
