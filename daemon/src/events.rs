@@ -263,44 +263,74 @@ impl AnchorEvent {
 
 /// The event bus. Publishing never blocks; a subscriber that falls behind by more than
 /// [`EVENT_BUFFER`] events is told it lagged (by the broadcast channel) and goes on.
+///
+/// Two feeds: every event ([`EventBus::subscribe`], the console's stream), and the changes of
+/// the fleet without the invocations and batches ([`EventBus::subscribe_fleet`]), for the
+/// anchor's own followers (history, mesh directories), so a busy stream of invocations does
+/// not wake them once per state change.
 #[derive(Debug)]
 pub struct EventBus {
     clock: Clock,
     seq: AtomicU64,
     tx: broadcast::Sender<Event>,
+    fleet: broadcast::Sender<Event>,
 }
 
 impl EventBus {
     /// A bus stamping events with `clock`.
     pub fn new(clock: Clock) -> EventBus {
         let (tx, _) = broadcast::channel(EVENT_BUFFER);
+        let (fleet, _) = broadcast::channel(EVENT_BUFFER);
         EventBus {
             clock,
             seq: AtomicU64::new(0),
             tx,
+            fleet,
         }
     }
 
     /// Publishes `event` to every subscriber (none is fine).
     pub fn publish(&self, event: AnchorEvent) {
-        if self.tx.receiver_count() == 0 {
-            // Still count it, so sequence numbers say how many changes happened.
-            self.seq.fetch_add(1, Ordering::Relaxed);
+        // Counted even without subscribers, so sequence numbers say how many changes happened.
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let to_fleet = !matches!(
+            event,
+            AnchorEvent::Invocation { .. } | AnchorEvent::Batch(_)
+        ) && self.fleet.receiver_count() > 0;
+        let to_all = self.tx.receiver_count() > 0;
+        if !to_fleet && !to_all {
             return;
         }
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let _ = self.tx.send(Event {
+        let e = Event {
             seq,
             at: to_odt(self.clock.now_ms()),
             kind: event.kind().to_string(),
             device_id: event.device().copied(),
             data: event.data(),
-        });
+        };
+        match (to_fleet, to_all) {
+            (true, true) => {
+                let _ = self.fleet.send(e.clone());
+                let _ = self.tx.send(e);
+            }
+            (true, false) => {
+                let _ = self.fleet.send(e);
+            }
+            _ => {
+                let _ = self.tx.send(e);
+            }
+        }
     }
 
-    /// A new subscription, from the next event on.
+    /// A new subscription to every event, from the next one on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
+    }
+
+    /// A new subscription to the fleet's changes (every event but `invocation` and `batch`),
+    /// from the next one on.
+    pub fn subscribe_fleet(&self) -> broadcast::Receiver<Event> {
+        self.fleet.subscribe()
     }
 }
 
@@ -335,5 +365,29 @@ mod tests {
             second.data,
             json!({"request_id": "req_1", "state": "rejected"})
         );
+    }
+
+    #[test]
+    fn the_fleet_feed_skips_invocations_and_batches_but_keeps_the_numbering() {
+        let bus = EventBus::new(Clock::System);
+        let mut fleet = bus.subscribe_fleet();
+        let mut all = bus.subscribe();
+        let device = DeviceId::from_bytes([3; anchorage_mesh::identity::DEVICE_ID_LEN]);
+        let record = crate::records::InvocationRecord::queued(
+            [1; 16],
+            device,
+            "echo".into(),
+            b"{}".to_vec(),
+            "owner".into(),
+            0,
+            1000,
+        );
+        bus.publish(AnchorEvent::invocation(&record));
+        bus.publish(AnchorEvent::DeviceRemoved { device });
+        assert_eq!(all.try_recv().unwrap().kind, "invocation");
+        assert_eq!(all.try_recv().unwrap().kind, "device.removed");
+        let only = fleet.try_recv().unwrap();
+        assert_eq!((only.kind.as_str(), only.seq), ("device.removed", 2));
+        assert!(fleet.try_recv().is_err());
     }
 }

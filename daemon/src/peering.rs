@@ -63,7 +63,7 @@ fn read_roster(
 pub async fn follow(services: Arc<Services>) {
     let mut policy = services.policy.subscribe();
     let mut revoked = services.trust.revocation().subscribe();
-    let mut events = services.events.subscribe();
+    let mut events = services.events.subscribe_fleet();
     let mut stale = true;
     loop {
         if stale {

@@ -37,7 +37,7 @@ pub fn take_samples(s: &Services) -> Vec<(DeviceId, HistorySample)> {
 
 /// The driver: samples every interval and records presence changes until shutdown.
 pub async fn run(s: Arc<Services>) {
-    let mut events = s.events.subscribe();
+    let mut events = s.events.subscribe_fleet();
     let mut tick = tokio::time::interval(s.history.limits().interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is at once: a sample at start-up says little about the link.
