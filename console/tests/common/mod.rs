@@ -266,7 +266,7 @@ pub fn fleet_entry(i: usize) -> InventoryDevice {
         name: format!("node-{i:05}"),
         labels: [(
             "site".to_string(),
-            if i % 2 == 0 { "lab" } else { "depot" }.to_string(),
+            if i.is_multiple_of(2) { "lab" } else { "depot" }.to_string(),
         )]
         .into(),
         presence: if offline {
