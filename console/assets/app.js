@@ -32,6 +32,9 @@
   const SUCCESS_BANNER_MS = 6000;
   // How long the selector field waits after a keystroke before asking the anchor.
   const SELECTOR_DEBOUNCE_MS = 300;
+  // Rows of the inventory table per page: the anchor filters, sorts and sends one page at a
+  // time (GET /inventory?limit=&offset=), so a fleet of ten thousand stays quick to show.
+  const PAGE_SIZE = 100;
   // How often a running batch's page re-reads it (its events carry counts, not outputs).
   const BATCH_POLL_MS = 1000;
   // Longest output shown inline in a batch's table; longer ones fold into a <details>.
@@ -49,6 +52,8 @@
     inventoryAt: 0,
     inventoryNotice: null,
     filters: { presence: '', trust: '', text: '', selector: '' },
+    // The inventory table's page, from 0.
+    inventoryPage: 0,
     // The selector the shown inventory was read with, and the anchor's word on a bad one.
     inventorySelector: '',
     selectorError: null,
@@ -66,8 +71,8 @@
     lastInvocation: null,
     // The inventory's order: none is problems first; else a column and 1 or -1.
     sort: { key: null, dir: 1 },
-    // Device ids of the rows ticked for a bulk action.
-    selected: new Set(),
+    // The rows ticked for a bulk action (device id → its entry), on any page.
+    selected: new Map(),
   };
 
   // ---------------------------------------------------------------------------------------
@@ -424,13 +429,44 @@
   // ---------------------------------------------------------------------------------------
   // Inventory
 
-  /** The inventory of the devices `selector` matches (all with none), or one built from
-   * /devices and pending requests when the anchor cannot give presence yet (503). */
+  /** The order the table asks the anchor for. */
+  function sortParam() {
+    return state.sort.key ? `${state.sort.dir < 0 ? '-' : ''}${state.sort.key}` : 'problems';
+  }
+
+  /** Whether presence, trust or the search narrow the table below what the selector matches. */
+  function narrowed() {
+    const { presence, trust, text } = state.filters;
+    return Boolean(presence || trust || text.trim());
+  }
+
+  /** The query of the table's page: the filters, the order and the page. */
+  function pageQuery(selector) {
+    const { presence, trust, text } = state.filters;
+    const q = new URLSearchParams();
+    if (selector) q.set('selector', selector);
+    if (presence) q.set('presence', presence);
+    if (trust) q.set('trust', trust);
+    if (text.trim()) q.set('q', text.trim());
+    q.set('sort', sortParam());
+    q.set('limit', String(PAGE_SIZE));
+    q.set('offset', String(state.inventoryPage * PAGE_SIZE));
+    return q;
+  }
+
+  /** The table's page of the devices `selector` matches (all with none) with the counters of
+   * everything the selector matches, or one built from /devices and pending requests when
+   * the anchor cannot give presence yet (503). */
   async function fetchInventory(selector) {
     const q = selector ? `?selector=${enc(selector)}` : '';
     try {
-      const inv = await get(`/inventory${q}`);
-      return { inv, note: null };
+      const page = await get(`/inventory?${pageQuery(selector)}`);
+      // An anchor that does not page sent everything the selector, presence and trust match.
+      if (!page.page) return { inv: pageLocally(page), note: null };
+      if (!narrowed()) return { inv: page, note: null };
+      // The counters (and a batch) follow the selector alone.
+      const whole = await get(`/inventory${q ? `${q}&` : '?'}limit=1`);
+      return { inv: { ...page, summary: whole.summary }, note: null };
     } catch (err) {
       if (!(err instanceof ApiError) || err.status !== 503) throw err;
       const [devices, pending] = await Promise.all([
@@ -438,8 +474,25 @@
         // A pairing request has no labels yet: a selector leaves them out.
         selector ? [] : get('/pairing/requests?state=pending_approval'),
       ]);
-      return { inv: fallbackInventory(devices, pending), note: `Presence, heartbeats and capabilities are not available from this anchor (${err.code}: ${err.message}); showing trust only.` };
+      return { inv: pageLocally(fallbackInventory(devices, pending)), note: `Presence, heartbeats and capabilities are not available from this anchor (${err.code}: ${err.message}); showing trust only.` };
     }
+  }
+
+  /** The page the anchor would send, made here from every device the selector matches. */
+  function pageLocally(inv) {
+    const { presence, trust, text } = state.filters;
+    const needle = text.trim().toLowerCase();
+    const rows = inv.devices
+      .filter((d) => (!presence || d.presence === presence) && (!trust || d.trust === trust))
+      .filter((d) => !needle || d.name.toLowerCase().includes(needle) || d.device_id.toLowerCase().includes(needle)
+        || labelPairs(d.labels).some((l) => l.toLowerCase().includes(needle)))
+      .sort(compareDevices);
+    const offset = state.inventoryPage * PAGE_SIZE;
+    return {
+      ...inv,
+      devices: rows.slice(offset, offset + PAGE_SIZE),
+      page: { total: rows.length, offset, limit: PAGE_SIZE, sort: sortParam() },
+    };
   }
 
   function fallbackInventory(devices, pending) {
@@ -598,16 +651,20 @@
 
   function setFilters(f) {
     const selectorChanged = f.selector !== state.filters.selector;
+    const typed = selectorChanged || f.text !== state.filters.text;
     state.filters = f;
+    state.inventoryPage = 0;
     for (const [id, v] of [['filter-presence', f.presence], ['filter-trust', f.trust], ['filter-text', f.text], ['filter-selector', f.selector]]) {
       if ($(id).value !== v) $(id).value = v;
     }
-    if (state.inventory || state.selectorError) renderInventoryTable();
-    if (selectorChanged) {
-      // The anchor evaluates the selector: ask it once typing pauses.
-      renderBatchCard();
-      scheduleRefresh(SELECTOR_DEBOUNCE_MS);
-    }
+    if (selectorChanged) renderBatchCard();
+    // The anchor filters: ask it, once typing pauses.
+    scheduleRefresh(typed ? SELECTOR_DEBOUNCE_MS : 0);
+  }
+
+  function setPage(page) {
+    state.inventoryPage = Math.max(0, page);
+    scheduleRefresh(0);
   }
 
   function capabilitySummary(c) {
@@ -654,18 +711,7 @@
 
   function setSort(key) {
     state.sort = state.sort.key === key ? { key, dir: -state.sort.dir } : { key, dir: 1 };
-    renderInventoryTable();
-  }
-
-  /** The filtered rows, in the order shown. */
-  function shownDevices() {
-    const { presence, trust, text } = state.filters;
-    const needle = text.trim().toLowerCase();
-    return state.inventory.devices
-      .filter((d) => (!presence || d.presence === presence) && (!trust || d.trust === trust))
-      .filter((d) => !needle || d.name.toLowerCase().includes(needle) || d.device_id.toLowerCase().includes(needle)
-        || labelPairs(d.labels).some((l) => l.toLowerCase().includes(needle)))
-      .sort(compareDevices);
+    setPage(0);
   }
 
   function canSelect() {
@@ -678,13 +724,23 @@
       renderBulkBar();
       return;
     }
-    const all = state.inventory.devices;
-    const rows = shownDevices();
-    // A selection holds only devices still listed.
-    const listed = new Set(all.map((d) => d.device_id));
-    for (const id of [...state.selected]) if (!listed.has(id)) state.selected.delete(id);
+    const rows = state.inventory.devices;
+    const page = state.inventory.page;
+    const total = state.inventory.summary.devices;
+    // A selected row shows its latest entry; a selection holds only devices still listed,
+    // which only a whole listing can tell.
+    for (const d of rows) if (state.selected.has(d.device_id)) state.selected.set(d.device_id, d);
+    if (!narrowed() && page.offset === 0 && page.total <= rows.length) {
+      const listed = new Set(rows.map((d) => d.device_id));
+      for (const id of [...state.selected.keys()]) if (!listed.has(id)) state.selected.delete(id);
+    }
     renderBulkBar();
-    if (!all.length) {
+    if (!rows.length && page.total > 0 && page.offset > 0) {
+      // The page ran past the end (devices went away): show the last one.
+      setPage(Math.ceil(page.total / PAGE_SIZE) - 1);
+      return;
+    }
+    if (!total) {
       replace('inventory-table', state.inventorySelector
         ? el('p', { class: 'empty', text: `No device matches the selector ${state.inventorySelector}.` })
         : el('p', { class: 'empty' }, 'No devices yet. ', el('a', { attrs: { href: '#/pairing' }, text: 'Pair one.' })));
@@ -698,7 +754,7 @@
         data: { select: d.device_id },
         on: {
           change: (e) => {
-            if (e.target.checked) state.selected.add(d.device_id);
+            if (e.target.checked) state.selected.set(d.device_id, d);
             else state.selected.delete(d.device_id);
             renderInventoryTable();
           },
@@ -731,7 +787,7 @@
       on: {
         change: (e) => {
           for (const d of rows) {
-            if (e.target.checked) state.selected.add(d.device_id);
+            if (e.target.checked) state.selected.set(d.device_id, d);
             else state.selected.delete(d.device_id);
           }
           renderInventoryTable();
@@ -746,8 +802,23 @@
       el('tbody', {}, body));
     const matched = state.inventorySelector ? ` the selector ${state.inventorySelector} matches` : '';
     replace('inventory-table', table,
-      rows.length < all.length ? el('p', { class: 'muted small', text: `${rows.length} of the ${all.length} devices${matched} match the filters.` }) : null,
-      state.sort.key ? button('Problems first', () => { state.sort = { key: null, dir: 1 }; renderInventoryTable(); }, { class: 'secondary small', id: 'sort-reset' }) : null);
+      narrowed() ? el('p', { class: 'muted small', text: `${page.total} of the ${total} devices${matched} match the filters.` }) : null,
+      pager(page),
+      state.sort.key ? button('Problems first', () => { state.sort = { key: null, dir: 1 }; setPage(0); }, { class: 'secondary small', id: 'sort-reset' }) : null);
+  }
+
+  /** Previous and next, and which rows of how many these are; nothing when one page holds
+   * every match. */
+  function pager(page) {
+    if (page.offset === 0 && page.total <= PAGE_SIZE) return null;
+    const first = Math.min(page.offset + 1, page.total);
+    const last = Math.min(page.offset + PAGE_SIZE, page.total);
+    const current = Math.floor(page.offset / PAGE_SIZE);
+    const pages = Math.max(1, Math.ceil(page.total / PAGE_SIZE));
+    return el('nav', { class: 'pager', attrs: { id: 'inventory-pager', 'aria-label': 'Inventory pages' } },
+      button('← Previous', () => setPage(current - 1), { class: 'secondary small', id: 'page-prev', disabled: current === 0 }),
+      el('span', { class: 'muted small', attrs: { id: 'page-status', role: 'status' }, text: `${first}–${last} of ${page.total} (page ${current + 1} of ${pages})` }),
+      button('Next →', () => setPage(current + 1), { class: 'secondary small', id: 'page-next', disabled: last >= page.total }));
   }
 
   // ---------------------------------------------------------------------------------------
@@ -755,7 +826,7 @@
 
   function selectedDevices() {
     if (!state.inventory) return [];
-    return state.inventory.devices.filter((d) => state.selected.has(d.device_id));
+    return [...state.selected.values()];
   }
 
   function renderBulkBar() {
@@ -834,12 +905,13 @@
   // ---------------------------------------------------------------------------------------
   // Batches: one capability on the devices the inventory's selector matches
 
-  /** The devices a batch created now would cover: the trusted ones among those the selector
-   * matched (online or not), or null while the inventory shown is not the selector's. */
+  /** How many devices a batch created now would cover: the trusted ones among those the
+   * selector matched (online or not), or null while the inventory shown is not the
+   * selector's. */
   function batchTargets() {
     if (!state.inventory || state.selectorError) return null;
     if (state.inventorySelector !== state.filters.selector.trim()) return null;
-    return state.inventory.devices.filter((d) => d.trust === 'trusted');
+    return state.inventory.summary.trusted;
   }
 
   function renderBatchCard() {
@@ -848,9 +920,8 @@
     // fallback inventory) cannot run one.
     card.hidden = !(can(PERM.invoke) && can(PERM.read) && state.inventory && !state.inventory.fallback);
     if (card.hidden) return;
-    const targets = batchTargets();
+    const n = batchTargets();
     const btn = $('batch-submit');
-    const n = targets ? targets.length : null;
     btn.disabled = state.batchSubmitting || !n;
     if (n === null) btn.textContent = state.selectorError ? 'Run' : 'Run (reading the selector…)';
     else if (n === 0) btn.textContent = 'No trusted device matches';
@@ -868,7 +939,7 @@
       if (field) field.focus();
     };
     const targets = batchTargets();
-    if (!targets || !targets.length) return;
+    if (!targets) return;
     const selector = state.inventorySelector;
     const capability = $('batch-capability').value.trim();
     if (!capability) return fail('Name the capability to run.', $('batch-capability'));
@@ -890,7 +961,7 @@
     if (!selector) {
       const answer = await confirmDialog({
         title: `Run ${capability} on every device?`,
-        message: `No selector is set: this runs ${capability} on all ${targets.length} trusted devices.`,
+        message: `No selector is set: this runs ${capability} on all ${targets} trusted devices.`,
         ok: 'Run on all',
       });
       if (!answer.ok) return;

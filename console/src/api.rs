@@ -1000,6 +1000,191 @@ pub struct Inventory {
         with = "time::serde::rfc3339::option"
     )]
     pub stale_since: Option<OffsetDateTime>,
+    /// Which part of the matching devices `devices` holds (`GET /inventory?limit=&offset=`);
+    /// absent from an anchor that does not page. `summary` always counts every match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<InventoryPage>,
+}
+
+/// Most devices one page of `GET /console/v1/inventory?limit=` holds.
+pub const INVENTORY_MAX_PAGE: usize = 1000;
+
+/// The page of the inventory an answer holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryPage {
+    /// Devices that match the filters, on every page.
+    pub total: u64,
+    /// Matches skipped before the first device of this page.
+    pub offset: u64,
+    /// Most devices asked for (`None`: no limit, every match from `offset` on).
+    pub limit: Option<u64>,
+    /// The order of the matches, as given (`name` when none was).
+    pub sort: String,
+}
+
+/// The order of `GET /console/v1/inventory?sort=`: a key, reversed by a leading `-`. Devices
+/// equal by the key stay in name, then device id, order; a device without the value (no
+/// heartbeat yet, no RTT) comes last either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InventorySort {
+    /// What to compare.
+    pub key: InventorySortKey,
+    /// Largest (or last) first.
+    pub descending: bool,
+}
+
+/// What [`InventorySort`] compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InventorySortKey {
+    /// Name, then device id: the default (the order the anchor lists devices in).
+    Name,
+    /// Offline, stale, degraded, then with a warning, then the rest (the web page's default).
+    Problems,
+    /// Online, degraded, stale, offline, unknown.
+    Presence,
+    /// Heartbeat age.
+    Heartbeat,
+    /// Heartbeat loss.
+    Loss,
+    /// Round-trip time.
+    Rtt,
+    /// Revoked, pending, unknown, removed, trusted.
+    Trust,
+}
+
+impl InventorySortKey {
+    const ALL: [(InventorySortKey, &'static str); 7] = [
+        (InventorySortKey::Name, "name"),
+        (InventorySortKey::Problems, "problems"),
+        (InventorySortKey::Presence, "presence"),
+        (InventorySortKey::Heartbeat, "heartbeat"),
+        (InventorySortKey::Loss, "loss"),
+        (InventorySortKey::Rtt, "rtt"),
+        (InventorySortKey::Trust, "trust"),
+    ];
+}
+
+impl Default for InventorySort {
+    fn default() -> InventorySort {
+        InventorySort {
+            key: InventorySortKey::Name,
+            descending: false,
+        }
+    }
+}
+
+impl std::fmt::Display for InventorySort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = InventorySortKey::ALL
+            .iter()
+            .find(|(k, _)| *k == self.key)
+            .map_or("name", |(_, n)| n);
+        write!(f, "{}{name}", if self.descending { "-" } else { "" })
+    }
+}
+
+impl std::str::FromStr for InventorySort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<InventorySort, String> {
+        let (descending, name) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        InventorySortKey::ALL
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(key, _)| InventorySort {
+                key: *key,
+                descending,
+            })
+            .ok_or_else(|| {
+                format!(
+                    "unknown sort {:?}: expected one of {}, optionally after a -",
+                    s.chars().take(40).collect::<String>(),
+                    InventorySortKey::ALL.map(|(_, n)| n).join(", ")
+                )
+            })
+    }
+}
+
+impl InventorySort {
+    /// Compares two inventory entries in this order.
+    pub fn compare(&self, a: &InventoryDevice, b: &InventoryDevice) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        let by_name = || {
+            a.name
+                .cmp(&b.name)
+                .then_with(|| a.device_id.cmp(&b.device_id))
+        };
+        let dir = |o: Ordering| if self.descending { o.reverse() } else { o };
+        // Values that may be missing sort last whichever the direction.
+        let optional = |va: Option<f64>, vb: Option<f64>| match (va, vb) {
+            (Some(x), Some(y)) => dir(x.total_cmp(&y)),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => Ordering::Equal,
+        };
+        let key = match self.key {
+            InventorySortKey::Name => dir(by_name()),
+            InventorySortKey::Problems => dir(problem_rank(a).cmp(&problem_rank(b))),
+            InventorySortKey::Presence => {
+                dir(presence_rank(a.presence).cmp(&presence_rank(b.presence)))
+            }
+            InventorySortKey::Heartbeat => optional(
+                a.heartbeat_age_ms.map(|v| v as f64),
+                b.heartbeat_age_ms.map(|v| v as f64),
+            ),
+            InventorySortKey::Loss => optional(a.loss_rate, b.loss_rate),
+            InventorySortKey::Rtt => optional(a.rtt_ms, b.rtt_ms),
+            InventorySortKey::Trust => dir(trust_rank(a.trust).cmp(&trust_rank(b.trust))),
+        };
+        key.then_with(by_name)
+    }
+}
+
+fn problem_rank(d: &InventoryDevice) -> u8 {
+    match d.presence {
+        Presence::Offline => 0,
+        Presence::Stale => 1,
+        Presence::Degraded => 2,
+        _ if !d.warnings.is_empty() => 3,
+        _ => 4,
+    }
+}
+
+fn presence_rank(p: Presence) -> u8 {
+    match p {
+        Presence::Online => 0,
+        Presence::Degraded => 1,
+        Presence::Stale => 2,
+        Presence::Offline => 3,
+        Presence::Unknown => 4,
+    }
+}
+
+fn trust_rank(t: TrustState) -> u8 {
+    match t {
+        TrustState::Revoked => 0,
+        TrustState::Pending => 1,
+        TrustState::Unknown => 2,
+        TrustState::Removed => 3,
+        TrustState::Trusted => 4,
+    }
+}
+
+impl InventoryDevice {
+    /// Whether `needle` (already lowercased, not empty) is part of the name, the device id or
+    /// a label `key=value`, ignoring case: the inventory's `?q=` search.
+    pub fn mentions(&self, needle: &str) -> bool {
+        self.name.to_lowercase().contains(needle)
+            || self.device_id.to_string().contains(needle)
+            || self
+                .labels
+                .iter()
+                .any(|(k, v)| format!("{k}={v}").to_lowercase().contains(needle))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -925,14 +925,94 @@ async fn inventory<B: Backend>(
 ) -> Result<Json<Inventory>, ApiError> {
     let who = require(&auth, Permission::ObservabilityRead)?;
     let filter = Filter::of(&uri)?;
+    let page = PageQuery::of(&uri)?;
     let mut inventory = st.backend.inventory().await?;
-    if !filter.is_everything() || who.scope.limits_devices() {
-        inventory
-            .devices
-            .retain(|d| filter.keeps_entry(d) && who.scope.covers(&d.labels));
+    if !filter.is_everything() || who.scope.limits_devices() || page.needle.is_some() {
+        inventory.devices.retain(|d| {
+            filter.keeps_entry(d)
+                && who.scope.covers(&d.labels)
+                && page.needle.as_deref().is_none_or(|n| d.mentions(n))
+        });
         inventory.summary = crate::api::InventorySummary::of(&inventory.devices);
     }
+    page.apply(&mut inventory);
     Ok(Json(inventory))
+}
+
+#[derive(Deserialize)]
+struct RawPageQuery {
+    limit: Option<usize>,
+    offset: Option<usize>,
+    sort: Option<String>,
+    q: Option<String>,
+}
+
+/// The inventory's `?limit=&offset=&sort=&q=`, parsed once.
+struct PageQuery {
+    limit: Option<usize>,
+    offset: usize,
+    sort: crate::api::InventorySort,
+    /// The lowercased search text, if any.
+    needle: Option<String>,
+}
+
+impl PageQuery {
+    fn of(uri: &Uri) -> Result<PageQuery, ApiError> {
+        let q: RawPageQuery = query(uri)?;
+        let limit = match q.limit {
+            Some(0) => return Err(ApiError::bad_request("limit must be at least 1")),
+            Some(n) if n > crate::api::INVENTORY_MAX_PAGE => {
+                return Err(ApiError::bad_request(format!(
+                    "limit must be at most {}",
+                    crate::api::INVENTORY_MAX_PAGE
+                )));
+            }
+            l => l,
+        };
+        let sort = match q.sort.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => s.parse().map_err(ApiError::bad_request)?,
+            None => crate::api::InventorySort::default(),
+        };
+        let needle =
+            q.q.map(|t| t.trim().to_lowercase())
+                .filter(|t| !t.is_empty());
+        if needle
+            .as_ref()
+            .is_some_and(|t| t.chars().count() > crate::api::MAX_TEXT_CHARS)
+        {
+            return Err(ApiError::bad_request(format!(
+                "q must be at most {} characters",
+                crate::api::MAX_TEXT_CHARS
+            )));
+        }
+        Ok(PageQuery {
+            limit,
+            offset: q.offset.unwrap_or(0),
+            sort,
+            needle,
+        })
+    }
+
+    /// Sorts the matches and keeps this page of them (the summary already counts them all).
+    fn apply(&self, inventory: &mut Inventory) {
+        let devices = &mut inventory.devices;
+        if self.sort != crate::api::InventorySort::default() {
+            devices.sort_by(|a, b| self.sort.compare(a, b));
+        }
+        let total = devices.len();
+        let start = self.offset.min(total);
+        let end = self
+            .limit
+            .map_or(total, |l| start.saturating_add(l).min(total));
+        devices.truncate(end);
+        devices.drain(..start);
+        inventory.page = Some(crate::api::InventoryPage {
+            total: total as u64,
+            offset: self.offset as u64,
+            limit: self.limit.map(|l| l as u64),
+            sort: self.sort.to_string(),
+        });
+    }
 }
 
 async fn inventory_device<B: Backend>(

@@ -1414,3 +1414,116 @@ async fn a_bad_batch_request_is_a_400_that_says_what_is_wrong() {
         assert!(backend.calls().is_empty(), "{body} reached the backend");
     }
 }
+
+/// A fleet of 2,501 devices: an operator walks the inventory a page at a time and sees every
+/// device exactly once, in order; the counters count the whole fleet on every page; problems
+/// first puts the offline ones on the first page; the search finds one device among them; a
+/// page size the anchor does not serve is a 400 that says the bounds.
+#[tokio::test]
+async fn the_inventory_of_a_big_fleet_comes_a_page_at_a_time() {
+    const FLEET: usize = 2500;
+    let (app, backend) = app();
+    backend
+        .more_entries
+        .lock()
+        .unwrap()
+        .extend((0..FLEET).map(fleet_entry));
+    let get = |uri: String| {
+        let app = app.clone();
+        async move {
+            let res = send(app, build("GET", &uri, Some(&bearer("owner")), None)).await;
+            assert_eq!(res.status(), StatusCode::OK, "{uri}");
+            let bytes = axum::body::to_bytes(res.into_body(), 64 << 20)
+                .await
+                .unwrap();
+            serde_json::from_slice::<Inventory>(&bytes).unwrap()
+        }
+    };
+
+    let first = get("/console/v1/inventory?limit=100".into()).await;
+    assert_eq!(first.devices.len(), 100);
+    assert_eq!(
+        first.summary.devices,
+        FLEET as u64 + 1,
+        "counts every device"
+    );
+    let page = first.page.clone().unwrap();
+    assert_eq!((page.total, page.offset, page.limit), (2501, 0, Some(100)));
+
+    // Every page in turn: each device once, in the unpaged order.
+    let everything = get("/console/v1/inventory".into()).await;
+    assert_eq!(everything.devices.len(), FLEET + 1, "no limit: all of them");
+    let mut walked = Vec::new();
+    let mut offset = 0;
+    loop {
+        let inv = get(format!("/console/v1/inventory?limit=1000&offset={offset}")).await;
+        assert_eq!(inv.summary.devices, FLEET as u64 + 1);
+        if inv.devices.is_empty() {
+            break;
+        }
+        offset += inv.devices.len();
+        walked.extend(inv.devices.into_iter().map(|d| d.device_id));
+    }
+    let unpaged: Vec<DeviceId> = everything.devices.iter().map(|d| d.device_id).collect();
+    assert_eq!(walked, unpaged);
+
+    // Problems first: the offline devices (every seventh) lead, by name.
+    let problems = get("/console/v1/inventory?sort=problems&limit=50".into()).await;
+    assert!(
+        problems
+            .devices
+            .iter()
+            .all(|d| d.presence == Presence::Offline)
+    );
+    assert_eq!(problems.devices[0].name, "node-00003");
+    assert_eq!(problems.page.unwrap().sort, "problems");
+    let newest = get("/console/v1/inventory?sort=-heartbeat&limit=1".into()).await;
+    assert_eq!(
+        newest.devices[0].name, "node-02499",
+        "largest heartbeat age first"
+    );
+
+    // A search and a filter narrow the whole fleet, and the counters follow them.
+    let found = get("/console/v1/inventory?q=NODE-0123&limit=5".into()).await;
+    assert_eq!(
+        found.page.as_ref().unwrap().total,
+        10,
+        "node-01230 to node-01239"
+    );
+    assert_eq!(found.summary.devices, 10);
+    assert_eq!(found.devices.len(), 5);
+    assert!(
+        found
+            .devices
+            .iter()
+            .all(|d| d.name.starts_with("node-0123"))
+    );
+    let offline =
+        get("/console/v1/inventory?presence=offline&selector=site%3Ddepot&limit=10".into()).await;
+    assert_eq!(offline.summary.offline, offline.summary.devices);
+    assert_eq!(offline.devices.len(), 10);
+
+    // Past the end: nothing, with the total still said.
+    let past = get("/console/v1/inventory?limit=10&offset=9999".into()).await;
+    assert!(past.devices.is_empty());
+    assert_eq!(past.page.unwrap().total, 2501);
+
+    for (q, says) in [
+        ("limit=0", "at least 1"),
+        ("limit=1001", "at most 1000"),
+        ("sort=age", "problems"),
+    ] {
+        let res = send(
+            app.clone(),
+            build(
+                "GET",
+                &format!("/console/v1/inventory?{q}"),
+                Some(&bearer("owner")),
+                None,
+            ),
+        )
+        .await;
+        let message = assert_error(res, StatusCode::BAD_REQUEST, "bad_request").await;
+        assert!(message.contains(says), "{q}: {message}");
+    }
+}

@@ -67,15 +67,19 @@ fn node_api(
 
 /// Every registered node.
 pub fn nodes(services: &Services) -> Vec<Node> {
-    let now = services.clock.now_ms();
-    let nodes = services.nodes.lock();
-    let t = nodes.settings().thresholds;
-    let mut list: Vec<Node> = nodes
-        .iter()
-        .filter_map(|(id, s)| node_api(&t, &services.instance_id, id, s, now))
-        .collect();
+    let mut list: Vec<Node> = nodes_unsorted(services, services.clock.now_ms());
     list.sort_by(|a, b| a.name.cmp(&b.name).then(a.device_id.cmp(&b.device_id)));
     list
+}
+
+/// Every registered node, under one hold of the node table.
+fn nodes_unsorted(services: &Services, now_ms: u64) -> Vec<Node> {
+    let nodes = services.nodes.lock();
+    let t = nodes.settings().thresholds;
+    nodes
+        .iter()
+        .filter_map(|(id, s)| node_api(&t, &services.instance_id, id, s, now_ms))
+        .collect()
 }
 
 /// One node.
@@ -88,15 +92,22 @@ pub fn node(services: &Services, id: &DeviceId) -> Option<Node> {
         .and_then(|s| node_api(&t, &services.instance_id, id, s, now))
 }
 
+/// What every entry of one inventory reads alike.
+struct EntryContext {
+    now_ms: u64,
+    /// Heartbeat loss above which a node is flagged `high_loss`.
+    degraded_loss: f64,
+}
+
 fn entry(
-    services: &Services,
+    cx: &EntryContext,
     device_id: DeviceId,
     device: Option<&DeviceRecord>,
     labels: Option<&Labels>,
     pending: Vec<&RequestRecord>,
-    now_ms: u64,
+    node: Option<Node>,
 ) -> InventoryDevice {
-    let node = node(services, &device_id);
+    let now_ms = cx.now_ms;
     let trust = match device {
         Some(d) if d.trust == DeviceTrust::Trusted => api::TrustState::Trusted,
         Some(_) => api::TrustState::Revoked,
@@ -127,7 +138,7 @@ fn entry(
     if node
         .as_ref()
         .and_then(|n| n.loss_rate)
-        .is_some_and(|l| l > services.nodes.thresholds().degraded_loss)
+        .is_some_and(|l| l > cx.degraded_loss)
     {
         warnings.push("high_loss".into());
     }
@@ -217,12 +228,21 @@ pub fn inventory(
         devices.iter().map(|d| (d.device_id, d)).collect();
     let mut ids: Vec<DeviceId> = devices.iter().map(|d| d.device_id).collect();
     ids.extend(pending.keys().filter(|id| !by_id.contains_key(id)));
+    // The node table held once for the whole fleet, not once per device.
+    let mut nodes: std::collections::HashMap<DeviceId, Node> = nodes_unsorted(services, now)
+        .into_iter()
+        .map(|n| (n.device_id, n))
+        .collect();
+    let cx = EntryContext {
+        now_ms: now,
+        degraded_loss: services.nodes.thresholds().degraded_loss,
+    };
     let list: Vec<InventoryDevice> = ids
         .iter()
         .map(|id| {
             let device = by_id.get(id).copied();
             let p = pending.get(id).cloned().unwrap_or_default();
-            entry(services, *id, device, labels.get(id), p, now)
+            entry(&cx, *id, device, labels.get(id), p, nodes.remove(id))
         })
         .collect();
     let mut summary = InventorySummary {
@@ -256,6 +276,7 @@ pub fn inventory(
         devices: sorted,
         instances: instances(services),
         stale_since: services.stores.runtime.stale_since().map(to_odt),
+        page: None,
     }
 }
 
@@ -270,7 +291,14 @@ pub fn inventory_device(
     let now = services.clock.now_ms();
     let pending = pending_of(&requests, &id, now);
     let known = device.is_some() || !pending.is_empty();
-    known.then(|| entry(services, id, device.as_ref(), Some(labels), pending, now))
+    let cx = EntryContext {
+        now_ms: now,
+        degraded_loss: services.nodes.thresholds().degraded_loss,
+    };
+    known.then(|| {
+        let node = node(services, &id);
+        entry(&cx, id, device.as_ref(), Some(labels), pending, node)
+    })
 }
 
 /// The anchor instance record.

@@ -22,13 +22,18 @@
 //! - `mesh`: the peer mesh on loopback (first call to a new peer, time until direct, peer
 //!   calls direct and relayed beside the operator's invocation and a UDP echo, one tunnelled
 //!   TCP stream beside plain TCP); see `runtime_parts/mesh.rs`.
+//! - `big` (not part of `all`; run it as `big --nodes 10000`): up to ten thousand node
+//!   sessions on one `anchord` with its default 15 s heartbeat, many connections per UDP
+//!   socket (`--endpoints N`, default 32): memory per node, heartbeat CPU and accounting,
+//!   the console inventory whole and paged, a restart; see `runtime_parts/fleet10k.rs`.
 //! - `loss`: `system.health` over netsim on the paused clock at 5 % loss / 50 ms RTT and 20 %
 //!   loss / 100 ms RTT, in simulated time, and whether the connection survived.
 //!
 //! Options: `--nodes N` (default 1000), `--window SECS` (heartbeat window, default 60),
 //! `--calls N` (rtt round trips, default 2000), `--perf DIR` (record `perf` profiles of the
-//! anchor while it works, for finding bottlenecks). The fleet needs about 1,100 file
-//! descriptors.
+//! anchor while it works, for finding bottlenecks), `--endpoints N` (sockets the `big` fleet's
+//! nodes share, default 32). The fleet needs about 1,100 file descriptors (`ulimit -n`);
+//! `big` needs few, as its nodes share sockets.
 //!
 //! Laid out top-down: `main` and the report, then one section per scenario, then the helpers
 //! they share (anchord as a child process through `anchorage_sim::procs`, pairing, agents
@@ -36,6 +41,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: failing loudly is the point
 
+#[path = "runtime_parts/fleet10k.rs"]
+mod fleet10k;
 #[path = "runtime_parts/mesh.rs"]
 mod mesh;
 
@@ -84,6 +91,8 @@ const LOSS_SEED: u64 = 0xbe7c_4a11;
 const LOSS_SEEDS: u64 = 10;
 /// How long batches run back to back in the sustained fan-out.
 const SUSTAINED: Duration = Duration::from_secs(15);
+/// UDP sockets the `big` fleet's nodes share.
+const DEFAULT_ENDPOINTS: usize = 32;
 /// Receive buffer the anchor asks for (mirrors `anchorage_daemon::UDP_RECV_BUFFER`).
 const ANCHOR_RCVBUF: usize = anchorage_daemon::UDP_RECV_BUFFER;
 
@@ -115,6 +124,10 @@ fn main() {
     if want("loss") {
         loss(&mut report);
     }
+    // Not in `all`: at 10,000 nodes it takes minutes and most of the machine.
+    if opts.scenarios.iter().any(|x| x == "big") {
+        runtime().block_on(fleet10k::big(&opts, &mut report));
+    }
     // Not in `all`: it needs etcd and the feature, and takes a few minutes.
     if opts.scenarios.iter().any(|x| x == "cluster") {
         #[cfg(feature = "etcd")]
@@ -138,6 +151,8 @@ struct Options {
     nodes: usize,
     window: Duration,
     calls: usize,
+    /// UDP sockets the `big` fleet's nodes share.
+    endpoints: usize,
     /// Where to write `perf record` profiles (anchord during the heartbeat window, this
     /// process during an extra invocation loop), if anywhere.
     perf: Option<PathBuf>,
@@ -150,6 +165,7 @@ impl Options {
             nodes: DEFAULT_NODES,
             window: DEFAULT_WINDOW,
             calls: DEFAULT_CALLS,
+            endpoints: DEFAULT_ENDPOINTS,
             perf: None,
         };
         let mut args = std::env::args().skip(1);
@@ -163,15 +179,15 @@ impl Options {
                 "--nodes" => o.nodes = value("--nodes") as usize,
                 "--window" => o.window = Duration::from_secs(value("--window")),
                 "--calls" => o.calls = value("--calls") as usize,
+                "--endpoints" => o.endpoints = value("--endpoints") as usize,
                 "--perf" => o.perf = Some(args.next().expect("--perf takes a directory").into()),
-                "rtt" | "heartbeats" | "scale" | "batch" | "loss" | "mesh" | "cluster" | "all" => {
-                    o.scenarios.push(a)
-                }
+                "rtt" | "heartbeats" | "scale" | "batch" | "loss" | "mesh" | "cluster" | "big"
+                | "all" => o.scenarios.push(a),
                 // `cargo bench` passes `--bench`; other harness flags mean nothing here.
                 s if s.starts_with("--") => {}
                 other => {
                     eprintln!(
-                        "unknown scenario {other:?}: expected rtt|heartbeats|scale|batch|loss|mesh|cluster|all"
+                        "unknown scenario {other:?}: expected rtt|heartbeats|scale|batch|loss|mesh|cluster|big|all"
                     );
                     std::process::exit(64);
                 }
@@ -1549,48 +1565,17 @@ async fn heartbeat_window(
 
 /// Stops anchord cleanly, starts it again on the same data directory and port, and times the
 /// fleet's return. Returns the new anchord.
-async fn restart(
-    mut anchord: Anchord,
-    data: &Path,
-    agents: &[Agent],
-    report: &mut Report,
-) -> Anchord {
+async fn restart(anchord: Anchord, data: &Path, agents: &[Agent], report: &mut Report) -> Anchord {
     let n = agents.len();
     let port = anchord.quic;
-    println!("  restarting anchord on {port}; load {}", common::loadavg());
-    let killed = Instant::now();
-    // Blocking waits go to the blocking pool: the agents keep running meanwhile.
-    let data = data.to_path_buf();
-    let (exited, next) = tokio::task::spawn_blocking(move || {
-        anchord.terminate(Duration::from_secs(30));
-        let exited = killed.elapsed();
-        (exited, Anchord::spawn(&data, port))
-    })
-    .await
-    .unwrap();
-    let ready = killed.elapsed();
-    let ready_at = Instant::now();
-    // When each node registered again, relative to the new anchor being ready.
-    let mut back: Vec<Option<Duration>> = vec![None; n];
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let mut missing = 0;
-        for (i, a) in agents.iter().enumerate() {
-            if back[i].is_none() {
-                if a.stats.registrations.load(Ordering::Relaxed) >= 2
-                    && a.stats.connected.load(Ordering::Relaxed)
-                {
-                    back[i] = Some(ready_at.elapsed());
-                } else {
-                    missing += 1;
-                }
-            }
-        }
-        if missing == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (
+        next,
+        Restarted {
+            exited,
+            ready,
+            back,
+        },
+    ) = restart_timed(anchord, data, agents, &["--heartbeat-interval", "1s"]).await;
     let done: Vec<Duration> = back.iter().flatten().copied().collect();
     let all = done.len() == n;
     let last = done.iter().max().copied().unwrap_or_default();
@@ -1649,6 +1634,76 @@ async fn restart(
         ),
     );
     next
+}
+
+/// How an anchor restart went, as [`restart_timed`] measured it.
+struct Restarted {
+    /// SIGTERM to the old process gone.
+    exited: Duration,
+    /// SIGTERM to the new one ready.
+    ready: Duration,
+    /// When each agent had registered again (a second registration and connected), from the
+    /// new anchor being ready; `None`: not within two minutes.
+    back: Vec<Option<Duration>>,
+}
+
+/// Stops anchord cleanly, starts it again with `extra` arguments on the same data directory
+/// and port, and waits until every agent has registered again.
+async fn restart_timed(
+    mut anchord: Anchord,
+    data: &Path,
+    agents: &[Agent],
+    extra: &'static [&'static str],
+) -> (Anchord, Restarted) {
+    let n = agents.len();
+    let port = anchord.quic;
+    println!("  restarting anchord on {port}; load {}", common::loadavg());
+    // Registrations before: an agent that reconnected earlier counts from there.
+    let before: Vec<u64> = agents
+        .iter()
+        .map(|a| a.stats.registrations.load(Ordering::Relaxed))
+        .collect();
+    let killed = Instant::now();
+    // Blocking waits go to the blocking pool: the agents keep running meanwhile.
+    let data = data.to_path_buf();
+    let (exited, next) = tokio::task::spawn_blocking(move || {
+        anchord.terminate(Duration::from_secs(30));
+        let exited = killed.elapsed();
+        (exited, Anchord::spawn_with(&data, port, extra))
+    })
+    .await
+    .unwrap();
+    let ready = killed.elapsed();
+    let ready_at = Instant::now();
+    // When each node registered again, relative to the new anchor being ready.
+    let mut back: Vec<Option<Duration>> = vec![None; n];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let mut missing = 0;
+        for (i, a) in agents.iter().enumerate() {
+            if back[i].is_none() {
+                if a.stats.registrations.load(Ordering::Relaxed) > before[i]
+                    && a.stats.connected.load(Ordering::Relaxed)
+                {
+                    back[i] = Some(ready_at.elapsed());
+                } else {
+                    missing += 1;
+                }
+            }
+        }
+        if missing == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (
+        next,
+        Restarted {
+            exited,
+            ready,
+            back,
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1971,6 +2026,11 @@ impl BenchNode {
     fn new(dir: &Path, i: usize) -> BenchNode {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())
             .expect("a UDP socket (raise `ulimit -n` for large fleets)");
+        BenchNode::on(dir, i, endpoint)
+    }
+
+    /// A node that dials from `endpoint`, which other nodes may share.
+    fn on(dir: &Path, i: usize, endpoint: quinn::Endpoint) -> BenchNode {
         BenchNode {
             name: format!("bench-{i:04}"),
             endpoint,

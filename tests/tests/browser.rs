@@ -626,7 +626,6 @@ async fn labels_show_and_filter(wd: &Page, client: &ControlPlaneClient, node: &N
         )
         .await;
     assert!(chips.as_str().unwrap().contains("site=lab"), "{chips}");
-    let rows = "return document.querySelectorAll('#inventory tbody tr').length";
     wd.type_into("#filter-text", "site=elsewhere").await;
     wd.wait_js(
         "no row to match another site",
@@ -634,8 +633,17 @@ async fn labels_show_and_filter(wd: &Page, client: &ControlPlaneClient, node: &N
     )
     .await;
     wd.clear("#filter-text").await;
+    // The anchor searches (GET /inventory?q=): the rows come once typing pauses.
     wd.type_into("#filter-text", "site=lab").await;
-    let kept = wd.js(rows, json!([])).await;
+    let kept = wd
+        .wait_js_args(
+            "the labelled device to match its label",
+            "const rows = [...document.querySelectorAll('#inventory tbody tr')].map((r) => r.dataset.deviceId); \
+             return (rows.length === 1 && rows[0] === arguments[0]) ? rows.length : null",
+            json!([node.device_id]),
+            &[],
+        )
+        .await;
     assert_eq!(kept, 1, "the labelled device matches its label");
     wd.click("#filter-clear").await;
 }

@@ -46,6 +46,8 @@ pub struct TestBackend {
     pub presence: Mutex<Presence>,
     /// Devices listed after the fixture one (tests add them).
     pub more_devices: Mutex<Vec<Device>>,
+    /// Inventory entries listed after the fixture one (tests add them, in name order).
+    pub more_entries: Mutex<Vec<InventoryDevice>>,
 }
 
 impl TestBackend {
@@ -62,6 +64,7 @@ impl TestBackend {
             last_reason: Mutex::new(None),
             presence: Mutex::new(Presence::Online),
             more_devices: Mutex::new(Vec::new()),
+            more_entries: Mutex::new(Vec::new()),
         }
     }
 
@@ -249,6 +252,36 @@ pub fn inventory_device() -> InventoryDevice {
         node: Some(node()),
         pending_pairings: Vec::new(),
         peers: Vec::new(),
+    }
+}
+
+/// The `i`th device of a made-up fleet: `node-{i:05}`, its own device id, `site=lab` or
+/// `site=depot` by parity, and every seventh one offline.
+pub fn fleet_entry(i: usize) -> InventoryDevice {
+    let mut id = [0u8; anchorage_wire::device::DEVICE_ID_LEN];
+    id[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+    let offline = i % 7 == 3;
+    InventoryDevice {
+        device_id: DeviceId::from_bytes(id),
+        name: format!("node-{i:05}"),
+        labels: [(
+            "site".to_string(),
+            if i.is_multiple_of(2) { "lab" } else { "depot" }.to_string(),
+        )]
+        .into(),
+        presence: if offline {
+            Presence::Offline
+        } else {
+            Presence::Online
+        },
+        warnings: if offline {
+            vec!["offline".into()]
+        } else {
+            Vec::new()
+        },
+        connected: !offline,
+        heartbeat_age_ms: Some(i as u64),
+        ..inventory_device()
     }
 }
 
@@ -470,20 +503,27 @@ impl Backend for TestBackend {
 
     async fn inventory(&self) -> ApiResult<Inventory> {
         self.call("inventory");
+        let mut devices = vec![InventoryDevice {
+            presence: *self.presence.lock().unwrap(),
+            ..inventory_device()
+        }];
+        devices.extend(self.more_entries.lock().unwrap().iter().cloned());
         Ok(Inventory {
             stale_since: None,
-            summary: InventorySummary {
-                devices: 1,
-                trusted: 1,
-                online: 1,
-                connected: 1,
-                with_warnings: 1,
-                ..Default::default()
+            page: None,
+            summary: if devices.len() == 1 {
+                InventorySummary {
+                    devices: 1,
+                    trusted: 1,
+                    online: 1,
+                    connected: 1,
+                    with_warnings: 1,
+                    ..Default::default()
+                }
+            } else {
+                InventorySummary::of(&devices)
             },
-            devices: vec![InventoryDevice {
-                presence: *self.presence.lock().unwrap(),
-                ..inventory_device()
-            }],
+            devices,
             instances: vec![Instance {
                 kind: "anchor".into(),
                 version: "0.1.0".into(),
