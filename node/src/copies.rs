@@ -15,9 +15,9 @@ use anchorage_wire::datagram::{Datagram, ResultCopy};
 use anchorage_wire::invoke::{InvocationId, InvokeRequest, InvokeResult, Outcome};
 use tokio::sync::Semaphore;
 
-use crate::agent::AgentStats;
 use crate::capability::Registry;
 use crate::invoke::{Counters, Seen, handle_invocation};
+use crate::stats::AgentStats;
 
 /// Invocations started by a copy (their stream not seen yet) running at once; copies beyond
 /// are dropped (the stream still brings the request).

@@ -26,6 +26,7 @@ pub mod peer;
 pub mod revoked;
 pub mod run;
 pub mod state;
+mod stats;
 
 pub use anchors::{ResolveError, resolve, resolve_anchor, resolve_first};
 pub use run::{RunConfig, RunError, client_endpoint, registry, run};
