@@ -889,12 +889,7 @@ async fn cluster(opts: &Options, report: &mut Report) {
         );
 
         // A heartbeat window: the anchor's CPU, heartbeats received, etcd's writes.
-        let sent = |agents: &[Agent]| -> u64 {
-            agents
-                .iter()
-                .map(|a| a.stats.heartbeats_sent.load(Ordering::Relaxed))
-                .sum()
-        };
+        let sent = |agents: &[Agent]| total(agents, |s| &s.heartbeats_sent);
         let received = || async {
             let text = client.metrics().await.unwrap_or_default();
             prom::parse(&text)
@@ -1146,7 +1141,6 @@ async fn batch_scenario(
     n: usize,
     report: &mut Report,
 ) {
-    use futures_util::StreamExt;
     let devices: Vec<DeviceId> = client
         .list_nodes()
         .await
@@ -1203,17 +1197,7 @@ async fn batch_scenario(
     };
     let cpu = anchord.cpu_time();
     let started = Instant::now();
-    let batch = client
-        .create_batch(&anchorage_console::api::BatchRequest {
-            selector: Default::default(),
-            capability: "system.health".into(),
-            input: serde_json::Value::Null,
-            timeout_ms: Some(60_000),
-            max_concurrency: None,
-            devices: None,
-        })
-        .await
-        .unwrap();
+    let batch = client.create_batch(&health_batch()).await.unwrap();
     let accepted = started.elapsed();
     // Another operator's call while the batch runs.
     let operator = {
@@ -1235,21 +1219,7 @@ async fn batch_scenario(
             (t.elapsed(), r.state)
         })
     };
-    let done = tokio::time::timeout(Duration::from_secs(90), async {
-        while let Some(e) = events.next().await {
-            let e = e.unwrap();
-            if e.kind == "batch"
-                && e.data["batch_id"] == batch.info.batch_id.to_string()
-                && e.data["done"] == true
-            {
-                return Some(e.data);
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten();
+    let done = batch_done(&mut events, &batch.info.batch_id.to_string()).await;
     let took = started.elapsed();
     let took_batch = took;
     let cpu_batch = anchord.cpu_time() - cpu;
@@ -1329,30 +1299,8 @@ async fn batch_scenario(
     let mut succeeded = 0u64;
     let mut batches = 0;
     while started.elapsed() < SUSTAINED {
-        let batch = client
-            .create_batch(&anchorage_console::api::BatchRequest {
-                selector: Default::default(),
-                capability: "system.health".into(),
-                input: serde_json::Value::Null,
-                timeout_ms: Some(60_000),
-                max_concurrency: None,
-                devices: None,
-            })
-            .await
-            .unwrap();
-        let id = batch.info.batch_id.to_string();
-        let done = tokio::time::timeout(Duration::from_secs(90), async {
-            while let Some(e) = events.next().await {
-                let e = e.unwrap();
-                if e.kind == "batch" && e.data["batch_id"] == id && e.data["done"] == true {
-                    return Some(e.data);
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten();
+        let batch = client.create_batch(&health_batch()).await.unwrap();
+        let done = batch_done(&mut events, &batch.info.batch_id.to_string()).await;
         let Some(d) = done else { break };
         batches += 1;
         invocations += d["total"].as_u64().unwrap_or(0);
@@ -1409,18 +1357,8 @@ async fn heartbeat_window(
     report: &mut Report,
 ) {
     let n = agents.len();
-    let regs = |agents: &[Agent]| -> u64 {
-        agents
-            .iter()
-            .map(|a| a.stats.registrations.load(Ordering::Relaxed))
-            .sum()
-    };
-    let sums = |agents: &[Agent]| -> u64 {
-        agents
-            .iter()
-            .map(|a| a.stats.heartbeats_sent.load(Ordering::Relaxed))
-            .sum()
-    };
+    let regs = |agents: &[Agent]| total(agents, |s| &s.registrations);
+    let sums = |agents: &[Agent]| total(agents, |s| &s.heartbeats_sent);
     let regs0 = regs(agents);
     // Node-side sums taken around each scrape of /metrics, so both count the same interval.
     let scrape = || async {
@@ -2114,6 +2052,53 @@ impl BenchNode {
         config.seed = Some(splitmix(seed ^ 0x5eed_beef));
         start_node(config, self.state.clone())
     }
+}
+
+/// One of the agents' counters, summed over the fleet.
+fn total(
+    agents: &[Agent],
+    counter: impl Fn(&anchorage_node::agent::AgentStats) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    agents
+        .iter()
+        .map(|a| counter(&a.stats).load(Ordering::Relaxed))
+        .sum()
+}
+
+/// A batch of `system.health` over every node.
+fn health_batch() -> anchorage_console::api::BatchRequest {
+    anchorage_console::api::BatchRequest {
+        selector: Default::default(),
+        capability: "system.health".into(),
+        input: serde_json::Value::Null,
+        timeout_ms: Some(60_000),
+        max_concurrency: None,
+        devices: None,
+    }
+}
+
+/// The `batch` event that says batch `id` is done (its data), within 90 s.
+async fn batch_done(
+    events: &mut (
+             impl futures_util::Stream<
+        Item = Result<anchorage_console::api::Event, anchorage_console::ClientError>,
+    > + Unpin
+         ),
+    id: &str,
+) -> Option<serde_json::Value> {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(90), async {
+        while let Some(e) = events.next().await {
+            let e = e.ok()?;
+            if e.kind == "batch" && e.data["batch_id"] == id && e.data["done"] == true {
+                return Some(e.data);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 fn count_connected(agents: &[Agent]) -> usize {

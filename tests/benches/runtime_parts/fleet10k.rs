@@ -29,14 +29,13 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anchorage_console::ControlPlaneClient;
 
 use super::{
     Agent, Anchord, BenchNode, Options, Percentiles, Report, Restarted, common, count_connected,
-    ms, pair_all, procs, restart_timed, stop_fleet, udp_drops, wait_until,
+    ms, pair_all, procs, restart_timed, stop_fleet, total, udp_drops, wait_until,
 };
 
 /// UDP receive buffer asked for each shared node socket (the kernel caps it at `rmem_max`):
@@ -279,18 +278,8 @@ async fn heartbeats(
     report: &mut Report,
 ) {
     let n = agents.len();
-    let sent = |agents: &[Agent]| -> u64 {
-        agents
-            .iter()
-            .map(|a| a.stats.heartbeats_sent.load(Ordering::Relaxed))
-            .sum()
-    };
-    let regs = |agents: &[Agent]| -> u64 {
-        agents
-            .iter()
-            .map(|a| a.stats.registrations.load(Ordering::Relaxed))
-            .sum()
-    };
+    let sent = |agents: &[Agent]| total(agents, |s| &s.heartbeats_sent);
+    let regs = |agents: &[Agent]| total(agents, |s| &s.registrations);
     // Node-side sums around each scrape, so both count the same interval.
     let scrape = || async {
         let before = sent(agents);
