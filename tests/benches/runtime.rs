@@ -1514,11 +1514,6 @@ async fn restart(anchord: Anchord, data: &Path, agents: &[Agent], report: &mut R
             back,
         },
     ) = restart_timed(anchord, data, agents, &["--heartbeat-interval", "1s"]).await;
-    let done: Vec<Duration> = back.iter().flatten().copied().collect();
-    let all = done.len() == n;
-    let last = done.iter().max().copied().unwrap_or_default();
-    let total = ready + last;
-    let p = Percentiles::of(done.clone());
     report.row(
         "scale",
         "restart: SIGTERM -> old anchord exited",
@@ -1529,22 +1524,9 @@ async fn restart(anchord: Anchord, data: &Path, agents: &[Agent], report: &mut R
         "restart: SIGTERM -> new anchord ready (same data dir, port)",
         format!("{:.2} s", ready.as_secs_f64()),
     );
-    report.row(
-        "scale",
-        "restart: ready -> each node registered again (p50/p99/max)",
-        format!(
-            "{:.2} / {:.2} / {:.2} s ({}/{n})",
-            p.p50.as_secs_f64(),
-            p.p99.as_secs_f64(),
-            last.as_secs_f64(),
-            done.len()
-        ),
-    );
-    report.row(
-        "scale",
-        "restart: SIGTERM -> all registered again",
-        format!("{:.2} s", total.as_secs_f64()),
-    );
+    let (done, last) = report_return(report, "scale", ready, &back);
+    let all = done == n;
+    let total = ready + last;
     let rcvbuf = effective_rcvbuf();
     report.row(
         "scale",
@@ -1568,10 +1550,42 @@ async fn restart(anchord: Anchord, data: &Path, agents: &[Agent], report: &mut R
             "{:.2} s after the new anchor was ready ({:.2} s after SIGTERM), {}/{n}",
             last.as_secs_f64(),
             total.as_secs_f64(),
-            done.len()
+            done
         ),
     );
     next
+}
+
+/// The rows of the fleet's return after a restart under `scenario`: when each node registered
+/// again from `ready` (the new anchor ready after the SIGTERM). Returns how many came back and
+/// when the last did.
+fn report_return(
+    report: &mut Report,
+    scenario: &str,
+    ready: Duration,
+    back: &[Option<Duration>],
+) -> (usize, Duration) {
+    let n = back.len();
+    let done: Vec<Duration> = back.iter().flatten().copied().collect();
+    let last = done.iter().max().copied().unwrap_or_default();
+    let p = Percentiles::of(done.clone());
+    report.row(
+        scenario,
+        "restart: ready -> each node registered again (p50/p99/max)",
+        format!(
+            "{:.2} / {:.2} / {:.2} s ({}/{n})",
+            p.p50.as_secs_f64(),
+            p.p99.as_secs_f64(),
+            last.as_secs_f64(),
+            done.len()
+        ),
+    );
+    report.row(
+        scenario,
+        "restart: SIGTERM -> all registered again",
+        format!("{:.2} s", (ready + last).as_secs_f64()),
+    );
+    (done.len(), last)
 }
 
 /// How an anchor restart went, as [`restart_timed`] measured it.

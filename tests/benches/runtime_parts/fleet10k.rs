@@ -35,7 +35,7 @@ use anchorage_console::ControlPlaneClient;
 
 use super::{
     Agent, Anchord, BenchNode, Options, Percentiles, Report, Restarted, common, count_connected,
-    ms, pair_all, procs, restart_timed, stop_fleet, total, udp_drops, wait_until,
+    ms, pair_all, procs, report_return, restart_timed, stop_fleet, total, udp_drops, wait_until,
 };
 
 /// UDP receive buffer asked for each shared node socket (the kernel caps it at `rmem_max`):
@@ -169,9 +169,6 @@ pub async fn big(opts: &Options, report: &mut Report) {
             back,
         },
     ) = restart_timed(anchord, &data, &agents, &[]).await;
-    let done: Vec<Duration> = back.iter().flatten().copied().collect();
-    let last = done.iter().max().copied().unwrap_or_default();
-    let p = Percentiles::of(done.clone());
     report.row(
         "big",
         "restart: SIGTERM -> old exited / new anchord ready",
@@ -181,35 +178,20 @@ pub async fn big(opts: &Options, report: &mut Report) {
             ready.as_secs_f64()
         ),
     );
-    report.row(
-        "big",
-        "restart: ready -> each node registered again (p50/p99/max)",
-        format!(
-            "{:.2} / {:.2} / {:.2} s ({}/{n})",
-            p.p50.as_secs_f64(),
-            p.p99.as_secs_f64(),
-            last.as_secs_f64(),
-            done.len()
-        ),
-    );
-    report.row(
-        "big",
-        "restart: SIGTERM -> all registered again",
-        format!("{:.2} s", (ready + last).as_secs_f64()),
-    );
+    let (done, last) = report_return(report, "big", ready, &back);
     report.row(
         "big",
         "  UDP drops over the restart: anchor socket / node sockets",
         drops.since(&anchord, &node_ports),
     );
     report.verdict(
-        done.len() == n && last <= Duration::from_secs(10),
+        done == n && last <= Duration::from_secs(10),
         &format!("all {n} nodes registered again <= 10 s after the anchor restart"),
         format!(
             "{:.2} s after the new anchor was ready ({:.2} s after SIGTERM), {}/{n}",
             last.as_secs_f64(),
             (ready + last).as_secs_f64(),
-            done.len()
+            done
         ),
     );
 
