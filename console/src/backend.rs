@@ -112,6 +112,21 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// The whole inventory.
     fn inventory(&self) -> impl Future<Output = ApiResult<Inventory>> + Send;
+    /// The inventory in outline: every entry with what filters, orders and counts it (name,
+    /// labels, trust, presence, heartbeat, warnings, pending pairings), its `device` and
+    /// `node` parts possibly left out until [`Backend::inventory_details`] fills them in for
+    /// the entries of one page. The default is the whole inventory.
+    fn inventory_outline(&self) -> impl Future<Output = ApiResult<Inventory>> + Send {
+        self.inventory()
+    }
+    /// Fills in the `device` and `node` parts of entries from [`Backend::inventory_outline`]
+    /// (a no-op when the outline is already whole, as by default).
+    fn inventory_details(
+        &self,
+        devices: Vec<InventoryDevice>,
+    ) -> impl Future<Output = ApiResult<Vec<InventoryDevice>>> + Send {
+        async move { Ok(devices) }
+    }
     /// One device's inventory entry.
     fn inventory_device(
         &self,

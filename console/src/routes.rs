@@ -926,7 +926,8 @@ async fn inventory<B: Backend>(
     let who = require(&auth, Permission::ObservabilityRead)?;
     let filter = Filter::of(&uri)?;
     let page = PageQuery::of(&uri)?;
-    let mut inventory = st.backend.inventory().await?;
+    // Filtered, counted, ordered and cut on the outline; only the page's entries in full.
+    let mut inventory = st.backend.inventory_outline().await?;
     if !filter.is_everything() || who.scope.limits_devices() || page.needle.is_some() {
         inventory.devices.retain(|d| {
             filter.keeps_entry(d)
@@ -936,6 +937,10 @@ async fn inventory<B: Backend>(
         inventory.summary = crate::api::InventorySummary::of(&inventory.devices);
     }
     page.apply(&mut inventory);
+    inventory.devices = st
+        .backend
+        .inventory_details(std::mem::take(&mut inventory.devices))
+        .await?;
     Ok(Json(inventory))
 }
 

@@ -67,6 +67,20 @@ impl AnchorBackend {
         })
         .await
     }
+
+    /// The inventory, whole or in outline (blocking pool: reads the store).
+    async fn inventory_as(&self, detail: crate::inventory::Detail) -> ApiResult<Inventory> {
+        self.blocking(move |s| {
+            Ok(crate::inventory::inventory(
+                s,
+                s.trust.devices()?,
+                &s.trust.all_labels()?,
+                all_requests(s)?,
+                detail,
+            ))
+        })
+        .await
+    }
 }
 
 /// Renders text as a terminal QR code (Unicode half blocks).
@@ -425,15 +439,19 @@ impl Backend for AnchorBackend {
     }
 
     async fn inventory(&self) -> ApiResult<Inventory> {
-        self.blocking(|s| {
-            Ok(crate::inventory::inventory(
-                s,
-                s.trust.devices()?,
-                &s.trust.all_labels()?,
-                all_requests(s)?,
-            ))
-        })
-        .await
+        self.inventory_as(crate::inventory::Detail::Full).await
+    }
+
+    async fn inventory_outline(&self) -> ApiResult<Inventory> {
+        self.inventory_as(crate::inventory::Detail::Outline).await
+    }
+
+    async fn inventory_details(
+        &self,
+        devices: Vec<InventoryDevice>,
+    ) -> ApiResult<Vec<InventoryDevice>> {
+        self.blocking(move |s| Ok(crate::inventory::details(s, devices)?))
+            .await
     }
 
     async fn inventory_device(&self, device: DeviceId) -> ApiResult<InventoryDevice> {

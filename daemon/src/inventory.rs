@@ -21,6 +21,15 @@ use crate::trust::{code_state, request_state};
 /// Certificates with less than this left are flagged.
 pub const CERT_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// How much of each inventory entry to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// What filters, orders and counts entries; no `device` or `node` part.
+    Outline,
+    /// Everything.
+    Full,
+}
+
 fn node_api(
     t: &anchorage_mesh::presence::Thresholds,
     me: &str,
@@ -28,10 +37,31 @@ fn node_api(
     s: &NodeState<SessionHandle>,
     now_ms: u64,
 ) -> Option<Node> {
+    node_view(t, me, id, s, now_ms, Detail::Full).map(|(node, _)| node)
+}
+
+/// A node as the API shows it, and the count of its capabilities; in outline without the
+/// list of capabilities and the remote address (the parts only a full entry shows).
+fn node_view(
+    t: &anchorage_mesh::presence::Thresholds,
+    me: &str,
+    id: &DeviceId,
+    s: &NodeState<SessionHandle>,
+    now_ms: u64,
+    detail: Detail,
+) -> Option<(Node, CapabilitySummary)> {
     let record = s.record.as_ref()?;
+    let available = record.capabilities.iter().filter(|c| c.available).count() as u32;
+    let total = record.capabilities.len() as u32;
+    let caps = CapabilitySummary {
+        total,
+        available,
+        unavailable: total - available,
+    };
+    let full = detail == Detail::Full;
     let live = s.live.as_ref();
     let remote = s.remote.as_ref().filter(|_| live.is_none());
-    Some(Node {
+    let node = Node {
         device_id: *id,
         name: record.name.clone(),
         platform: record.platform.clone(),
@@ -46,23 +76,29 @@ fn node_api(
         heartbeat_age_ms: s.last_seen_ms.map(|t| now_ms.saturating_sub(t)),
         loss_rate: live.and_then(|_| s.window.loss()),
         rtt_ms: live.map(|l| l.handle.conn.rtt().as_secs_f64() * 1000.0),
-        remote_addr: live.map(|l| l.handle.conn.remote_address().to_string()),
-        capabilities: record
-            .capabilities
-            .iter()
-            .map(|c| Capability {
-                name: c.name.clone(),
-                available: c.available,
-                reason: c.reason.clone(),
-                description: c.description.clone(),
-            })
-            .collect(),
+        remote_addr: live
+            .filter(|_| full)
+            .map(|l| l.handle.conn.remote_address().to_string()),
+        capabilities: match detail {
+            Detail::Outline => Vec::new(),
+            Detail::Full => record
+                .capabilities
+                .iter()
+                .map(|c| Capability {
+                    name: c.name.clone(),
+                    available: c.available,
+                    reason: c.reason.clone(),
+                    description: c.description.clone(),
+                })
+                .collect(),
+        },
         anchor: match (live, remote) {
             (Some(_), _) => Some(me.to_string()),
             (None, Some(r)) => Some(r.instance.clone()),
             (None, None) => None,
         },
-    })
+    };
+    Some((node, caps))
 }
 
 /// Every registered node.
@@ -82,6 +118,22 @@ fn nodes_unsorted(services: &Services, now_ms: u64) -> Vec<Node> {
         .collect()
 }
 
+/// Every registered node with its capability count, by device, under one hold of the table.
+fn node_views(
+    services: &Services,
+    now_ms: u64,
+    detail: Detail,
+) -> std::collections::HashMap<DeviceId, (Node, CapabilitySummary)> {
+    let nodes = services.nodes.lock();
+    let t = nodes.settings().thresholds;
+    nodes
+        .iter()
+        .filter_map(|(id, s)| {
+            node_view(&t, &services.instance_id, id, s, now_ms, detail).map(|v| (*id, v))
+        })
+        .collect()
+}
+
 /// One node.
 pub fn node(services: &Services, id: &DeviceId) -> Option<Node> {
     let now = services.clock.now_ms();
@@ -95,6 +147,7 @@ pub fn node(services: &Services, id: &DeviceId) -> Option<Node> {
 /// What every entry of one inventory reads alike.
 struct EntryContext {
     now_ms: u64,
+    detail: Detail,
     /// Heartbeat loss above which a node is flagged `high_loss`.
     degraded_loss: f64,
 }
@@ -105,9 +158,10 @@ fn entry(
     device: Option<&DeviceRecord>,
     labels: Option<&Labels>,
     pending: Vec<&RequestRecord>,
-    node: Option<Node>,
+    node: Option<(Node, CapabilitySummary)>,
 ) -> InventoryDevice {
     let now_ms = cx.now_ms;
+    let (node, caps) = node.unzip();
     let trust = match device {
         Some(d) if d.trust == DeviceTrust::Trusted => api::TrustState::Trusted,
         Some(_) => api::TrustState::Revoked,
@@ -115,14 +169,6 @@ fn entry(
         None => api::TrustState::Unknown,
     };
     let presence = node.as_ref().map_or(api::Presence::Unknown, |n| n.presence);
-    let caps = node.as_ref().map(|n| {
-        let available = n.capabilities.iter().filter(|c| c.available).count() as u32;
-        CapabilitySummary {
-            total: n.capabilities.len() as u32,
-            available,
-            unavailable: n.capabilities.len() as u32 - available,
-        }
-    });
     let mut warnings = Vec::new();
     match presence {
         api::Presence::Stale => warnings.push("stale".to_string()),
@@ -168,6 +214,10 @@ fn entry(
         .or_else(|| pending.first().map(|r| r.device_name.clone()))
         .unwrap_or_default();
     let version = node.as_ref().map(|n| n.agent_version.as_str());
+    let labels = device
+        .map(|d| labels_api(d, labels, version))
+        .unwrap_or_default();
+    let full = cx.detail == Detail::Full;
     InventoryDevice {
         device_id,
         name,
@@ -183,12 +233,12 @@ fn entry(
         connected_since: node.as_ref().and_then(|n| n.connected_since),
         last_seen_at: node.as_ref().and_then(|n| n.last_seen_at),
         cert_expires_at: device.map(|d| to_odt(d.cert_not_after_ms)),
-        labels: device
-            .map(|d| labels_api(d, labels, version))
-            .unwrap_or_default(),
-        device: device.map(|d| device_api(d, labels, version)),
+        device: device
+            .filter(|_| full)
+            .map(|d| device_with(d, labels.clone())),
+        labels,
         pending_pairings: pending.iter().map(|r| request_api(r, now_ms)).collect(),
-        node,
+        node: node.filter(|_| full),
         peers: Vec::new(),
     }
 }
@@ -208,12 +258,13 @@ fn pending_of<'a>(
         .collect()
 }
 
-/// The whole inventory (blocking: reads the store).
+/// The whole inventory, or its outline (see [`Detail`]).
 pub fn inventory(
     services: &Services,
     devices: Vec<DeviceRecord>,
     labels: &std::collections::HashMap<DeviceId, Labels>,
     requests: Vec<RequestRecord>,
+    detail: Detail,
 ) -> Inventory {
     let now = services.clock.now_ms();
     // Every device, and every device with a pending request; each looked up once.
@@ -229,12 +280,10 @@ pub fn inventory(
     let mut ids: Vec<DeviceId> = devices.iter().map(|d| d.device_id).collect();
     ids.extend(pending.keys().filter(|id| !by_id.contains_key(id)));
     // The node table held once for the whole fleet, not once per device.
-    let mut nodes: std::collections::HashMap<DeviceId, Node> = nodes_unsorted(services, now)
-        .into_iter()
-        .map(|n| (n.device_id, n))
-        .collect();
+    let mut nodes = node_views(services, now, detail);
     let cx = EntryContext {
         now_ms: now,
+        detail,
         degraded_loss: services.nodes.thresholds().degraded_loss,
     };
     let list: Vec<InventoryDevice> = ids
@@ -293,12 +342,43 @@ pub fn inventory_device(
     let known = device.is_some() || !pending.is_empty();
     let cx = EntryContext {
         now_ms: now,
+        detail: Detail::Full,
         degraded_loss: services.nodes.thresholds().degraded_loss,
     };
     known.then(|| {
-        let node = node(services, &id);
+        let node = full_node(services, &id);
         entry(&cx, id, device.as_ref(), Some(labels), pending, node)
     })
+}
+
+/// One node in full, with its capability count.
+fn full_node(services: &Services, id: &DeviceId) -> Option<(Node, CapabilitySummary)> {
+    let now = services.clock.now_ms();
+    let nodes = services.nodes.lock();
+    let t = nodes.settings().thresholds;
+    nodes
+        .node(id)
+        .and_then(|s| node_view(&t, &services.instance_id, id, s, now, Detail::Full))
+}
+
+/// Fills in the `device` and `node` parts of outline entries (blocking: reads the store, one
+/// device record per entry).
+pub fn details(
+    services: &Services,
+    mut entries: Vec<InventoryDevice>,
+) -> Result<Vec<InventoryDevice>, crate::store::StoreError> {
+    for e in &mut entries {
+        if e.device.is_none() {
+            e.device = services
+                .trust
+                .device(&e.device_id)?
+                .map(|d| device_with(&d, e.labels.clone()));
+        }
+        if e.node.is_none() {
+            e.node = full_node(services, &e.device_id).map(|(node, _)| node);
+        }
+    }
+    Ok(entries)
 }
 
 /// The anchor instance record.
@@ -447,8 +527,13 @@ pub fn device_api(
     labels: Option<&Labels>,
     agent_version: Option<&str>,
 ) -> api::Device {
+    device_with(d, labels_api(d, labels, agent_version))
+}
+
+/// A device as the API shows it, with the labels [`labels_api`] made for it.
+fn device_with(d: &DeviceRecord, labels: Labels) -> api::Device {
     api::Device {
-        labels: labels_api(d, labels, agent_version),
+        labels,
         device_id: d.device_id,
         name: d.name.clone(),
         trust: match d.trust {

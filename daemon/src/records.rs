@@ -77,6 +77,7 @@ pub struct RequestRecord {
     /// Platform.
     pub platform: String,
     /// The CSR, DER.
+    #[serde(with = "serde_bytes")]
     pub csr_der: Vec<u8>,
     /// SAS.
     pub sas: String,
@@ -89,6 +90,7 @@ pub struct RequestRecord {
     /// Expires if undecided.
     pub expires_at_ms: u64,
     /// Issued certificate, once approved.
+    #[serde(with = "serde_bytes")]
     pub cert_der: Option<Vec<u8>>,
     /// Who decided.
     pub decided_by: Option<String>,
@@ -119,8 +121,10 @@ pub struct DeviceRecord {
     /// Trust.
     pub trust: DeviceTrust,
     /// Current certificate serial.
+    #[serde(with = "serde_bytes")]
     pub cert_serial: Vec<u8>,
     /// Current certificate, DER.
+    #[serde(with = "serde_bytes")]
     pub cert_der: Vec<u8>,
     /// Current certificate's start.
     pub cert_not_before_ms: u64,
@@ -299,6 +303,7 @@ pub struct InvocationRecord {
     /// Capability.
     pub capability: String,
     /// Input JSON.
+    #[serde(with = "serde_bytes")]
     pub input: Vec<u8>,
     /// State.
     pub state: InvocationState,
@@ -313,6 +318,7 @@ pub struct InvocationRecord {
     /// Finished.
     pub finished_at_ms: Option<u64>,
     /// Output (up to the limit).
+    #[serde(with = "serde_bytes")]
     pub output: Vec<u8>,
     /// Output was truncated.
     pub truncated: bool,
@@ -374,6 +380,7 @@ pub struct BatchRecord {
     /// Capability.
     pub capability: String,
     /// Input JSON of every invocation.
+    #[serde(with = "serde_bytes")]
     pub input: Vec<u8>,
     /// Who asked (`name (token id)`).
     pub requested_by: String,
@@ -416,4 +423,39 @@ pub struct PolicyRecord {
     pub updated_ms: u64,
     /// Who set it (audit actor).
     pub updated_by: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte fields read as one slice (`serde_bytes`) keep the bytes records were written
+    /// with before, a length and the raw bytes: what is on disk still reads.
+    #[test]
+    fn byte_fields_encode_as_before() {
+        #[derive(Serialize)]
+        struct Before {
+            input: Vec<u8>,
+            cert: Option<Vec<u8>>,
+        }
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Now {
+            #[serde(with = "serde_bytes")]
+            input: Vec<u8>,
+            #[serde(with = "serde_bytes")]
+            cert: Option<Vec<u8>>,
+        }
+        let input: Vec<u8> = (0..=255).chain(0..40).collect();
+        let before = postcard::to_stdvec(&Before {
+            input: input.clone(),
+            cert: Some(vec![0x30, 0x82, 1, 2]),
+        })
+        .unwrap();
+        let now = Now {
+            input,
+            cert: Some(vec![0x30, 0x82, 1, 2]),
+        };
+        assert_eq!(postcard::to_stdvec(&now).unwrap(), before);
+        assert_eq!(postcard::from_bytes::<Now>(&before).unwrap(), now);
+    }
 }

@@ -80,6 +80,8 @@ pub const SILENCE_POLL: Duration = Duration::from_millis(500);
 pub const FAILOVER_SPREAD: Duration = Duration::from_millis(1500);
 /// Longest handshake with the only known anchor.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// The first handshake's limit, and the first after a failed one ([`HandshakeLimit`]).
+pub const FIRST_HANDSHAKE_LIMIT: Duration = Duration::from_secs(2);
 /// Longest wait for the anchor's answer to the registration.
 pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -171,8 +173,8 @@ pub enum LinkError {
     /// The endpoint refused to start a connection (bad address, endpoint closed).
     #[error("cannot connect: {0}")]
     Connect(#[from] quinn::ConnectError),
-    /// The handshake did not finish within [`HANDSHAKE_TIMEOUT`] ([`ANCHOR_SILENCE`] when
-    /// another anchor is known).
+    /// The handshake did not finish within its [`HandshakeLimit`] (at most
+    /// [`HANDSHAKE_TIMEOUT`], or [`ANCHOR_SILENCE`] when another anchor is known).
     #[error("handshake timed out")]
     HandshakeTimedOut,
     /// Nothing was received from the anchor for [`ANCHOR_SILENCE`].
@@ -298,6 +300,47 @@ impl Jitter {
     }
 }
 
+/// How long the next handshake may take: [`FIRST_HANDSHAKE_LIMIT`] (±25 %, random), doubled
+/// after each handshake that timed out, up to a cap; back to the first after one that
+/// finished.
+///
+/// A QUIC client whose Initial is lost (the anchor restarting, or its socket buffer overflowing
+/// when ten thousand nodes arrive at once) resends it on a probe timeout that doubles (1 s,
+/// 2 s, 4 s ...), so a node that dialed while the anchor was down would come back up to 8 s
+/// after it; a fresh attempt after 2 s keeps the gap near 1 s. The limit doubles so that a
+/// slow link, or an anchor busy with a storm of handshakes, still gets the time it needs.
+#[derive(Debug, Clone)]
+pub struct HandshakeLimit {
+    next: Duration,
+    jitter: Jitter,
+}
+
+impl HandshakeLimit {
+    /// At the first limit.
+    pub fn new(seed: u64) -> HandshakeLimit {
+        HandshakeLimit {
+            next: FIRST_HANDSHAKE_LIMIT,
+            jitter: Jitter::new(seed),
+        }
+    }
+
+    /// The limit of the next handshake, at most `cap`.
+    pub fn get(&mut self, cap: Duration) -> Duration {
+        let base = self.next.min(cap);
+        (base * 3 / 4 + self.jitter.below(base / 2)).min(cap)
+    }
+
+    /// A handshake timed out: the next may take twice as long.
+    pub fn timed_out(&mut self) {
+        self.next = (self.next * 2).min(HANDSHAKE_TIMEOUT);
+    }
+
+    /// A handshake finished.
+    pub fn finished(&mut self) {
+        self.next = FIRST_HANDSHAKE_LIMIT;
+    }
+}
+
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -389,6 +432,7 @@ pub async fn run(
     let mut backoff = Backoff::new(config.reconnect_max, config.seed);
     let mut jitter = Jitter::new(config.seed.rotate_left(17) ^ 0xa5a5);
     let mut spread = Jitter::new(config.seed.rotate_left(41) ^ 0x5a5a);
+    let mut limit = HandshakeLimit::new(config.seed.rotate_left(29) ^ 0x3c3c);
     // Across sessions: an invocation sent again after the node moved to another anchor (or
     // reconnected) is answered from here, never run twice; the revocation set outlives
     // every connection (and, in its file, the process).
@@ -443,11 +487,11 @@ pub async fn run(
         };
         let target = anchors.current().clone();
         // With another anchor to go to, one that does not answer is not waited on for long.
-        let handshake_limit = if anchors.several() {
+        let handshake_limit = limit.get(if anchors.several() {
             ANCHOR_SILENCE
         } else {
             HANDSHAKE_TIMEOUT
-        };
+        });
         let attempt = async {
             let addr = crate::anchors::resolve_anchor(&target).await.map_err(|e| {
                 debug!(anchor = %target, error = %e, "skipping an anchor whose name does not resolve");
@@ -475,6 +519,11 @@ pub async fn run(
             _ = stopped(&mut shutdown) => break Ok(()),
         };
         let mut stable = false;
+        match &attempt {
+            Err(SessionEnd::Failed(LinkError::HandshakeTimedOut)) => limit.timed_out(),
+            Err(_) => {}
+            Ok(_) => limit.finished(),
+        }
         let end = match attempt {
             Ok(conn) => {
                 let started = Instant::now();
@@ -1126,5 +1175,35 @@ mod tests {
         let mut other = Backoff::new(Duration::from_secs(30), 8);
         let others: Vec<Duration> = (0..12).map(|_| other.delay()).collect();
         assert_ne!(delays, others, "different seeds spread reconnects");
+    }
+
+    #[test]
+    fn handshake_limit_starts_short_doubles_on_timeouts_and_resets() {
+        let mut l = HandshakeLimit::new(3);
+        let first = l.get(HANDSHAKE_TIMEOUT);
+        let quarter = FIRST_HANDSHAKE_LIMIT / 4;
+        assert!(
+            first >= FIRST_HANDSHAKE_LIMIT - quarter && first <= FIRST_HANDSHAKE_LIMIT + quarter
+        );
+        let mut limits = Vec::new();
+        for _ in 0..6 {
+            l.timed_out();
+            limits.push(l.get(HANDSHAKE_TIMEOUT));
+        }
+        assert!(limits[0] >= FIRST_HANDSHAKE_LIMIT * 3 / 2, "{limits:?}");
+        assert!(limits.iter().all(|d| *d <= HANDSHAKE_TIMEOUT), "{limits:?}");
+        assert!(limits[5] >= HANDSHAKE_TIMEOUT * 3 / 4, "{limits:?}");
+        // Never above the cap asked for (another anchor known).
+        assert!(l.get(ANCHOR_SILENCE) <= ANCHOR_SILENCE);
+        l.finished();
+        assert!(l.get(HANDSHAKE_TIMEOUT) <= FIRST_HANDSHAKE_LIMIT + quarter);
+        let mut other = HandshakeLimit::new(4);
+        assert_ne!(
+            (0..8).map(|_| l.get(HANDSHAKE_TIMEOUT)).collect::<Vec<_>>(),
+            (0..8)
+                .map(|_| other.get(HANDSHAKE_TIMEOUT))
+                .collect::<Vec<_>>(),
+            "different seeds spread attempts"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! Operators' habits over netsim, simulated time, through the real backend, router and store:
 //! each device's history (`GET /inventory/{id}/history`: samples with RTT, presence changes,
 //! kept across a restart, gone with the device), the audit log's filters (actor, action,
-//! since/until) and batches on an explicit list of devices.
+//! since/until), batches on an explicit list of devices, and pages of the inventory.
 
 #![allow(clippy::unwrap_used)]
 
@@ -242,4 +242,83 @@ async fn a_batch_runs_on_exactly_the_devices_listed() {
     let body = json!({ "selector": "", "devices": ["not-a-device-id"], "capability": "echo" });
     let (status, err) = call(&sim, "POST", "/console/v1/batches", Some(body)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+}
+
+/// The entry of `id` in an inventory answer.
+fn entry_of<'a>(inventory: &'a Value, id: &str) -> &'a Value {
+    inventory["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in {inventory}"))
+}
+
+/// A page of the inventory is built from the outline of the whole fleet, then completed: its
+/// entries are whole (device and node parts), ordered and counted as the whole inventory's.
+#[tokio::test(start_paused = true)]
+async fn a_page_of_the_inventory_has_whole_entries_in_order() {
+    let sim = Sim::start(0x9a6e, lossy(0.0), |_| {}).await;
+    let mut agents = Vec::new();
+    let mut nodes = Vec::new();
+    for name in ["page-a", "page-b", "page-c", "page-d", "page-e"] {
+        let node = sim.add_node(name);
+        sim.pair(&node).await;
+        // Four connected, one never registered (a warning, so first in problem order).
+        if name != "page-e" {
+            agents.push(node.start_agent(sim.addr(), |_| {}));
+        }
+        nodes.push(node);
+    }
+    for a in &agents {
+        assert!(a.registered(1, Duration::from_secs(60)).await);
+    }
+    let (status, whole) = get(&sim, "/console/v1/inventory").await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+
+    let mut seen = Vec::new();
+    for offset in [0, 2, 4] {
+        let (status, page) = get(
+            &sim,
+            &format!("/console/v1/inventory?limit=2&offset={offset}&sort=problems"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["page"]["total"], 5, "{page}");
+        assert_eq!(
+            page["summary"], whole["summary"],
+            "counted over all of them"
+        );
+        for d in page["devices"].as_array().unwrap() {
+            let id = d["device_id"].as_str().unwrap();
+            let full = entry_of(&whole, id);
+            assert_eq!(d["device"], full["device"], "the device part of {id}");
+            assert!(d["device"]["cert_serial"].is_string(), "{d}");
+            assert_eq!(d["labels"], full["labels"]);
+            assert_eq!(d["warnings"], full["warnings"]);
+            if d["name"] == "page-e" {
+                assert!(d["node"].is_null(), "never registered: {d}");
+            } else {
+                let node = &d["node"];
+                assert_eq!(node["name"], full["node"]["name"], "{d}");
+                assert_eq!(node["capabilities"], full["node"]["capabilities"]);
+                assert!(!node["capabilities"].as_array().unwrap().is_empty(), "{d}");
+                assert!(node["remote_addr"].is_string(), "{d}");
+            }
+            seen.push(d["name"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(
+        seen,
+        ["page-e", "page-a", "page-b", "page-c", "page-d"],
+        "problems first, then by name, across pages"
+    );
+
+    // A search narrows the pages and their count.
+    let (status, found) = get(&sim, "/console/v1/inventory?limit=10&q=PAGE-B").await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(found["page"]["total"], 1, "{found}");
+    assert_eq!(found["summary"]["devices"], 1, "{found}");
+    assert_eq!(found["devices"][0]["name"], "page-b");
+    assert!(found["devices"][0]["node"]["capabilities"].is_array());
 }
