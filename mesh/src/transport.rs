@@ -1,16 +1,26 @@
 //! quinn transport settings for lossy links, as named constants.
 //!
-//! Nodes live behind NATs that forget idle UDP mappings after about ten seconds, on links that
-//! lose packets in bursts. Nodes therefore send a keep-alive well under that, and both sides
-//! allow a long idle timeout so a few seconds of total loss does not drop the connection; a
-//! half-open path is still detected within [`IDLE_TIMEOUT`].
+//! Nodes live behind NATs that forget idle UDP mappings (the shortest common timeouts are about
+//! 30 s; RFC 4787 asks for at least two minutes), on links that lose packets in bursts. A
+//! node's heartbeats (every 15 s by default) keep its mapping to the anchor; its QUIC
+//! keep-alive is a safety net under 30 s for longer heartbeat intervals, and the short
+//! [`KEEP_ALIVE_INTERVAL`] only serves where something must answer often: between nodes (a
+//! punched path), and towards an anchor when the node knows another to fail over to (it gives
+//! up on an anchor silent for 6 s). Both sides allow a long idle timeout so a few seconds of
+//! total loss does not drop the connection; a half-open path is still detected within
+//! [`IDLE_TIMEOUT`].
 
 use std::time::Duration;
 
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
-/// Nodes send a keep-alive this often when nothing else is sent (NAT mappings time out ~10 s).
+/// A keep-alive this often when nothing was received: between nodes, and from a node to an
+/// anchor when it knows another anchor (its silence watch needs an answer every few seconds).
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// A node's keep-alive towards its only anchor: under the 30 s of the shortest NAT timeouts,
+/// above the default heartbeat interval (15 s, ±10 %), so with the defaults it never fires and
+/// a heartbeat is the only packet a node sends (and QUIC's ACK the only one it receives).
+pub const NODE_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(25);
 /// A connection with no packet from the peer for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(40);
 /// Bytes of received datagrams buffered before the oldest are dropped.
@@ -35,11 +45,16 @@ pub fn anchor_transport() -> TransportConfig {
     t
 }
 
-/// Transport settings for a node's (client's) side.
+/// Transport settings for a node's (client's) side, with [`NODE_KEEP_ALIVE_INTERVAL`].
 pub fn node_transport() -> TransportConfig {
+    node_transport_with(NODE_KEEP_ALIVE_INTERVAL)
+}
+
+/// Transport settings for a node's side with a keep-alive of `keep_alive`.
+pub fn node_transport_with(keep_alive: Duration) -> TransportConfig {
     let mut t = common();
     t.max_concurrent_bidi_streams(VarInt::from_u32(NODE_MAX_INCOMING_STREAMS));
-    t.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    t.keep_alive_interval(Some(keep_alive));
     t
 }
 

@@ -25,11 +25,15 @@
 //!   failed attempt of its round, so anchors that accept and drop a node end in backoff too.
 //! - **Silent.** With at least two anchors known, an anchor from which nothing at all was
 //!   received for [`ANCHOR_SILENCE`] is lost (checked every [`SILENCE_POLL`]), and a
-//!   handshake that does not finish within it fails. The node sends an ack-eliciting
-//!   keep-alive at least every 5 s (`anchorage_mesh::transport::KEEP_ALIVE_INTERVAL`), so a
-//!   live anchor always answers well within that. A killed anchor (whose host stays up, so
-//!   nothing closes the connection) is noticed in about 6 s instead of the 40 s QUIC idle
-//!   timeout. With one anchor there is nowhere to go, and only the idle timeout applies.
+//!   handshake that does not finish within it fails. While it knows another anchor the node
+//!   sends something ack-eliciting at least every 5 s
+//!   (`anchorage_mesh::transport::KEEP_ALIVE_INTERVAL`: QUIC's keep-alive on a connection
+//!   made then, a `Probe` on one made while it knew one anchor), so a live anchor always
+//!   answers well within that. With one anchor, the heartbeats alone go out (the QUIC
+//!   keep-alive is `NODE_KEEP_ALIVE_INTERVAL`, 25 s, above the default heartbeat interval).
+//!   A killed anchor (whose host stays up, so nothing closes the connection) is noticed in
+//!   about 6 s instead of the 40 s QUIC idle timeout. With one anchor there is nowhere to
+//!   go, and only the idle timeout applies.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -39,7 +43,7 @@ use std::time::{Duration, SystemTime};
 use anchorage_mesh::conn_error::{ConnFailure, NodeAction};
 use anchorage_mesh::framed::{FramedRecv, FramedSend, StreamError, close, framed};
 use anchorage_mesh::peer_tls::PeerTls;
-use anchorage_mesh::tls;
+use anchorage_mesh::{tls, transport};
 use anchorage_wire::control::*;
 use anchorage_wire::datagram::{Datagram, Heartbeat};
 use anchorage_wire::invoke::{InvokeReply, InvokeRequest};
@@ -472,12 +476,25 @@ pub async fn run(
             Ok(i) => i,
             Err(e) => break Err(e.into()),
         };
+        // The keep-alive is the connection's for its life: short when the silence watch may
+        // need it (another anchor is known), else above the heartbeat interval (see
+        // `Probe` for an anchor list that grows during the session).
+        let short_keep_alive = anchors.several();
         let client = match tls::node_client_config(
             &identity.ca,
             vec![identity.cert.clone()],
             identity.key.private_key_der(),
         ) {
-            Ok(c) => c,
+            Ok(mut c) => {
+                c.transport_config(Arc::new(transport::node_transport_with(
+                    if short_keep_alive {
+                        transport::KEEP_ALIVE_INTERVAL
+                    } else {
+                        transport::NODE_KEEP_ALIVE_INTERVAL
+                    },
+                )));
+                c
+            }
             Err(e) => {
                 break Err(AgentError::State(StateError::Corrupt {
                     path: config.state.path().join("cert.pem"),
@@ -536,6 +553,7 @@ pub async fn run(
                     &mut jitter,
                     &mut anchors,
                     &mut held,
+                    short_keep_alive,
                 )
                 .await;
                 stats.connected.store(false, Ordering::Relaxed);
@@ -707,6 +725,7 @@ async fn session(
     jitter: &mut Jitter,
     anchors: &mut AnchorSet,
     held: &mut Held,
+    short_keep_alive: bool,
 ) -> SessionEnd {
     let mut silence = SilenceWatch::new(ANCHOR_SILENCE, received(conn), now());
     let Registration {
@@ -736,6 +755,8 @@ async fn session(
     let phase = jitter.below(interval);
     let hb_seed = jitter.next_u64();
     let origin = Instant::now();
+    let probe = Probe::new(short_keep_alive);
+    probe.set(anchors.several());
     tasks.spawn(heartbeats(
         conn.clone(),
         origin,
@@ -743,6 +764,7 @@ async fn session(
         phase,
         hb_seed,
         stats.clone(),
+        probe.clone(),
     ));
     let copies = CopyServer {
         conn: conn.clone(),
@@ -803,6 +825,7 @@ async fn session(
                 }
                 Ok(Some(ControlDown::Anchors(list))) => {
                     learn_anchors(list, anchors, config, stats).await;
+                    probe.set(anchors.several());
                 }
                 Ok(Some(ControlDown::Revoked(list))) => {
                     if learn_revoked(&list, &mut held.revoked, config, stats).await
@@ -1065,6 +1088,39 @@ async fn renew(
     }
 }
 
+/// Whether the heartbeat task sends probes between heartbeats: on a connection made with the
+/// long keep-alive ([`transport::NODE_KEEP_ALIVE_INTERVAL`], one anchor known at the time) once
+/// the node knows another anchor, so the silence watch gets an answer every
+/// [`transport::KEEP_ALIVE_INTERVAL`] as on a connection made with the short one.
+///
+/// A probe is the last heartbeat sent again, with its sequence number: the anchor drops it as
+/// a duplicate (anchors of every version do), and its QUIC stack acknowledges it like a PING.
+/// quinn sets the keep-alive once per connection, hence this.
+#[derive(Debug, Clone)]
+struct Probe {
+    /// The connection already has the short keep-alive: never probe.
+    short_keep_alive: bool,
+    several: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Probe {
+    fn new(short_keep_alive: bool) -> Probe {
+        Probe {
+            short_keep_alive,
+            several: Arc::default(),
+        }
+    }
+
+    /// The node knows `several` anchors now.
+    fn set(&self, several: bool) {
+        self.several.store(several, Ordering::Relaxed);
+    }
+
+    fn wanted(&self) -> bool {
+        !self.short_keep_alive && self.several.load(Ordering::Relaxed)
+    }
+}
+
 async fn heartbeats(
     conn: quinn::Connection,
     origin: Instant,
@@ -1072,6 +1128,7 @@ async fn heartbeats(
     phase: Duration,
     seed: u64,
     stats: Arc<AgentStats>,
+    probe: Probe,
 ) {
     let mut jitter = Jitter::new(seed);
     tokio::time::sleep(phase).await;
@@ -1083,11 +1140,14 @@ async fn heartbeats(
             load_centi: crate::capability::load_average().map(|l| (l[0] * 100.0) as u32),
             running: 0,
         });
+        let mut last = None;
         if let Ok(bytes) = hb.encode() {
-            match conn.send_datagram(bytes.into()) {
+            let bytes = bytes::Bytes::from(bytes);
+            match conn.send_datagram(bytes.clone()) {
                 Ok(()) => {
                     stats.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
                     stats.sample_link(&conn);
+                    last = Some(bytes);
                 }
                 Err(quinn::SendDatagramError::ConnectionLost(_)) => return,
                 Err(e) => debug!(error = %e, "heartbeat not sent"),
@@ -1097,7 +1157,22 @@ async fn heartbeats(
         // ±10 % so a fleet that started together drifts apart.
         let spread = interval / 5;
         let next = interval - interval / 10 + jitter.below(spread + Duration::from_millis(1));
-        tokio::time::sleep(next).await;
+        let due = Instant::now() + next;
+        loop {
+            let left = due.saturating_duration_since(Instant::now());
+            if left <= transport::KEEP_ALIVE_INTERVAL {
+                tokio::time::sleep(left).await;
+                break;
+            }
+            tokio::time::sleep(transport::KEEP_ALIVE_INTERVAL).await;
+            if probe.wanted()
+                && let Some(bytes) = &last
+                && let Err(quinn::SendDatagramError::ConnectionLost(_)) =
+                    conn.send_datagram(bytes.clone())
+            {
+                return;
+            }
+        }
     }
 }
 
