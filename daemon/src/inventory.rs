@@ -136,12 +136,7 @@ fn node_views(
 
 /// One node.
 pub fn node(services: &Services, id: &DeviceId) -> Option<Node> {
-    let now = services.clock.now_ms();
-    let nodes = services.nodes.lock();
-    let t = nodes.settings().thresholds;
-    nodes
-        .node(id)
-        .and_then(|s| node_api(&t, &services.instance_id, id, s, now))
+    full_node(services, id).map(|(node, _)| node)
 }
 
 /// What every entry of one inventory reads alike.
@@ -375,7 +370,7 @@ pub fn details(
                 .map(|d| device_with(&d, e.labels.clone()));
         }
         if e.node.is_none() {
-            e.node = full_node(services, &e.device_id).map(|(node, _)| node);
+            e.node = node(services, &e.device_id);
         }
     }
     Ok(entries)
