@@ -21,8 +21,7 @@ use crate::events::AnchorEvent;
 use crate::inventory::{code_api, device_api, request_api, token_api};
 use crate::invocations::invoke_timeout;
 use crate::records::{
-    BatchMember, BatchRecord, CodeMethod, CodeRecord, DeviceRecord, DeviceTrust, InvocationRecord,
-    RequestRecord,
+    BatchMember, BatchRecord, CodeMethod, CodeRecord, DeviceTrust, InvocationRecord, RequestRecord,
 };
 use crate::services::Services;
 use crate::store::{RuntimeWrite, StoreError};
@@ -68,18 +67,11 @@ impl AnchorBackend {
         .await
     }
 
-    /// The inventory, whole or in outline (blocking pool: reads the store).
+    /// The inventory, whole or in outline, from the trust directory (in memory; on the
+    /// blocking pool, as a whole fleet's entries take a while to build).
     async fn inventory_as(&self, detail: crate::inventory::Detail) -> ApiResult<Inventory> {
-        self.blocking(move |s| {
-            Ok(crate::inventory::inventory(
-                s,
-                s.trust.devices()?,
-                &s.trust.all_labels()?,
-                all_requests(s)?,
-                detail,
-            ))
-        })
-        .await
+        self.blocking(move |s| Ok(crate::inventory::inventory(s, &s.trust.directory(), detail)))
+            .await
     }
 }
 
@@ -450,15 +442,15 @@ impl Backend for AnchorBackend {
         &self,
         devices: Vec<InventoryDevice>,
     ) -> ApiResult<Vec<InventoryDevice>> {
-        self.blocking(move |s| Ok(crate::inventory::details(s, devices)?))
-            .await
+        Ok(crate::inventory::details(&self.services, devices))
     }
 
     async fn inventory_device(&self, device: DeviceId) -> ApiResult<InventoryDevice> {
         self.blocking(move |s| {
             let record = s.trust.device(&device)?;
             let labels = s.trust.labels_of(&device)?;
-            crate::inventory::inventory_device(s, device, record, &labels, all_requests(s)?)
+            let pending = s.trust.pending_requests();
+            crate::inventory::inventory_device(s, device, record, &labels, &pending)
                 .map(|mut entry| {
                     entry.peers = s.mesh.console_links(Some(&device));
                     entry
@@ -496,17 +488,11 @@ impl Backend for AnchorBackend {
             .live(&device)
             .filter(|_| !s.trust.revocation().is_device_revoked(&device));
         if live.is_none() {
-            let trusted = self
-                .blocking(move |s| {
-                    Ok(matches!(
-                        s.trust.device(&device)?,
-                        Some(DeviceRecord {
-                            trust: DeviceTrust::Trusted,
-                            ..
-                        })
-                    ))
-                })
-                .await?;
+            // The directory follows the store's watch: no store read per invocation.
+            let trusted = s
+                .trust
+                .directory_device(&device)
+                .is_some_and(|d| d.trust == DeviceTrust::Trusted);
             if !trusted {
                 return Err(ApiError::not_found(format!("no trusted device {device}")));
             }

@@ -16,6 +16,7 @@ use crate::records::{
     RequestRecord, RequestState,
 };
 use crate::services::Services;
+use crate::trust::directory::DirectoryView;
 use crate::trust::{code_state, request_state};
 
 /// Certificates with less than this left are flagged.
@@ -239,7 +240,7 @@ fn entry(
 }
 
 fn pending_of<'a>(
-    requests: &'a [RequestRecord],
+    requests: &'a [std::sync::Arc<RequestRecord>],
     id: &DeviceId,
     now_ms: u64,
 ) -> Vec<&'a RequestRecord> {
@@ -250,29 +251,25 @@ fn pending_of<'a>(
                 && r.state == RequestState::PendingApproval
                 && r.expires_at_ms > now_ms
         })
+        .map(|r| &**r)
         .collect()
 }
 
-/// The whole inventory, or its outline (see [`Detail`]).
-pub fn inventory(
-    services: &Services,
-    devices: Vec<DeviceRecord>,
-    labels: &std::collections::HashMap<DeviceId, Labels>,
-    requests: Vec<RequestRecord>,
-    detail: Detail,
-) -> Inventory {
+/// The whole inventory, or its outline (see [`Detail`]), of the devices and pending requests
+/// in `dir`.
+pub fn inventory(services: &Services, dir: &DirectoryView, detail: Detail) -> Inventory {
     let now = services.clock.now_ms();
     // Every device, and every device with a pending request; each looked up once.
     let mut pending: std::collections::HashMap<DeviceId, Vec<&RequestRecord>> =
         std::collections::HashMap::new();
-    for r in &requests {
+    for r in &dir.pending {
         if r.state == RequestState::PendingApproval && r.expires_at_ms > now {
             pending.entry(r.device_id).or_default().push(r);
         }
     }
     let by_id: std::collections::HashMap<DeviceId, &DeviceRecord> =
-        devices.iter().map(|d| (d.device_id, d)).collect();
-    let mut ids: Vec<DeviceId> = devices.iter().map(|d| d.device_id).collect();
+        dir.devices.iter().map(|d| (d.device_id, &**d)).collect();
+    let mut ids: Vec<DeviceId> = dir.devices.iter().map(|d| d.device_id).collect();
     ids.extend(pending.keys().filter(|id| !by_id.contains_key(id)));
     // The node table held once for the whole fleet, not once per device.
     let mut nodes = node_views(services, now, detail);
@@ -286,7 +283,8 @@ pub fn inventory(
         .map(|id| {
             let device = by_id.get(id).copied();
             let p = pending.get(id).cloned().unwrap_or_default();
-            entry(&cx, *id, device, labels.get(id), p, nodes.remove(id))
+            let labels = dir.labels.get(id).map(|l| &**l);
+            entry(&cx, *id, device, labels, p, nodes.remove(id))
         })
         .collect();
     let mut summary = InventorySummary {
@@ -309,7 +307,8 @@ pub fn inventory(
         summary.connected += u64::from(d.connected);
         summary.with_warnings += u64::from(!d.warnings.is_empty());
     }
-    summary.pending_pairings = requests
+    summary.pending_pairings = dir
+        .pending
         .iter()
         .filter(|r| r.state == RequestState::PendingApproval && r.expires_at_ms > now)
         .count() as u64;
@@ -330,10 +329,10 @@ pub fn inventory_device(
     id: DeviceId,
     device: Option<DeviceRecord>,
     labels: &Labels,
-    requests: Vec<RequestRecord>,
+    requests: &[std::sync::Arc<RequestRecord>],
 ) -> Option<InventoryDevice> {
     let now = services.clock.now_ms();
-    let pending = pending_of(&requests, &id, now);
+    let pending = pending_of(requests, &id, now);
     let known = device.is_some() || !pending.is_empty();
     let cx = EntryContext {
         now_ms: now,
@@ -356,24 +355,21 @@ fn full_node(services: &Services, id: &DeviceId) -> Option<(Node, CapabilitySumm
         .and_then(|s| node_view(&t, &services.instance_id, id, s, now, Detail::Full))
 }
 
-/// Fills in the `device` and `node` parts of outline entries (blocking: reads the store, one
-/// device record per entry).
-pub fn details(
-    services: &Services,
-    mut entries: Vec<InventoryDevice>,
-) -> Result<Vec<InventoryDevice>, crate::store::StoreError> {
+/// Fills in the `device` and `node` parts of outline entries (from the trust directory and
+/// the node table).
+pub fn details(services: &Services, mut entries: Vec<InventoryDevice>) -> Vec<InventoryDevice> {
     for e in &mut entries {
         if e.device.is_none() {
             e.device = services
                 .trust
-                .device(&e.device_id)?
+                .directory_device(&e.device_id)
                 .map(|d| device_with(&d, e.labels.clone()));
         }
         if e.node.is_none() {
             e.node = node(services, &e.device_id);
         }
     }
-    Ok(entries)
+    entries
 }
 
 /// The anchor instance record.

@@ -265,7 +265,7 @@ fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, StartError> {
 }
 
 /// The metrics exposition in `format`, with the state gauges read from the services
-/// (blocking: reads devices from the store).
+/// (blocking: reads the store's size).
 pub fn metrics_text(
     services: &services::Services,
     format: anchorage_console::MetricsFormat,
@@ -273,8 +273,7 @@ pub fn metrics_text(
     services.metrics.encode(&metrics_snapshot(services), format)
 }
 
-/// The state gauges' values now, read from the services (blocking: reads the devices from
-/// the store).
+/// The state gauges' values now, read from the services (blocking: reads the store's size).
 fn metrics_snapshot(services: &services::Services) -> metrics::Snapshot {
     let (nodes_by_presence, connected) = services.nodes.counts();
     let secs = |t: std::time::SystemTime| crate::clock::to_ms(t) / 1000;
@@ -286,21 +285,16 @@ fn metrics_snapshot(services: &services::Services) -> metrics::Snapshot {
         server_cert_expiry_secs: secs(services.server_cert.info().not_after),
         ..metrics::Snapshot::default()
     };
-    match services.trust.devices() {
-        Ok(devices) => {
-            for d in devices {
-                match d.trust {
-                    crate::records::DeviceTrust::Trusted => {
-                        snapshot.trusted += 1;
-                        let t = d.cert_not_after_ms / 1000;
-                        let earliest = snapshot.node_cert_expiry_earliest_secs.get_or_insert(t);
-                        *earliest = (*earliest).min(t);
-                    }
-                    crate::records::DeviceTrust::Revoked => snapshot.revoked += 1,
-                }
+    for d in services.trust.directory().devices {
+        match d.trust {
+            crate::records::DeviceTrust::Trusted => {
+                snapshot.trusted += 1;
+                let t = d.cert_not_after_ms / 1000;
+                let earliest = snapshot.node_cert_expiry_earliest_secs.get_or_insert(t);
+                *earliest = (*earliest).min(t);
             }
+            crate::records::DeviceTrust::Revoked => snapshot.revoked += 1,
         }
-        Err(e) => tracing::warn!(error = %e, "reading devices for the metrics failed"),
     }
     if services.config.metrics.per_node {
         let table = services.nodes.lock();

@@ -22,39 +22,34 @@ use anchorage_mesh::framed::framed;
 use anchorage_wire::ErrorCode;
 use anchorage_wire::peer::Relay;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::mesh::{Member, RELAY_QUEUE};
 use crate::nodes::SessionId;
 use crate::records::DeviceTrust;
 use crate::services::Services;
-use crate::store::blocking;
 
 /// How long a node has to say `Hello` on a relay stream it opened.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Reads the approved, unrevoked devices with their labels.
-fn read_roster(
-    services: &Services,
-) -> Result<BTreeMap<DeviceId, Member>, crate::store::StoreError> {
-    let labels = services.trust.all_labels()?;
+/// The approved, unrevoked devices with their labels (from the trust directory, in memory).
+fn read_roster(services: &Services) -> BTreeMap<DeviceId, Member> {
+    let dir = services.trust.directory();
     let revocation = services.trust.revocation();
-    Ok(services
-        .trust
-        .devices()?
-        .into_iter()
+    dir.devices
+        .iter()
         .filter(|d| d.trust == DeviceTrust::Trusted && !revocation.is_device_revoked(&d.device_id))
         .map(|d| {
-            let labels = labels.get(&d.device_id).cloned().unwrap_or_default();
+            let labels = dir.labels.get(&d.device_id);
             (
                 d.device_id,
                 Member {
-                    name: d.name,
-                    labels,
+                    name: d.name.clone(),
+                    labels: labels.map(|l| (**l).clone()).unwrap_or_default(),
                 },
             )
         })
-        .collect())
+        .collect()
 }
 
 /// Keeps the roster and the generation up to date until the anchor shuts down: on a policy
@@ -68,18 +63,7 @@ pub async fn follow(services: Arc<Services>) {
     loop {
         if stale {
             let empty = services.policy.current().policy.is_empty();
-            let roster = if empty {
-                None
-            } else {
-                let s = services.clone();
-                match blocking(move || read_roster(&s)).await {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the devices for the mesh directory");
-                        None
-                    }
-                }
-            };
+            let roster = (!empty).then(|| read_roster(&services));
             services.mesh.set_roster(roster);
             services.mesh.bump();
         }

@@ -34,6 +34,7 @@ macro_rules! __store_conformance_suite {
             watchers_see_each_commit_in_order,
             removing_a_device_removes_its_runtime_records,
             labels_are_kept_per_device_and_go_with_it,
+            label_changes_reach_watchers,
             audit_is_newest_first_filtered_and_bounded,
             invocations_load_query_and_prune,
             batches_load_query_and_prune,
@@ -468,6 +469,31 @@ pub fn labels_are_kept_per_device_and_go_with_it(b: &dyn Backend) {
     assert_eq!(
         s.trust.labels_of(&LabelOwner::Device(device(3))).unwrap(),
         None
+    );
+}
+
+/// Setting and clearing labels reaches watchers (the trust directory follows them).
+pub fn label_changes_reach_watchers(b: &dyn Backend) {
+    let s = open(b);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        s.trust.watch(Arc::new(move |c| {
+            if let TrustChange::Labels(..) = c.change {
+                seen.lock().unwrap().push(c.change.clone());
+            }
+        }));
+    }
+    let owner = LabelOwner::Device(device(1));
+    let labels: Labels = [("site".to_string(), "lab".to_string())].into();
+    transact(&*s.trust, |txn| txn.put_labels(&owner, &labels)).unwrap();
+    transact(&*s.trust, |txn| txn.put_labels(&owner, &Labels::new())).unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            TrustChange::Labels(owner.clone(), Some(labels)),
+            TrustChange::Labels(owner, None),
+        ]
     );
 }
 

@@ -231,12 +231,7 @@ impl EtcdKv {
             .unwrap_or_else(|e| e.into_inner())
             .get(&space)
             .cloned()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
-        let _ = self
-            .stale_since
-            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        mark_stale(&self.stale_since);
         Some(view)
     }
 
@@ -717,6 +712,12 @@ impl Kv for EtcdKv {
             return;
         };
         let (client, root, own) = (self.client.clone(), self.root.clone(), self.own.clone());
+        // What follows the watch (the trust directory, the node table's view of the others)
+        // is as fresh as the watch: when the watch cannot be set up again after it broke (the
+        // gRPC keep-alive breaks it within about 2 s of etcd going away; a watch on one
+        // member that died moves to another), the anchor's views are marked stale until etcd
+        // answers again.
+        let stale_since = self.stale_since.clone();
         let splitter = KeySplitter { root: root.clone() };
         rt.spawn(async move {
             let mut from: i64 = 0;
@@ -729,6 +730,7 @@ impl Kv for EtcdKv {
                 let mut stream = match watch.watch(root.clone(), Some(options)).await {
                     Ok(s) => s,
                     Err(e) => {
+                        mark_stale(&stale_since);
                         warn!(error = %e, "cannot watch etcd; retrying in 1 s");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
@@ -846,6 +848,14 @@ impl Kv for EtcdKv {
         // etcd commits are durable (raft, fsynced by a quorum) before they are acknowledged.
         Ok(())
     }
+}
+
+/// Marks what this anchor shows as stale from now, unless it is already.
+fn mark_stale(since: &std::sync::atomic::AtomicU64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64);
+    let _ = since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
 }
 
 /// Splits full keys for the watch task (which cannot borrow the store).

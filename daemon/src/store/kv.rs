@@ -362,6 +362,14 @@ fn trust_change(c: &KvChange) -> Option<TrustChange> {
         Space::Policy => Some(TrustChange::Policy(
             decode(c.space.name(), c.value.as_ref()?).ok()?,
         )),
+        Space::Labels => {
+            let owner = parse_label_key(&c.key)?;
+            let labels = match &c.value {
+                Some(v) => Some(decode(c.space.name(), v).ok()?),
+                None => None,
+            };
+            Some(TrustChange::Labels(owner, labels))
+        }
         _ => None,
     }
 }
@@ -515,10 +523,12 @@ impl TrustTxn for RecordTxn<'_> {
     fn put_labels(&mut self, owner: &LabelOwner, labels: &Labels) -> Result<(), StoreError> {
         if labels.is_empty() {
             self.kv.remove(Space::Labels, &label_key(owner));
-            Ok(())
         } else {
-            self.put(Space::Labels, &label_key(owner), labels)
+            self.put(Space::Labels, &label_key(owner), labels)?;
         }
+        let set = Some(labels.clone()).filter(|l| !l.is_empty());
+        self.changes.push(TrustChange::Labels(owner.clone(), set));
+        Ok(())
     }
 
     fn remove_device(&mut self, id: &DeviceId) -> Result<(), StoreError> {

@@ -137,6 +137,9 @@ pub enum TrustChange {
     Request(RequestRecord),
     /// A device was paired, changed, or removed (`None`).
     Device(DeviceId, Option<DeviceRecord>),
+    /// The labels of a device or a pairing code were set (`None`: removed, or set empty). A
+    /// removed device's labels go with it without a change of their own.
+    Labels(LabelOwner, Option<Labels>),
     /// A new version of the mesh policy was set.
     Policy(PolicyRecord),
 }

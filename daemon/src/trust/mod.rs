@@ -9,6 +9,7 @@
 //! change is live the moment its transaction commits. Methods block (store, signing): async
 //! callers use `spawn_blocking`. Closing sessions and publishing events is the caller's part.
 
+pub mod directory;
 pub mod rules;
 
 use std::collections::HashMap;
@@ -134,10 +135,13 @@ struct Mirrors {
     revocation_revs: Mutex<HashMap<Revoked, u64>>,
     /// Bootstrap streams waiting for a decision on a request.
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Devices, their labels and pending requests, for views of the whole fleet.
+    directory: directory::Directory,
 }
 
 impl Mirrors {
-    fn apply(&self, revocation: &RevocationSet, change: &Revision<TrustChange>) {
+    fn apply(&self, revocation: &RevocationSet, change: &Revision<TrustChange>, now_ms: u64) {
+        self.directory.apply(change, now_ms);
         match &change.change {
             TrustChange::Token(t) => {
                 let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
@@ -181,7 +185,7 @@ impl Mirrors {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(id.clone(), (limits.clone(), scope_of(limits)));
             }
-            TrustChange::Device(..) | TrustChange::Policy(_) => {}
+            TrustChange::Device(..) | TrustChange::Labels(..) | TrustChange::Policy(_) => {}
         }
     }
 }
@@ -281,8 +285,8 @@ impl Trust {
         let revocation = Arc::new(RevocationSet::new());
         let mirrors = Arc::new(Mirrors::default());
         {
-            let (m, r) = (mirrors.clone(), revocation.clone());
-            store.watch(Arc::new(move |change| m.apply(&r, change)));
+            let (m, r, c) = (mirrors.clone(), revocation.clone(), clock);
+            store.watch(Arc::new(move |change| m.apply(&r, change, c.now_ms())));
         }
         for (key, record) in store.revocations()? {
             mirrors.apply(
@@ -292,8 +296,15 @@ impl Trust {
                     rev: 0,
                     change: TrustChange::Revocation(key, Some(record)),
                 },
+                clock.now_ms(),
             );
         }
+        mirrors.directory.load(
+            store.devices()?,
+            store.all_labels()?,
+            store.requests()?,
+            clock.now_ms(),
+        );
         {
             let mut tokens = mirrors.tokens.write().unwrap_or_else(|e| e.into_inner());
             for t in store.tokens()? {
@@ -565,6 +576,22 @@ impl Trust {
     /// Every device.
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         self.store.devices()
+    }
+
+    /// Every device with its labels, and the pending pairing requests, from memory (no
+    /// certificates or CSRs: see [`directory`]). Views of the whole fleet read this.
+    pub fn directory(&self) -> directory::DirectoryView {
+        self.mirrors.directory.view(self.now_ms())
+    }
+
+    /// The pairing requests pending approval, from the directory (no CSRs).
+    pub fn pending_requests(&self) -> Vec<Arc<RequestRecord>> {
+        self.mirrors.directory.pending(self.now_ms())
+    }
+
+    /// One device from the directory (no certificate: see [`directory`]).
+    pub fn directory_device(&self, id: &DeviceId) -> Option<Arc<DeviceRecord>> {
+        self.mirrors.directory.device(id)
     }
 
     /// One device's labels (none: empty).
