@@ -23,6 +23,10 @@
 //!   round does the capped exponential backoff ([`Backoff`], up to `reconnect_max`) pause
 //!   before the next round. A connection that did not last [`STABLE_CONNECTION`] counts as a
 //!   failed attempt of its round, so anchors that accept and drop a node end in backoff too.
+//! - **Restarting.** An anchor that closes the connection because it is shutting down is
+//!   expected back within seconds: for [`RESTART_PATIENCE`] after that, a failed round pauses
+//!   [`RESTART_RETRY`] ±50 % instead of the backoff ([`RoundPause`]), so the nodes of a
+//!   restarted anchor come back within about a second of it, spread over that second.
 //! - **Silent.** With at least two anchors known, an anchor from which nothing at all was
 //!   received for [`ANCHOR_SILENCE`] is lost (checked every [`SILENCE_POLL`]), and a
 //!   handshake that does not finish within it fails. While it knows another anchor the node
@@ -82,6 +86,14 @@ pub use crate::anchors::ANCHOR_SILENCE;
 pub const SILENCE_POLL: Duration = Duration::from_millis(500);
 /// Longest random pause before dialing the next anchor after a connection was lost.
 pub const FAILOVER_SPREAD: Duration = Duration::from_millis(1500);
+/// After an anchor closed the connection because it is shutting down (a restart, as a
+/// rule), how long rounds that fail are paced by [`RESTART_RETRY`] instead of the growing
+/// [`Backoff`]: the anchor is expected back within seconds, and a node that backed off to
+/// 8 or 16 s would come back long after it.
+pub const RESTART_PATIENCE: Duration = Duration::from_secs(60);
+/// The pause between failed rounds while an anchor restarts: this, ±50 % (random), so the
+/// nodes of a restarting anchor arrive spread over a second, not at once and not late.
+pub const RESTART_RETRY: Duration = Duration::from_secs(1);
 /// Longest handshake with the only known anchor.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The first handshake's limit, and the first after a failed one ([`HandshakeLimit`]).
@@ -345,6 +357,50 @@ impl HandshakeLimit {
     }
 }
 
+/// The pause after a failed round: the [`Backoff`], or while an anchor restarts (it said it
+/// was shutting down, less than [`RESTART_PATIENCE`] ago) [`RESTART_RETRY`] ±50 %.
+#[derive(Debug, Clone)]
+pub struct RoundPause {
+    backoff: Backoff,
+    jitter: Jitter,
+    restart_until: Option<Instant>,
+}
+
+impl RoundPause {
+    /// The backoff capped at `cap`, nothing restarting.
+    pub fn new(cap: Duration, seed: u64) -> RoundPause {
+        RoundPause {
+            backoff: Backoff::new(cap, seed),
+            jitter: Jitter::new(seed.rotate_left(7) ^ 0x7e7e),
+            restart_until: None,
+        }
+    }
+
+    /// The anchor said it is shutting down, at `now`.
+    pub fn anchor_restarting(&mut self, now: Instant) {
+        self.restart_until = Some(now + RESTART_PATIENCE);
+    }
+
+    /// A handshake finished: whatever restarted is back.
+    pub fn anchor_back(&mut self) {
+        self.restart_until = None;
+    }
+
+    /// The pause after a round in which every anchor failed, at `now`.
+    pub fn delay(&mut self, now: Instant) -> Duration {
+        if self.restart_until.is_some_and(|until| now < until) {
+            RESTART_RETRY / 2 + self.jitter.below(RESTART_RETRY)
+        } else {
+            self.backoff.delay()
+        }
+    }
+
+    /// Back to the first backoff delay.
+    pub fn reset(&mut self) {
+        self.backoff.reset();
+    }
+}
+
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -433,7 +489,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mesh: Option<Mesh>,
 ) -> Result<(), AgentError> {
-    let mut backoff = Backoff::new(config.reconnect_max, config.seed);
+    let mut backoff = RoundPause::new(config.reconnect_max, config.seed);
     let mut jitter = Jitter::new(config.seed.rotate_left(17) ^ 0xa5a5);
     let mut spread = Jitter::new(config.seed.rotate_left(41) ^ 0x5a5a);
     let mut limit = HandshakeLimit::new(config.seed.rotate_left(29) ^ 0x3c3c);
@@ -543,6 +599,7 @@ pub async fn run(
         }
         let end = match attempt {
             Ok(conn) => {
+                backoff.anchor_back();
                 let started = Instant::now();
                 let end = session(
                     &conn,
@@ -562,6 +619,14 @@ pub async fn run(
                 if started.elapsed() >= STABLE_CONNECTION {
                     backoff.reset();
                     stable = true;
+                }
+                let shutting_down = ConnFailure::Closed(ErrorCode::ShuttingDown);
+                if conn
+                    .close_reason()
+                    .is_some_and(|e| ConnFailure::classify(&e) == shutting_down)
+                {
+                    debug!(anchor = %target, "the anchor is shutting down; retrying at a steady pace");
+                    backoff.anchor_restarting(Instant::now());
                 }
                 end
             }
@@ -594,7 +659,7 @@ pub async fn run(
         let delay = match pause {
             Pause::None => Duration::ZERO,
             Pause::Spread => spread.below(FAILOVER_SPREAD),
-            Pause::Backoff => backoff.delay(),
+            Pause::Backoff => backoff.delay(Instant::now()),
         };
         if !delay.is_zero() {
             tokio::select! {
@@ -1237,6 +1302,33 @@ async fn invocations(copies: CopyServer) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_rounds_retry_at_a_steady_pace_while_an_anchor_restarts() {
+        let t0 = Instant::now();
+        let mut p = RoundPause::new(Duration::from_secs(30), 11);
+        // Backing off already (the anchor was unreachable for a while) ...
+        for _ in 0..6 {
+            p.delay(t0);
+        }
+        assert!(p.delay(t0) >= Duration::from_secs(15), "the backoff grew");
+        // ... then the anchor said it was shutting down: a second or so, however many fail.
+        p.anchor_restarting(t0);
+        for i in 0..50 {
+            let d = p.delay(t0 + Duration::from_secs(i));
+            assert!(
+                d >= RESTART_RETRY / 2 && d <= RESTART_RETRY * 3 / 2,
+                "{d:?} at {i} s"
+            );
+        }
+        // Past the patience, the backoff takes over again where it was.
+        assert!(p.delay(t0 + RESTART_PATIENCE) >= Duration::from_secs(15));
+        // Once a handshake finished, the next restart starts the pace again.
+        p.anchor_restarting(t0);
+        p.anchor_back();
+        p.reset();
+        assert!(p.delay(t0) <= RECONNECT_BASE);
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {
