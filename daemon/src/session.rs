@@ -124,17 +124,22 @@ async fn accept(
     conn: &quinn::Connection,
     device: &anchorage_mesh::DeviceId,
 ) -> Result<(bool, Register, Tx, Rx), Option<Refusal>> {
-    let record = {
-        let s = services.clone();
-        let d = *device;
-        blocking(move || s.trust.device(&d)).await
-    };
-    let record = match record {
-        Ok(Some(r)) => r,
-        Ok(None) => return Err(Some(Refusal::UnknownDevice)),
-        Err(e) => {
-            warn!(error = %e, "store read failed");
-            return Err(Some(Refusal::Internal));
+    // The trust directory follows the store's watch: no store read per registration (a
+    // restarted anchor takes all of its nodes back at once). A device it does not hold yet
+    // may have paired on another anchor a moment ago: the store has the last word.
+    let record = match services.trust.directory_device(device) {
+        Some(r) => r,
+        None => {
+            let s = services.clone();
+            let d = *device;
+            match blocking(move || s.trust.device(&d)).await {
+                Ok(Some(r)) => std::sync::Arc::new(r),
+                Ok(None) => return Err(Some(Refusal::UnknownDevice)),
+                Err(e) => {
+                    warn!(error = %e, "store read failed");
+                    return Err(Some(Refusal::Internal));
+                }
+            }
         }
     };
     if record.trust != DeviceTrust::Trusted {
