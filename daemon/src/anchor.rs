@@ -300,7 +300,16 @@ impl Anchor {
                 incoming.refuse();
                 continue;
             }
-            if handshaking.load(Ordering::Relaxed) >= s.config.retry_above_handshakes
+            let in_progress = handshaking.load(Ordering::Relaxed);
+            if in_progress >= s.config.refuse_above_handshakes {
+                // Cheaper than a handshake that would finish after the node gave up on it,
+                // and than an Initial dropped in a full socket (which the node would only
+                // send again after QUIC's probe timeout).
+                s.metrics.handshake_failure("busy");
+                incoming.refuse();
+                continue;
+            }
+            if in_progress >= s.config.retry_above_handshakes
                 && !incoming.remote_address_validated()
             {
                 match incoming.retry() {

@@ -21,6 +21,10 @@ pub use anchorage_mesh::config::ConfigError;
 
 /// QUIC handshakes in progress above which clients must answer a Retry first.
 pub const DEFAULT_RETRY_ABOVE_HANDSHAKES: usize = 256;
+/// QUIC handshakes in progress above which new ones are refused (the client tries again in
+/// a second or so): about half a second of handshakes on two cores, well under a node's
+/// first handshake limit (2 s).
+pub const DEFAULT_REFUSE_ABOVE_HANDSHAKES: usize = 512;
 
 /// The TOML file, every key optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -55,6 +59,8 @@ pub struct FileConfig {
     pub pairing_failures_total: Option<u32>,
     /// QUIC handshakes in progress above which new clients must answer a Retry first.
     pub retry_above_handshakes: Option<usize>,
+    /// QUIC handshakes in progress above which new ones are refused.
+    pub refuse_above_handshakes: Option<usize>,
     /// Stored invocation output limit in bytes.
     pub invocation_output_limit: Option<u32>,
     /// Keep finished invocations this long, e.g. `7d`.
@@ -386,6 +392,12 @@ pub struct AnchorConfig {
     /// Retry (one more round trip), so a flood of spoofed Initial packets costs the anchor no
     /// handshake state or signatures. 0: always.
     pub retry_above_handshakes: usize,
+    /// QUIC handshakes in progress at or above which a new one is refused at once (QUIC's
+    /// `CONNECTION_REFUSED`; nodes try again in about a second), so a storm of reconnecting
+    /// nodes is answered at the rate the anchor can finish handshakes instead of queueing in
+    /// the socket until the kernel drops Initial packets and the nodes wait out QUIC's doubling
+    /// probe timeout.
+    pub refuse_above_handshakes: usize,
     /// Stored output limit.
     pub invocation_output_limit: u32,
     /// Retention of finished invocations.
@@ -691,6 +703,16 @@ impl FileConfig {
             retry_above_handshakes: self
                 .retry_above_handshakes
                 .unwrap_or(DEFAULT_RETRY_ABOVE_HANDSHAKES),
+            refuse_above_handshakes: match self.refuse_above_handshakes {
+                Some(0) => {
+                    return Err(ConfigError::invalid(
+                        "refuse_above_handshakes",
+                        "must be at least 1 (0 would refuse every node)",
+                    ));
+                }
+                Some(n) => n,
+                None => DEFAULT_REFUSE_ABOVE_HANDSHAKES,
+            },
             invocation_output_limit: self.invocation_output_limit.unwrap_or(64 * 1024),
             invocation_retention: dur(
                 "invocation_retention",

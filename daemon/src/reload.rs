@@ -180,6 +180,10 @@ pub fn compare(old: &AnchorConfig, new: &AnchorConfig) -> Changes {
         old.retry_above_handshakes != new.retry_above_handshakes,
     );
     restart(
+        "refuse_above_handshakes",
+        old.refuse_above_handshakes != new.refuse_above_handshakes,
+    );
+    restart(
         "invocation_output_limit",
         old.invocation_output_limit != new.invocation_output_limit,
     );
@@ -206,6 +210,7 @@ pub fn compare(old: &AnchorConfig, new: &AnchorConfig) -> Changes {
     rest.pairing_max_attempts = old.pairing_max_attempts;
     rest.pairing_limits = old.pairing_limits;
     rest.retry_above_handshakes = old.retry_above_handshakes;
+    rest.refuse_above_handshakes = old.refuse_above_handshakes;
     rest.invocation_output_limit = old.invocation_output_limit;
     rest.invocation_copies = old.invocation_copies;
     rest.log_json = old.log_json;

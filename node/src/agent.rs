@@ -23,8 +23,9 @@
 //!   round does the capped exponential backoff ([`Backoff`], up to `reconnect_max`) pause
 //!   before the next round. A connection that did not last [`STABLE_CONNECTION`] counts as a
 //!   failed attempt of its round, so anchors that accept and drop a node end in backoff too.
-//! - **Restarting.** An anchor that closes the connection because it is shutting down is
-//!   expected back within seconds: for [`RESTART_PATIENCE`] after that, a failed round pauses
+//! - **Restarting.** An anchor that closes the connection because it is shutting down, or
+//!   refuses a handshake because it has too many in progress, is expected to take the node
+//!   within seconds: for [`RESTART_PATIENCE`] after that, a failed round pauses
 //!   [`RESTART_RETRY`] ±50 % instead of the backoff ([`RoundPause`]), so the nodes of a
 //!   restarted anchor come back within about a second of it, spread over that second.
 //! - **Silent.** With at least two anchors known, an anchor from which nothing at all was
@@ -91,6 +92,9 @@ pub const FAILOVER_SPREAD: Duration = Duration::from_millis(1500);
 /// [`Backoff`]: the anchor is expected back within seconds, and a node that backed off to
 /// 8 or 16 s would come back long after it.
 pub const RESTART_PATIENCE: Duration = Duration::from_secs(60);
+/// QUIC's `CONNECTION_REFUSED` transport error: an anchor with too many handshakes in
+/// progress refuses new ones with it.
+const CONNECTION_REFUSED: u64 = 0x2;
 /// The pause between failed rounds while an anchor restarts: this, ±50 % (random), so the
 /// nodes of a restarting anchor arrive spread over a second, not at once and not late.
 pub const RESTART_RETRY: Duration = Duration::from_secs(1);
@@ -376,8 +380,9 @@ impl RoundPause {
         }
     }
 
-    /// The anchor said it is shutting down, at `now`.
-    pub fn anchor_restarting(&mut self, now: Instant) {
+    /// The anchor said it is shutting down, or refused a handshake because it had too many
+    /// in progress, at `now`: it is expected to take the node within seconds.
+    pub fn expect_anchor_soon(&mut self, now: Instant) {
         self.restart_until = Some(now + RESTART_PATIENCE);
     }
 
@@ -594,6 +599,12 @@ pub async fn run(
         let mut stable = false;
         match &attempt {
             Err(SessionEnd::Failed(LinkError::HandshakeTimedOut)) => limit.timed_out(),
+            // Refused at once: the anchor had too many handshakes in progress (a restart, a
+            // storm of reconnections); it takes the node in a second or so.
+            Err(SessionEnd::Failed(LinkError::Connection {
+                failure: ConnFailure::ClosedByPeer(CONNECTION_REFUSED),
+                ..
+            })) => backoff.expect_anchor_soon(Instant::now()),
             Err(_) => {}
             Ok(_) => limit.finished(),
         }
@@ -626,7 +637,7 @@ pub async fn run(
                     .is_some_and(|e| ConnFailure::classify(&e) == shutting_down)
                 {
                     debug!(anchor = %target, "the anchor is shutting down; retrying at a steady pace");
-                    backoff.anchor_restarting(Instant::now());
+                    backoff.expect_anchor_soon(Instant::now());
                 }
                 end
             }
@@ -1313,7 +1324,7 @@ mod tests {
         }
         assert!(p.delay(t0) >= Duration::from_secs(15), "the backoff grew");
         // ... then the anchor said it was shutting down: a second or so, however many fail.
-        p.anchor_restarting(t0);
+        p.expect_anchor_soon(t0);
         for i in 0..50 {
             let d = p.delay(t0 + Duration::from_secs(i));
             assert!(
@@ -1324,7 +1335,7 @@ mod tests {
         // Past the patience, the backoff takes over again where it was.
         assert!(p.delay(t0 + RESTART_PATIENCE) >= Duration::from_secs(15));
         // Once a handshake finished, the next restart starts the pace again.
-        p.anchor_restarting(t0);
+        p.expect_anchor_soon(t0);
         p.anchor_back();
         p.reset();
         assert!(p.delay(t0) <= RECONNECT_BASE);

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anchorage_console::api::{CodeState, InvokeRequest, MintCodeRequest, PairMethod};
@@ -507,6 +508,106 @@ async fn under_handshake_load_clients_prove_their_address_with_a_retry_and_still
         retries >= 1.0,
         "the pairing went through a Retry: {retries}"
     );
+    anchor.running.shutdown().await;
+}
+
+/// A client that takes `delay` to check the anchor's certificate, so its handshake stays in
+/// progress at the anchor meanwhile (it blocks a runtime thread: use a multi-thread runtime).
+#[derive(Debug)]
+struct SlowVerifier {
+    delay: Duration,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SlowVerifier {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        std::thread::sleep(self.delay);
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn above_its_handshake_bound_the_anchor_refuses_new_handshakes_at_once() {
+    let anchor = Anchor::start_with(|c| c.refuse_above_handshakes = 1).await;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SlowVerifier {
+            delay: Duration::from_secs(3),
+            provider,
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![anchorage_wire::ALPN_BOOTSTRAP.to_vec()];
+    let slow = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let addr = anchor.addr();
+    let held = tokio::spawn(async move { connect(loopback(7), addr, slow).await });
+    // The slow client's handshake is in progress at the anchor once its Initial arrived.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let endpoint = quinn::Endpoint::client(SocketAddr::new(loopback(8), 0)).unwrap();
+    let refused = endpoint
+        .connect_with(
+            anchorage_mesh::tls::bootstrap_client_config(None).unwrap(),
+            addr,
+            ANCHOR_SERVER_NAME,
+        )
+        .unwrap()
+        .await;
+    match refused {
+        Err(quinn::ConnectionError::ConnectionClosed(c)) => assert_eq!(
+            c.error_code,
+            quinn::TransportErrorCode::CONNECTION_REFUSED,
+            "{c:?}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let busy = anchor
+        .scrape()
+        .await
+        .value("anchorage_handshake_failures_total", &[("reason", "busy")]);
+    assert_eq!(busy, Some(1.0));
+    // Once the slow handshake finished, the next client gets in.
+    let (_held_endpoint, _held_conn) = held.await.unwrap();
+    let (_endpoint, _conn, _, _) = bootstrap(loopback(9), addr).await;
     anchor.running.shutdown().await;
 }
 
