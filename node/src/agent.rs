@@ -406,6 +406,34 @@ impl RoundPause {
     }
 }
 
+/// The node's TLS client configuration from its state directory, with the keep-alive the
+/// connection needs (short when another anchor is known).
+fn node_client(
+    config: &AgentConfig,
+    short_keep_alive: bool,
+) -> Result<quinn::ClientConfig, AgentError> {
+    let identity = config.state.identity()?;
+    let mut client = tls::node_client_config(
+        &identity.ca,
+        vec![identity.cert.clone()],
+        identity.key.private_key_der(),
+    )
+    .map_err(|e| {
+        AgentError::State(StateError::Corrupt {
+            path: config.state.path().join("cert.pem"),
+            message: e.to_string(),
+        })
+    })?;
+    client.transport_config(Arc::new(transport::node_transport_with(
+        if short_keep_alive {
+            transport::KEEP_ALIVE_INTERVAL
+        } else {
+            transport::NODE_KEEP_ALIVE_INTERVAL
+        },
+    )));
+    Ok(client)
+}
+
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -529,39 +557,30 @@ pub async fn run(
             }
         })
     });
+    // The TLS client configuration, with the keep-alive and the count of certificate renewals
+    // it was built for (a renewal saves a new certificate: built again for the next attempt).
+    let mut tls_client: Option<((bool, u64), quinn::ClientConfig)> = None;
     let result = loop {
         if *shutdown.borrow() {
             break Ok(());
         }
-        let identity = match config.state.identity() {
-            Ok(i) => i,
-            Err(e) => break Err(e.into()),
-        };
         // The keep-alive is the connection's for its life: short when the silence watch may
         // need it (another anchor is known), else above the heartbeat interval (see
         // `Probe` for an anchor list that grows during the session).
         let short_keep_alive = anchors.several();
-        let client = match tls::node_client_config(
-            &identity.ca,
-            vec![identity.cert.clone()],
-            identity.key.private_key_der(),
-        ) {
-            Ok(mut c) => {
-                c.transport_config(Arc::new(transport::node_transport_with(
-                    if short_keep_alive {
-                        transport::KEEP_ALIVE_INTERVAL
-                    } else {
-                        transport::NODE_KEEP_ALIVE_INTERVAL
-                    },
-                )));
-                c
-            }
-            Err(e) => {
-                break Err(AgentError::State(StateError::Corrupt {
-                    path: config.state.path().join("cert.pem"),
-                    message: e.to_string(),
-                }));
-            }
+        // Built once per certificate and keep-alive, not per attempt: reading the key and
+        // building the verifier again costs more than the attempt itself when the anchor
+        // refuses or restarts and the node tries every second.
+        let built_for = (short_keep_alive, stats.renewals.load(Ordering::Relaxed));
+        let client = match &tls_client {
+            Some((key, c)) if *key == built_for => c.clone(),
+            _ => match node_client(&config, short_keep_alive) {
+                Ok(c) => {
+                    tls_client = Some((built_for, c.clone()));
+                    c
+                }
+                Err(e) => break Err(e),
+            },
         };
         let target = anchors.current().clone();
         // With another anchor to go to, one that does not answer is not waited on for long.
