@@ -27,7 +27,9 @@
 //!   refuses a handshake because it has too many in progress, is expected to take the node
 //!   within seconds: for [`RESTART_PATIENCE`] after that, a failed round pauses
 //!   [`RESTART_RETRY`] ±50 % instead of the backoff ([`RoundPause`]), so the nodes of a
-//!   restarted anchor come back within about a second of it, spread over that second.
+//!   restarted anchor come back within about a second of it, spread over that second; and a
+//!   handshake that does not finish within [`FIRST_HANDSHAKE_LIMIT`] is dialled again rather
+//!   than waited on through QUIC's doubling probe timeout.
 //! - **Silent.** With at least two anchors known, an anchor from which nothing at all was
 //!   received for [`ANCHOR_SILENCE`] is lost (checked every [`SILENCE_POLL`]), and a
 //!   handshake that does not finish within it fails. While it knows another anchor the node
@@ -391,9 +393,14 @@ impl RoundPause {
         self.restart_until = None;
     }
 
+    /// Whether an anchor is expected soon (the steady pace is on) at `now`.
+    pub fn steady(&self, now: Instant) -> bool {
+        self.restart_until.is_some_and(|until| now < until)
+    }
+
     /// The pause after a round in which every anchor failed, at `now`.
     pub fn delay(&mut self, now: Instant) -> Duration {
-        if self.restart_until.is_some_and(|until| now < until) {
+        if self.steady(now) {
             RESTART_RETRY / 2 + self.jitter.below(RESTART_RETRY)
         } else {
             self.backoff.delay()
@@ -584,7 +591,13 @@ pub async fn run(
         };
         let target = anchors.current().clone();
         // With another anchor to go to, one that does not answer is not waited on for long.
-        let handshake_limit = limit.get(if anchors.several() {
+        // While an anchor is expected soon, a handshake that does not finish within the first
+        // limit is dialled again after the steady pause (a fresh Initial) rather than waited
+        // on through QUIC's doubling probe timeout: the anchor refuses what it cannot take
+        // at once, so a slow handshake there is one whose packets were lost.
+        let handshake_limit = limit.get(if backoff.steady(Instant::now()) {
+            FIRST_HANDSHAKE_LIMIT
+        } else if anchors.several() {
             ANCHOR_SILENCE
         } else {
             HANDSHAKE_TIMEOUT
@@ -1351,7 +1364,9 @@ mod tests {
                 "{d:?} at {i} s"
             );
         }
+        assert!(p.steady(t0 + RESTART_PATIENCE / 2));
         // Past the patience, the backoff takes over again where it was.
+        assert!(!p.steady(t0 + RESTART_PATIENCE));
         assert!(p.delay(t0 + RESTART_PATIENCE) >= Duration::from_secs(15));
         // Once a handshake finished, the next restart starts the pace again.
         p.expect_anchor_soon(t0);
