@@ -1629,6 +1629,8 @@ async fn restart_timed(
     let ready_at = Instant::now();
     // When each node registered again, relative to the new anchor being ready.
     let mut back: Vec<Option<Duration>> = vec![None; n];
+    // The last failure each agent had before it was back (its status's `last_error`).
+    let mut last_failure: Vec<Option<String>> = vec![None; n];
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         let mut missing = 0;
@@ -1638,6 +1640,7 @@ async fn restart_timed(
                     && a.stats.connected.load(Ordering::Relaxed)
                 {
                     back[i] = Some(ready_at.elapsed());
+                    last_failure[i] = a.stats.snapshot().last_error;
                 } else {
                     missing += 1;
                 }
@@ -1648,6 +1651,7 @@ async fn restart_timed(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    print_slowest_failures(&back, &last_failure);
     (
         next,
         Restarted {
@@ -1656,6 +1660,25 @@ async fn restart_timed(
             back,
         },
     )
+}
+
+/// Prints what the slowest 1 % of the agents last failed with before they were back (for
+/// reading a restart's tail; not a row of the table).
+fn print_slowest_failures(back: &[Option<Duration>], last_failure: &[Option<String>]) {
+    let mut order: Vec<usize> = (0..back.len()).filter(|i| back[*i].is_some()).collect();
+    order.sort_by_key(|i| std::cmp::Reverse(back[*i]));
+    let slowest = &order[..order.len().div_ceil(100)];
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for i in slowest {
+        let what = last_failure[*i].clone().unwrap_or_else(|| "none".into());
+        *counts.entry(what.chars().take(60).collect()).or_default() += 1;
+    }
+    let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+    counts.sort_by_key(|(_, c)| std::cmp::Reverse(*c));
+    println!(
+        "  the slowest {} back, by their last failure: {counts:?}",
+        slowest.len()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -83,11 +83,9 @@ impl Directory {
                     t.labels.insert(*id, (rev, None));
                 }
             }
-            TrustChange::Labels(LabelOwner::Device(id), labels) => {
-                if newer(t.labels.get(id), rev) {
-                    let kept = labels.as_ref().filter(|l| !l.is_empty()).cloned();
-                    t.labels.insert(*id, (rev, kept.map(Arc::new)));
-                }
+            TrustChange::Labels(LabelOwner::Device(id), labels) if newer(t.labels.get(id), rev) => {
+                let kept = labels.as_ref().filter(|l| !l.is_empty()).cloned();
+                t.labels.insert(*id, (rev, kept.map(Arc::new)));
             }
             TrustChange::Request(r) => {
                 let id = &r.request_id;
