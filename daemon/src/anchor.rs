@@ -34,6 +34,12 @@ use crate::trust::{Trust, TrustSettings};
 
 /// How long a handshake may take before the anchor gives up on it.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a handshake in progress counts towards `retry_above_handshakes` and
+/// `refuse_above_handshakes`. Past it the node has most likely given up on it (a node's first
+/// handshake limit is 2 s ±25 %, and the close it sends then can be lost in a storm) or is on
+/// a slow link; either way it is not work queued at the anchor, and counting it until
+/// [`HANDSHAKE_TIMEOUT`] would refuse nodes while the anchor sits idle.
+pub const HANDSHAKE_COUNTED_FOR: Duration = Duration::from_secs(3);
 /// Connections handled at once; beyond this, new ones are refused (`Overloaded`).
 pub const MAX_CONNECTIONS: usize = 20_000;
 /// How often presence is evaluated and deadlines are swept.
@@ -430,8 +436,16 @@ async fn handle_incoming(
             return;
         }
     };
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await;
+    let mut connecting = std::pin::pin!(connecting);
+    let counted = tokio::time::timeout(HANDSHAKE_COUNTED_FOR, &mut connecting).await;
     handshaking.fetch_sub(1, Ordering::Relaxed);
+    let handshake = match counted {
+        Ok(done) => Ok(done),
+        Err(_) => {
+            let rest = HANDSHAKE_TIMEOUT.saturating_sub(HANDSHAKE_COUNTED_FOR);
+            tokio::time::timeout(rest, connecting).await
+        }
+    };
     let conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {

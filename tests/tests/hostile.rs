@@ -571,7 +571,7 @@ async fn above_its_handshake_bound_the_anchor_refuses_new_handshakes_at_once() {
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(SlowVerifier {
-            delay: Duration::from_secs(3),
+            delay: Duration::from_secs(5),
             provider,
         }))
         .with_no_client_auth();
@@ -580,6 +580,7 @@ async fn above_its_handshake_bound_the_anchor_refuses_new_handshakes_at_once() {
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ));
     let addr = anchor.addr();
+    let started = tokio::time::Instant::now();
     let held = tokio::spawn(async move { connect(loopback(7), addr, slow).await });
     // The slow client's handshake is in progress at the anchor once its Initial arrived.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -605,9 +606,15 @@ async fn above_its_handshake_bound_the_anchor_refuses_new_handshakes_at_once() {
         .await
         .value("anchorage_handshake_failures_total", &[("reason", "busy")]);
     assert_eq!(busy, Some(1.0));
-    // Once the slow handshake finished, the next client gets in.
-    let (_held_endpoint, _held_conn) = held.await.unwrap();
+    // A handshake in progress for longer than HANDSHAKE_COUNTED_FOR (3 s) no longer counts:
+    // its node has most likely given up. The next client gets in while it is still held.
+    tokio::time::sleep_until(started + Duration::from_millis(3_500)).await;
     let (_endpoint, _conn, _, _) = bootstrap(loopback(9), addr).await;
+    assert!(
+        !held.is_finished(),
+        "the slow handshake is still in progress"
+    );
+    let (_held_endpoint, _held_conn) = held.await.unwrap();
     anchor.running.shutdown().await;
 }
 
