@@ -287,14 +287,17 @@ impl Backend for AnchorBackend {
     }
 
     async fn list_devices(&self) -> ApiResult<Vec<Device>> {
+        // From the trust directory (in memory, as fresh as the store's watch), in device order.
         self.blocking(|s| {
-            let labels = s.trust.all_labels()?;
-            Ok(s.trust
-                .devices()?
+            let dir = s.trust.directory();
+            let mut devices = dir.devices;
+            devices.sort_by_key(|d| d.device_id);
+            Ok(devices
                 .iter()
                 .map(|d| {
                     let version = crate::inventory::agent_version(s, &d.device_id);
-                    device_api(d, labels.get(&d.device_id), version.as_deref())
+                    let labels = dir.labels.get(&d.device_id).map(|l| &**l);
+                    device_api(d, labels, version.as_deref())
                 })
                 .collect())
         })
@@ -303,16 +306,12 @@ impl Backend for AnchorBackend {
 
     async fn device(&self, device: DeviceId) -> ApiResult<Device> {
         self.blocking(move |s| {
-            let d = s
+            let (d, labels) = s
                 .trust
-                .device(&device)?
+                .device_with_labels(&device)?
                 .ok_or_else(|| TrustError::NotFound(format!("device {device}")))?;
             let version = crate::inventory::agent_version(s, &device);
-            Ok(device_api(
-                &d,
-                Some(&s.trust.labels_of(&device)?),
-                version.as_deref(),
-            ))
+            Ok(device_api(&d, Some(&labels), version.as_deref()))
         })
         .await
     }

@@ -627,8 +627,15 @@ async fn every_anchor_shows_dispatches_to_and_revokes_the_nodes_of_the_others() 
         "the node on A is still shown connected: {inventory:?}"
     );
     let t = Instant::now();
-    on_a.list_devices().await.unwrap();
+    let listed = on_a.list_devices().await.unwrap();
     eprintln!("a read once stale answered after {:?}", t.elapsed());
+    // Devices paired since the anchor started are still there (its directory, not a view of
+    // etcd from before they paired).
+    assert!(
+        listed.iter().any(|d| d.device_id.to_string() == on_a_node),
+        "{listed:?}"
+    );
+    on_a.device(&on_a_node).await.unwrap();
     let raw = reqwest::Client::new()
         .get(format!("{}/console/v1/devices", a.ready.console))
         .bearer_auth(&owner)

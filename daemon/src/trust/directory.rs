@@ -137,6 +137,15 @@ impl Directory {
         t.devices.get(id).and_then(|(_, d)| d.clone())
     }
 
+    /// One device's labels (none: empty).
+    pub fn labels_of(&self, id: &DeviceId) -> Labels {
+        let t = self.tables.read().unwrap_or_else(|e| e.into_inner());
+        t.labels
+            .get(id)
+            .and_then(|(_, l)| l.as_deref().cloned())
+            .unwrap_or_default()
+    }
+
     /// The requests pending approval and not expired at `now_ms`.
     pub fn pending(&self, now_ms: u64) -> Vec<Arc<RequestRecord>> {
         let t = self.tables.read().unwrap_or_else(|e| e.into_inner());

@@ -584,6 +584,22 @@ impl Trust {
         self.mirrors.directory.view(self.now_ms())
     }
 
+    /// One device with its labels, from the directory, or from the store when the directory
+    /// does not hold it (yet: paired on another anchor a moment ago). No certificate when it
+    /// comes from the directory.
+    pub fn device_with_labels(
+        &self,
+        id: &DeviceId,
+    ) -> Result<Option<(Arc<DeviceRecord>, Labels)>, StoreError> {
+        if let Some(d) = self.mirrors.directory.device(id) {
+            return Ok(Some((d, self.mirrors.directory.labels_of(id))));
+        }
+        match self.store.device(id)? {
+            Some(d) => Ok(Some((Arc::new(d), self.labels_of(id)?))),
+            None => Ok(None),
+        }
+    }
+
     /// The pairing requests pending approval, from the directory (no CSRs).
     pub fn pending_requests(&self) -> Vec<Arc<RequestRecord>> {
         self.mirrors.directory.pending(self.now_ms())
