@@ -262,10 +262,9 @@ pub fn inventory(services: &Services, dir: &DirectoryView, detail: Detail) -> In
     // Every device, and every device with a pending request; each looked up once.
     let mut pending: std::collections::HashMap<DeviceId, Vec<&RequestRecord>> =
         std::collections::HashMap::new();
+    // The directory holds only requests pending approval and not expired.
     for r in &dir.pending {
-        if r.state == RequestState::PendingApproval && r.expires_at_ms > now {
-            pending.entry(r.device_id).or_default().push(r);
-        }
+        pending.entry(r.device_id).or_default().push(r);
     }
     let by_id: std::collections::HashMap<DeviceId, &DeviceRecord> =
         dir.devices.iter().map(|d| (d.device_id, &**d)).collect();
@@ -307,11 +306,7 @@ pub fn inventory(services: &Services, dir: &DirectoryView, detail: Detail) -> In
         summary.connected += u64::from(d.connected);
         summary.with_warnings += u64::from(!d.warnings.is_empty());
     }
-    summary.pending_pairings = dir
-        .pending
-        .iter()
-        .filter(|r| r.state == RequestState::PendingApproval && r.expires_at_ms > now)
-        .count() as u64;
+    summary.pending_pairings = dir.pending.len() as u64;
     let mut sorted = list;
     sorted.sort_by(|a, b| a.name.cmp(&b.name).then(a.device_id.cmp(&b.device_id)));
     Inventory {

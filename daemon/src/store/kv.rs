@@ -330,6 +330,14 @@ impl<K: Kv> KvStore<K> {
     }
 }
 
+/// A change's value decoded (`Some(None)`: a removal; `None`: a value that does not decode).
+fn written<T: DeserializeOwned>(c: &KvChange) -> Option<Option<T>> {
+    match &c.value {
+        Some(v) => Some(Some(decode(c.space.name(), v).ok()?)),
+        None => Some(None),
+    }
+}
+
 /// What a committed write means to the trust watchers, if anything.
 fn trust_change(c: &KvChange) -> Option<TrustChange> {
     match c.space {
@@ -342,10 +350,7 @@ fn trust_change(c: &KvChange) -> Option<TrustChange> {
         )),
         Space::Revocations => {
             let key = parse_revocation_key(&c.key)?;
-            let record = match &c.value {
-                Some(v) => Some(decode(c.space.name(), v).ok()?),
-                None => None,
-            };
+            let record = written(c)?;
             Some(TrustChange::Revocation(key, record))
         }
         Space::Requests => Some(TrustChange::Request(
@@ -353,10 +358,7 @@ fn trust_change(c: &KvChange) -> Option<TrustChange> {
         )),
         Space::Devices => {
             let id = DeviceId::from_bytes(<[u8; DEVICE_ID_LEN]>::try_from(c.key.as_slice()).ok()?);
-            let record = match &c.value {
-                Some(v) => Some(decode(c.space.name(), v).ok()?),
-                None => None,
-            };
+            let record = written(c)?;
             Some(TrustChange::Device(id, record))
         }
         Space::Policy => Some(TrustChange::Policy(
@@ -364,10 +366,7 @@ fn trust_change(c: &KvChange) -> Option<TrustChange> {
         )),
         Space::Labels => {
             let owner = parse_label_key(&c.key)?;
-            let labels = match &c.value {
-                Some(v) => Some(decode(c.space.name(), v).ok()?),
-                None => None,
-            };
+            let labels = written(c)?;
             Some(TrustChange::Labels(owner, labels))
         }
         _ => None,

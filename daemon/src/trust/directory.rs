@@ -70,6 +70,13 @@ impl Directory {
     /// Applies a committed change at `now_ms` (changes that are not the directory's are
     /// ignored).
     pub fn apply(&self, change: &Revision<TrustChange>, now_ms: u64) {
+        let ours = matches!(
+            change.change,
+            TrustChange::Device(..) | TrustChange::Labels(..) | TrustChange::Request(_)
+        );
+        if !ours {
+            return;
+        }
         let rev = change.rev;
         let mut t = self.tables.write().unwrap_or_else(|e| e.into_inner());
         match &change.change {
