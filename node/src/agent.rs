@@ -26,10 +26,12 @@
 //! - **Restarting.** An anchor that closes the connection because it is shutting down, or
 //!   refuses a handshake because it has too many in progress, is expected to take the node
 //!   within seconds: for [`RESTART_PATIENCE`] after that, a failed round pauses
-//!   [`RESTART_RETRY`] ±50 % instead of the backoff ([`RoundPause`]), so the nodes of a
-//!   restarted anchor come back within about a second of it, spread over that second; and a
-//!   handshake that does not finish within [`FIRST_HANDSHAKE_LIMIT`] is dialled again rather
-//!   than waited on through QUIC's doubling probe timeout.
+//!   [`RESTART_RETRY`] ±50 % instead of the backoff, doubling with each failed round up to
+//!   [`RESTART_RETRY_MAX`] ([`RoundPause`]), so the nodes of a restarted anchor come back
+//!   within about a second of it, spread over that second, and those it refuses spread
+//!   further instead of refused again together; a handshake that does not finish within
+//!   [`FIRST_HANDSHAKE_LIMIT`] is dialled again rather than waited on through QUIC's doubling
+//!   probe timeout, each further one given twice as long up to [`RESTART_HANDSHAKE_LIMIT`].
 //! - **Silent.** With at least two anchors known, an anchor from which nothing at all was
 //!   received for [`ANCHOR_SILENCE`] is lost (checked every [`SILENCE_POLL`]), and a
 //!   handshake that does not finish within it fails. While it knows another anchor the node
@@ -97,9 +99,21 @@ pub const RESTART_PATIENCE: Duration = Duration::from_secs(60);
 /// QUIC's `CONNECTION_REFUSED` transport error: an anchor with too many handshakes in
 /// progress refuses new ones with it.
 const CONNECTION_REFUSED: u64 = 0x2;
-/// The pause between failed rounds while an anchor restarts: this, ±50 % (random), so the
-/// nodes of a restarting anchor arrive spread over a second, not at once and not late.
+/// The first pause between failed rounds while an anchor restarts: this, ±50 % (random), so
+/// the nodes of a restarting anchor arrive spread over a second, not at once and not late.
+/// It doubles with each further failed round, up to [`RESTART_RETRY_MAX`].
 pub const RESTART_RETRY: Duration = Duration::from_secs(1);
+/// The longest pause between failed rounds while an anchor restarts (±50 %). Ten thousand
+/// nodes refused once a second would send the anchor ten thousand Initials a second while it
+/// takes a few hundred: the refusals, and the nodes' fresh attempts, then cost more than the
+/// handshakes, and the restart stalls. Doubling up to this keeps the attempts near what the
+/// anchor takes, and a node that waits longest still tries every few seconds.
+pub const RESTART_RETRY_MAX: Duration = Duration::from_secs(4);
+/// The longest handshake while an anchor restarts ([`HandshakeLimit`] doubles up to it from
+/// [`FIRST_HANDSHAKE_LIMIT`]): an anchor taking back thousands of nodes may need several
+/// seconds for each handshake, and a node that gave up on it at 2 s would only come back to
+/// the end of the queue, its half-done handshake wasted work for the anchor.
+pub const RESTART_HANDSHAKE_LIMIT: Duration = Duration::from_secs(8);
 /// Longest handshake with the only known anchor.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The first handshake's limit, and the first after a failed one ([`HandshakeLimit`]).
@@ -364,12 +378,15 @@ impl HandshakeLimit {
 }
 
 /// The pause after a failed round: the [`Backoff`], or while an anchor restarts (it said it
-/// was shutting down, less than [`RESTART_PATIENCE`] ago) [`RESTART_RETRY`] ±50 %.
+/// was shutting down, or refused a handshake, less than [`RESTART_PATIENCE`] ago)
+/// [`RESTART_RETRY`] ±50 %, doubling with each failed round up to [`RESTART_RETRY_MAX`].
 #[derive(Debug, Clone)]
 pub struct RoundPause {
     backoff: Backoff,
     jitter: Jitter,
     restart_until: Option<Instant>,
+    /// Rounds failed since the anchor was expected soon.
+    restart_rounds: u32,
 }
 
 impl RoundPause {
@@ -379,6 +396,7 @@ impl RoundPause {
             backoff: Backoff::new(cap, seed),
             jitter: Jitter::new(seed.rotate_left(7) ^ 0x7e7e),
             restart_until: None,
+            restart_rounds: 0,
         }
     }
 
@@ -391,6 +409,7 @@ impl RoundPause {
     /// A handshake finished: whatever restarted is back.
     pub fn anchor_back(&mut self) {
         self.restart_until = None;
+        self.restart_rounds = 0;
     }
 
     /// Whether an anchor is expected soon (the steady pace is on) at `now`.
@@ -401,7 +420,11 @@ impl RoundPause {
     /// The pause after a round in which every anchor failed, at `now`.
     pub fn delay(&mut self, now: Instant) -> Duration {
         if self.steady(now) {
-            RESTART_RETRY / 2 + self.jitter.below(RESTART_RETRY)
+            let base = RESTART_RETRY
+                .saturating_mul(1 << self.restart_rounds.min(8))
+                .min(RESTART_RETRY_MAX);
+            self.restart_rounds = self.restart_rounds.saturating_add(1);
+            base / 2 + self.jitter.below(base)
         } else {
             self.backoff.delay()
         }
@@ -593,10 +616,10 @@ pub async fn run(
         // With another anchor to go to, one that does not answer is not waited on for long.
         // While an anchor is expected soon, a handshake that does not finish within the first
         // limit is dialled again after the steady pause (a fresh Initial) rather than waited
-        // on through QUIC's doubling probe timeout: the anchor refuses what it cannot take
-        // at once, so a slow handshake there is one whose packets were lost.
+        // on through QUIC's doubling probe timeout; each that times out gets twice as long,
+        // up to `RESTART_HANDSHAKE_LIMIT`, as an anchor taking back a fleet answers late.
         let handshake_limit = limit.get(if backoff.steady(Instant::now()) {
-            FIRST_HANDSHAKE_LIMIT
+            RESTART_HANDSHAKE_LIMIT
         } else if anchors.several() {
             ANCHOR_SILENCE
         } else {
@@ -1355,14 +1378,22 @@ mod tests {
             p.delay(t0);
         }
         assert!(p.delay(t0) >= Duration::from_secs(15), "the backoff grew");
-        // ... then the anchor said it was shutting down: a second or so, however many fail.
+        // ... then the anchor said it was shutting down: a second or so, doubling with each
+        // round that fails, to a few seconds however many fail.
         p.expect_anchor_soon(t0);
-        for i in 0..50 {
+        let first = p.delay(t0);
+        assert!(
+            first >= RESTART_RETRY / 2 && first <= RESTART_RETRY * 3 / 2,
+            "{first:?}"
+        );
+        let second = p.delay(t0 + Duration::from_secs(1));
+        assert!(second >= RESTART_RETRY && second <= RESTART_RETRY * 3, "{second:?}");
+        for i in 2..50 {
             let d = p.delay(t0 + Duration::from_secs(i));
-            assert!(
-                d >= RESTART_RETRY / 2 && d <= RESTART_RETRY * 3 / 2,
-                "{d:?} at {i} s"
-            );
+            assert!(d <= RESTART_RETRY_MAX * 3 / 2, "{d:?} at {i} s");
+            if i >= 3 {
+                assert!(d >= RESTART_RETRY_MAX / 2, "{d:?} at {i} s");
+            }
         }
         assert!(p.steady(t0 + RESTART_PATIENCE / 2));
         // Past the patience, the backoff takes over again where it was.
@@ -1373,6 +1404,8 @@ mod tests {
         p.anchor_back();
         p.reset();
         assert!(p.delay(t0) <= RECONNECT_BASE);
+        p.expect_anchor_soon(t0);
+        assert!(p.delay(t0) <= RESTART_RETRY * 3 / 2);
     }
 
     #[test]

@@ -153,8 +153,8 @@ struct Options {
     calls: usize,
     /// UDP sockets the `big` fleet's nodes share.
     endpoints: usize,
-    /// Where to write `perf record` profiles (anchord during the heartbeat window, this
-    /// process during an extra invocation loop), if anywhere.
+    /// Where to write `perf record` profiles (anchord during a heartbeat window and the `big`
+    /// restart, this process during an extra invocation loop), if anywhere.
     perf: Option<PathBuf>,
 }
 
@@ -1513,7 +1513,7 @@ async fn restart(anchord: Anchord, data: &Path, agents: &[Agent], report: &mut R
             ready,
             back,
         },
-    ) = restart_timed(anchord, data, agents, &["--heartbeat-interval", "1s"]).await;
+    ) = restart_timed(anchord, data, agents, &["--heartbeat-interval", "1s"], None).await;
     report.row(
         "scale",
         "restart: SIGTERM -> old anchord exited",
@@ -1606,6 +1606,7 @@ async fn restart_timed(
     data: &Path,
     agents: &[Agent],
     extra: &'static [&'static str],
+    perf: Option<&Path>,
 ) -> (Anchord, Restarted) {
     let n = agents.len();
     let port = anchord.quic;
@@ -1627,6 +1628,7 @@ async fn restart_timed(
     .unwrap();
     let ready = killed.elapsed();
     let ready_at = Instant::now();
+    let profile = perf.map(|dir| Perf::record(next.pid(), &dir.join("anchord-restart.data")));
     // When each node registered again, relative to the new anchor being ready.
     let mut back: Vec<Option<Duration>> = vec![None; n];
     // The last failure each agent had before it was back (its status's `last_error`).
@@ -1650,6 +1652,9 @@ async fn restart_timed(
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if let Some(p) = profile {
+        p.stop();
     }
     print_slowest_failures(&back, &last_failure);
     (

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anchorage_console::ControlPlaneClient;
 
 use super::{
-    Agent, Anchord, BenchNode, Options, Percentiles, Report, Restarted, common, count_connected,
+    Agent, Anchord, BenchNode, Options, Percentiles, Perf, Report, Restarted, common, count_connected,
     ms, pair_all, procs, report_return, restart_timed, stop_fleet, total, udp_drops, wait_until,
 };
 
@@ -168,7 +168,7 @@ pub async fn big(opts: &Options, report: &mut Report) {
             ready,
             back,
         },
-    ) = restart_timed(anchord, &data, &agents, &[]).await;
+    ) = restart_timed(anchord, &data, &agents, &[], opts.perf.as_deref()).await;
     report.row(
         "big",
         "restart: SIGTERM -> old exited / new anchord ready",
@@ -279,8 +279,15 @@ async fn heartbeats(
     let (m0, sent0) = scrape().await;
     let (cpu0, self0, t0) = (anchord.cpu_time(), common::cpu_time("self"), Instant::now());
     let switches0 = anchord.context_switches();
+    let profile = opts
+        .perf
+        .as_ref()
+        .map(|dir| Perf::record(anchord.pid(), &dir.join("anchord-big-heartbeats.data")));
     tokio::time::sleep(opts.window).await;
     let (cpu1, self1, elapsed) = (anchord.cpu_time(), common::cpu_time("self"), t0.elapsed());
+    if let Some(p) = profile {
+        p.stop();
+    }
     let switches1 = anchord.context_switches();
     let (m1, sent1) = scrape().await;
     let secs = elapsed.as_secs_f64();
