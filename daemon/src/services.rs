@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use anchorage_mesh::tls::ServerCertResolver;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::admission::Limiter;
 use crate::clock::Clock;
@@ -130,6 +130,15 @@ impl Services {
         F: Future<Output = ()> + Send + 'static,
     {
         self.tasks.spawn(task);
+    }
+
+    /// Spawns a task owned by the anchor that is also aborted when the returned handle drops
+    /// (a helper of another task that must not outlive it).
+    pub fn spawn_scoped<F>(&self, task: F) -> AbortOnDropHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        AbortOnDropHandle::new(self.tasks.spawn(task))
     }
 
     /// Records the addresses the anchor is reachable at (for QR codes and the inventory).

@@ -273,6 +273,16 @@ async fn run_session(
     let mut mesh = services
         .mesh
         .join(device, session, &register.name, conn.clone());
+    // Datagrams (heartbeats, result copies) on a task of their own, ended with the session: a
+    // heartbeat then wakes that loop alone. In the select below, each wake dropped and made
+    // again the waits on every source, some shared by every session (the watch channels, the
+    // shutdown token), and at 10,000 nodes that was a good part of a heartbeat's cost.
+    let _datagrams = services.spawn_scoped(read_datagrams(
+        services.clone(),
+        conn.clone(),
+        device,
+        session,
+    ));
     // None until the first directory is sent (an empty one too: the node may hold one from
     // an earlier session); the first waits for the revocation set.
     let mut directory = None;
@@ -373,10 +383,6 @@ async fn run_session(
                 }
                 None => break "session dropped",
             },
-            dg = conn.read_datagram() => match dg {
-                Ok(bytes) => datagram(&services, &device, session, &bytes),
-                Err(_) => break "connection closed",
-            },
             // Besides the control stream a node opens one relay stream, and nothing else.
             stream = conn.accept_bi() => match stream {
                 Ok(stream) if !relay_taken => {
@@ -467,6 +473,18 @@ async fn send_directory(
 /// A datagram on a node session: a heartbeat is recorded (QUIC's own ACK answers it: an
 /// ack datagram back would make the node's stack send an ACK-only packet, a second received
 /// packet per heartbeat); a result copy goes to the dispatch waiting for it.
+/// Takes the node's datagrams until its connection closes.
+async fn read_datagrams(
+    services: Arc<Services>,
+    conn: quinn::Connection,
+    device: anchorage_mesh::DeviceId,
+    session: SessionId,
+) {
+    while let Ok(bytes) = conn.read_datagram().await {
+        datagram(&services, &device, session, &bytes);
+    }
+}
+
 fn datagram(
     services: &Services,
     device: &anchorage_mesh::DeviceId,

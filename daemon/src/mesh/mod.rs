@@ -47,7 +47,8 @@ use crate::policy::PolicyVersion;
 pub use rules::{Link, Member};
 
 /// Messages for one node's control stream queued by the mesh (punches) before more are
-/// dropped.
+/// dropped. They are boxed: the channel allocates a block of 32 slots for every node at once,
+/// and a slot of a whole `ControlDown` made that 2 KiB per connected node.
 pub const DOWN_BUFFER: usize = 32;
 /// Relay packets queued for one node's relay stream before more are dropped.
 pub const RELAY_QUEUE: usize = 256;
@@ -84,7 +85,7 @@ impl Dropped {
 #[derive(Debug)]
 pub struct Joined {
     /// Messages for the node's control stream (the other side's punches).
-    pub down: mpsc::Receiver<ControlDown>,
+    pub down: mpsc::Receiver<Box<ControlDown>>,
     /// Bumped whenever the node's directory may have changed; marked changed at first.
     pub generation: watch::Receiver<u64>,
 }
@@ -120,7 +121,7 @@ struct Node {
     session: SessionId,
     name: String,
     conn: quinn::Connection,
-    down: mpsc::Sender<ControlDown>,
+    down: mpsc::Sender<Box<ControlDown>>,
     candidates: Vec<String>,
     services: Vec<String>,
     paths: Vec<PeerPath>,
@@ -458,7 +459,7 @@ impl Mesh {
             addrs: addrs_of(other),
             token,
         });
-        if other.down.try_send(to_peer).is_err() {
+        if other.down.try_send(Box::new(to_peer)).is_err() {
             return unreachable("not_connected", format!("{peer} is not answering now"));
         }
         self.metrics.rendezvous("punched");
