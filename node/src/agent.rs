@@ -1387,7 +1387,10 @@ mod tests {
             "{first:?}"
         );
         let second = p.delay(t0 + Duration::from_secs(1));
-        assert!(second >= RESTART_RETRY && second <= RESTART_RETRY * 3, "{second:?}");
+        assert!(
+            second >= RESTART_RETRY && second <= RESTART_RETRY * 3,
+            "{second:?}"
+        );
         for i in 2..50 {
             let d = p.delay(t0 + Duration::from_secs(i));
             assert!(d <= RESTART_RETRY_MAX * 3 / 2, "{d:?} at {i} s");

@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 use anchorage_console::ControlPlaneClient;
 
 use super::{
-    Agent, Anchord, BenchNode, Options, Percentiles, Perf, Report, Restarted, common, count_connected,
-    ms, pair_all, procs, report_return, restart_timed, stop_fleet, total, udp_drops, wait_until,
+    Agent, Anchord, BenchNode, Options, Percentiles, Perf, Report, Restarted, common,
+    count_connected, ms, pair_all, procs, report_return, restart_timed, stop_fleet, total,
+    udp_drops, wait_until,
 };
 
 /// UDP receive buffer asked for each shared node socket (the kernel caps it at `rmem_max`):
