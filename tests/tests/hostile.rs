@@ -512,7 +512,7 @@ async fn under_handshake_load_clients_prove_their_address_with_a_retry_and_still
 }
 
 /// A client that takes `delay` to check the anchor's certificate, so its handshake stays in
-/// progress at the anchor meanwhile (it blocks a runtime thread: use a multi-thread runtime).
+/// progress at the anchor meanwhile (it blocks its thread: run it on a runtime of its own).
 #[derive(Debug)]
 struct SlowVerifier {
     delay: Duration,
@@ -581,7 +581,20 @@ async fn above_its_handshake_bound_the_anchor_refuses_new_handshakes_at_once() {
     ));
     let addr = anchor.addr();
     let started = tokio::time::Instant::now();
-    let held = tokio::spawn(async move { connect(loopback(7), addr, slow).await });
+    // On a thread and runtime of its own: the verifier blocks its thread for 5 s, which in the
+    // test's runtime could hold up an anchor task queued on that worker (tokio cannot steal a
+    // worker's next-task slot), and the anchor would look slow rather than busy.
+    let held = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (endpoint, conn) = connect(loopback(7), addr, slow).await;
+            conn.close(0u32.into(), b"done");
+            endpoint.wait_idle().await;
+        });
+    });
     // The slow client's handshake is in progress at the anchor once its Initial arrived.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let endpoint = quinn::Endpoint::client(SocketAddr::new(loopback(8), 0)).unwrap();
@@ -614,7 +627,10 @@ async fn above_its_handshake_bound_the_anchor_refuses_new_handshakes_at_once() {
         !held.is_finished(),
         "the slow handshake is still in progress"
     );
-    let (_held_endpoint, _held_conn) = held.await.unwrap();
+    tokio::task::spawn_blocking(move || held.join())
+        .await
+        .unwrap()
+        .expect("the slow handshake completes");
     anchor.running.shutdown().await;
 }
 
