@@ -414,26 +414,34 @@ fn spawn_incoming(
     active.fetch_add(1, Ordering::Relaxed);
     handshaking.fetch_add(1, Ordering::Relaxed);
     let remote = incoming.remote_address();
+    // The task lives as long as the connection and keeps what it captured until it ends: the
+    // `Incoming` (about 400 bytes, needed only until the handshake starts) goes in a box that
+    // is freed then.
+    let incoming = Box::new(incoming);
     s.spawn(
         async move {
-            handle_incoming(services, incoming, &handshaking).await;
+            if let Some(conn) = handshake(&services, incoming, &handshaking).await {
+                serve_connection(services, conn).await;
+            }
             active.fetch_sub(1, Ordering::Relaxed);
         }
         .instrument(info_span!("conn", %remote)),
     );
 }
 
-async fn handle_incoming(
-    services: Arc<Services>,
-    incoming: quinn::Incoming,
+/// The QUIC handshake of `incoming`, counted in `handshaking` for at most
+/// [`HANDSHAKE_COUNTED_FOR`]. `None`: it failed (counted in the metrics).
+async fn handshake(
+    services: &Services,
+    incoming: Box<quinn::Incoming>,
     handshaking: &AtomicUsize,
-) {
+) -> Option<quinn::Connection> {
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
             handshaking.fetch_sub(1, Ordering::Relaxed);
             debug!(error = %e, "incoming refused");
-            return;
+            return None;
         }
     };
     let mut connecting = std::pin::pin!(connecting);
@@ -446,30 +454,43 @@ async fn handle_incoming(
             tokio::time::timeout(rest, connecting).await
         }
     };
-    let conn = match handshake {
-        Ok(Ok(conn)) => conn,
+    match handshake {
+        Ok(Ok(conn)) => Some(conn),
         Ok(Err(e)) => {
             let reason = ConnFailure::classify(&e).name();
             services.metrics.handshake_failure(reason);
             debug!(error = %e, reason, "handshake failed");
-            return;
+            None
         }
         Err(_) => {
             services.metrics.handshake_failure("timeout");
-            return;
-        }
-    };
-    match tls::classify_connection(&conn, services.clock.now()) {
-        Ok(PeerKind::Bootstrap) => crate::bootstrap::serve(services, conn).await,
-        Ok(PeerKind::Node(info)) => crate::session::serve(services, conn, info, false).await,
-        Ok(PeerKind::NodeRenewalOnly(info)) => {
-            crate::session::serve(services, conn, info, true).await
-        }
-        Err(code) => {
-            services.metrics.handshake_failure(code.name());
-            framed::close(&conn, code, "client certificate required on this ALPN");
+            None
         }
     }
+}
+
+/// Serves a connection after its handshake, by what its certificate and ALPN say it is.
+async fn serve_connection(services: Arc<Services>, conn: quinn::Connection) {
+    // The classification ends with this block, before any await: a node's session future
+    // holds nothing of it for as long as the node stays connected.
+    let (info, renewal_only) = {
+        match tls::classify_connection(&conn, services.clock.now()) {
+            Ok(PeerKind::Node(info)) => (info, false),
+            Ok(PeerKind::NodeRenewalOnly(info)) => (info, true),
+            Ok(PeerKind::Bootstrap) => {
+                // Boxed: a pairing's future is the largest and the rarest, and held inline it
+                // would size every node connection's task.
+                let pairing = Box::pin(crate::bootstrap::serve(services, conn));
+                return pairing.await;
+            }
+            Err(code) => {
+                services.metrics.handshake_failure(code.name());
+                framed::close(&conn, code, "client certificate required on this ALPN");
+                return;
+            }
+        }
+    };
+    crate::session::serve(services, conn, info, renewal_only).await
 }
 
 /// Background housekeeping: presence and half-open sessions, deadlines, last-seen flushes,

@@ -5,8 +5,9 @@
 //! heartbeats and the end of the session go to the node table; once registered, the node's
 //! waiting invocations are offered to this session.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anchorage_mesh::CertInfo;
 use anchorage_mesh::framed::{FramedRecv, FramedSend, close, framed};
@@ -85,37 +86,56 @@ impl Refusal {
 }
 
 /// Serves an enrolled node's connection until it ends.
-pub async fn serve(
+///
+/// Not an `async fn`: the future lives as long as the node stays connected, and one would keep
+/// its arguments (the whole certificate) beside the session for all that time.
+pub fn serve(
     services: Arc<Services>,
     conn: quinn::Connection,
     cert: CertInfo,
     renewal_only: bool,
-) {
+) -> impl Future<Output = ()> {
     let device = cert.key_id;
+    let not_after = cert.not_after;
+    drop(cert);
     let span = info_span!("node", device_id = %device);
     async move {
-        let accepted = accept(&services, &conn, &device).await;
-        let (rotation_pending, register, mut tx, mut rx) = match accepted {
-            Ok(a) => a,
-            Err(None) => return,
-            Err(Some(refusal)) => {
-                if refusal == Refusal::UnknownDevice {
-                    services.metrics.handshake_failure("unknown_device");
+        let (rotation_pending, register, mut tx, mut rx) =
+            match accept(&services, &conn, &device).await {
+                Ok(a) => a,
+                Err(None) => return,
+                Err(Some(refusal)) => {
+                    if refusal == Refusal::UnknownDevice {
+                        services.metrics.handshake_failure("unknown_device");
+                    }
+                    refusal.close(&conn);
+                    return;
                 }
-                refusal.close(&conn);
-                return;
-            }
-        };
+            };
         // In the QUIC counters from here until the session ends.
         let _tracked = services.metrics.track_connection(&conn);
         if renewal_only {
-            serve_renewal_only(&services, &conn, &mut tx, &mut rx, &cert).await;
+            serve_renewal_only(&services, &conn, &mut tx, &mut rx, &device, not_after).await;
             return;
         }
-        run_session(services, conn, device, rotation_pending, register, tx, rx).await;
+        let registration = Registration {
+            name: register.name,
+            platform: register.platform,
+            agent_version: register.agent_version,
+            capabilities: register.capabilities.iter().map(cap_record).collect(),
+        };
+        run_session(
+            services,
+            conn,
+            device,
+            rotation_pending,
+            registration,
+            tx,
+            rx,
+        )
+        .await;
     }
     .instrument(span)
-    .await
 }
 
 /// Checks the device and takes its registration. `Err(None)`: the node went away.
@@ -169,9 +189,10 @@ async fn serve_renewal_only(
     conn: &quinn::Connection,
     tx: &mut Tx,
     rx: &mut Rx,
-    cert: &CertInfo,
+    device: &anchorage_mesh::DeviceId,
+    not_after: SystemTime,
 ) {
-    let grace_ends = crate::clock::to_ms(cert.not_after + services.config.renewal_grace);
+    let grace_ends = crate::clock::to_ms(not_after + services.config.renewal_grace);
     if tx
         .send(&ControlDown::RenewalOnly(RenewalOnly {
             grace_ends_ms: grace_ends,
@@ -184,7 +205,7 @@ async fn serve_renewal_only(
     loop {
         match tokio::time::timeout(REGISTER_TIMEOUT, rx.recv()).await {
             Ok(Ok(Some(ControlUp::Renew(req)))) => {
-                let renewed = renew(services, &cert.key_id, req.csr_der).await;
+                let renewed = renew(services, device, req.csr_der).await;
                 let ok = matches!(renewed, ControlDown::Renewed(_));
                 let _ = tx.send(&renewed).await;
                 let _ = tx.finish();
@@ -215,197 +236,209 @@ async fn serve_renewal_only(
     }
 }
 
-async fn run_session(
+/// The registered node's session: what the anchor sends it, what it reads from its control
+/// stream, until either side ends it.
+///
+/// Not an `async fn`: the future lives as long as the node stays connected, and an `async fn`
+/// keeps a second copy of each argument beside the one it moved into its body.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn holds its arguments twice for the session's lifetime"
+)]
+fn run_session(
     services: Arc<Services>,
     conn: quinn::Connection,
     device: anchorage_mesh::DeviceId,
     rotation_pending: bool,
-    register: Register,
+    registration: Registration,
     mut tx: Tx,
     mut rx: Rx,
-) {
-    let (cmd_tx, mut cmd_rx) = mpsc::channel(COMMAND_BUFFER);
-    let interval = services.config.presence.heartbeat_interval;
-    let registered = ControlDown::Registered(Registered {
-        version: PROTOCOL_VERSION,
-        heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
-        anchor_time_ms: services.clock.now_ms(),
-        device_id: device.to_string(),
-    });
-    if tx.send(&registered).await.is_err() {
-        return;
-    }
-    let session: SessionId = services.nodes.register(
-        device,
-        SessionHandle {
-            conn: conn.clone(),
-            cmd: cmd_tx,
-        },
-        Registration {
-            name: register.name.clone(),
-            platform: register.platform.clone(),
-            agent_version: register.agent_version.clone(),
-            capabilities: register.capabilities.iter().map(cap_record).collect(),
-        },
-    );
-    info!(name = %register.name, remote = %conn.remote_address(), "node registered");
-    let work = if services.stores.runtime.shared() {
-        // Work other anchors queued for the node while it was elsewhere (or nowhere).
-        let store = services.stores.runtime.clone();
-        let pending = blocking(move || store.pending_for(&device))
-            .await
-            .unwrap_or_else(|e| {
-                warn!(error = %e, "cannot read the node's pending invocations");
-                Vec::new()
+) -> impl Future<Output = ()> {
+    async move {
+        let (cmd_tx, mut cmd_rx) = mpsc::channel(COMMAND_BUFFER);
+        {
+            let interval = services.config.presence.heartbeat_interval;
+            let registered = ControlDown::Registered(Registered {
+                version: PROTOCOL_VERSION,
+                heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+                anchor_time_ms: services.clock.now_ms(),
+                device_id: device.to_string(),
             });
-        services.invocations.adopt(pending, &device, session).await
-    } else {
-        services.invocations.session_up(&device, session).await
-    };
-    crate::dispatch::spawn(&services, work);
-    if rotation_pending {
-        let _ = tx.send(&ControlDown::RotateNow).await;
-    }
-    let mut anchors = services.anchors.subscribe();
-    anchors.mark_changed();
-    let mut revoked = services.trust.revocation().subscribe();
-    revoked.mark_changed();
-    let mut mesh = services
-        .mesh
-        .join(device, session, &register.name, conn.clone());
-    // Datagrams (heartbeats, result copies) on a task of their own, ended with the session: a
-    // heartbeat then wakes that loop alone. In the select below, each wake dropped and made
-    // again the waits on every source, some shared by every session (the watch channels, the
-    // shutdown token), and at 10,000 nodes that was a good part of a heartbeat's cost.
-    let _datagrams = services.spawn_scoped(read_datagrams(
-        services.clone(),
-        conn.clone(),
-        device,
-        session,
-    ));
-    // None until the first directory is sent (an empty one too: the node may hold one from
-    // an earlier session); the first waits for the revocation set.
-    let mut directory = None;
-    let mut revoked_sent = false;
-    let mut relay_taken = false;
-    let reason = loop {
-        tokio::select! {
-            changed = mesh.generation.changed(), if revoked_sent => {
-                if changed.is_err() {
-                    break "anchor shutting down";
-                }
-                mesh.generation.borrow_and_update();
-                if send_directory(&services, &device, &mut directory, &mut tx).await.is_err() {
-                    break "control stream lost";
-                }
+            if tx.send(&registered).await.is_err() {
+                return;
             }
-            Some(down) = mesh.down.recv() => {
-                if tx.send(&down).await.is_err() {
-                    break "control stream lost";
-                }
-            }
-            changed = revoked.changed() => {
-                if changed.is_err() {
-                    break "anchor shutting down";
-                }
-                revoked.borrow_and_update();
-                if send_revoked(&services, &mut tx).await.is_err() {
-                    break "control stream lost";
-                }
-                revoked_sent = true;
-            }
-            changed = anchors.changed() => {
-                if changed.is_err() {
-                    break "anchor shutting down";
-                }
-                let addrs = anchors.borrow_and_update().clone();
-                if !addrs.is_empty()
-                    && tx.send(&ControlDown::Anchors(AnchorList { addrs })).await.is_err()
-                {
-                    break "control stream lost";
-                }
-            }
-            msg = rx.recv() => match msg {
-                Ok(Some(ControlUp::Event(NodeEvent::Stopping { reason }))) => {
-                    debug!(%reason, "node stopping");
-                    services.nodes.stopping(&device, session);
-                }
-                Ok(Some(ControlUp::Event(NodeEvent::CapabilityChanged(cap)))) => {
-                    services.nodes.capability_changed(&device, session, cap_record(&cap));
-                }
-                Ok(Some(ControlUp::Renew(req))) => {
-                    let reply = renew(&services, &device, req.csr_der).await;
-                    if tx.send(&reply).await.is_err() {
-                        break "control stream lost";
-                    }
-                }
-                Ok(Some(ControlUp::Register(_))) => {
-                    Refusal::AlreadyRegistered.close(&conn);
-                    break "protocol violation";
-                }
-                Ok(Some(ControlUp::Candidates(c))) => {
-                    let kept = services.mesh.set_candidates(&device, session, &c.addrs);
-                    if kept < c.addrs.len() {
-                        debug!(dropped = c.addrs.len() - kept, "dropped bad candidates");
-                    }
-                }
-                Ok(Some(ControlUp::Services(list))) => {
-                    services.mesh.set_services(&device, session, &list.names);
-                }
-                Ok(Some(ControlUp::Rendezvous(r))) => {
-                    let reply = services.mesh.rendezvous(
-                        &services.policy.current(),
-                        |p| services.nodes.held_elsewhere(p),
-                        &device,
-                        session,
-                        &r.peer,
-                    );
-                    if tx.send(&reply).await.is_err() {
-                        break "control stream lost";
-                    }
-                }
-                Ok(Some(ControlUp::Paths(report))) => {
-                    services.mesh.set_paths(&device, session, report.paths);
-                }
-                Ok(None) => break "control stream finished",
-                Err(e) => {
-                    if e.is_peer_fault() {
-                        Refusal::BadFrame(e.code()).close(&conn);
-                    }
-                    break "control stream failed";
-                }
-            },
-            cmd = cmd_rx.recv() => match cmd {
-                Some(Command::Rotate) => {
-                    if tx.send(&ControlDown::RotateNow).await.is_err() {
-                        break "control stream lost";
-                    }
-                }
-                None => break "session dropped",
-            },
-            // Besides the control stream a node opens one relay stream, and nothing else.
-            stream = conn.accept_bi() => match stream {
-                Ok(stream) if !relay_taken => {
-                    relay_taken = true;
-                    services.spawn(crate::peering::serve_relay(
-                        services.clone(),
-                        device,
-                        session,
-                        stream,
-                    ));
-                }
-                Ok(stream) => {
-                    debug!("refused an unexpected stream");
-                    crate::streams::refuse(&services.metrics, stream);
-                }
-                Err(_) => break "connection closed",
-            },
-            _ = services.cancel.cancelled() => break "anchor shutting down",
         }
-    };
-    debug!(reason, "node session ended");
-    services.mesh.leave(&device, session);
-    services.nodes.disconnected(&device, session);
+        // Only the mesh needs the name again, once: the node table keeps the registration.
+        let name = registration.name.clone();
+        info!(%name, remote = %conn.remote_address(), "node registered");
+        let session: SessionId = services.nodes.register(
+            device,
+            SessionHandle {
+                conn: conn.clone(),
+                cmd: cmd_tx,
+            },
+            registration,
+        );
+        // Boxed, like every await that only registration takes: the session's future is held for
+        // as long as the node is connected, sized by its largest await (these two were two thirds
+        // of it).
+        let work = if services.stores.runtime.shared() {
+            // Work other anchors queued for the node while it was elsewhere (or nowhere).
+            let store = services.stores.runtime.clone();
+            let pending = blocking(move || store.pending_for(&device))
+                .await
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "cannot read the node's pending invocations");
+                    Vec::new()
+                });
+            Box::pin(services.invocations.adopt(pending, &device, session)).await
+        } else {
+            Box::pin(services.invocations.session_up(&device, session)).await
+        };
+        crate::dispatch::spawn(&services, work);
+        if rotation_pending {
+            let _ = tx.send(&ControlDown::RotateNow).await;
+        }
+        let mut anchors = services.anchors.subscribe();
+        anchors.mark_changed();
+        let mut revoked = services.trust.revocation().subscribe();
+        revoked.mark_changed();
+        let mut mesh = services.mesh.join(device, session, &name, conn.clone());
+        drop(name);
+        // Datagrams (heartbeats, result copies) on a task of their own, ended with the session: a
+        // heartbeat then wakes that loop alone. In the select below, each wake dropped and made
+        // again the waits on every source, some shared by every session (the watch channels, the
+        // shutdown token), and at 10,000 nodes that was a good part of a heartbeat's cost.
+        let _datagrams = services.spawn_scoped(read_datagrams(
+            services.clone(),
+            conn.clone(),
+            device,
+            session,
+        ));
+        // None until the first directory is sent (an empty one too: the node may hold one from
+        // an earlier session); the first waits for the revocation set.
+        let mut directory = None;
+        let mut revoked_sent = false;
+        let mut relay_taken = false;
+        let reason = loop {
+            tokio::select! {
+                changed = mesh.generation.changed(), if revoked_sent => {
+                    if changed.is_err() {
+                        break "anchor shutting down";
+                    }
+                    mesh.generation.borrow_and_update();
+                    if send_directory(&services, &device, &mut directory, &mut tx).await.is_err() {
+                        break "control stream lost";
+                    }
+                }
+                Some(down) = mesh.down.recv() => {
+                    if tx.send(&down).await.is_err() {
+                        break "control stream lost";
+                    }
+                }
+                changed = revoked.changed() => {
+                    if changed.is_err() {
+                        break "anchor shutting down";
+                    }
+                    revoked.borrow_and_update();
+                    if send_revoked(&services, &mut tx).await.is_err() {
+                        break "control stream lost";
+                    }
+                    revoked_sent = true;
+                }
+                changed = anchors.changed() => {
+                    if changed.is_err() {
+                        break "anchor shutting down";
+                    }
+                    let addrs = anchors.borrow_and_update().clone();
+                    if !addrs.is_empty()
+                        && tx.send(&ControlDown::Anchors(AnchorList { addrs })).await.is_err()
+                    {
+                        break "control stream lost";
+                    }
+                }
+                msg = rx.recv() => match msg {
+                    Ok(Some(ControlUp::Event(NodeEvent::Stopping { reason }))) => {
+                        debug!(%reason, "node stopping");
+                        services.nodes.stopping(&device, session);
+                    }
+                    Ok(Some(ControlUp::Event(NodeEvent::CapabilityChanged(cap)))) => {
+                        services.nodes.capability_changed(&device, session, cap_record(&cap));
+                    }
+                    Ok(Some(ControlUp::Renew(req))) => {
+                        let reply = renew(&services, &device, req.csr_der).await;
+                        if tx.send(&reply).await.is_err() {
+                            break "control stream lost";
+                        }
+                    }
+                    Ok(Some(ControlUp::Register(_))) => {
+                        Refusal::AlreadyRegistered.close(&conn);
+                        break "protocol violation";
+                    }
+                    Ok(Some(ControlUp::Candidates(c))) => {
+                        let kept = services.mesh.set_candidates(&device, session, &c.addrs);
+                        if kept < c.addrs.len() {
+                            debug!(dropped = c.addrs.len() - kept, "dropped bad candidates");
+                        }
+                    }
+                    Ok(Some(ControlUp::Services(list))) => {
+                        services.mesh.set_services(&device, session, &list.names);
+                    }
+                    Ok(Some(ControlUp::Rendezvous(r))) => {
+                        let reply = services.mesh.rendezvous(
+                            &services.policy.current(),
+                            |p| services.nodes.held_elsewhere(p),
+                            &device,
+                            session,
+                            &r.peer,
+                        );
+                        if tx.send(&reply).await.is_err() {
+                            break "control stream lost";
+                        }
+                    }
+                    Ok(Some(ControlUp::Paths(report))) => {
+                        services.mesh.set_paths(&device, session, report.paths);
+                    }
+                    Ok(None) => break "control stream finished",
+                    Err(e) => {
+                        if e.is_peer_fault() {
+                            Refusal::BadFrame(e.code()).close(&conn);
+                        }
+                        break "control stream failed";
+                    }
+                },
+                cmd = cmd_rx.recv() => match cmd {
+                    Some(Command::Rotate) => {
+                        if tx.send(&ControlDown::RotateNow).await.is_err() {
+                            break "control stream lost";
+                        }
+                    }
+                    None => break "session dropped",
+                },
+                // Besides the control stream a node opens one relay stream, and nothing else.
+                stream = conn.accept_bi() => match stream {
+                    Ok(stream) if !relay_taken => {
+                        relay_taken = true;
+                        services.spawn(crate::peering::serve_relay(
+                            services.clone(),
+                            device,
+                            session,
+                            stream,
+                        ));
+                    }
+                    Ok(stream) => {
+                        debug!("refused an unexpected stream");
+                        crate::streams::refuse(&services.metrics, stream);
+                    }
+                    Err(_) => break "connection closed",
+                },
+                _ = services.cancel.cancelled() => break "anchor shutting down",
+            }
+        };
+        debug!(reason, "node session ended");
+        services.mesh.leave(&device, session);
+        services.nodes.disconnected(&device, session);
+    }
 }
 
 /// Sends the node the whole revocation set: one list that replaces what it held, then as
