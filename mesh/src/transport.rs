@@ -47,6 +47,13 @@ pub fn anchor_transport() -> TransportConfig {
     // cost the anchor at 10,000, left by the handshake's flight). What the anchor sends a node
     // is a packet or two at a time (ACKs, invocations), which gain nothing from a batch.
     t.enable_segmentation_offload(false);
+    // No path MTU discovery from the anchor's side: its probes (up to 1,452 bytes) grow each
+    // connection's transmit buffer from 1,200 bytes to 2,400 (a `Vec` doubling), 1.2 KB per
+    // node held for the connection's life, and repeat every ten minutes per node. The anchor
+    // sends nodes ACKs, invocations and directories, a packet or two at a time; relayed
+    // traffic is held to `node_bytes_per_sec` per node before packet size matters. Each node
+    // still discovers its own path MTU for what it sends (results, relayed data).
+    t.mtu_discovery_config(None);
     t
 }
 
