@@ -213,6 +213,7 @@ pub fn peer_server_config(tls: &PeerTls) -> Result<quinn::ServerConfig, TlsError
     config.alpn_protocols = vec![ALPN_PEER.to_vec()];
     // No 0-RTT: invocations must never be replayable.
     config.max_early_data_size = 0;
+    crate::tls::no_resumption(&mut config);
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

@@ -246,6 +246,44 @@ async fn revoked_device_fails_and_revocation_is_live() {
     assert_eq!(&echo(&conn).await.unwrap(), b"ping");
 }
 
+/// A node keeps its client configuration across reconnections (as the agent does), so a
+/// TLS session ticket from an earlier connection would let it resume without the certificate
+/// check: the anchor issues none, and a device revoked in between is refused at the handshake.
+#[tokio::test]
+async fn revoked_device_is_refused_when_it_reconnects_with_the_same_client_configuration() {
+    let mut anchor = start_anchor();
+    let key = DeviceKey::generate().unwrap();
+    let cert = issue(&anchor.ca, &key, 30 * DAY, SystemTime::now());
+    let config = tls::node_client_config(
+        anchor.ca.cert_der(),
+        vec![cert.der.clone()],
+        key.private_key_der(),
+    )
+    .unwrap();
+    let ep = client_endpoint();
+    let first = ep
+        .connect_with(config.clone(), anchor.addr, ANCHOR_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(&echo(&first).await.unwrap(), b"ping");
+    assert!(matches!(
+        anchor.accepted.recv().await,
+        Some(Ok(PeerKind::Node(_)))
+    ));
+    // Tickets, when sent, follow the handshake: give them time to arrive before closing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.close(0u32.into(), b"done");
+    ep.wait_idle().await;
+
+    anchor.revocation.revoke_device(key.device_id());
+    let res = ep
+        .connect_with(config, anchor.addr, ANCHOR_SERVER_NAME)
+        .unwrap()
+        .await;
+    assert_refused(res, "revoked device, same client configuration").await;
+}
+
 #[tokio::test]
 async fn bootstrap_alpn_needs_no_certificate_and_qr_pins_the_ca() {
     let mut anchor = start_anchor();
