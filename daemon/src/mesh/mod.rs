@@ -105,7 +105,9 @@ pub struct Mesh {
 
 #[derive(Debug, Default)]
 struct State {
-    nodes: HashMap<DeviceId, Node>,
+    /// Boxed, as in the node table: a growing map's empty slots hold a pointer each, not a
+    /// 200-byte node.
+    nodes: HashMap<DeviceId, Box<Node>>,
     roster: Arc<BTreeMap<DeviceId, Member>>,
     /// Whether the roster was read for the policy in force (skipped while it is empty).
     roster_fresh: bool,
@@ -235,7 +237,7 @@ impl Mesh {
         };
         let (had_services, known) = {
             let mut s = self.lock();
-            let old = s.nodes.insert(device, node);
+            let old = s.nodes.insert(device, Box::new(node));
             (
                 old.is_some_and(|o| !o.services.is_empty()),
                 s.roster.contains_key(&device),
