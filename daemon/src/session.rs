@@ -15,7 +15,7 @@ use anchorage_wire::control::*;
 use anchorage_wire::datagram::Datagram;
 use anchorage_wire::{ErrorCode, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::events::AnchorEvent;
 use crate::nodes::{COMMAND_BUFFER, Command, Registration, SessionHandle, SessionId};
@@ -98,7 +98,8 @@ pub fn serve(
     let device = cert.key_id;
     let not_after = cert.not_after;
     drop(cert);
-    let span = info_span!("node", device_id = %device);
+    // Called inside the connection's span (`anchor::spawn_incoming`), which has the field.
+    tracing::Span::current().record("device_id", tracing::field::display(&device));
     async move {
         let (rotation_pending, register, mut tx, mut rx) =
             match accept(&services, &conn, &device).await {
@@ -135,7 +136,6 @@ pub fn serve(
         )
         .await;
     }
-    .instrument(span)
 }
 
 /// Checks the device and takes its registration. `Err(None)`: the node went away.
