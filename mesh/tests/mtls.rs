@@ -129,6 +129,15 @@ async fn assert_refused(res: Result<quinn::Connection, quinn::ConnectionError>, 
     }
 }
 
+/// Asserts the anchor took `conn` as a node's and served it a stream.
+async fn assert_served_as_node(anchor: &mut Anchor, conn: &quinn::Connection) {
+    assert_eq!(&echo(conn).await.unwrap(), b"ping");
+    assert!(matches!(
+        anchor.accepted.recv().await,
+        Some(Ok(PeerKind::Node(_)))
+    ));
+}
+
 async fn echo(conn: &quinn::Connection) -> Result<[u8; 4], String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(b"ping").await.map_err(|e| e.to_string())?;
@@ -223,11 +232,7 @@ async fn revoked_device_fails_and_revocation_is_live() {
     let first = connect_node(&anchor, anchor.ca.cert_der(), &cert, &key)
         .await
         .unwrap();
-    assert_eq!(&echo(&first).await.unwrap(), b"ping");
-    assert!(matches!(
-        anchor.accepted.recv().await,
-        Some(Ok(PeerKind::Node(_)))
-    ));
+    assert_served_as_node(&mut anchor, &first).await;
 
     anchor.revocation.revoke_device(key.device_id());
     let res = connect_node(&anchor, anchor.ca.cert_der(), &cert, &key).await;
@@ -266,11 +271,7 @@ async fn revoked_device_is_refused_when_it_reconnects_with_the_same_client_confi
         .unwrap()
         .await
         .unwrap();
-    assert_eq!(&echo(&first).await.unwrap(), b"ping");
-    assert!(matches!(
-        anchor.accepted.recv().await,
-        Some(Ok(PeerKind::Node(_)))
-    ));
+    assert_served_as_node(&mut anchor, &first).await;
     // Tickets, when sent, follow the handshake: give them time to arrive before closing.
     tokio::time::sleep(Duration::from_millis(200)).await;
     first.close(0u32.into(), b"done");
