@@ -473,23 +473,21 @@ async fn handshake(
 
 /// Serves a connection after its handshake, by what its certificate and ALPN say it is.
 async fn serve_connection(services: Arc<Services>, conn: quinn::Connection) {
-    // The classification ends with this block, before any await: a node's session future
-    // holds nothing of it for as long as the node stays connected.
-    let (info, renewal_only) = {
-        match tls::classify_connection(&conn, services.clock.now()) {
-            Ok(PeerKind::Node(info)) => (info, false),
-            Ok(PeerKind::NodeRenewalOnly(info)) => (info, true),
-            Ok(PeerKind::Bootstrap) => {
-                // Boxed: a pairing's future is the largest and the rarest, and held inline it
-                // would size every node connection's task.
-                let pairing = Box::pin(crate::bootstrap::serve(services, conn));
-                return pairing.await;
-            }
-            Err(code) => {
-                services.metrics.handshake_failure(code.name());
-                framed::close(&conn, code, "client certificate required on this ALPN");
-                return;
-            }
+    // The classification is over before any await: a node's session future holds nothing of
+    // it for as long as the node stays connected.
+    let (info, renewal_only) = match tls::classify_connection(&conn, services.clock.now()) {
+        Ok(PeerKind::Node(info)) => (info, false),
+        Ok(PeerKind::NodeRenewalOnly(info)) => (info, true),
+        Ok(PeerKind::Bootstrap) => {
+            // Boxed: a pairing's future is the largest and the rarest, and held inline it
+            // would size every node connection's task.
+            let pairing = Box::pin(crate::bootstrap::serve(services, conn));
+            return pairing.await;
+        }
+        Err(code) => {
+            services.metrics.handshake_failure(code.name());
+            framed::close(&conn, code, "client certificate required on this ALPN");
+            return;
         }
     };
     crate::session::serve(services, conn, info, renewal_only).await
