@@ -113,14 +113,16 @@ pub trait Backend: Send + Sync + 'static {
     /// The whole inventory.
     fn inventory(&self) -> impl Future<Output = ApiResult<Inventory>> + Send;
     /// The inventory in outline: every entry with what filters, orders and counts it (name,
-    /// labels, trust, presence, heartbeat, warnings, pending pairings), its `device` and
-    /// `node` parts possibly left out until [`Backend::inventory_details`] fills them in for
-    /// the entries of one page. The default is the whole inventory.
-    fn inventory_outline(&self) -> impl Future<Output = ApiResult<Inventory>> + Send {
+    /// trust, presence, heartbeat, warnings, pending pairings, and the labels when `labels`),
+    /// its `device` and `node` parts, its `actions` and, without `labels`, its labels possibly
+    /// left out until [`Backend::inventory_details`] fills them in for the entries of one page.
+    /// The default is the whole inventory.
+    fn inventory_outline(&self, labels: bool) -> impl Future<Output = ApiResult<Inventory>> + Send {
+        let _ = labels;
         self.inventory()
     }
-    /// Fills in the `device` and `node` parts of entries from [`Backend::inventory_outline`]
-    /// (a no-op when the outline is already whole, as by default).
+    /// Completes entries from [`Backend::inventory_outline`]: their `device` and `node` parts,
+    /// labels and actions (a no-op when the outline is already whole, as by default).
     fn inventory_details(
         &self,
         devices: Vec<InventoryDevice>,

@@ -926,8 +926,10 @@ async fn inventory<B: Backend>(
     let who = require(&auth, Permission::ObservabilityRead)?;
     let filter = Filter::of(&uri)?;
     let page = PageQuery::of(&uri)?;
-    // Filtered, counted, ordered and cut on the outline; only the page's entries in full.
-    let mut inventory = st.backend.inventory_outline().await?;
+    // Filtered, counted, ordered and cut on the outline; only the page's entries in full. The
+    // outline's labels only when something here reads them.
+    let labels = !filter.selector.is_empty() || who.scope.limits_devices() || page.needle.is_some();
+    let mut inventory = st.backend.inventory_outline(labels).await?;
     if !filter.is_everything() || who.scope.limits_devices() || page.needle.is_some() {
         inventory.devices.retain(|d| {
             filter.keeps_entry(d)
@@ -1002,7 +1004,7 @@ impl PageQuery {
     fn apply(&self, inventory: &mut Inventory) {
         let devices = &mut inventory.devices;
         if self.sort != crate::api::InventorySort::default() {
-            devices.sort_by(|a, b| self.sort.compare(a, b));
+            self.sort.sort(devices);
         }
         let total = devices.len();
         let start = self.offset.min(total);

@@ -433,8 +433,9 @@ impl Backend for AnchorBackend {
         self.inventory_as(crate::inventory::Detail::Full).await
     }
 
-    async fn inventory_outline(&self) -> ApiResult<Inventory> {
-        self.inventory_as(crate::inventory::Detail::Outline).await
+    async fn inventory_outline(&self, labels: bool) -> ApiResult<Inventory> {
+        self.inventory_as(crate::inventory::Detail::Outline { labels })
+            .await
     }
 
     async fn inventory_details(

@@ -25,8 +25,13 @@ pub const CERT_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How much of each inventory entry to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detail {
-    /// What filters, orders and counts entries; no `device` or `node` part.
-    Outline,
+    /// What filters, orders and counts entries: no `device` or `node` part, no `actions`, and
+    /// the labels only if asked for (a selector, a token's scope or a search reads them).
+    /// [`details`] completes the entries of a page.
+    Outline {
+        /// Whether to build each entry's labels.
+        labels: bool,
+    },
     /// Everything.
     Full,
 }
@@ -42,7 +47,9 @@ fn node_api(
 }
 
 /// A node as the API shows it, and the count of its capabilities; in outline without the
-/// list of capabilities and the remote address (the parts only a full entry shows).
+/// parts only a full entry shows (the list of capabilities, the platform, the remote address,
+/// the anchor holding it): an outline's node is read by its entry and dropped, ten thousand
+/// times per inventory page.
 fn node_view(
     t: &anchorage_mesh::presence::Thresholds,
     me: &str,
@@ -65,7 +72,11 @@ fn node_view(
     let node = Node {
         device_id: *id,
         name: record.name.clone(),
-        platform: record.platform.clone(),
+        platform: if full {
+            record.platform.clone()
+        } else {
+            String::new()
+        },
         agent_version: record.agent_version.clone(),
         presence: s.presence(now_ms, t),
         connected: s.connected(),
@@ -81,7 +92,7 @@ fn node_view(
             .filter(|_| full)
             .map(|l| l.handle.conn.remote_address().to_string()),
         capabilities: match detail {
-            Detail::Outline => Vec::new(),
+            Detail::Outline { .. } => Vec::new(),
             Detail::Full => record
                 .capabilities
                 .iter()
@@ -94,6 +105,7 @@ fn node_view(
                 .collect(),
         },
         anchor: match (live, remote) {
+            _ if !full => None,
             (Some(_), _) => Some(me.to_string()),
             (None, Some(r)) => Some(r.instance.clone()),
             (None, None) => None,
@@ -193,27 +205,22 @@ fn entry(
             warnings.push("rotation_pending".into());
         }
     }
-    let mut actions = Vec::new();
-    match trust {
-        api::TrustState::Trusted => {
-            actions.extend(["invoke", "rotate", "revoke"].map(String::from))
-        }
-        api::TrustState::Revoked => actions.push("remove".into()),
-        _ => {}
-    }
-    if !pending.is_empty() {
-        actions.extend(["approve", "reject"].map(String::from));
-    }
     let name = device
         .map(|d| d.name.clone())
         .or_else(|| node.as_ref().map(|n| n.name.clone()))
         .or_else(|| pending.first().map(|r| r.device_name.clone()))
         .unwrap_or_default();
     let version = node.as_ref().map(|n| n.agent_version.as_str());
+    let full = cx.detail == Detail::Full;
     let labels = device
+        .filter(|_| cx.detail != Detail::Outline { labels: false })
         .map(|d| labels_api(d, labels, version))
         .unwrap_or_default();
-    let full = cx.detail == Detail::Full;
+    let actions = if full {
+        actions(trust, !pending.is_empty())
+    } else {
+        Vec::new()
+    };
     InventoryDevice {
         device_id,
         name,
@@ -237,6 +244,22 @@ fn entry(
         node: node.filter(|_| full),
         peers: Vec::new(),
     }
+}
+
+/// What an operator may do with a device of `trust`, with or without a pairing request pending.
+fn actions(trust: api::TrustState, pending: bool) -> Vec<String> {
+    let mut actions = Vec::new();
+    match trust {
+        api::TrustState::Trusted => {
+            actions.extend(["invoke", "rotate", "revoke"].map(String::from))
+        }
+        api::TrustState::Revoked => actions.push("remove".into()),
+        _ => {}
+    }
+    if pending {
+        actions.extend(["approve", "reject"].map(String::from));
+    }
+    actions
 }
 
 fn pending_of<'a>(
@@ -308,7 +331,7 @@ pub fn inventory(services: &Services, dir: &DirectoryView, detail: Detail) -> In
     }
     summary.pending_pairings = dir.pending.len() as u64;
     let mut sorted = list;
-    sorted.sort_by(|a, b| a.name.cmp(&b.name).then(a.device_id.cmp(&b.device_id)));
+    api::InventorySort::default().sort(&mut sorted);
     Inventory {
         summary,
         devices: sorted,
@@ -354,14 +377,18 @@ fn full_node(services: &Services, id: &DeviceId) -> Option<(Node, CapabilitySumm
 /// the node table).
 pub fn details(services: &Services, mut entries: Vec<InventoryDevice>) -> Vec<InventoryDevice> {
     for e in &mut entries {
-        if e.device.is_none() {
-            e.device = services
-                .trust
-                .directory_device(&e.device_id)
-                .map(|d| device_with(&d, e.labels.clone()));
-        }
         if e.node.is_none() {
             e.node = node(services, &e.device_id);
+        }
+        let record = services.trust.directory_device(&e.device_id);
+        if let Some(d) = &record {
+            let own = services.trust.directory_labels(&e.device_id);
+            let version = e.node.as_ref().map(|n| n.agent_version.as_str());
+            e.labels = labels_api(d, Some(&own), version);
+        }
+        e.actions = actions(e.trust, !e.pending_pairings.is_empty());
+        if e.device.is_none() {
+            e.device = record.map(|d| device_with(&d, e.labels.clone()));
         }
     }
     entries

@@ -255,7 +255,8 @@ fn entry_of<'a>(inventory: &'a Value, id: &str) -> &'a Value {
 }
 
 /// A page of the inventory is built from the outline of the whole fleet, then completed: its
-/// entries are whole (device and node parts), ordered and counted as the whole inventory's.
+/// entries are whole (device and node parts, labels, actions: what the one device's entry
+/// shows), ordered and counted as the whole inventory's.
 #[tokio::test(start_paused = true)]
 async fn a_page_of_the_inventory_has_whole_entries_in_order() {
     let sim = Sim::start(0x9a6e, lossy(0.0), |_| {}).await;
@@ -296,6 +297,16 @@ async fn a_page_of_the_inventory_has_whole_entries_in_order() {
             assert!(d["device"]["cert_serial"].is_string(), "{d}");
             assert_eq!(d["labels"], full["labels"]);
             assert_eq!(d["warnings"], full["warnings"]);
+            let (status, one) = get(&sim, &format!("/console/v1/inventory/{id}")).await;
+            assert_eq!(status, StatusCode::OK, "{one}");
+            for part in ["device", "labels", "actions", "warnings", "trust"] {
+                assert_eq!(d[part], one[part], "the {part} of {id} on a page and alone");
+            }
+            assert_eq!(d["actions"], json!(["invoke", "rotate", "revoke"]), "{d}");
+            assert!(
+                d["labels"]["node.anchorage/platform"].is_string(),
+                "the platform fact among the labels: {d}"
+            );
             if d["name"] == "page-e" {
                 assert!(d["node"].is_null(), "never registered: {d}");
             } else {

@@ -610,6 +610,11 @@ impl Trust {
         self.mirrors.directory.device(id)
     }
 
+    /// One device's labels from the directory (none: empty).
+    pub fn directory_labels(&self, id: &DeviceId) -> Labels {
+        self.mirrors.directory.labels_of(id)
+    }
+
     /// One device's labels (none: empty).
     pub fn labels_of(&self, id: &DeviceId) -> Result<Labels, StoreError> {
         Ok(self

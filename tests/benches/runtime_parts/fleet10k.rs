@@ -28,6 +28,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -159,7 +160,7 @@ pub async fn big(opts: &Options, report: &mut Report) {
     );
 
     heartbeats(opts, &anchord, &client, &agents, &node_ports, report).await;
-    inventory(&anchord.console, &token, n, report).await;
+    inventory(&anchord, &token, n, opts.perf.as_deref(), report).await;
 
     let drops = Drops::now(&anchord, &node_ports);
     let (
@@ -372,10 +373,17 @@ async fn heartbeats(
 }
 
 /// The console inventory, whole and by the page, over HTTP as the web page and `anchorctl`
-/// ask for it.
-async fn inventory(console: &str, token: &str, n: usize, report: &mut Report) {
+/// ask for it. With `perf`, the page calls are made once more under `perf record`, after the
+/// timed ones.
+async fn inventory(
+    anchord: &Anchord,
+    token: &str,
+    n: usize,
+    perf: Option<&Path>,
+    report: &mut Report,
+) {
     let http = reqwest::Client::new();
-    let url = format!("{console}/console/v1/inventory");
+    let url = format!("{}/console/v1/inventory", anchord.console);
     let whole = inventory_calls(&http, &url, token, "", &format!("all {n} devices"), report).await;
     let page = inventory_calls(
         &http,
@@ -396,6 +404,13 @@ async fn inventory(console: &str, token: &str, n: usize, report: &mut Report) {
         report,
     )
     .await;
+    if let Some(dir) = perf {
+        let profile = Perf::record(anchord.pid(), &dir.join("anchord-big-inventory.data"));
+        let query = format!("?limit={INVENTORY_PAGE}");
+        let label = format!("a page of {INVENTORY_PAGE}, under perf record");
+        inventory_calls(&http, &url, token, &query, &label, report).await;
+        profile.stop();
+    }
     report.verdict(
         page.p99 < Duration::from_millis(100),
         &format!("console inventory of {n} devices, a page of {INVENTORY_PAGE}, < 100 ms (p99)"),
