@@ -341,7 +341,10 @@ impl Backend for AnchorBackend {
         let record = self
             .blocking(move |s| s.trust.rotate_device(&who, &device))
             .await?;
-        self.services.nodes.request_rotation(&device);
+        // A connected node is told now; one that is not is told when it registers.
+        self.services
+            .mesh
+            .tell(&device, anchorage_wire::control::ControlDown::RotateNow);
         self.device_view(record).await
     }
 

@@ -14,11 +14,10 @@ use anchorage_mesh::framed::{FramedRecv, FramedSend, close, framed};
 use anchorage_wire::control::*;
 use anchorage_wire::datagram::Datagram;
 use anchorage_wire::{ErrorCode, PROTOCOL_VERSION};
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::events::AnchorEvent;
-use crate::nodes::{COMMAND_BUFFER, Command, Registration, SessionHandle, SessionId};
+use crate::nodes::{Registration, SessionHandle, SessionId};
 use crate::records::{CapabilityRecord, DeviceTrust};
 use crate::services::Services;
 use crate::store::blocking;
@@ -255,7 +254,6 @@ fn run_session(
     mut rx: Rx,
 ) -> impl Future<Output = ()> {
     async move {
-        let (cmd_tx, mut cmd_rx) = mpsc::channel(COMMAND_BUFFER);
         {
             let interval = services.config.presence.heartbeat_interval;
             let registered = ControlDown::Registered(Registered {
@@ -271,14 +269,10 @@ fn run_session(
         // Only the mesh needs the name again, once: the node table keeps the registration.
         let name = registration.name.clone();
         info!(%name, remote = %conn.remote_address(), "node registered");
-        let session: SessionId = services.nodes.register(
-            device,
-            SessionHandle {
-                conn: conn.clone(),
-                cmd: cmd_tx,
-            },
-            registration,
-        );
+        let session: SessionId =
+            services
+                .nodes
+                .register(device, SessionHandle { conn: conn.clone() }, registration);
         // Boxed, like every await that only registration takes: the session's future is held for
         // as long as the node is connected, sized by its largest await (these two were two thirds
         // of it).
@@ -361,6 +355,7 @@ fn run_session(
                     Ok(Some(ControlUp::Event(NodeEvent::Stopping { reason }))) => {
                         debug!(%reason, "node stopping");
                         services.nodes.stopping(&device, session);
+                        break "node stopping";
                     }
                     Ok(Some(ControlUp::Event(NodeEvent::CapabilityChanged(cap)))) => {
                         services.nodes.capability_changed(&device, session, cap_record(&cap));
@@ -406,14 +401,6 @@ fn run_session(
                         }
                         break "control stream failed";
                     }
-                },
-                cmd = cmd_rx.recv() => match cmd {
-                    Some(Command::Rotate) => {
-                        if tx.send(&ControlDown::RotateNow).await.is_err() {
-                            break "control stream lost";
-                        }
-                    }
-                    None => break "session dropped",
                 },
                 // Besides the control stream a node opens one relay stream, and nothing else.
                 stream = conn.accept_bi() => match stream {

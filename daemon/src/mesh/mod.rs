@@ -46,8 +46,8 @@ use crate::policy::PolicyVersion;
 
 pub use rules::{Link, Member};
 
-/// Messages for one node's control stream queued by the mesh (punches) before more are
-/// dropped. They are boxed: the channel allocates a block of 32 slots for every node at once,
+/// Messages for one node's control stream queued by the mesh (punches, and what other parts
+/// of the anchor [`Mesh::tell`] it) before more are dropped. They are boxed: the channel allocates a block of 32 slots for every node at once,
 /// and a slot of a whole `ControlDown` made that 2 KiB per connected node.
 pub const DOWN_BUFFER: usize = 32;
 /// Relay packets queued for one node's relay stream before more are dropped.
@@ -270,6 +270,15 @@ impl Mesh {
         if had_services {
             self.bump();
         }
+    }
+
+    /// Queues `message` for the control stream of `device`'s session, if it is connected here;
+    /// false when it is not, or its queue is full (the message is dropped).
+    pub fn tell(&self, device: &DeviceId, message: ControlDown) -> bool {
+        let s = self.lock();
+        s.nodes
+            .get(device)
+            .is_some_and(|n| n.down.try_send(Box::new(message)).is_ok())
     }
 
     /// Bumped whenever directories may have changed.

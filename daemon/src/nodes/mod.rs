@@ -14,7 +14,6 @@ use anchorage_mesh::DeviceId;
 use anchorage_mesh::framed;
 use anchorage_mesh::presence::{Presence, Thresholds};
 use anchorage_wire::ErrorCode;
-use tokio::sync::mpsc;
 
 use crate::clock::Clock;
 use crate::config::AnchorConfig;
@@ -29,23 +28,12 @@ pub use table::{Effect, Ingested, Live, Node, Registration, SessionId, Settings}
 /// threshold).
 pub const HALF_OPEN_INTERVALS: u32 = 3;
 
-/// Things other parts of the anchor ask of a live session.
-#[derive(Debug)]
-pub enum Command {
-    /// Tell the node to renew its certificate now.
-    Rotate,
-}
-
-/// Commands queued per session before senders are refused.
-pub const COMMAND_BUFFER: usize = 16;
-
-/// The anchor's handle on a live session.
+/// The anchor's handle on a live session. What other parts of the anchor tell a node goes
+/// through its queue in the mesh ([`crate::mesh::Mesh::tell`]); the table only closes it.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     /// The connection.
     pub conn: quinn::Connection,
-    /// Commands to the session's task.
-    pub cmd: mpsc::Sender<Command>,
 }
 
 /// The rules' settings from the configuration.
@@ -200,15 +188,6 @@ impl NodeTable {
     pub fn forget(&self, device: &DeviceId, code: ErrorCode, reason: &'static str) {
         self.close(device, code, reason);
         self.lock().forget(device);
-    }
-
-    /// Asks a connected node to rotate its certificate (a no-op when it is not connected: it
-    /// is told at its next registration).
-    pub fn request_rotation(&self, device: &DeviceId) {
-        let cmd = self.lock().live(device).map(|l| l.handle.cmd.clone());
-        if let Some(cmd) = cmd {
-            let _ = cmd.try_send(Command::Rotate);
-        }
     }
 
     /// The live session of `device`: its id and connection.
