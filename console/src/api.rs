@@ -874,9 +874,9 @@ pub struct InventoryDevice {
     #[serde(with = "time::serde::rfc3339::option")]
     pub cert_expires_at: Option<OffsetDateTime>,
     /// The trust record, if the device paired.
-    pub device: Option<Device>,
+    pub device: Option<Box<Device>>,
     /// The node registration, if it ever registered.
-    pub node: Option<Node>,
+    pub node: Option<Box<Node>>,
     /// Pairing requests of this device still waiting.
     pub pending_pairings: Vec<PairingRequest>,
     /// Its peer connections (filled in by `GET /console/v1/inventory/{id}`; empty in the

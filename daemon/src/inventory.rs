@@ -238,10 +238,10 @@ fn entry(
         cert_expires_at: device.map(|d| to_odt(d.cert_not_after_ms)),
         device: device
             .filter(|_| full)
-            .map(|d| device_with(d, labels.clone())),
+            .map(|d| Box::new(device_with(d, labels.clone()))),
         labels,
         pending_pairings: pending.iter().map(|r| request_api(r, now_ms)).collect(),
-        node: node.filter(|_| full),
+        node: node.filter(|_| full).map(Box::new),
         peers: Vec::new(),
     }
 }
@@ -378,7 +378,7 @@ fn full_node(services: &Services, id: &DeviceId) -> Option<(Node, CapabilitySumm
 pub fn details(services: &Services, mut entries: Vec<InventoryDevice>) -> Vec<InventoryDevice> {
     for e in &mut entries {
         if e.node.is_none() {
-            e.node = node(services, &e.device_id);
+            e.node = node(services, &e.device_id).map(Box::new);
         }
         let record = services.trust.directory_device(&e.device_id);
         if let Some(d) = &record {
@@ -388,7 +388,7 @@ pub fn details(services: &Services, mut entries: Vec<InventoryDevice>) -> Vec<In
         }
         e.actions = actions(e.trust, !e.pending_pairings.is_empty());
         if e.device.is_none() {
-            e.device = record.map(|d| device_with(&d, e.labels.clone()));
+            e.device = record.map(|d| Box::new(device_with(&d, e.labels.clone())));
         }
     }
     entries

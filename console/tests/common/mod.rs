@@ -248,8 +248,8 @@ pub fn inventory_device() -> InventoryDevice {
         connected_since: Some(now()),
         last_seen_at: Some(now()),
         cert_expires_at: Some(now() + time::Duration::days(30)),
-        device: Some(device(TrustState::Trusted)),
-        node: Some(node()),
+        device: Some(Box::new(device(TrustState::Trusted))),
+        node: Some(Box::new(node())),
         pending_pairings: Vec::new(),
         peers: Vec::new(),
     }
