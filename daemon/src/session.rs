@@ -290,15 +290,22 @@ fn run_session(
             Box::pin(services.invocations.session_up(&device, session)).await
         };
         crate::dispatch::spawn(&services, work);
-        if rotation_pending {
-            let _ = tx.send(&ControlDown::RotateNow).await;
-        }
         let mut anchors = services.anchors.subscribe();
         anchors.mark_changed();
         let mut revoked = services.trust.revocation().subscribe();
         revoked.mark_changed();
         let mut mesh = services.mesh.join(device, session, &name, conn.clone());
         drop(name);
+        // An operator's rotation reaches a connected node through its mesh queue: one asked for
+        // since the device record was read, before the join, is in the directory instead.
+        let rotate = rotation_pending
+            || services
+                .trust
+                .directory_device(&device)
+                .is_some_and(|d| d.rotation_pending);
+        if rotate {
+            let _ = tx.send(&ControlDown::RotateNow).await;
+        }
         // Datagrams (heartbeats, result copies) on a task of their own, ended with the session: a
         // heartbeat then wakes that loop alone. In the select below, each wake dropped and made
         // again the waits on every source, some shared by every session (the watch channels, the

@@ -47,8 +47,9 @@ use crate::policy::PolicyVersion;
 pub use rules::{Link, Member};
 
 /// Messages for one node's control stream queued by the mesh (punches, and what other parts
-/// of the anchor [`Mesh::tell`] it) before more are dropped. They are boxed: the channel allocates a block of 32 slots for every node at once,
-/// and a slot of a whole `ControlDown` made that 2 KiB per connected node.
+/// of the anchor [`Mesh::tell`] it) before more are dropped. They are boxed: the channel
+/// allocates a block of 32 slots for every node at once, and a slot of a whole `ControlDown`
+/// made that 2 KiB per connected node.
 pub const DOWN_BUFFER: usize = 32;
 /// Relay packets queued for one node's relay stream before more are dropped.
 pub const RELAY_QUEUE: usize = 256;
