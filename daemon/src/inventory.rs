@@ -373,8 +373,9 @@ fn full_node(services: &Services, id: &DeviceId) -> Option<(Node, CapabilitySumm
         .and_then(|s| node_view(&t, &services.instance_id, id, s, now, Detail::Full))
 }
 
-/// Fills in the `device` and `node` parts of outline entries (from the trust directory and
-/// the node table).
+/// Completes outline entries: their `device` and `node` parts, labels and actions (from the
+/// trust directory and the node table). The labels are built again even when the outline had
+/// them: a page is at most a thousand entries, and one path is simpler than two.
 pub fn details(services: &Services, mut entries: Vec<InventoryDevice>) -> Vec<InventoryDevice> {
     for e in &mut entries {
         if e.node.is_none() {
